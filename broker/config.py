@@ -1,0 +1,249 @@
+"""Configuration for every xcloud component, in one place.
+
+Layers, lowest to highest: dataclass defaults < TOML file < ``XCLOUD_<SECTION>_<KEY>``
+environment variables < command-line flags. The TOML file is ``$XCLOUD_CONFIG`` or
+``$XCLOUD_HOME/config.toml`` (home defaults to ``~/.xcloud``); its tables are named like
+the sections below (``[bus]``, ``[broker]``, ``[coordinator]``, ``[worker]``, ``[client]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from schemas.errors import XcloudError
+from schemas.topics import DEFAULT_ROOT
+
+
+class ConfigError(XcloudError):
+    """A configuration value that cannot be used (bad type, unreadable file, ...)."""
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("XCLOUD_HOME") or Path.home() / ".xcloud").expanduser()
+
+
+@dataclass
+class BusConfig:
+    """How a component reaches the MQTT broker and who it is there."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    principal: str = ""
+    token: str = ""
+    root: str = DEFAULT_ROOT
+    keepalive: int = 30
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 15.0
+    request_timeout_s: float = 10.0
+    connect_timeout_s: float = 10.0
+    max_payload: int = 4 * 1024 * 1024
+
+
+@dataclass
+class BrokerConfig:
+    """The embedded amqtt broker."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    ws_port: int = 0  # 0 = no WebSocket listener
+    allow_anonymous: bool = False
+
+
+@dataclass
+class CoordinatorConfig:
+    """The coordinator daemon."""
+
+    db: str = ""  # empty = sqlite in the data directory
+    data_dir: str = ""  # empty = $XCLOUD_HOME/data
+    liveness_factor: float = 2.0  # lost after this many missed heartbeat intervals
+    default_heartbeat_s: float = 5.0
+    heartbeat_flush_s: float = 0.2  # batch window for heartbeat writes
+    will_grace_s: float = 0.0  # extra wait after a worker's last will before "lost"
+
+
+@dataclass
+class WorkerConfig:
+    """A worker agent."""
+
+    name: str = ""
+    description: str = ""
+    tags: list[str] = field(default_factory=list)
+    slots: int = 1
+    heartbeat_s: float = 5.0
+    state_dir: str = ""  # empty = $XCLOUD_HOME/worker
+    executor: str = "process"
+    shared_apps: list[str] = field(default_factory=list)
+    shared_packages: list[str] = field(default_factory=list)
+    shared_data: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ClientConfig:
+    """The shell, the CLI verbs and the Python API."""
+
+    history_file: str = ""  # empty = $XCLOUD_HOME/shell_history
+    color: str = "auto"  # auto | always | never
+
+
+@dataclass
+class Config:
+    """All sections; components read the ones they need."""
+
+    home: Path = field(default_factory=default_home)
+    bus: BusConfig = field(default_factory=BusConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+
+    @property
+    def config_file(self) -> Path:
+        return Path(os.environ.get("XCLOUD_CONFIG") or self.home / "config.toml")
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.coordinator.data_dir or self.home / "data").expanduser()
+
+    @property
+    def db_url(self) -> str:
+        return self.coordinator.db or f"sqlite:///{self.data_dir / 'xcloud.db'}"
+
+    @property
+    def worker_state_dir(self) -> Path:
+        return Path(self.worker.state_dir or self.home / "worker").expanduser()
+
+
+SECTIONS = ("bus", "broker", "coordinator", "worker", "client")
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """Coerce a TOML or environment value to the field's declared type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    try:
+        if origin is list:
+            if isinstance(value, str):
+                items = [v.strip() for v in value.split(",") if v.strip()]
+            elif isinstance(value, list):
+                items = [str(v) for v in value]
+            else:
+                raise TypeError("expected a list")
+            return items
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if hint is int:
+            if isinstance(value, bool):
+                raise TypeError("expected an integer")
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            if isinstance(value, (dict, list)):
+                raise TypeError("expected a string")
+            return str(value)
+        if hint is Path:
+            return Path(str(value)).expanduser()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"bad value for {where}: {value!r} ({err})") from err
+    return value
+
+
+def _apply(section_obj: Any, values: dict[str, Any], source: str, section: str) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    names = {f.name for f in dataclasses.fields(section_obj)}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ConfigError(f"{source}: unknown setting [{section}] {key}")
+        setattr(section_obj, name, _convert(value, hints[name], f"{source} [{section}] {key}"))
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: typing.Mapping[str, str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Config:
+    """Build a Config from defaults, the TOML file, the environment and flag overrides.
+
+    ``overrides`` maps section -> {key: value}; ``None`` values are ignored so that
+    argparse flags left unset do not mask lower layers.
+    """
+    env = os.environ if env is None else env
+    cfg = Config()
+    if env.get("XCLOUD_HOME"):
+        cfg.home = Path(env["XCLOUD_HOME"]).expanduser()
+    file = path or Path(env.get("XCLOUD_CONFIG") or cfg.home / "config.toml")
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"cannot read config file {file}: {err}") from err
+        for section, values in data.items():
+            if section not in SECTIONS or not isinstance(values, dict):
+                raise ConfigError(f"{file}: unknown section [{section}]")
+            _apply(getattr(cfg, section), values, str(file), section)
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        prefix = f"XCLOUD_{section.upper()}_"
+        known = {f.name for f in dataclasses.fields(obj)}
+        values = {
+            k[len(prefix) :].lower(): v
+            for k, v in env.items()
+            if k.startswith(prefix) and k[len(prefix) :].lower() in known
+        }
+        _apply(obj, values, "environment", section)
+    for section, values in (overrides or {}).items():
+        given = {k: v for k, v in values.items() if v is not None}
+        _apply(getattr(cfg, section), given, "flags", section)
+    return cfg
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
+    """Write (replace) the given sections of a TOML config file, keeping other sections.
+
+    Used by ``xcloud up`` to leave a client config behind; the file holds a token, so it
+    is created with mode 0600.
+    """
+    existing: dict[str, Any] = {}
+    if path.exists():
+        existing = tomllib.loads(path.read_text())
+    existing.update(sections)
+    lines = ["# written by xcloud; edit freely", ""]
+    for section, values in existing.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines))
+    os.replace(tmp, path)

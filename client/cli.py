@@ -1,0 +1,342 @@
+"""The ``xcloud`` command: one entry point, one subcommand per job.
+
+Every subcommand reads the same configuration (file < XCLOUD_* environment < flags),
+configures logging, and turns any ``XcloudError`` into one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from broker.config import Config, load_config
+from schemas.errors import XcloudError
+
+log = logging.getLogger("xcloud")
+
+Command = Callable[[argparse.Namespace, Config], int]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--config", type=Path, help="config file (default $XCLOUD_HOME/config.toml)")
+    g.add_argument("--home", type=Path, help="xcloud home directory (default ~/.xcloud)")
+    g.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883")
+    g.add_argument("--root", help="topic root of the grid (default xcloud)")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+
+
+def _bus_identity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--principal", "--id", dest="principal", help="principal id to connect as")
+    p.add_argument("--token", help="the principal's token (prefer XCLOUD_BUS_TOKEN)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xcloud", description="xcloud: a volunteer / desktop-grid computing platform "
+        "over MQTT. Run `xcloud up` to start a grid on this machine.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("up", help="start broker, coordinator and local workers (Ctrl-C stops)")
+    _common(p)
+    p.add_argument("--port", type=int, help="MQTT port of the embedded broker (default 1883)")
+    p.add_argument("--host", help="address the embedded broker listens on (default 127.0.0.1)")
+    p.add_argument("--ws-port", type=int, help="also listen for MQTT over WebSocket here")
+    p.add_argument("--workers", type=int, default=2, help="local workers to start (default 2)")
+    p.add_argument("--executor", choices=["process", "docker"], default="process",
+                   help="executor of the local workers")
+    p.add_argument("--db", help="database URL (default sqlite in $XCLOUD_HOME/data)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("broker", help="run the embedded MQTT broker alone")
+    _common(p)
+    p.add_argument("--port", type=int, help="MQTT port (default 1883)")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--ws-port", type=int, help="WebSocket port (default: none)")
+    p.add_argument("--db", help="database holding the principals (default sqlite in home)")
+    p.add_argument("--allow-anonymous", action="store_true", default=None,
+                   help="accept connections without credentials (not recommended)")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("coordinator", help="run the coordinator daemon")
+    _common(p)
+    _bus_identity(p)
+    p.add_argument("--db", help="database URL: sqlite:///path.db or mysql://user:pass@host/db")
+    p.add_argument("--embed-broker", action="store_true",
+                   help="also run the embedded broker in this process")
+    p.add_argument("--port", type=int, help="port of the embedded broker (with --embed-broker)")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("worker", help="run a worker agent")
+    _common(p)
+    _bus_identity(p)
+    p.add_argument("--name", help="display name (default: the host name)")
+    p.add_argument("--description", help="free text shown to users")
+    p.add_argument("--tags", help="comma-separated tags, e.g. gpu,fast")
+    p.add_argument("--slots", type=int, help="concurrent work items (default 1)")
+    p.add_argument("--heartbeat", type=float, help="heartbeat interval in seconds (default 5)")
+    p.add_argument("--state-dir", help="where the worker keeps its identity and work dirs")
+    p.add_argument("--executor", choices=["process", "docker"], help="executor (default process)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("workers", help="print the worker table")
+    _common(p)
+    _bus_identity(p)
+    p.add_argument("--state", action="append", help="only workers in this state (repeatable)")
+    p.add_argument("--tag", action="append", help="only workers with this tag (repeatable)")
+    p.add_argument("--min-cpus", type=int, help="only workers with at least this many cpus")
+    p.add_argument("--min-memory", type=int, help="only workers with at least this many bytes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_workers)
+
+    p = sub.add_parser("show", help="show one worker in detail")
+    _common(p)
+    _bus_identity(p)
+    p.add_argument("worker", help="worker id or name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("admin", help="administration on the coordinator's database")
+    _common(p)
+    p.add_argument("--db", help="database URL (default sqlite in $XCLOUD_HOME/data)")
+    asub = p.add_subparsers(dest="admin_command", metavar="ADMIN_COMMAND")
+    pp = asub.add_parser("principal", help="manage principals (users, workers, services)")
+    psub = pp.add_subparsers(dest="principal_command", metavar="ACTION")
+    a = psub.add_parser("add", help="create a principal and print its token once")
+    a.add_argument("id", help="principal id (its MQTT user name)")
+    a.add_argument("--role", default="client",
+                   choices=["client", "worker", "admin", "coordinator"])
+    a.add_argument("--note", default="", help="free text")
+    a.add_argument("--rotate", action="store_true", help="replace the token of an existing one")
+    a.set_defaults(func=cmd_principal_add)
+    ls = psub.add_parser("list", help="list principals")
+    ls.add_argument("--all", action="store_true", help="include revoked ones")
+    ls.set_defaults(func=cmd_principal_list)
+    rv = psub.add_parser("revoke", help="revoke a principal (its token stops working)")
+    rv.add_argument("id")
+    rv.set_defaults(func=cmd_principal_revoke)
+    mx = asub.add_parser("mosquitto-export",
+                         help="write a Mosquitto password file and ACL file for our principals")
+    mx.add_argument("directory", type=Path)
+    mx.set_defaults(func=cmd_mosquitto_export)
+    return parser
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> Config:
+    if getattr(args, "home", None):
+        os.environ["XCLOUD_HOME"] = str(args.home)
+    bus: dict[str, Any] = {"url": getattr(args, "broker", None),
+                           "root": getattr(args, "root", None),
+                           "principal": getattr(args, "principal", None),
+                           "token": getattr(args, "token", None)}
+    broker = {"port": getattr(args, "port", None), "host": getattr(args, "host", None),
+              "ws_port": getattr(args, "ws_port", None),
+              "allow_anonymous": getattr(args, "allow_anonymous", None)}
+    coordinator = {"db": getattr(args, "db", None)}
+    worker = {"name": getattr(args, "name", None),
+              "description": getattr(args, "description", None),
+              "tags": getattr(args, "tags", None), "slots": getattr(args, "slots", None),
+              "heartbeat_s": getattr(args, "heartbeat", None),
+              "state_dir": getattr(args, "state_dir", None),
+              "executor": getattr(args, "executor", None)}
+    return load_config(args.config, overrides={"bus": bus, "broker": broker,
+                                               "coordinator": coordinator, "worker": worker})
+
+
+def _setup_logging(verbose: int) -> None:
+    level_name = os.environ.get("XCLOUD_LOG_LEVEL", "")
+    level = getattr(logging, level_name.upper(), None) if level_name else None
+    if not isinstance(level, int):
+        level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _store(config: Config) -> Any:
+    from coordinator.store import Store
+
+    return Store.open(config.db_url)
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace, config: Config) -> int:
+    from client.up import run_up
+
+    if args.workers < 0:
+        raise XcloudError("--workers must be 0 or more")
+    if args.verbose == 0:
+        logging.getLogger().setLevel(logging.INFO)
+        logging.getLogger("amqtt").setLevel(logging.WARNING)
+    return run_up(config, args.workers, args.executor)
+
+
+def cmd_broker(args: argparse.Namespace, config: Config) -> int:
+    import signal
+    import threading
+
+    from broker.embedded import BrokerSettings, EmbeddedBroker
+    from coordinator.auth import store_authenticator
+
+    store = _store(config)
+    broker = EmbeddedBroker(
+        BrokerSettings(host=config.broker.host, port=config.broker.port,
+                       ws_port=config.broker.ws_port or None, root=config.bus.root,
+                       allow_anonymous=config.broker.allow_anonymous),
+        store_authenticator(store),
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    broker.start_in_thread()
+    print(f"broker listening on {broker.url}"
+          + (f" and {broker.ws_url}" if broker.ws_url else ""), flush=True)
+    stop.wait()
+    broker.stop_in_thread()
+    store.close()
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace, config: Config) -> int:
+    import signal
+    import threading
+
+    from coordinator.service import Coordinator
+
+    store = _store(config)
+    broker = None
+    if args.embed_broker:
+        from broker.embedded import BrokerSettings, EmbeddedBroker
+        from coordinator.auth import store_authenticator
+
+        broker = EmbeddedBroker(
+            BrokerSettings(host=config.broker.host, port=config.broker.port,
+                           ws_port=config.broker.ws_port or None, root=config.bus.root),
+            store_authenticator(store),
+        )
+        broker.start_in_thread()
+        config.bus.url = broker.url
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    coordinator = Coordinator(config, store)
+    coordinator.start(wait=False)
+    print(f"coordinator running (broker {config.bus.url}, database {config.db_url})",
+          flush=True)
+    stop.wait()
+    coordinator.stop()
+    if broker:
+        broker.stop_in_thread()
+    store.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, config: Config) -> int:
+    from worker.main import run_worker
+
+    return run_worker(config)
+
+
+def cmd_workers(args: argparse.Namespace, config: Config) -> int:
+    from client.api import Grid
+    from client.table import workers_table
+
+    with Grid.connect(config) as grid:
+        rows = grid.workers(state=args.state, tags=args.tag, min_cpus=args.min_cpus,
+                            min_memory_bytes=args.min_memory)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+    else:
+        print(workers_table(rows))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, config: Config) -> int:
+    from client.api import Grid
+    from client.table import worker_detail
+
+    with Grid.connect(config) as grid:
+        info = grid.worker(args.worker)
+    print(json.dumps(info.__dict__, indent=2) if args.json else worker_detail(info))
+    return 0
+
+
+def cmd_principal_add(args: argparse.Namespace, config: Config) -> int:
+    from client.admin import issue_token
+
+    store = _store(config)
+    try:
+        token = issue_token(store, args.id, args.role, args.note, replace=args.rotate)
+    finally:
+        store.close()
+    print(f"principal {args.id} ({args.role}) created. Its token, shown only once:")
+    print(token)
+    return 0
+
+
+def cmd_principal_list(args: argparse.Namespace, config: Config) -> int:
+    from client.admin import principals_table
+
+    store = _store(config)
+    try:
+        print(principals_table(store, include_revoked=args.all))
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_principal_revoke(args: argparse.Namespace, config: Config) -> int:
+    from client.admin import revoke
+
+    store = _store(config)
+    try:
+        revoke(store, args.id)
+    finally:
+        store.close()
+    print(f"principal {args.id} revoked")
+    return 0
+
+
+def cmd_mosquitto_export(args: argparse.Namespace, config: Config) -> int:
+    from client.admin import export_mosquitto
+
+    store = _store(config)
+    try:
+        passwd, acl = export_mosquitto(store, config.bus.root, args.directory)
+    finally:
+        store.close()
+    print(f"wrote {passwd} and {acl}; in mosquitto.conf add:\n"
+          f"  allow_anonymous false\n  password_file {passwd}\n  acl_file {acl}\n"
+          "  set_tcp_nodelay true")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Command | None = getattr(args, "func", None)
+    if func is None:
+        # `xcloud`, `xcloud admin` or `xcloud admin principal` without an action
+        parser.parse_args([*(argv or sys.argv[1:]), "--help"])
+        return 2
+    _setup_logging(getattr(args, "verbose", 0))
+    try:
+        return func(args, _load(args))
+    except XcloudError as err:
+        print(f"xcloud: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

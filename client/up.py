@@ -1,0 +1,219 @@
+"""``xcloud up``: a whole grid on one machine with one command.
+
+Starts the embedded broker and the coordinator in this process, N workers as child
+processes, provisions their principals, writes the client config so the shell and CLI
+just work here, and tears everything down in order on Ctrl-C or SIGTERM: workers
+first (they publish a clean offline), then the coordinator, then the broker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.config import Config, write_config
+from broker.embedded import BrokerSettings, EmbeddedBroker, check_port_free
+from client.admin import issue_token
+from coordinator.auth import store_authenticator
+from coordinator.service import Coordinator
+from coordinator.store import Store
+from schemas.topics import valid_principal_id
+
+log = logging.getLogger(__name__)
+
+COORDINATOR_PRINCIPAL = "coordinator"
+ADMIN_PRINCIPAL = "admin"
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGTERM a child worker if ``xcloud up`` dies abruptly."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def local_worker_id(index: int) -> str:
+    host = socket.gethostname().split(".")[0].lower() or "local"
+    wid = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in host)
+    wid = f"{wid}-w{index}"
+    return wid if valid_principal_id(wid) else f"local-w{index}"
+
+
+@dataclass
+class WorkerProcess:
+    wid: str
+    state_dir: Path
+    log_file: Path
+    token: str = field(default="", repr=False)
+    process: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)
+
+
+class LocalGrid:
+    """Everything ``xcloud up`` runs, with explicit start and stop."""
+
+    def __init__(self, config: Config, workers: int, executor: str) -> None:
+        self.config = config
+        self.n_workers = workers
+        self.executor = executor
+        self.store: Store | None = None
+        self.broker: EmbeddedBroker | None = None
+        self.coordinator: Coordinator | None = None
+        self.workers: list[WorkerProcess] = []
+        self._stop = threading.Event()
+
+    @property
+    def broker_url(self) -> str:
+        return f"mqtt://{self.config.broker.host}:{self.broker.port if self.broker else 0}"
+
+    def start(self) -> None:
+        cfg = self.config
+        check_port_free(cfg.broker.host, cfg.broker.port)
+        if cfg.broker.ws_port:
+            check_port_free(cfg.broker.host, cfg.broker.ws_port)
+        cfg.home.mkdir(parents=True, exist_ok=True)
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store.open(cfg.db_url)
+        coord_token = issue_token(self.store, COORDINATOR_PRINCIPAL, "coordinator",
+                                  "xcloud up", replace=True)
+        admin_token = issue_token(self.store, ADMIN_PRINCIPAL, "admin", "xcloud up",
+                                  replace=True)
+        self.broker = EmbeddedBroker(
+            BrokerSettings(host=cfg.broker.host, port=cfg.broker.port,
+                           ws_port=cfg.broker.ws_port or None, root=cfg.bus.root,
+                           allow_anonymous=cfg.broker.allow_anonymous),
+            store_authenticator(self.store),
+        )
+        self.broker.start_in_thread()
+        cfg.bus.url = self.broker_url
+        write_config(cfg.config_file, {"bus": {
+            "url": self.broker_url, "principal": ADMIN_PRINCIPAL, "token": admin_token,
+            "root": cfg.bus.root,
+        }})
+        cfg.bus.principal, cfg.bus.token = COORDINATOR_PRINCIPAL, coord_token
+        self.coordinator = Coordinator(cfg, self.store)
+        self.coordinator.start()
+        for index in range(1, self.n_workers + 1):
+            self._spawn(self._provision_worker(index))
+
+    def _provision_worker(self, index: int) -> WorkerProcess:
+        assert self.store is not None
+        wid = local_worker_id(index)
+        state_dir = self.config.home / "workers" / wid
+        state_dir.mkdir(parents=True, exist_ok=True)
+        token = issue_token(self.store, wid, "worker", "xcloud up", replace=True)
+        from worker.identity import save_identity  # lean import path for the worker
+
+        save_identity(state_dir, wid, token)
+        wp = WorkerProcess(wid, state_dir, self.config.home / "logs" / f"{wid}.log",
+                           token=token)
+        self.workers.append(wp)
+        return wp
+
+    def _spawn(self, wp: WorkerProcess) -> None:
+        wp.log_file.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "client.cli", "worker",
+            "--broker", self.broker_url, "--root", self.config.bus.root,
+            "--state-dir", str(wp.state_dir), "--name", wp.wid,
+            "--executor", self.executor, "--slots", str(self.config.worker.slots),
+            "--heartbeat", str(self.config.worker.heartbeat_s),
+        ]
+        if self.config.worker.tags:
+            cmd += ["--tags", ",".join(self.config.worker.tags)]
+        # The identity goes in the environment: it beats the client credentials in
+        # config.toml, and unlike flags it does not show in `ps`.
+        env = dict(os.environ, XCLOUD_HOME=str(self.config.home),
+                   XCLOUD_BUS_PRINCIPAL=wp.wid, XCLOUD_BUS_TOKEN=wp.token)
+        with open(wp.log_file, "ab") as logf:
+            wp.process = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=env,
+                                          preexec_fn=_die_with_parent, start_new_session=True)
+        log.info("worker %s started (pid %d, log %s)", wp.wid, wp.process.pid, wp.log_file)
+
+    def summary(self) -> str:
+        cfg = self.config
+        lines = [
+            "xcloud is up",
+            f"  broker       {self.broker_url}"
+            + (f"  (websocket ws://{cfg.broker.host}:{self.broker.ws_port})"
+               if self.broker and self.broker.ws_port else ""),
+            f"  coordinator  principal {COORDINATOR_PRINCIPAL}, database {cfg.db_url}",
+            f"  workers      {len(self.workers)} x {self.executor}: "
+            + ", ".join(w.wid for w in self.workers),
+            f"  client       {cfg.config_file} (principal {ADMIN_PRINCIPAL})",
+            f"  logs         {cfg.home / 'logs'}",
+            "",
+            "In another terminal:  xcloud workers",
+            "Stop with Ctrl-C.",
+        ]
+        return "\n".join(lines)
+
+    def supervise(self) -> None:
+        """Block until asked to stop, restarting workers that die (at most 3 a minute)."""
+        while not self._stop.wait(0.5):
+            now = time.time()
+            for wp in self.workers:
+                if wp.process is None or wp.process.poll() is None:
+                    continue
+                wp.restarts = [t for t in wp.restarts if now - t < 60]
+                if len(wp.restarts) >= 3:
+                    continue
+                log.warning("worker %s exited with %s; restarting", wp.wid,
+                            wp.process.returncode)
+                wp.restarts.append(now)
+                self._spawn(wp)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for wp in self.workers:
+            if wp.process and wp.process.poll() is None:
+                wp.process.terminate()
+        deadline = time.monotonic() + 10
+        for wp in self.workers:
+            if wp.process is None:
+                continue
+            try:
+                wp.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                wp.process.kill()
+                wp.process.wait()
+        if self.coordinator:
+            self.coordinator.stop()
+        if self.broker:
+            self.broker.stop_in_thread()
+        if self.store:
+            self.store.close()
+
+
+def run_up(config: Config, workers: int, executor: str) -> int:
+    grid = LocalGrid(config, workers, executor)
+
+    def on_signal(signum: int, frame: object) -> None:
+        grid.request_stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        grid.start()
+        print(grid.summary(), flush=True)
+        grid.supervise()
+    finally:
+        print("stopping...", flush=True)
+        grid.stop()
+    return 0

@@ -1,0 +1,1 @@
+"""The coordinator daemon: the grid's state in a database, request handlers, scheduler, liveness."""

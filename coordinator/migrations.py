@@ -1,0 +1,239 @@
+"""Versioned schema migrations: how a database reaches the schema of ``coordinator.models``.
+
+``MIGRATIONS`` is an ordered list of ``(version, name, apply)``. ``migrate(db)`` applies the
+pending ones, each in its own transaction, and records each version in
+``xc_schema_version``; it is idempotent, so the coordinator calls it on every start.
+
+Each migration describes the schema *as of its version* (its own model snapshots or
+``playhouse.migrate`` operations), never the live models in ``coordinator.models``: those
+keep evolving and version 1 must create the same tables forever. To change the schema, add
+a model change **and** a migration appending to ``MIGRATIONS``; a test compares the migrated
+database with the models.
+
+MySQL/MariaDB commits DDL implicitly, so there a failed migration can leave part of its
+tables behind; migrations therefore create with ``IF NOT EXISTS`` so a rerun completes
+them. Concurrent starts (two coordinators) are serialised by ``GET_LOCK`` on MySQL and by
+``BEGIN IMMEDIATE`` on SQLite.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from peewee import (
+    BigAutoField,
+    BigIntegerField,
+    CharField,
+    Database,
+    DoubleField,
+    IntegerField,
+    Model,
+    MySQLDatabase,
+    SqliteDatabase,
+    TextField,
+    fn,
+)
+
+from coordinator.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+VERSION_TABLE = "xc_schema_version"
+LOCK_WAIT_S = 60
+
+
+def _meta(db: Database, table: str, **extra: Any) -> type:
+    """A ``Meta`` for snapshot models: bound to ``db``, utf8mb4 + binary collation on MySQL.
+
+    Binary collation keeps id comparisons case-sensitive, as they are on SQLite.
+    """
+    settings = (
+        ["ENGINE=InnoDB", "DEFAULT CHARSET=utf8mb4", "COLLATE=utf8mb4_bin"]
+        if isinstance(db, MySQLDatabase)
+        else []
+    )
+    attrs = {
+        "database": db,
+        "table_name": table,
+        "table_settings": settings,
+        "legacy_table_names": False,  # index names derive from the table: xc_worker_state
+        **extra,
+    }
+    return type("Meta", (), attrs)
+
+
+class _MediumText(TextField):
+    field_type = "MEDIUMTEXT"
+
+
+def _version_model(db: Database) -> type[Model]:
+    """The schema-version table, as every version of the code knows it."""
+    return type(
+        "SchemaVersionRow",
+        (Model,),
+        {
+            "version": IntegerField(primary_key=True),
+            "applied_at": DoubleField(),
+            "Meta": _meta(db, VERSION_TABLE),
+            "__module__": __name__,
+        },
+    )
+
+
+def _v1_models(db: Database) -> list[type[Model]]:
+    """Snapshot of the version-1 tables: principals, workers, heartbeat samples, events."""
+
+    def model(name: str, table: str, fields: dict[str, Any], **meta: Any) -> type[Model]:
+        attrs: dict[str, Any] = {**fields, "Meta": _meta(db, table, **meta), "__module__": __name__}
+        return type(name, (Model,), attrs)
+
+    principal = model(
+        "V1Principal",
+        "xc_principal",
+        {
+            "id": CharField(128, primary_key=True),
+            "role": CharField(16),
+            "token_hash": CharField(255),
+            "created_at": DoubleField(),
+            "revoked_at": DoubleField(null=True),
+            "note": TextField(default=""),
+        },
+    )
+    worker = model(
+        "V1Worker",
+        "xc_worker",
+        {
+            "id": CharField(128, primary_key=True),
+            "name": CharField(128, index=True),
+            "state": CharField(16, index=True),
+            "state_reason": TextField(default=""),
+            "state_changed_at": DoubleField(),
+            "description": TextField(default=""),
+            "tags": _MediumText(default="[]"),
+            "caps": _MediumText(default="{}"),
+            "cpus": IntegerField(default=0),
+            "memory_bytes": BigIntegerField(default=0),
+            "os": CharField(64, default=""),
+            "arch": CharField(64, default=""),
+            "executors": _MediumText(default="[]"),
+            "slots": IntegerField(default=1),
+            "free_slots": IntegerField(default=1),
+            "heartbeat_interval": DoubleField(),
+            "first_seen": DoubleField(),
+            "last_seen": DoubleField(index=True),
+            "last_heartbeat_at": DoubleField(null=True),
+            "last_metrics": _MediumText(default="{}"),
+            "heartbeat_seq": BigIntegerField(default=0),
+        },
+    )
+    sample = model(
+        "V1WorkerSample",
+        "xc_worker_sample",
+        {
+            "id": BigAutoField(),
+            "worker_id": CharField(128),
+            "ts": DoubleField(),
+            "cpu_percent": DoubleField(null=True),
+            "load1": DoubleField(null=True),
+            "mem_used_bytes": BigIntegerField(null=True),
+            "mem_available_bytes": BigIntegerField(null=True),
+            "disk_free_bytes": BigIntegerField(null=True),
+            "net_sent_bytes": BigIntegerField(null=True),
+            "net_recv_bytes": BigIntegerField(null=True),
+            "running": IntegerField(default=0),
+        },
+        indexes=((("worker_id", "ts"), False),),
+    )
+    event = model(
+        "V1WorkerEvent",
+        "xc_worker_event",
+        {
+            "id": BigAutoField(),
+            "worker_id": CharField(128, index=True),
+            "ts": DoubleField(),
+            "old_state": CharField(16, null=True),
+            "new_state": CharField(16),
+            "reason": TextField(default=""),
+        },
+    )
+    return [principal, worker, sample, event]
+
+
+def _v1_initial(db: Database) -> None:
+    db.create_tables(_v1_models(db), safe=True)
+
+
+Migration = tuple[int, str, Callable[[Database], None]]
+
+MIGRATIONS: list[Migration] = [
+    (1, "principals, workers, heartbeat samples, worker events", _v1_initial),
+]
+
+LATEST_VERSION: int = MIGRATIONS[-1][0]
+
+
+def current_version(db: Database) -> int:
+    """The highest applied version; 0 for a database never migrated."""
+    if VERSION_TABLE not in db.get_tables():
+        return 0
+    row: Any = _version_model(db)
+    return int(row.select(fn.MAX(row.version)).scalar() or 0)
+
+
+@contextmanager
+def _exclusive(db: Database) -> Iterator[None]:
+    """Serialise migrations across processes sharing a MySQL server (no-op for SQLite)."""
+    if not isinstance(db, MySQLDatabase):
+        yield
+        return
+    name = f"xcloud.migrate.{db.database}"[:64]
+    got = db.execute_sql("SELECT GET_LOCK(%s, %s)", (name, LOCK_WAIT_S)).fetchone()[0]
+    if got != 1:
+        raise StoreError(
+            f"another process has been migrating database {db.database!r} for "
+            f"{LOCK_WAIT_S}s; wait for it to finish, then start again"
+        )
+    try:
+        yield
+    finally:
+        db.execute_sql("SELECT RELEASE_LOCK(%s)", (name,))
+
+
+def _transaction(db: Database) -> Any:
+    """A write transaction; on SQLite take the write lock up front (BEGIN IMMEDIATE)."""
+    if isinstance(db, SqliteDatabase):
+        return db.atomic(lock_type="IMMEDIATE")
+    return db.atomic()
+
+
+def _check_not_newer(current: int, latest: int) -> None:
+    if current > latest:
+        raise StoreError(
+            f"the database is at schema version {current} but this xcloud knows versions up "
+            f"to {latest}: upgrade xcloud (or point it at another database)"
+        )
+
+
+def migrate(db: Database, migrations: list[Migration] | None = None) -> int:
+    """Bring ``db`` to the latest schema version and return that version.
+
+    Safe to call on every start: applied versions are skipped. Refuses (``StoreError``) a
+    database newer than this code, rather than guess at a schema it does not know.
+    """
+    steps = MIGRATIONS if migrations is None else migrations
+    row: Any = _version_model(db)
+    with db.connection_context(), _exclusive(db):
+        db.create_tables([row], safe=True)
+        _check_not_newer(current_version(db), steps[-1][0])
+        for version, name, apply in steps:
+            with _transaction(db):
+                if current_version(db) >= version:
+                    continue
+                log.info("applying schema migration %d: %s", version, name)
+                apply(db)
+                row.insert(version=version, applied_at=time.time()).execute()
+        return current_version(db)

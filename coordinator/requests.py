@@ -1,0 +1,103 @@
+"""Handlers for requests arriving in the coordinator's inbox.
+
+Each handler gets a validated, typed message whose sender the broker authenticated, and
+answers with exactly one reply (a result or an ``error``). Domain errors become error
+replies with a stable code; nothing a client sends can crash the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from broker.bus import Bus, Incoming
+from coordinator.errors import CoordinatorError, NotFound
+from coordinator.store import Store
+from coordinator.worker_state import WorkerState
+from schemas.messages import (
+    Body,
+    Pong,
+    WorkersList,
+    WorkersListReply,
+    WorkersShow,
+    WorkersShowReply,
+)
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class RequestHandlers:
+    """Binds request types to methods; ``register`` puts them on the bus."""
+
+    def __init__(self, bus: Bus, store: Store) -> None:
+        self.bus = bus
+        self.store = store
+
+    def register(self) -> None:
+        table: dict[str, Callable[[Incoming], Body]] = {
+            "ping": self.ping,
+            "workers.list": self.workers_list,
+            "workers.show": self.workers_show,
+        }
+        for mtype, fn in table.items():
+            self.bus.on_inbox(mtype, self._guard(fn), lane="requests")
+
+    def _guard(self, fn: Callable[[Incoming], Body]) -> Callable[[Incoming], None]:
+        def run(incoming: Incoming) -> None:
+            if incoming.sender is None:
+                return
+            try:
+                reply = fn(incoming)
+            except NotFound as err:
+                self.bus.reply_error(incoming, "not_found", str(err))
+            except CoordinatorError as err:
+                self.bus.reply_error(incoming, "invalid", str(err))
+            except Exception:
+                log.exception("%s from %s failed", incoming.message.type, incoming.sender)
+                self.bus.reply_error(incoming, "internal",
+                                     "the coordinator failed to serve this request")
+            else:
+                self.bus.reply(incoming, reply)
+
+        return run
+
+    # -- handlers ---------------------------------------------------------------------
+
+    def ping(self, incoming: Incoming) -> Body:
+        return Pong(component="coordinator", version=VERSION, principal=incoming.sender)
+
+    def workers_list(self, incoming: Incoming) -> Body:
+        req: WorkersList = incoming.body
+        states = [WorkerState(s) for s in req.state] if req.state else None
+        records = self.store.list_workers(
+            state=states, tags=req.tags or [], min_cpus=req.min_cpus,
+            min_memory_bytes=req.min_memory_bytes, name=req.name,
+        )
+        rows: list[dict[str, Any]] = []
+        for index, record in enumerate(records):
+            row = record.to_wire()
+            row["index"] = index
+            rows.append(row)
+        return WorkersListReply(workers=rows)
+
+    def workers_show(self, incoming: Incoming) -> Body:
+        req: WorkersShow = incoming.body
+        record = self.store.get_worker(req.worker)
+        if record is None:
+            raise NotFound(f"no worker with id or name {req.worker!r}")
+        row = record.to_wire()
+        row["caps"] = record.caps
+        row["last_metrics"] = record.last_metrics
+        row["events"] = [
+            {
+                "ts": event.ts,
+                "old_state": event.old_state.value if event.old_state else None,
+                "new_state": event.new_state.value,
+                "reason": event.reason,
+            }
+            for event in self.store.worker_events(record.id, 20)
+        ]
+        return WorkersShowReply(worker=row)

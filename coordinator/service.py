@@ -1,0 +1,81 @@
+"""The coordinator daemon: wires the bus, the store, the registry and request handlers.
+
+Everything is passed in (config, store, optionally a bus); nothing connects at import
+time. ``Coordinator.start`` returns once subscribed; ``stop`` publishes a clean
+``coord.status down`` and flushes pending heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from broker.bus import Bus, Will
+from broker.config import Config
+from coordinator.registry import WorkerRegistry
+from coordinator.requests import VERSION, RequestHandlers
+from coordinator.store import Store
+from schemas.messages import CapsRefresh, CoordStatus, WorkerEvent
+from schemas.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """One coordinator process's worth of services."""
+
+    def __init__(self, config: Config, store: Store, bus: Bus | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.topics = Topics(config.bus.root)
+        self.principal = config.bus.principal or "coordinator"
+        self.started_at = time.time()
+        self.bus = bus or Bus(
+            config.bus,
+            client_id=f"coordinator-{self.principal}",
+            inbox=self.topics.coord_inbox,
+            will=Will(self.topics.coord_status,
+                      CoordStatus(state="down", clean=False, principal=self.principal)),
+            persistent_session=True,
+        )
+        self.registry = WorkerRegistry(
+            store,
+            self.topics,
+            liveness_factor=config.coordinator.liveness_factor,
+            default_interval=config.coordinator.default_heartbeat_s,
+            flush_s=config.coordinator.heartbeat_flush_s,
+            publish_event=self._publish_event,
+            request_caps=self._request_caps,
+        )
+        self.requests = RequestHandlers(self.bus, store)
+
+    def start(self, wait: bool = True) -> None:
+        self.registry.start()
+        self.bus.subscribe(self.topics.all_worker_caps, self.registry.on_caps, lane="registry")
+        self.bus.subscribe(self.topics.all_worker_status, self.registry.on_status,
+                           lane="registry")
+        self.bus.subscribe(self.topics.all_worker_heartbeat, self.registry.on_heartbeat,
+                           qos=0, lane="heartbeat")
+        self.requests.register()
+        self.bus.on_connected(self._announce)
+        self.bus.start(wait=wait)
+        log.info("coordinator %s up on %s (root %s, db %s)", self.principal,
+                 self.config.bus.url, self.topics.root, self.config.db_url.split("@")[-1])
+
+    def stop(self) -> None:
+        self.bus.stop(publish=[(self.topics.coord_status,
+                                CoordStatus(state="down", clean=True, version=VERSION,
+                                            principal=self.principal), 1, True)])
+        self.registry.stop()
+
+    def _announce(self) -> None:
+        self.bus.publish(self.topics.coord_status,
+                         CoordStatus(state="up", clean=True, version=VERSION,
+                                     started_at=self.started_at, principal=self.principal),
+                         retain=True)
+
+    def _publish_event(self, event: WorkerEvent) -> None:
+        self.bus.publish(self.topics.event("worker", event.wid), event, qos=0)
+
+    def _request_caps(self, wid: str, body: CapsRefresh) -> None:
+        self.bus.send(self.topics.worker_inbox(wid), body)

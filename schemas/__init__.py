@@ -1,0 +1,1 @@
+"""The wire contract: topic names, one JSON Schema per message type, and the codec."""

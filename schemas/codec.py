@@ -1,0 +1,121 @@
+"""Encode, decode and validate wire messages.
+
+``decode`` is the edge: it turns bytes into an ``Envelope`` holding a typed ``Body``, or
+raises one ``WireError`` that says why. Nothing unvalidated gets past it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import fastjsonschema
+
+from schemas.errors import WireError
+from schemas.messages import REGISTRY, B, Body, Error
+from schemas.registry import validator
+
+DEFAULT_MAX_PAYLOAD = 4 * 1024 * 1024
+ENVELOPE_KEYS = ("type", "v", "id", "ts", "reply_to", "re")
+
+T = TypeVar("T", bound=Body)
+
+
+def _reason(err: fastjsonschema.JsonSchemaException) -> str:
+    return str(getattr(err, "message", None) or err)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Envelope(Generic[T]):
+    """A validated message: envelope fields plus its typed body."""
+
+    body: T
+    id: str
+    ts: float
+    v: int = 1
+    reply_to: str | None = None
+    re: str | None = None
+
+    @property
+    def type(self) -> str:
+        return self.body.TYPE
+
+
+def envelope(body: B, *, reply_to: str | None = None, re: str | None = None) -> Envelope[B]:
+    """Wrap a body in a fresh envelope (new id, current time)."""
+    return Envelope(body=body, id=new_id(), ts=time.time(), v=body.V, reply_to=reply_to, re=re)
+
+
+def to_wire(env: Envelope[Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {"type": env.body.TYPE, "v": env.v, "id": env.id, "ts": env.ts}
+    if env.reply_to is not None:
+        data["reply_to"] = env.reply_to
+    if env.re is not None:
+        data["re"] = env.re
+    data.update(env.body.to_dict())
+    return data
+
+
+def encode(env: Envelope[Any], *, validate: bool = True) -> bytes:
+    """Serialise an envelope to JSON bytes; with ``validate`` the result is checked too,
+    so a component never sends what its peers would reject."""
+    data = to_wire(env)
+    if validate:
+        try:
+            validator(env.body.TYPE)(data)
+        except fastjsonschema.JsonSchemaException as err:
+            raise WireError("invalid", f"outgoing {env.body.TYPE}: {_reason(err)}",
+                            message_type=env.body.TYPE, message_id=env.id) from err
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode(payload: bytes, *, topic: str | None = None,
+           max_payload: int = DEFAULT_MAX_PAYLOAD) -> Envelope[Body]:
+    """Parse and validate one message; raise ``WireError`` with a reason otherwise."""
+    if len(payload) > max_payload:
+        raise WireError("too_large", f"payload of {len(payload)} bytes exceeds {max_payload}",
+                        topic=topic)
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise WireError("bad_json", f"not JSON: {err}", topic=topic) from err
+    if not isinstance(data, dict):
+        raise WireError("bad_envelope", "message is not a JSON object", topic=topic)
+    mtype, mid = data.get("type"), data.get("id")
+    reply_to = data.get("reply_to") if isinstance(data.get("reply_to"), str) else None
+    ctx: dict[str, Any] = {
+        "topic": topic,
+        "message_type": mtype if isinstance(mtype, str) else None,
+        "message_id": mid if isinstance(mid, str) and 0 < len(mid) <= 64 else None,
+        "reply_to": reply_to,
+    }
+    try:
+        validator("envelope")(data)
+    except fastjsonschema.JsonSchemaException as err:
+        raise WireError("bad_envelope", _reason(err), **ctx) from err
+    cls = REGISTRY.get(data["type"])
+    if cls is None:
+        raise WireError("unknown_type", f"unknown message type {data['type']!r}", **ctx)
+    if data["v"] != cls.V:
+        raise WireError("unsupported_version",
+                        f"{cls.TYPE} v{data['v']} is not supported (this side speaks v{cls.V})",
+                        **ctx)
+    try:
+        validator(cls.TYPE)(data)
+    except fastjsonschema.JsonSchemaException as err:
+        raise WireError("invalid", f"{cls.TYPE}: {_reason(err)}", **ctx) from err
+    body = cls.from_dict({k: v for k, v in data.items() if k not in ENVELOPE_KEYS})
+    return Envelope(body=body, id=data["id"], ts=float(data["ts"]), v=data["v"],
+                    reply_to=data.get("reply_to"), re=data.get("re"))
+
+
+def error_for(err: WireError) -> Error:
+    """The error body to send back for a rejected message."""
+    return Error(code=err.code, message=err.reason)

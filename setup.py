@@ -1,0 +1,65 @@
+"""Build script for xcloud, a volunteer-computing grid over MQTT."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+readme = HERE / "README.md"
+
+setup(
+    name="xcloud",
+    version="0.1.0",
+    description=(
+        "Volunteer / desktop-grid computing: MQTT broker, coordinator daemon, "
+        "worker agents and a client shell"
+    ),
+    long_description=readme.read_text(encoding="utf-8") if readme.exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(
+        include=["broker*", "coordinator*", "worker*", "client*", "schemas*"],
+    ),
+    package_data={
+        "schemas": ["json/*.json", "asyncapi.yaml"],
+        "coordinator": ["static/*"],
+    },
+    include_package_data=False,
+    zip_safe=False,
+    install_requires=[
+        "paho-mqtt>=2.1,<3",
+        "amqtt>=0.12.1",
+        "peewee>=3.17",
+        "PyMySQL>=1.1",
+        "psutil>=5.9",
+        "prompt_toolkit>=3.0.40",
+        "docker>=7.0",
+        "cryptography>=42",
+        "fastjsonschema>=2.19",
+        "PyYAML>=6",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.2",
+            "ruff>=0.4",
+            "mypy>=1.10",
+            "types-PyYAML",
+            "types-psutil",
+            "types-docker",
+            "types-PyMySQL",
+            "jsonschema>=4.20",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "xcloud=client.cli:main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: System :: Distributed Computing",
+    ],
+)

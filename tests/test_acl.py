@@ -1,0 +1,271 @@
+"""The topic ACL: sender-suffix inbox rule, role rights, wildcard escalation."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.acl import (
+    Acl,
+    Principal,
+    Role,
+    filter_covers,
+    topic_matches,
+    valid_topic_filter,
+)
+
+ACL = Acl("xcloud")
+COORD = Principal("coord", Role.COORDINATOR)
+W1 = Principal("w1", Role.WORKER)
+W2 = Principal("w2", Role.WORKER)
+ALICE = Principal("alice", Role.CLIENT)
+BOB = Principal("bob", Role.CLIENT)
+ROOT = Principal("root", Role.ADMIN)
+
+
+# -- matching primitives -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flt", "topic", "expected"),
+    [
+        ("a/b", "a/b", True),
+        ("a/b", "a/b/c", False),
+        ("a/+", "a/b", True),
+        ("a/+", "a", False),
+        ("a/+", "a/", True),  # empty level is a level
+        ("a/#", "a", True),  # '#' includes the parent
+        ("a/#", "a/b/c", True),
+        ("#", "a/b", True),
+        ("#", "$SYS/x", False),
+        ("+/x", "$SYS/x", False),
+        ("$SYS/#", "$SYS/x", True),
+        ("a/+/c", "a/b/c", True),
+        ("a/+/c", "a/b/d", False),
+    ],
+)
+def test_topic_matches(flt: str, topic: str, expected: bool) -> None:
+    assert topic_matches(flt, topic) is expected
+
+
+@pytest.mark.parametrize(
+    ("allowed", "requested", "expected"),
+    [
+        ("a/b", "a/b", True),
+        ("a/+", "a/b", True),
+        ("a/+", "a/+", True),
+        ("a/+", "a/#", False),  # '#' matches a and a/b/c
+        ("a/+", "a/b/c", False),
+        ("a/b", "a/+", False),
+        ("a/#", "a/#", True),
+        ("a/#", "a", True),
+        ("a/#", "a/+/c/#", True),
+        ("a/#", "#", False),
+        ("a/+/c", "a/+/c", True),
+        ("a/+/c", "a/+/+", False),
+        ("+/+", "a/+", True),
+        ("#", "#", True),
+        ("#", "$SYS/#", False),
+        ("$SYS/#", "$SYS/broker/x", True),
+        ("a/b/#", "a/#", False),
+        ("a/+/#", "a/#", False),  # a/# matches "a", which a/+/# does not
+    ],
+)
+def test_filter_covers(allowed: str, requested: str, expected: bool) -> None:
+    assert filter_covers(allowed, requested) is expected
+
+
+@pytest.mark.parametrize("flt", ["a/#/b", "a/b#", "a/+b", "", "a\0b", "##"])
+def test_invalid_filters(flt: str) -> None:
+    assert not valid_topic_filter(flt)
+
+
+# -- principals ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["a/b", "a+", "#", "", "x\0", "z" * 129])
+def test_principal_ids_with_topic_syntax_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        Principal(bad, Role.CLIENT)
+
+
+def test_principal_role_from_string() -> None:
+    p = Principal("alice", "client")  # type: ignore[arg-type]
+    assert p.role is Role.CLIENT
+    with pytest.raises(ValueError):
+        Principal("alice", "superuser")  # type: ignore[arg-type]
+
+
+def test_acl_refuses_bad_root() -> None:
+    for bad in ["", "a/+", "a/#", "$SYS", "a//b"]:
+        with pytest.raises(ValueError):
+            Acl(bad)
+
+
+def test_forged_principal_gets_nothing() -> None:
+    forged = Principal("ok", Role.CLIENT)
+    object.__setattr__(forged, "id", "+")  # bypass validation on purpose
+    assert ACL.rules(forged) == ([], [])
+    assert not ACL.can_publish(forged, "xcloud/coord/inbox/+")
+
+
+# -- coordinator -----------------------------------------------------------------------
+
+
+def test_coordinator_owns_the_root() -> None:
+    assert ACL.can_publish(COORD, "xcloud/client/alice/inbox/coord")
+    assert ACL.can_publish(COORD, "xcloud/worker/w1/inbox/coord")
+    assert ACL.can_publish(COORD, "xcloud/coord/status")
+    assert ACL.can_subscribe(COORD, "xcloud/#")
+    assert ACL.can_subscribe(COORD, "xcloud/coord/inbox/+")
+    assert not ACL.can_publish(COORD, "other/thing")
+    assert not ACL.can_subscribe(COORD, "#")
+
+
+# -- workers ---------------------------------------------------------------------------
+
+
+def test_worker_publishes_own_state_only() -> None:
+    for leaf in ("status", "caps", "heartbeat"):
+        assert ACL.can_publish(W1, f"xcloud/worker/w1/{leaf}")
+        assert not ACL.can_publish(W1, f"xcloud/worker/w2/{leaf}")  # another worker's status
+    assert not ACL.can_publish(W1, "xcloud/coord/status")
+    assert not ACL.can_publish(W1, "xcloud/event/worker/joined")
+
+
+def test_worker_inbox_slots() -> None:
+    assert ACL.can_publish(W1, "xcloud/coord/inbox/w1")
+    assert ACL.can_publish(W1, "xcloud/client/alice/inbox/w1")
+    assert not ACL.can_publish(W1, "xcloud/coord/inbox/w2")  # another sender's slot
+    assert not ACL.can_publish(W1, "xcloud/coord/inbox/coord")
+    assert not ACL.can_publish(W1, "xcloud/client/alice/inbox/coord")
+    assert not ACL.can_publish(W1, "xcloud/worker/w2/inbox/w1")  # worker to worker omitted
+    assert not ACL.can_publish(W1, "xcloud/coord/inbox")  # base topic without sender
+    assert not ACL.can_publish(W1, "xcloud/coord/inbox/w1/extra")
+
+
+def test_worker_subscriptions() -> None:
+    assert ACL.can_subscribe(W1, "xcloud/worker/w1/inbox/+")
+    assert ACL.can_subscribe(W1, "xcloud/worker/w1/inbox/coord")
+    assert ACL.can_subscribe(W1, "xcloud/coord/status")
+    assert ACL.can_subscribe(W1, "xcloud/coord/pubkey")
+    assert not ACL.can_subscribe(W1, "xcloud/worker/w2/inbox/+")
+    assert not ACL.can_subscribe(W1, "xcloud/worker/+/inbox/+")
+    assert not ACL.can_subscribe(W1, "xcloud/worker/w1/inbox/#")
+    assert not ACL.can_subscribe(W1, "xcloud/coord/inbox/+")
+    assert not ACL.can_subscribe(W1, "xcloud/worker/+/status")
+    assert not ACL.can_subscribe(W1, "xcloud/#")
+    assert ACL.can_receive(W1, "xcloud/worker/w1/inbox/alice")
+    assert not ACL.can_receive(W1, "xcloud/worker/w2/inbox/alice")
+
+
+# -- clients and admins ----------------------------------------------------------------
+
+
+def test_client_inbox_slots() -> None:
+    assert ACL.can_publish(ALICE, "xcloud/coord/inbox/alice")
+    assert ACL.can_publish(ALICE, "xcloud/worker/w1/inbox/alice")
+    assert not ACL.can_publish(ALICE, "xcloud/coord/inbox/bob")  # impersonating bob
+    # impersonating the coordinator
+    assert not ACL.can_publish(ALICE, "xcloud/worker/w1/inbox/coord")
+    assert not ACL.can_publish(ALICE, "xcloud/client/bob/inbox/alice")  # client to client
+    assert not ACL.can_publish(ALICE, "xcloud/client/alice/inbox/alice")
+    assert not ACL.can_publish(ALICE, "xcloud/worker/w1/status")
+    assert not ACL.can_publish(ALICE, "xcloud/coord/status")
+    assert not ACL.can_publish(ALICE, "xcloud/event/x")
+
+
+def test_wildcards_in_publish_are_denied() -> None:
+    for who in (COORD, W1, ALICE):
+        assert not ACL.can_publish(who, "xcloud/coord/inbox/+")
+        assert not ACL.can_publish(who, "xcloud/#")
+        assert not ACL.can_publish(who, "xcloud/worker/+/inbox/alice")
+
+
+def test_client_subscriptions() -> None:
+    ok = [
+        "xcloud/client/alice/inbox/+",
+        "xcloud/client/alice/inbox/w1",
+        "xcloud/worker/+/status",
+        "xcloud/worker/w1/status",
+        "xcloud/worker/+/caps",
+        "xcloud/coord/status",
+        "xcloud/coord/pubkey",
+        "xcloud/event/#",
+        "xcloud/event/job/+",
+    ]
+    for flt in ok:
+        assert ACL.can_subscribe(ALICE, flt), flt
+
+
+@pytest.mark.parametrize(
+    "flt",
+    [
+        "#",
+        "xcloud/#",
+        "xcloud/+",
+        "xcloud/+/status",
+        "xcloud/client/+/inbox/+",
+        "xcloud/client/bob/inbox/+",
+        "xcloud/client/alice/inbox/#",
+        "xcloud/client/alice/#",
+        "xcloud/worker/+/+",
+        "xcloud/worker/#",
+        "xcloud/worker/+/inbox/+",
+        "xcloud/worker/w1/inbox/alice",
+        "xcloud/worker/+/heartbeat",
+        "xcloud/coord/inbox/+",
+        "xcloud/coord/#",
+        "+/client/alice/inbox/+",
+        "$SYS/#",
+        "$SYS/broker/clients/connected",
+        "xcloud/client/alice/inbox/+/#",
+        "xcloud/client/alice/inbox/+/x",
+    ],
+)
+def test_client_wildcard_escalation_is_refused(flt: str) -> None:
+    assert not ACL.can_subscribe(ALICE, flt)
+
+
+def test_admin_reads_heartbeats_clients_do_not() -> None:
+    assert ACL.can_subscribe(ROOT, "xcloud/worker/+/heartbeat")
+    assert not ACL.can_subscribe(ALICE, "xcloud/worker/+/heartbeat")
+    assert ACL.can_publish(ROOT, "xcloud/coord/inbox/root")
+    assert not ACL.can_publish(ROOT, "xcloud/coord/inbox/alice")
+    assert not ACL.can_subscribe(ROOT, "xcloud/#")
+
+
+def test_sys_never_for_non_coordinators() -> None:
+    for who in (W1, ALICE, ROOT):
+        assert not ACL.can_subscribe(who, "$SYS/#")
+        assert not ACL.can_receive(who, "$SYS/broker/uptime")
+        assert not ACL.can_publish(who, "$SYS/broker/uptime")
+
+
+def test_rules_listing_and_roots() -> None:
+    pub, sub = Acl("grid/a").rules(BOB)
+    assert pub == ["grid/a/coord/inbox/bob", "grid/a/worker/+/inbox/bob"]
+    assert "grid/a/client/bob/inbox/+" in sub
+    other = Acl("other")
+    assert not other.can_publish(BOB, "xcloud/coord/inbox/bob")
+    assert other.can_publish(BOB, "other/coord/inbox/bob")
+
+
+def test_rule_cache_is_bounded() -> None:
+    acl = Acl()
+    for i in range(5000):
+        assert acl.can_publish(Principal(f"c{i}", Role.CLIENT), f"xcloud/coord/inbox/c{i}")
+    assert len(acl._cache) <= 4096
+
+
+def test_only_state_topics_are_retained() -> None:
+    assert ACL.can_retain(W1, "xcloud/worker/w1/status")
+    assert ACL.can_retain(W1, "xcloud/worker/w1/caps")
+    assert not ACL.can_retain(W1, "xcloud/worker/w1/heartbeat")
+    assert not ACL.can_retain(W1, "xcloud/worker/w2/status")  # not its own
+    assert not ACL.can_retain(W1, "xcloud/coord/inbox/w1")
+    assert not ACL.can_retain(ALICE, "xcloud/coord/inbox/alice")
+    assert ACL.can_retain(COORD, "xcloud/coord/status")
+    assert ACL.can_retain(COORD, "xcloud/coord/pubkey")
+    assert ACL.can_retain(COORD, "xcloud/worker/w1/status")  # e.g. clearing a stale status
+    assert not ACL.can_retain(COORD, "xcloud/event/worker/lost")
+    assert not ACL.can_retain(COORD, "xcloud/client/alice/inbox/coord")

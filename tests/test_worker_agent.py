@@ -1,0 +1,382 @@
+"""The worker agent against a real Mosquitto broker (anonymous; ACLs are tested elsewhere).
+
+Everything waits on observed messages (``wait_for``), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.bus import Bus, Incoming
+from broker.config import BusConfig, Config
+from schemas.messages import CapsRefresh, Ok, Ping, Pong, WorkerCaps, WorkerHeartbeat, WorkerStatus
+from schemas.topics import Topics
+from tests.fixtures.services import MosquittoProcess, free_port, wait_for
+from worker.agent import WorkerAgent, build_bus
+from worker.errors import IdentityError, WorkerError
+from worker.identity import load_identity
+from worker.main import run_worker
+
+pytestmark = [pytest.mark.integration, pytest.mark.mosquitto]
+
+REPO = Path(__file__).resolve().parents[1]
+NODELAY = "set_tcp_nodelay true"
+TOPICS = Topics()
+
+
+class Watcher:
+    """A separate MQTT client that records everything published under ``worker/``."""
+
+    def __init__(self, url: str, name: str = "watcher") -> None:
+        cfg = BusConfig(url=url, principal=name, reconnect_min_s=0.5, reconnect_max_s=1.0)
+        self.bus = Bus(cfg, client_id=f"{name}-{uuid.uuid4().hex[:8]}",
+                       inbox=TOPICS.client_inbox(name))
+        self._lock = threading.Lock()
+        self.messages: list[Incoming] = []
+        self.bus.subscribe(f"{TOPICS.root}/worker/#", self._record)
+        self.bus.start(timeout=5)
+
+    def _record(self, incoming: Incoming) -> None:
+        with self._lock:
+            self.messages.append(incoming)
+
+    def of(self, cls: type[Any], wid: str) -> list[Incoming]:
+        with self._lock:
+            return [m for m in self.messages
+                    if isinstance(m.body, cls) and getattr(m.body, "wid", None) == wid]
+
+    def bodies(self, cls: type[Any], wid: str) -> list[Any]:
+        return [m.body for m in self.of(cls, wid)]
+
+    def last_status(self, wid: str) -> WorkerStatus | None:
+        statuses = self.bodies(WorkerStatus, wid)
+        return statuses[-1] if statuses else None
+
+    def wait_status(self, wid: str, state: str, clean: bool | None = None,
+                    timeout: float = 10.0) -> WorkerStatus:
+        def check() -> WorkerStatus | None:
+            last = self.last_status(wid)
+            if last and last.state == state and (clean is None or last.clean == clean):
+                return last
+            return None
+        found = wait_for(check, timeout, message=f"{wid} status {state} (clean={clean}); "
+                         f"last seen {self.last_status(wid)}")
+        assert found is not None
+        return found
+
+    def stop(self) -> None:
+        self.bus.stop()
+
+
+@pytest.fixture
+def broker(mosquitto_factory: Callable[..., MosquittoProcess]) -> MosquittoProcess:
+    return mosquitto_factory(extra_config=NODELAY)
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Every thread a test started is gone at its end."""
+    before = set(threading.enumerate())
+    yield
+    wait_for(lambda: not [t for t in threading.enumerate() if t not in before and t.is_alive()],
+             10, message=f"leaked threads: {set(threading.enumerate()) - before}")
+
+
+@pytest.fixture
+def watchers(broker: MosquittoProcess, no_leaks: None) -> Iterator[Callable[..., Watcher]]:
+    made: list[Watcher] = []
+
+    def make(name: str = "watcher") -> Watcher:
+        watcher = Watcher(broker.url, name)
+        made.append(watcher)
+        return watcher
+
+    yield make
+    for watcher in made:
+        watcher.stop()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[WorkerAgent]]:
+    made: list[WorkerAgent] = []
+    yield made
+    for agent in made:
+        agent.stop()
+
+
+def make_config(tmp_path: Path, url: str, wid: str = "w1", heartbeat_s: float = 0.2,
+                **worker: Any) -> Config:
+    cfg = Config(home=tmp_path / "home")
+    cfg.bus.url = url
+    cfg.bus.principal = wid
+    cfg.bus.reconnect_min_s = 0.5
+    cfg.bus.reconnect_max_s = 1.0
+    cfg.worker.heartbeat_s = heartbeat_s
+    cfg.worker.tags = ["test"]
+    for key, value in worker.items():
+        setattr(cfg.worker, key, value)
+    return cfg
+
+
+def start_agent(agents: list[WorkerAgent], cfg: Config, **kwargs: Any) -> WorkerAgent:
+    agent = WorkerAgent(cfg, **kwargs)
+    agents.append(agent)
+    agent.start(timeout=5)
+    return agent
+
+
+# ------------------------------------------------------------------------ join / leave
+
+
+def test_late_subscriber_gets_retained_caps_and_online(
+    tmp_path: Path, broker: MosquittoProcess, watchers: Callable[..., Watcher],
+    agents: list[WorkerAgent],
+) -> None:
+    early = watchers("early")
+    agent = start_agent(agents, make_config(tmp_path, broker.url, slots=2))
+    early.wait_status("w1", "online", clean=True)
+    wait_for(lambda: early.of(WorkerCaps, "w1"), message="caps")
+
+    late = watchers("late")
+    caps = wait_for(lambda: late.of(WorkerCaps, "w1"), message="retained caps")[0]
+    status = wait_for(lambda: late.of(WorkerStatus, "w1"), message="retained status")[0]
+    assert caps.retained and status.retained
+    assert caps.topic == TOPICS.worker_caps("w1")
+    assert caps.body.slots == 2 and caps.body.tags == ["test"]
+    assert caps.body.executors == ["process"]
+    assert caps.body.heartbeat_s == 0.2
+    assert status.body.state == "online" and status.body.clean is True
+    assert agent.state == "online" and agent.caps == caps.body
+
+
+def test_heartbeats_arrive_with_increasing_seq(
+    tmp_path: Path, broker: MosquittoProcess, watchers: Callable[..., Watcher],
+    agents: list[WorkerAgent],
+) -> None:
+    watcher = watchers()
+    start_agent(agents, make_config(tmp_path, broker.url, slots=3))
+    wait_for(lambda: len(watcher.of(WorkerHeartbeat, "w1")) >= 4, message="4 heartbeats")
+    beats = watcher.of(WorkerHeartbeat, "w1")
+    seqs = [b.body.seq for b in beats]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert seqs[0] == 1
+    first = beats[0].body
+    assert first.interval_s == 0.2 and first.free_slots == 3 and first.running == []
+    assert 0 <= first.cpu_percent <= 100 and first.mem_used_bytes > 0
+    assert all(not b.retained and b.topic == TOPICS.worker_heartbeat("w1") for b in beats)
+
+
+def test_running_provider_feeds_the_heartbeat(
+    tmp_path: Path, broker: MosquittoProcess, watchers: Callable[..., Watcher],
+    agents: list[WorkerAgent],
+) -> None:
+    watcher = watchers()
+    agent = start_agent(agents, make_config(tmp_path, broker.url, slots=2))
+    agent.set_running_provider(lambda: ([{"kind": "exec", "id": "e1"}], 1))
+    busy = wait_for(lambda: [b.body for b in watcher.of(WorkerHeartbeat, "w1")
+                             if b.body.running], message="busy heartbeat")
+    beat = busy[0]
+    assert beat.running == [{"kind": "exec", "id": "e1"}] and beat.free_slots == 1
+
+
+def test_caps_refresh_republishes_and_ping_gets_pong(
+    tmp_path: Path, broker: MosquittoProcess, watchers: Callable[..., Watcher],
+    agents: list[WorkerAgent],
+) -> None:
+    watcher = watchers("coord")
+    start_agent(agents, make_config(tmp_path, broker.url))
+    wait_for(lambda: watcher.of(WorkerCaps, "w1"), message="first caps")
+    count = len(watcher.of(WorkerCaps, "w1"))
+    watcher.bus.send(TOPICS.worker_inbox("w1"), CapsRefresh())
+    wait_for(lambda: len(watcher.of(WorkerCaps, "w1")) > count, message="republished caps")
+    count = len(watcher.of(WorkerCaps, "w1"))
+    ack = watcher.bus.request(TOPICS.worker_inbox("w1"), CapsRefresh(), timeout=5)
+    assert isinstance(ack.body, Ok)
+    wait_for(lambda: len(watcher.of(WorkerCaps, "w1")) > count, message="caps again")
+
+    reply = watcher.bus.request(TOPICS.worker_inbox("w1"), Ping(), timeout=5)
+    assert isinstance(reply.body, Pong)
+    assert reply.body.component == "worker" and reply.body.principal == "w1"
+
+
+def test_drain_and_clean_stop(
+    tmp_path: Path, broker: MosquittoProcess, watchers: Callable[..., Watcher],
+    agents: list[WorkerAgent],
+) -> None:
+    watcher = watchers()
+    agent = start_agent(agents, make_config(tmp_path, broker.url))
+    watcher.wait_status("w1", "online")
+    agent.drain(True)
+    watcher.wait_status("w1", "draining", clean=True)
+    assert agent.state == "draining"
+    agent.drain(False)
+    watcher.wait_status("w1", "online")
+    agent.stop()
+    status = watcher.wait_status("w1", "offline", clean=True)
+    assert status.reason == "stopped"
+    assert agent.state == "offline" and not agent.connected
+    late = watchers("late")
+    retained = wait_for(lambda: late.of(WorkerStatus, "w1"), message="retained offline")[0]
+    assert retained.retained and retained.body.state == "offline" and retained.body.clean
+    agent.stop()  # idempotent
+
+
+def test_agent_accepts_a_ready_bus(
+    tmp_path: Path, broker: MosquittoProcess, watchers: Callable[..., Watcher],
+    agents: list[WorkerAgent],
+) -> None:
+    watcher = watchers()
+    cfg = make_config(tmp_path, broker.url, wid="w9")
+    start_agent(agents, cfg, bus=build_bus(cfg, "w9", ""), executors=["process", "fake"])
+    caps = wait_for(lambda: watcher.bodies(WorkerCaps, "w9"), message="caps")[0]
+    assert caps.executors == ["process", "fake"]
+
+    wrong = WorkerAgent(make_config(tmp_path / "other", broker.url, wid="w8"),
+                        bus=build_bus(cfg, "w9", ""))
+    with pytest.raises(WorkerError, match="inbox"):
+        wrong.start()
+
+
+# ------------------------------------------------------------------------ bad starts
+
+
+def test_missing_identity_and_bad_config_fail_before_connecting(
+    tmp_path: Path, no_leaks: None,
+) -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens: must not matter
+    cfg = make_config(tmp_path, url, wid="")
+    with pytest.raises(IdentityError, match="xcloud admin principal add"):
+        WorkerAgent(cfg).start()
+    with pytest.raises(IdentityError):
+        run_worker(cfg, stop=threading.Event())
+    bad = make_config(tmp_path, url, tags=["x" * 65])
+    with pytest.raises(WorkerError, match="invalid worker configuration"):
+        WorkerAgent(bad).start()
+    with pytest.raises(WorkerError, match="heartbeat_s"):
+        WorkerAgent(make_config(tmp_path, url, heartbeat_s=0))
+
+
+# ------------------------------------------------------------------------ crashes
+
+
+def _worker_process(tmp_path: Path, url: str, wid: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.update({
+        "PYTHONPATH": str(REPO),
+        "XCLOUD_HOME": str(tmp_path / f"home-{wid}"),
+        "XCLOUD_CONFIG": str(tmp_path / "none.toml"),
+        "XCLOUD_BUS_URL": url,
+        "XCLOUD_BUS_PRINCIPAL": wid,
+        "XCLOUD_WORKER_HEARTBEAT_S": "0.2",
+    })
+    code = ("import logging, sys\n"
+            "from broker.config import load_config\n"
+            "from worker.main import run_worker\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "sys.exit(run_worker(load_config()))\n")
+    log = (tmp_path / f"{wid}.log").open("wb")
+    try:
+        return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(REPO),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    finally:
+        log.close()
+
+
+def test_killed_worker_leaves_its_last_will(
+    tmp_path: Path, broker: MosquittoProcess, watchers: Callable[..., Watcher],
+) -> None:
+    watcher = watchers()
+    proc = _worker_process(tmp_path, broker.url, "wk")
+    try:
+        watcher.wait_status("wk", "online", timeout=20)
+        wait_for(lambda: watcher.of(WorkerHeartbeat, "wk"), message="heartbeat")
+        proc.kill()
+        proc.wait(10)
+        status = watcher.wait_status("wk", "offline")
+        assert status.clean is False and status.reason == "connection lost"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_sigterm_stops_the_worker_cleanly(
+    tmp_path: Path, broker: MosquittoProcess, watchers: Callable[..., Watcher],
+) -> None:
+    watcher = watchers()
+    proc = _worker_process(tmp_path, broker.url, "wt")
+    try:
+        watcher.wait_status("wt", "online", timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        status = watcher.wait_status("wt", "offline", clean=True)
+        assert status.reason == "shutdown"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    # the identity given by environment was kept for the next start
+    assert load_identity(tmp_path / "home-wt" / "worker", BusConfig()) == ("wt", "")
+
+
+def test_agent_survives_a_broker_restart(
+    tmp_path: Path, broker: MosquittoProcess, watchers: Callable[..., Watcher],
+    agents: list[WorkerAgent],
+) -> None:
+    agent = start_agent(agents, make_config(tmp_path, broker.url))
+    first = watchers("first")
+    first.wait_status("w1", "online")
+    seq_before = agent.heartbeats_sent
+
+    broker.kill()  # a crash: retained messages are gone (persistence false)
+    wait_for(lambda: not agent.connected, message="agent noticed the broker went away")
+    broker.start()
+    wait_for(lambda: agent.connected and agent.bus.reconnects >= 1, 20,
+             message="agent reconnected by itself")
+
+    fresh = watchers("fresh")
+    wait_for(lambda: fresh.of(WorkerCaps, "w1"), message="caps republished after restart")
+    fresh.wait_status("w1", "online", clean=True)
+    beats = wait_for(lambda: fresh.of(WorkerHeartbeat, "w1"), message="heartbeats resumed")
+    assert beats[0].body.seq > seq_before
+
+
+def test_run_worker_waits_for_a_late_broker(
+    tmp_path: Path, mosquitto_factory: Callable[..., MosquittoProcess],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, no_leaks: None,
+) -> None:
+    monkeypatch.setattr("worker.main.WARN_EVERY_S", 0.1)
+    port = free_port()
+    cfg = make_config(tmp_path, f"mqtt://127.0.0.1:{port}", wid="wl")
+    stop = threading.Event()
+    result: list[int] = []
+    caplog.set_level(logging.WARNING, logger="worker.main")
+    runner = threading.Thread(target=lambda: result.append(run_worker(cfg, stop=stop)))
+    runner.start()
+    try:
+        wait_for(lambda: any("no MQTT broker reachable" in r.getMessage()
+                             for r in caplog.records), message="warning about the broker")
+        late = mosquitto_factory(port=port, extra_config=NODELAY)
+        watcher = Watcher(late.url)
+        try:
+            watcher.wait_status("wl", "online", timeout=20)
+            stop.set()
+            runner.join(10)
+            assert result == [0]
+            watcher.wait_status("wl", "offline", clean=True)
+        finally:
+            watcher.stop()
+    finally:
+        stop.set()
+        runner.join(10)

@@ -1,0 +1,1 @@
+"""The worker agent: identity, capabilities, heartbeats and lifecycle over the bus."""

@@ -1,0 +1,81 @@
+"""Run a worker agent in the foreground until SIGINT/SIGTERM (``xcloud worker``).
+
+Logging is the entry point's business; this only runs the agent. Imports stay lean
+(no docker SDK, prompt_toolkit or peewee) so an idle worker stays small.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from broker.config import Config
+from worker.agent import WorkerAgent
+
+log = logging.getLogger(__name__)
+
+WARN_EVERY_S = 10.0
+
+
+def _refusal(agent: WorkerAgent) -> str | None:
+    # The bus keeps the broker's last CONNACK refusal privately; it is the most useful
+    # thing to tell a user whose worker cannot join (wrong token, unknown principal).
+    value = getattr(agent.bus, "_last_refusal", None)
+    return str(value) if value else None
+
+
+def run_worker(
+    cfg: Config,
+    *,
+    executors: Sequence[str] | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Run until a signal (or ``stop``) asks to leave; return the exit status (0).
+
+    Raises IdentityError (and other WorkerErrors) to the caller, which prints them. An
+    unreachable broker is not an error: the bus keeps retrying and a warning is logged
+    every ~10 s until it answers.
+    """
+    stop = stop or threading.Event()
+    agent = WorkerAgent(cfg, executors=executors)
+    previous: dict[signal.Signals, Any] = {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, leaving the grid", signal.Signals(signum).name)
+        stop.set()
+        for old_sig, old_handler in previous.items():  # a second signal acts as usual
+            signal.signal(old_sig, old_handler)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, on_signal)
+    try:
+        agent.start(wait=False)
+        try:
+            waited = 0.0
+            while not stop.wait(WARN_EVERY_S):
+                if agent.connected:
+                    waited = 0.0
+                    continue
+                waited += WARN_EVERY_S
+                refusal = _refusal(agent)
+                if refusal:
+                    log.warning(
+                        "broker %s refuses worker %s (%s); check its id and token. "
+                        "Still retrying.", cfg.bus.url, agent.wid, refusal)
+                else:
+                    log.warning(
+                        "no MQTT broker reachable at %s for %.0f s; still retrying "
+                        "(is `xcloud up` or the broker running? check --broker)",
+                        cfg.bus.url, waited)
+        finally:
+            agent.stop("shutdown")
+    finally:
+        for old_sig, old_handler in previous.items():
+            signal.signal(old_sig, old_handler)
+    return 0
