@@ -137,7 +137,7 @@ class WorkerRegistry:
             if target in (WorkerState.ONLINE, WorkerState.DRAINING):
                 self._ask_caps(wid, now)
             return
-        self._transition(wid, target, reason, now)
+        self._transition(wid, target, reason, now, seen=True)
         if target in (WorkerState.ONLINE, WorkerState.DRAINING):
             record = self.store.get_worker(wid)
             interval = (record.heartbeat_interval if record else 0) or self.default_interval
@@ -187,7 +187,7 @@ class WorkerRegistry:
                 continue
             if record.state_changed_at >= now - self.flush_s * 2 - 0.5:
                 continue  # a heartbeat that was in flight when it was declared lost
-            self._transition(wid, WorkerState.ONLINE, "heartbeat after lost", now)
+            self._transition(wid, WorkerState.ONLINE, "heartbeat after lost", now, seen=True)
             self.monitor.track(wid, now, record.heartbeat_interval or self.default_interval)
 
     # -- state changes -------------------------------------------------------------------
@@ -203,10 +203,11 @@ class WorkerRegistry:
         if state not in (WorkerState.ONLINE, WorkerState.DRAINING):
             self.monitor.forget(wid)
 
-    def _transition(self, wid: str, state: WorkerState, reason: str, now: float) -> None:
+    def _transition(self, wid: str, state: WorkerState, reason: str, now: float,
+                    *, seen: bool = False) -> None:
         with self.state_lock:
             try:
-                change = self.store.set_worker_state(wid, state, reason, now)
+                change = self.store.set_worker_state(wid, state, reason, now, seen=seen)
             except CoordinatorError as err:
                 log.warning("worker %s: %s", wid, err)
                 return

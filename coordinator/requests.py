@@ -13,11 +13,14 @@ from typing import Any
 
 from broker.bus import Bus, Incoming
 from coordinator.errors import CoordinatorError, NotFound
+from coordinator.registry import WorkerRegistry
 from coordinator.store import Store
 from coordinator.worker_state import WorkerState
 from schemas.messages import (
     Body,
+    Ok,
     Pong,
+    WorkersDrain,
     WorkersList,
     WorkersListReply,
     WorkersShow,
@@ -29,18 +32,24 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
+class Forbidden(CoordinatorError):
+    """The sender may not do this (not an admin, not the holder, ...)."""
+
+
 class RequestHandlers:
     """Binds request types to methods; ``register`` puts them on the bus."""
 
-    def __init__(self, bus: Bus, store: Store) -> None:
+    def __init__(self, bus: Bus, store: Store, registry: WorkerRegistry) -> None:
         self.bus = bus
         self.store = store
+        self.registry = registry
 
     def register(self) -> None:
         table: dict[str, Callable[[Incoming], Body]] = {
             "ping": self.ping,
             "workers.list": self.workers_list,
             "workers.show": self.workers_show,
+            "workers.drain": self.workers_drain,
         }
         for mtype, fn in table.items():
             self.bus.on_inbox(mtype, self._guard(fn), lane="requests")
@@ -53,6 +62,8 @@ class RequestHandlers:
                 reply = fn(incoming)
             except NotFound as err:
                 self.bus.reply_error(incoming, "not_found", str(err))
+            except Forbidden as err:
+                self.bus.reply_error(incoming, "forbidden", str(err))
             except CoordinatorError as err:
                 self.bus.reply_error(incoming, "invalid", str(err))
             except Exception:
@@ -101,3 +112,21 @@ class RequestHandlers:
             for event in self.store.worker_events(record.id, 20)
         ]
         return WorkersShowReply(worker=row)
+
+    def workers_drain(self, incoming: Incoming) -> Body:
+        """Admin: stop giving a worker new work (drain) or resume. A drain survives the
+        worker's reconnects; only an admin (or the worker's own status) lifts it."""
+        req: WorkersDrain = incoming.body
+        sender = incoming.sender or ""
+        principal = self.store.get_principal(sender)
+        if principal is None or principal.role != "admin":
+            raise Forbidden(f"{sender} is not an admin")
+        record = self.store.get_worker(req.worker)
+        if record is None:
+            raise NotFound(f"no worker with id or name {req.worker!r}")
+        if record.state not in (WorkerState.ONLINE, WorkerState.DRAINING):
+            raise CoordinatorError(f"worker {record.id} is {record.state.value}, not running")
+        target = WorkerState.DRAINING if req.drain else WorkerState.ONLINE
+        verb = "drained" if req.drain else "undrained"
+        self.registry.set_state(record.id, target, f"{verb} by {sender}")
+        return Ok(detail={"worker": record.id, "state": target.value})

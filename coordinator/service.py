@@ -47,7 +47,7 @@ class Coordinator:
             publish_event=self._publish_event,
             request_caps=self._request_caps,
         )
-        self.requests = RequestHandlers(self.bus, store)
+        self.requests = RequestHandlers(self.bus, store, self.registry)
 
     def start(self, wait: bool = True) -> None:
         self.registry.start()

@@ -1,0 +1,361 @@
+"""Reassembly of one remote command's output stream.
+
+The worker numbers every ``exec.output`` chunk (``seq`` from 0, contiguous across stdout
+and stderr) and ends with ``exec.exit {last_seq}``. MQTT QoS 1 may deliver a chunk twice,
+and a reconnect or a ``exec.logs`` resync may deliver chunks late or out of order, so the
+client cannot simply print what arrives: :class:`ExecStream` buffers out-of-order chunks,
+drops duplicates, hands chunks on strictly in ``seq`` order, and completes only when it
+has the exit *and* every ``seq <= last_seq``.
+
+Pure logic (no bus): producers call :meth:`ExecStream.feed` / :meth:`ExecStream.feed_exit`
+from any thread; one consumer iterates or waits. Recovery of lost chunks is the owner's
+job, through the ``on_stall`` callback (see ``client.reservation``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from client.errors import ClientError
+
+log = logging.getLogger(__name__)
+
+# After exec.exit, how long missing chunks may take to arrive before ``on_stall`` fires.
+GAP_GRACE_S = 1.0
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """A piece of a command's output, in order: ``stream`` is "stdout" or "stderr"."""
+
+    stream: str
+    data: bytes
+    seq: int = -1
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a remote command ended, with its output when it was kept."""
+
+    exec_id: str
+    stdout: bytes = b""
+    stderr: bytes = b""
+    exit_code: int | None = None
+    signal: int | None = None
+    duration_s: float = 0.0
+    timed_out: bool = False
+    truncated: bool = False
+    oom_killed: bool = False
+    error: str | None = None
+    output_bytes: int = 0
+    lost_chunks: int = 0  # chunks the worker no longer had when we asked again
+
+    @property
+    def text(self) -> str:
+        """stdout decoded as UTF-8 (undecodable bytes replaced)."""
+        return self.stdout.decode("utf-8", errors="replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    @property
+    def returncode(self) -> int:
+        """Shell convention: the exit code, 128+N when killed by signal N, 1 otherwise."""
+        if self.exit_code is not None:
+            return self.exit_code
+        if self.signal:
+            return 128 + self.signal
+        return 1
+
+
+def decode_data(data: str) -> bytes:
+    """The raw bytes of an ``exec.output`` ``data`` field."""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ClientError(f"malformed output chunk: {err}") from err
+
+
+class ExecStream:
+    """In-order, deduplicated output of one exec, completed by its exit.
+
+    ``start_seq`` is the first seq expected (0 for a fresh command); ``None`` means "not
+    known yet" (``exec.logs`` tells where the kept output starts) and chunks are buffered
+    until :meth:`set_base`. ``buffer_chunks`` keeps chunks for an iterating consumer;
+    ``keep_output`` accumulates stdout/stderr for :attr:`result`.
+    """
+
+    def __init__(
+        self,
+        exec_id: str,
+        *,
+        start_seq: int | None = 0,
+        buffer_chunks: bool = True,
+        keep_output: bool = True,
+        stall_s: float = 10.0,
+        on_stall: Callable[[ExecStream], None] | None = None,
+        on_close: Callable[[ExecStream], None] | None = None,
+    ) -> None:
+        self.exec_id = exec_id
+        self.buffer_chunks = buffer_chunks
+        self.keep_output = keep_output
+        self.stall_s = stall_s
+        self.on_stall = on_stall
+        self.on_close = on_close
+        self._cond = threading.Condition()
+        self._next_seq: int | None = start_seq
+        self._pending: dict[int, OutputChunk] = {}
+        self._ready: deque[OutputChunk] = deque()
+        self._stdout: list[bytes] = []
+        self._stderr: list[bytes] = []
+        self._exit: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._lost = 0
+        self.duplicates = 0
+        self.received_bytes = 0
+        self.last_progress = time.monotonic()
+        self._exit_at: float | None = None
+        self._last_stall_call = 0.0
+
+    # -- producer side (any thread) ---------------------------------------------------
+
+    def feed(self, seq: int, stream: str, data: bytes) -> bool:
+        """Add one chunk; False when it was a duplicate (or arrived after the end)."""
+        with self._cond:
+            if self._closed or self._error is not None:
+                return False
+            if (self._next_seq is not None and seq < self._next_seq) or seq in self._pending:
+                self.duplicates += 1
+                return False
+            if self._exit is not None and seq > self._exit["last_seq"]:
+                log.warning("exec %s: chunk %d after last_seq %d dropped", self.exec_id,
+                            seq, self._exit["last_seq"])
+                return False
+            self._pending[seq] = OutputChunk(stream, data, seq)
+            self.last_progress = time.monotonic()
+            self._advance()
+            return True
+
+    def feed_exit(self, exit_info: dict[str, Any]) -> None:
+        """Record the command's end (fields of ``exec.exit``); the first one wins."""
+        with self._cond:
+            if self._exit is not None or self._closed:
+                return
+            info = dict(exit_info)
+            info["last_seq"] = int(info.get("last_seq", -1))
+            self._exit = info
+            self._exit_at = self.last_progress = time.monotonic()
+            for seq in [s for s in self._pending if s > info["last_seq"]]:
+                del self._pending[seq]
+            self._cond.notify_all()
+
+    def set_base(self, seq: int) -> None:
+        """Where the output starts when the stream was created with ``start_seq=None``."""
+        with self._cond:
+            if self._next_seq is None:
+                self._next_seq = seq
+                for old in [s for s in self._pending if s < seq]:
+                    del self._pending[old]
+                self._advance()
+
+    def skip_to(self, seq: int) -> None:
+        """Give up on chunks before ``seq`` (the worker no longer keeps them)."""
+        with self._cond:
+            if self._next_seq is None or seq <= self._next_seq:
+                return
+            lost = sum(1 for s in range(self._next_seq, seq) if s not in self._pending)
+            self._lost += lost
+            log.warning("exec %s: %d output chunk(s) lost before seq %d", self.exec_id,
+                        lost, seq)
+            for s in range(self._next_seq, seq):
+                chunk = self._pending.pop(s, None)
+                if chunk is not None:
+                    self._accept(chunk)
+            self._next_seq = seq
+            self._advance()
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with an error (reservation ended, exec refused, ...)."""
+        with self._cond:
+            if self._error is None and not self.complete:
+                self._error = error
+            self._cond.notify_all()
+
+    def _advance(self) -> None:
+        if self._next_seq is None:
+            return
+        moved = False
+        while self._next_seq in self._pending:
+            self._accept(self._pending.pop(self._next_seq))
+            self._next_seq += 1
+            moved = True
+        if moved or self.complete:
+            self._cond.notify_all()
+
+    def _accept(self, chunk: OutputChunk) -> None:
+        self.received_bytes += len(chunk.data)
+        if self.keep_output:
+            (self._stderr if chunk.stream == "stderr" else self._stdout).append(chunk.data)
+        if self.buffer_chunks:
+            self._ready.append(chunk)
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def next_seq(self) -> int | None:
+        """The first seq not yet received in order (where a resync should start)."""
+        return self._next_seq
+
+    @property
+    def exited(self) -> bool:
+        return self._exit is not None
+
+    @property
+    def complete(self) -> bool:
+        """Exit received and every chunk up to ``last_seq`` is in."""
+        return (self._exit is not None and self._next_seq is not None
+                and self._next_seq > self._exit["last_seq"])
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    @property
+    def missing(self) -> list[int]:
+        """Seqs known to be missing (below the highest buffered one or ``last_seq``)."""
+        with self._cond:
+            if self._next_seq is None:
+                return []
+            top = max([*self._pending, self._exit["last_seq"] if self._exit else -1])
+            return [s for s in range(self._next_seq, top + 1) if s not in self._pending]
+
+    @property
+    def result(self) -> ExecResult:
+        """The outcome; raises when the stream is not complete yet or failed."""
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            if not self.complete or self._exit is None:
+                raise ClientError(f"exec {self.exec_id} has not finished")
+            e = self._exit
+            return ExecResult(
+                exec_id=self.exec_id,
+                stdout=b"".join(self._stdout),
+                stderr=b"".join(self._stderr),
+                exit_code=e.get("exit_code"),
+                signal=e.get("signal"),
+                duration_s=float(e.get("duration_s") or 0.0),
+                timed_out=bool(e.get("timed_out")),
+                truncated=bool(e.get("truncated")),
+                oom_killed=bool(e.get("oom_killed")),
+                error=e.get("error"),
+                output_bytes=int(e.get("output_bytes") or self.received_bytes),
+                lost_chunks=self._lost,
+            )
+
+    # -- consumer side --------------------------------------------------------------------
+
+    def _stalled(self, now: float) -> bool:
+        if self.on_stall is None or self.complete or self._error is not None or self._closed:
+            return False
+        if self._exit_at is not None:  # only chunks are missing: ask again soon
+            since = max(self._exit_at, self.last_progress, self._last_stall_call)
+            return now - since >= GAP_GRACE_S
+        since = max(self.last_progress, self._last_stall_call)
+        return now - since >= self.stall_s
+
+    def _check_stall(self) -> None:
+        """Call ``on_stall`` (outside the lock) when nothing moved for too long."""
+        now = time.monotonic()
+        with self._cond:
+            stalled = self._stalled(now)
+            if stalled:
+                self._last_stall_call = now
+        if stalled and self.on_stall is not None:
+            try:
+                self.on_stall(self)
+            except ClientError as err:
+                self.fail(err)
+            except Exception:
+                log.exception("exec %s: resync failed", self.exec_id)
+
+    def next_chunk(self, timeout: float | None = None) -> OutputChunk | None:
+        """The next chunk in order; None when ``timeout`` passed first.
+
+        Raises StopIteration at the end and the stream's error when it failed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if self._ready:
+                    return self._ready.popleft()
+                if self._error is not None:
+                    raise self._error
+                if self.complete or self._closed:
+                    raise StopIteration
+                wait = 0.25 if self.on_stall else None
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    wait = left if wait is None else min(wait, left)
+                self._cond.wait(wait)
+            self._check_stall()
+
+    def __iter__(self) -> Iterator[OutputChunk]:
+        return self
+
+    def __next__(self) -> OutputChunk:
+        if not self.buffer_chunks:
+            raise TypeError("this stream keeps no chunks to iterate; use wait()")
+        chunk = self.next_chunk()
+        assert chunk is not None
+        return chunk
+
+    def wait(self, timeout: float | None = None) -> ExecResult:
+        """Block until the stream completes (or fails); the result."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if self._error is not None:
+                    raise self._error
+                if self.complete:
+                    break
+                if self._closed:
+                    raise ClientError(f"exec {self.exec_id}: stream closed")
+                wait = 0.25 if self.on_stall else None
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ClientError(f"exec {self.exec_id} did not finish in "
+                                          f"{timeout:g}s")
+                    wait = left if wait is None else min(wait, left)
+                self._cond.wait(wait)
+            self._check_stall()
+        return self.result
+
+    def close(self) -> None:
+        """Stop following (idempotent); the owner's ``on_close`` unregisters the stream."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def __enter__(self) -> ExecStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
