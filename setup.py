@@ -28,7 +28,7 @@ setup(
     zip_safe=False,
     install_requires=[
         "paho-mqtt>=2.1,<3",
-        "amqtt>=0.12.1",
+        "amqtt>=0.12.1,<0.13",
         "peewee>=3.17",
         "PyMySQL>=1.1",
         "psutil>=5.9",

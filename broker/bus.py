@@ -385,8 +385,14 @@ class Bus:
                 log.warning("broker refused a subscription: %s", rc)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if self.inbox and msg.topic.startswith(self.inbox + "/") and self._complete_reply(msg):
-            return
+        if self.inbox and msg.topic.startswith(self.inbox + "/"):
+            if msg.retain:
+                # A retained request would replay on every reconnect; some brokers
+                # (Mosquitto) cannot forbid storing them, so inboxes ignore them.
+                log.warning("ignored a retained message in inbox %s", msg.topic)
+                return
+            if self._complete_reply(msg):
+                return
         sub = self._match(msg.topic)
         if sub is None:
             return

@@ -65,6 +65,11 @@ class CoordinatorConfig:
     default_heartbeat_s: float = 5.0
     heartbeat_flush_s: float = 0.2  # batch window for heartbeat writes
     will_grace_s: float = 0.0  # extra wait after a worker's last will before "lost"
+    max_reservations_per_principal: int = 1  # live reservations one principal may hold
+    default_lease_s: float = 30.0  # lease when a reserve names none
+    max_lease_s: float = 3600.0  # longer requested leases are cut to this
+    client_grace_s: float = 10.0  # client.gone -> reservations end unless client.hello
+    open_timeout_s: float = 10.0  # wait for the worker's answer to reservation.open
 
 
 @dataclass
@@ -81,6 +86,21 @@ class WorkerConfig:
     shared_apps: list[str] = field(default_factory=list)
     shared_packages: list[str] = field(default_factory=list)
     shared_data: list[str] = field(default_factory=list)
+    # Remote commands (worker/exec_service.py, docs/exec.md). exec.start values are capped
+    # by these.
+    exec_timeout_s: float = 0.0  # default (and maximum) run time of a command; 0 = none
+    max_output_bytes: int = 256 * 1024 * 1024  # output of a command beyond this is dropped
+    log_ring_bytes: int = 1024 * 1024  # output kept per command for exec.logs
+    coord_pubkey: str = ""  # base64 Ed25519 key that signs grants; "" = from coord/pubkey
+    coordinator_principal: str = "coordinator"  # the only sender of reservation.open/close
+    # The docker executor (worker/executors/docker.py, docs/docker.md).
+    docker_image: str = "xcloud-base:bookworm"  # used when a reservation names none
+    docker_network: bool = False  # may sessions ask for a network ("host")? owner's call
+    docker_memory_bytes: int = 512 * 1024 * 1024  # per session container, no swap
+    docker_cpus: float = 1.0
+    docker_pids: int = 256
+    docker_allow_image_override: bool = True  # honour the reservation's image
+    docker_user: str = "1000:1000"  # "" = the worker's own uid:gid (1000:1000 if root)
 
 
 @dataclass
@@ -89,6 +109,9 @@ class ClientConfig:
 
     history_file: str = ""  # empty = $XCLOUD_HOME/shell_history
     color: str = "auto"  # auto | always | never
+    lease_s: float = 30.0  # reservation lease asked for; renewed every lease/3
+    stall_s: float = 10.0  # output silence after which the client asks the worker for news
+    coordinator_principal: str = "coordinator"  # the only sender of reservation.ended
 
 
 @dataclass

@@ -11,10 +11,9 @@ typed ``Any`` passes an object through untouched, so each plugin instance receiv
 broker's ``_Runtime`` (ACL, authenticator, cache) directly: no module-level registry.
 
 Where amqtt 0.12.1 falls short for a security boundary, ``_XcloudAmqttBroker`` overrides
-a few of its internal methods (each override says why; tests pin the behaviour):
-payload size limit, WebSocket frame limit, keep-alive expiry of dead clients,
-authentication before a CONNECT may touch an existing session, and ACL checks on
-retained messages replayed to resumed sessions.
+a few of its internal methods; its docstring lists each problem and fix, and
+tests/test_embedded_broker.py pins every one. They rely on amqtt 0.12.1 internals: re-run
+those tests when upgrading amqtt.
 """
 
 from __future__ import annotations
@@ -23,12 +22,14 @@ import asyncio
 import concurrent.futures
 import errno
 import hashlib
+import importlib.metadata
 import logging
 import math
 import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -66,6 +67,7 @@ PRINCIPAL_KEY = "xcloud.principal"
 """Key of the authenticated ``Principal`` in ``amqtt.session.Session.attributes``."""
 
 _PREAUTH_KEY = "xcloud.preauthenticated"
+_CLOSE_DRAIN_TIMEOUT_S = 5.0
 _MAX_MQTT_STRING = 65535
 _NOISY_LOGGERS = ("amqtt", "transitions", "websockets")
 
@@ -79,7 +81,8 @@ class BrokerSettings:
     the payload is read. ``session_expiry_s`` forgets disconnected persistent sessions
     (and the messages queued for them), bounding memory when client ids churn.
     ``keepalive_factor`` is how many keep-alive periods of silence disconnect a client
-    (MQTT says 1.5); its last will is then published.
+    (MQTT says 1.5); its last will is then published. ``connect_timeout_s`` is how long
+    a new socket may take to send its CONNECT.
     """
 
     host: str = "127.0.0.1"
@@ -92,6 +95,7 @@ class BrokerSettings:
     auth_cache_ttl_s: float = 5.0
     auth_workers: int = 4
     keepalive_factor: float = 1.5
+    connect_timeout_s: float = 10.0
     max_connections: int = 0  # 0 = unlimited
     quiet_amqtt_logs: bool = True
 
@@ -363,6 +367,33 @@ def _read_limit(max_payload: int) -> int:
     return max(max_payload, _MAX_MQTT_STRING + 2)
 
 
+class _ClosingStreamWriter(StreamWriterAdapter):
+    """StreamWriterAdapter whose ``close()`` always closes the socket.
+
+    amqtt's version drains first and, when the peer has already reset the connection,
+    the drain raises before ``close()`` is reached: the socket then stays open until the
+    garbage collector finds it (one leaked fd per client that vanished). A client that
+    stops reading could also block the drain forever.
+    """
+
+    is_closed: bool
+
+    async def close(self) -> None:
+        if self.is_closed:
+            return
+        self.is_closed = True
+        try:
+            await asyncio.wait_for(self._writer.drain(), _CLOSE_DRAIN_TIMEOUT_S)
+            if self._writer.can_write_eof():
+                self._writer.write_eof()
+        except (TimeoutError, OSError, RuntimeError):
+            pass
+        finally:
+            self._writer.close()
+        with suppress(TimeoutError, OSError, RuntimeError):
+            await asyncio.wait_for(self._writer.wait_closed(), _CLOSE_DRAIN_TIMEOUT_S)
+
+
 class _XcloudAmqttBroker(Broker):
     """amqtt's Broker with the fixes a multi-tenant security boundary needs.
 
@@ -383,6 +414,8 @@ class _XcloudAmqttBroker(Broker):
     * invalid PUBLISH topics (wildcards, ``$``): amqtt stops serving the connection
       but leaves it open and unread, so its queue grows forever and its will is never
       sent; here the connection is closed properly;
+    * sockets: a CONNECT must arrive within ``connect_timeout_s``, and every socket is
+      closed even when the peer vanished first (amqtt leaked those until GC);
     * retained messages are stored only on state topics (``Acl.can_retain``): a
       retained request in an inbox would be replayed at every subscribe;
     * topic checks call the ACL directly rather than through the plugin manager,
@@ -401,7 +434,7 @@ class _XcloudAmqttBroker(Broker):
     ) -> None:
         peer = str(writer.get_extra_info("peername"))
         guarded = _GuardedReader(StreamReaderAdapter(reader), self._xc_read_limit, peer)
-        await self._client_connected(listener_name, guarded, StreamWriterAdapter(writer))
+        await self._client_connected(listener_name, guarded, _ClosingStreamWriter(writer))
 
     async def ws_connected(self, websocket: ServerConnection, listener_name: str) -> None:
         peer = str(websocket.remote_address)
@@ -439,16 +472,21 @@ class _XcloudAmqttBroker(Broker):
         remote_port: int,
     ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, incoming = await BrokerProtocolHandler.init_from_connect(
-                reader, writer, self.plugins_manager
+            # amqtt waits for the CONNECT forever; a socket that never sends one would
+            # hold its file descriptor (and a listener slot) for good.
+            handler, incoming = await asyncio.wait_for(
+                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
+                self._xc_settings.connect_timeout_s,
             )
-        except AMQTTError as exc:
+        except TimeoutError as exc:
+            await writer.close()
+            raise AMQTTError(f"no CONNECT within {self._xc_settings.connect_timeout_s} s") from exc
+        except (AMQTTError, NoDataError) as exc:
+            await writer.close()  # amqtt leaves the socket open here
             raise AMQTTError(exc) from exc
         except MQTTError as exc:
             await writer.close()
             raise MQTTError(exc) from exc
-        except NoDataError as exc:
-            raise AMQTTError(exc) from exc
 
         client_id = incoming.client_id
         refusal: int | None = None
@@ -583,6 +621,24 @@ class _XcloudAmqttBroker(Broker):
 # -- the public broker ------------------------------------------------------------------
 
 
+_TESTED_AMQTT = "0.12."
+
+
+def _check_amqtt_version() -> None:
+    """Warn when amqtt is not the series whose internals _XcloudAmqttBroker overrides."""
+    try:
+        version = importlib.metadata.version("amqtt")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - vendored copy
+        return
+    if not version.startswith(_TESTED_AMQTT):
+        log.warning(
+            "amqtt %s is installed but the embedded broker's fixes were written for %sx; "
+            "run tests/test_embedded_broker.py before trusting it",
+            version,
+            _TESTED_AMQTT,
+        )
+
+
 def _quiet_noisy_loggers() -> None:
     """amqtt (and the libraries under it) log per connection at INFO; default to WARNING."""
     for name in _NOISY_LOGGERS:
@@ -699,6 +755,7 @@ class EmbeddedBroker:
         s = self.settings
         if s.quiet_amqtt_logs:
             _quiet_noisy_loggers()
+        _check_amqtt_version()
         check_port_free(s.host, s.port)
         if s.ws_port is not None:
             check_port_free(s.host, s.ws_port)

@@ -3,25 +3,52 @@
     with Grid.connect() as grid:
         for w in grid.workers(state=["online"]):
             print(w.name, w.cpus)
+        with grid.reserve(any={"min_cpus": 2}) as w:
+            print(w.run("uname -a").text)
+
+One ``Grid`` is one client *session*: its bus client id names the session in
+``client.hello`` (sent on every (re)connect) and in the connection's last will
+``client.gone``, so the coordinator ends the session's reservations when the process
+dies, and not while it merely reconnects.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.bus import Bus, RemoteError
+from broker.bus import Bus, BusError, Incoming, RemoteError, RequestTimeout, Will
 from broker.config import Config, load_config
 from client.errors import ClientError, NotConfigured
+from client.exec_stream import ExecStream, decode_data
+from client.reservation import Refused, ReservedWorker
 from schemas.messages import (
+    ClientGone,
+    ClientHello,
+    ExecExit,
+    ExecOutput,
     Ping,
     Pong,
+    Renew,
+    ReservationEnded,
+    ReservationsList,
+    ReservationsListReply,
+    Reserve,
+    ReserveReply,
     WorkersList,
     WorkersListReply,
     WorkersShow,
     WorkersShowReply,
 )
 from schemas.topics import Topics
+
+log = logging.getLogger(__name__)
+
+# The coordinator waits up to 10 s for the worker to open a reservation: wait longer.
+RESERVE_EXTRA_TIMEOUT_S = 12.0
 
 
 @dataclass(frozen=True)
@@ -67,7 +94,23 @@ class Grid:
         self.config = config
         self.topics = Topics(config.bus.root)
         self.principal = config.bus.principal
-        self.bus = bus or Bus(config.bus, inbox=self.topics.client_inbox(self.principal))
+        if bus is None:
+            session = f"{self.principal[:100]}-{uuid.uuid4().hex[:10]}"
+            will = Will(self.topics.inbox_for(self.topics.coord_inbox, self.principal),
+                        ClientGone(session=session), qos=1, retain=False)
+            bus = Bus(config.bus, client_id=session,
+                      inbox=self.topics.client_inbox(self.principal), will=will)
+        self.bus = bus
+        self.session = bus.client_id
+        self._lock = threading.Lock()
+        self._held: dict[str, ReservedWorker] = {}
+        self._streams: dict[str, tuple[ExecStream, ReservedWorker]] = {}
+        self.bus.on_connected(self._hello)
+        # Output and exit share one lane: per exec, arrival order is kept end to end.
+        self.bus.on_inbox(ExecOutput.TYPE, self._on_exec_output, lane="exec")
+        self.bus.on_inbox(ExecExit.TYPE, self._on_exec_exit, lane="exec")
+        self.bus.on_inbox(ReservationEnded.TYPE, self._on_reservation_ended,
+                          lane="reservations")
 
     @classmethod
     def connect(cls, config: Config | None = None) -> Grid:
@@ -76,7 +119,19 @@ class Grid:
         return grid
 
     def close(self) -> None:
-        self.bus.stop()
+        """Release what this session holds, say goodbye, and disconnect."""
+        for handle in self.held:
+            try:
+                handle.release()
+            except (ClientError, BusError) as err:
+                log.warning("could not release reservation %s: %s", handle.id, err)
+        gone = (self.topics.inbox_for(self.topics.coord_inbox, self.principal),
+                ClientGone(session=self.session), 1, False)
+        self.bus.stop(publish=[gone])
+
+    @property
+    def connected(self) -> bool:
+        return self.bus.connected.is_set()
 
     def __enter__(self) -> Grid:
         if not self.bus.connected.is_set():
@@ -111,3 +166,149 @@ class Grid:
         """One worker by id or name, with capabilities, latest metrics and recent events."""
         reply: WorkersShowReply = self._call(WorkersShow(worker=worker))
         return WorkerInfo.from_wire(reply.worker)
+
+    # -- reservations --------------------------------------------------------------------
+
+    def reserve(self, worker: str | int | None = None, *, any: dict[str, Any] | None = None,
+                lease_s: float | None = None, image: str | None = None,
+                limits: dict[str, Any] | None = None) -> ReservedWorker:
+        """Reserve a worker: by id or name, by index in the listing (an int), or ``any``
+        one matching requirements (``min_cpus``, ``min_memory_bytes``, ``tags``, ``os``,
+        ``arch``, ``executor``, ``image``); neither means any worker.
+
+        Raises :class:`~client.reservation.Refused` with the coordinator's message when
+        the worker is taken, lost, unknown, or you already hold a reservation.
+        """
+        target: str | None
+        if isinstance(worker, bool):
+            raise ClientError("worker must be an id, a name or an index")
+        if isinstance(worker, int):
+            target = self.resolve_index(worker)
+        else:
+            target = worker or None
+        lease = float(lease_s or self.config.client.lease_s)
+        body = Reserve(worker=target, any=any or None, lease_s=lease, session=self.session,
+                       image=image, limits=limits or None)
+        timeout = self.config.bus.request_timeout_s + RESERVE_EXTRA_TIMEOUT_S
+        try:
+            reply: ReserveReply = self.bus.request(self.topics.coord_inbox, body,
+                                                   timeout=timeout).body
+        except RemoteError as err:
+            raise Refused(str(err), err.code) from err
+        except RequestTimeout as err:
+            adopted = self._adopt_after_timeout(target)
+            if adopted is None:
+                raise ClientError(f"the coordinator did not answer the reservation: {err}"
+                                  ) from err
+            reply = adopted
+        handle = ReservedWorker(self, reply, lease)
+        with self._lock:
+            self._held[handle.id] = handle
+        handle._start_keeper()
+        log.info("reserved %s (reservation %s, lease %.0fs)", handle.worker, handle.id,
+                 handle.lease_s)
+        return handle
+
+    def _adopt_after_timeout(self, target: str | None) -> ReserveReply | None:
+        """A reserve that timed out may still have succeeded: find it and take its grant."""
+        try:
+            rows = self.reservations()
+        except (ClientError, BusError):
+            return None
+        for row in rows:
+            if row.get("session") == self.session and row.get("state") in (None, "active") \
+                    and (target is None or target in (row.get("worker"), row.get("worker_name"))):
+                try:
+                    reply: ReserveReply = self.bus.request(
+                        self.topics.coord_inbox, Renew(reservation=row["id"])).body
+                    return reply
+                except BusError:
+                    return None
+        return None
+
+    def resolve_index(self, index: int) -> str:
+        """The worker id at position ``index`` of the stable listing order."""
+        rows = self.workers()
+        for pos, row in enumerate(rows):
+            if (row.index if row.index >= 0 else pos) == index:
+                return row.id
+        raise ClientError(f"no worker #{index}: the listing has "
+                          f"{len(rows)} worker(s)" + (f" (0..{len(rows) - 1})" if rows else ""))
+
+    def reservations(self, *, all: bool = False, active: bool = True) -> list[dict[str, Any]]:
+        """Reservations of this principal (admins: everyone's with ``all``)."""
+        reply: ReservationsListReply = self._call(
+            ReservationsList(all=all or None, active=active))
+        return list(reply.reservations)
+
+    @property
+    def held(self) -> list[ReservedWorker]:
+        """The reservations this session holds and has not released."""
+        with self._lock:
+            return list(self._held.values())
+
+    # -- inbox routing (bus lanes) -------------------------------------------------------
+
+    def _hello(self) -> None:
+        try:
+            self.bus.send(self.topics.coord_inbox, ClientHello(session=self.session))
+        except (BusError, ValueError) as err:
+            log.warning("could not send client.hello: %s", err)
+
+    def _route(self, stream: ExecStream, handle: ReservedWorker) -> None:
+        with self._lock:
+            self._streams[stream.exec_id] = (stream, handle)
+
+    def _unroute(self, stream: ExecStream) -> None:
+        with self._lock:
+            entry = self._streams.get(stream.exec_id)
+            if entry is not None and entry[0] is stream:
+                del self._streams[stream.exec_id]
+
+    def _forget(self, handle: ReservedWorker) -> None:
+        with self._lock:
+            self._held.pop(handle.id, None)
+
+    def _stream_for(self, incoming: Incoming, exec_id: str) -> ExecStream | None:
+        with self._lock:
+            entry = self._streams.get(exec_id)
+        if entry is None:
+            # Another session of the same principal shares this inbox; not ours.
+            log.debug("output of unknown exec %s from %s ignored", exec_id, incoming.sender)
+            return None
+        stream, handle = entry
+        if incoming.sender != handle.worker:
+            log.warning("exec %s: output from %s, not from its worker %s: dropped", exec_id,
+                        incoming.sender, handle.worker)
+            return None
+        return stream
+
+    def _on_exec_output(self, incoming: Incoming) -> None:
+        body: ExecOutput = incoming.body
+        stream = self._stream_for(incoming, body.exec_id)
+        if stream is None:
+            return
+        try:
+            data = decode_data(body.data)
+        except ClientError as err:
+            log.warning("exec %s seq %d: %s", body.exec_id, body.seq, err)
+            return
+        stream.feed(body.seq, body.stream, data)
+
+    def _on_exec_exit(self, incoming: Incoming) -> None:
+        body: ExecExit = incoming.body
+        stream = self._stream_for(incoming, body.exec_id)
+        if stream is not None:
+            stream.feed_exit(body.to_dict())
+
+    def _on_reservation_ended(self, incoming: Incoming) -> None:
+        body: ReservationEnded = incoming.body
+        with self._lock:
+            handle = self._held.get(body.reservation)
+        if handle is None:
+            return
+        if incoming.sender != self.config.client.coordinator_principal:
+            log.warning("reservation.ended for %s from %s, not the coordinator: ignored",
+                        body.reservation, incoming.sender)
+            return
+        handle._mark_ended(body.reason)

@@ -102,6 +102,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_show)
 
+    p = sub.add_parser("shell", help="interactive shell: listWorkers, reserveWorker, output, ...",
+                       description="The xcloud shell. Interactive on a terminal; with -c or "
+                       "from a pipe it runs the commands and exits with the last remote "
+                       "command's status (1 on an error).")
+    _common(p)
+    _bus_identity(p)
+    p.add_argument("-c", dest="script", metavar="COMMANDS",
+                   help='commands separated by ";", e.g. "reserve any; output uname -a"')
+    p.set_defaults(func=cmd_shell)
+
+    p = sub.add_parser("run", help="reserve a worker, run one command on it, release it",
+                       description="Reserve a worker, run CMD there with live output, release "
+                       "it, and exit with the command's exit status (128+N when killed by "
+                       "signal N). One argument is a shell command line (`xcloud run -- "
+                       "'ls | wc -l'`); several are quoted as an argument vector.")
+    _common(p)
+    _bus_identity(p)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("-w", "--worker", help="worker id, name or listing index")
+    target.add_argument("--any", action="store_true", help="any worker (the default)")
+    p.add_argument("--tag", action="append", help="only workers with this tag (repeatable)")
+    p.add_argument("--min-cpus", type=int, help="only workers with at least this many cpus")
+    p.add_argument("--min-memory", help="only workers with at least this much memory (4G)")
+    p.add_argument("--timeout", type=float, help="kill the command after this many seconds")
+    p.add_argument("--lease", type=float, help="reservation lease in seconds (default 30)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...",
+                   help="the command to run")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("admin", help="administration on the coordinator's database")
     _common(p)
     p.add_argument("--db", help="database URL (default sqlite in $XCLOUD_HOME/data)")
@@ -268,6 +297,44 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
         info = grid.worker(args.worker)
     print(json.dumps(info.__dict__, indent=2) if args.json else worker_detail(info))
     return 0
+
+
+def cmd_shell(args: argparse.Namespace, config: Config) -> int:
+    from client.shell import run_shell
+
+    return run_shell(config, args.script)
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    import shlex
+
+    from client.shell import ShellError, parse_bytes, run_once
+
+    words = list(args.cmd)
+    if words and words[0] == "--":
+        words = words[1:]
+    if not words:
+        print("xcloud run: error: no command given (xcloud run [options] -- CMD...)",
+              file=sys.stderr)
+        return 2
+    command = words[0] if len(words) == 1 else shlex.join(words)
+    requirements: dict[str, Any] = {}
+    if args.tag:
+        requirements["tags"] = [t for tag in args.tag for t in tag.split(",") if t]
+    if args.min_cpus is not None:
+        requirements["min_cpus"] = args.min_cpus
+    if args.min_memory is not None:
+        try:
+            requirements["min_memory_bytes"] = parse_bytes(args.min_memory)
+        except ShellError as err:
+            print(f"xcloud run: error: --min-memory: {err}", file=sys.stderr)
+            return 2
+    if args.worker and requirements:
+        print("xcloud run: error: give either --worker or requirements (--tag, --min-cpus, "
+              "--min-memory)", file=sys.stderr)
+        return 2
+    return run_once(config, command, worker=args.worker, requirements=requirements,
+                    timeout=args.timeout, lease_s=args.lease)
 
 
 def cmd_principal_add(args: argparse.Namespace, config: Config) -> int:

@@ -221,6 +221,20 @@ class ExecStream:
         return self._exit is not None
 
     @property
+    def exited_for(self) -> float | None:
+        """Seconds since the exit arrived (None before)."""
+        return None if self._exit_at is None else time.monotonic() - self._exit_at
+
+    def give_up(self) -> None:
+        """Complete with whatever arrived: chunks still missing after the exit are lost."""
+        with self._cond:
+            if self._exit is not None and not self.complete:
+                if self._next_seq is None:
+                    self._next_seq = min([*self._pending, self._exit["last_seq"] + 1])
+                self.skip_to(self._exit["last_seq"] + 1)
+                self._cond.notify_all()
+
+    @property
     def complete(self) -> bool:
         """Exit received and every chunk up to ``last_seq`` is in."""
         return (self._exit is not None and self._next_seq is not None
@@ -292,24 +306,29 @@ class ExecStream:
     def next_chunk(self, timeout: float | None = None) -> OutputChunk | None:
         """The next chunk in order; None when ``timeout`` passed first.
 
-        Raises StopIteration at the end and the stream's error when it failed.
+        Raises StopIteration at the end and the stream's error when it failed; either
+        way the stream is closed (its owner stops routing output to it).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._cond:
                 if self._ready:
                     return self._ready.popleft()
-                if self._error is not None:
-                    raise self._error
-                if self.complete or self._closed:
-                    raise StopIteration
-                wait = 0.25 if self.on_stall else None
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return None
-                    wait = left if wait is None else min(wait, left)
-                self._cond.wait(wait)
+                error = self._error
+                finished = error is not None or self.complete or self._closed
+                if not finished:
+                    wait = 0.25 if self.on_stall else None
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            return None
+                        wait = left if wait is None else min(wait, left)
+                    self._cond.wait(wait)
+            if finished:
+                self.close()
+                if error is not None:
+                    raise error
+                raise StopIteration
             self._check_stall()
 
     def __iter__(self) -> Iterator[OutputChunk]:
@@ -323,26 +342,29 @@ class ExecStream:
         return chunk
 
     def wait(self, timeout: float | None = None) -> ExecResult:
-        """Block until the stream completes (or fails); the result."""
+        """Block until the stream completes (or fails); the result. Closes the stream."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._cond:
-                if self._error is not None:
-                    raise self._error
-                if self.complete:
-                    break
-                if self._closed:
-                    raise ClientError(f"exec {self.exec_id}: stream closed")
-                wait = 0.25 if self.on_stall else None
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise ClientError(f"exec {self.exec_id} did not finish in "
-                                          f"{timeout:g}s")
-                    wait = left if wait is None else min(wait, left)
-                self._cond.wait(wait)
+                error = self._error
+                complete = self.complete
+                if error is None and not complete:
+                    if self._closed:
+                        raise ClientError(f"exec {self.exec_id}: stream closed")
+                    wait = 0.25 if self.on_stall else None
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise ClientError(f"exec {self.exec_id} did not finish in "
+                                              f"{timeout:g}s")
+                        wait = left if wait is None else min(wait, left)
+                    self._cond.wait(wait)
+            if error is not None or complete:
+                self.close()
+                if error is not None:
+                    raise error
+                return self.result
             self._check_stall()
-        return self.result
 
     def close(self) -> None:
         """Stop following (idempotent); the owner's ``on_close`` unregisters the stream."""

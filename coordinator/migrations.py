@@ -27,6 +27,7 @@ from typing import Any
 from peewee import (
     BigAutoField,
     BigIntegerField,
+    BooleanField,
     CharField,
     Database,
     DoubleField,
@@ -167,10 +168,74 @@ def _v1_initial(db: Database) -> None:
     db.create_tables(_v1_models(db), safe=True)
 
 
+def _v2_models(db: Database) -> list[type[Model]]:
+    """Snapshot of the tables version 2 adds: reservations and the exec audit trail.
+
+    ``xc_reservation.active_worker`` is UNIQUE: it holds the worker id while the
+    reservation is live and NULL afterwards, so the database itself refuses a second
+    holder of a worker, whatever races between requests or coordinators.
+    """
+
+    def model(name: str, table: str, fields: dict[str, Any], **meta: Any) -> type[Model]:
+        attrs: dict[str, Any] = {**fields, "Meta": _meta(db, table, **meta), "__module__": __name__}
+        return type(name, (Model,), attrs)
+
+    reservation = model(
+        "V2Reservation",
+        "xc_reservation",
+        {
+            "id": CharField(64, primary_key=True),
+            "worker_id": CharField(128, index=True),
+            "client_id": CharField(128, index=True),
+            "session": CharField(128, default=""),
+            "state": CharField(16, index=True),
+            "created_at": DoubleField(),
+            "expires_at": DoubleField(),
+            "lease_s": DoubleField(),
+            "ended_at": DoubleField(null=True),
+            "ended_reason": TextField(default=""),
+            "image": CharField(256, null=True),
+            "executor": CharField(64, null=True),
+            "active_worker": CharField(128, null=True, unique=True),
+            "client_gone_at": DoubleField(null=True),
+        },
+    )
+    audit = model(
+        "V2ExecAudit",
+        "xc_exec_audit",
+        {
+            "id": BigAutoField(),
+            "reservation_id": CharField(64),
+            "worker_id": CharField(128, index=True),
+            "client_id": CharField(128, index=True),
+            "exec_id": CharField(64),
+            "command": _MediumText(),
+            "mode": CharField(16, null=True),
+            "started_at": DoubleField(),
+            "duration_s": DoubleField(null=True),
+            "exit_code": IntegerField(null=True),
+            "signal": IntegerField(null=True),
+            "timed_out": BooleanField(null=True),
+            "truncated": BooleanField(null=True),
+            "oom_killed": BooleanField(null=True),
+            "output_bytes": BigIntegerField(null=True),
+            "error": TextField(null=True),
+            "reported_at": DoubleField(),
+        },
+        indexes=((("reservation_id", "exec_id"), True),),
+    )
+    return [reservation, audit]
+
+
+def _v2_reservations(db: Database) -> None:
+    db.create_tables(_v2_models(db), safe=True)
+
+
 Migration = tuple[int, str, Callable[[Database], None]]
 
 MIGRATIONS: list[Migration] = [
     (1, "principals, workers, heartbeat samples, worker events", _v1_initial),
+    (2, "reservations, exec audit trail", _v2_reservations),
 ]
 
 LATEST_VERSION: int = MIGRATIONS[-1][0]

@@ -12,8 +12,8 @@ Conventions, for portability between SQLite and MySQL/MariaDB:
 
 The schema here is the *current* one; ``coordinator/migrations.py`` owns how a database
 gets there. Changing a model without adding a migration fails ``tests/test_store.py``.
-Later issues add tables (reservations, grants, exec audit, jobs, blobs) through new
-migrations and new models appended to ``MODELS``.
+Version 2 added reservations and the exec audit trail; later issues add tables (jobs,
+blobs) through new migrations and new models appended to ``MODELS``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 from peewee import (
     BigAutoField,
     BigIntegerField,
+    BooleanField,
     CharField,
     DoubleField,
     IntegerField,
@@ -33,12 +34,20 @@ STATE_MAX = 16
 ROLE_MAX = 16
 HASH_MAX = 255
 SHORT_MAX = 64  # os, arch
+RID_MAX = 64  # reservation ids, exec ids
+IMAGE_MAX = 256  # container image references
 
 
 class JsonTextField(TextField):
     """Text holding a JSON document; the store encodes and decodes it at its boundary."""
 
     field_type = "MEDIUMTEXT"  # SQLite: TEXT affinity; MySQL: up to 16 MiB
+
+
+class MediumTextField(TextField):
+    """Plain text that may exceed TEXT's 64 KiB on MySQL (a command of 64 Ki characters)."""
+
+    field_type = "MEDIUMTEXT"
 
 
 class BaseModel(Model):
@@ -140,4 +149,69 @@ class WorkerEvent(BaseModel):
         table_name = "xc_worker_event"
 
 
-MODELS: list[type[BaseModel]] = [SchemaVersion, Principal, Worker, WorkerSample, WorkerEvent]
+class Reservation(BaseModel):
+    """One client's hold on one worker (schema version 2).
+
+    ``active_worker`` equals ``worker_id`` while the reservation is not ended and is NULL
+    afterwards. Its UNIQUE index is what makes "one holder per worker" true across racing
+    requests and coordinator processes, on SQLite and MySQL alike (NULLs never collide).
+    """
+
+    id = CharField(RID_MAX, primary_key=True)
+    worker_id = CharField(ID_MAX, index=True)
+    client_id = CharField(ID_MAX, index=True)
+    session = CharField(ID_MAX, default="")  # the client's connection id (client.gone)
+    state = CharField(STATE_MAX, index=True)  # a ReservationState value
+    created_at = DoubleField()
+    expires_at = DoubleField()  # lease end; the grant's exp
+    lease_s = DoubleField()
+    ended_at = DoubleField(null=True)
+    ended_reason = TextField(default="")
+    image = CharField(IMAGE_MAX, null=True)
+    executor = CharField(SHORT_MAX, null=True)
+    active_worker = CharField(ID_MAX, null=True, unique=True)
+    client_gone_at = DoubleField(null=True)  # client.gone seen, no client.hello since
+
+    class Meta:
+        table_name = "xc_reservation"
+
+
+class ExecAudit(BaseModel):
+    """Audit trail of remote commands, one row per ``exec.report`` (schema version 2).
+
+    UNIQUE (reservation_id, exec_id): exec ids are unique per reservation, so a report
+    redelivered by QoS 1 is stored once. That index also serves lookups by reservation.
+    """
+
+    id = BigAutoField()
+    reservation_id = CharField(RID_MAX)
+    worker_id = CharField(ID_MAX, index=True)
+    client_id = CharField(ID_MAX, index=True)
+    exec_id = CharField(RID_MAX)
+    command = MediumTextField()
+    mode = CharField(STATE_MAX, null=True)
+    started_at = DoubleField()
+    duration_s = DoubleField(null=True)
+    exit_code = IntegerField(null=True)
+    signal = IntegerField(null=True)
+    timed_out = BooleanField(null=True)
+    truncated = BooleanField(null=True)
+    oom_killed = BooleanField(null=True)
+    output_bytes = BigIntegerField(null=True)
+    error = TextField(null=True)
+    reported_at = DoubleField()
+
+    class Meta:
+        table_name = "xc_exec_audit"
+        indexes = ((("reservation_id", "exec_id"), True),)
+
+
+MODELS: list[type[BaseModel]] = [
+    SchemaVersion,
+    Principal,
+    Worker,
+    WorkerSample,
+    WorkerEvent,
+    Reservation,
+    ExecAudit,
+]

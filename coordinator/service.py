@@ -1,7 +1,8 @@
 """The coordinator daemon: wires the bus, the store, the registry and request handlers.
 
 Everything is passed in (config, store, optionally a bus); nothing connects at import
-time. ``Coordinator.start`` returns once subscribed; ``stop`` publishes a clean
+time. The grant key is loaded (or created) from ``<data_dir>/grant_key.pem`` at
+construction. ``Coordinator.start`` returns once subscribed; ``stop`` publishes a clean
 ``coord.status down`` and flushes pending heartbeats.
 """
 
@@ -12,8 +13,10 @@ import time
 
 from broker.bus import Bus, Will
 from broker.config import Config
+from coordinator.keys import GrantKey, load_or_create_grant_key
 from coordinator.registry import WorkerRegistry
 from coordinator.requests import VERSION, RequestHandlers
+from coordinator.reservations import ReservationService
 from coordinator.store import Store
 from schemas.messages import CapsRefresh, CoordStatus, WorkerEvent
 from schemas.topics import Topics
@@ -24,7 +27,8 @@ log = logging.getLogger(__name__)
 class Coordinator:
     """One coordinator process's worth of services."""
 
-    def __init__(self, config: Config, store: Store, bus: Bus | None = None) -> None:
+    def __init__(self, config: Config, store: Store, bus: Bus | None = None,
+                 grant_key: GrantKey | None = None) -> None:
         self.config = config
         self.store = store
         self.topics = Topics(config.bus.root)
@@ -48,24 +52,32 @@ class Coordinator:
             request_caps=self._request_caps,
         )
         self.requests = RequestHandlers(self.bus, store, self.registry)
+        self.grant_key = grant_key or load_or_create_grant_key(config.data_dir)
+        self.reservations = ReservationService(self.bus, store, self.registry,
+                                               config.coordinator, self.grant_key,
+                                               topics=self.topics)
 
     def start(self, wait: bool = True) -> None:
         self.registry.start()
+        self.reservations.start()  # before the bus: it must see every worker state change
         self.bus.subscribe(self.topics.all_worker_caps, self.registry.on_caps, lane="registry")
         self.bus.subscribe(self.topics.all_worker_status, self.registry.on_status,
                            lane="registry")
         self.bus.subscribe(self.topics.all_worker_heartbeat, self.registry.on_heartbeat,
                            qos=0, lane="heartbeat")
         self.requests.register()
+        self.reservations.register()
         self.bus.on_connected(self._announce)
         self.bus.start(wait=wait)
         log.info("coordinator %s up on %s (root %s, db %s)", self.principal,
                  self.config.bus.url, self.topics.root, self.config.db_url.split("@")[-1])
 
     def stop(self) -> None:
+        self.reservations.stop()
         self.bus.stop(publish=[(self.topics.coord_status,
                                 CoordStatus(state="down", clean=True, version=VERSION,
                                             principal=self.principal), 1, True)])
+        self.reservations.join()
         self.registry.stop()
 
     def _announce(self) -> None:
@@ -73,6 +85,7 @@ class Coordinator:
                          CoordStatus(state="up", clean=True, version=VERSION,
                                      started_at=self.started_at, principal=self.principal),
                          retain=True)
+        self.reservations.announce()
 
     def _publish_event(self, event: WorkerEvent) -> None:
         self.bus.publish(self.topics.event("worker", event.wid), event, qos=0)

@@ -1,4 +1,5 @@
-"""The coordinator's memory: principals, workers, heartbeats and state transitions in a database.
+"""The coordinator's memory: principals, workers, heartbeats, state transitions,
+reservations and the exec audit trail, in a database.
 
 ``Store.open(url)`` accepts ``sqlite:///path.db`` (the embedded default; WAL) or
 ``mysql://user:pass@host:port/db`` (PyMySQL; the database is created if missing), migrates
@@ -49,13 +50,27 @@ from coordinator.errors import (
 from coordinator.models import (
     HASH_MAX,
     ID_MAX,
+    IMAGE_MAX,
     MODELS,
+    RID_MAX,
     ROLE_MAX,
     SHORT_MAX,
+    ExecAudit,
     Principal,
+    Reservation,
     Worker,
     WorkerEvent,
     WorkerSample,
+)
+from coordinator.reservation_state import (
+    LIVE_STATES as LIVE_RESERVATION_STATES,
+)
+from coordinator.reservation_state import (
+    ReservationLimitReached,
+    ReservationState,
+    WorkerAlreadyReserved,
+    WorkerNotReservable,
+    sources_of,
 )
 from coordinator.worker_state import LIVE_STATES, WorkerState, check_transition
 
@@ -187,6 +202,95 @@ class HeartbeatReport:
     accepted: int
     unknown: list[str]
     inactive: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationRecord:
+    """A reservation as stored (see ``coordinator.reservation_state``)."""
+
+    id: str
+    worker_id: str
+    client_id: str
+    session: str
+    state: ReservationState
+    created_at: float
+    expires_at: float
+    lease_s: float
+    ended_at: float | None
+    ended_reason: str
+    image: str | None
+    executor: str | None
+    client_gone_at: float | None
+
+    @property
+    def live(self) -> bool:
+        """True while it holds its worker (opening or active)."""
+        return self.state.is_live
+
+    def to_wire(self, worker_name: str | None = None) -> dict[str, Any]:
+        """The reservation object of reserve.reply, reservation.open and listings."""
+        wire: dict[str, Any] = {
+            "id": self.id,
+            "worker": self.worker_id,
+            "client": self.client_id,
+            "state": self.state.value,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "lease_s": self.lease_s,
+            "image": self.image,
+            "executor": self.executor,
+        }
+        if worker_name:
+            wire["worker_name"] = worker_name
+        if self.session:
+            wire["session"] = self.session
+        if self.ended_at is not None:
+            wire["ended_at"] = self.ended_at
+        if self.ended_reason:
+            wire["ended_reason"] = self.ended_reason
+        return wire
+
+
+@dataclass(frozen=True, slots=True)
+class ExecAuditRecord:
+    """One command run under a reservation, as its worker reported it."""
+
+    id: int
+    reservation_id: str
+    worker_id: str
+    client_id: str
+    exec_id: str
+    command: str
+    mode: str | None
+    started_at: float
+    duration_s: float | None
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool | None
+    truncated: bool | None
+    oom_killed: bool | None
+    output_bytes: int | None
+    error: str | None
+    reported_at: float
+
+    def to_wire(self) -> dict[str, Any]:
+        """A record of ``audit.list.reply``: the exec.report's field names, plus ids."""
+        wire: dict[str, Any] = {
+            "id": self.id,
+            "reservation": self.reservation_id,
+            "worker": self.worker_id,
+            "client": self.client_id,
+            "exec_id": self.exec_id,
+            "command": self.command,
+            "started_at": self.started_at,
+            "reported_at": self.reported_at,
+        }
+        for key in ("mode", "duration_s", "exit_code", "signal", "timed_out", "truncated",
+                    "oom_killed", "output_bytes", "error"):
+            value = getattr(self, key)
+            if value is not None:
+                wire[key] = value
+        return wire
 
 
 # --------------------------------------------------------------------------- URLs
@@ -516,6 +620,55 @@ def _principal_record(row: Principal) -> PrincipalRecord:
         revoked_at=row.revoked_at,
         note=row.note,
     )
+
+
+def _reservation_record(row: dict[str, Any]) -> ReservationRecord:
+    return ReservationRecord(
+        id=row["id"],
+        worker_id=row["worker_id"],
+        client_id=row["client_id"],
+        session=row["session"] or "",
+        state=ReservationState(row["state"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        lease_s=row["lease_s"],
+        ended_at=row["ended_at"],
+        ended_reason=row["ended_reason"] or "",
+        image=row["image"],
+        executor=row["executor"],
+        client_gone_at=row["client_gone_at"],
+    )
+
+
+def _bool(value: Any) -> bool | None:
+    return None if value is None else bool(value)
+
+
+def _audit_record(row: dict[str, Any]) -> ExecAuditRecord:
+    return ExecAuditRecord(
+        id=int(row["id"]),
+        reservation_id=row["reservation_id"],
+        worker_id=row["worker_id"],
+        client_id=row["client_id"],
+        exec_id=row["exec_id"],
+        command=row["command"],
+        mode=row["mode"],
+        started_at=row["started_at"],
+        duration_s=row["duration_s"],
+        exit_code=row["exit_code"],
+        signal=row["signal"],
+        timed_out=_bool(row["timed_out"]),
+        truncated=_bool(row["truncated"]),
+        oom_killed=_bool(row["oom_killed"]),
+        output_bytes=row["output_bytes"],
+        error=row["error"],
+        reported_at=row["reported_at"],
+    )
+
+
+_LIVE_RESERVATION_VALUES = [s.value for s in LIVE_RESERVATION_STATES]
+REASON_MAX = 1024  # ended_reason on the wire
+AUDIT_ERROR_MAX = 4096
 
 
 def _op(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
@@ -886,6 +1039,313 @@ class Store:
             )
             for row in query
         ]
+
+
+    # ---- names
+
+    @_op
+    def worker_names(self, wids: Iterable[str]) -> dict[str, str]:
+        """``{wid: name}`` of the known workers among ``wids`` (for listings)."""
+        names: dict[str, str] = {}
+        for chunk in _chunks(list(dict.fromkeys(wids)), IN_CHUNK):
+            query = Worker.select(Worker.id, Worker.name).where(Worker.id.in_(list(chunk)))
+            names.update(_tuples(query))
+        return names
+
+    # ---- reservations
+
+    @_op
+    def create_reservation(
+        self,
+        *,
+        rid: str,
+        worker_id: str,
+        client_id: str,
+        lease_s: float,
+        now: float,
+        session: str = "",
+        image: str | None = None,
+        executor: str | None = None,
+        max_per_client: int = 1,
+        worker_states: Iterable[WorkerState] = (WorkerState.ONLINE,),
+    ) -> ReservationRecord:
+        """Record a reservation in state OPENING, or refuse it; nothing changes on refusal.
+
+        In one transaction: the worker must exist (NotFound) and be in ``worker_states``
+        (WorkerNotReservable; its row is locked, so a concurrent state change lands
+        either before this check or after the insert, where the state listener sees the
+        reservation); the client must hold fewer than ``max_per_client`` live
+        reservations (ReservationLimitReached; 0 = no limit); the insert fills the unique
+        ``active_worker``, so of racing requests for one worker exactly one commits and
+        the others get WorkerAlreadyReserved.
+        """
+        _text(rid, "reservation id", RID_MAX)
+        _text(worker_id, "worker id", ID_MAX)
+        _text(client_id, "client id", ID_MAX)
+        if not isinstance(session, str) or len(session) > ID_MAX:
+            raise InvalidArgument(f"session must be a string of at most {ID_MAX} characters")
+        if image is not None:
+            _text(image, "image", IMAGE_MAX)
+        if executor is not None:
+            _text(executor, "executor", SHORT_MAX)
+        lease = _float(lease_s)
+        if lease is None or lease <= 0:
+            raise InvalidArgument(f"lease must be a positive number of seconds, got {lease_s!r}")
+        allowed = {WorkerState(s).value for s in worker_states}
+        row = {
+            "id": rid,
+            "worker_id": worker_id,
+            "client_id": client_id,
+            "session": session,
+            "state": ReservationState.OPENING.value,
+            "created_at": now,
+            "expires_at": now + lease,
+            "lease_s": lease,
+            "ended_at": None,
+            "ended_reason": "",
+            "image": image,
+            "executor": executor,
+            "active_worker": worker_id,
+            "client_gone_at": None,
+        }
+        try:
+            with self.db.atomic():
+                # MySQL: one reserve at a time per client, so the limit holds under races
+                # (SQLite's BEGIN IMMEDIATE already serialises every writer).
+                list(self._for_update(Principal.select(Principal.id).where(
+                    Principal.id == client_id)).tuples())
+                worker = self._locked_worker(worker_id)
+                if worker is None:
+                    raise NotFound(f"no worker with id or name {worker_id!r}")
+                if worker["state"] not in allowed:
+                    raise WorkerNotReservable(worker_id, worker["state"])
+                if max_per_client > 0:
+                    held = _tuples(
+                        Reservation.select(Reservation.id, Reservation.worker_id)
+                        .where((Reservation.client_id == client_id)
+                               & Reservation.state.in_(_LIVE_RESERVATION_VALUES))
+                        .order_by(Reservation.created_at)
+                    )
+                    if len(held) >= max_per_client:
+                        raise ReservationLimitReached(client_id, [(r, w) for r, w in held])
+                Reservation.insert(row).execute()
+        except IntegrityError:
+            if Reservation.get_or_none(Reservation.id == rid) is not None:
+                raise AlreadyExists(f"reservation id {rid!r} is taken") from None
+            raise WorkerAlreadyReserved(worker_id) from None
+        log.info("reservation %s: %s reserves worker %s (opening)", rid, client_id, worker_id)
+        row.pop("active_worker")
+        return _reservation_record(row)
+
+    def _reservation(self, rid: str) -> ReservationRecord | None:
+        rows = _dicts(Reservation.select().where(Reservation.id == rid))
+        return _reservation_record(rows[0]) if rows else None
+
+    @_op
+    def get_reservation(self, rid: str) -> ReservationRecord | None:
+        """The reservation with this id, live or ended; None if unknown."""
+        return self._reservation(rid)
+
+    @_op
+    def activate_reservation(self, rid: str, now: float) -> ReservationRecord | None:
+        """OPENING -> ACTIVE with the lease starting ``now``; None if it was not opening."""
+        with self.db.atomic():
+            changed = (
+                Reservation.update(state=ReservationState.ACTIVE.value,
+                                   expires_at=Reservation.lease_s + now)
+                .where((Reservation.id == rid)
+                       & Reservation.state.in_(_values(sources_of(ReservationState.ACTIVE))))
+                .execute()
+            )
+            return self._reservation(rid) if changed else None
+
+    @_op
+    def renew_reservation(self, rid: str, now: float) -> ReservationRecord | None:
+        """Extend an ACTIVE lease to ``now + lease_s``; None if it is not active.
+
+        A renewal proves the holder is alive, so it also clears a pending client.gone.
+        """
+        with self.db.atomic():
+            changed = (
+                Reservation.update(expires_at=Reservation.lease_s + now, client_gone_at=None)
+                .where((Reservation.id == rid)
+                       & (Reservation.state == ReservationState.ACTIVE.value))
+                .execute()
+            )
+            return self._reservation(rid) if changed else None
+
+    @_op
+    def end_reservation(
+        self, rid: str, reason: str, now: float, *, expired_by: float | None = None
+    ) -> tuple[ReservationState, ReservationRecord] | None:
+        """End a live reservation and free its worker: ``(previous state, ended record)``.
+
+        None when it was not live (or, with ``expired_by``, when its lease had not run out
+        by then: a renewal that won the race keeps it). The row is locked and the update
+        conditional, so when several causes race (lease, worker lost, release) exactly one
+        call gets the record back, and only that caller notifies anyone.
+        """
+        live = _values(sources_of(ReservationState.ENDED))
+        with self.db.atomic():
+            query = Reservation.select(Reservation.state, Reservation.expires_at).where(
+                Reservation.id == rid)
+            rows = _tuples(self._for_update(query))
+            if not rows or rows[0][0] not in live:
+                return None
+            if expired_by is not None and rows[0][1] > expired_by:
+                return None
+            Reservation.update(
+                state=ReservationState.ENDED.value, ended_at=now,
+                ended_reason=(reason or "ended")[:REASON_MAX], active_worker=None,
+                client_gone_at=None,
+            ).where((Reservation.id == rid) & Reservation.state.in_(live)).execute()
+            record = self._reservation(rid)
+        assert record is not None
+        log.info("reservation %s on %s ended: %s", rid, record.worker_id, reason)
+        return ReservationState(rows[0][0]), record
+
+    @_op
+    def list_reservations(
+        self,
+        *,
+        client_id: str | None = None,
+        worker_id: str | None = None,
+        session: str | None = None,
+        states: Iterable[ReservationState] | None = None,
+        client_gone: bool | None = None,
+        limit: int | None = None,
+    ) -> list[ReservationRecord]:
+        """Reservations matching every given filter, newest first."""
+        query = Reservation.select().order_by(Reservation.created_at.desc(),
+                                              Reservation.id.desc())
+        if client_id is not None:
+            query = query.where(Reservation.client_id == client_id)
+        if worker_id is not None:
+            query = query.where(Reservation.worker_id == worker_id)
+        if session is not None:
+            query = query.where(Reservation.session == session)
+        if states is not None:
+            query = query.where(Reservation.state.in_(_values(states)))
+        if client_gone is not None:
+            gone = Reservation.client_gone_at.is_null(False)
+            query = query.where(gone if client_gone else ~gone)
+        if limit is not None:
+            query = query.limit(max(0, limit))
+        return [_reservation_record(row) for row in _dicts(query)]
+
+    @_op
+    def reservation_of_worker(self, wid: str) -> ReservationRecord | None:
+        """The live reservation holding ``wid``, if any."""
+        rows = _dicts(Reservation.select().where(Reservation.active_worker == wid))
+        return _reservation_record(rows[0]) if rows else None
+
+    @_op
+    def reserved_worker_ids(self) -> set[str]:
+        """Ids of the workers held by a live reservation."""
+        query = Reservation.select(Reservation.active_worker).where(
+            Reservation.active_worker.is_null(False))
+        return {wid for (wid,) in _tuples(query)}
+
+    @_op
+    def mark_client_gone(
+        self, client_id: str, session: str, at: float | None
+    ) -> list[ReservationRecord]:
+        """Note (``at``) or clear (None) a client.gone on the live reservations of a session.
+
+        Persisted so that a restarted coordinator rebuilds the grace timers. Returns the
+        live reservations of that client session.
+        """
+        live = (Reservation.client_id == client_id) & (Reservation.session == session) & (
+            Reservation.state.in_(_LIVE_RESERVATION_VALUES))
+        with self.db.atomic():
+            Reservation.update(client_gone_at=at).where(live).execute()
+            rows = _dicts(Reservation.select().where(live).order_by(Reservation.created_at))
+        return [_reservation_record(row) for row in rows]
+
+    # ---- exec audit
+
+    @_op
+    def record_exec_audit(
+        self,
+        *,
+        reservation_id: str,
+        worker_id: str,
+        client_id: str,
+        exec_id: str,
+        command: str,
+        started_at: float,
+        reported_at: float,
+        mode: str | None = None,
+        duration_s: float | None = None,
+        exit_code: int | None = None,
+        signal: int | None = None,
+        timed_out: bool | None = None,
+        truncated: bool | None = None,
+        oom_killed: bool | None = None,
+        output_bytes: int | None = None,
+        error: str | None = None,
+    ) -> tuple[ExecAuditRecord, bool]:
+        """Store one command's audit record; ``(record, created)``.
+
+        Idempotent on (reservation, exec id): a redelivered report returns the stored
+        record with ``created`` False.
+        """
+        _text(reservation_id, "reservation id", RID_MAX)
+        _text(worker_id, "worker id", ID_MAX)
+        _text(client_id, "client id", ID_MAX)
+        _text(exec_id, "exec id", RID_MAX)
+        if not isinstance(command, str):
+            raise InvalidArgument("command must be a string")
+        row: dict[str, Any] = {
+            "reservation_id": reservation_id,
+            "worker_id": worker_id,
+            "client_id": client_id,
+            "exec_id": exec_id,
+            "command": command,
+            "mode": mode[:16] if isinstance(mode, str) else None,
+            "started_at": _float(started_at) or 0.0,
+            "duration_s": _float(duration_s),
+            "exit_code": _int(exit_code, INT32),
+            "signal": _int(signal, INT32),
+            "timed_out": timed_out if isinstance(timed_out, bool) else None,
+            "truncated": truncated if isinstance(truncated, bool) else None,
+            "oom_killed": oom_killed if isinstance(oom_killed, bool) else None,
+            "output_bytes": _int(output_bytes),
+            "error": error[:AUDIT_ERROR_MAX] if isinstance(error, str) else None,
+            "reported_at": reported_at,
+        }
+        where = (ExecAudit.reservation_id == reservation_id) & (ExecAudit.exec_id == exec_id)
+        created = True
+        try:
+            with self.db.atomic():
+                ExecAudit.insert(row).execute()
+        except IntegrityError:
+            created = False
+        rows = _dicts(ExecAudit.select().where(where))
+        return _audit_record(rows[0]), created
+
+    @_op
+    def list_exec_audit(
+        self,
+        *,
+        client_id: str | None = None,
+        worker_id: str | None = None,
+        reservation_id: str | None = None,
+        limit: int = 100,
+    ) -> list[ExecAuditRecord]:
+        """Audit records matching every given filter, newest first."""
+        query = ExecAudit.select().order_by(ExecAudit.id.desc()).limit(max(0, limit))
+        if client_id is not None:
+            query = query.where(ExecAudit.client_id == client_id)
+        if worker_id is not None:
+            query = query.where(ExecAudit.worker_id == worker_id)
+        if reservation_id is not None:
+            query = query.where(ExecAudit.reservation_id == reservation_id)
+        return [_audit_record(row) for row in _dicts(query)]
+
+
+def _values(states: Iterable[ReservationState]) -> list[str]:
+    return sorted(ReservationState(s).value for s in states)
 
 
 def _now(now: float | None) -> float:

@@ -11,5 +11,6 @@ top-level conftest).
 
 pytest_plugins = [
     "tests.fixtures.services",
+    "tests.fixtures.grid",
     # Append further fixture modules here, e.g. "tests.fixtures.grid".
 ]

@@ -570,6 +570,13 @@ def test_oversized_payload_drops_the_connection(make_broker: Callable[..., Embed
         cs.close()
 
 
+def test_socket_without_connect_is_closed(make_broker: Callable[..., EmbeddedBroker]) -> None:
+    # amqtt 0.12.1 waits for the first packet forever, holding the descriptor.
+    b = make_broker(connect_timeout_s=0.5)
+    with socket.create_connection(("127.0.0.1", b.port), timeout=T) as sock:
+        assert 0.3 < wait_closed(sock, T) < T
+
+
 def test_publish_to_invalid_topic_closes_the_connection_and_sends_the_will(
     broker: EmbeddedBroker, clients: Clients
 ) -> None:

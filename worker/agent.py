@@ -31,6 +31,9 @@ from schemas.messages import CapsRefresh, Ok, Ping, Pong, WorkerCaps, WorkerStat
 from schemas.topics import Topics
 from worker.caps import collect_caps
 from worker.errors import WorkerError
+from worker.exec_service import ExecService
+from worker.executors import make_executor
+from worker.executors.base import Executor
 from worker.identity import load_identity
 from worker.metrics import MetricsSampler
 
@@ -79,11 +82,16 @@ class WorkerAgent:
         executors: Sequence[str] | None = None,
         running: RunningProvider | None = None,
         state_dir: Path | str | None = None,
+        remote_exec: bool = True,
     ) -> None:
         self.config = config
         self.topics = Topics(config.bus.root)
         self.state_dir = Path(state_dir) if state_dir is not None else config.worker_state_dir
-        self.executors = list(executors if executors is not None else DEFAULT_EXECUTORS)
+        self.executors = list(executors if executors is not None
+                              else [config.worker.executor or DEFAULT_EXECUTORS[0]])
+        self.remote_exec = remote_exec
+        self.exec_service: ExecService | None = None
+        self.executor: Executor | None = None
         self.heartbeat_s = float(config.worker.heartbeat_s)
         if self.heartbeat_s <= 0:
             raise WorkerError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
@@ -168,6 +176,8 @@ class WorkerAgent:
         self._bus = bus
         bus.on_inbox(CapsRefresh.TYPE, self._on_caps_refresh)
         bus.on_inbox(Ping.TYPE, self._on_ping)
+        if self.remote_exec:
+            self._start_exec(bus, wid)
         bus.on_connected(self._on_connected)
         self._started = True
         self._heartbeat_thread = threading.Thread(
@@ -196,10 +206,24 @@ class WorkerAgent:
             threading.current_thread()
         ):
             self._heartbeat_thread.join(5)
+        if self.exec_service is not None:
+            self.exec_service.close()  # last exits and reports still go out
         bye = WorkerStatus(wid=self.wid, state="offline", clean=True, reason=reason)
         self.bus.stop(publish=[(self.topics.worker_status(self.wid), bye, 1, True)])
+        if self.executor is not None:
+            self.executor.close()
         self.stopped.set()
         log.info("worker %s stopped (%s)", self.wid, reason)
+
+    def _start_exec(self, bus: Bus, wid: str) -> None:
+        """Reservations and remote commands on the first configured executor."""
+        name = self.executors[0]
+        self.executor = make_executor(name, self.config.worker, self.state_dir, wid)
+        self.exec_service = ExecService(bus, self.topics, wid, self.config.worker,
+                                        self.executor, self.state_dir)
+        self.exec_service.register()
+        if self._running == self._nothing_running:
+            self._running = self.exec_service.running
 
     def drain(self, draining: bool = True) -> None:
         """Draining: finish current work, accept nothing new; False returns to online."""

@@ -1,0 +1,343 @@
+"""Liveness at scale: how long until the coordinator notices a silent worker among many.
+
+Method:
+
+- a real ``Coordinator`` in its own process (liveness factor 2), SQLite by default;
+- N simulated workers (5,000; 1,000 in --quick) heartbeating every I = 2 s, their
+  heartbeats spread evenly over the interval (N / I heartbeats/s in total) by 2
+  publisher processes. As in bench.heartbeat_ingest, the simulation is ONE principal
+  with role coordinator (``sim``), publishing each worker's ``worker.caps`` (QoS 1)
+  and then its heartbeats (QoS 0, fresh ``seq``/``id``/``ts`` each time);
+- once all are tracked and two more intervals have passed, K victims (10; 5 in
+  --quick), chosen at random, are silenced one after another, staggered over one
+  interval (so they stop at random points of their own interval): their
+  heartbeats just stop, there is no last will and no ``offline`` status (a frozen or
+  partitioned worker, not a clean exit);
+- an admin principal subscribes to ``{root}/event/worker/+`` and timestamps each
+  ``lost`` event. Reported per victim: time from its last heartbeat sent to the event,
+  and from the moment it was silenced, both in units of I. With factor 2 the deadline
+  is last heartbeat + 2 I, so the ideal is 2.0 I after the last heartbeat and 1–2 I
+  after the silencing (depending on where in its interval the worker stopped);
+- also counted: ``lost`` events for healthy workers (false alarms), the publishers'
+  worst lateness against their schedule, and the coordinator's CPU in steady state.
+
+    python -m bench.liveness_scale [--quick] [--broker mosquitto|amqtt] [--db sqlite|mariadb]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    SPAWN,
+    CoordinatorProcess,
+    CpuMeter,
+    Identity,
+    caps_payload,
+    database,
+    die_with_parent,
+    fmt,
+    heartbeat_payload,
+    identities,
+    machine,
+    machine_line,
+    md_table,
+    paho_close,
+    paho_connect,
+    quiet_logging,
+    scratch_dir,
+    start_broker,
+    unique_root,
+)
+
+FACTOR = 2.0
+FULL = {"workers": 5000, "interval": 2.0, "victims": 10, "publishers": 2,
+        "configs": "mosquitto:sqlite,amqtt:sqlite"}
+QUICK = {"workers": 1000, "interval": 2.0, "victims": 5, "publishers": 2,
+         "configs": "mosquitto:sqlite"}
+TARGET_INTERVALS = 2.0
+
+
+def wid_of(i: int) -> str:
+    return f"live{i:05d}"
+
+
+# ----------------------------------------------------------------------------- heartbeater
+
+
+def _heartbeater(conn: Any, url: str, ident: Identity, root: str, wids: list[str],
+                 interval: float, index: int, max_s: float) -> None:
+    """Publish caps for ``wids``, then heartbeat each every ``interval`` on a fixed phase.
+
+    Pipe commands: ``("silence", wid)`` → replies ``("silenced", wid, last_sent)``;
+    ``("stop",)`` → replies with stats and exits.
+    """
+    die_with_parent()
+    quiet_logging()
+    from schemas.topics import Topics
+
+    topics = Topics(root)
+    client = paho_connect(url, ident, client_id=f"sim-live-{index}")
+    conn.send("ready")
+    conn.recv()  # go
+    for w in wids:
+        client.publish(topics.worker_caps(w), caps_payload(w, interval), 1)
+    start = time.monotonic()
+    n = len(wids)
+    schedule = collections.deque((start + interval * k / n, w) for k, w in enumerate(wids))
+    seq = dict.fromkeys(wids, 0)
+    last_sent: dict[str, float] = {}
+    silenced: set[str] = set()
+    sent = 0
+    worst_late = 0.0
+    deadline = start + max_s
+    stopping = False
+    while not stopping and time.monotonic() < deadline:
+        while conn.poll(0):
+            cmd = conn.recv()
+            if cmd[0] == "silence":
+                silenced.add(cmd[1])
+                conn.send(("silenced", cmd[1], last_sent.get(cmd[1]), time.monotonic()))
+            elif cmd[0] == "stop":
+                stopping = True
+        now = time.monotonic()
+        while schedule and schedule[0][0] <= now:
+            due, w = schedule.popleft()
+            if w in silenced:
+                continue
+            seq[w] += 1
+            client.publish(topics.worker_heartbeat(w),
+                           heartbeat_payload(w, seq[w], interval, validate=False), 0)
+            sent += 1
+            stamp = time.monotonic()
+            last_sent[w] = stamp
+            worst_late = max(worst_late, stamp - due)
+            schedule.append((due + interval, w))
+        wait = (schedule[0][0] - time.monotonic()) if schedule else 0.05
+        time.sleep(min(0.005, max(0.0, wait)))
+    conn.send(("stats", {"sent": sent, "worst_late_s": worst_late}))
+    paho_close(client)
+
+
+class _Heartbeater:
+    def __init__(self, url: str, ident: Identity, root: str, wids: list[str],
+                 interval: float, index: int, max_s: float) -> None:
+        self.wids = set(wids)
+        self.conn, child = SPAWN.Pipe()
+        self.proc = SPAWN.Process(target=_heartbeater, daemon=True,
+                                  args=(child, url, ident, root, wids, interval, index, max_s))
+        self.proc.start()
+        child.close()
+
+    def recv(self, timeout: float) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError("heartbeater did not answer")
+        return self.conn.recv()
+
+    def stop(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        with contextlib.suppress(OSError, BrokenPipeError, TimeoutError):
+            self.conn.send(("stop",))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                msg = self.recv(max(0.1, deadline - time.monotonic()))
+                if msg[0] == "stats":
+                    stats = msg[1]
+                    break
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        self.conn.close()
+        return stats
+
+
+# ----------------------------------------------------------------------------- one config
+
+
+def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, victims: int,
+               publishers: int, workdir: Path) -> dict[str, Any]:
+    root = unique_root("live")
+    ids = identities(("coordinator", "coordinator"), ("sim", "coordinator"),
+                     ("watcher", "admin"))
+    wids = [wid_of(i) for i in range(workers)]
+    lost: dict[str, float] = {}
+    lost_lock = threading.Lock()
+
+    def on_event(c: Any, userdata: Any, msg: Any) -> None:
+        with contextlib.suppress(ValueError):
+            body = json.loads(msg.payload)
+            if body.get("new_state") == "lost":
+                with lost_lock:
+                    lost.setdefault(body.get("wid", "?"), time.monotonic())
+
+    out: dict[str, Any] = {"broker": broker_kind, "db": db_kind, "workers": workers,
+                           "interval_s": interval, "factor": FACTOR}
+    with database(db_kind, workdir) as db_url:
+        broker = start_broker(broker_kind, ids, root, workdir)
+        coord = watcher = None
+        beaters: list[_Heartbeater] = []
+        try:
+            coord = CoordinatorProcess(broker.url, root, ids["coordinator"], db_url,
+                                       workdir / f"home-{root}", liveness_factor=FACTOR,
+                                       default_heartbeat_s=interval).start()
+            watcher = paho_connect(broker.url, ids["watcher"], on_message=on_event,
+                                   subscribe=[(f"{root}/event/worker/+", 0)])
+            max_s = 300.0
+            for p in range(publishers):
+                beaters.append(_Heartbeater(broker.url, ids["sim"], root,
+                                            wids[p::publishers], interval, p, max_s))
+            for b in beaters:
+                b.recv(120)
+            t_go = time.monotonic()
+            for b in beaters:
+                b.conn.send("go")
+            deadline = t_go + 240
+            while coord.call("stats")["tracked"] < workers:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("not all simulated workers joined")
+                time.sleep(0.1)
+            out["join_s"] = time.monotonic() - t_go
+            # steady state: two more intervals, measuring the coordinator's load
+            meter = CpuMeter(coord.pid).start()
+            before = coord.call("stats")["ingested"]
+            time.sleep(FACTOR * interval)
+            steady = meter.stop()
+            after = coord.call("stats")
+            out["steady_cpu_pct"] = steady["cpu_pct"]
+            out["steady_ingest_per_s"] = (after["ingested"] - before) / steady["wall_s"]
+            out["steady_backlog"] = after["backlog"]
+            with lost_lock:
+                out["false_lost_before"] = len(lost)
+                lost_before = set(lost)
+            # silence victims (random, so at random phases of their interval), staggered
+            # over one interval
+            picks = random.Random(workers * 7919 + victims).sample(wids, victims)
+            silenced: dict[str, tuple[float, float]] = {}
+            for k, wid in enumerate(picks):
+                target = next(b for b in beaters if wid in b.wids)
+                target.conn.send(("silence", wid))
+                msg = target.recv(10)
+                silenced[wid] = (msg[2], msg[3])  # last heartbeat sent, silenced at
+                if k + 1 < victims:
+                    time.sleep(interval / victims)
+            wait_until = time.monotonic() + (FACTOR + 2) * interval + 5
+            while time.monotonic() < wait_until:
+                with lost_lock:
+                    if all(w in lost for w in picks):
+                        break
+                time.sleep(0.01)
+            with lost_lock:
+                lost_now = dict(lost)
+            rows = []
+            for wid in picks:
+                last, at = silenced[wid]
+                t = lost_now.get(wid)
+                rows.append({
+                    "wid": wid,
+                    "from_last_beat_I": (t - last) / interval if t and last else None,
+                    "from_silenced_I": (t - at) / interval if t else None,
+                })
+            out["victims"] = rows
+            out["missed"] = sum(1 for r in rows if r["from_last_beat_I"] is None)
+            out["false_lost_after"] = len(set(lost_now) - set(picks) - lost_before)
+        finally:
+            stats = [b.stop() for b in beaters]
+            out["publisher_worst_late_s"] = max((s.get("worst_late_s", 0.0) for s in stats),
+                                                default=None)
+            out["heartbeats_sent"] = sum(s.get("sent", 0) for s in stats)
+            if watcher is not None:
+                paho_close(watcher)
+            if coord is not None:
+                coord.stop()
+            broker.stop()
+    vals = [r["from_last_beat_I"] for r in out["victims"] if r["from_last_beat_I"] is not None]
+    sil = [r["from_silenced_I"] for r in out["victims"] if r["from_silenced_I"] is not None]
+    out["max_from_last_beat_I"] = max(vals) if vals else None
+    out["min_from_last_beat_I"] = min(vals) if vals else None
+    out["max_from_silenced_I"] = max(sil) if sil else None
+    out["min_from_silenced_I"] = min(sil) if sil else None
+    return out
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(quick: bool = False, configs: str | None = None, workers: int | None = None,
+        victims: int | None = None) -> dict[str, Any]:
+    plan = dict(QUICK if quick else FULL)
+    if configs:
+        plan["configs"] = configs
+    if workers:
+        plan["workers"] = workers
+    if victims:
+        plan["victims"] = victims
+    started = time.monotonic()
+    results = []
+    with scratch_dir() as workdir:
+        for item in plan["configs"].split(","):
+            broker_kind, _, db_kind = item.strip().partition(":")
+            print(f"liveness_scale: {broker_kind} + {db_kind or 'sqlite'} ...",
+                  file=sys.stderr, flush=True)
+            results.append(run_config(broker_kind, db_kind or "sqlite", plan["workers"],
+                                      plan["interval"], plan["victims"], plan["publishers"],
+                                      workdir))
+    return {"benchmark": "liveness_scale", "quick": quick, "plan": plan,
+            "target_intervals": TARGET_INTERVALS, "results": results, "machine": machine(),
+            "elapsed_s": round(time.monotonic() - started, 1)}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = []
+    for r in result["results"]:
+        rows.append([
+            f"{r['broker']} + {r['db']}", f"{r['workers']:,}", f"{r['interval_s']:g} s",
+            f"{len(r['victims']) - r['missed']}/{len(r['victims'])}",
+            f"{fmt(r['min_from_last_beat_I'], 2)}–{fmt(r['max_from_last_beat_I'], 2)}",
+            f"{fmt(r['min_from_silenced_I'], 2)}–{fmt(r['max_from_silenced_I'], 2)}",
+            str(r["false_lost_before"] + r["false_lost_after"]),
+            fmt(r["steady_ingest_per_s"]), fmt(r["steady_cpu_pct"]),
+            fmt(r["publisher_worst_late_s"] * 1000 if r["publisher_worst_late_s"] is not None
+                else None), fmt(r["join_s"], 1),
+        ])
+    table = md_table(["broker + db", "workers", "interval I", "lost detected",
+                      "last heartbeat → lost (I), min–max", "silenced → lost (I), min–max",
+                      "false alarms", "heartbeats/s ingested", "coordinator CPU %",
+                      "publisher worst lateness (ms)", "join (s)"], rows)
+    return "\n".join([
+        f"### liveness_scale ({'quick' if result['quick'] else 'full'})",
+        "",
+        f"Measured {machine_line(result['machine'])}.",
+        "",
+        table,
+        "",
+        f"Liveness factor {FACTOR:g}: the deadline is the last heartbeat + {FACTOR:g} I. "
+        f"Target: lost within {result['target_intervals']:g} intervals.",
+    ])
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--configs",
+                        help="comma-separated broker:db pairs, e.g. mosquitto:sqlite,amqtt:mariadb")
+    parser.add_argument("--workers", type=int, help="simulated workers")
+    parser.add_argument("--victims", type=int, help="workers to silence")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.common import cli
+
+    return cli("liveness_scale", "Time to detect a silent worker among many.", run, markdown,
+               add_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The reservation state machine, and the errors the reservation rules raise.
+
+Kept as an explicit table (like ``worker_state.py``) so docs/state-machines.md, the
+tests and the store's conditional updates all read the same thing: the store moves a
+reservation only ``WHERE state IN sources_of(target)``, so two racing enders (lease
+timer, worker lost, release) cannot both win.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from coordinator.errors import AlreadyExists, CoordinatorError
+
+
+class ReservationState(StrEnum):
+    """Where a reservation stands."""
+
+    OPENING = "opening"  # recorded; waiting for the worker to confirm reservation.open
+    ACTIVE = "active"  # confirmed by the worker; the holder has a grant
+    ENDED = "ended"  # over, with a reason; the worker was told to close it
+
+    @property
+    def is_live(self) -> bool:
+        """True while the reservation holds its worker (not ended)."""
+        return self is not ReservationState.ENDED
+
+
+LIVE_STATES: frozenset[ReservationState] = frozenset(
+    {ReservationState.OPENING, ReservationState.ACTIVE}
+)
+
+TRANSITIONS: dict[ReservationState, frozenset[ReservationState]] = {
+    ReservationState.OPENING: frozenset({ReservationState.ACTIVE, ReservationState.ENDED}),
+    ReservationState.ACTIVE: frozenset({ReservationState.ENDED}),
+    ReservationState.ENDED: frozenset(),  # final: a new reservation gets a new id
+}
+
+
+def is_allowed(old: ReservationState, new: ReservationState) -> bool:
+    """True if ``old -> new`` is a transition of the table (self-loops are not)."""
+    return new in TRANSITIONS[old]
+
+
+def sources_of(target: ReservationState) -> frozenset[ReservationState]:
+    """The states from which ``target`` may be reached."""
+    return frozenset(old for old, targets in TRANSITIONS.items() if target in targets)
+
+
+class InvalidReservationTransition(CoordinatorError):
+    """A reservation state change the table does not allow."""
+
+    def __init__(self, rid: str, old: ReservationState, new: ReservationState) -> None:
+        super().__init__(f"reservation {rid!r}: transition {old.value} -> {new.value} "
+                         "is not allowed")
+        self.rid = rid
+        self.old = old
+        self.new = new
+
+
+def check_transition(rid: str, old: ReservationState, new: ReservationState) -> None:
+    """Raise ``InvalidReservationTransition`` unless ``old -> new`` is in the table."""
+    if not is_allowed(old, new):
+        raise InvalidReservationTransition(rid, old, new)
+
+
+class WorkerNotReservable(CoordinatorError):
+    """The worker exists but is not in a state that takes reservations."""
+
+    def __init__(self, wid: str, state: str) -> None:
+        if state in ("lost", "offline"):
+            text = f"worker {wid} is {state}, not running"
+        else:
+            text = f"worker {wid} is {state}, not accepting reservations"
+        super().__init__(text)
+        self.wid = wid
+        self.state = state
+
+
+class WorkerAlreadyReserved(AlreadyExists):
+    """Another live reservation holds the worker (the unique ``active_worker`` index)."""
+
+    def __init__(self, wid: str) -> None:
+        super().__init__(f"worker {wid} is already reserved")
+        self.wid = wid
+
+
+class ReservationLimitReached(CoordinatorError):
+    """The principal already holds ``max_reservations_per_principal`` live reservations."""
+
+    def __init__(self, client: str, held: list[tuple[str, str]]) -> None:
+        if len(held) == 1:
+            rid, wid = held[0]
+            text = f"you already hold reservation {rid} on worker {wid}; release it first"
+        else:
+            listed = ", ".join(f"{rid} on {wid}" for rid, wid in held)
+            text = f"you already hold {len(held)} reservations ({listed}); release one first"
+        super().__init__(text)
+        self.client = client
+        self.held = held

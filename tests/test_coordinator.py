@@ -1,0 +1,253 @@
+"""The coordinator with real brokers, databases and workers: presence, liveness, restart.
+
+Most tests run on SQLite with both brokers; the liveness and restart tests also run on
+MariaDB. Liveness is short here (heartbeat 0.2 s, factor 2: a silent worker is lost
+after 0.4 s); the assertions use generous timeouts and only *measure* how long things
+took (``-s`` prints the ``MEASURE`` lines).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import pytest
+
+from broker.bus import RemoteError
+from client.api import WorkerInfo
+from client.errors import ClientError
+from coordinator.models import WorkerSample
+from coordinator.store import Store
+from tests.fixtures.grid import BOTH_DBS, GridHarness
+from tests.fixtures.services import wait_for
+
+pytestmark = [pytest.mark.integration]
+
+Measure = Callable[[str, float], None]
+
+
+def samples_of(store: Store, wid: str) -> int:
+    with store.db.connection_context():
+        count: int = WorkerSample.select().where(WorkerSample.worker_id == wid).count()
+    return count
+
+
+# ----------------------------------------------------------------------- join and list
+
+
+def test_workers_join_and_are_listed_with_their_caps(grid: GridHarness) -> None:
+    grid.start_coordinator()
+    alpha = grid.start_worker("w-alpha", tags=["gpu", "fast"], display_name="alpha")
+    beta = grid.start_worker("w-beta", tags=["fast"], display_name="beta", slots=2)
+    assert alpha.agent is not None and beta.agent is not None
+    admin = grid.client()
+
+    rows = admin.workers()
+    assert [(r.id, r.name, r.state, r.index) for r in rows] == [
+        ("w-alpha", "alpha", "online", 0), ("w-beta", "beta", "online", 1)]
+    a, b = rows
+    caps = alpha.agent.caps
+    assert caps is not None
+    assert a.tags == ["gpu", "fast"] and b.tags == ["fast"]
+    assert a.cpus == caps.cpu["count"] == psutil.cpu_count() and a.cpus > 0
+    assert a.memory_bytes == caps.memory_bytes > 0
+    assert a.os == caps.host["os"] and a.arch == caps.host["arch"]
+    assert a.executors == ["process"] and a.slots == 1 and b.slots == 2
+
+    def ids(**filters: Any) -> list[str]:
+        return [w.id for w in admin.workers(**filters)]
+
+    both = ["w-alpha", "w-beta"]
+    assert ids(state=["online"]) == both
+    assert ids(state=["offline", "lost"]) == []
+    assert ids(tags=["gpu"]) == ["w-alpha"]
+    assert ids(tags=["fast"]) == both
+    assert ids(tags=["gpu", "fast"]) == ["w-alpha"]
+    assert ids(tags=["nope"]) == []
+    assert ids(min_cpus=a.cpus) == both
+    assert ids(min_cpus=a.cpus + 1) == []
+    assert ids(min_memory_bytes=a.memory_bytes) == both
+    assert ids(min_memory_bytes=a.memory_bytes + 1) == []
+    assert ids(name="beta") == ["w-beta"]
+
+    # show by id, then by name; metrics arrive with the heartbeats
+    def with_metrics() -> WorkerInfo | None:
+        info = admin.worker("w-alpha")
+        return info if info.last_metrics else None
+
+    shown = wait_for(with_metrics, 5, message="last_metrics after heartbeats")
+    assert shown is not None
+    assert shown.id == "w-alpha" and shown.caps["wid"] == "w-alpha"
+    assert shown.caps["tags"] == ["gpu", "fast"] and shown.caps["heartbeat_s"] == 0.2
+    assert shown.last_metrics["wid"] == "w-alpha" and "cpu_percent" in shown.last_metrics
+    assert [e["new_state"] for e in shown.events][-1] == "online"
+    assert shown.events[-1]["reason"] == "joined"
+    assert admin.worker("beta").id == "w-beta"
+
+    with pytest.raises(ClientError) as info:
+        admin.worker("nope")
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteError) and cause.code == "not_found"
+    assert "nope" in str(info.value)
+
+    beta.stop()
+    grid.wait_worker("w-beta", "offline")
+    assert ids(state=["offline"]) == ["w-beta"]
+    assert ids(state=["online"]) == ["w-alpha"]
+    assert [w.index for w in admin.workers()] == [0, 1]  # the order does not move
+
+
+def test_clean_stop_marks_the_worker_offline(grid: GridHarness) -> None:
+    coordinator = grid.start_coordinator()
+    worker = grid.start_worker("w1")
+    worker.stop()
+    record = grid.wait_worker("w1", "offline")
+    assert record.state_reason == "stopped"
+    event = grid.watcher.wait_event("w1", "offline")[1]
+    assert (event.old_state, event.reason) == ("online", "stopped")
+    # No liveness timer is left to call a cleanly stopped worker "lost" later.
+    wait_for(lambda: coordinator.registry.monitor.tracked() == 0, 5,
+             message="offline worker no longer tracked")
+
+
+def test_transitions_publish_worker_events(grid: GridHarness) -> None:
+    grid.start_coordinator()
+    watcher = grid.watcher
+    worker = grid.start_worker("w1", display_name="one")
+    assert worker.agent is not None
+    watcher.wait_event("w1", "online")
+    worker.agent.drain(True)
+    watcher.wait_event("w1", "draining")
+    worker.agent.drain(False)
+    t_back = watcher.wait_event("w1", "draining")[0]
+    watcher.wait_event("w1", "online", after=t_back)
+    worker.stop()
+    watcher.wait_event("w1", "offline")
+    events = [(e.old_state, e.new_state, e.name) for _, e in watcher.events("w1")]
+    assert events == [(None, "online", "one"), ("online", "draining", "one"),
+                      ("draining", "online", "one"), ("online", "offline", "one")]
+    assert set(watcher.event_topics()) == {grid.topics.event("worker", "w1")}
+    # The same transitions are in the audit trail of the database.
+    history = [(e.old_state, e.new_state) for e in reversed(grid.store.worker_events("w1"))]
+    assert [(o.value if o else None, n.value) for o, n in history] == [
+        (o, n) for o, n, _ in events]
+
+
+def test_heartbeats_are_written_in_batches(grid: GridHarness,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    grid.start_coordinator()
+    grid.start_worker("w-real")
+    wait_for(lambda: samples_of(grid.store, "w-real") >= 3, 5, message="samples of w-real")
+    record = grid.worker_record("w-real")
+    assert record is not None and record.last_heartbeat_at is not None
+    assert record.heartbeat_seq >= 1 and record.heartbeat_interval == 0.2
+    assert record.last_metrics["wid"] == "w-real" and record.last_metrics["seq"] >= 1
+
+    calls: list[int] = []
+    original = grid.store.record_heartbeats
+
+    def counting(batch: Any) -> Any:
+        if any(wid == "w-burst" for wid, _, _ in batch):
+            calls.append(len(batch))
+        return original(batch)
+
+    monkeypatch.setattr(grid.store, "record_heartbeats", counting)
+    burst = grid.fake_worker("w-burst")
+    burst.join(grid)
+    n = 300
+    for seq in range(1, n + 1):
+        burst.heartbeat(seq, cpu_percent=float(seq % 100))
+    wait_for(lambda: samples_of(grid.store, "w-burst") == n, 10,
+             message=f"{n} samples of w-burst")
+    assert sum(calls) >= n and len(calls) < n / 5, f"batches: {calls}"
+    record = grid.worker_record("w-burst")
+    assert record is not None
+    assert record.heartbeat_seq == n and record.last_metrics["seq"] == n
+    assert record.state.value == "online"
+
+
+# ----------------------------------------------------------------------- liveness
+
+
+@BOTH_DBS
+def test_killed_worker_is_lost_at_once_by_its_last_will(
+    grid: GridHarness, measurements: Measure,
+) -> None:
+    grid.start_coordinator()
+    watcher = grid.watcher
+    worker = grid.start_worker("w-kill", in_subprocess=True)
+    t0 = watcher.wait_event("w-kill", "online")[0]
+    killed_at = time.monotonic()
+    assert killed_at >= t0
+    worker.kill()
+    t_lost, event = watcher.wait_event("w-kill", "lost", after=killed_at, timeout=5)
+    measurements("lost_after_sigkill", t_lost - killed_at)
+    assert event.old_state == "online" and event.reason == "connection lost"
+    record = grid.wait_worker("w-kill", "lost")
+    assert record.state_reason == "connection lost"
+
+
+@BOTH_DBS
+def test_paused_worker_is_lost_by_its_deadline_and_comes_back(
+    grid: GridHarness, measurements: Measure,
+) -> None:
+    grid.start_coordinator()
+    watcher = grid.watcher
+    worker = grid.start_worker("w-pause", in_subprocess=True)
+    wait_for(lambda: samples_of(grid.store, "w-pause") >= 2, 5, message="heartbeats flowing")
+    paused_at = time.monotonic()
+    worker.pause()  # SIGSTOP: the TCP connection stays up, so no last will
+    t_lost, event = watcher.wait_event("w-pause", "lost", after=paused_at, timeout=5)
+    measurements("lost_after_sigstop", t_lost - paused_at)
+    assert event.reason is not None and event.reason.startswith("no heartbeat for"), event
+    assert grid.wait_worker("w-pause", "lost").state_reason.startswith("no heartbeat")
+
+    resumed_at = time.monotonic()
+    worker.resume()
+    t_back, back = watcher.wait_event("w-pause", "online", after=resumed_at, timeout=5)
+    measurements("online_after_sigcont", t_back - resumed_at)
+    assert (back.old_state, back.reason) == ("lost", "heartbeat after lost")
+    grid.wait_worker("w-pause", "online")
+
+
+@BOTH_DBS
+def test_restarted_coordinator_keeps_workers_and_detects_later_losses(
+    grid: GridHarness, measurements: Measure,
+) -> None:
+    grid.start_coordinator()
+    stay = grid.start_worker("w-stay")
+    gone = grid.start_worker("w-gone")
+    pause = grid.start_worker("w-pause", in_subprocess=True, wait_online=False)
+    kill = grid.start_worker("w-kill", in_subprocess=True, wait_online=False)
+    for wid in ("w-pause", "w-kill"):
+        grid.wait_worker(wid, "online", timeout=15)
+    gone.stop()
+    grid.wait_worker("w-gone", "offline")
+    wait_for(lambda: samples_of(grid.store, "w-pause") >= 1, 5, message="w-pause heartbeats")
+    history = {wid: len(grid.store.worker_events(wid))
+               for wid in ("w-stay", "w-gone", "w-pause", "w-kill")}
+
+    grid.stop_coordinator()
+    kill.kill()  # dies while nobody is watching: only its retained last will tells
+    coordinator = grid.start_coordinator()
+
+    admin = grid.client()
+    lost = grid.wait_worker("w-kill", "lost")
+    assert lost.state_reason == "connection lost"
+    states = {w.id: w.state for w in admin.workers()}
+    assert states == {"w-stay": "online", "w-gone": "offline", "w-pause": "online",
+                      "w-kill": "lost"}
+    for wid in ("w-stay", "w-gone", "w-pause"):
+        assert len(grid.store.worker_events(wid)) == history[wid], f"{wid} history kept"
+    assert coordinator.registry.monitor.tracked() >= 2
+
+    paused_at = time.monotonic()
+    pause.pause()
+    t_lost, event = grid.watcher.wait_event("w-pause", "lost", after=paused_at, timeout=5)
+    measurements("lost_after_sigstop_restarted_coordinator", t_lost - paused_at)
+    assert event.reason is not None and event.reason.startswith("no heartbeat")
+    assert stay.agent is not None and stay.agent.connected
+    assert grid.wait_worker("w-stay", "online").state.value == "online"
+    assert {w.id: w.state for w in admin.workers()}["w-stay"] == "online"

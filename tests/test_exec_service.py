@@ -1,0 +1,691 @@
+"""Remote commands end to end over a real broker (embedded amqtt and Mosquitto).
+
+The harness plays every part with real buses: a ``coordinator`` principal that opens and
+closes reservations and publishes its grant key (retained), the worker's ExecService
+with the process executor, and two clients (``alice`` holds the reservation, ``mallory``
+does not).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.acl import Principal, Role
+from broker.bus import Bus, Incoming, RequestTimeout
+from broker.config import BusConfig, WorkerConfig
+from broker.credentials import hash_token
+from broker.embedded import BrokerSettings, EmbeddedBroker
+from broker.mosquitto import write_mosquitto_files
+from schemas.codec import Envelope
+from schemas.grants import public_key_to_text, sign_grant
+from schemas.messages import (
+    Body,
+    CoordPubkey,
+    Error,
+    ExecExit,
+    ExecList,
+    ExecListReply,
+    ExecLogs,
+    ExecLogsReply,
+    ExecOutput,
+    ExecReport,
+    ExecSignal,
+    ExecStart,
+    ExecStarted,
+    Ok,
+    ReservationClose,
+    ReservationOpen,
+)
+from schemas.topics import Topics
+from tests.fixtures.services import wait_for
+from worker.exec_service import ExecService
+from worker.executors.process import ProcessExecutor
+from worker.output import OutputStreamer
+
+ROOT = "xcloud"
+WID = "w1"
+TOPICS = Topics(ROOT)
+PRINCIPALS = {
+    "coordinator": (Role.COORDINATOR, "coord-token-0123456789"),
+    WID: (Role.WORKER, "worker-token-0123456789"),
+    "alice": (Role.CLIENT, "alice-token-0123456789"),
+    "mallory": (Role.CLIENT, "mallory-token-0123456789"),
+}
+
+
+# --------------------------------------------------------------------------- brokers
+
+
+def _authenticate(user: str, token: str) -> Principal | None:
+    entry = PRINCIPALS.get(user)
+    if entry is None or entry[1] != token:
+        return None
+    return Principal(user, entry[0])
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A broker with xcloud's principals and ACL: the embedded one, or real Mosquitto."""
+    if request.param == "amqtt":
+        broker = EmbeddedBroker(BrokerSettings(port=0), _authenticate)
+        broker.start_in_thread()
+        try:
+            yield broker.url
+        finally:
+            broker.stop_in_thread()
+        return
+    factory = request.getfixturevalue("mosquitto_factory")
+    principals = [(Principal(user, role), hash_token(token))
+                  for user, (role, token) in PRINCIPALS.items()]
+    passwd, acl = write_mosquitto_files(principals, ROOT, tmp_path / "mosquitto-auth")
+    yield factory(allow_anonymous=False, password_file=passwd, acl_file=acl).url
+
+
+# ---------------------------------------------------------------------------- clients
+
+
+@dataclass
+class Run:
+    """What one client saw of one command."""
+
+    outputs: dict[int, ExecOutput] = field(default_factory=dict)
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
+    exits: list[ExecExit] = field(default_factory=list)
+    exit_at: float = 0.0
+    order: list[int] = field(default_factory=list)
+
+    @property
+    def exit(self) -> ExecExit | None:
+        return self.exits[0] if self.exits else None
+
+    def complete(self) -> bool:
+        last = self.exit.last_seq if self.exit else None
+        return last is not None and all(s in self.outputs for s in range(last + 1))
+
+    def data(self, stream: str | None = None) -> bytes:
+        return b"".join(base64.b64decode(o.data) for _, o in sorted(self.outputs.items())
+                        if stream is None or o.stream == stream)
+
+
+class Client:
+    """A client principal's bus that records exec.output / exec.exit per exec id."""
+
+    def __init__(self, url: str, principal: str) -> None:
+        self.principal = principal
+        self.bus = make_bus(url, principal, TOPICS.client_inbox(principal))
+        self.runs: dict[str, Run] = {}
+        self.lock = threading.Lock()
+        self.bus.on_inbox(ExecOutput.TYPE, self._on_output, lane="out")
+        self.bus.on_inbox(ExecExit.TYPE, self._on_output, lane="out")
+        self.bus.start()
+
+    def run_of(self, exec_id: str) -> Run:
+        with self.lock:
+            return self.runs.setdefault(exec_id, Run())
+
+    def _on_output(self, incoming: Incoming) -> None:
+        body = incoming.body
+        now = time.monotonic()
+        run = self.run_of(body.exec_id)
+        with self.lock:
+            if isinstance(body, ExecOutput):
+                run.outputs.setdefault(body.seq, body)
+                run.arrivals.append((now, body.seq))
+                run.order.append(body.seq)
+            else:
+                run.exits.append(body)
+                run.exit_at = now
+
+    def request(self, body: Body, timeout: float = 10.0) -> Any:
+        reply: Envelope[Any] = self.bus.request(TOPICS.worker_inbox(WID), body,
+                                                timeout=timeout, raise_errors=False)
+        return reply.body
+
+
+def make_bus(url: str, principal: str, inbox: str | None) -> Bus:
+    return Bus(BusConfig(url=url, principal=principal, token=PRINCIPALS[principal][1],
+                         root=ROOT, request_timeout_s=10.0),
+               client_id=f"{principal}-{uuid.uuid4().hex[:6]}", inbox=inbox)
+
+
+# ------------------------------------------------------------------------------ grid
+
+
+class Grid:
+    """Coordinator, worker (ExecService + ProcessExecutor) and clients on one broker."""
+
+    def __init__(self, url: str, state_dir: Path, key: Ed25519PrivateKey,
+                 worker_config: WorkerConfig | None = None, publish_key: bool = True) -> None:
+        self.url = url
+        self.state_dir = state_dir
+        self.key = key
+        self.config = worker_config or WorkerConfig(slots=2)
+        self.reports: list[ExecReport] = []
+        self.coord = make_bus(url, "coordinator", TOPICS.coord_inbox)
+        self.coord.on_inbox(ExecReport.TYPE, lambda inc: self.reports.append(inc.body))
+        self.coord.start()
+        if publish_key:
+            self.publish_key(key)
+        self.worker_bus: Bus | None = None
+        self.service: ExecService | None = None
+        self.executor: ProcessExecutor | None = None
+        self.start_worker()
+        self.alice = Client(url, "alice")
+        self.mallory = Client(url, "mallory")
+
+    def publish_key(self, key: Ed25519PrivateKey) -> None:
+        body = CoordPubkey(alg="ed25519", key=public_key_to_text(key.public_key()))
+        self.coord.publish(TOPICS.coord_pubkey, body, qos=1, retain=True).wait_for_publish(5)
+
+    def start_worker(self) -> ExecService:
+        self.worker_bus = make_bus(self.url, WID, TOPICS.worker_inbox(WID))
+        self.executor = ProcessExecutor(self.state_dir, kill_grace_s=2.0)
+        self.service = ExecService(self.worker_bus, TOPICS, WID, self.config, self.executor,
+                                   self.state_dir, kill_grace_s=2.0)
+        self.service.register()
+        self.worker_bus.start()
+        # CONNACK does not mean the inbox subscription is in place: probe until answered.
+        wait_for(self._worker_answers, message="the worker does not answer")
+        return self.service
+
+    def _worker_answers(self) -> bool:
+        try:
+            reply = self.coord.request(TOPICS.worker_inbox(WID),
+                                       ReservationClose(reservation="probe"), timeout=0.5)
+        except RequestTimeout:
+            return False
+        return isinstance(reply.body, Ok)
+
+    def stop_worker(self) -> None:
+        if self.service is not None:
+            self.service.close()
+        if self.executor is not None:
+            self.executor.close()
+        if self.worker_bus is not None:
+            self.worker_bus.stop()
+
+    def close(self) -> None:
+        self.stop_worker()
+        for bus in (self.alice.bus, self.mallory.bus, self.coord):
+            bus.stop()
+
+    # -- coordinator side --------------------------------------------------------
+
+    def open(self, rid: str | None = None, client: str = "alice",
+             limits: dict[str, Any] | None = None) -> str:
+        rid = rid or f"r-{uuid.uuid4().hex[:8]}"
+        reply = self.coord.request(TOPICS.worker_inbox(WID), ReservationOpen(
+            reservation={"id": rid, "worker": WID, "client": client,
+                         "expires_at": time.time() + 60}, limits=limits), timeout=10)
+        assert isinstance(reply.body, Ok), reply.body
+        return rid
+
+    def close_reservation(self, rid: str) -> Any:
+        return self.coord.request(TOPICS.worker_inbox(WID),
+                                  ReservationClose(reservation=rid, reason="released"),
+                                  timeout=20).body
+
+    def grant(self, rid: str, client: str = "alice", worker: str = WID,
+              exp: float | None = None, key: Ed25519PrivateKey | None = None) -> str:
+        return sign_grant(key or self.key, rid=rid, client=client, worker=worker,
+                          exp=time.time() + 60 if exp is None else exp)
+
+    def workdir(self, rid: str) -> Path:
+        assert self.service is not None
+        return self.service.store.workdir(rid)
+
+    # -- client side -------------------------------------------------------------
+
+    def start(self, rid: str, command: str, mode: str = "output", exec_id: str | None = None,
+              client: Client | None = None, grant: str | None = None, **kw: Any) -> Any:
+        client = client or self.alice
+        exec_id = exec_id or uuid.uuid4().hex[:10]
+        client.run_of(exec_id)
+        return client.request(ExecStart(grant=grant or self.grant(rid), exec_id=exec_id,
+                                        command=command, mode=mode, **kw))
+
+    def run(self, rid: str, command: str, timeout: float = 15.0, **kw: Any) -> Run:
+        started = self.start(rid, command, **kw)
+        assert isinstance(started, ExecStarted), started
+        run = self.alice.run_of(started.exec_id)
+        wait_for(run.complete, timeout=timeout, message=f"{command!r} did not complete")
+        return run
+
+
+@pytest.fixture
+def grid_factory(broker_url: str, tmp_path: Path) -> Iterator[Callable[..., Grid]]:
+    grids: list[Grid] = []
+    key = Ed25519PrivateKey.generate()
+
+    def make(**kw: Any) -> Grid:
+        g = Grid(broker_url, tmp_path / f"worker-state-{len(grids)}", key, **kw)
+        grids.append(g)
+        if kw.get("publish_key", True):
+            assert g.service is not None
+            assert g.service.key_ready.wait(10), "the worker never got the coordinator key"
+        return g
+
+    yield make
+    for g in grids:
+        g.close()
+
+
+@pytest.fixture
+def grid(grid_factory: Callable[..., Grid]) -> Grid:
+    return grid_factory()
+
+
+def marked_processes(root: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get("XCLOUD_WORKDIR", "").startswith(str(root)):
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes(tmp_path: Path) -> Iterator[None]:
+    yield
+    wait_for(lambda: not marked_processes(tmp_path), timeout=10,
+             message="commands left running after the test")
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+def test_output_exit_code_and_report(grid: Grid) -> None:
+    rid = grid.open()
+    run = grid.run(rid, "echo hi; echo err >&2; exit 3")
+    assert run.data("stdout") == b"hi\n" and run.data("stderr") == b"err\n"
+    assert run.exit is not None
+    assert run.exit.exit_code == 3 and run.exit.signal is None
+    assert sorted(run.outputs) == list(range(run.exit.last_seq + 1))
+    assert run.exit.output_bytes == 7 and not run.exit.truncated and not run.exit.timed_out
+    report = wait_for(lambda: grid.reports and grid.reports[-1], message="no exec.report")
+    assert (report.reservation, report.client, report.exit_code) == (rid, "alice", 3)
+    assert report.command == "echo hi; echo err >&2; exit 3" and report.mode == "output"
+    assert report.output_bytes == 7
+
+
+def test_pipes_and_quotes(grid: Grid) -> None:
+    rid = grid.open()
+    run = grid.run(rid, "printf 'a b\\n' | tr a-z A-Z")
+    assert run.data() == b"A B\n" and run.exit is not None and run.exit.exit_code == 0
+
+
+def test_output_arrives_while_the_command_runs(grid: Grid) -> None:
+    rid = grid.open()
+    run = grid.run(rid, "for i in 1 2 3 4 5 6 7 8 9 10; do echo line $i; sleep 0.1; done")
+    assert run.data() == b"".join(b"line %d\n" % i for i in range(1, 11))
+    assert len(run.outputs) >= 5, "lines were not streamed one by one"
+    first_at = min(t for t, _ in run.arrivals)
+    assert first_at < run.exit_at - 0.5, "output only arrived at the end"
+
+
+def test_ctrl_c_interrupts(grid: Grid) -> None:
+    rid = grid.open()
+    started = grid.start(rid, "echo ready; sleep 30")
+    run = grid.alice.run_of(started.exec_id)
+    wait_for(lambda: run.data() == b"ready\n", message="command did not start")
+    t0 = time.monotonic()
+    reply = grid.alice.request(ExecSignal(grant=grid.grant(rid), exec_id=started.exec_id,
+                                          signal="INT"))
+    assert isinstance(reply, Ok), reply
+    wait_for(run.complete, timeout=5, message="no exec.exit after INT")
+    assert run.exit is not None and run.exit.signal == signal.SIGINT
+    assert run.exit.exit_code is None and time.monotonic() - t0 < 5
+
+
+def test_background_list_logs_follow_and_kill(grid: Grid) -> None:
+    rid = grid.open()
+    command = "echo one; while [ ! -e go ]; do sleep 0.05; done; echo two; sleep 30"
+    started = grid.start(rid, command, mode="background", exec_id="bg1")
+    assert isinstance(started, ExecStarted) and started.pid
+    grant = grid.grant(rid)
+
+    listed = grid.alice.request(ExecList(grant=grant))
+    assert isinstance(listed, ExecListReply)
+    [entry] = listed.execs
+    assert (entry["exec_id"], entry["state"], entry["mode"]) == ("bg1", "running", "background")
+
+    def logs(**kw: Any) -> ExecLogsReply:
+        reply = grid.alice.request(ExecLogs(grant=grant, exec_id="bg1", **kw))
+        assert isinstance(reply, ExecLogsReply), reply
+        return reply
+
+    wait_for(lambda: logs().chunks, message="no output kept")
+    reply = logs()
+    assert reply.state == "running" and reply.first_seq == 0
+    assert base64.b64decode(reply.chunks[0]["data"]) == b"one\n"
+    run = grid.alice.run_of("bg1")
+    assert not run.outputs, "a background command streamed output"
+
+    followed = logs(follow=True)
+    assert followed.following is True
+    (grid.workdir(rid) / "go").touch()
+    wait_for(lambda: run.data() == b"two\n", message="followed output did not stream")
+    assert min(run.outputs) == len(followed.chunks)  # seq continues after the reply
+
+    killed = grid.alice.request(ExecSignal(grant=grant, exec_id="bg1", signal="KILL"))
+    assert isinstance(killed, Ok)
+    wait_for(lambda: run.exit, message="follower got no exec.exit")
+    assert run.exit is not None and run.exit.last_seq == 1  # seq 0 came in the reply
+    assert run.exit is not None and run.exit.signal == signal.SIGKILL
+
+    after = logs(from_seq=1)
+    assert after.state == "exited" and after.exit and after.exit["signal"] == 9
+    assert [c["seq"] for c in after.chunks] == [1]
+    listed = grid.alice.request(ExecList(grant=grant))
+    assert listed.execs[0]["state"] == "exited"
+    missing = grid.alice.request(ExecLogs(grant=grant, exec_id="nope"))
+    assert isinstance(missing, Error) and missing.code == "not_found"
+
+
+def test_timeout(grid: Grid) -> None:
+    rid = grid.open()
+    run = grid.run(rid, "echo started; sleep 30", timeout_s=0.5)
+    assert run.exit is not None and run.exit.timed_out is True
+    assert run.exit.signal == signal.SIGTERM and run.data() == b"started\n"
+
+
+def test_output_cap_truncates(grid: Grid) -> None:
+    rid = grid.open()
+    run = grid.run(rid, "head -c 300000 /dev/zero; echo done", max_output_bytes=1000)
+    assert run.exit is not None and run.exit.truncated is True
+    assert run.data() == bytes(1000) and run.exit.output_bytes == 1000
+    assert run.exit.exit_code == 0
+
+
+def test_cd_persists(grid: Grid) -> None:
+    rid = grid.open()
+    grid.run(rid, "mkdir d; cd d")
+    run = grid.run(rid, "pwd")
+    assert run.data().decode().rstrip("\n").endswith("/d")
+    assert run.data().decode().startswith(str(grid.workdir(rid)))
+
+
+def test_exec_id_reuse_is_a_conflict(grid: Grid) -> None:
+    rid = grid.open()
+    grid.run(rid, "true", exec_id="same")
+    again = grid.start(rid, "true", exec_id="same")
+    assert isinstance(again, Error) and again.code == "conflict"
+
+
+def test_refused_grants_run_nothing(grid: Grid, tmp_path: Path) -> None:
+    rid = grid.open()
+    closed = grid.open()
+    assert isinstance(grid.close_reservation(closed), Ok)
+    marker = tmp_path / "marker"
+    cases = {
+        "bad_signature": dict(grant=grid.grant(rid, key=Ed25519PrivateKey.generate())),
+        "expired": dict(grant=grid.grant(rid, exp=time.time() - 120)),
+        "wrong_client": dict(grant=grid.grant(rid), client=grid.mallory),
+        "wrong_worker": dict(grant=grid.grant(rid, worker="w2")),
+        "reservation_not_open": dict(grant=grid.grant(closed)),
+        "malformed": dict(grant="x" * 40),
+    }
+    for reason, kw in cases.items():
+        reply = grid.start(rid, f"touch {marker}", **kw)
+        assert isinstance(reply, Error), (reason, reply)
+        assert (reply.code, reply.detail) == ("forbidden", {"reason": reason}), reason
+        for body in (ExecList(grant=kw["grant"]),
+                     ExecSignal(grant=kw["grant"], exec_id="x", signal="KILL"),
+                     ExecLogs(grant=kw["grant"], exec_id="x")):
+            other = (kw.get("client") or grid.alice).request(body)
+            assert isinstance(other, Error) and other.code == "forbidden", (reason, body)
+    # mallory holds a valid grant of her own, but not for alice's reservation
+    mallorys = grid.grant(rid, client="mallory")
+    reply = grid.start(rid, f"touch {marker}", grant=mallorys, client=grid.mallory)
+    assert isinstance(reply, Error) and reply.detail == {"reason": "wrong_client"}
+    # only the coordinator opens and closes reservations
+    for body in (ReservationOpen(reservation={"id": "r-evil", "worker": WID, "client":
+                                              "mallory", "expires_at": time.time() + 60}),
+                 ReservationClose(reservation=rid)):
+        reply = grid.mallory.request(body)
+        assert isinstance(reply, Error) and reply.code == "forbidden"
+    assert not marker.exists()
+    assert grid.run(rid, "echo still open").data() == b"still open\n"
+
+
+def test_no_key_yet_then_pinned(grid_factory: Callable[..., Grid]) -> None:
+    g = grid_factory(publish_key=False)
+    assert g.service is not None
+    rid = g.open()
+    reply = g.start(rid, "true")
+    assert isinstance(reply, Error) and reply.detail == {"reason": "no_key"}
+    g.publish_key(g.key)
+    assert g.service.key_ready.wait(10)
+    assert g.run(rid, "echo ok").data() == b"ok\n"
+    pin = g.state_dir / "coord_pubkey"
+    assert pin.read_text().strip() == public_key_to_text(g.key.public_key())
+    assert pin.stat().st_mode & 0o777 == 0o600
+    # a different key later is refused: grants of the old key keep working
+    other = Ed25519PrivateKey.generate()
+    g.publish_key(other)
+    g.coord.publish(TOPICS.coord_pubkey, CoordPubkey(alg="ed25519", key=public_key_to_text(
+        other.public_key())), qos=1).wait_for_publish(5)
+    reply = g.start(rid, "true", grant=g.grant(rid, key=other))
+    assert isinstance(reply, Error) and reply.detail == {"reason": "bad_signature"}
+    assert g.run(rid, "echo still").data() == b"still\n"
+    g.publish_key(g.key)  # leave the broker as we found it
+
+
+def test_configured_key_is_used(grid_factory: Callable[..., Grid],
+                                caplog: pytest.LogCaptureFixture) -> None:
+    key = Ed25519PrivateKey.generate()
+    config = WorkerConfig(coord_pubkey=public_key_to_text(key.public_key()))
+    g = grid_factory(worker_config=config, publish_key=False)
+    assert g.service is not None and g.service.key_ready.is_set()
+    rid = g.open()
+    assert g.run(rid, "echo ok", grant=g.grant(rid, key=key)).data() == b"ok\n"
+    reply = g.start(rid, "true")  # signed by the grid's (unconfigured) key
+    assert isinstance(reply, Error) and reply.detail == {"reason": "bad_signature"}
+
+
+def test_reservation_close_stops_commands_and_cleans(grid: Grid) -> None:
+    rid = grid.open()
+    fg = grid.start(rid, "echo ready; sleep 30")
+    bg = grid.start(rid, "sleep 30", mode="background")
+    assert isinstance(fg, ExecStarted) and isinstance(bg, ExecStarted)
+    run = grid.alice.run_of(fg.exec_id)
+    wait_for(lambda: run.data() == b"ready\n", message="command did not start")
+    assert grid.service is not None
+    running, free = grid.service.running()
+    assert {"kind": "reservation", "id": rid} in running
+    assert {"kind": "exec", "id": fg.exec_id} in running and free == 1
+    workdir = grid.workdir(rid)
+    assert workdir.is_dir()
+    assert isinstance(grid.close_reservation(rid), Ok)
+    wait_for(run.complete, message="no exec.exit after close")
+    assert run.exit is not None and run.exit.signal == signal.SIGTERM
+    assert run.exit.error and "reservation closed" in run.exit.error
+    assert not workdir.exists() and not workdir.parent.exists()
+    assert grid.service.running() == ([], 2)
+    wait_for(lambda: len(grid.reports) >= 2, message="both commands were not reported")
+    reply = grid.start(rid, "true")
+    assert isinstance(reply, Error) and reply.detail == {"reason": "reservation_not_open"}
+    # reopening an ended reservation is refused; closing again is harmless
+    again = grid.coord.request(TOPICS.worker_inbox(WID), ReservationOpen(
+        reservation={"id": rid, "worker": WID, "client": "alice", "expires_at": 1.0}),
+        raise_errors=False)
+    assert isinstance(again.body, Error) and again.body.code == "conflict"
+    assert isinstance(grid.close_reservation(rid), Ok)
+
+
+def test_reservation_open_is_idempotent_and_checked(grid: Grid) -> None:
+    rid = grid.open()
+    assert grid.open(rid) == rid
+    reply = grid.coord.request(TOPICS.worker_inbox(WID), ReservationOpen(
+        reservation={"id": rid, "worker": WID, "client": "mallory", "expires_at": 1.0}),
+        raise_errors=False)
+    assert isinstance(reply.body, Error) and reply.body.code == "conflict"
+    reply = grid.coord.request(TOPICS.worker_inbox(WID), ReservationOpen(
+        reservation={"id": "r-other", "worker": "w2", "client": "alice", "expires_at": 1.0}),
+        raise_errors=False)
+    assert isinstance(reply.body, Error) and reply.body.code == "invalid"
+    assert grid.workdir(rid).is_dir()
+    assert (grid.workdir(rid).stat().st_mode & 0o777) == 0o700
+
+
+def test_restarted_worker_recovers_its_session(grid: Grid) -> None:
+    rid = grid.open()
+    grid.run(rid, "echo kept > f.txt; mkdir sub; cd sub")
+    started = grid.start(rid, "sleep 60", mode="background")
+    assert isinstance(started, ExecStarted)
+    old_service, old_bus = grid.service, grid.worker_bus
+    assert old_service is not None and old_bus is not None
+    old_bus.stop()  # the worker "crashes": its command keeps running, unsupervised
+    (grid.state_dir / "sessions" / "junk").mkdir()
+    grid.start_worker()
+    assert grid.service is not None and grid.service.key_ready.wait(10)
+    # the orphan was killed, the junk dir removed, the session is back
+
+    def orphan_gone() -> bool:
+        try:
+            return psutil.Process(started.pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(orphan_gone, message="the orphaned command survived the restart")
+    assert not (grid.state_dir / "sessions" / "junk").exists()
+    assert grid.service.running()[0] == [{"kind": "reservation", "id": rid}]
+    run = grid.run(rid, "cat ../f.txt; pwd")
+    assert run.data().decode().startswith("kept\n") and run.data().rstrip().endswith(b"/sub")
+    for session in old_service._sessions.values():  # the crashed run's threads
+        for ex in session.execs.values():
+            ex.streamer.abort()
+
+
+@pytest.mark.slow
+def test_100_mb_arrive_complete_and_in_order(grid: Grid, broker_url: str,
+                                             request: pytest.FixtureRequest) -> None:
+    rid = grid.open()
+    size = 100_000_000
+    data = os.urandom(size)
+    (grid.workdir(rid) / "big.bin").write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    del data
+    t0 = time.monotonic()
+    run = grid.run(rid, "cat big.bin", timeout=60)
+    elapsed = time.monotonic() - t0
+    assert run.exit is not None and run.exit.exit_code == 0
+    assert run.exit.output_bytes == size and not run.exit.truncated
+    digest = hashlib.sha256()
+    for seq in range(run.exit.last_seq + 1):
+        digest.update(base64.b64decode(run.outputs[seq].data))
+    assert digest.hexdigest() == expected
+    assert run.order == sorted(run.order), "chunks arrived out of order"
+    rate = size / elapsed / 1e6
+    logging.getLogger(__name__).warning("100 MB through %s: %.1f s, %.1f MB/s (%d chunks)",
+                                        request.node.callspec.id, elapsed, rate,
+                                        run.exit.last_seq + 1)
+    print(f"\n100 MB through {request.node.callspec.id}: {elapsed:.2f} s = {rate:.1f} MB/s")
+
+
+# ------------------------------------------------------------- the streamer on its own
+
+
+class FakeSend:
+    """Records what the streamer publishes; ``gate`` holds publishing back."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Body]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, inbox: str, body: Body) -> None:
+        self.gate.wait(10)
+        self.sent.append((inbox, body))
+
+    def outputs(self) -> list[ExecOutput]:
+        return [b for _, b in self.sent if isinstance(b, ExecOutput)]
+
+
+def _finish(streamer: OutputStreamer) -> None:
+    streamer.close_input()
+    assert streamer.wait_cut(5)
+    streamer.finish(ExecExit(exec_id="e", last_seq=streamer.last_seq, duration_s=0.0))
+    assert streamer.join(5)
+
+
+def test_streamer_numbers_coalesces_and_caps() -> None:
+    send = FakeSend()
+    streamer = OutputStreamer("e", send, max_bytes=10_000, ring_bytes=1000, chunk_bytes=4096,
+                              linger_s=5.0)
+    streamer.add_target("inbox")
+    streamer.start()
+    for _ in range(100):
+        streamer.feed("stdout", b"a" * 10)
+    streamer.feed("stderr", b"E")
+    streamer.feed("stdout", b"b" * 20_000)
+    _finish(streamer)
+    outputs = send.outputs()
+    assert [o.seq for o in outputs] == list(range(len(outputs)))
+    assert outputs[0].stream == "stdout" and base64.b64decode(outputs[0].data) == b"a" * 1000
+    assert outputs[1].stream == "stderr"
+    assert sum(len(base64.b64decode(o.data)) for o in outputs) == 10_000
+    assert streamer.truncated and streamer.output_bytes == 10_000
+    assert all(len(base64.b64decode(o.data)) <= 4096 for o in outputs)
+    assert isinstance(send.sent[-1][1], ExecExit)
+
+
+def test_streamer_ring_keeps_the_newest_output() -> None:
+    send = FakeSend()
+    streamer = OutputStreamer("e", send, max_bytes=10**9, ring_bytes=300, chunk_bytes=100,
+                              linger_s=0.0)
+    streamer.start()
+    for i in range(10):
+        streamer.feed("stdout", bytes([65 + i]) * 100)
+    _finish(streamer)
+    views: list[Any] = []
+    streamer.logs(0, 10**6, None, views.append)
+    [view] = views
+    assert [c.seq for c in view.chunks] == [7, 8, 9] and view.first_seq == 7
+    assert view.exit is not None and view.following is False
+    assert not send.sent  # background: nothing streamed
+
+
+def test_streamer_backpressure_bounds_memory() -> None:
+    send = FakeSend()
+    send.gate.clear()
+    streamer = OutputStreamer("e", send, max_bytes=10**9, ring_bytes=0, chunk_bytes=1000,
+                              linger_s=0.0, max_pending=4000)
+    streamer.add_target("inbox")
+    streamer.start()
+    fed = threading.Event()
+
+    def producer() -> None:
+        for _ in range(100):
+            streamer.feed("stdout", b"x" * 1000)
+        fed.set()
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    # the streamer thread is stuck publishing: the producer fills max_pending and waits
+    wait_for(lambda: streamer.pending_bytes >= 4000, message="nothing buffered")
+    assert not fed.is_set() and streamer.pending_bytes <= 5000
+    send.gate.set()
+    assert fed.wait(10)
+    thread.join()
+    _finish(streamer)
+    assert sum(len(base64.b64decode(o.data)) for o in send.outputs()) == 100_000

@@ -1,0 +1,448 @@
+"""The ``process`` driver: each command is a ``/bin/sh -c`` child in its own process group.
+
+A session is a private work dir (mode 0700); a task is one shell. Not a security
+boundary: commands run as the worker's user and see what it sees (docs/exec.md).
+
+Why the pieces look the way they do:
+
+- ``start_new_session=True`` makes the shell a process-group leader, so signals and
+  stops reach the whole pipeline (``sleep 30 | cat``), not only the shell.
+- The command is prefixed with a one-line prelude that ``cd``s to the directory the
+  previous command of the session ended in and installs an EXIT trap writing ``pwd``
+  back, so ``cd`` persists between commands while ``$?`` and signals stay untouched.
+- Resource limits are set with ``prlimit(2)`` on the shell *before* it runs anything:
+  the prelude first reads one line from a gate pipe on stdin, which we write only after
+  the limits are in place (no ``preexec_fn``, which is unsafe in a threaded process).
+- Every task is recorded in ``<state_dir>/process/`` and carries ``XCLOUD_*``
+  variables in its environment, so a restarted worker can find and kill what its
+  previous run left behind, including processes that left the process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import resource
+import select
+import shlex
+import signal as _signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+from worker.executors.base import (
+    Executor,
+    ExecutorError,
+    ExitResult,
+    Limits,
+    OutputSink,
+    SessionHandle,
+    SessionSpec,
+    TaskHandle,
+    TaskSpec,
+)
+from worker.sessions import remove_tree, safe_name
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 64 * 1024
+KEEP_FINISHED = 256  # finished tasks remembered (for late wait/stop calls)
+CWD_FILE = ".xcloud/cwd"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Variables the driver always sets last (a command's env cannot override them): they
+#: are how close_session / cleanup_orphans recognise a task's processes.
+MARKERS = ("XCLOUD_RESERVATION", "XCLOUD_EXEC_ID", "XCLOUD_WORKDIR")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _limits_to_dict(limits: Limits) -> dict[str, Any]:
+    return {k: v for k, v in
+            (("cpus", limits.cpus), ("memory_bytes", limits.memory_bytes),
+             ("pids", limits.pids)) if v is not None}
+
+
+def _limits_from(session: SessionHandle, default: Limits) -> Limits:
+    data = session.extra.get("limits") or {}
+    return Limits(
+        cpus=data.get("cpus", default.cpus),
+        memory_bytes=data.get("memory_bytes", default.memory_bytes),
+        pids=data.get("pids", default.pids),
+    )
+
+
+@dataclass
+class _Task:
+    handle: TaskHandle
+    proc: subprocess.Popen[bytes]
+    workdir: str
+    record: Path
+    started: float  # monotonic
+    readers: list[threading.Thread] = field(default_factory=list)
+    abandon: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: ExitResult | None = None
+
+
+class ProcessExecutor(Executor):
+    """Runs commands as local process groups. ``state_dir`` holds the task records."""
+
+    name = "process"
+
+    def __init__(self, state_dir: Path | str, *, default_limits: Limits | None = None,
+                 kill_grace_s: float = 5.0, read_size: int = READ_SIZE) -> None:
+        self.state_dir = Path(state_dir)
+        self.records_dir = self.state_dir / "process"
+        self.default_limits = default_limits or Limits()
+        self.kill_grace_s = kill_grace_s
+        self.read_size = read_size
+        self._lock = threading.Lock()
+        self._tasks: dict[tuple[str, str], _Task] = {}
+
+    # -- driver description ------------------------------------------------------------
+
+    def capabilities(self) -> dict[str, Any]:
+        return {"name": self.name, "isolation": "none", "limits": ["memory_bytes", "pids"],
+                "stdin": False, "security_boundary": False}
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def open_session(self, spec: SessionSpec) -> SessionHandle:
+        workdir = Path(spec.workdir)
+        try:
+            workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            workdir.chmod(0o700)
+            (workdir / CWD_FILE).parent.mkdir(mode=0o700, exist_ok=True)
+        except OSError as err:
+            raise ExecutorError(f"cannot create work dir {workdir}: {err}") from err
+        return SessionHandle(session_id=spec.session_id, executor=self.name,
+                             workdir=str(workdir),
+                             extra={"owner": spec.owner, "limits": _limits_to_dict(spec.limits)})
+
+    def close_session(self, session: SessionHandle) -> None:
+        """Stop every task of the session (TERM, KILL after the grace), remove its dir."""
+        with self._lock:
+            tasks = [t for (sid, _), t in self._tasks.items() if sid == session.session_id]
+        running = [t for t in tasks if not t.done.is_set()]
+        for task in running:
+            self._killpg(task, _signal.SIGTERM)
+        deadline = time.monotonic() + self.kill_grace_s
+        for task in running:
+            task.done.wait(max(0.0, deadline - time.monotonic()))
+        for task in running:
+            if not task.done.is_set():
+                self._killpg(task, _signal.SIGKILL)
+        # Whatever left the process groups (setsid, nohup &) still carries the markers.
+        self._kill_marked(lambda env: env.get("XCLOUD_RESERVATION") == session.session_id
+                          and env.get("XCLOUD_WORKDIR") == session.workdir)
+        for task in running:
+            if not task.done.wait(self.kill_grace_s):
+                task.abandon.set()  # a pipe still held open by a process we cannot see
+                task.done.wait(2.0)
+        for task in tasks:
+            task.record.unlink(missing_ok=True)
+        remove_tree(Path(session.workdir))
+
+    def recover(self, sessions: list[SessionHandle]) -> list[SessionHandle]:
+        """Sessions whose work dir survived; their old processes are never recoverable."""
+        return [s for s in sessions if s.executor == self.name and Path(s.workdir).is_dir()]
+
+    def cleanup_orphans(self, keep: set[str]) -> int:
+        """Kill every process a previous run of this worker left (recorded or marked).
+
+        Processes cannot be re-attached after a restart (their output pipes died with the
+        old worker), so all are orphans whatever ``keep`` says; ``keep`` only matters for
+        sessions (work dirs), which ``recover`` handles.
+        """
+        with self._lock:
+            mine = {t.record for t in self._tasks.values()}
+        records = []
+        if self.records_dir.is_dir():
+            for path in self.records_dir.glob("*.json"):
+                if path in mine:
+                    continue
+                try:
+                    records.append(json.loads(path.read_text()))
+                except (OSError, ValueError) as err:
+                    log.warning("unreadable task record %s: %s", path, err)
+                path.unlink(missing_ok=True)
+        root = str(self.state_dir.resolve()) + os.sep
+        running_markers = {(t.handle.session_id, t.handle.task_id) for t in self._tasks.values()}
+        recorded = {(r.get("session_id"), r.get("task_id")) for r in records}
+
+        def orphan(env: dict[str, str]) -> bool:
+            key = (env.get("XCLOUD_RESERVATION"), env.get("XCLOUD_EXEC_ID"))
+            if key in running_markers:
+                return False
+            workdir = env.get("XCLOUD_WORKDIR", "")
+            return key in recorded or workdir.startswith(root)
+
+        killed = self._kill_marked(orphan)
+        if killed:
+            log.warning("killed %d process(es) left over by a previous run", killed)
+        return killed
+
+    # -- tasks -------------------------------------------------------------------------
+
+    def start(self, spec: TaskSpec, on_output: OutputSink) -> TaskHandle:
+        session = spec.session
+        workdir = Path(session.workdir)
+        if not workdir.is_dir():
+            raise ExecutorError(f"session {session.session_id} has no work dir {workdir}")
+        key = (session.session_id, spec.task_id)
+        with self._lock:
+            old = self._tasks.get(key)
+            if old is not None and not old.done.is_set():
+                raise ExecutorError(f"task {spec.task_id} is already running")
+        limits = _limits_from(session, self.default_limits)
+        gated = limits.memory_bytes is not None or limits.pids is not None
+        env = self._env(spec, workdir)
+        (workdir / CWD_FILE).parent.mkdir(mode=0o700, exist_ok=True)
+        script = self._prelude(workdir, gated) + spec.command
+        started_at = time.time()
+        try:
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", script], cwd=workdir, env=env,
+                stdin=subprocess.PIPE if gated else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True, close_fds=True, bufsize=0,
+            )
+        except OSError as err:
+            raise ExecutorError(f"cannot start /bin/sh in {workdir}: {err}") from err
+        started = time.monotonic()
+        if gated:
+            self._apply_limits(proc, limits)
+        handle = TaskHandle(task_id=spec.task_id, executor=self.name,
+                            session_id=session.session_id, pid=proc.pid, started_at=started_at,
+                            extra={"pgid": proc.pid})
+        name = f"{safe_name(session.session_id)}.{safe_name(spec.task_id)}.json"
+        record = self.records_dir / name
+        task = _Task(handle=handle, proc=proc, workdir=str(workdir), record=record,
+                     started=started)
+        self._write_record(task)
+        assert proc.stdout is not None and proc.stderr is not None
+        for stream, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            reader = threading.Thread(target=self._read, args=(task, stream, pipe, on_output),
+                                      name=f"exec-{spec.task_id}-{stream}", daemon=True)
+            task.readers.append(reader)
+        with self._lock:
+            self._tasks[key] = task
+        for reader in task.readers:
+            reader.start()
+        threading.Thread(target=self._watch, args=(task,), name=f"exec-{spec.task_id}-wait",
+                         daemon=True).start()
+        log.debug("started task %s of session %s as pgid %d", spec.task_id,
+                  session.session_id, proc.pid)
+        return handle
+
+    def wait(self, handle: TaskHandle, timeout: float | None = None) -> ExitResult | None:
+        task = self._task(handle)
+        if not task.done.wait(timeout):
+            return None
+        return task.result
+
+    def signal(self, handle: TaskHandle, signum: int) -> None:
+        self._killpg(self._task(handle), signum)
+
+    def stop(self, handle: TaskHandle, grace_s: float = 5.0) -> ExitResult | None:
+        """TERM the group; after ``grace_s`` KILL it and anything marked as this task's."""
+        task = self._task(handle)
+        if task.done.is_set():
+            return task.result
+        self._killpg(task, _signal.SIGTERM)
+        if task.done.wait(grace_s):
+            return task.result
+        self._killpg(task, _signal.SIGKILL)
+        self._kill_marked(lambda env: env.get("XCLOUD_RESERVATION") == handle.session_id
+                          and env.get("XCLOUD_EXEC_ID") == handle.task_id
+                          and env.get("XCLOUD_WORKDIR") == task.workdir)
+        if task.done.wait(grace_s):
+            return task.result
+        task.abandon.set()
+        task.done.wait(2.0)
+        return task.result
+
+    def close(self) -> None:
+        with self._lock:
+            tasks = list(self._tasks.values())
+        for task in tasks:
+            if not task.done.is_set():
+                self.stop(task.handle, self.kill_grace_s)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _task(self, handle: TaskHandle) -> _Task:
+        with self._lock:
+            task = self._tasks.get((handle.session_id, handle.task_id))
+        if task is None:
+            raise ExecutorError(f"no task {handle.task_id} in session {handle.session_id}")
+        return task
+
+    @staticmethod
+    def _env(spec: TaskSpec, workdir: Path) -> dict[str, str]:
+        env = {
+            "PATH": DEFAULT_PATH,
+            "HOME": str(workdir),
+            "LANG": os.environ.get("LANG") or "C.UTF-8",
+            "TERM": "dumb",
+        }
+        for name, value in spec.env.items():
+            if not _ENV_NAME.match(name) or "\0" in value:
+                raise ExecutorError(f"invalid environment variable {name!r}")
+            env[name] = value
+        env.update({"XCLOUD_RESERVATION": spec.session.session_id,
+                    "XCLOUD_EXEC_ID": spec.task_id, "XCLOUD_WORKDIR": str(workdir)})
+        return env
+
+    @staticmethod
+    def _prelude(workdir: Path, gated: bool) -> str:
+        """One line, so the user's line numbers in shell error messages stay right."""
+        cwd_file = shlex.quote(str(workdir / CWD_FILE))
+        gate = "IFS= read -r __xc || exit 126; exec </dev/null; unset __xc; " if gated else ""
+        on_exit = f"__xc=$?; pwd > {cwd_file} 2>/dev/null; exit $__xc"
+        return (
+            f"{gate}"
+            f"__xc=; [ -r {cwd_file} ] && IFS= read -r __xc < {cwd_file}; "
+            '[ -n "$__xc" ] && cd "$__xc" 2>/dev/null; unset __xc; '
+            f"trap {shlex.quote(on_exit)} EXIT; "
+        )
+
+    def _apply_limits(self, proc: subprocess.Popen[bytes], limits: Limits) -> None:
+        """prlimit the gated shell, then open the gate; on failure it never runs."""
+        assert proc.stdin is not None
+        try:
+            if limits.memory_bytes is not None:
+                value = int(limits.memory_bytes)
+                resource.prlimit(proc.pid, resource.RLIMIT_AS, (value, value))
+            if limits.pids is not None:
+                value = int(limits.pids)
+                resource.prlimit(proc.pid, resource.RLIMIT_NPROC, (value, value))
+            proc.stdin.write(b"go\n")
+        except (OSError, ValueError) as err:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, _signal.SIGKILL)
+            proc.wait()
+            raise ExecutorError(f"cannot apply resource limits: {err}") from err
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+    def _write_record(self, task: _Task) -> None:
+        data = {"session_id": task.handle.session_id, "task_id": task.handle.task_id,
+                "pgid": task.proc.pid, "workdir": task.workdir,
+                "started_at": task.handle.started_at}
+        try:
+            self.records_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = task.record.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, task.record)
+        except OSError as err:  # the markers in the environment still find it later
+            log.warning("cannot record task %s: %s", task.handle.task_id, err)
+
+    def _read(self, task: _Task, stream: str, pipe: IO[bytes], sink: OutputSink) -> None:
+        """Pump one pipe into ``sink`` until EOF (or until the task is abandoned)."""
+        fd = pipe.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        try:
+            while True:
+                if not poller.poll(500):
+                    if task.abandon.is_set():
+                        return
+                    continue
+                try:
+                    data = os.read(fd, self.read_size)
+                except OSError as err:
+                    if err.errno == errno.EINTR:
+                        continue
+                    log.warning("reading %s of %s failed: %s", stream, task.handle.task_id, err)
+                    return
+                if not data:
+                    return
+                try:
+                    sink(stream, data)
+                except Exception:
+                    log.exception("output sink of %s failed; output dropped",
+                                  task.handle.task_id)
+        finally:
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+    def _watch(self, task: _Task) -> None:
+        """Reap the shell, wait for both pipes to drain, then publish the result."""
+        returncode = task.proc.wait()
+        duration = time.monotonic() - task.started
+        for reader in task.readers:
+            reader.join()
+        if returncode < 0:
+            task.result = ExitResult(exit_code=None, signal=-returncode, duration_s=duration)
+        else:
+            task.result = ExitResult(exit_code=returncode, duration_s=duration)
+        task.record.unlink(missing_ok=True)
+        task.done.set()
+        with self._lock:  # keep the newest finished tasks only: their results were collected
+            finished = [k for k, t in self._tasks.items() if t.done.is_set()]
+            for key in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+                del self._tasks[key]
+
+    @staticmethod
+    def _killpg(task: _Task, signum: int) -> None:
+        # Once the task is done its group may be gone and the id reused: leave it alone.
+        if task.done.is_set():
+            return
+        try:
+            os.killpg(task.proc.pid, signum)
+        except ProcessLookupError:
+            pass
+        except PermissionError as err:
+            log.warning("cannot signal process group %d: %s", task.proc.pid, err)
+
+    @staticmethod
+    def _kill_marked(match: Callable[[dict[str, str]], bool]) -> int:
+        """SIGKILL every process of ours whose environment ``match``es; returns how many."""
+        victims = list(_marked_processes(match))
+        others = []
+        for proc in victims:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+                if proc.ppid() != os.getpid():
+                    others.append(proc)
+        # Never wait() on our own children here: psutil would reap them and steal their
+        # exit status from the Popen that reports it. Poll the others until they are gone
+        # or zombies (whoever their parent is reaps them; in a container maybe nobody).
+        deadline = time.monotonic() + 2.0
+        while others and time.monotonic() < deadline:
+            others = [p for p in others if _alive(p)]
+            if others:
+                time.sleep(0.01)
+        return len(victims)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _marked_processes(match: Callable[[dict[str, str]], bool]) -> Iterable[psutil.Process]:
+    me = os.getpid()
+    uid = os.getuid()
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == me or (uid != 0 and proc.uids().real != uid):
+                continue
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        if "XCLOUD_EXEC_ID" in env and match(env):
+            yield proc
