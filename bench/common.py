@@ -342,11 +342,9 @@ class MosquittoBroker(Broker):
             proc.wait(5)
 
 
-def _amqtt_main(conn: Any, root: str, creds: dict[str, tuple[str, str]]) -> None:
-    """Child process: the embedded broker with a dict-backed authenticator."""
-    die_with_parent()
-    quiet_logging()
-    from broker.embedded import BrokerSettings, EmbeddedBroker
+def dict_authenticator(creds: dict[str, tuple[str, str]]) -> Callable[[str, str],
+                                                                       Principal | None]:
+    """An ``EmbeddedBroker`` authenticator over ``{user: (role, $7$ hash)}``."""
 
     def authenticate(user: str, token: str) -> Principal | None:
         entry = creds.get(user)
@@ -354,7 +352,21 @@ def _amqtt_main(conn: Any, root: str, creds: dict[str, tuple[str, str]]) -> None
             return None
         return Principal(user, Role(entry[0]))
 
-    broker = EmbeddedBroker(BrokerSettings(host=LOCALHOST, port=0, root=root), authenticate)
+    return authenticate
+
+
+def credentials(ids: dict[str, Identity]) -> dict[str, tuple[str, str]]:
+    return {i.id: (i.role, hash_token(i.token)) for i in ids.values()}
+
+
+def _amqtt_main(conn: Any, root: str, creds: dict[str, tuple[str, str]]) -> None:
+    """Child process: the embedded broker with a dict-backed authenticator."""
+    die_with_parent()
+    quiet_logging()
+    from broker.embedded import BrokerSettings, EmbeddedBroker
+
+    broker = EmbeddedBroker(BrokerSettings(host=LOCALHOST, port=0, root=root),
+                            dict_authenticator(creds))
     broker.start_in_thread()
     conn.send(broker.port)
     with contextlib.suppress(EOFError, OSError):
@@ -381,8 +393,8 @@ class AmqttBroker(Broker):
 
     def start(self, timeout: float = 30.0) -> AmqttBroker:
         parent, child = SPAWN.Pipe()
-        creds = {i.id: (i.role, hash_token(i.token)) for i in self.ids.values()}
-        self.proc = SPAWN.Process(target=_amqtt_main, args=(child, self.root, creds),
+        self.proc = SPAWN.Process(target=_amqtt_main,
+                                  args=(child, self.root, credentials(self.ids)),
                                   name="bench-amqtt", daemon=True)
         self.proc.start()
         child.close()
@@ -408,9 +420,10 @@ class AmqttBroker(Broker):
             self._conn.close()
 
 
-def start_broker(kind: str, ids: dict[str, Identity], root: str, workdir: Path) -> Broker:
+def start_broker(kind: str, ids: dict[str, Identity], root: str, workdir: Path,
+                 **mosquitto_options: Any) -> Broker:
     if kind == "mosquitto":
-        return MosquittoBroker(ids, root, workdir).start()
+        return MosquittoBroker(ids, root, workdir, **mosquitto_options).start()
     if kind == "amqtt":
         return AmqttBroker(ids, root, workdir).start()
     raise ValueError(f"unknown broker {kind!r}")
@@ -744,9 +757,12 @@ suggested change to non-bench code would gain, without making it."""
 
 def _coordinator_main(conn: Any, bus_url: str, root: str, ident: Identity, db_url: str,
                       home: str, coord_settings: dict[str, Any],
-                      patches: Sequence[str] = ()) -> None:
+                      patches: Sequence[str] = (),
+                      embed_creds: dict[str, tuple[str, str]] | None = None) -> None:
     """Child process: a real Coordinator (store, bus, registry) plus a command loop.
 
+    With ``embed_creds`` the embedded amqtt broker runs in this same process, as with
+    ``xcloud up`` and ``xcloud coordinator --embed-broker`` (one GIL for both).
     Commands (tuples over the pipe): ``("stats",)``, ``("arm", target, stall_s,
     deadline_s)`` then ``("wait",)``, ``("rows",)``, ``("stop",)``.
     """
@@ -760,6 +776,14 @@ def _coordinator_main(conn: Any, bus_url: str, root: str, ident: Identity, db_ur
     from coordinator.service import Coordinator
     from coordinator.store import Store
 
+    embedded = None
+    if embed_creds is not None:
+        from broker.embedded import BrokerSettings, EmbeddedBroker
+
+        embedded = EmbeddedBroker(BrokerSettings(host=LOCALHOST, port=0, root=root),
+                                  dict_authenticator(embed_creds))
+        embedded.start_in_thread()
+        bus_url = embedded.url
     store = Store.open(db_url)
     cfg = Config()
     cfg.home = Path(home)
@@ -814,7 +838,7 @@ def _coordinator_main(conn: Any, bus_url: str, root: str, ident: Identity, db_ur
         }
 
     try:
-        conn.send(("ready", os.getpid()))
+        conn.send(("ready", os.getpid(), bus_url))
         while True:
             try:
                 cmd, *args = conn.recv()
@@ -842,6 +866,8 @@ def _coordinator_main(conn: Any, bus_url: str, root: str, ident: Identity, db_ur
     finally:
         coord.stop()
         store.close()
+        if embedded is not None:
+            embedded.stop_in_thread()
         with contextlib.suppress(OSError):
             conn.send("stopped")
 
@@ -850,11 +876,15 @@ class CoordinatorProcess:
     """A coordinator (``coordinator.service.Coordinator``) in its own spawned process."""
 
     def __init__(self, bus_url: str, root: str, ident: Identity, db_url: str, home: Path,
-                 patches: Sequence[str] = (), **coord_settings: Any) -> None:
-        self.args = (bus_url, root, ident, db_url, str(home), coord_settings, tuple(patches))
+                 patches: Sequence[str] = (),
+                 embed_creds: dict[str, tuple[str, str]] | None = None,
+                 **coord_settings: Any) -> None:
+        self.args = (bus_url, root, ident, db_url, str(home), coord_settings, tuple(patches),
+                     embed_creds)
         self.proc: Any = None
         self.conn: Any = None
         self.pid = 0
+        self.url = bus_url  # the embedded broker's URL when there is one
 
     def start(self, timeout: float = 60.0) -> CoordinatorProcess:
         self.conn, child = SPAWN.Pipe()
@@ -865,7 +895,7 @@ class CoordinatorProcess:
         if not self.conn.poll(timeout):
             self.stop()
             raise RuntimeError("coordinator did not start")
-        _, self.pid = self.conn.recv()
+        _, self.pid, self.url = self.conn.recv()
         return self
 
     def call(self, *cmd: Any, timeout: float = 60.0) -> Any:

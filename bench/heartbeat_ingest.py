@@ -4,7 +4,10 @@ coordinator validates, batches and writes, over Mosquitto and amqtt, SQLite and 
 Method (see BENCHMARKS.md for the numbers):
 
 - a real ``Coordinator`` (bus, registry, store) runs in its own spawned process, as
-  principal ``coordinator`` (role coordinator), with the default 0.2 s flush window;
+  principal ``coordinator`` (role coordinator), with the default 0.2 s flush window.
+  Brokers: Mosquitto; amqtt (``EmbeddedBroker``) in its own process; and
+  ``amqtt-embedded``, the broker inside the coordinator's process as ``xcloud up`` and
+  ``xcloud coordinator --embed-broker`` run it (broker and coordinator share one GIL);
 - simulated workers: N worker ids (1,000 and 5,000). Each first publishes a valid
   ``worker.caps`` (QoS 1) so the coordinator knows it. The simulation connects as ONE
   principal, ``sim``, with role *coordinator* (allowed to publish on every worker's
@@ -23,7 +26,7 @@ Method (see BENCHMARKS.md for the numbers):
 ``--profile`` also samples the coordinator with py-spy (``--gil``: only the thread
 holding the GIL, i.e. where the interpreter's time goes) during one run.
 
-    python -m bench.heartbeat_ingest [--quick] [--brokers ..] [--dbs ..] [--profile]
+    python -m bench.heartbeat_ingest [--quick] [--configs mosquitto:sqlite,..] [--profile]
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from bench.common import (
     CoordinatorProcess,
     Identity,
     LoadMonitor,
+    credentials,
     database,
     die_with_parent,
     fmt,
@@ -66,9 +70,10 @@ from bench.common import (
 INTERVAL_S = 300.0
 TARGET = 10_000.0  # heartbeats/s, SQLite via Mosquitto
 FULL = {"sizes": [1000, 5000], "count": 30_000, "publishers": 3,
-        "brokers": "mosquitto,amqtt", "dbs": "sqlite,mariadb"}
+        "configs": "mosquitto:sqlite,mosquitto:mariadb,amqtt:sqlite,amqtt:mariadb,"
+                   "amqtt-embedded:sqlite"}
 QUICK = {"sizes": [1000], "count": 10_000, "publishers": 2,
-         "brokers": "mosquitto,amqtt", "dbs": "sqlite"}
+         "configs": "mosquitto:sqlite,amqtt:sqlite"}
 
 
 def wid_of(i: int) -> str:
@@ -213,26 +218,34 @@ def start_pyspy(pid: int, duration: float, out: Path) -> subprocess.Popen[bytes]
 
 def run_config(broker_kind: str, db_kind: str, sizes: list[int], count: int, publishers: int,
                workdir: Path, profile: bool = False, profile_dir: Path | None = None,
-               patches: tuple[str, ...] = ()) -> dict[str, Any]:
+               patches: tuple[str, ...] = (), mosquitto_queue: int | None = 0
+               ) -> dict[str, Any]:
     root = unique_root("ingest")
     ids = identities(("coordinator", "coordinator"), ("sim", "coordinator"))
     out: dict[str, Any] = {"broker": broker_kind, "db": db_kind, "phases": [],
                            "patches": list(patches)}
+    options: dict[str, Any] = {}
+    if broker_kind == "mosquitto":
+        options["max_queued_messages"] = mosquitto_queue
+        out["mosquitto_max_queued_messages"] = mosquitto_queue
+    embedded = broker_kind == "amqtt-embedded"
     with database(db_kind, workdir) as db_url:
-        broker = start_broker(broker_kind, ids, root, workdir)
+        broker = None if embedded else start_broker(broker_kind, ids, root, workdir, **options)
         coord = None
         try:
-            coord = CoordinatorProcess(broker.url, root, ids["coordinator"], db_url,
-                                       workdir / f"home-{root}", patches=patches,
+            coord = CoordinatorProcess(broker.url if broker else "", root, ids["coordinator"],
+                                       db_url, workdir / f"home-{root}", patches=patches,
+                                       embed_creds=credentials(ids) if embedded else None,
                                        default_heartbeat_s=INTERVAL_S).start()
-            wait_coordinator_ready(broker.url, ids["sim"], root)
+            url = coord.url
+            wait_coordinator_ready(url, ids["sim"], root)
             known = 0
             written = 0
             for n_workers in sizes:
                 phase: dict[str, Any] = {"workers": n_workers, "count": count}
                 # join: caps for the new ids, until the coordinator tracks them all
                 t0 = time.monotonic()
-                publish_caps(broker.url, ids["sim"], root,
+                publish_caps(url, ids["sim"], root,
                              [wid_of(i) for i in range(known, n_workers)], INTERVAL_S)
 
                 def tracked(n: int = n_workers) -> bool:
@@ -247,7 +260,7 @@ def run_config(broker_kind: str, db_kind: str, sizes: list[int], count: int, pub
                 phase["joined"] = n_workers - known
                 known = n_workers
                 # heartbeats
-                pubs = _spawn_publishers(broker.url, ids["sim"], root, n_workers, count,
+                pubs = _spawn_publishers(url, ids["sim"], root, n_workers, count,
                                          publishers)
                 try:
                     for _, conn in pubs:
@@ -303,7 +316,8 @@ def run_config(broker_kind: str, db_kind: str, sizes: list[int], count: int, pub
         finally:
             if coord is not None:
                 coord.stop()
-            broker.stop()
+            if broker is not None:
+                broker.stop()
     return out
 
 
@@ -379,48 +393,57 @@ def stage_costs(workdir: Path, db_kinds: list[str], n: int = 5000) -> dict[str, 
 # ----------------------------------------------------------------------------- run
 
 
-def run(quick: bool = False, brokers: str | None = None, dbs: str | None = None,
-        profile: bool = False, count: int | None = None, profile_dir: Path | None = None,
-        what_if: str | None = None, sizes: str | None = None) -> dict[str, Any]:
+def run(quick: bool = False, configs: str | None = None, profile: bool = False,
+        count: int | None = None, profile_dir: Path | None = None,
+        what_if: str | None = None, sizes: str | None = None,
+        mosquitto_queue: int | None = 0) -> dict[str, Any]:
     plan = dict(QUICK if quick else FULL)
-    if brokers:
-        plan["brokers"] = brokers
-    if dbs:
-        plan["dbs"] = dbs
+    if configs:
+        plan["configs"] = configs
     if count:
         plan["count"] = count
     if sizes:
         plan["sizes"] = [int(x) for x in sizes.split(",") if x.strip()]
-    db_kinds = [d.strip() for d in plan["dbs"].split(",") if d.strip()]
-    if "mariadb" in db_kinds and not mariadb_available():
+    pairs = []
+    for item in plan["configs"].split(","):
+        broker_kind, _, db_kind = item.strip().partition(":")
+        pairs.append((broker_kind, db_kind or "sqlite"))
+    if any(d == "mariadb" for _, d in pairs) and not mariadb_available():
         print("heartbeat_ingest: MariaDB not reachable, skipping it", file=sys.stderr)
-        db_kinds.remove("mariadb")
-    broker_kinds = [b.strip() for b in plan["brokers"].split(",") if b.strip()]
+        pairs = [(b, d) for b, d in pairs if d != "mariadb"]
+    db_kinds = sorted({d for _, d in pairs}, key=["sqlite", "mariadb"].index)
     started = time.monotonic()
-    configs = []
+    results = []
     with scratch_dir() as workdir:
         stages = stage_costs(workdir, db_kinds)
-        for broker_kind in broker_kinds:
-            for db_kind in db_kinds:
-                print(f"heartbeat_ingest: {broker_kind} + {db_kind} ...", file=sys.stderr,
-                      flush=True)
-                do_profile = profile and broker_kind == "mosquitto" and db_kind == "sqlite"
-                configs.append(run_config(broker_kind, db_kind, plan["sizes"], plan["count"],
-                                          plan["publishers"], workdir, do_profile,
-                                          profile_dir))
-                if what_if:
-                    patches = tuple(p.strip() for p in what_if.split(",") if p.strip())
-                    print(f"heartbeat_ingest: {broker_kind} + {db_kind} with "
-                          f"{'+'.join(patches)} ...", file=sys.stderr, flush=True)
-                    configs.append(run_config(broker_kind, db_kind, plan["sizes"],
-                                              plan["count"], plan["publishers"], workdir,
-                                              patches=patches))
+        for broker_kind, db_kind in pairs:
+            print(f"heartbeat_ingest: {broker_kind} + {db_kind} ...", file=sys.stderr,
+                  flush=True)
+            do_profile = profile and broker_kind == "mosquitto" and db_kind == "sqlite"
+            results.append(run_config(broker_kind, db_kind, plan["sizes"], plan["count"],
+                                      plan["publishers"], workdir, do_profile,
+                                      profile_dir, mosquitto_queue=mosquitto_queue))
+            if what_if:
+                patches = tuple(p.strip() for p in what_if.split(",") if p.strip())
+                print(f"heartbeat_ingest: {broker_kind} + {db_kind} with "
+                      f"{'+'.join(patches)} ...", file=sys.stderr, flush=True)
+                results.append(run_config(broker_kind, db_kind, plan["sizes"],
+                                          plan["count"], plan["publishers"], workdir,
+                                          patches=patches))
     return {"benchmark": "heartbeat_ingest", "quick": quick, "plan": plan, "target": TARGET,
-            "stages": stages, "configs": configs, "machine": machine(),
+            "stages": stages, "configs": results, "machine": machine(),
             "elapsed_s": round(time.monotonic() - started, 1)}
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def _label(cfg: dict[str, Any]) -> str:
+    notes = list(cfg.get("patches") or [])
+    queue = cfg.get("mosquitto_max_queued_messages")
+    if queue:
+        notes.append(f"max_queued_messages {queue}")
+    return cfg["broker"] + (f" ({', '.join(notes)})" if notes else "")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -428,11 +451,10 @@ def markdown(result: dict[str, Any]) -> str:
     by_key: dict[tuple[str, str, int], dict[str, Any]] = {}
     for cfg in result["configs"]:
         for ph in cfg["phases"]:
-            if not cfg.get("patches"):
+            if _label(cfg) == cfg["broker"]:
                 by_key[(cfg["broker"], cfg["db"], ph["workers"])] = ph
             rows.append([
-                cfg["broker"] + (f" ({'+'.join(cfg['patches'])})" if cfg.get("patches")
-                                 else ""), cfg["db"], f"{ph['workers']:,}",
+                _label(cfg), cfg["db"], f"{ph['workers']:,}",
                 f"{ph['ingested']:,}/{ph['count']:,}",
                 fmt(ph["offered_per_s"]), fmt(ph["ingest_per_s"]), fmt(ph["end_to_end_per_s"]),
                 ratio(ph["ingest_per_s"], result["target"]),
@@ -453,16 +475,16 @@ def markdown(result: dict[str, Any]) -> str:
                        ratio(rate("amqtt", "sqlite"), rate("mosquitto", "sqlite")),
                        ratio(rate("amqtt", "mariadb"), rate("mosquitto", "mariadb")),
                        ratio(rate("mosquitto", "mariadb"), rate("mosquitto", "sqlite")),
-                       ratio(rate("amqtt", "mariadb"), rate("amqtt", "sqlite"))])
+                       ratio(rate("amqtt", "mariadb"), rate("amqtt", "sqlite")),
+                       ratio(rate("amqtt-embedded", "sqlite"), rate("amqtt", "sqlite"))])
     ratio_table = md_table(["", "amqtt/Mosquitto (SQLite)", "amqtt/Mosquitto (MariaDB)",
-                            "MariaDB/SQLite (Mosquitto)", "MariaDB/SQLite (amqtt)"], ratios)
+                            "MariaDB/SQLite (Mosquitto)", "MariaDB/SQLite (amqtt)",
+                            "amqtt in-process / amqtt own process (SQLite)"], ratios)
     threads = []
     for cfg in result["configs"]:
         for ph in cfg["phases"]:
             top = ", ".join(f"{k} {v:.1f}" for k, v in list(ph["threads"].items())[:4])
-            label = f"{cfg['broker']}+{cfg['db']}" + (
-                f" ({'+'.join(cfg['patches'])})" if cfg.get("patches") else "")
-            threads.append([f"{label} {ph['workers']:,}", top,
+            threads.append([f"{_label(cfg)}+{cfg['db']} {ph['workers']:,}", top,
                             fmt(ph["max_lane_backlog"])])
     thread_table = md_table(["run", "coordinator CPU seconds by thread", "max lane backlog"],
                             threads)
@@ -510,12 +532,16 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--brokers", help="comma-separated: mosquitto, amqtt")
-    parser.add_argument("--dbs", help="comma-separated: sqlite, mariadb")
+    parser.add_argument("--configs", help="comma-separated broker:db pairs; brokers "
+                        "mosquitto, amqtt (own process), amqtt-embedded (in the "
+                        "coordinator's process, as `xcloud up`); dbs sqlite, mariadb")
     parser.add_argument("--count", type=int, help="heartbeats per run")
     parser.add_argument("--profile", action="store_true",
                         help="sample the coordinator with py-spy (Mosquitto + SQLite)")
     parser.add_argument("--sizes", help="comma-separated worker counts, e.g. 1000,5000")
+    parser.add_argument("--mosquitto-queue", type=int, default=0,
+                        help="Mosquitto max_queued_messages (default 0 = unlimited; "
+                        "Mosquitto's own default, 1000, drops QoS 0 heartbeats in a burst)")
     parser.add_argument("--what-if", help="also run each config with these coordinator "
                         "monkeypatches (measuring a suggested change): "
                         "match-cache, body-fields")

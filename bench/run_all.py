@@ -41,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    modules = {name: importlib.import_module(f"bench.{name}") for name in names}
     started = time.monotonic()
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "benchmarks": {}}
     sections = []
     for name in names:
-        module = importlib.import_module(f"bench.{name}")
+        module = modules[name]
         busy = wait_for_quiet()
         print(f"run_all: {name} (machine CPU before: {busy:.0f} %)", file=sys.stderr,
               flush=True)

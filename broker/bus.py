@@ -91,6 +91,7 @@ class _Subscription:
     lane: str
     handler: Handler | None = None
     raw_handler: RawHandler | None = None
+    types: frozenset[str] | None = None  # accepted message types (None: any)
 
 
 @dataclass
@@ -154,6 +155,7 @@ class Bus:
             max(1, round(config.reconnect_min_s)), max(1, round(config.reconnect_max_s))
         )
         self._client.max_inflight_messages_set(1000)
+        self._client.suppress_exceptions = True  # a callback bug must not kill the loop
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -167,7 +169,7 @@ class Bus:
         self._first_connect = threading.Event()
         self._connect_hooks: list[Callable[[], None]] = []
         self._last_refusal: str | None = None
-        self._granted: dict[int, list[int]] = {}
+        self._ready_mid: int | None = None
         self._started = False
         self._stopping = False
         self.reconnects = 0
@@ -261,9 +263,15 @@ class Bus:
     # -- subscribe / publish -------------------------------------------------------
 
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1,
-                  lane: str = "default") -> None:
-        """Deliver validated messages matching ``topic_filter`` to ``handler`` on ``lane``."""
-        self._subscribe_internal(_Subscription(topic_filter, qos, lane, handler=handler))
+                  lane: str = "default", types: tuple[str, ...] | None = None) -> None:
+        """Deliver validated messages matching ``topic_filter`` to ``handler`` on ``lane``.
+
+        With ``types`` only those message types reach the handler; a valid message of
+        another type on that topic (a heartbeat on a caps topic, say) is dropped.
+        """
+        self._subscribe_internal(_Subscription(
+            topic_filter, qos, lane, handler=handler,
+            types=frozenset(types) if types else None))
 
     def subscribe_raw(self, topic_filter: str, handler: RawHandler, *, qos: int = 1,
                       lane: str = "default") -> None:
@@ -361,11 +369,19 @@ class Bus:
         _set_nodelay(client)
         with self._lock:
             subs = list(self._subs.values())
-        if subs:
-            client.subscribe([(s.topic_filter, s.qos) for s in subs])
         if self._first_connect.is_set():
             self.reconnects += 1
             log.info("reconnected to %s", self.config.url)
+        if subs:
+            # Ready only once the broker has acknowledged the (re)subscriptions: a peer
+            # may otherwise send us a request that the broker routes to nobody.
+            _, mid = client.subscribe([(s.topic_filter, s.qos) for s in subs])
+            self._ready_mid = mid
+        else:
+            self._ready()
+
+    def _ready(self) -> None:
+        self._ready_mid = None
         self._first_connect.set()
         self.connected.set()
         if self._connect_hooks:
@@ -383,8 +399,17 @@ class Bus:
         for rc in reason_codes:
             if rc.is_failure:
                 log.warning("broker refused a subscription: %s", rc)
+        if mid == self._ready_mid:
+            self._ready()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # An exception here would kill paho's network thread for good: never let one out.
+        try:
+            self._route(msg)
+        except Exception:
+            log.exception("failed to route a message on %s", msg.topic)
+
+    def _route(self, msg: mqtt.MQTTMessage) -> None:
         if self.inbox and msg.topic.startswith(self.inbox + "/"):
             if msg.retain:
                 # A retained request would replay on every reconnect; some brokers
@@ -471,6 +496,13 @@ class Bus:
             self._reject(err, sender)
             return
         assert sub.handler is not None
+        if sub.types is not None and env.type not in sub.types:
+            log.warning("dropped %s on %s from %s: not a message type of this topic",
+                        env.type, msg.topic, sender or "?")
+            if env.reply_to and self.topics.is_inbox(env.reply_to):
+                self.reply_error(Incoming(msg.topic, env, sender), "invalid",
+                                 f"{env.type} is not accepted on {msg.topic}")
+            return
         sub.handler(Incoming(msg.topic, env, sender, bool(msg.retain)))
 
     def _reject(self, err: WireError, sender: str | None) -> None:

@@ -9,6 +9,8 @@ the sections below (``[bus]``, ``[broker]``, ``[coordinator]``, ``[worker]``, ``
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import tomllib
 import types
@@ -173,9 +175,18 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         if hint is int:
             if isinstance(value, bool):
                 raise TypeError("expected an integer")
-            return int(value)
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError("expected a whole number")
+                return int(value)
+            return int(str(value).strip())
         if hint is float:
-            return float(value)
+            if isinstance(value, bool):
+                raise TypeError("expected a number")
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError("expected a finite number")
+            return number
         if hint is str:
             if isinstance(value, (dict, list)):
                 raise TypeError("expected a string")
@@ -245,8 +256,9 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    # A JSON string is a valid TOML basic string (same escapes, \uXXXX for controls).
+    # Non-ASCII stays raw UTF-8 (TOML rejects escaped surrogate pairs); DEL needs escaping.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:

@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write a Mosquitto password file and ACL file for our principals")
     mx.add_argument("directory", type=Path)
     mx.set_defaults(func=cmd_mosquitto_export)
+    for leaf in (a, ls, rv, mx):  # --db also after the action; SUPPRESS keeps the earlier one
+        leaf.add_argument("--db", default=argparse.SUPPRESS,
+                          help="database URL (default sqlite in $XCLOUD_HOME/data)")
     return parser
 
 
@@ -187,6 +190,12 @@ def _setup_logging(verbose: int) -> None:
     if not isinstance(level, int):
         level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _wait_for_signal(stop: Any) -> None:
+    """Block until a handler sets ``stop``; short waits so signals are never missed."""
+    while not stop.wait(0.5):
+        pass
 
 
 def _store(config: Config) -> Any:
@@ -229,7 +238,7 @@ def cmd_broker(args: argparse.Namespace, config: Config) -> int:
     broker.start_in_thread()
     print(f"broker listening on {broker.url}"
           + (f" and {broker.ws_url}" if broker.ws_url else ""), flush=True)
-    stop.wait()
+    _wait_for_signal(stop)
     broker.stop_in_thread()
     store.close()
     return 0
@@ -261,7 +270,7 @@ def cmd_coordinator(args: argparse.Namespace, config: Config) -> int:
     coordinator.start(wait=False)
     print(f"coordinator running (broker {config.bus.url}, database {config.db_url})",
           flush=True)
-    stop.wait()
+    _wait_for_signal(stop)
     coordinator.stop()
     if broker:
         broker.stop_in_thread()

@@ -213,7 +213,7 @@ def run_up(config: Config, workers: int, executor: str) -> int:
         grid.start()
         print(grid.summary(), flush=True)
         grid.supervise()
-    finally:
         print("stopping...", flush=True)
+    finally:
         grid.stop()
     return 0

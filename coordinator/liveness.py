@@ -63,6 +63,12 @@ class HeartbeatMonitor:
             return
         self._last[wid] = (now, interval)
 
+    def refresh_all(self, now: float) -> None:
+        """Give every tracked worker a full deadline from ``now`` (we were deaf)."""
+        with self._cond:
+            for wid, (_, interval) in list(self._last.items()):
+                self._last[wid] = (now, interval)
+
     def forget(self, wid: str) -> None:
         """Stop watching ``wid`` (it went offline or was found lost)."""
         with self._cond:

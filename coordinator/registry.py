@@ -44,6 +44,7 @@ class WorkerRegistry:
         publish_event: EventSink,
         request_caps: CapsRequester,
         clock: Callable[[], float] = time.time,
+        is_connected: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
         self.topics = topics
@@ -52,6 +53,8 @@ class WorkerRegistry:
         self._publish_event = publish_event
         self._request_caps = request_caps
         self._clock = clock
+        self._is_connected = is_connected
+        self._timers_loaded = False
         self.monitor = HeartbeatMonitor(liveness_factor, self._on_deadline, clock=clock)
         self._batch: list[tuple[str, dict[str, Any], float]] = []
         self._batch_lock = threading.Lock()
@@ -66,18 +69,27 @@ class WorkerRegistry:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Rebuild liveness timers from the store, then start the monitor and writer.
-
-        Workers that were live when the coordinator stopped get a full deadline from
-        now: while we were away their heartbeats went nowhere, which is not their fault.
-        """
-        now = self._clock()
-        for wid, _last_seen, interval in self.store.live_worker_deadlines():
-            self.monitor.track(wid, now, interval or self.default_interval)
+        """Start the monitor and the heartbeat writer; timers are armed on connect."""
         self.monitor.start()
         self._writer = threading.Thread(target=self._write_loop, name="heartbeat-writer",
                                         daemon=True)
         self._writer.start()
+
+    def on_bus_connected(self) -> None:
+        """(Re)arm liveness timers once our subscriptions are live.
+
+        First connect: rebuild the timers of live workers from the store. Every worker
+        gets a full deadline from now: while we were away (or not yet subscribed) their
+        heartbeats went nowhere, which is not their fault. Later reconnects refresh the
+        deadlines for the same reason.
+        """
+        now = self._clock()
+        if self._timers_loaded:
+            self.monitor.refresh_all(now)
+            return
+        self._timers_loaded = True
+        for wid, _last_seen, interval in self.store.live_worker_deadlines():
+            self.monitor.track(wid, now, interval or self.default_interval)
 
     def stop(self) -> None:
         self._stop.set()
@@ -193,6 +205,12 @@ class WorkerRegistry:
     # -- state changes -------------------------------------------------------------------
 
     def _on_deadline(self, wid: str, silent_for: float) -> None:
+        if not self._is_connected():
+            # We cannot hear anybody: silence says nothing about the worker.
+            record = self.store.get_worker(wid)
+            interval = (record.heartbeat_interval if record else 0) or self.default_interval
+            self.monitor.track(wid, self._clock(), interval)
+            return
         self.flush()
         self._transition(wid, WorkerState.LOST, f"no heartbeat for {silent_for:.1f}s",
                          self._clock())

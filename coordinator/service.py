@@ -18,7 +18,14 @@ from coordinator.registry import WorkerRegistry
 from coordinator.requests import VERSION, RequestHandlers
 from coordinator.reservations import ReservationService
 from coordinator.store import Store
-from schemas.messages import CapsRefresh, CoordStatus, WorkerEvent
+from schemas.messages import (
+    CapsRefresh,
+    CoordStatus,
+    WorkerCaps,
+    WorkerEvent,
+    WorkerHeartbeat,
+    WorkerStatus,
+)
 from schemas.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,7 @@ class Coordinator:
             flush_s=config.coordinator.heartbeat_flush_s,
             publish_event=self._publish_event,
             request_caps=self._request_caps,
+            is_connected=self.bus.connected.is_set,
         )
         self.requests = RequestHandlers(self.bus, store, self.registry)
         self.grant_key = grant_key or load_or_create_grant_key(config.data_dir)
@@ -60,13 +68,15 @@ class Coordinator:
     def start(self, wait: bool = True) -> None:
         self.registry.start()
         self.reservations.start()  # before the bus: it must see every worker state change
-        self.bus.subscribe(self.topics.all_worker_caps, self.registry.on_caps, lane="registry")
+        self.bus.subscribe(self.topics.all_worker_caps, self.registry.on_caps, lane="registry",
+                           types=(WorkerCaps.TYPE,))
         self.bus.subscribe(self.topics.all_worker_status, self.registry.on_status,
-                           lane="registry")
+                           lane="registry", types=(WorkerStatus.TYPE,))
         self.bus.subscribe(self.topics.all_worker_heartbeat, self.registry.on_heartbeat,
-                           qos=0, lane="heartbeat")
+                           qos=0, lane="heartbeat", types=(WorkerHeartbeat.TYPE,))
         self.requests.register()
         self.reservations.register()
+        self.bus.on_connected(self.registry.on_bus_connected)
         self.bus.on_connected(self._announce)
         self.bus.start(wait=wait)
         log.info("coordinator %s up on %s (root %s, db %s)", self.principal,

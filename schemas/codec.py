@@ -28,6 +28,11 @@ def _reason(err: fastjsonschema.JsonSchemaException) -> str:
     return str(getattr(err, "message", None) or err)
 
 
+def _reject_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON; they would also slip past every numeric bound."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -83,9 +88,11 @@ def decode(payload: bytes, *, topic: str | None = None,
         raise WireError("too_large", f"payload of {len(payload)} bytes exceeds {max_payload}",
                         topic=topic)
     try:
-        data = json.loads(payload)
+        data = json.loads(payload, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as err:
         raise WireError("bad_json", f"not JSON: {err}", topic=topic) from err
+    except RecursionError as err:
+        raise WireError("bad_json", "JSON nested too deeply", topic=topic) from err
     if not isinstance(data, dict):
         raise WireError("bad_envelope", "message is not a JSON object", topic=topic)
     mtype, mid = data.get("type"), data.get("id")

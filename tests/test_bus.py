@@ -306,11 +306,6 @@ def test_bus_reconnects_and_resubscribes_after_a_broker_restart(
              message=f"on_connected hooks ran again: {hooks}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG schemas/codec.py decode(): json.loads raises RecursionError (not ValueError) on "
-    "deeply nested JSON; with a request pending, Bus._on_message -> _complete_reply decodes "
-    "on paho's network thread, paho re-raises callback exceptions and its loop thread dies: "
-    "the bus never receives or reconnects again"))
 def test_a_nested_json_bomb_in_the_inbox_does_not_kill_the_bus(grid: GridHarness) -> None:
     """Deeply nested JSON makes json.loads raise RecursionError, not ValueError.
 

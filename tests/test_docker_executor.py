@@ -260,6 +260,7 @@ def test_ctrl_c_stops_sleep(executor: DockerExecutor, session: SessionHandle) ->
 
 def test_signal_right_after_start(executor: DockerExecutor, session: SessionHandle) -> None:
     handle, _ = start(executor, session, "sleep 30")
+    assert handle.pid  # start() returns once the engine has spawned it (host pid)
     executor.signal(handle, signal.SIGTERM)
     result = executor.wait(handle, timeout=5)
     assert result is not None and result.signal == signal.SIGTERM
@@ -317,8 +318,23 @@ def test_open_session_is_idempotent_and_close_removes_the_container(
     executor.close_session(first)
     assert containers(docker_engine, "sess-close") == []
     result = executor.wait(handle, timeout=10)
-    assert result is not None and result.error == "session closed"
+    assert result is not None and result.signal == signal.SIGTERM  # TERM first
     assert workdir.is_dir()  # the work dir is the caller's to remove
+
+
+def test_close_kills_what_ignores_term(docker_engine: docker.DockerClient,
+                                       workdir: Path) -> None:
+    quick = DockerExecutor(WorkerConfig(docker_image=BUSYBOX), worker_id=WORKER_ID,
+                           kill_grace_s=0.3)
+    session = quick.open_session(SessionSpec("sess-stubborn", workdir, "bob"))
+    handle, out = start(quick, session, "trap '' TERM; echo up; sleep 30")
+    wait_for(lambda: "up" in out.text(), timeout=10, message="command started")
+    quick.close_session(session)
+    result = quick.wait(handle, timeout=10)
+    assert result is not None and result.signal == signal.SIGKILL
+    assert result.error == "session closed"
+    assert containers(docker_engine, "sess-stubborn") == []
+    quick.close()
 
 
 def test_dead_container_is_recreated_on_next_start(

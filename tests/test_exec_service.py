@@ -1,14 +1,22 @@
-"""Remote commands end to end over a real broker (embedded amqtt and Mosquitto).
+"""Remote commands end to end over a real broker (embedded amqtt and Mosquitto), on both
+executors (process and docker).
 
 The harness plays every part with real buses: a ``coordinator`` principal that opens and
 closes reservations and publishes its grant key (retained), the worker's ExecService
-with the process executor, and two clients (``alice`` holds the reservation, ``mallory``
-does not).
+with an executor, and two clients (``alice`` holds the reservation, ``mallory`` does
+not).
+
+Every grid test runs on (amqtt, process), (amqtt, docker) and (mosquitto, process); the
+tests decorated with ``@docker_on_mosquitto`` also on (mosquitto, docker). Docker
+sessions use the busybox image (fast); each grid labels its containers with a worker
+id of its own (``xcloud.worker``), removes them when it closes, and the module checks
+that none is left (``docker_leak_check``).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import logging
 import os
@@ -52,13 +60,18 @@ from schemas.messages import (
     ReservationOpen,
 )
 from schemas.topics import Topics
-from tests.fixtures.services import wait_for
+from tests.fixtures.services import BUSYBOX_IMAGE, wait_for
 from worker.exec_service import ExecService
+from worker.executors.base import Executor
+from worker.executors.docker import LABEL_WORKER, DockerExecutor
 from worker.executors.process import ProcessExecutor
 from worker.output import OutputStreamer
 
 ROOT = "xcloud"
 WID = "w1"
+# Docker containers of this module are labelled xcloud.worker=<DOCKER_PREFIX>-<grid>.
+DOCKER_PREFIX = f"test-exec-{uuid.uuid4().hex[:6]}"
+DOCKER_IMAGE = BUSYBOX_IMAGE
 TOPICS = Topics(ROOT)
 PRINCIPALS = {
     "coordinator": (Role.COORDINATOR, "coord-token-0123456789"),
@@ -78,10 +91,74 @@ def _authenticate(user: str, token: str) -> Principal | None:
     return Principal(user, entry[0])
 
 
-@pytest.fixture(params=["amqtt", "mosquitto"])
-def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def docker_on_mosquitto(test: Callable[..., None]) -> Callable[..., None]:
+    """Also run this test on (mosquitto, docker): the docker smoke subset on Mosquitto."""
+    test.docker_on_mosquitto = True  # type: ignore[attr-defined]
+    return test
+
+
+def process_only(test: Callable[..., None]) -> Callable[..., None]:
+    """Run this test on the process executor only (it tests the protocol, not the driver)."""
+    test.process_only = True  # type: ignore[attr-defined]
+    return test
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize every grid test over (broker, executor), see the module docstring."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    docker = pytest.mark.docker
+    params = [pytest.param(("amqtt", "process"), id="amqtt-process"),
+              pytest.param(("amqtt", "docker"), id="amqtt-docker", marks=docker),
+              pytest.param(("mosquitto", "process"), id="mosquitto-process")]
+    if getattr(metafunc.function, "docker_on_mosquitto", False):
+        params.append(pytest.param(("mosquitto", "docker"), id="mosquitto-docker",
+                                   marks=docker))
+    if getattr(metafunc.function, "process_only", False):
+        params = [p for p in params if p.values[0][1] == "process"]  # type: ignore[index]
+    metafunc.parametrize("backend", params, indirect=True)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(broker, executor) of this test run."""
+    value: tuple[str, str] = request.param
+    return value
+
+
+@pytest.fixture
+def executor_kind(backend: tuple[str, str], request: pytest.FixtureRequest) -> str:
+    """``process`` or ``docker``; docker needs the engine and the busybox image (skip, or
+    fail under XCLOUD_REQUIRE_SERVICES=1) and arms the module's container leak check."""
+    if backend[1] == "docker":
+        request.getfixturevalue("docker_image")(DOCKER_IMAGE)
+        request.getfixturevalue("docker_leak_check")
+    return backend[1]
+
+
+def docker_containers(engine: Any, worker_id: str | None = None) -> list[str]:
+    """Containers (running or not) labelled by this module, or by one grid of it."""
+    found = engine.api.containers(all=True, filters={"label": LABEL_WORKER})
+    return [str(c["Id"]) for c in found
+            if (c.get("Labels") or {}).get(LABEL_WORKER, "").startswith(worker_id or
+                                                                         DOCKER_PREFIX)]
+
+
+@pytest.fixture(scope="module")
+def docker_leak_check(docker_engine: Any) -> Iterator[None]:
+    """At the end of the module: no container of this module may be left."""
+    yield
+    leaked = docker_containers(docker_engine)
+    for cid in leaked:
+        docker_engine.api.remove_container(cid, force=True)
+    assert not leaked, f"session containers left behind: {leaked}"
+
+
+@pytest.fixture
+def broker_url(backend: tuple[str, str], request: pytest.FixtureRequest,
+               tmp_path: Path) -> Iterator[str]:
     """A broker with xcloud's principals and ACL: the embedded one, or real Mosquitto."""
-    if request.param == "amqtt":
+    if backend[0] == "amqtt":
         broker = EmbeddedBroker(BrokerSettings(port=0), _authenticate)
         broker.start_in_thread()
         try:
@@ -167,14 +244,20 @@ def make_bus(url: str, principal: str, inbox: str | None) -> Bus:
 
 
 class Grid:
-    """Coordinator, worker (ExecService + ProcessExecutor) and clients on one broker."""
+    """Coordinator, worker (ExecService + executor) and clients on one broker."""
 
     def __init__(self, url: str, state_dir: Path, key: Ed25519PrivateKey,
-                 worker_config: WorkerConfig | None = None, publish_key: bool = True) -> None:
+                 worker_config: WorkerConfig | None = None, publish_key: bool = True,
+                 executor_kind: str = "process") -> None:
         self.url = url
         self.state_dir = state_dir
         self.key = key
+        self.executor_kind = executor_kind
         self.config = worker_config or WorkerConfig(slots=2)
+        if executor_kind == "docker":
+            self.config = dataclasses.replace(self.config, docker_image=DOCKER_IMAGE)
+        # Labels this grid's containers; the same across a worker restart (recovery).
+        self.docker_wid = f"{DOCKER_PREFIX}-{uuid.uuid4().hex[:6]}"
         self.reports: list[ExecReport] = []
         self.coord = make_bus(url, "coordinator", TOPICS.coord_inbox)
         self.coord.on_inbox(ExecReport.TYPE, lambda inc: self.reports.append(inc.body))
@@ -183,7 +266,8 @@ class Grid:
             self.publish_key(key)
         self.worker_bus: Bus | None = None
         self.service: ExecService | None = None
-        self.executor: ProcessExecutor | None = None
+        self.executor: Executor | None = None
+        self.old_executors: list[Executor] = []  # of "crashed" workers, closed at the end
         self.start_worker()
         self.alice = Client(url, "alice")
         self.mallory = Client(url, "mallory")
@@ -192,9 +276,19 @@ class Grid:
         body = CoordPubkey(alg="ed25519", key=public_key_to_text(key.public_key()))
         self.coord.publish(TOPICS.coord_pubkey, body, qos=1, retain=True).wait_for_publish(5)
 
+    @property
+    def docker(self) -> bool:
+        return self.executor_kind == "docker"
+
     def start_worker(self) -> ExecService:
+        if self.executor is not None:
+            self.old_executors.append(self.executor)
         self.worker_bus = make_bus(self.url, WID, TOPICS.worker_inbox(WID))
-        self.executor = ProcessExecutor(self.state_dir, kill_grace_s=2.0)
+        if self.docker:
+            self.executor = DockerExecutor(self.config, worker_id=self.docker_wid,
+                                           kill_grace_s=2.0)
+        else:
+            self.executor = ProcessExecutor(self.state_dir, kill_grace_s=2.0)
         self.service = ExecService(self.worker_bus, TOPICS, WID, self.config, self.executor,
                                    self.state_dir, kill_grace_s=2.0)
         self.service.register()
@@ -211,16 +305,22 @@ class Grid:
             return False
         return isinstance(reply.body, Ok)
 
-    def stop_worker(self) -> None:
+    def stop_worker(self, remove_sessions: bool = False) -> None:
+        """Stop the worker like the agent does; ``remove_sessions`` also removes what a
+        stopped worker keeps for its next run (session containers), as a test must."""
         if self.service is not None:
             self.service.close()
         if self.executor is not None:
+            if remove_sessions:
+                self.executor.cleanup_orphans(set())
             self.executor.close()
+        for old in self.old_executors:
+            old.close()
         if self.worker_bus is not None:
             self.worker_bus.stop()
 
     def close(self) -> None:
-        self.stop_worker()
+        self.stop_worker(remove_sessions=True)
         for bus in (self.alice.bus, self.mallory.bus, self.coord):
             bus.stop()
 
@@ -246,8 +346,13 @@ class Grid:
                           exp=time.time() + 60 if exp is None else exp)
 
     def workdir(self, rid: str) -> Path:
+        """The session's work dir on the host."""
         assert self.service is not None
         return self.service.store.workdir(rid)
+
+    def seen_workdir(self, rid: str) -> str:
+        """The work dir as the session's commands see it (docker: the bind mount)."""
+        return "/work" if self.docker else str(self.workdir(rid))
 
     # -- client side -------------------------------------------------------------
 
@@ -268,12 +373,15 @@ class Grid:
 
 
 @pytest.fixture
-def grid_factory(broker_url: str, tmp_path: Path) -> Iterator[Callable[..., Grid]]:
+def grid_factory(broker_url: str, executor_kind: str, tmp_path: Path,
+                 request: pytest.FixtureRequest) -> Iterator[Callable[..., Grid]]:
     grids: list[Grid] = []
     key = Ed25519PrivateKey.generate()
+    engine = request.getfixturevalue("docker_engine") if executor_kind == "docker" else None
 
     def make(**kw: Any) -> Grid:
-        g = Grid(broker_url, tmp_path / f"worker-state-{len(grids)}", key, **kw)
+        g = Grid(broker_url, tmp_path / f"worker-state-{len(grids)}", key,
+                 executor_kind=executor_kind, **kw)
         grids.append(g)
         if kw.get("publish_key", True):
             assert g.service is not None
@@ -283,6 +391,9 @@ def grid_factory(broker_url: str, tmp_path: Path) -> Iterator[Callable[..., Grid
     yield make
     for g in grids:
         g.close()
+    if engine is not None:
+        for g in grids:
+            assert not docker_containers(engine, g.docker_wid), "session containers left"
 
 
 @pytest.fixture
@@ -313,6 +424,7 @@ def no_leaked_processes(tmp_path: Path) -> Iterator[None]:
 # ------------------------------------------------------------------------------ tests
 
 
+@docker_on_mosquitto
 def test_output_exit_code_and_report(grid: Grid) -> None:
     rid = grid.open()
     run = grid.run(rid, "echo hi; echo err >&2; exit 3")
@@ -321,7 +433,8 @@ def test_output_exit_code_and_report(grid: Grid) -> None:
     assert run.exit.exit_code == 3 and run.exit.signal is None
     assert sorted(run.outputs) == list(range(run.exit.last_seq + 1))
     assert run.exit.output_bytes == 7 and not run.exit.truncated and not run.exit.timed_out
-    report = wait_for(lambda: grid.reports and grid.reports[-1], message="no exec.report")
+    wait_for(lambda: grid.reports, message="no exec.report")
+    report = grid.reports[-1]
     assert (report.reservation, report.client, report.exit_code) == (rid, "alice", 3)
     assert report.command == "echo hi; echo err >&2; exit 3" and report.mode == "output"
     assert report.output_bytes == 7
@@ -333,6 +446,7 @@ def test_pipes_and_quotes(grid: Grid) -> None:
     assert run.data() == b"A B\n" and run.exit is not None and run.exit.exit_code == 0
 
 
+@docker_on_mosquitto
 def test_output_arrives_while_the_command_runs(grid: Grid) -> None:
     rid = grid.open()
     run = grid.run(rid, "for i in 1 2 3 4 5 6 7 8 9 10; do echo line $i; sleep 0.1; done")
@@ -342,6 +456,7 @@ def test_output_arrives_while_the_command_runs(grid: Grid) -> None:
     assert first_at < run.exit_at - 0.5, "output only arrived at the end"
 
 
+@docker_on_mosquitto
 def test_ctrl_c_interrupts(grid: Grid) -> None:
     rid = grid.open()
     started = grid.start(rid, "echo ready; sleep 30")
@@ -416,12 +531,24 @@ def test_output_cap_truncates(grid: Grid) -> None:
     assert run.exit.exit_code == 0
 
 
+@docker_on_mosquitto
 def test_cd_persists(grid: Grid) -> None:
     rid = grid.open()
     grid.run(rid, "mkdir d; cd d")
     run = grid.run(rid, "pwd")
-    assert run.data().decode().rstrip("\n").endswith("/d")
-    assert run.data().decode().startswith(str(grid.workdir(rid)))
+    # docker: /work/d (the bind mount); process: <host work dir>/d
+    assert run.data().decode() == grid.seen_workdir(rid) + "/d\n"
+    assert (grid.workdir(rid) / "d").is_dir()
+
+
+@docker_on_mosquitto
+def test_user_home_and_start_dir(grid: Grid) -> None:
+    """Executor-specific: who runs the commands, their HOME and where they start."""
+    rid = grid.open()
+    run = grid.run(rid, "id -u; echo $HOME; pwd; echo $XCLOUD_RESERVATION")
+    uid = 1000 if grid.docker else os.getuid()  # docker: docker_user 1000:1000, never root
+    home = grid.seen_workdir(rid)
+    assert run.data().decode().splitlines() == [str(uid), home, home, rid]
 
 
 def test_exec_id_reuse_is_a_conflict(grid: Grid) -> None:
@@ -431,36 +558,54 @@ def test_exec_id_reuse_is_a_conflict(grid: Grid) -> None:
     assert isinstance(again, Error) and again.code == "conflict"
 
 
-def test_refused_grants_run_nothing(grid: Grid, tmp_path: Path) -> None:
+def test_bad_requests_are_refused(grid: Grid) -> None:
+    rid = grid.open()
+    reply = grid.start(rid, "true", env={"BAD NAME": "x"})
+    assert isinstance(reply, Error) and reply.code == "invalid"
+    reply = grid.start(rid, "true", stdin=True)
+    assert isinstance(reply, Error) and reply.code == "unsupported"
+    reply = grid.alice.request(ExecSignal(grant=grid.grant(rid), exec_id="nope", signal="INT"))
+    assert isinstance(reply, Error) and reply.code == "not_found"
+    run = grid.run(rid, "echo $GREETING", env={"GREETING": "hello there"})
+    assert run.data() == b"hello there\n"
+    assert run.exit is not None
+    exec_id = run.exit.exec_id
+    late = grid.alice.request(ExecSignal(grant=grid.grant(rid), exec_id=exec_id, signal="INT"))
+    assert isinstance(late, Ok) and late.detail == {"exec_id": exec_id, "state": "exited"}
+
+
+def test_refused_grants_run_nothing(grid: Grid) -> None:
     rid = grid.open()
     closed = grid.open()
     assert isinstance(grid.close_reservation(closed), Ok)
-    marker = tmp_path / "marker"
-    cases = {
-        "bad_signature": dict(grant=grid.grant(rid, key=Ed25519PrivateKey.generate())),
-        "expired": dict(grant=grid.grant(rid, exp=time.time() - 120)),
-        "wrong_client": dict(grant=grid.grant(rid), client=grid.mallory),
-        "wrong_worker": dict(grant=grid.grant(rid, worker="w2")),
-        "reservation_not_open": dict(grant=grid.grant(closed)),
-        "malformed": dict(grant="x" * 40),
+    marker = grid.workdir(rid) / "marker"  # where `touch marker` would land, both executors
+    cases: dict[str, tuple[str, Client]] = {
+        "bad_signature": (grid.grant(rid, key=Ed25519PrivateKey.generate()), grid.alice),
+        "expired": (grid.grant(rid, exp=time.time() - 120), grid.alice),
+        "wrong_client": (grid.grant(rid), grid.mallory),
+        "wrong_worker": (grid.grant(rid, worker="w2"), grid.alice),
+        "reservation_not_open": (grid.grant(closed), grid.alice),
+        "malformed": ("x" * 40, grid.alice),
     }
-    for reason, kw in cases.items():
-        reply = grid.start(rid, f"touch {marker}", **kw)
+    for reason, (grant, sender) in cases.items():
+        reply = grid.start(rid, "touch marker", grant=grant, client=sender)
         assert isinstance(reply, Error), (reason, reply)
         assert (reply.code, reply.detail) == ("forbidden", {"reason": reason}), reason
-        for body in (ExecList(grant=kw["grant"]),
-                     ExecSignal(grant=kw["grant"], exec_id="x", signal="KILL"),
-                     ExecLogs(grant=kw["grant"], exec_id="x")):
-            other = (kw.get("client") or grid.alice).request(body)
+        requests: list[Body] = [ExecList(grant=grant),
+                                ExecSignal(grant=grant, exec_id="x", signal="KILL"),
+                                ExecLogs(grant=grant, exec_id="x")]
+        for body in requests:
+            other = sender.request(body)
             assert isinstance(other, Error) and other.code == "forbidden", (reason, body)
     # mallory holds a valid grant of her own, but not for alice's reservation
     mallorys = grid.grant(rid, client="mallory")
-    reply = grid.start(rid, f"touch {marker}", grant=mallorys, client=grid.mallory)
+    reply = grid.start(rid, "touch marker", grant=mallorys, client=grid.mallory)
     assert isinstance(reply, Error) and reply.detail == {"reason": "wrong_client"}
     # only the coordinator opens and closes reservations
-    for body in (ReservationOpen(reservation={"id": "r-evil", "worker": WID, "client":
-                                              "mallory", "expires_at": time.time() + 60}),
-                 ReservationClose(reservation=rid)):
+    evil: list[Body] = [ReservationOpen(reservation={"id": "r-evil", "worker": WID, "client":
+                                                     "mallory", "expires_at": time.time() + 60}),
+                        ReservationClose(reservation=rid)]
+    for body in evil:
         reply = grid.mallory.request(body)
         assert isinstance(reply, Error) and reply.code == "forbidden"
     assert not marker.exists()
@@ -502,6 +647,7 @@ def test_configured_key_is_used(grid_factory: Callable[..., Grid],
     assert isinstance(reply, Error) and reply.detail == {"reason": "bad_signature"}
 
 
+@docker_on_mosquitto
 def test_reservation_close_stops_commands_and_cleans(grid: Grid) -> None:
     rid = grid.open()
     fg = grid.start(rid, "echo ready; sleep 30")
@@ -554,6 +700,7 @@ def test_restarted_worker_recovers_its_session(grid: Grid) -> None:
     assert isinstance(started, ExecStarted)
     old_service, old_bus = grid.service, grid.worker_bus
     assert old_service is not None and old_bus is not None
+    container = old_service._sessions[rid].handle.container_id  # docker only
     old_bus.stop()  # the worker "crashes": its command keeps running, unsupervised
     (grid.state_dir / "sessions" / "junk").mkdir()
     grid.start_worker()
@@ -570,7 +717,9 @@ def test_restarted_worker_recovers_its_session(grid: Grid) -> None:
     assert not (grid.state_dir / "sessions" / "junk").exists()
     assert grid.service.running()[0] == [{"kind": "reservation", "id": rid}]
     run = grid.run(rid, "cat ../f.txt; pwd")
-    assert run.data().decode().startswith("kept\n") and run.data().rstrip().endswith(b"/sub")
+    assert run.data().decode() == f"kept\n{grid.seen_workdir(rid)}/sub\n"
+    # docker: the very container of the session came back (not a new one)
+    assert grid.service._sessions[rid].handle.container_id == container
     for session in old_service._sessions.values():  # the crashed run's threads
         for ex in session.execs.values():
             ex.streamer.abort()
@@ -689,3 +838,28 @@ def test_streamer_backpressure_bounds_memory() -> None:
     thread.join()
     _finish(streamer)
     assert sum(len(base64.b64decode(o.data)) for o in send.outputs()) == 100_000
+
+
+def test_streamer_logs_budget_and_follow() -> None:
+    send = FakeSend()
+    streamer = OutputStreamer("e", send, max_bytes=10**9, ring_bytes=10**6, chunk_bytes=100,
+                              linger_s=0.0)
+    streamer.start()
+    for i in range(5):
+        streamer.feed("stdout", bytes([65 + i]) * 100)
+    wait_for(lambda: streamer.last_seq == 4, message="chunks not cut")
+    views: list[Any] = []
+    streamer.logs(1, 250, "follower", views.append)  # room for two chunks of 100
+    [view] = views
+    assert [c.seq for c in view.chunks] == [1, 2] and view.first_seq == 1
+    assert view.following is True and view.exit is None
+    streamer.feed("stderr", b"late")
+    _finish(streamer)
+    streamed = [(inbox, b.seq) for inbox, b in send.sent if isinstance(b, ExecOutput)]
+    assert streamed == [("follower", 3), ("follower", 4), ("follower", 5)]
+    final = send.sent[-1][1]
+    assert isinstance(final, ExecExit) and final.last_seq == 5 and final.output_bytes == 504
+    assert streamer.exit == final
+    views.clear()
+    streamer.logs(0, 10**6, "follower", views.append)  # after the exit: no following
+    assert views[0].following is False and views[0].exit == final

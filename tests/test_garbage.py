@@ -210,10 +210,6 @@ def test_garbage_in_the_coordinator_inbox(target: Target) -> None:
     assert_still_serving(t, before)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG schemas/json/envelope.json: definitions count/bytes have no maximum, so "
-    "workers.list min_cpus=10**30 passes validation and the SQLite query raises "
-    "OverflowError: the client gets code 'internal' instead of 'invalid'"))
 def test_out_of_range_numbers_get_a_clear_error(target: Target) -> None:
     """Integers the database cannot hold are valid JSON Schema ``count``s."""
     t = target
@@ -325,10 +321,6 @@ def test_garbage_on_a_workers_presence_topics(target: Target) -> None:
     assert other is not None and other.state.value == "online" and other.tags == ["other"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG coordinator/service.py + registry.py: presence handlers do not check the message "
-    "type; a valid worker.heartbeat (or worker.status) published on a worker's caps topic "
-    "is stored as its capability document (tags, cpus, memory wiped)"))
 def test_wrong_message_type_on_a_presence_topic_changes_nothing(target: Target) -> None:
     t = target
     grid = t.grid

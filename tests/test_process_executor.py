@@ -152,8 +152,8 @@ def test_signals_are_reported_as_signals(executor: ProcessExecutor, tmp_path: Pa
     handle, out = start(executor, session, "echo ready; sleep 30 | cat")
     wait_for(lambda: out.of("stdout") == b"ready\n", message="command did not start")
     executor.signal(handle, signal.SIGINT)
-    result = executor.wait(handle, 5)
-    assert result is not None and result.signal == signal.SIGINT
+    interrupted = executor.wait(handle, 5)
+    assert interrupted is not None and interrupted.signal == signal.SIGINT
 
 
 def test_environment_is_clean_and_marked(executor: ProcessExecutor, tmp_path: Path,

@@ -578,20 +578,22 @@ class ExecService:
             result = ExitResult(exit_code=None, error=f"internal error: {err}")
         streamer = ex.streamer
         streamer.close_input()
-        streamer.wait_cut(30.0)
         error = result.error or ex.stop_reason
-        exit_body = ExecExit(
-            exec_id=ex.exec_id, last_seq=streamer.last_seq,
+        exit_body = ExecExit(  # the streamer fills in last_seq, truncated, output_bytes
+            exec_id=ex.exec_id, last_seq=-1,
             duration_s=max(0.0, float(result.duration_s)),
             exit_code=result.exit_code, signal=result.signal,
-            timed_out=timed_out or result.timed_out, truncated=streamer.truncated,
+            timed_out=timed_out or result.timed_out, truncated=False,
             oom_killed=result.oom_killed, error=error[:4096] if error else None,
-            output_bytes=streamer.output_bytes,
+            output_bytes=0,
         )
         with self._lock:
-            ex.exit = exit_body
+            ex.exit = exit_body  # exited, as far as exec.list is concerned
         streamer.finish(exit_body)
-        streamer.join()
+        streamer.join()  # long only while the broker does not acknowledge our output
+        exit_body = streamer.exit or exit_body
+        with self._lock:
+            ex.exit = exit_body
         log.info("exec %s in %s ended: exit %s signal %s%s", ex.exec_id, ex.rid,
                  exit_body.exit_code, exit_body.signal, " (timed out)" if timed_out else "")
         if self.report_to_coordinator:

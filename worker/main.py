@@ -19,6 +19,7 @@ from worker.agent import WorkerAgent
 log = logging.getLogger(__name__)
 
 WARN_EVERY_S = 10.0
+POLL_S = 0.5
 
 
 def _refusal(agent: WorkerAgent) -> str | None:
@@ -58,11 +59,17 @@ def run_worker(
         agent.start(wait=False)
         try:
             waited = 0.0
-            while not stop.wait(WARN_EVERY_S):
+            next_warning = WARN_EVERY_S
+            # Short waits: Python runs signal handlers only between bytecodes of the main
+            # thread, and a long blocking wait can miss a signal delivered elsewhere.
+            while not stop.wait(POLL_S):
                 if agent.connected:
-                    waited = 0.0
+                    waited, next_warning = 0.0, WARN_EVERY_S
                     continue
-                waited += WARN_EVERY_S
+                waited += POLL_S
+                if waited < next_warning:
+                    continue
+                next_warning += WARN_EVERY_S
                 refusal = _refusal(agent)
                 if refusal:
                     log.warning(

@@ -24,6 +24,7 @@ PUBACK there would deadlock the network loop).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import threading
@@ -42,7 +43,7 @@ from schemas.registry import validator
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 256 * 1024
+CHUNK_BYTES = 1024 * 1024
 LINGER_S = 0.02
 WINDOW = 64
 WINDOW_BYTES = 32 * 1024 * 1024
@@ -156,8 +157,8 @@ class OutputStreamer:
         self._pending_since = 0.0
         self._eof = False
         self._aborted = False
-        self._exit: ExecExit | None = None
-        self._exit_sent = False
+        self._exit_asked: ExecExit | None = None  # from finish(), counters not final yet
+        self._exit: ExecExit | None = None  # stamped with the final counters, being sent
         self._next_seq = 0
         self._accepted = 0
         self._dropped = 0
@@ -235,10 +236,13 @@ class OutputStreamer:
     # -- targets -------------------------------------------------------------------------
 
     def add_target(self, inbox: str) -> None:
-        """Stream everything from seq 0 to ``inbox`` (``mode=output``; call before start)."""
+        """Stream everything (what the ring still holds, then new output) to ``inbox``.
+
+        For ``mode=output``, called before any output exists, that is everything from
+        seq 0.
+        """
         with self._cond:
-            backlog = deque(c for c in self._ring if c.seq >= 0)
-            self._targets.append(_Target(inbox, backlog))
+            self._targets.append(_Target(inbox, deque(self._ring)))
             self._cond.notify_all()
 
     def logs(self, from_seq: int, budget: int, follow_inbox: str | None,
@@ -275,9 +279,13 @@ class OutputStreamer:
         self._thread.start()
 
     def finish(self, exit_body: ExecExit) -> None:
-        """Send ``exit_body`` to every target after their last chunk; the thread then ends."""
+        """Send ``exit_body`` to every target after their last chunk; the thread then ends.
+
+        Its ``last_seq``, ``truncated`` and ``output_bytes`` are filled in by the streamer
+        once every accepted byte is numbered (``exit`` then holds the final body).
+        """
         with self._cond:
-            self._exit = exit_body
+            self._exit_asked = exit_body
             self._cond.notify_all()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -294,6 +302,7 @@ class OutputStreamer:
 
     @property
     def exit(self) -> ExecExit | None:
+        """The final exit body, once all output is numbered (None before)."""
         return self._exit
 
     # -- the streamer thread -------------------------------------------------------------
@@ -337,8 +346,10 @@ class OutputStreamer:
                 target.backlog.clear()
             if batch:
                 return batch, False
-            if self._exit is not None and self._cut_done.is_set():
-                self._exit_sent = True
+            if self._exit_asked is not None and self._cut_done.is_set():
+                self._exit = dataclasses.replace(
+                    self._exit_asked, last_seq=self.last_seq, truncated=self.truncated,
+                    output_bytes=self._accepted)
                 return [(t.inbox, self._exit) for t in self._targets], True
             timeout = None
             if self._pending:

@@ -96,7 +96,7 @@ __xc_o=$__xc_n
 [ -d /tmp/.xcloud ] || mkdir -p /tmp/.xcloud
 echo "$$ $__xc_o" > "/tmp/.xcloud/$__xc_k.pid"
 __xc_w=/work
-[ -r /work/.xcloud/cwd ] && read -r __xc_w < /work/.xcloud/cwd
+[ -r /work/.xcloud/cwd ] && IFS= read -r __xc_w < /work/.xcloud/cwd
 cd "$__xc_w" 2>/dev/null || cd /work
 trap '__xc_r=$?
 { [ -d /work/.xcloud ] || mkdir -p /work/.xcloud; pwd > /work/.xcloud/cwd
@@ -547,8 +547,13 @@ class DockerExecutor(Executor):
                 deadline = time.monotonic() + self.kill_grace_s
                 for task in running:
                     task.done.wait(max(0.0, deadline - time.monotonic()))
+            tasks = list(sess.tasks.values()) if sess else []
             with self._lock:
                 self._sessions.pop(session.session_id, None)
+                for task in tasks:
+                    self._closed_tasks[(session.session_id, task.handle.task_id)] = task
+                while len(self._closed_tasks) > CLOSED_TASKS_KEPT:
+                    self._closed_tasks.popitem(last=False)
             access = (sess.handle if sess else session).extra.get("workdir_access")
             if access == "open" and cid:
                 # Files made by the container's uid: let the (other-uid) caller delete them.
@@ -557,16 +562,11 @@ class DockerExecutor(Executor):
             ids.update(str(s["Id"]) for s in self._find(session.session_id))
             for container in ids:
                 self._remove(container)
-            tasks = list(sess.tasks.values()) if sess else []
         for task in tasks:
             if task.thread is not None:
                 task.thread.join(timeout=10)
         with self._lock:
             self._session_locks.pop(session.session_id, None)
-            for task in tasks:
-                self._closed_tasks[(session.session_id, task.handle.task_id)] = task
-            while len(self._closed_tasks) > CLOSED_TASKS_KEPT:
-                self._closed_tasks.popitem(last=False)
 
     def recover(self, sessions: list[SessionHandle]) -> list[SessionHandle]:
         """The sessions whose containers still run; their stale commands are killed."""
