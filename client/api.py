@@ -38,6 +38,7 @@ from schemas.messages import (
     ReservationsListReply,
     Reserve,
     ReserveReply,
+    WorkersDrain,
     WorkersList,
     WorkersListReply,
     WorkersShow,
@@ -166,6 +167,11 @@ class Grid:
         """One worker by id or name, with capabilities, latest metrics and recent events."""
         reply: WorkersShowReply = self._call(WorkersShow(worker=worker))
         return WorkerInfo.from_wire(reply.worker)
+
+    def drain(self, worker: str, drain: bool = True) -> str:
+        """Admin: stop (or resume) giving ``worker`` new work; returns its new state."""
+        reply = self._call(WorkersDrain(worker=worker, drain=drain))
+        return str((reply.detail or {}).get("state", ""))
 
     # -- reservations --------------------------------------------------------------------
 

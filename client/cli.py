@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_show)
 
+    p = sub.add_parser("drain", help="admin: give a worker no new work (--undo: resume)")
+    _common(p)
+    _bus_identity(p)
+    p.add_argument("worker", help="worker id or name")
+    p.add_argument("--undo", action="store_true", help="resume giving it work")
+    p.set_defaults(func=cmd_drain)
+
     p = sub.add_parser("shell", help="interactive shell: listWorkers, reserveWorker, output, ...",
                        description="The xcloud shell. Interactive on a terminal; with -c or "
                        "from a pipe it runs the commands and exits with the last remote "
@@ -344,6 +351,15 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         return 2
     return run_once(config, command, worker=args.worker, requirements=requirements,
                     timeout=args.timeout, lease_s=args.lease)
+
+
+def cmd_drain(args: argparse.Namespace, config: Config) -> int:
+    from client.api import Grid
+
+    with Grid.connect(config) as grid:
+        state = grid.drain(args.worker, drain=not args.undo)
+    print(f"worker {args.worker} is {state}")
+    return 0
 
 
 def cmd_principal_add(args: argparse.Namespace, config: Config) -> int:

@@ -251,3 +251,26 @@ def test_restarted_coordinator_keeps_workers_and_detects_later_losses(
     assert stay.agent is not None and stay.agent.connected
     assert grid.wait_worker("w-stay", "online").state.value == "online"
     assert {w.id: w.state for w in admin.workers()}["w-stay"] == "online"
+
+
+def test_admin_drain_and_undrain(grid: GridHarness) -> None:
+    """Only an admin drains; a drained worker is refused for reservations until undrained."""
+    grid.start_coordinator()
+    grid.start_worker("w-drain")
+    admin = grid.client()
+    alice = grid.client("alice", "client")
+    with pytest.raises(ClientError, match="not an admin"):
+        alice.drain("w-drain")
+    assert grid.store.get_worker("w-drain").state.value == "online"  # type: ignore[union-attr]
+    assert admin.drain("w-drain") == "draining"
+    grid.wait_worker("w-drain", "draining")
+    with pytest.raises(ClientError):
+        alice.reserve("w-drain")
+    # A worker that keeps heartbeating stays drained.
+    wait_for(lambda: samples_of(grid.store, "w-drain") >= 3, 5, message="heartbeats")
+    assert grid.store.get_worker("w-drain").state.value == "draining"  # type: ignore[union-attr]
+    with pytest.raises(ClientError, match="no worker"):
+        admin.drain("nobody")
+    assert admin.drain("w-drain", drain=False) == "online"
+    grid.wait_worker("w-drain", "online")
+    alice.reserve("w-drain").release()

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+# ruff: noqa: E501, E731  (a data table: one channel per line reads best)
+"""Regenerate schemas/asyncapi.yaml from schemas/json and the channel table below.
+
+Run after adding a message type: python scripts/gen-asyncapi.py
+"""
+import json
+import pathlib
+
+import yaml
+
+root = pathlib.Path(__file__).resolve().parent.parent / "schemas"
+names = sorted(p.stem for p in (root/"json").glob("*.json") if p.stem != "envelope")
+def mid(n): return n.replace(".", "_")
+messages = {}
+for n in names:
+    s = json.loads((root/"json"/f"{n}.json").read_text())
+    messages[mid(n)] = {"name": n, "title": n, "summary": s.get("description", ""),
+                        "contentType": "application/json",
+                        "payload": {"$ref": f"./json/{n}.json"}}
+P = lambda d: {"description": d}
+channels = {
+  "coordStatus": ("{root}/coord/status", "Coordinator presence (retained; its last will says down). QoS 1.", ["coord.status"], {}),
+  "coordPubkey": ("{root}/coord/pubkey", "The coordinator's Ed25519 grant-verification key (retained). QoS 1.", ["coord.pubkey"], {}),
+  "coordInbox": ("{root}/coord/inbox/{sender}", "Requests and reports to the coordinator. `sender` is the publisher's principal id, enforced by the broker ACL. QoS 1.",
+      ["ping","workers.list","workers.show","workers.drain","reserve","renew","release","reservations.list","client.hello","client.gone","exec.report","audit.list","ok","error","exec.started"], {"sender": "principal id of the publisher"}),
+  "workerStatus": ("{root}/worker/{wid}/status", "Worker presence (retained; last will = offline, clean=false). QoS 1.", ["worker.status"], {"wid": "worker id (= its principal id)"}),
+  "workerCaps": ("{root}/worker/{wid}/caps", "Worker capability document (retained). QoS 1.", ["worker.caps"], {"wid": "worker id"}),
+  "workerHeartbeat": ("{root}/worker/{wid}/heartbeat", "Live metrics every heartbeat interval. QoS 0, not retained.", ["worker.heartbeat"], {"wid": "worker id"}),
+  "workerInbox": ("{root}/worker/{wid}/inbox/{sender}", "Messages to a worker: from the coordinator (caps.refresh, reservation.open/close, ping) and from the grant holder (exec.*). QoS 1.",
+      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
+  "clientInbox": ("{root}/client/{cid}/inbox/{sender}", "Replies, exec output streams and notifications to a client. QoS 1.",
+      ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","audit.list.reply","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
+  "workerEvents": ("{root}/event/worker/{wid}", "Worker state changes for watchers. QoS 0.", ["event.worker"], {"wid": "worker id"}),
+}
+used = set()
+chan_out = {}
+for cid, (addr, desc, msgs, params) in channels.items():
+    used.update(msgs)
+    ch = {"address": addr, "description": desc,
+          "messages": {mid(m): {"$ref": f"#/components/messages/{mid(m)}"} for m in msgs},
+          "parameters": {"root": {"description": "topic root of the grid (default xcloud)"}, **{k: {"description": v} for k, v in params.items()}}}
+    chan_out[cid] = ch
+missing = set(names) - used
+assert not missing, missing
+ops = {}
+def op(name, action, ch, msgs, summary, reply=None):
+    o = {"action": action, "channel": {"$ref": f"#/channels/{ch}"}, "summary": summary,
+         "messages": [{"$ref": f"#/channels/{ch}/messages/{mid(m)}"} for m in msgs]}
+    if reply:
+        o["reply"] = {"channel": {"$ref": f"#/channels/{reply[0]}"}, "messages": [{"$ref": f"#/channels/{reply[0]}/messages/{mid(m)}"} for m in reply[1]]}
+    ops[name] = o
+op("sendCoordinatorRequest", "send", "coordInbox", ["ping","workers.list","workers.show","workers.drain","reserve","renew","release","reservations.list","audit.list"],
+   "A client asks the coordinator; the reply goes to the client's inbox (reply_to).",
+   ("clientInbox", ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","audit.list.reply","ok","error"]))
+op("announceClient", "send", "coordInbox", ["client.hello","client.gone"], "A client connection says hello on connect; its last will says gone.")
+op("reportExec", "send", "coordInbox", ["exec.report"], "A worker reports a finished command for the audit trail.")
+op("publishWorkerPresence", "send", "workerStatus", ["worker.status"], "A worker publishes its presence.")
+op("publishWorkerCaps", "send", "workerCaps", ["worker.caps"], "A worker publishes its capabilities.")
+op("publishHeartbeat", "send", "workerHeartbeat", ["worker.heartbeat"], "A worker publishes live metrics.")
+op("sendWorkerRequest", "send", "workerInbox", ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs"],
+   "The coordinator or the grant holder sends a request to a worker.",
+   ("clientInbox", ["exec.started","exec.list.reply","exec.logs.reply","pong","ok","error"]))
+op("streamExecOutput", "send", "clientInbox", ["exec.output","exec.exit"], "A worker streams a command's output and exit to the client.")
+op("notifyReservationEnded", "send", "clientInbox", ["reservation.ended"], "The coordinator tells a holder that its reservation ended.")
+op("publishCoordStatus", "send", "coordStatus", ["coord.status"], "The coordinator publishes its presence.")
+op("publishCoordPubkey", "send", "coordPubkey", ["coord.pubkey"], "The coordinator publishes its grant key.")
+op("publishWorkerEvent", "send", "workerEvents", ["event.worker"], "The coordinator announces worker state changes.")
+doc = {
+  "asyncapi": "3.0.0",
+  "info": {"title": "xcloud wire protocol", "version": "1.0.0",
+           "description": "MQTT 3.1.1 topics and JSON messages between xcloud components. Every message carries type, v, id, ts (see json/envelope.json); requests add reply_to (a base inbox topic), replies add re. Inbox topics end in the sender's principal id, which the broker's ACL enforces; see docs/protocol.md."},
+  "defaultContentType": "application/json",
+  "servers": {"embedded": {"host": "127.0.0.1:1883", "protocol": "mqtt", "protocolVersion": "3.1.1",
+                           "description": "The embedded amqtt broker started by `xcloud up` (any MQTT 3.1.1 broker works: Mosquitto, EMQX, HiveMQ, VerneMQ).",
+                           "security": [{"$ref": "#/components/securitySchemes/token"}]}},
+  "channels": chan_out,
+  "operations": ops,
+  "components": {"messages": messages,
+                 "securitySchemes": {"token": {"type": "userPassword", "description": "MQTT username = principal id, password = its token (only hashes are stored)."}}},
+}
+(root/"asyncapi.yaml").write_text("# Generated from schemas/json and the channel table in docs/protocol.md; keep both in step.\n" + yaml.safe_dump(doc, sort_keys=False, width=100))
+print("channels", len(chan_out), "messages", len(messages))
