@@ -174,18 +174,23 @@ def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, vi
     ids = identities(("coordinator", "coordinator"), ("sim", "coordinator"),
                      ("watcher", "admin"))
     wids = [wid_of(i) for i in range(workers)]
-    lost: dict[str, float] = {}
-    lost_lock = threading.Lock()
+    events: list[tuple[float, str]] = []  # (when, wid) of every "lost" event
+    lock = threading.Lock()
 
     def on_event(c: Any, userdata: Any, msg: Any) -> None:
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, AttributeError):
             body = json.loads(msg.payload)
             if body.get("new_state") == "lost":
-                with lost_lock:
-                    lost.setdefault(body.get("wid", "?"), time.monotonic())
+                with lock:
+                    events.append((time.monotonic(), str(body.get("wid"))))
+
+    def lost_count() -> int:
+        with lock:
+            return len(events)
 
     out: dict[str, Any] = {"broker": broker_kind, "db": db_kind, "workers": workers,
-                           "interval_s": interval, "factor": FACTOR}
+                           "interval_s": interval, "factor": FACTOR, "victims": [],
+                           "missed": 0, "false_lost_join": 0, "false_lost_steady": 0}
     embedded = broker_kind == "amqtt-embedded"
     with database(db_kind, workdir) as db_url:
         broker = None if embedded else start_broker(broker_kind, ids, root, workdir)
@@ -200,15 +205,15 @@ def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, vi
             url = coord.url
             watcher = paho_connect(url, ids["watcher"], on_message=on_event,
                                    subscribe=[(f"{root}/event/worker/+", 0)])
-            max_s = 300.0
             for p in range(publishers):
                 beaters.append(_Heartbeater(url, ids["sim"], root,
-                                            wids[p::publishers], interval, p, max_s))
+                                            wids[p::publishers], interval, p, 300.0))
             for b in beaters:
                 b.recv(120)
             t_go = time.monotonic()
             for b in beaters:
                 b.conn.send("go")
+            # join storm: every worker announces itself and starts heartbeating at once
             deadline = t_go + JOIN_LIMIT_S
             tracked = 0
             while time.monotonic() < deadline:
@@ -218,7 +223,19 @@ def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, vi
                 time.sleep(0.1)
             out["join_s"] = time.monotonic() - t_go
             out["tracked"] = tracked
-            # steady state: two more intervals, measuring the coordinator's load
+            # settle: all tracked, and no "lost" event for two intervals
+            quiet_since, seen = time.monotonic(), lost_count()
+            while time.monotonic() < deadline + FACTOR * interval:
+                now_seen = lost_count()
+                if now_seen != seen:
+                    quiet_since, seen = time.monotonic(), now_seen
+                tracked = coord.call("stats")["tracked"]
+                if tracked >= workers and time.monotonic() - quiet_since >= FACTOR * interval:
+                    break
+                time.sleep(0.1)
+            out["settled_s"] = time.monotonic() - t_go
+            out["false_lost_join"] = lost_count()
+            # steady state: two intervals, measuring the coordinator's load
             meter = CpuMeter(coord.pid).start()
             before = coord.call("stats")["ingested"]
             time.sleep(FACTOR * interval)
@@ -227,15 +244,13 @@ def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, vi
             out["steady_cpu_pct"] = steady["cpu_pct"]
             out["steady_ingest_per_s"] = (after["ingested"] - before) / steady["wall_s"]
             out["steady_backlog"] = after["backlog"]
-            with lost_lock:
-                out["false_lost_before"] = len(lost)
-                lost_before = set(lost)
-            if tracked < workers:
-                # overloaded: the coordinator never caught up; no victims to time
-                out.update(overloaded=True, victims=[], missed=0,
-                           false_lost_after=0)
+            out["tracked"] = after["tracked"]
+            out["overloaded"] = after["tracked"] < workers or lost_count() > seen
+            if out["overloaded"]:
+                # the coordinator never caught up: no victims to time
+                out["false_lost_steady"] = lost_count() - out["false_lost_join"]
                 return _finish(out, beaters, watcher, coord, broker)
-            out["overloaded"] = False
+            mark = lost_count()
             # silence victims (random, so at random phases of their interval), staggered
             # over one interval
             picks = random.Random(workers * 7919 + victims).sample(wids, victims)
@@ -247,18 +262,20 @@ def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, vi
                 silenced[wid] = (msg[2], msg[3])  # last heartbeat sent, silenced at
                 if k + 1 < victims:
                     time.sleep(interval / victims)
+
+            def first_lost_after(wid: str, t0: float) -> float | None:
+                with lock:
+                    return next((t for t, w in events[mark:] if w == wid and t >= t0), None)
+
             wait_until = time.monotonic() + (FACTOR + 2) * interval + 5
             while time.monotonic() < wait_until:
-                with lost_lock:
-                    if all(w in lost for w in picks):
-                        break
+                if all(first_lost_after(w, silenced[w][1]) for w in picks):
+                    break
                 time.sleep(0.01)
-            with lost_lock:
-                lost_now = dict(lost)
             rows = []
             for wid in picks:
                 last, at = silenced[wid]
-                t = lost_now.get(wid)
+                t = first_lost_after(wid, at)
                 rows.append({
                     "wid": wid,
                     "from_last_beat_I": (t - last) / interval if t and last else None,
@@ -266,7 +283,8 @@ def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, vi
                 })
             out["victims"] = rows
             out["missed"] = sum(1 for r in rows if r["from_last_beat_I"] is None)
-            out["false_lost_after"] = len(set(lost_now) - set(picks) - lost_before)
+            with lock:
+                out["false_lost_steady"] = sum(1 for _, w in events[mark:] if w not in silenced)
         finally:
             _finish(out, beaters, watcher, coord, broker)
     return out
@@ -332,17 +350,18 @@ def markdown(result: dict[str, Any]) -> str:
         rows.append([
             f"{r['broker']} + {r['db']}", f"{r['workers']:,}", f"{r['interval_s']:g} s",
             (f"{len(r['victims']) - r['missed']}/{len(r['victims'])}" if not r["overloaded"]
-             else f"overloaded: {r['tracked']:,} tracked after {r['join_s']:.0f} s"),
+             else f"overloaded: {r['tracked']:,} tracked after {r['settled_s']:.0f} s"),
             f"{fmt(r['min_from_last_beat_I'], 2)}–{fmt(r['max_from_last_beat_I'], 2)}",
             f"{fmt(r['min_from_silenced_I'], 2)}–{fmt(r['max_from_silenced_I'], 2)}",
-            str(r["false_lost_before"] + r["false_lost_after"]),
+            f"{r['false_lost_join']} / {r['false_lost_steady']}",
             fmt(r["steady_ingest_per_s"]), fmt(r["steady_cpu_pct"]),
             fmt(r["publisher_worst_late_s"] * 1000 if r.get("publisher_worst_late_s")
                 is not None else None), fmt(r["join_s"], 1), fmt(r.get("steady_backlog")),
         ])
     table = md_table(["broker + db", "workers", "interval I", "lost detected",
                       "last heartbeat → lost (I), min–max", "silenced → lost (I), min–max",
-                      "false alarms", "heartbeats/s ingested", "coordinator CPU %",
+                      "false alarms: join storm / steady", "heartbeats/s ingested",
+                      "coordinator CPU %",
                       "publisher worst lateness (ms)", "join (s)",
                       "heartbeat lane backlog"], rows)
     return "\n".join([

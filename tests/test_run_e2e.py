@@ -1,5 +1,7 @@
 """End to end through the Python API and `xcloud run` / `xcloud shell -c`, against a real
-grid (`xcloud up` with 2 process workers, see tests/test_shell_e2e.py):
+grid (`xcloud up` with 2 workers, see tests/test_shell_e2e.py; the tests marked
+``@BOTH_EXECUTORS`` run on process and on docker workers, the others, which test the
+protocol rather than the executor, on process workers only):
 
 - output streams live, line by line; 100 MB arrive complete and in order;
 - `xcloud run` exits with the remote status; `shell -c` runs a script;
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -28,19 +31,27 @@ from client.api import Grid
 from client.errors import ClientError
 from client.reservation import Refused, ReservationLost, ReservedWorker
 from tests.fixtures.services import wait_for
-from tests.test_shell_e2e import REPO, E2EGrid
+from tests.test_shell_e2e import BOTH_EXECUTORS, REPO, E2EGrid, run_grid
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EGrid]:
-    g = E2EGrid(tmp_path_factory.mktemp("xcloud-home"))
-    g.start()
-    try:
-        yield g
-    finally:
-        g.stop()
+def process_grid(request: pytest.FixtureRequest) -> Iterator[E2EGrid]:
+    yield from run_grid(request, "process")
+
+
+@pytest.fixture(scope="module")
+def docker_grid(request: pytest.FixtureRequest) -> Iterator[E2EGrid]:
+    yield from run_grid(request, "docker")
+
+
+@pytest.fixture
+def grid(request: pytest.FixtureRequest) -> E2EGrid:
+    """The process grid, or the docker one for tests parametrized with BOTH_EXECUTORS."""
+    executor = getattr(request, "param", "process")
+    value: E2EGrid = request.getfixturevalue(f"{executor}_grid")
+    return value
 
 
 @contextlib.contextmanager
@@ -54,6 +65,7 @@ def client(grid: E2EGrid, prefix: str = "api") -> Iterator[Grid]:
         g.close()
 
 
+@BOTH_EXECUTORS
 def test_output_arrives_line_by_line(grid: E2EGrid) -> None:
     with client(grid) as g, g.reserve() as w:
         t0 = time.monotonic()
@@ -136,11 +148,18 @@ def test_lost_chunks_and_lost_exit_are_recovered(grid: E2EGrid) -> None:
         g.close()
 
 
+@BOTH_EXECUTORS
 def test_xcloud_run_exit_status(grid: E2EGrid) -> None:
     principal, token = grid.add_principal("run")
     env = grid.client_env(principal, token)
     result = grid.cli("run", "--", "sh", "-c", "exit 7", env=env)
     assert result.returncode == 7, result.stderr
+    result = grid.cli("run", "--", "id -u; pwd", env=env)
+    uid, cwd = result.stdout.splitlines()
+    if grid.docker:  # the session container: uid 1000, the work dir mounted at /work
+        assert (uid, cwd) == ("1000", "/work"), result.stderr
+    else:  # the worker's user, in the session's work dir under the worker's state dir
+        assert uid == str(os.getuid()) and cwd.startswith(str(grid.home)), result.stderr
     result = grid.cli("run", "--", "echo hello | tr a-z A-Z", env=env)
     assert (result.returncode, result.stdout) == (0, "HELLO\n"), result.stderr
     result = grid.cli("run", "--", "kill -TERM $$", env=env)
@@ -200,6 +219,7 @@ def test_ten_clients_race_for_one_worker(grid: E2EGrid) -> None:
             g.close()
 
 
+@BOTH_EXECUTORS
 def test_worker_killed_while_reserved(grid: E2EGrid) -> None:
     online = grid.wait_online(2)
     with client(grid) as g:
@@ -216,6 +236,25 @@ def test_worker_killed_while_reserved(grid: E2EGrid) -> None:
         assert other.run("echo elsewhere").text == "elsewhere\n"
         other.release()
     grid.wait_online(2)  # `xcloud up` restarts the killed worker
+    # The coordinator sent reservation.close while the worker was down. Back up, the
+    # worker gets it from its persistent MQTT session and removes the session (with
+    # docker: its container); otherwise the session would hold the worker's slot and
+    # container for good.
+
+    def closed_or_dropped() -> str | None:
+        if not grid.sessions(w.worker, w.id):
+            return "closed"
+        if "ignored a retained message in inbox" in grid.worker_log(w.worker):
+            return "dropped"
+        return None
+
+    outcome = wait_for(closed_or_dropped, timeout=30, interval=0.1,
+                       message=f"the restarted worker closes the session of {w.id}")
+    if outcome == "dropped":
+        grid.expected_leftovers.add(w.id)
+        pytest.xfail("known bug: amqtt delivers messages queued for an offline persistent "
+                     "session with retain=1 and the bus ignores retained inbox messages, so "
+                     "the restarted worker never gets reservation.close")
 
 
 HOLDER = textwrap.dedent("""

@@ -1,11 +1,17 @@
-"""End to end: a real grid (`xcloud up`: broker, coordinator, 2 process workers) and the
-real shell in a real terminal (tmux), as a user would type xCloud's session:
+"""End to end: a real grid (`xcloud up`: broker, coordinator, 2 workers) and the real
+shell in a real terminal (tmux), as a user would type xCloud's session:
 
     listWorkers / reserveWorker 0 / myWorker / output ls -al
 
 plus Ctrl-C during ``output sleep 30``. :class:`E2EGrid` (also used by
 tests/test_run_e2e.py) runs the grid as a subprocess in its own process group under a
 private XCLOUD_HOME; nothing here waits by sleeping.
+
+The most important tests run on both executors (``@BOTH_EXECUTORS``): a grid of process
+workers and one of docker workers (`xcloud up --executor docker`, sessions in the busybox
+image, chosen with ``XCLOUD_WORKER_DOCKER_IMAGE``), each started once per module. When a
+grid stops, what its workers kept of reservations (session dirs, docker containers) is
+removed, and must have been nothing: every reservation was released or ended.
 """
 
 from __future__ import annotations
@@ -21,33 +27,54 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
 
 from broker.config import Config, load_config
-from tests.fixtures.services import free_port, wait_for
+from tests.fixtures.services import BUSYBOX_IMAGE, free_port, wait_for
+
+if TYPE_CHECKING:
+    import docker
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+#: Parametrizes a test over the ``grid`` fixture: process workers, docker workers.
+BOTH_EXECUTORS = pytest.mark.parametrize(
+    "grid", ["process", pytest.param("docker", marks=pytest.mark.docker)], indirect=True)
+
 
 class E2EGrid:
-    """``python -m client.cli up --port P --workers N`` with its own XCLOUD_HOME."""
+    """``python -m client.cli up --port P --workers N --executor E`` with its own
+    XCLOUD_HOME. Docker workers run their sessions in ``docker_image``; ``engine`` (a
+    docker client) lets :meth:`stop` find and remove containers they left."""
 
-    def __init__(self, home: Path, workers: int = 2) -> None:
+    def __init__(self, home: Path, workers: int = 2, executor: str = "process",
+                 docker_image: str = BUSYBOX_IMAGE,
+                 engine: docker.DockerClient | None = None) -> None:
         self.home = home
         self.workers = workers
+        self.executor = executor
+        self.engine = engine
         self.port = free_port()
         self.log_path = home / "up.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        # Reservations whose session a test knows to outlive the grid (see stop()).
+        self.expected_leftovers: set[str] = set()
         env = {k: v for k, v in os.environ.items() if not k.startswith("XCLOUD_")}
         path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         env.update(XCLOUD_HOME=str(home), PYTHONPATH=path, PYTHONUNBUFFERED="1")
+        if executor == "docker":  # `xcloud up` passes its environment to the workers
+            env["XCLOUD_WORKER_DOCKER_IMAGE"] = docker_image
         if os.environ.get("XCLOUD_LOG_LEVEL"):
             env["XCLOUD_LOG_LEVEL"] = os.environ["XCLOUD_LOG_LEVEL"]
         self.env = env
+
+    @property
+    def docker(self) -> bool:
+        return self.executor == "docker"
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -56,7 +83,7 @@ class E2EGrid:
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "client.cli", "up", "--port", str(self.port),
-                 "--workers", str(self.workers)],
+                 "--workers", str(self.workers), "--executor", self.executor],
                 cwd=REPO, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         try:
@@ -66,11 +93,16 @@ class E2EGrid:
             raise
         return self
 
-    def stop(self) -> None:
-        """SIGTERM the grid's process group (it stops its workers), then make sure."""
+    def stop(self) -> list[str]:
+        """SIGTERM the grid's process group (it stops its workers), then make sure.
+
+        Returns what the workers kept of reservations ("<wid>/<rid>" for a session dir,
+        "container <name>" for a docker container) and removes it: stopped workers keep
+        the sessions of reservations they still had open, for their next run.
+        """
         proc = self.proc
         if proc is None:
-            return
+            return []
         self.proc = None
         try:
             family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(True)]
@@ -92,6 +124,46 @@ class E2EGrid:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         psutil.wait_procs(leftovers, timeout=10)
+        return self.remove_sessions()
+
+    def worker_ids(self) -> list[str]:
+        return sorted(p.name for p in (self.home / "workers").glob("*") if p.is_dir())
+
+    def sessions(self, wid: str = "*", rid: str = "*") -> dict[str, Path | str]:
+        """The session dirs and docker containers of this grid's workers, by name:
+        "<wid>/<rid>" -> dir, "container xcloud-<wid>-<rid>" -> container id."""
+        found: dict[str, Path | str] = {}
+        for session in sorted((self.home / "workers").glob(f"{wid}/sessions/{rid}")):
+            found[f"{session.parent.parent.name}/{session.name}"] = session
+        if self.engine is not None:
+            labels = ["xcloud.executor=docker"] + ([f"xcloud.session={rid}"] if rid != "*"
+                                                   else [])
+            for w in (self.worker_ids() if wid == "*" else [wid]):
+                for c in self.engine.api.containers(
+                        all=True, filters={"label": [f"xcloud.worker={w}", *labels]}):
+                    found[f"container {c['Names'][0].lstrip('/')}"] = str(c["Id"])
+        return found
+
+    def remove_sessions(self) -> list[str]:
+        """Remove (and name) the session dirs and containers of this grid's workers."""
+        found = self.sessions()
+        for what in found.values():
+            if isinstance(what, Path):
+                shutil.rmtree(what, ignore_errors=True)
+            elif self.engine is not None:
+                self.engine.api.remove_container(what, force=True)
+        return list(found)
+
+    def worker_log(self, wid: str) -> str:
+        try:
+            return (self.home / "logs" / f"{wid}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def unexpected(self, kept: list[str]) -> list[str]:
+        """What ``stop()`` returned minus the sessions of ``expected_leftovers``."""
+        return [k for k in kept if not any(k.endswith(f"/{rid}") or k.endswith(f"-{rid}")
+                                           for rid in self.expected_leftovers)]
 
     def log_text(self) -> str:
         try:
@@ -156,14 +228,40 @@ class E2EGrid:
         raise AssertionError(f"no process for worker {wid}")
 
 
-@pytest.fixture(scope="module")
-def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EGrid]:
-    g = E2EGrid(tmp_path_factory.mktemp("xcloud-home"))
+def run_grid(request: pytest.FixtureRequest, executor: str) -> Iterator[E2EGrid]:
+    """A started E2EGrid of ``executor`` workers for a module-scoped fixture; at the end
+    it is stopped and nothing may be left of its sessions."""
+    engine = None
+    if executor == "docker":
+        request.getfixturevalue("docker_image")(BUSYBOX_IMAGE)
+        engine = request.getfixturevalue("docker_engine")
+    home = request.getfixturevalue("tmp_path_factory").mktemp(f"xcloud-home-{executor}")
+    g = E2EGrid(home, executor=executor, engine=engine)
     g.start()
     try:
         yield g
     finally:
-        g.stop()
+        kept = g.stop()
+    unexpected = g.unexpected(kept)
+    assert not unexpected, f"left behind after `xcloud up` stopped: {unexpected}"
+
+
+@pytest.fixture(scope="module")
+def process_grid(request: pytest.FixtureRequest) -> Iterator[E2EGrid]:
+    yield from run_grid(request, "process")
+
+
+@pytest.fixture(scope="module")
+def docker_grid(request: pytest.FixtureRequest) -> Iterator[E2EGrid]:
+    yield from run_grid(request, "docker")
+
+
+@pytest.fixture
+def grid(request: pytest.FixtureRequest) -> E2EGrid:
+    """The process grid, or the docker one for tests parametrized with BOTH_EXECUTORS."""
+    executor = getattr(request, "param", "process")
+    value: E2EGrid = request.getfixturevalue(f"{executor}_grid")
+    return value
 
 
 # -- tmux -----------------------------------------------------------------------------------
@@ -243,6 +341,7 @@ def tmux_shell(grid: E2EGrid, tmp_path: Path) -> Iterator[Tmux]:
         term.kill()
 
 
+@BOTH_EXECUTORS
 def test_xcloud_session_in_a_terminal(grid: E2EGrid, tmux_shell: Tmux) -> None:
     """listWorkers / reserveWorker 0 / myWorker / output ls -al, typed into the shell."""
     term = tmux_shell
@@ -262,12 +361,24 @@ def test_xcloud_session_in_a_terminal(grid: E2EGrid, tmux_shell: Tmux) -> None:
     term.wait_text("[exit 0", after="output touch hello.txt")
     term.type("output ls -al")
     screen = term.wait_text("total", "hello.txt", " ..", "[exit 0", after="output ls -al")
+    if grid.docker:  # the container's /work, owned by its user (uid 1000, "xcloud")
+        assert " xcloud " in screen and ".xcloud" in screen
+    term.type("output pwd; id -u")
+    screen = term.wait_text("[exit 0", after="output pwd; id -u")
+    lines = screen.splitlines()
+    if grid.docker:
+        assert "/work" in lines and "1000" in lines, screen
+    else:  # the session's work dir on the host, as the worker's own user
+        assert str(os.getuid()) in lines, screen
+        assert any(line.startswith(str(grid.home)) and line.endswith("/work")
+                   for line in lines), screen
 
     # Back at the prompt, the bottom toolbar shows connection, worker and lease.
     screen = term.wait_text("connected", f"worker {first}", "lease", after="[exit 0")
     assert "left" in screen
 
 
+@BOTH_EXECUTORS
 def test_ctrl_c_interrupts_the_remote_command(grid: E2EGrid, tmux_shell: Tmux) -> None:
     term = tmux_shell
     term.type("reserve any")
