@@ -55,7 +55,7 @@ SMALL = 100
 LARGE = 256 * 1024
 IDLE_S = 5.0  # a subscriber gives up after this long without a message
 
-FULL = {"rtt": 2000, "warmup": 200, "small": 30_000, "bus": 10_000, "large": 400}
+FULL = {"rtt": 1000, "warmup": 100, "small": 20_000, "bus": 10_000, "large": 300}
 QUICK = {"rtt": 500, "warmup": 100, "small": 10_000, "bus": 5_000, "large": 100}
 
 

@@ -8,14 +8,17 @@ Method (see BENCHMARKS.md for the numbers):
   Brokers: Mosquitto; amqtt (``EmbeddedBroker``) in its own process; and
   ``amqtt-embedded``, the broker inside the coordinator's process as ``xcloud up`` and
   ``xcloud coordinator --embed-broker`` run it (broker and coordinator share one GIL);
-- simulated workers: N worker ids (1,000 and 5,000). Each first publishes a valid
+- simulated workers: N worker ids (1,000 then 5,000 on SQLite; 1,000 on MariaDB in the
+  default full run, since a 5,000-worker join takes ~25 s there). Each first publishes a valid
   ``worker.caps`` (QoS 1) so the coordinator knows it. The simulation connects as ONE
   principal, ``sim``, with role *coordinator* (allowed to publish on every worker's
   topics): 5,000 worker principals would mean 5,000 MQTT connections from Python
   clients. What creating them would cost is measured separately (``stage costs``);
-- P publisher processes (3; 2 in --quick) pre-encode valid heartbeats (~370 B, the
-  fields a real agent sends) round-robin over the N ids, wait at a common start, then
-  publish them at QoS 0 as fast as paho allows;
+- P publisher processes (3; 2 in --quick) pre-encode 20,000 valid heartbeats (10,000
+  in --quick; ~370 B, the fields a real agent sends) round-robin over the N ids, wait at
+  a common start, then publish them at QoS 0 as fast as paho allows. Mosquitto runs
+  with ``max_queued_messages 0`` so a burst is queued, not dropped (``--mosquitto-queue
+  1000``, its default, shows the drops);
 - ingest rate = heartbeats written / time from the first to the last batch written
   (``registry.heartbeats_ingested``, polled every 2 ms inside the coordinator process);
   also end to end (first publish → last written). The coordinator's CPU is read with
@@ -69,9 +72,9 @@ from bench.common import (
 
 INTERVAL_S = 300.0
 TARGET = 10_000.0  # heartbeats/s, SQLite via Mosquitto
-FULL = {"sizes": [1000, 5000], "count": 30_000, "publishers": 3,
-        "configs": "mosquitto:sqlite,mosquitto:mariadb,amqtt:sqlite,amqtt:mariadb,"
-                   "amqtt-embedded:sqlite"}
+FULL = {"sizes": [1000, 5000], "count": 20_000, "publishers": 3,
+        "configs": "mosquitto:sqlite:1000+5000,mosquitto:mariadb:1000,amqtt:sqlite:1000+5000,"
+                   "amqtt:mariadb:1000,amqtt-embedded:sqlite:1000"}
 QUICK = {"sizes": [1000], "count": 10_000, "publishers": 2,
          "configs": "mosquitto:sqlite,amqtt:sqlite"}
 
@@ -404,30 +407,33 @@ def run(quick: bool = False, configs: str | None = None, profile: bool = False,
         plan["count"] = count
     if sizes:
         plan["sizes"] = [int(x) for x in sizes.split(",") if x.strip()]
-    pairs = []
+    triples = []
     for item in plan["configs"].split(","):
-        broker_kind, _, db_kind = item.strip().partition(":")
-        pairs.append((broker_kind, db_kind or "sqlite"))
-    if any(d == "mariadb" for _, d in pairs) and not mariadb_available():
+        parts = item.strip().split(":")
+        n_list = (plan["sizes"] if sizes or len(parts) < 3 or not parts[2]
+                  else [int(x) for x in parts[2].split("+")])
+        triples.append((parts[0], parts[1] if len(parts) > 1 and parts[1] else "sqlite",
+                        n_list))
+    if any(d == "mariadb" for _, d, _ in triples) and not mariadb_available():
         print("heartbeat_ingest: MariaDB not reachable, skipping it", file=sys.stderr)
-        pairs = [(b, d) for b, d in pairs if d != "mariadb"]
-    db_kinds = sorted({d for _, d in pairs}, key=["sqlite", "mariadb"].index)
+        triples = [t for t in triples if t[1] != "mariadb"]
+    db_kinds = sorted({d for _, d, _ in triples}, key=["sqlite", "mariadb"].index)
     started = time.monotonic()
     results = []
     with scratch_dir() as workdir:
         stages = stage_costs(workdir, db_kinds)
-        for broker_kind, db_kind in pairs:
-            print(f"heartbeat_ingest: {broker_kind} + {db_kind} ...", file=sys.stderr,
-                  flush=True)
+        for broker_kind, db_kind, n_list in triples:
+            print(f"heartbeat_ingest: {broker_kind} + {db_kind}, {n_list} workers ...",
+                  file=sys.stderr, flush=True)
             do_profile = profile and broker_kind == "mosquitto" and db_kind == "sqlite"
-            results.append(run_config(broker_kind, db_kind, plan["sizes"], plan["count"],
+            results.append(run_config(broker_kind, db_kind, n_list, plan["count"],
                                       plan["publishers"], workdir, do_profile,
                                       profile_dir, mosquitto_queue=mosquitto_queue))
             if what_if:
                 patches = tuple(p.strip() for p in what_if.split(",") if p.strip())
                 print(f"heartbeat_ingest: {broker_kind} + {db_kind} with "
                       f"{'+'.join(patches)} ...", file=sys.stderr, flush=True)
-                results.append(run_config(broker_kind, db_kind, plan["sizes"],
+                results.append(run_config(broker_kind, db_kind, n_list,
                                           plan["count"], plan["publishers"], workdir,
                                           patches=patches))
     return {"benchmark": "heartbeat_ingest", "quick": quick, "plan": plan, "target": TARGET,
@@ -532,7 +538,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--configs", help="comma-separated broker:db pairs; brokers "
+    parser.add_argument("--configs", help="comma-separated broker:db[:1000+5000]; brokers "
                         "mosquitto, amqtt (own process), amqtt-embedded (in the "
                         "coordinator's process, as `xcloud up`); dbs sqlite, mariadb")
     parser.add_argument("--count", type=int, help="heartbeats per run")
@@ -544,7 +550,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "Mosquitto's own default, 1000, drops QoS 0 heartbeats in a burst)")
     parser.add_argument("--what-if", help="also run each config with these coordinator "
                         "monkeypatches (measuring a suggested change): "
-                        "match-cache, body-fields")
+                        "match-cache, body-fields, switch-interval")
     parser.add_argument("--profile-dir", type=Path,
                         help="keep py-spy's raw (collapsed) stacks in this directory")
 

@@ -5,12 +5,16 @@ Method:
 - a real ``Coordinator`` in its own process (liveness factor 2), SQLite by default,
   over Mosquitto, amqtt in its own process, or amqtt inside the coordinator's process
   (``amqtt-embedded``, as ``xcloud up`` runs it);
-- N simulated workers (5,000; 1,000 in --quick) heartbeating every I = 2 s, their
+- N simulated workers (5,000 over Mosquitto, 2,000 over amqtt-embedded, 1,000 in
+  --quick) heartbeating every I = 2 s, their
   heartbeats spread evenly over the interval (N / I heartbeats/s in total) by 2
   publisher processes. As in bench.heartbeat_ingest, the simulation is ONE principal
   with role coordinator (``sim``), publishing each worker's ``worker.caps`` (QoS 1)
   and then its heartbeats (QoS 0, fresh ``seq``/``id``/``ts`` each time);
-- once all are tracked and two more intervals have passed, K victims (10; 5 in
+- all workers announce themselves at once (a join storm, as after a coordinator or
+  broker restart); once all are tracked and no worker has been marked lost for two
+  intervals (within 60 s, else the run is reported as overloaded, with its false
+  alarms), the coordinator's load is measured for two intervals, then K victims (10; 5 in
   --quick), chosen at random, are silenced one after another, staggered over one
   interval (so they stop at random points of their own interval): their
   heartbeats just stop, there is no last will and no ``offline`` status (a frozen or
@@ -169,7 +173,8 @@ class _Heartbeater:
 
 
 def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, victims: int,
-               publishers: int, workdir: Path) -> dict[str, Any]:
+               publishers: int, workdir: Path, patches: tuple[str, ...] = ()
+               ) -> dict[str, Any]:
     root = unique_root("live")
     ids = identities(("coordinator", "coordinator"), ("sim", "coordinator"),
                      ("watcher", "admin"))
@@ -189,6 +194,7 @@ def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, vi
             return len(events)
 
     out: dict[str, Any] = {"broker": broker_kind, "db": db_kind, "workers": workers,
+                           "patches": list(patches),
                            "interval_s": interval, "factor": FACTOR, "victims": [],
                            "missed": 0, "false_lost_join": 0, "false_lost_steady": 0}
     embedded = broker_kind == "amqtt-embedded"
@@ -200,7 +206,7 @@ def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, vi
             coord = CoordinatorProcess(broker.url if broker else "", root, ids["coordinator"],
                                        db_url, workdir / f"home-{root}",
                                        embed_creds=credentials(ids) if embedded else None,
-                                       liveness_factor=FACTOR,
+                                       patches=patches, liveness_factor=FACTOR,
                                        default_heartbeat_s=interval).start()
             url = coord.url
             watcher = paho_connect(url, ids["watcher"], on_message=on_event,
@@ -319,7 +325,7 @@ def _finish(out: dict[str, Any], beaters: list[_Heartbeater], watcher: Any, coor
 
 
 def run(quick: bool = False, configs: str | None = None, workers: int | None = None,
-        victims: int | None = None) -> dict[str, Any]:
+        victims: int | None = None, what_if: str | None = None) -> dict[str, Any]:
     plan = dict(QUICK if quick else FULL)
     if configs:
         plan["configs"] = configs
@@ -339,6 +345,13 @@ def run(quick: bool = False, configs: str | None = None, workers: int | None = N
                   file=sys.stderr, flush=True)
             results.append(run_config(broker_kind, db_kind, n, plan["interval"],
                                       plan["victims"], plan["publishers"], workdir))
+            if what_if:
+                patches = tuple(p.strip() for p in what_if.split(",") if p.strip())
+                print(f"liveness_scale: again with {'+'.join(patches)} ...", file=sys.stderr,
+                      flush=True)
+                results.append(run_config(broker_kind, db_kind, n, plan["interval"],
+                                          plan["victims"], plan["publishers"], workdir,
+                                          patches))
     return {"benchmark": "liveness_scale", "quick": quick, "plan": plan,
             "target_intervals": TARGET_INTERVALS, "results": results, "machine": machine(),
             "elapsed_s": round(time.monotonic() - started, 1)}
@@ -348,7 +361,9 @@ def markdown(result: dict[str, Any]) -> str:
     rows = []
     for r in result["results"]:
         rows.append([
-            f"{r['broker']} + {r['db']}", f"{r['workers']:,}", f"{r['interval_s']:g} s",
+            f"{r['broker']} + {r['db']}" + (f" ({'+'.join(r['patches'])})"
+                                            if r.get("patches") else ""),
+            f"{r['workers']:,}", f"{r['interval_s']:g} s",
             (f"{len(r['victims']) - r['missed']}/{len(r['victims'])}" if not r["overloaded"]
              else f"overloaded: {r['tracked']:,} tracked after {r['settled_s']:.0f} s"),
             f"{fmt(r['min_from_last_beat_I'], 2)}–{fmt(r['max_from_last_beat_I'], 2)}",
@@ -382,6 +397,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "amqtt-embedded; dbs sqlite, mariadb")
     parser.add_argument("--workers", type=int, help="simulated workers")
     parser.add_argument("--victims", type=int, help="workers to silence")
+    parser.add_argument("--what-if", help="also run each config with these coordinator "
+                        "monkeypatches: match-cache, body-fields, switch-interval")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,7 +66,6 @@ class CoordinatorConfig:
     liveness_factor: float = 2.0  # lost after this many missed heartbeat intervals
     default_heartbeat_s: float = 5.0
     heartbeat_flush_s: float = 0.2  # batch window for heartbeat writes
-    will_grace_s: float = 0.0  # extra wait after a worker's last will before "lost"
     max_reservations_per_principal: int = 1  # live reservations one principal may hold
     default_lease_s: float = 30.0  # lease when a reserve names none
     max_lease_s: float = 3600.0  # longer requested leases are cut to this

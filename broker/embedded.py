@@ -418,6 +418,8 @@ class _XcloudAmqttBroker(Broker):
       closed even when the peer vanished first (amqtt leaked those until GC);
     * retained messages are stored only on state topics (``Acl.can_retain``): a
       retained request in an inbox would be replayed at every subscribe;
+    * messages queued for an offline persistent session are delivered with RETAIN
+      cleared (amqtt sets it, so inboxes dropped them);
     * topic checks call the ACL directly rather than through the plugin manager,
       which spawns a task per check on the per-delivery hot path (~10x slower).
     """
@@ -561,6 +563,26 @@ class _XcloudAmqttBroker(Broker):
         # amqtt dispatches every check (publish, subscribe, and each delivery to each
         # subscriber) as a new task per plugin: ~30 us against ~3 us for the direct call.
         return check_topic(self._xc_runtime, session, topic, action)
+
+    # -- queued messages: delivered as what they are, not as retained ------------------
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Deliver what was queued for an offline persistent session.
+
+        amqtt (despite the name: these are messages queued while the client was away)
+        sends them with the RETAIN flag set, and receivers rightly ignore retained
+        messages in inboxes, so e.g. a reservation.close queued for a restarted worker
+        was lost. Here they go out as ordinary publications.
+        """
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        while not session.retained_messages.empty():
+            queued = await session.retained_messages.get()
+            tasks.append(asyncio.ensure_future(
+                handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)))
+        if tasks:
+            await asyncio.wait(tasks)
 
     # -- retained messages: only the client's own subscriptions, only what it may read -
     async def _publish_retained_messages_for_subscription(

@@ -201,15 +201,16 @@ class ReservedWorker:
     def _mark_ended(self, reason: str) -> None:
         """The reservation is over: stop renewing, fail the waiters, tell the listeners."""
         with self._lock:
-            if self._ended.is_set():
+            if self._ended.is_set() or self.ended_reason is not None:
                 return
             self.ended_reason = reason
-            self._ended.set()
             streams = list(self._streams.values())
+        # Forget it before anyone can see it ended: `ended` implies "not held".
+        self._grid._forget(self)
+        self._ended.set()
         self._keeper.stop()
         if self._keeper.is_alive() and self._keeper is not threading.current_thread():
             self._keeper.join(2)  # it only waits on its stop event or a short request
-        self._grid._forget(self)
         lost = ReservationLost(self.id, reason)
         for stream in streams:
             stream.fail(lost)

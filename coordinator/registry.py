@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 EventSink = Callable[[WorkerEvent], None]
 StateListener = Callable[[str, WorkerState, WorkerState, str], None]
+HeartbeatListener = Callable[[str, list[dict[str, Any]]], None]
+"""Called as (wid, running items) with each worker's latest heartbeat of a written batch."""
 """Called as (wid, old, new, reason) after every committed worker state change."""
 CapsRequester = Callable[[str, CapsRefresh], None]
 
@@ -65,6 +67,7 @@ class WorkerRegistry:
         self.heartbeats_ingested = 0
         self.state_lock = threading.Lock()  # serialises state changes across lanes
         self.state_listeners: list[StateListener] = []
+        self.heartbeat_listeners: list[HeartbeatListener] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -190,6 +193,14 @@ class WorkerRegistry:
         result = self.store.record_heartbeats(batch)
         self.heartbeats_ingested += len(batch)
         now = self._clock()
+        if self.heartbeat_listeners:
+            latest = {wid: body.get("running") or [] for wid, body, _ in batch}
+            for wid, running in latest.items():
+                for listener in self.heartbeat_listeners:
+                    try:
+                        listener(wid, running)
+                    except Exception:
+                        log.exception("heartbeat listener failed for %s", wid)
         for wid in result.unknown:
             self._ask_caps(wid, now)
         for wid in result.inactive:

@@ -14,6 +14,7 @@ import time
 from broker.bus import Bus, Will
 from broker.config import Config
 from coordinator.keys import GrantKey, load_or_create_grant_key
+from coordinator.reconcile import SessionReconciler
 from coordinator.registry import WorkerRegistry
 from coordinator.requests import VERSION, RequestHandlers
 from coordinator.reservations import ReservationService
@@ -64,6 +65,8 @@ class Coordinator:
         self.reservations = ReservationService(self.bus, store, self.registry,
                                                config.coordinator, self.grant_key,
                                                topics=self.topics)
+        self.reconciler = SessionReconciler(self.bus, store, self.topics)
+        self.registry.heartbeat_listeners.append(self.reconciler.on_heartbeat)
 
     def start(self, wait: bool = True) -> None:
         self.registry.start()

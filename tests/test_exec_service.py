@@ -97,12 +97,6 @@ def docker_on_mosquitto(test: Callable[..., None]) -> Callable[..., None]:
     return test
 
 
-def process_only(test: Callable[..., None]) -> Callable[..., None]:
-    """Run this test on the process executor only (it tests the protocol, not the driver)."""
-    test.process_only = True  # type: ignore[attr-defined]
-    return test
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize every grid test over (broker, executor), see the module docstring."""
     if "backend" not in metafunc.fixturenames:
@@ -114,8 +108,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if getattr(metafunc.function, "docker_on_mosquitto", False):
         params.append(pytest.param(("mosquitto", "docker"), id="mosquitto-docker",
                                    marks=docker))
-    if getattr(metafunc.function, "process_only", False):
-        params = [p for p in params if p.values[0][1] == "process"]  # type: ignore[index]
     metafunc.parametrize("backend", params, indirect=True)
 
 

@@ -66,6 +66,7 @@ from schemas.messages import (
     Reserve,
     ReserveReply,
     WorkerCaps,
+    WorkerHeartbeat,
     WorkerStatus,
 )
 from schemas.topics import Topics
@@ -857,3 +858,23 @@ def test_documented_diagram_matches_table() -> None:
     edges = re.findall(r"^\s*(\w+)\s*-->\s*(\w+)\s*:\s*(\S.*)$", section, re.MULTILINE)
     drawn = {(ReservationState(a), ReservationState(b)) for a, b, _ in edges}
     assert drawn == {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
+
+
+def test_stale_worker_sessions_are_closed_from_heartbeats(grid: Grid) -> None:
+    """A worker that missed a reservation.close (it was down, the broker restarted) and
+    still lists the session in its heartbeats is told to close it; live ones are kept."""
+    w1 = grid.worker("w1")
+    alice = grid.client("alice")
+    live = alice.reserved("w1").reservation["id"]
+
+    def beat(*rids: str) -> None:
+        w1.bus.publish(TOPICS.worker_heartbeat("w1"), WorkerHeartbeat(
+            wid="w1", seq=1, interval_s=3600.0, cpu_percent=0.0, mem_used_bytes=0,
+            free_slots=0, running=[{"kind": "reservation", "id": r} for r in rids]), qos=0)
+
+    beat(live, "r-stale")
+    close = w1.wait_closed("r-stale")
+    assert close.reason == "not reserved"
+    assert w1.closed(live) is None  # the active one stays open
+    assert isinstance(alice.ask(Release(reservation=live)), Ok)
+    w1.wait_closed(live)
