@@ -807,7 +807,7 @@ def _coordinator_main(conn: Any, bus_url: str, root: str, ident: Identity, db_ur
     sampler: dict[str, Any] = {}
 
     def lane_backlog(name: str) -> int:
-        lane = coord.bus._lanes.get(name)  # diagnostics only
+        lane = getattr(coord.bus, "_lanes", {}).get(name)  # diagnostics only
         return lane.queue.qsize() if lane is not None else 0
 
     def measure(target: int, stall_s: float, deadline_s: float) -> None:

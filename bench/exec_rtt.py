@@ -13,14 +13,20 @@ One run measures, side by side, on this machine:
      files from ``broker.mosquitto``), ``python -m client.cli coordinator`` and
      ``python -m client.cli worker``, principals made with ``xcloud admin principal add``;
    - ``docker``: ``up --executor docker`` with the ``xcloud-busybox`` image (a
-     hardened session container per reservation, a ``docker exec`` per command).
+     hardened session container per reservation, a ``docker exec`` per command);
+   - ``amqtt-own`` (only when asked for with ``--only``): ``python -m client.cli broker``
+     (amqtt alone in its process) with the coordinator and worker as for Mosquitto;
+     it shows what sharing one GIL with the coordinator costs ``xcloud up``.
 
-   A second loop with ``ReservedWorker.stream("true")`` splits each round trip into
-   "until ``exec.started`` came back" and "until ``exec.exit``", and CPU meters on
+   A second loop (100 calls) with ``ReservedWorker.stream("true")`` splits each round
+   trip into "until ``exec.started`` came back" and "until ``exec.exit``"; CPU meters on
    every grid process give the CPU milliseconds each one spends per command.
 2. **``ssh root@127.0.0.1 true``** through an OpenSSH ControlMaster (the twin of a held
    reservation: no new TCP connection, no key exchange, one new channel per command),
    against a private ``sshd`` on a free port (host and user keys made for the run).
+   bash sources ``~/.bashrc`` for commands run over ssh; root's here runs ``pyenv
+   init`` (~0.1-0.3 s), so this sshd runs in a private mount namespace where an empty
+   file hides it. The same with root's own ``~/.bashrc`` is reported too (20 calls).
 3. **``docker exec <running busybox container> true``**, with the CLI and with the
    docker SDK's low-level API (``exec_create`` + ``exec_start`` + ``exec_inspect``).
 4. **Streaming**: ``cat`` of a file of random bytes (100 MB; 20 MB with ``--quick``):
@@ -82,12 +88,15 @@ from bench.common import (
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 IMAGE = "xcloud-busybox:latest"
-VARIANTS = ("amqtt", "mosquitto", "docker", "ssh", "docker-exec", "local")
+VARIANTS = ("amqtt", "mosquitto", "docker", "ssh", "docker-exec", "local", "amqtt-own")
+DEFAULT_VARIANTS = VARIANTS[:-1]  # amqtt-own (the broker in a process of its own): opt in
 WARMUP = 10
 FULL = {"runs": 300, "mb": 100, "reps": 3}
 QUICK = {"runs": 50, "mb": 20, "reps": 2}
 MB = 1_000_000
 LEASE_S = 300.0
+SSH_OWN_BASHRC_RUNS = 20
+SPLIT_RUNS = 100  # round trips of the stream("true") split (enough for its p50)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -320,14 +329,19 @@ class UpGrid(XcloudGrid):
         self.remove_leftover_containers()
 
 
-class MosquittoGrid(XcloudGrid):
-    """Mosquitto, ``xcloud coordinator`` and ``xcloud worker`` as three processes."""
+class SplitGrid(XcloudGrid):
+    """Broker, ``xcloud coordinator`` and ``xcloud worker`` as three processes.
 
-    label = "Mosquitto"
+    ``mosquitto``: Mosquitto with the password and ACL files of ``broker.mosquitto``
+    (``bench.common.MosquittoBroker``); ``amqtt``: ``xcloud broker`` (the embedded broker
+    alone in its process, authenticating against the same database).
+    """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, broker: str = "mosquitto") -> None:
         super().__init__(workdir)
-        self.dir = workdir / f"mosq-{uuid.uuid4().hex[:6]}"
+        self.kind = broker
+        self.label = "Mosquitto" if broker == "mosquitto" else "amqtt (`xcloud broker`)"
+        self.dir = workdir / f"{broker}-{uuid.uuid4().hex[:6]}"
         self.broker: MosquittoBroker | None = None
 
     def _principal(self, pid: str, role: str, db: str) -> Identity:
@@ -338,7 +352,23 @@ class MosquittoGrid(XcloudGrid):
         token = out.stdout.strip().splitlines()[-1].strip()
         return Identity(pid, role, token)
 
-    def start(self, timeout: float = 60.0) -> MosquittoGrid:
+    def _start_amqtt(self, root: str, db: str, home: Path, timeout: float) -> str:
+        log_file = self.dir / "broker.log"
+        self.logs.append(log_file)
+        for _attempt in range(3):
+            port = free_port()
+            proc = spawn([PY, "-m", "client.cli", "broker", "--port", str(port), "--root", root,
+                          "--db", db], child_env(XCLOUD_HOME=str(home)), log_file)
+            self.procs["amqtt"] = proc
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                if port_open(LOCALHOST, port):
+                    return f"mqtt://{LOCALHOST}:{port}"
+                time.sleep(0.05)
+            stop_process(proc)
+        raise RuntimeError(f"xcloud broker did not start:\n{tail(log_file)}")
+
+    def start(self, timeout: float = 60.0) -> SplitGrid:
         from broker.config import BusConfig, Config
 
         self.dir.mkdir(parents=True)
@@ -349,20 +379,23 @@ class MosquittoGrid(XcloudGrid):
         ids = {i.id: i for i in (self._principal("coordinator", "coordinator", db),
                                  self._principal("bench-client", "client", db),
                                  self._principal(wid, "worker", db))}
-        self.broker = MosquittoBroker(ids, root, self.dir).start()
-        url = self.broker.url
+        if self.kind == "mosquitto":
+            self.broker = MosquittoBroker(ids, root, self.dir).start()
+            url = self.broker.url
+        else:
+            url = self._start_amqtt(root, db, home, timeout)
         coord, worker = ids["coordinator"], ids[wid]
-        self.logs = [self.dir / "coordinator.log", self.dir / "worker.log"]
+        self.logs += [self.dir / "coordinator.log", self.dir / "worker.log"]
         self.procs["coordinator"] = spawn(
             [PY, "-m", "client.cli", "coordinator", "--broker", url, "--root", root,
              "--db", db],
             child_env(XCLOUD_HOME=str(home), XCLOUD_BUS_PRINCIPAL=coord.id,
-                      XCLOUD_BUS_TOKEN=coord.token), self.logs[0])
+                      XCLOUD_BUS_TOKEN=coord.token), self.logs[-2])
         self.procs["worker"] = spawn(
             [PY, "-m", "client.cli", "worker", "--broker", url, "--root", root,
              "--state-dir", str(self.dir / "worker"), "--name", wid, "--executor", "process"],
             child_env(XCLOUD_HOME=str(home), XCLOUD_BUS_PRINCIPAL=wid,
-                      XCLOUD_BUS_TOKEN=worker.token), self.logs[1])
+                      XCLOUD_BUS_TOKEN=worker.token), self.logs[-1])
         cfg = Config()
         cfg.home = home
         client = ids["bench-client"]
@@ -377,7 +410,7 @@ class MosquittoGrid(XcloudGrid):
         return out
 
     def stop(self) -> None:
-        for name in ("worker", "coordinator"):
+        for name in ("worker", "coordinator", "amqtt"):
             stop_process(self.procs.get(name), 40)
         if self.broker is not None:
             self.broker.stop()
@@ -440,7 +473,7 @@ def measure_xcloud(xgrid: XcloudGrid, runs: int, size: int, reps: int,
                 if stream.result.exit_code != 0:
                     raise RuntimeError(f"`true` failed: {stream.result}")
 
-            timed(stream_true, runs)  # the warm-up calls are the first WARMUP samples
+            timed(stream_true, min(runs, SPLIT_RUNS))  # the first WARMUP are warm-ups
             out["stream_started"] = latency_ms(started[WARMUP:])
             out["stream_exit"] = latency_ms(ended[WARMUP:])
 
@@ -480,8 +513,10 @@ def run_grid(xgrid: XcloudGrid, runs: int, size: int, reps: int,
 class SshServer:
     """A private sshd on a free port and a ControlMaster connection to it, as root."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.dir = workdir / "ssh"
+    def __init__(self, workdir: Path, mask_bashrc: bool = True) -> None:
+        self.dir = workdir / f"ssh-{uuid.uuid4().hex[:6]}"
+        self.mask_bashrc = mask_bashrc
+        self.bashrc = "as is"
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.control = self.dir / "cm.sock"
@@ -518,13 +553,16 @@ class SshServer:
         ]) + "\n")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         log_file = self.dir / "sshd.log"
+        prefix = self._mask_prefix()
         for attempt in range(3):
             self.port = free_port()
+            sshd = ["/usr/sbin/sshd", "-D", "-e", "-f", str(conf), "-p", str(self.port),
+                    "-o", f"ListenAddress={LOCALHOST}"]
+            cmd = [*prefix[:-1], f"{prefix[-1]} {shlex.join(sshd)}"] if prefix else sshd
             with open(log_file, "ab") as logf:
                 self.proc = subprocess.Popen(
-                    ["/usr/sbin/sshd", "-D", "-e", "-f", str(conf), "-p", str(self.port),
-                     "-o", f"ListenAddress={LOCALHOST}"], stdin=subprocess.DEVNULL,
-                    stdout=logf, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                    cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                    preexec_fn=die_with_parent)
             deadline = time.monotonic() + timeout
             while self.proc.poll() is None and time.monotonic() < deadline:
                 if port_open(LOCALHOST, self.port):
@@ -550,6 +588,29 @@ class SshServer:
         if "pid=" in text:
             self.master_pid = int(text.split("pid=")[1].split(")")[0])
         return self
+
+    def _mask_prefix(self) -> list[str]:
+        """``unshare`` + ``sh -c`` that hides root's ``~/.bashrc`` from this sshd only.
+
+        bash sources ``~/.bashrc`` for commands run by sshd; root's here runs
+        ``pyenv init`` (a quarter of a second), which is this machine's setup, not ssh's
+        cost. A private mount namespace binds an empty file over it for sshd and its
+        sessions alone; nothing outside sees a change.
+        """
+        bashrc = Path(os.path.expanduser("~root")) / ".bashrc"
+        if not self.mask_bashrc or not bashrc.is_file() or shutil.which("unshare") is None:
+            return []
+        empty = self.dir / "empty_bashrc"
+        empty.write_text("")
+        probe = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f"mount --bind {shlex.quote(str(empty))} {shlex.quote(str(bashrc))}"],
+            capture_output=True, timeout=10, check=False)
+        if probe.returncode != 0:
+            return []
+        self.bashrc = "empty (masked)"
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                f"mount --bind {shlex.quote(str(empty))} {shlex.quote(str(bashrc))} && exec"]
 
     def cipher(self) -> str:
         """The cipher the master negotiated (from ``ssh -G``'s defaults: first offered)."""
@@ -595,12 +656,19 @@ def measure_ssh(workdir: Path, runs: int, size: int, reps: int,
                 host_file: Path) -> dict[str, Any]:
     with SshServer(workdir) as sshd:
         base = sshd.client_args()
-        out: dict[str, Any] = {"version": sshd.version(), "cipher": sshd.cipher()}
+        out: dict[str, Any] = {"version": sshd.version(), "cipher": sshd.cipher(),
+                               "bashrc": sshd.bashrc}
         out["run_true"] = latency_ms(timed(lambda: run_quiet([*base, "true"]), runs))
         cat = [*base, "cat", shlex.quote(str(host_file))]
         read_pipe(cat)
         out["cat"] = throughput(lambda: read_pipe(cat), size, reps)
-        return out
+    if sshd.bashrc != "as is":
+        # For the record: the same with root's own ~/.bashrc (few runs, it is slow).
+        with SshServer(workdir, mask_bashrc=False) as plain:
+            base = plain.client_args()
+            out["run_true_own_bashrc"] = latency_ms(
+                timed(lambda: run_quiet([*base, "true"]), SSH_OWN_BASHRC_RUNS, warmup=2))
+    return out
 
 
 # ----------------------------------------------------------------------------- docker exec
@@ -669,7 +737,7 @@ def measure_local(runs: int, size: int, reps: int, host_file: Path) -> dict[str,
 
 
 def run(quick: bool = False, runs: int | None = None, mb: float | None = None,
-        reps: int | None = None, only: str = ",".join(VARIANTS),
+        reps: int | None = None, only: str = ",".join(DEFAULT_VARIANTS),
         image: str = IMAGE) -> dict[str, Any]:
     sizes = QUICK if quick else FULL
     n = runs or sizes["runs"]
@@ -693,7 +761,8 @@ def run(quick: bool = False, runs: int | None = None, mb: float | None = None,
             ("ssh", lambda: measure_ssh(tmp, n, size, k, host_file)),
             ("docker-exec", lambda: measure_docker_exec(n, size, k, host_file, image)),
             ("amqtt", lambda: run_grid(UpGrid(tmp), n, size, k, host_file)),
-            ("mosquitto", lambda: run_grid(MosquittoGrid(tmp), n, size, k, host_file)),
+            ("mosquitto", lambda: run_grid(SplitGrid(tmp), n, size, k, host_file)),
+            ("amqtt-own", lambda: run_grid(SplitGrid(tmp, "amqtt"), n, size, k, host_file)),
             ("docker", lambda: run_grid(UpGrid(tmp, "docker", image), n, size, k, None)),
         ]
         for name, step in steps:
@@ -737,8 +806,11 @@ def markdown(result: dict[str, Any]) -> str:
     rtt_rows = [
         ("amqtt", "run_true", "xcloud, embedded amqtt (`xcloud up`), process executor"),
         ("mosquitto", "run_true", "xcloud, Mosquitto, process executor"),
+        ("amqtt-own", "run_true", "xcloud, amqtt in its own process (`xcloud broker`), "
+         "process executor"),
         ("docker", "run_true", "xcloud, embedded amqtt, docker executor (busybox)"),
         ("ssh", "run_true", "`ssh` over a ControlMaster"),
+        ("ssh", "run_true_own_bashrc", "`ssh` over a ControlMaster, root's own ~/.bashrc"),
         ("docker-exec", "cli_true", "`docker exec` (CLI)"),
         ("docker-exec", "sdk_true", "docker SDK exec_create/start/inspect"),
         ("local", "run_true", "local fork+exec (`subprocess.run`), the floor"),
@@ -758,19 +830,19 @@ def markdown(result: dict[str, Any]) -> str:
                      "p50 ÷ docker exec"], rows)]
 
     split = []
-    for name in ("amqtt", "mosquitto", "docker"):
+    for name in ("amqtt", "mosquitto", "amqtt-own", "docker"):
         r = res.get(name)
         if not r:
             continue
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in r.get("cpu_ms_per_exec", {}).items())
-        split.append([r["label"], fmt(r["stream_started"]["p50"], 2),
+        split.append([r["label"], r["stream_exit"]["n"], fmt(r["stream_started"]["p50"], 2),
                       fmt(r["stream_exit"]["p50"], 2), fmt(r["stream_exit"]["p99"], 2),
                       cpu])
     if split:
         out += ["", "Where an xcloud round trip goes (`stream(\"true\")`: until the "
                 "`exec.started` reply, until `exec.exit`; CPU ms per command in the "
                 "`run` loop, reaped children included)", "",
-                md_table(["grid", "started p50 ms", "exit p50 ms", "exit p99 ms",
+                md_table(["grid", "n", "started p50 ms", "exit p50 ms", "exit p99 ms",
                           "CPU ms per command"], split)]
 
     ssh_rate = _rate(res, "ssh", "cat")
@@ -778,6 +850,7 @@ def markdown(result: dict[str, Any]) -> str:
     thr_rows = [
         ("amqtt", "cat", "xcloud, embedded amqtt, process executor"),
         ("mosquitto", "cat", "xcloud, Mosquitto, process executor"),
+        ("amqtt-own", "cat", "xcloud, amqtt in its own process, process executor"),
         ("docker", "cat", "xcloud, embedded amqtt, docker executor"),
         ("ssh", "cat", "`ssh … cat` over the ControlMaster"),
         ("docker-exec", "cli_cat", "`docker exec … cat` (CLI)"),
@@ -802,7 +875,8 @@ def markdown(result: dict[str, Any]) -> str:
              if r is not None]
     extra = ""
     if "ssh" in res:
-        extra = f"; ssh: {res['ssh']['version']}, cipher {res['ssh']['cipher']}"
+        extra = (f"; ssh: {res['ssh']['version']}, cipher {res['ssh']['cipher']}, "
+                 f"remote ~/.bashrc {res['ssh']['bashrc']}")
     if "docker-exec" in res:
         extra += f"; Docker Engine {res['docker-exec']['engine']}"
     out += ["", "Targets: "
@@ -826,8 +900,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=None, help="round trips per variant")
     parser.add_argument("--mb", type=float, default=None, help="MB streamed per transfer")
     parser.add_argument("--reps", type=int, default=None, help="transfers per variant")
-    parser.add_argument("--only", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--only", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated subset of {', '.join(VARIANTS)} (default: "
+                        "all but amqtt-own)")
     parser.add_argument("--image", default=IMAGE, help="busybox image for docker runs")
 
 

@@ -62,6 +62,13 @@ class HeartbeatMonitor:
         if entry is None:
             return
         self._last[wid] = (now, interval)
+        if interval < entry[1]:
+            # A shorter interval than the heap entry was pushed with: its deadline is
+            # now earlier than the one queued, so queue the earlier one too.
+            with self._cond:
+                heapq.heappush(self._heap, (now + self.factor * interval, wid))
+                self._queued.add(wid)
+                self._cond.notify()
 
     def refresh_all(self, now: float) -> None:
         """Give every tracked worker a full deadline from ``now`` (we were deaf)."""

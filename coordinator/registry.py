@@ -24,6 +24,8 @@ from schemas.topics import Topics
 
 log = logging.getLogger(__name__)
 
+BACKLOG_DEFER = 200  # unhandled heartbeats above which a missed deadline is re-checked
+
 EventSink = Callable[[WorkerEvent], None]
 StateListener = Callable[[str, WorkerState, WorkerState, str], None]
 HeartbeatListener = Callable[[str, list[dict[str, Any]]], None]
@@ -47,6 +49,7 @@ class WorkerRegistry:
         request_caps: CapsRequester,
         clock: Callable[[], float] = time.time,
         is_connected: Callable[[], bool] = lambda: True,
+        backlog: Callable[[], int] = lambda: 0,
     ) -> None:
         self.store = store
         self.topics = topics
@@ -56,6 +59,8 @@ class WorkerRegistry:
         self._request_caps = request_caps
         self._clock = clock
         self._is_connected = is_connected
+        self._backlog = backlog
+        self._deferred: dict[str, float] = {}  # wid -> first deadline passed under backlog
         self._timers_loaded = False
         self.monitor = HeartbeatMonitor(liveness_factor, self._on_deadline, clock=clock)
         self._batch: list[tuple[str, dict[str, Any], float]] = []
@@ -166,6 +171,8 @@ class WorkerRegistry:
             return
         now = self._clock()
         self.monitor.beat(wid, now, body.interval_s)
+        if self._deferred:
+            self._deferred.pop(wid, None)
         with self._batch_lock:
             self._batch.append((wid, body.to_dict(), now))
             if len(self._batch) >= 5000:
@@ -216,12 +223,23 @@ class WorkerRegistry:
     # -- state changes -------------------------------------------------------------------
 
     def _on_deadline(self, wid: str, silent_for: float) -> None:
+        now = self._clock()
+        record = self.store.get_worker(wid)
+        interval = (record.heartbeat_interval if record else 0) or self.default_interval
         if not self._is_connected():
             # We cannot hear anybody: silence says nothing about the worker.
-            record = self.store.get_worker(wid)
-            interval = (record.heartbeat_interval if record else 0) or self.default_interval
-            self.monitor.track(wid, self._clock(), interval)
+            self.monitor.track(wid, now, interval)
             return
+        if self._backlog() > BACKLOG_DEFER:
+            # Its heartbeat may be waiting in our own queue: an overloaded coordinator must
+            # not write off healthy workers. Look again shortly, for one interval at most.
+            first = self._deferred.setdefault(wid, now)
+            if now - first < interval:
+                recheck = min(0.25, interval / 4)
+                self.monitor.track(wid, now + recheck - self.monitor.factor * interval,
+                                   interval)
+                return
+        self._deferred.pop(wid, None)
         self.flush()
         self._transition(wid, WorkerState.LOST, f"no heartbeat for {silent_for:.1f}s",
                          self._clock())

@@ -59,6 +59,7 @@ class Coordinator:
             publish_event=self._publish_event,
             request_caps=self._request_caps,
             is_connected=self.bus.connected.is_set,
+            backlog=lambda: self.bus.backlog("heartbeat"),
         )
         self.requests = RequestHandlers(self.bus, store, self.registry)
         self.grant_key = grant_key or load_or_create_grant_key(config.data_dir)

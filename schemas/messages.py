@@ -23,16 +23,24 @@ class Body:
 
     def to_dict(self) -> dict[str, Any]:
         """Fields as a JSON-able dict, with unset optional fields left out."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) is not None
-        }
+        values = ((name, getattr(self, name)) for name in _field_names(type(self)))
+        return {name: value for name, value in values if value is not None}
 
     @classmethod
     def from_dict(cls: type[B], data: dict[str, Any]) -> B:
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = _field_names(cls)
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    """Field names of a message class (dataclasses.fields is slow on the hot path)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 REGISTRY: dict[str, type[Body]] = {}
