@@ -189,33 +189,55 @@ def make_file(path: Path, size: int) -> Path:
     return path
 
 
-class CpuMeters:
-    """CPU seconds (self + reaped children) of named processes over a window."""
+def process_cpu(pid: int, tree: bool = False) -> Callable[[], float]:
+    """CPU seconds of ``pid`` (with ``tree``, plus its live descendants), reaped
+    children included."""
+    proc = psutil.Process(pid)
 
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.procs = {}
-        for name, pid in pids.items():
+    def cpu() -> float:
+        total = 0.0
+        for p in [proc, *(proc.children(recursive=True) if tree else [])]:
             with contextlib.suppress(psutil.Error):
-                self.procs[name] = psutil.Process(pid)
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        return total
+
+    return cpu
+
+
+def reaped_children_cpu() -> float:
+    """CPU seconds of the children this process has reaped (``subprocess.run`` ones)."""
+    t = os.times()
+    return float(t.children_user + t.children_system)
+
+
+class CpuMeters:
+    """CPU seconds of named sources over a window, per call."""
+
+    def __init__(self, sources: dict[str, Callable[[], float]]) -> None:
+        self.sources = sources
         self._c0: dict[str, float] = {}
 
-    @staticmethod
-    def _cpu(proc: psutil.Process) -> float:
-        t = proc.cpu_times()
-        return float(t.user + t.system + t.children_user + t.children_system)
+    @classmethod
+    def of_pids(cls, pids: dict[str, int]) -> CpuMeters:
+        sources = {}
+        for name, pid in pids.items():
+            with contextlib.suppress(psutil.Error):
+                sources[name] = process_cpu(pid)
+        return cls(sources)
 
     def start(self) -> CpuMeters:
         self._c0 = {}
-        for name, proc in self.procs.items():
+        for name, cpu in self.sources.items():
             with contextlib.suppress(psutil.Error):
-                self._c0[name] = self._cpu(proc)
+                self._c0[name] = cpu()
         return self
 
     def per_call_ms(self, calls: int) -> dict[str, float]:
         out = {}
-        for name, proc in self.procs.items():
-            with contextlib.suppress(psutil.Error):
-                out[name] = 1000.0 * (self._cpu(proc) - self._c0[name]) / max(1, calls)
+        for name, cpu in self.sources.items():
+            with contextlib.suppress(psutil.Error, KeyError):
+                out[name] = 1000.0 * (cpu() - self._c0[name]) / max(1, calls)
         return out
 
 
@@ -455,7 +477,7 @@ def measure_xcloud(xgrid: XcloudGrid, runs: int, size: int, reps: int,
 
             for _ in range(WARMUP):
                 run_true()
-            meters = CpuMeters({**xgrid.pids(), "client (this process)": os.getpid()})
+            meters = CpuMeters.of_pids({**xgrid.pids(), "client (this process)": os.getpid()})
             meters.start()
             out["run_true"] = latency_ms(timed(run_true, runs, warmup=0))
             out["cpu_ms_per_exec"] = meters.per_call_ms(runs)
@@ -658,7 +680,17 @@ def measure_ssh(workdir: Path, runs: int, size: int, reps: int,
         base = sshd.client_args()
         out: dict[str, Any] = {"version": sshd.version(), "cipher": sshd.cipher(),
                                "bashrc": sshd.bashrc}
-        out["run_true"] = latency_ms(timed(lambda: run_quiet([*base, "true"]), runs))
+        ssh_true = [*base, "true"]
+        for _ in range(WARMUP):
+            run_quiet(ssh_true)
+        sources = {"ssh clients": reaped_children_cpu}
+        if sshd.proc is not None:
+            sources["sshd"] = process_cpu(sshd.proc.pid, tree=True)
+        if sshd.master_pid is not None:
+            sources["ssh master"] = process_cpu(sshd.master_pid)
+        meters = CpuMeters(sources).start()
+        out["run_true"] = latency_ms(timed(lambda: run_quiet(ssh_true), runs, warmup=0))
+        out["cpu_ms_per_exec"] = meters.per_call_ms(runs)
         cat = [*base, "cat", shlex.quote(str(host_file))]
         read_pipe(cat)
         out["cat"] = throughput(lambda: read_pipe(cat), size, reps)
@@ -829,21 +861,28 @@ def markdown(result: dict[str, Any]) -> str:
            md_table(["path", "n", "p50 ms", "p99 ms", "mean ms", "p50 ÷ ssh",
                      "p50 ÷ docker exec"], rows)]
 
-    split = []
-    for name in ("amqtt", "mosquitto", "amqtt-own", "docker"):
+    split, cpu_rows = [], []
+    for name in ("amqtt", "mosquitto", "amqtt-own", "docker", "ssh"):
         r = res.get(name)
         if not r:
             continue
-        cpu = ", ".join(f"{k} {v:.2f}" for k, v in r.get("cpu_ms_per_exec", {}).items())
-        split.append([r["label"], r["stream_exit"]["n"], fmt(r["stream_started"]["p50"], 2),
-                      fmt(r["stream_exit"]["p50"], 2), fmt(r["stream_exit"]["p99"], 2),
-                      cpu])
+        label = r.get("label", "ssh over a ControlMaster")
+        if "stream_exit" in r:
+            split.append([label, r["stream_exit"]["n"], fmt(r["stream_started"]["p50"], 2),
+                          fmt(r["stream_exit"]["p50"], 2), fmt(r["stream_exit"]["p99"], 2)])
+        cpu = r.get("cpu_ms_per_exec") or {}
+        if cpu:
+            cpu_rows.append([label, fmt(sum(cpu.values()), 2),
+                             ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())])
     if split:
-        out += ["", "Where an xcloud round trip goes (`stream(\"true\")`: until the "
-                "`exec.started` reply, until `exec.exit`; CPU ms per command in the "
-                "`run` loop, reaped children included)", "",
-                md_table(["grid", "n", "started p50 ms", "exit p50 ms", "exit p99 ms",
-                          "CPU ms per command"], split)]
+        out += ["", "Where an xcloud round trip goes: `stream(\"true\")`, until the "
+                "`exec.started` reply and until `exec.exit`", "",
+                md_table(["grid", "n", "started p50 ms", "exit p50 ms", "exit p99 ms"],
+                         split)]
+    if cpu_rows:
+        out += ["", "CPU per command in the round-trip loop (ms; reaped children included; "
+                "the clock ticks are 10 ms, so ± 10 ms / n)", "",
+                md_table(["path", "CPU ms per command", "by process"], cpu_rows)]
 
     ssh_rate = _rate(res, "ssh", "cat")
     dex_rate = _rate(res, "docker-exec", "cli_cat")
