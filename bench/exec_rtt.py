@@ -27,13 +27,15 @@ One run measures, side by side, on this machine:
    bash sources ``~/.bashrc`` for commands run over ssh; root's here runs ``pyenv
    init`` (~0.1-0.3 s), so this sshd runs in a private mount namespace where an empty
    file hides it. The same with root's own ``~/.bashrc`` is reported too (20 calls).
+   CPU meters: sshd with its sessions, the master, and the ``ssh`` clients.
 3. **``docker exec <running busybox container> true``**, with the CLI and with the
    docker SDK's low-level API (``exec_create`` + ``exec_start`` + ``exec_inspect``).
 4. **Streaming**: ``cat`` of a file of random bytes (100 MB; 20 MB with ``--quick``):
    through xcloud (``ReservedWorker.stream``, bytes counted in the client), through
    ``ssh … cat`` over the ControlMaster and ``docker exec … cat`` (CLI and SDK; the file
-   bind-mounted read-only), each read from a pipe and counted in this process. A local
-   ``cat`` and a local ``true`` give the floor.
+   bind-mounted read-only), each read from a pipe and counted in this process. With
+   the docker executor the file is made inside the session (``head -c N /dev/urandom``
+   into ``/work``). A local ``cat`` and a local ``true`` give the floor.
 
 Every variant gets warm-up calls first. Nothing is asserted: the targets (p50 ≤ 5 ms on
 the embedded broker and no slower than ssh; ≥ 50 MB/s streamed) are reported as met or

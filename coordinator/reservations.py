@@ -31,6 +31,7 @@ from typing import Any
 from broker.acl import Role
 from broker.bus import Bus, BusError, Incoming, RemoteError, RequestTimeout
 from broker.config import CoordinatorConfig
+from coordinator.audit import AuditWriter
 from coordinator.errors import (
     AlreadyExists,
     CoordinatorError,
@@ -189,6 +190,8 @@ class ReservationService:
         self._timers = DeadlineTimers(self._on_timer, name="reservation-timers", clock=clock)
         self._pool: ThreadPoolExecutor | None = None
         self._started = False
+        self._holders: dict[str, tuple[str, str]] = {}
+        self.audit = AuditWriter(store)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -200,6 +203,7 @@ class ReservationService:
         self._pool = ThreadPoolExecutor(RESERVE_THREADS, thread_name_prefix="reserve")
         self._recover()
         self._timers.start()
+        self.audit.start()
 
     def register(self) -> None:
         self.bus.on_inbox("reserve", self._submit_reserve, lane="reserve")
@@ -220,6 +224,7 @@ class ReservationService:
         if self._on_worker_state in self.registry.state_listeners:
             self.registry.state_listeners.remove(self._on_worker_state)
         self._timers.stop()
+        self.audit.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -510,24 +515,36 @@ class ReservationService:
         rep: ExecReport = incoming.body
         sender = incoming.sender
         assert sender is not None
-        record = self.store.get_reservation(rep.reservation)
-        if record is None or record.worker_id != sender:
+        holder = self._holder(rep.reservation)
+        if holder is None or holder[0] != sender:
             log.warning("dropped exec.report from %s for reservation %s: not its worker",
                         sender, rep.reservation)
             raise Refusal("forbidden", f"reservation {rep.reservation} is not on worker {sender}")
-        if rep.client != record.client_id:
+        client = holder[1]
+        if rep.client != client:
             log.warning("exec.report from %s names client %s, but reservation %s is held by "
-                        "%s; recording the holder", sender, rep.client, record.id,
-                        record.client_id)
-        self.store.record_exec_audit(
-            reservation_id=record.id, worker_id=sender, client_id=record.client_id,
+                        "%s; recording the holder", sender, rep.client, rep.reservation, client)
+        self.audit.add(dict(
+            reservation_id=rep.reservation, worker_id=sender, client_id=client,
             exec_id=rep.exec_id, command=rep.command, started_at=rep.started_at,
             reported_at=self._clock(), mode=rep.mode, duration_s=rep.duration_s,
             exit_code=rep.exit_code, signal=rep.signal, timed_out=rep.timed_out,
             truncated=rep.truncated, oom_killed=rep.oom_killed,
             output_bytes=rep.output_bytes, error=rep.error,
-        )
+        ))
         return Ok()
+
+    def _holder(self, rid: str) -> tuple[str, str] | None:
+        """(worker, client) of a reservation; they never change, so they are cached."""
+        found = self._holders.get(rid)
+        if found is None:
+            record = self.store.get_reservation(rid)
+            if record is None:
+                return None
+            if len(self._holders) >= 10_000:
+                self._holders.clear()
+            found = self._holders[rid] = (record.worker_id, record.client_id)
+        return found
 
     def audit_list(self, incoming: Incoming) -> Body:
         req: AuditList = incoming.body
@@ -538,6 +555,7 @@ class ReservationService:
             client = req.client
         elif req.client is not None and req.client != sender:
             raise Refusal("forbidden", "only admins may read other principals' audit records")
+        self.audit.flush()  # reports still queued are part of the answer
         records = self.store.list_exec_audit(
             client_id=client, worker_id=req.worker, reservation_id=req.reservation,
             limit=req.limit or AUDIT_DEFAULT_LIMIT,

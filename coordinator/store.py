@@ -585,6 +585,53 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def _audit_row(
+    *,
+    reservation_id: str,
+    worker_id: str,
+    client_id: str,
+    exec_id: str,
+    command: str,
+    started_at: float,
+    reported_at: float,
+    mode: str | None = None,
+    duration_s: float | None = None,
+    exit_code: int | None = None,
+    signal: int | None = None,
+    timed_out: bool | None = None,
+    truncated: bool | None = None,
+    oom_killed: bool | None = None,
+    output_bytes: int | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """An audit row, checked and clipped to the columns' limits."""
+    _text(reservation_id, "reservation id", RID_MAX)
+    _text(worker_id, "worker id", ID_MAX)
+    _text(client_id, "client id", ID_MAX)
+    _text(exec_id, "exec id", RID_MAX)
+    if not isinstance(command, str):
+        raise InvalidArgument("command must be a string")
+    row: dict[str, Any] = {
+        "reservation_id": reservation_id,
+        "worker_id": worker_id,
+        "client_id": client_id,
+        "exec_id": exec_id,
+        "command": command,
+        "mode": mode[:16] if isinstance(mode, str) else None,
+        "started_at": _float(started_at) or 0.0,
+        "duration_s": _float(duration_s),
+        "exit_code": _int(exit_code, INT32),
+        "signal": _int(signal, INT32),
+        "timed_out": timed_out if isinstance(timed_out, bool) else None,
+        "truncated": truncated if isinstance(truncated, bool) else None,
+        "oom_killed": oom_killed if isinstance(oom_killed, bool) else None,
+        "output_bytes": _int(output_bytes),
+        "error": error[:AUDIT_ERROR_MAX] if isinstance(error, str) else None,
+        "reported_at": reported_at,
+    }
+    return row
+
+
 def _worker_record(row: dict[str, Any]) -> WorkerRecord:
     return WorkerRecord(
         id=row["id"],
@@ -1290,30 +1337,13 @@ class Store:
         Idempotent on (reservation, exec id): a redelivered report returns the stored
         record with ``created`` False.
         """
-        _text(reservation_id, "reservation id", RID_MAX)
-        _text(worker_id, "worker id", ID_MAX)
-        _text(client_id, "client id", ID_MAX)
-        _text(exec_id, "exec id", RID_MAX)
-        if not isinstance(command, str):
-            raise InvalidArgument("command must be a string")
-        row: dict[str, Any] = {
-            "reservation_id": reservation_id,
-            "worker_id": worker_id,
-            "client_id": client_id,
-            "exec_id": exec_id,
-            "command": command,
-            "mode": mode[:16] if isinstance(mode, str) else None,
-            "started_at": _float(started_at) or 0.0,
-            "duration_s": _float(duration_s),
-            "exit_code": _int(exit_code, INT32),
-            "signal": _int(signal, INT32),
-            "timed_out": timed_out if isinstance(timed_out, bool) else None,
-            "truncated": truncated if isinstance(truncated, bool) else None,
-            "oom_killed": oom_killed if isinstance(oom_killed, bool) else None,
-            "output_bytes": _int(output_bytes),
-            "error": error[:AUDIT_ERROR_MAX] if isinstance(error, str) else None,
-            "reported_at": reported_at,
-        }
+        row = _audit_row(
+            reservation_id=reservation_id, worker_id=worker_id, client_id=client_id,
+            exec_id=exec_id, command=command, started_at=started_at,
+            reported_at=reported_at, mode=mode, duration_s=duration_s, exit_code=exit_code,
+            signal=signal, timed_out=timed_out, truncated=truncated, oom_killed=oom_killed,
+            output_bytes=output_bytes, error=error,
+        )
         where = (ExecAudit.reservation_id == reservation_id) & (ExecAudit.exec_id == exec_id)
         created = True
         try:
@@ -1323,6 +1353,21 @@ class Store:
             created = False
         rows = _dicts(ExecAudit.select().where(where))
         return _audit_record(rows[0]), created
+
+    @_op
+    def record_exec_audits(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Store many audit records in one transaction (redelivered ones are skipped).
+
+        Takes the keyword arguments of ``record_exec_audit`` as dicts; returns how many
+        rows were offered. The coordinator's audit writer batches reports through this.
+        """
+        clean = [_audit_row(**row) for row in rows]
+        if not clean:
+            return 0
+        with self.db.atomic():
+            for chunk in _chunks(clean, 200):
+                ExecAudit.insert_many(list(chunk)).on_conflict_ignore().execute()
+        return len(clean)
 
     @_op
     def list_exec_audit(
