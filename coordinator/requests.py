@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.bus import Bus, Incoming
-from coordinator.errors import CoordinatorError, NotFound
+from coordinator.errors import NotFound
+from coordinator.handling import Refusal, guarded
 from coordinator.registry import WorkerRegistry
 from coordinator.store import Store
 from coordinator.worker_state import WorkerState
@@ -32,10 +33,6 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
-class Forbidden(CoordinatorError):
-    """The sender may not do this (not an admin, not the holder, ...)."""
-
-
 class RequestHandlers:
     """Binds request types to methods; ``register`` puts them on the bus."""
 
@@ -52,28 +49,7 @@ class RequestHandlers:
             "workers.drain": self.workers_drain,
         }
         for mtype, fn in table.items():
-            self.bus.on_inbox(mtype, self._guard(fn), lane="requests")
-
-    def _guard(self, fn: Callable[[Incoming], Body]) -> Callable[[Incoming], None]:
-        def run(incoming: Incoming) -> None:
-            if incoming.sender is None:
-                return
-            try:
-                reply = fn(incoming)
-            except NotFound as err:
-                self.bus.reply_error(incoming, "not_found", str(err))
-            except Forbidden as err:
-                self.bus.reply_error(incoming, "forbidden", str(err))
-            except CoordinatorError as err:
-                self.bus.reply_error(incoming, "invalid", str(err))
-            except Exception:
-                log.exception("%s from %s failed", incoming.message.type, incoming.sender)
-                self.bus.reply_error(incoming, "internal",
-                                     "the coordinator failed to serve this request")
-            else:
-                self.bus.reply(incoming, reply)
-
-        return run
+            self.bus.on_inbox(mtype, guarded(self.bus, fn), lane="requests")
 
     # -- handlers ---------------------------------------------------------------------
 
@@ -120,12 +96,12 @@ class RequestHandlers:
         sender = incoming.sender or ""
         principal = self.store.get_principal(sender)
         if principal is None or principal.role != "admin":
-            raise Forbidden(f"{sender} is not an admin")
+            raise Refusal("forbidden", f"{sender} is not an admin")
         record = self.store.get_worker(req.worker)
         if record is None:
             raise NotFound(f"no worker with id or name {req.worker!r}")
         if record.state not in (WorkerState.ONLINE, WorkerState.DRAINING):
-            raise CoordinatorError(f"worker {record.id} is {record.state.value}, not running")
+            raise Refusal("invalid", f"worker {record.id} is {record.state.value}, not running")
         target = WorkerState.DRAINING if req.drain else WorkerState.ONLINE
         verb = "drained" if req.drain else "undrained"
         self.registry.set_state(record.id, target, f"{verb} by {sender}")

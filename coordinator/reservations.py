@@ -33,17 +33,13 @@ from broker.bus import Bus, BusError, Incoming, RemoteError, RequestTimeout
 from broker.config import CoordinatorConfig
 from coordinator.audit import AuditWriter
 from coordinator.errors import (
-    AlreadyExists,
-    CoordinatorError,
-    InvalidArgument,
     NotFound,
-    StoreError,
 )
+from coordinator.handling import Refusal, guarded
 from coordinator.keys import GrantKey
 from coordinator.registry import WorkerRegistry
 from coordinator.reservation_state import (
     LIVE_STATES,
-    ReservationLimitReached,
     ReservationState,
     WorkerAlreadyReserved,
     WorkerNotReservable,
@@ -86,15 +82,6 @@ REASON_CLIENT_GONE = "client disappeared"
 REASON_RESTARTED = "coordinator restarted during open"
 
 TimerKey = tuple[str, ...]
-
-
-class Refusal(CoordinatorError):
-    """A request the rules refuse; ``code`` is the wire error code (docs/protocol.md)."""
-
-    def __init__(self, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.detail = detail
 
 
 class DeadlineTimers:
@@ -269,33 +256,7 @@ class ReservationService:
     # -- handler plumbing --------------------------------------------------------------
 
     def _guard(self, fn: Callable[[Incoming], Body]) -> Callable[[Incoming], None]:
-        """Run ``fn`` and answer with its result or an error with a stable code."""
-
-        def run(incoming: Incoming) -> None:
-            if incoming.sender is None:
-                return
-            try:
-                reply = fn(incoming)
-            except Refusal as err:
-                self.bus.reply_error(incoming, err.code, str(err)[:4096], err.detail)
-            except NotFound as err:
-                self.bus.reply_error(incoming, "not_found", str(err))
-            except (AlreadyExists, WorkerNotReservable, ReservationLimitReached) as err:
-                self.bus.reply_error(incoming, "conflict", str(err))
-            except InvalidArgument as err:
-                self.bus.reply_error(incoming, "invalid", str(err))
-            except StoreError as err:
-                log.error("%s from %s: %s", incoming.message.type, incoming.sender, err)
-                self.bus.reply_error(incoming, "internal",
-                                     "the coordinator cannot reach its database")
-            except Exception:
-                log.exception("%s from %s failed", incoming.message.type, incoming.sender)
-                self.bus.reply_error(incoming, "internal",
-                                     "the coordinator failed to serve this request")
-            else:
-                self.bus.reply(incoming, reply)
-
-        return run
+        return guarded(self.bus, fn)
 
     def _submit_reserve(self, incoming: Incoming) -> None:
         pool = self._pool

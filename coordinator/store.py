@@ -1312,54 +1312,11 @@ class Store:
     # ---- exec audit
 
     @_op
-    def record_exec_audit(
-        self,
-        *,
-        reservation_id: str,
-        worker_id: str,
-        client_id: str,
-        exec_id: str,
-        command: str,
-        started_at: float,
-        reported_at: float,
-        mode: str | None = None,
-        duration_s: float | None = None,
-        exit_code: int | None = None,
-        signal: int | None = None,
-        timed_out: bool | None = None,
-        truncated: bool | None = None,
-        oom_killed: bool | None = None,
-        output_bytes: int | None = None,
-        error: str | None = None,
-    ) -> tuple[ExecAuditRecord, bool]:
-        """Store one command's audit record; ``(record, created)``.
-
-        Idempotent on (reservation, exec id): a redelivered report returns the stored
-        record with ``created`` False.
-        """
-        row = _audit_row(
-            reservation_id=reservation_id, worker_id=worker_id, client_id=client_id,
-            exec_id=exec_id, command=command, started_at=started_at,
-            reported_at=reported_at, mode=mode, duration_s=duration_s, exit_code=exit_code,
-            signal=signal, timed_out=timed_out, truncated=truncated, oom_killed=oom_killed,
-            output_bytes=output_bytes, error=error,
-        )
-        where = (ExecAudit.reservation_id == reservation_id) & (ExecAudit.exec_id == exec_id)
-        created = True
-        try:
-            with self.db.atomic():
-                ExecAudit.insert(row).execute()
-        except IntegrityError:
-            created = False
-        rows = _dicts(ExecAudit.select().where(where))
-        return _audit_record(rows[0]), created
-
-    @_op
     def record_exec_audits(self, rows: Sequence[dict[str, Any]]) -> int:
         """Store many audit records in one transaction (redelivered ones are skipped).
 
-        Takes the keyword arguments of ``record_exec_audit`` as dicts; returns how many
-        rows were offered. The coordinator's audit writer batches reports through this.
+        Each row holds the keyword arguments of ``_audit_row``; returns how many rows
+        were offered. The coordinator's audit writer batches reports through this.
         """
         clean = [_audit_row(**row) for row in rows]
         if not clean:

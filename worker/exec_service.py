@@ -614,15 +614,21 @@ class ExecService:
         except Exception:
             log.exception("cannot report exec %s to the coordinator", ex.exec_id)
 
+    def _authorized_exec(self, incoming: Incoming, grant: str, exec_id: str) -> _Exec | None:
+        """The exec a request names, if the grant holds; else the error is already sent."""
+        auth = self._authorize(incoming, grant)
+        if auth is None:
+            return None
+        ex = auth[1].execs.get(exec_id)
+        if ex is None:
+            self.bus.reply_error(incoming, "not_found",
+                                 f"no exec {exec_id} in this reservation")
+        return ex
+
     def _on_signal(self, incoming: Incoming) -> None:
         body: ExecSignal = incoming.body
-        auth = self._authorize(incoming, body.grant)
-        if auth is None:
-            return
-        ex = auth[1].execs.get(body.exec_id)
+        ex = self._authorized_exec(incoming, body.grant, body.exec_id)
         if ex is None:
-            self.bus.reply_error(incoming, "not_found", f"no exec {body.exec_id} in this "
-                                 "reservation")
             return
         if body.signal not in _SIGNALS:
             self.bus.reply_error(incoming, "invalid", f"unknown signal {body.signal}")
@@ -649,13 +655,8 @@ class ExecService:
 
     def _on_logs(self, incoming: Incoming) -> None:
         body: ExecLogs = incoming.body
-        auth = self._authorize(incoming, body.grant)
-        if auth is None:
-            return
-        ex = auth[1].execs.get(body.exec_id)
+        ex = self._authorized_exec(incoming, body.grant, body.exec_id)
         if ex is None:
-            self.bus.reply_error(incoming, "not_found", f"no exec {body.exec_id} in this "
-                                 "reservation")
             return
         assert incoming.sender is not None
         follow = self.topics.client_inbox(incoming.sender) if body.follow else None
