@@ -30,28 +30,10 @@ import pytest
 from client.api import Grid
 from client.errors import ClientError
 from client.reservation import Refused, ReservationLost, ReservedWorker
+from tests.fixtures.e2e import BOTH_EXECUTORS, REPO, E2EGrid
 from tests.fixtures.services import wait_for
-from tests.test_shell_e2e import BOTH_EXECUTORS, REPO, E2EGrid, run_grid
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def process_grid(request: pytest.FixtureRequest) -> Iterator[E2EGrid]:
-    yield from run_grid(request, "process")
-
-
-@pytest.fixture(scope="module")
-def docker_grid(request: pytest.FixtureRequest) -> Iterator[E2EGrid]:
-    yield from run_grid(request, "docker")
-
-
-@pytest.fixture
-def grid(request: pytest.FixtureRequest) -> E2EGrid:
-    """The process grid, or the docker one for tests parametrized with BOTH_EXECUTORS."""
-    executor = getattr(request, "param", "process")
-    value: E2EGrid = request.getfixturevalue(f"{executor}_grid")
-    return value
 
 
 @contextlib.contextmanager
