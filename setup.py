@@ -1,15 +1,20 @@
 """Build script for xcloud, a volunteer-computing grid over MQTT."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
 readme = HERE / "README.md"
+# The version lives in schemas/version.py alone; read it without importing the package.
+VERSION = re.search(r'^__version__ = "([^"]+)"',
+                    (HERE / "schemas" / "version.py").read_text(encoding="utf-8"), re.M)
+assert VERSION, "schemas/version.py must define __version__"
 
 setup(
     name="xcloud",
-    version="0.1.0",
+    version=VERSION.group(1),
     description=(
         "Volunteer / desktop-grid computing: MQTT broker, coordinator daemon, "
         "worker agents and a client shell"

@@ -48,6 +48,7 @@ from bench.common import (
     start_broker,
     unique_root,
 )
+from broker.bus import Lane
 
 ROLES = (("bench-a", "coordinator"), ("bench-b", "coordinator"),
          ("bench-coord", "coordinator"), ("bench-client", "client"))
@@ -96,7 +97,7 @@ def _bus_echo(conn: Any, url: str, ident: Identity, root: str) -> None:
 
     bus = _bus_for(url, ident, root, inbox=Topics(root).coord_inbox)
     bus.on_inbox("ping", lambda inc: bus.reply(inc, Pong(component="bench-echo")),
-                 lane="requests")
+                 lane=Lane.REQUESTS)
     bus.start()
     conn.send("ready")
     with contextlib.suppress(EOFError, OSError):
@@ -124,7 +125,7 @@ def _subscriber(conn: Any, url: str, ident: Identity, root: str, topic: str, qos
 
     if use_bus:
         bus = _bus_for(url, ident, root)
-        bus.subscribe(topic, lambda inc: seen(1), qos=qos, lane="bench")
+        bus.subscribe(topic, lambda inc: seen(1), qos=qos, lane=Lane.DEFAULT)
         bus.start()
         time.sleep(0.5)  # the Bus does not expose SUBACK; give it time to land
         client = None

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 from urllib.parse import urlparse
 
@@ -40,6 +41,26 @@ from schemas.topics import Topics
 log = logging.getLogger(__name__)
 
 MATCH_CACHE_MAX = 100_000  # topics remembered by the subscription matcher
+
+
+class Lane(StrEnum):
+    """The bus's handler threads: one thread and one queue per lane, order kept within a
+    lane. An enum, so that a misspelt lane fails at once instead of silently starting a
+    thread of its own."""
+
+    DEFAULT = "default"
+    INBOX = "inbox"  # the inbox dispatcher itself (cheap handlers may run on it)
+    CONNECT = "connect"  # on-(re)connect hooks
+    REGISTRY = "registry"  # worker caps and status
+    HEARTBEAT = "heartbeat"  # heartbeat ingest
+    REQUESTS = "requests"  # quick coordinator requests
+    ADMIN = "admin"  # principal administration
+    RESERVATIONS = "reservations"  # reservation protocol
+    RESERVE = "reserve"  # reserve requests that wait on a worker
+    EXEC = "exec"  # remote command protocol (worker and client sides)
+    EVENTS = "events"  # event watchers
+    TRANSFER = "transfer"  # data transfers
+    JOBS = "jobs"  # batch jobs
 
 
 class BusError(XcloudError):
@@ -90,7 +111,7 @@ class Will:
 class _Subscription:
     topic_filter: str
     qos: int
-    lane: str
+    lane: Lane
     handler: Handler | None = None
     raw_handler: RawHandler | None = None
     types: frozenset[str] | None = None  # accepted message types (None: any)
@@ -98,7 +119,7 @@ class _Subscription:
 
 @dataclass
 class _Lane:
-    name: str
+    name: Lane
     queue: queue.Queue[tuple[_Subscription, Any] | None] = field(
         default_factory=queue.Queue
     )
@@ -164,9 +185,9 @@ class Bus:
         self._client.on_subscribe = self._on_subscribe
         self._subs: dict[str, _Subscription] = {}
         self._match_cache: dict[str, _Subscription] = {}
-        self._lanes: dict[str, _Lane] = {}
+        self._lanes: dict[Lane, _Lane] = {}
         self._pending: dict[str, Future[Envelope[Any]]] = {}
-        self._inbox_handlers: dict[str, tuple[Handler, str]] = {}
+        self._inbox_handlers: dict[str, tuple[Handler, Lane]] = {}
         self._lock = threading.RLock()
         self.connected = threading.Event()
         self._first_connect = threading.Event()
@@ -191,7 +212,7 @@ class Bus:
         self._started = True
         if self.inbox:
             self._subscribe_internal(
-                _Subscription(f"{self.inbox}/+", 1, "inbox", handler=self._dispatch_inbox)
+                _Subscription(f"{self.inbox}/+", 1, Lane.INBOX, handler=self._dispatch_inbox)
             )
         try:
             self._client.connect_async(self._host, self._port, keepalive=self.config.keepalive)
@@ -259,7 +280,7 @@ class Bus:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def backlog(self, lane: str) -> int:
+    def backlog(self, lane: Lane) -> int:
         """Messages received but not yet handled on ``lane`` (0 for an unknown lane)."""
         found = self._lanes.get(lane)
         return found.queue.qsize() if found else 0
@@ -271,26 +292,28 @@ class Bus:
     # -- subscribe / publish -------------------------------------------------------
 
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1,
-                  lane: str = "default", types: tuple[str, ...] | None = None) -> None:
+                  lane: Lane = Lane.DEFAULT, types: tuple[str, ...] | None = None) -> None:
         """Deliver validated messages matching ``topic_filter`` to ``handler`` on ``lane``.
 
         With ``types`` only those message types reach the handler; a valid message of
         another type on that topic (a heartbeat on a caps topic, say) is dropped.
         """
         self._subscribe_internal(_Subscription(
-            topic_filter, qos, lane, handler=handler,
+            topic_filter, qos, Lane(lane), handler=handler,
             types=frozenset(types) if types else None))
 
     def subscribe_raw(self, topic_filter: str, handler: RawHandler, *, qos: int = 1,
-                      lane: str = "default") -> None:
+                      lane: Lane = Lane.DEFAULT) -> None:
         """Deliver undecoded payloads (for tools and benchmarks that measure the wire)."""
-        self._subscribe_internal(_Subscription(topic_filter, qos, lane, raw_handler=handler))
+        self._subscribe_internal(_Subscription(topic_filter, qos, Lane(lane),
+                                               raw_handler=handler))
 
-    def on_inbox(self, message_type: str, handler: Handler, *, lane: str = "default") -> None:
+    def on_inbox(self, message_type: str, handler: Handler, *,
+                 lane: Lane = Lane.DEFAULT) -> None:
         """Handle messages of ``message_type`` arriving in this component's inbox."""
         if not self.inbox:
             raise BusError("this bus has no inbox")
-        self._inbox_handlers[message_type] = (handler, lane)
+        self._inbox_handlers[message_type] = (handler, Lane(lane))
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
@@ -395,8 +418,8 @@ class Bus:
         self._first_connect.set()
         self.connected.set()
         if self._connect_hooks:
-            lane = self._lane("connect")
-            lane.queue.put((_Subscription("", 0, "connect"), _HOOK_MARKER))
+            lane = self._lane(Lane.CONNECT)
+            lane.queue.put((_Subscription("", 0, Lane.CONNECT), _HOOK_MARKER))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason: ReasonCode, properties: Any) -> None:
@@ -473,7 +496,7 @@ class Bus:
 
     # -- lanes -------------------------------------------------------------------------
 
-    def _lane(self, name: str) -> _Lane:
+    def _lane(self, name: Lane) -> _Lane:
         with self._lock:
             lane = self._lanes.get(name)
             if lane is None:
@@ -540,7 +563,7 @@ class Bus:
                              f"{incoming.message.type}")
             return
         handler, lane = entry
-        if lane == "inbox":
+        if lane is Lane.INBOX:
             handler(incoming)
         else:
             self._lane(lane).queue.put((_Subscription("", 0, lane, handler=handler),

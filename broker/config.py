@@ -27,6 +27,20 @@ class ConfigError(XcloudError):
     """A configuration value that cannot be used (bad type, unreadable file, ...)."""
 
 
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (over-masks rather than leak).
+
+    The one masking function: every log line, error and summary that shows a database or
+    broker URL goes through it.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, hostpart = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{hostpart}"
+
+
 def default_home() -> Path:
     return Path(os.environ.get("XCLOUD_HOME") or Path.home() / ".xcloud").expanduser()
 

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.bus import Bus, BusError, Incoming, RemoteError, RequestTimeout, Will
+from broker.bus import Bus, BusError, Incoming, Lane, RemoteError, RequestTimeout, Will
 from broker.config import Config, load_config
 from client.errors import ClientError, NotConfigured
 from client.exec_stream import ExecStream, decode_data
@@ -108,10 +108,10 @@ class Grid:
         self._streams: dict[str, tuple[ExecStream, ReservedWorker]] = {}
         self.bus.on_connected(self._hello)
         # Output and exit share one lane: per exec, arrival order is kept end to end.
-        self.bus.on_inbox(ExecOutput.TYPE, self._on_exec_output, lane="exec")
-        self.bus.on_inbox(ExecExit.TYPE, self._on_exec_exit, lane="exec")
+        self.bus.on_inbox(ExecOutput.TYPE, self._on_exec_output, lane=Lane.EXEC)
+        self.bus.on_inbox(ExecExit.TYPE, self._on_exec_exit, lane=Lane.EXEC)
         self.bus.on_inbox(ReservationEnded.TYPE, self._on_reservation_ended,
-                          lane="reservations")
+                          lane=Lane.RESERVATIONS)
 
     @classmethod
     def connect(cls, config: Config | None = None) -> Grid:

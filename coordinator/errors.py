@@ -2,34 +2,43 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from schemas.errors import XcloudError
 
-if TYPE_CHECKING:
-    from coordinator.worker_state import WorkerState
-
 
 class CoordinatorError(XcloudError):
-    """Root of every error the coordinator raises on purpose."""
+    """Root of every error the coordinator raises on purpose.
+
+    ``wire_message`` is what a requester is told; ``detail`` travels in the error reply.
+    """
+
+    detail: dict[str, Any] | None = None
+
+    def wire_message(self) -> str:
+        return str(self)[:4096]
 
 
 class StoreError(CoordinatorError):
     """The database cannot be used: bad URL, unreachable server, unknown schema version, ...
 
     Messages name the URL with its password masked and say what to do, because they are
-    shown to operators as they are.
+    shown to operators as they are. Requesters only learn that the database is down.
     """
+
+    def wire_message(self) -> str:
+        return "the coordinator cannot reach its database"
 
 
 class InvalidTransition(CoordinatorError):
-    """A worker state change that the state machine does not allow."""
+    """A state change that a machine's table (coordinator.transitions) does not allow."""
 
-    def __init__(self, worker_id: str, old: WorkerState, new: WorkerState) -> None:
-        super().__init__(
-            f"worker {worker_id!r}: transition {old.value} -> {new.value} is not allowed"
-        )
-        self.worker_id = worker_id
+    code = "conflict"
+
+    def __init__(self, machine: str, key: str, old: str, new: str) -> None:
+        super().__init__(f"{machine} {key!r}: transition {old} -> {new} is not allowed")
+        self.machine = machine
+        self.key = key
         self.old = old
         self.new = new
 
@@ -37,10 +46,16 @@ class InvalidTransition(CoordinatorError):
 class NotFound(CoordinatorError):
     """The named record (worker, principal, ...) does not exist."""
 
+    code = "not_found"
+
 
 class AlreadyExists(CoordinatorError):
     """A record with this id already exists (and is live)."""
 
+    code = "conflict"
+
 
 class InvalidArgument(CoordinatorError, ValueError):
     """A value the store cannot keep (too long, wrong type); nothing was changed."""
+
+    code = "invalid"

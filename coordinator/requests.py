@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from broker.bus import Bus, Incoming
+from broker.bus import Bus, Incoming, Lane
 from coordinator.errors import NotFound
 from coordinator.handling import Refusal, guarded
 from coordinator.registry import WorkerRegistry
@@ -27,10 +27,11 @@ from schemas.messages import (
     WorkersShow,
     WorkersShowReply,
 )
+from schemas.version import __version__
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+VERSION = __version__
 
 
 class RequestHandlers:
@@ -49,7 +50,7 @@ class RequestHandlers:
             "workers.drain": self.workers_drain,
         }
         for mtype, fn in table.items():
-            self.bus.on_inbox(mtype, guarded(self.bus, fn), lane="requests")
+            self.bus.on_inbox(mtype, guarded(self.bus, fn), lane=Lane.REQUESTS)
 
     # -- handlers ---------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """The reservation state machine, and the errors the reservation rules raise.
 
-Kept as an explicit table (like ``worker_state.py``) so docs/state-machines.md, the
-tests and the store's conditional updates all read the same thing: the store moves a
-reservation only ``WHERE state IN sources_of(target)``, so two racing enders (lease
-timer, worker lost, release) cannot both win.
+Kept as an explicit table (``coordinator.transitions``, like ``worker_state.py``) so
+docs/state-machines.md, the tests and the store's conditional updates all read the same
+thing: the store moves a reservation only ``WHERE state IN sources_of(target)``, so two
+racing enders (lease timer, worker lost, release) cannot both win.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from coordinator.errors import AlreadyExists, CoordinatorError
+from coordinator.transitions import StateMachine
 
 
 class ReservationState(StrEnum):
@@ -30,42 +31,33 @@ LIVE_STATES: frozenset[ReservationState] = frozenset(
     {ReservationState.OPENING, ReservationState.ACTIVE}
 )
 
-TRANSITIONS: dict[ReservationState, frozenset[ReservationState]] = {
-    ReservationState.OPENING: frozenset({ReservationState.ACTIVE, ReservationState.ENDED}),
-    ReservationState.ACTIVE: frozenset({ReservationState.ENDED}),
-    ReservationState.ENDED: frozenset(),  # final: a new reservation gets a new id
-}
+MACHINE: StateMachine[ReservationState] = StateMachine("reservation", {
+    ReservationState.OPENING: {ReservationState.ACTIVE, ReservationState.ENDED},
+    ReservationState.ACTIVE: {ReservationState.ENDED},
+    ReservationState.ENDED: set(),  # final: a new reservation gets a new id
+})
+TRANSITIONS = MACHINE.transitions
 
 
 def is_allowed(old: ReservationState, new: ReservationState) -> bool:
-    """True if ``old -> new`` is a transition of the table (self-loops are not)."""
-    return new in TRANSITIONS[old]
+    """True if ``old -> new`` is a transition of the table (or no move at all)."""
+    return MACHINE.allows(old, new)
 
 
 def sources_of(target: ReservationState) -> frozenset[ReservationState]:
     """The states from which ``target`` may be reached."""
-    return frozenset(old for old, targets in TRANSITIONS.items() if target in targets)
+    return MACHINE.sources_of(target)
 
 
-class InvalidReservationTransition(CoordinatorError):
-    """A reservation state change the table does not allow."""
-
-    def __init__(self, rid: str, old: ReservationState, new: ReservationState) -> None:
-        super().__init__(f"reservation {rid!r}: transition {old.value} -> {new.value} "
-                         "is not allowed")
-        self.rid = rid
-        self.old = old
-        self.new = new
-
-
-def check_transition(rid: str, old: ReservationState, new: ReservationState) -> None:
-    """Raise ``InvalidReservationTransition`` unless ``old -> new`` is in the table."""
-    if not is_allowed(old, new):
-        raise InvalidReservationTransition(rid, old, new)
+def check_transition(rid: str, old: ReservationState, new: ReservationState) -> bool:
+    """True for a real move, False for a no-op; ``InvalidTransition`` when forbidden."""
+    return MACHINE.check(rid, old, new)
 
 
 class WorkerNotReservable(CoordinatorError):
     """The worker exists but is not in a state that takes reservations."""
+
+    code = "conflict"
 
     def __init__(self, wid: str, state: str) -> None:
         if state in ("lost", "offline"):
@@ -87,6 +79,8 @@ class WorkerAlreadyReserved(AlreadyExists):
 
 class ReservationLimitReached(CoordinatorError):
     """The principal already holds ``max_reservations_per_principal`` live reservations."""
+
+    code = "conflict"
 
     def __init__(self, client: str, held: list[tuple[str, str]]) -> None:
         if len(held) == 1:

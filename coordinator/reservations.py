@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from broker.acl import Role
-from broker.bus import Bus, BusError, Incoming, RemoteError, RequestTimeout
+from broker.bus import Bus, BusError, Incoming, Lane, RemoteError, RequestTimeout
 from broker.config import CoordinatorConfig
 from coordinator.audit import AuditWriter
 from coordinator.errors import (
@@ -193,7 +193,7 @@ class ReservationService:
         self.audit.start()
 
     def register(self) -> None:
-        self.bus.on_inbox("reserve", self._submit_reserve, lane="reserve")
+        self.bus.on_inbox("reserve", self._submit_reserve, lane=Lane.RESERVE)
         table: dict[str, Callable[[Incoming], Body]] = {
             "renew": self.renew,
             "release": self.release,
@@ -204,7 +204,7 @@ class ReservationService:
             "audit.list": self.audit_list,
         }
         for mtype, fn in table.items():
-            self.bus.on_inbox(mtype, self._guard(fn), lane="reservations")
+            self.bus.on_inbox(mtype, self._guard(fn), lane=Lane.RESERVATIONS)
 
     def stop(self) -> None:
         """Stop timers and take no new reserves (call before stopping the bus)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from broker.bus import Bus, Will
+from broker.bus import Bus, Lane, Will
 from broker.config import Config
 from coordinator.keys import GrantKey, load_or_create_grant_key
 from coordinator.reconcile import SessionReconciler
@@ -59,7 +59,7 @@ class Coordinator:
             publish_event=self._publish_event,
             request_caps=self._request_caps,
             is_connected=self.bus.connected.is_set,
-            backlog=lambda: self.bus.backlog("heartbeat"),
+            backlog=lambda: self.bus.backlog(Lane.HEARTBEAT),
         )
         self.requests = RequestHandlers(self.bus, store, self.registry)
         self.grant_key = grant_key or load_or_create_grant_key(config.data_dir)
@@ -72,12 +72,12 @@ class Coordinator:
     def start(self, wait: bool = True) -> None:
         self.registry.start()
         self.reservations.start()  # before the bus: it must see every worker state change
-        self.bus.subscribe(self.topics.all_worker_caps, self.registry.on_caps, lane="registry",
+        self.bus.subscribe(self.topics.all_worker_caps, self.registry.on_caps, lane=Lane.REGISTRY,
                            types=(WorkerCaps.TYPE,))
         self.bus.subscribe(self.topics.all_worker_status, self.registry.on_status,
-                           lane="registry", types=(WorkerStatus.TYPE,))
+                           lane=Lane.REGISTRY, types=(WorkerStatus.TYPE,))
         self.bus.subscribe(self.topics.all_worker_heartbeat, self.registry.on_heartbeat,
-                           qos=0, lane="heartbeat", types=(WorkerHeartbeat.TYPE,))
+                           qos=0, lane=Lane.HEARTBEAT, types=(WorkerHeartbeat.TYPE,))
         self.requests.register()
         self.reservations.register()
         self.bus.on_connected(self.registry.on_bus_connected)

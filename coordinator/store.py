@@ -39,6 +39,7 @@ import pymysql
 from peewee import Database, DatabaseError, IntegrityError, InterfaceError, OperationalError
 from playhouse.pool import MaxConnectionsExceeded, PooledMySQLDatabase, PooledSqliteDatabase
 
+from broker.config import mask_url
 from coordinator import migrations
 from coordinator.errors import (
     AlreadyExists,
@@ -294,16 +295,6 @@ class ExecAuditRecord:
 
 
 # --------------------------------------------------------------------------- URLs
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (over-masks rather than leak)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    userinfo, _, hostpart = rest.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{hostpart}"
 
 
 @dataclass(frozen=True)
@@ -947,9 +938,8 @@ class Store:
         self, wid: str, old: WorkerState, new: WorkerState, reason: str, now: float
     ) -> tuple[WorkerState, WorkerState] | None:
         """Apply a checked transition and audit it; call inside a transaction."""
-        if old == new:
+        if not check_transition(wid, old, new):
             return None
-        check_transition(wid, old, new)
         Worker.update(state=new.value, state_reason=reason, state_changed_at=now).where(
             Worker.id == wid
         ).execute()

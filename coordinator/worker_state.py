@@ -1,14 +1,14 @@
 """The worker state machine: the states a worker can be in and the transitions allowed.
 
-Kept as an explicit table so the documentation (docs/state-machines.md), the tests and the
-code all read the same thing.
+Kept as an explicit table (``coordinator.transitions``) so the documentation
+(docs/state-machines.md), the tests and the code all read the same thing.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-from coordinator.errors import InvalidTransition
+from coordinator.transitions import StateMachine
 
 
 class WorkerState(StrEnum):
@@ -27,21 +27,21 @@ class WorkerState(StrEnum):
 
 LIVE_STATES: frozenset[WorkerState] = frozenset({WorkerState.ONLINE, WorkerState.DRAINING})
 
-TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
-    WorkerState.ONLINE: frozenset({WorkerState.DRAINING, WorkerState.LOST, WorkerState.OFFLINE}),
-    WorkerState.DRAINING: frozenset({WorkerState.ONLINE, WorkerState.LOST, WorkerState.OFFLINE}),
-    WorkerState.LOST: frozenset({WorkerState.ONLINE, WorkerState.DRAINING, WorkerState.OFFLINE}),
+MACHINE: StateMachine[WorkerState] = StateMachine("worker", {
+    WorkerState.ONLINE: {WorkerState.DRAINING, WorkerState.LOST, WorkerState.OFFLINE},
+    WorkerState.DRAINING: {WorkerState.ONLINE, WorkerState.LOST, WorkerState.OFFLINE},
+    WorkerState.LOST: {WorkerState.ONLINE, WorkerState.DRAINING, WorkerState.OFFLINE},
     # An offline worker said goodbye: it cannot be "lost" (no heartbeat is expected).
-    WorkerState.OFFLINE: frozenset({WorkerState.ONLINE, WorkerState.DRAINING}),
-}
+    WorkerState.OFFLINE: {WorkerState.ONLINE, WorkerState.DRAINING},
+})
+TRANSITIONS = MACHINE.transitions
 
 
 def is_allowed(old: WorkerState, new: WorkerState) -> bool:
     """True if ``old -> new`` is a transition (or the same state, which is a no-op)."""
-    return old == new or new in TRANSITIONS[old]
+    return MACHINE.allows(old, new)
 
 
-def check_transition(wid: str, old: WorkerState, new: WorkerState) -> None:
-    """Raise ``InvalidTransition`` unless ``old -> new`` is allowed; same state is a no-op."""
-    if not is_allowed(old, new):
-        raise InvalidTransition(wid, old, new)
+def check_transition(wid: str, old: WorkerState, new: WorkerState) -> bool:
+    """True for a real move, False for a no-op; ``InvalidTransition`` when forbidden."""
+    return MACHINE.check(wid, old, new)

@@ -7,7 +7,12 @@ class XcloudError(Exception):
     """Root of every error xcloud raises on purpose.
 
     Entry points catch this and print ``str(err)`` to the user instead of a traceback.
+    ``code`` is the wire error code (docs/protocol.md) a request handler answers with when
+    this error ends a request; subclasses set their own, so handlers map errors to codes
+    without an isinstance ladder.
     """
+
+    code: str = "internal"
 
 
 class WireError(XcloudError):

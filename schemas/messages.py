@@ -153,6 +153,15 @@ class WorkerHeartbeat(Body):
 
 @message
 @dataclass(frozen=True, kw_only=True)
+class BrokerRecheck(Body):
+    """Re-authenticate these principals' live sessions (after a revoke) on the broker."""
+
+    TYPE: ClassVar[str] = "broker.recheck"
+    principals: list[str]
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
 class CapsRefresh(Body):
     TYPE: ClassVar[str] = "caps.refresh"
 

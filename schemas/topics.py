@@ -54,6 +54,12 @@ class Topics:
     def coord_inbox_filter(self) -> str:
         return f"{self.root}/coord/inbox/+"
 
+    # -- broker --------------------------------------------------------------
+    @property
+    def broker_recheck(self) -> str:
+        """Where the coordinator asks the embedded broker to re-check revoked principals."""
+        return f"{self.root}/broker/recheck"
+
     # -- workers -----------------------------------------------------------
     def worker_status(self, wid: str) -> str:
         return f"{self.root}/worker/{_check_segment(wid, 'worker id')}/status"

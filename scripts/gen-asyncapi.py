@@ -31,6 +31,7 @@ channels = {
       ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
   "clientInbox": ("{root}/client/{cid}/inbox/{sender}", "Replies, exec output streams and notifications to a client. QoS 1.",
       ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","audit.list.reply","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
+  "brokerRecheck": ("{root}/broker/recheck", "Coordinator/admin -> embedded broker: re-authenticate these principals' live sessions and cut those that no longer pass (after a revoke). Only coordinator and admin principals may publish. QoS 1.", ["broker.recheck"], {}),
   "workerEvents": ("{root}/event/worker/{wid}", "Worker state changes for watchers. QoS 0.", ["event.worker"], {"wid": "worker id"}),
 }
 used = set()

@@ -7,10 +7,13 @@ top-level conftest).
 
 - tests.fixtures.services: free ports, wait_for, MariaDB, Mosquitto, Docker, and
   the child-process leak guard.
+- tests.fixtures.backends: ``broker_kind``, ``db_kind``, ``executor_kind`` (one test,
+  collected once per real backend).
 """
 
 pytest_plugins = [
     "tests.fixtures.services",
+    "tests.fixtures.backends",
     "tests.fixtures.grid",
     # Append further fixture modules here, e.g. "tests.fixtures.grid".
 ]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from broker.bus import Bus, BusError, Incoming, RemoteError, RequestTimeout
+from broker.bus import Bus, BusError, Incoming, Lane, RemoteError, RequestTimeout
 from broker.config import BusConfig
 from schemas.messages import (
     Error,
@@ -35,11 +35,11 @@ CLIENT = "alice"
 
 
 def service(grid: GridHarness, handlers: dict[str, Callable[[Incoming], None]],
-            lanes: dict[str, str] | None = None) -> Bus:
+            lanes: dict[str, Lane] | None = None) -> Bus:
     """A bus owning the coordinator inbox with the given request handlers."""
     bus = grid.bus(SERVICE, "coordinator", inbox=grid.topics.coord_inbox, start=False)
     for mtype, handler in handlers.items():
-        bus.on_inbox(mtype, handler, lane=(lanes or {}).get(mtype, "default"))
+        bus.on_inbox(mtype, handler, lane=(lanes or {}).get(mtype, Lane.DEFAULT))
     bus.start(timeout=5)
     return bus
 
@@ -136,7 +136,7 @@ def test_a_handler_may_make_nested_requests(grid: GridHarness) -> None:
         svc.reply(incoming, Pong(component="self", principal=incoming.sender))
 
     svc = service(grid, {"workers.show": on_show, "ping": on_ping},
-                  lanes={"workers.show": "outer", "ping": "inner"})
+                  lanes={"workers.show": Lane.REQUESTS, "ping": Lane.ADMIN})
     alice = client(grid)
     reply = alice.request(grid.topics.coord_inbox, WorkersShow(worker="w1"), timeout=10)
     assert reply.body.worker == {"id": "w1", "name": "w1", "state": "self"}
@@ -157,7 +157,7 @@ def test_lanes_keep_order_and_do_not_block_each_other(grid: GridHarness) -> None
         fast.append(incoming.body.name)
 
     service(grid, {"workers.show": on_show, "workers.list": on_list},
-            lanes={"workers.show": "a", "workers.list": "b"})
+            lanes={"workers.show": Lane.REQUESTS, "workers.list": Lane.ADMIN})
     alice = client(grid)
     for i in range(n):
         alice.send(grid.topics.coord_inbox, WorkersShow(worker=str(i)))
@@ -342,3 +342,14 @@ def test_principals_added_later_can_connect_and_others_stay_connected(
     assert late.request(grid.topics.coord_inbox, Ping(), timeout=5).body.principal == (
         "late-comer")
     assert svc.reconnects == 0 and alice.reconnects == 0, "a reload kicked nobody out"
+
+
+def test_a_misspelt_lane_fails_instead_of_starting_a_thread() -> None:
+    """Lanes are an enum: a typo must not silently start a thread of its own."""
+    bus = Bus(BusConfig(url="mqtt://127.0.0.1:1", principal="p"), inbox="xcloud/client/p/inbox")
+    threads = threading.active_count()
+    with pytest.raises(ValueError, match="typo"):
+        bus.on_inbox("ping", lambda incoming: None, lane="typo")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="typo"):
+        bus.subscribe("xcloud/x", lambda incoming: None, lane="typo")  # type: ignore[arg-type]
+    assert threading.active_count() == threads

@@ -34,7 +34,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.acl import Principal, Role
-from broker.bus import Bus, Incoming, RequestTimeout
+from broker.bus import Bus, Incoming, Lane, RequestTimeout
 from broker.config import BusConfig, WorkerConfig
 from broker.credentials import hash_token
 from broker.embedded import BrokerSettings, EmbeddedBroker
@@ -199,8 +199,8 @@ class Client:
         self.bus = make_bus(url, principal, TOPICS.client_inbox(principal))
         self.runs: dict[str, Run] = {}
         self.lock = threading.Lock()
-        self.bus.on_inbox(ExecOutput.TYPE, self._on_output, lane="out")
-        self.bus.on_inbox(ExecExit.TYPE, self._on_output, lane="out")
+        self.bus.on_inbox(ExecOutput.TYPE, self._on_output, lane=Lane.EXEC)
+        self.bus.on_inbox(ExecExit.TYPE, self._on_output, lane=Lane.EXEC)
         self.bus.start()
 
     def run_of(self, exec_id: str) -> Run:

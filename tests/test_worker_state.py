@@ -60,7 +60,7 @@ def test_check_transition_every_pair(old: WorkerState, new: WorkerState) -> None
     with pytest.raises(InvalidTransition) as info:
         check_transition("w1", old, new)
     err = info.value
-    assert (err.worker_id, err.old, err.new) == ("w1", old, new)
+    assert (err.key, err.old, err.new) == ("w1", old, new)
     assert isinstance(err, CoordinatorError)
     assert f"{old.value} -> {new.value}" in str(err) and "w1" in str(err)
 

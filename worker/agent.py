@@ -29,6 +29,7 @@ from schemas.codec import encode, envelope
 from schemas.errors import WireError
 from schemas.messages import CapsRefresh, Ok, Ping, Pong, WorkerCaps, WorkerStatus
 from schemas.topics import Topics
+from schemas.version import __version__
 from worker.caps import collect_caps
 from worker.errors import WorkerError
 from worker.exec_service import ExecService
@@ -39,7 +40,7 @@ from worker.metrics import MetricsSampler
 
 log = logging.getLogger(__name__)
 
-AGENT_VERSION = "0.1.0"
+AGENT_VERSION = __version__
 DEFAULT_EXECUTORS: tuple[str, ...] = ("process",)
 
 #: Returns (what is running as [{"kind": ..., "id": ...}], free slots).

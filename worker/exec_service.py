@@ -29,7 +29,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.bus import Bus, Incoming
+from broker.bus import Bus, Incoming, Lane
 from broker.config import WorkerConfig
 from schemas.grants import (
     GrantClaims,
@@ -70,7 +70,7 @@ from worker.sessions import SessionRecord, SessionStore, remove_tree
 
 log = logging.getLogger(__name__)
 
-LANE = "exec"
+LANE = Lane.EXEC
 PIN_FILE = "coord_pubkey"
 MAX_RUNNING_PER_SESSION = 64
 KEEP_EXITED_PER_SESSION = 100  # exited commands kept for exec.list / exec.logs

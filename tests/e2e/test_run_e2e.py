@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from broker.bus import Lane
 from client.api import Grid
 from client.errors import ClientError
 from client.reservation import Refused, ReservationLost, ReservedWorker
@@ -119,8 +120,8 @@ def test_lost_chunks_and_lost_exit_are_recovered(grid: E2EGrid) -> None:
     def lossy_exit(incoming: Any) -> None:
         dropped.append("exit")
 
-    g.bus.on_inbox("exec.output", lossy_output, lane="exec")
-    g.bus.on_inbox("exec.exit", lossy_exit, lane="exec")
+    g.bus.on_inbox("exec.output", lossy_output, lane=Lane.EXEC)
+    g.bus.on_inbox("exec.exit", lossy_exit, lane=Lane.EXEC)
     try:
         with g.reserve() as w:
             result = w.run("for i in 1 2 3 4 5; do echo $i; sleep 0.05; done")
