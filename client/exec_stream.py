@@ -21,10 +21,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from client.errors import ClientError
+from schemas.outcome import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +43,23 @@ class OutputChunk:
 
 
 @dataclass(frozen=True)
-class ExecResult:
-    """How a remote command ended, with its output when it was kept."""
+class ExecResult(Outcome):
+    """How a remote command ended, with its output when it was kept.
+
+    The exit facts are ``Outcome``'s (keyword-only); here they are always filled in, so
+    ``duration_s``, the flags and ``output_bytes`` are never None.
+    """
 
     exec_id: str
     stdout: bytes = b""
     stderr: bytes = b""
-    exit_code: int | None = None
-    signal: int | None = None
-    duration_s: float = 0.0
-    timed_out: bool = False
-    truncated: bool = False
-    oom_killed: bool = False
-    error: str | None = None
-    output_bytes: int = 0
-    lost_chunks: int = 0  # chunks the worker no longer had when we asked again
+    duration_s: float = field(default=0.0, kw_only=True)
+    timed_out: bool = field(default=False, kw_only=True)
+    truncated: bool = field(default=False, kw_only=True)
+    oom_killed: bool = field(default=False, kw_only=True)
+    output_bytes: int = field(default=0, kw_only=True)
+    # chunks the worker no longer had when we asked again
+    lost_chunks: int = field(default=0, kw_only=True)
 
     @property
     def text(self) -> str:
@@ -65,16 +68,9 @@ class ExecResult:
 
     @property
     def ok(self) -> bool:
+        """Exit code 0, even with an ``error`` note (the worker may add one, e.g. why it
+        stopped a command that then exited cleanly)."""
         return self.exit_code == 0
-
-    @property
-    def returncode(self) -> int:
-        """Shell convention: the exit code, 128+N when killed by signal N, 1 otherwise."""
-        if self.exit_code is not None:
-            return self.exit_code
-        if self.signal:
-            return 128 + self.signal
-        return 1
 
 
 def decode_data(data: str) -> bytes:
