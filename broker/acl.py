@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from enum import StrEnum
 
-from schemas.topics import DEFAULT_ROOT, valid_principal_id
+from schemas.topics import DEFAULT_ROOT, Topics, valid_principal_id
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,9 @@ class Acl:
     workers' inboxes under its own id, and reads its own inbox and the coordinator's
     status and public key; a client or admin ``C`` publishes into the coordinator's and
     workers' inboxes under its own id and reads its own inbox, worker status/caps,
-    coordinator status/pubkey and events (an admin also reads heartbeats). Everything
-    else, including any ``$``-topic for non-coordinators, is denied.
+    coordinator status/pubkey and events (an admin also reads heartbeats, and may ask
+    the broker to re-check principals on ``R/broker/recheck``, as the coordinator may).
+    Everything else, including any ``$``-topic for non-coordinators, is denied.
     """
 
     def __init__(self, root: str = DEFAULT_ROOT) -> None:
@@ -226,9 +227,16 @@ class Acl:
                 f"{r}/coord/pubkey",
                 f"{r}/event/#",
             ]
+            publish = [f"{r}/coord/inbox/{pid}", f"{r}/worker/+/inbox/{pid}"]
             if role == Role.ADMIN:
                 subscribe.append(f"{r}/worker/+/heartbeat")
-            return Rules.of([f"{r}/coord/inbox/{pid}", f"{r}/worker/+/inbox/{pid}"], subscribe)
+                # Revocation must reach live connections (broker.revocation). The broker
+                # re-checks against its own authenticator, so this right can only cut
+                # principals that really are revoked.
+                recheck = Topics(r).broker_recheck
+                publish.append(recheck)
+                subscribe.append(recheck)
+            return Rules.of(publish, subscribe)
         return _NO_RULES
 
     def can_publish(self, principal: Principal, topic: str) -> bool:

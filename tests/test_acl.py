@@ -269,3 +269,19 @@ def test_only_state_topics_are_retained() -> None:
     assert ACL.can_retain(COORD, "xcloud/worker/w1/status")  # e.g. clearing a stale status
     assert not ACL.can_retain(COORD, "xcloud/event/worker/lost")
     assert not ACL.can_retain(COORD, "xcloud/client/alice/inbox/coord")
+
+
+def test_only_coordinator_and_admin_may_ask_the_broker_to_recheck() -> None:
+    topic = "xcloud/broker/recheck"
+    for who in (COORD, ROOT):
+        assert ACL.can_publish(who, topic)
+        assert ACL.can_subscribe(who, topic)
+        assert not ACL.can_retain(who, topic)
+    for who in (ALICE, W1):
+        assert not ACL.can_publish(who, topic)
+        assert not ACL.can_subscribe(who, topic)
+        assert not ACL.can_receive(who, topic)
+    assert not ACL.can_subscribe(ROOT, "xcloud/broker/#")  # only that one topic
+    assert not ACL.can_publish(ROOT, "xcloud/broker/other")
+    assert Acl("grid/a").can_publish(ROOT, "grid/a/broker/recheck")
+    assert not Acl("grid/a").can_publish(ROOT, "xcloud/broker/recheck")

@@ -1,13 +1,15 @@
 """The embedded amqtt broker end to end, through real paho-mqtt clients and raw sockets.
 
 Besides the basics (auth, ACL, retained, will, WebSocket, port in use), each hardening
-override in ``broker.embedded._XcloudAmqttBroker`` has a test here that fails on plain
-amqtt 0.12.1.
+override in ``broker.hardened_amqtt.HardenedAmqttBroker`` has a test here that fails on
+plain amqtt 0.12.1, and revocation (``recheck_principals``, ``broker.recheck``) cuts
+live connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import socket
 import struct
@@ -23,9 +25,16 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.acl import Principal, Role
+from broker.bus import Bus, Incoming
+from broker.config import BusConfig
 from broker.credentials import hash_token, verify_token
 from broker.embedded import BrokerSettings, EmbeddedBroker
 from broker.errors import BrokerError, PortInUseError
+from broker.revocation import SenderRateLimit, SessionRecheck
+from schemas.codec import encode, envelope
+from schemas.messages import BrokerRecheck, CapsRefresh
+from schemas.topics import Topics
+from tests.fixtures.services import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -48,25 +57,34 @@ def tok(user: str) -> str:
 
 
 class Directory:
-    """A stand-in for the coordinator's store: only hashes, and a call counter."""
+    """A stand-in for the coordinator's store: only hashes, and a call counter.
+
+    ``revoked`` and ``roles`` change what it answers, as revoking a principal or
+    changing its role in the store would.
+    """
 
     def __init__(self) -> None:
         self.calls = 0
         self.lock = threading.Lock()
         self.gate: threading.Event | None = None  # when set, "slow" blocks on it
+        self.slow_waiting = threading.Event()  # "slow" is blocked on the gate
+        self.revoked: set[str] = set()
+        self.roles: dict[str, Role] = {}
 
     def __call__(self, user: str, token: str) -> Principal | None:
         with self.lock:
             self.calls += 1
         if user == "slow" and self.gate is not None:
+            valid = "slow" not in self.revoked  # read before the (slow) wait
+            self.slow_waiting.set()
             self.gate.wait(T)
-            return Principal("slow", Role.CLIENT) if token == "slow-token" else None
+            return Principal("slow", Role.CLIENT) if valid and token == "slow-token" else None
         if user == "boom":
             raise RuntimeError("database down")
         entry = HASHES.get(user)
-        if entry is None or not verify_token(token, entry[0]):
+        if entry is None or user in self.revoked or not verify_token(token, entry[0]):
             return None
-        return Principal(user, entry[1])
+        return Principal(user, self.roles.get(user, entry[1]))
 
 
 @dataclass
@@ -704,23 +722,24 @@ def test_plugins_also_work_in_a_plain_amqtt_broker(directory: Directory) -> None
     from amqtt.contexts import BrokerConfig, ListenerConfig
 
     from broker.acl import Acl
-    from broker.embedded import _AuthCache, _Runtime
+    from broker.amqtt_plugins import AuthCache, PluginRuntime, plugin_config
 
     async def main() -> None:
         with ThreadPoolExecutor(1, thread_name_prefix="xcloud-broker-test") as executor:
-            runtime = _Runtime(
+            runtime = PluginRuntime(
                 acl=Acl(),
                 authenticator=directory,
                 allow_anonymous=False,
                 executor=executor,
-                cache=_AuthCache(5.0),
+                cache=AuthCache(5.0),
             )
+            plugins = plugin_config(runtime)
+            assert sorted(plugins) == [
+                "broker.amqtt_plugins.XcloudAuthPlugin",
+                "broker.amqtt_plugins.XcloudTopicPlugin",
+            ]
             config = BrokerConfig(
-                listeners={"default": ListenerConfig(bind="127.0.0.1:0")},
-                plugins={
-                    "broker.embedded.XcloudAuthPlugin": {"runtime": runtime},
-                    "broker.embedded.XcloudTopicPlugin": {"runtime": runtime},
-                },
+                listeners={"default": ListenerConfig(bind="127.0.0.1:0")}, plugins=plugins
             )
             amqtt_broker = Broker(config)
             await amqtt_broker.start()
@@ -751,3 +770,297 @@ def _exercise(port: int) -> None:
         assert coord.nothing() == []
     finally:
         cs.close()
+
+
+def test_names_callers_import_from_broker_embedded() -> None:
+    """The split into amqtt_plugins / hardened_amqtt / revocation keeps the old imports."""
+    import broker.embedded as embedded
+    from broker import amqtt_plugins, hardened_amqtt
+
+    assert embedded.Authenticator is amqtt_plugins.Authenticator
+    assert embedded.XcloudAuthPlugin is amqtt_plugins.XcloudAuthPlugin
+    assert embedded.XcloudTopicPlugin is amqtt_plugins.XcloudTopicPlugin
+    assert embedded.PayloadTooLargeError is hardened_amqtt.PayloadTooLargeError
+    assert issubclass(embedded.PayloadTooLargeError, BrokerError)
+    assert embedded._AuthCache is amqtt_plugins.AuthCache
+    assert embedded._Runtime is amqtt_plugins.PluginRuntime
+    assert embedded._XcloudAmqttBroker is hardened_amqtt.HardenedAmqttBroker
+    for name in embedded.__all__:
+        assert hasattr(embedded, name), name
+
+
+# -- messages queued for an offline persistent session ---------------------------------
+
+
+def _offline(broker: EmbeddedBroker, client_id: str) -> None:
+    wait_for(lambda: client_id not in broker.connected_clients(), timeout=T,
+             message=f"the broker sees {client_id} disconnected")
+
+
+def test_queued_messages_reach_a_returning_persistent_session_unretained(
+    broker: EmbeddedBroker, clients: Clients
+) -> None:
+    # amqtt 0.12.1 delivers what it queued for an offline session with RETAIN set.
+    w1 = clients.connect("w1", tok("w1"), client_id="w1-queued", clean=False)
+    w1.subscribe("xcloud/worker/w1/inbox/+")
+    w1.client.disconnect()
+    w1.client.loop_stop()
+    _offline(broker, "w1-queued")
+    coord = clients.connect("coord", tok("coord"))
+    coord.publish("xcloud/worker/w1/inbox/coord", b"while you were away", qos=1)
+    again = clients.connect("w1", tok("w1"), client_id="w1-queued", clean=False)
+    assert again.session_present
+    msg = again.expect()
+    assert (msg.topic, msg.payload) == ("xcloud/worker/w1/inbox/coord", b"while you were away")
+    assert msg.retain is False
+    assert again.nothing() == []
+
+
+def test_bus_inbox_handler_gets_what_was_queued_while_offline(
+    broker: EmbeddedBroker, clients: Clients
+) -> None:
+    """The restarted-worker case: a request queued in its persistent session reaches the
+    inbox handler (a Bus drops retained inbox messages, so RETAIN=1 would lose it)."""
+    topics = Topics()
+    config = BusConfig(url=broker.url, principal="w1", token=tok("w1"))
+
+    def worker_bus() -> tuple[Bus, queue.Queue[Incoming]]:
+        got: queue.Queue[Incoming] = queue.Queue()
+        bus = Bus(config, client_id="w1-bus", inbox=topics.worker_inbox("w1"),
+                  persistent_session=True)
+        bus.on_inbox(CapsRefresh.TYPE, got.put)
+        bus.start()
+        return bus, got
+
+    bus, _ = worker_bus()
+    bus.stop()
+    _offline(broker, "w1-bus")
+    coord = clients.connect("coord", tok("coord"))
+    coord.publish(topics.inbox_for(topics.worker_inbox("w1"), "coord"),
+                  encode(envelope(CapsRefresh())), qos=1)
+    bus, got = worker_bus()
+    try:
+        incoming = got.get(timeout=T)
+        assert incoming.message.type == CapsRefresh.TYPE
+        assert incoming.sender == "coord"
+        assert incoming.retained is False
+    finally:
+        bus.stop()
+
+
+# -- revocation: re-checking live sessions ------------------------------------------------
+
+
+def _recheck(*principals: str) -> bytes:
+    return encode(envelope(BrokerRecheck(principals=list(principals))))
+
+
+RECHECK = Topics().broker_recheck
+
+
+def test_recheck_from_the_coordinator_cuts_a_revoked_principal(
+    clients: Clients, directory: Directory
+) -> None:
+    coord = clients.connect("coord", tok("coord"))
+    alice = clients.connect("alice", tok("alice"))
+    alice.subscribe("xcloud/client/alice/inbox/+")
+    bob = clients.connect("bob", tok("bob"))
+    bob.client.reconnect_delay_set(60, 120)
+    directory.revoked.add("bob")
+    coord.publish(RECHECK, _recheck("bob", "alice", "nobody"))
+    assert bob.disconnected.wait(T), "the revoked principal is still connected"
+    assert clients.connect("bob", tok("bob"), client_id="bob-again").rc == "Not authorized"
+    # named too, but still valid: untouched
+    coord.publish("xcloud/client/alice/inbox/coord", b"still here")
+    assert alice.expect().payload == b"still here"
+    assert not alice.disconnected.is_set()
+
+
+def test_a_cut_worker_leaves_its_will(clients: Clients, directory: Directory) -> None:
+    """A cut is the normal "connection lost" path: a worker's "offline" will goes out,
+    so the coordinator learns at once that it is gone."""
+    coord = clients.connect("coord", tok("coord"))
+    alice = clients.connect("alice", tok("alice"))
+    alice.subscribe("xcloud/worker/+/status")
+    w1 = clients.connect("w1", tok("w1"), will=("xcloud/worker/w1/status", b"offline", 1, True))
+    w1.client.reconnect_delay_set(60, 120)
+    directory.revoked.add("w1")
+    coord.publish(RECHECK, _recheck("w1"))
+    assert w1.disconnected.wait(T)
+    assert alice.expect().payload == b"offline"
+
+
+def test_admin_may_trigger_a_recheck(clients: Clients, directory: Directory) -> None:
+    root = clients.connect("root", tok("root"))
+    bob = clients.connect("bob", tok("bob"))
+    bob.client.reconnect_delay_set(60, 120)
+    directory.revoked.add("bob")
+    root.publish(RECHECK, _recheck("bob"))
+    assert bob.disconnected.wait(T)
+
+
+def test_clients_and_workers_cannot_trigger_a_recheck(
+    clients: Clients, directory: Directory
+) -> None:
+    bob = clients.connect("bob", tok("bob"))
+    bob.client.reconnect_delay_set(60, 120)
+    directory.revoked.add("bob")
+    alice = clients.connect("alice", tok("alice"))
+    w1 = clients.connect("w1", tok("w1"))
+    assert alice.subscribe(RECHECK)[0].is_failure
+    assert w1.subscribe(RECHECK)[0].is_failure
+    alice.publish(RECHECK, _recheck("bob"))
+    w1.publish(RECHECK, _recheck("bob"))
+    assert not bob.disconnected.wait(QUIET), "a client's or worker's recheck was obeyed"
+    coord = clients.connect("coord", tok("coord"))
+    coord.publish(RECHECK, _recheck("bob"))  # the same request, from one who may
+    assert bob.disconnected.wait(T)
+
+
+def test_recheck_trigger_is_not_routed_to_subscribers(clients: Clients) -> None:
+    coord = clients.connect("coord", tok("coord"))
+    root = clients.connect("root", tok("root"))
+    assert not root.subscribe(RECHECK)[0].is_failure
+    coord.subscribe("xcloud/#")
+    coord.publish(RECHECK, _recheck("alice"))
+    root.publish(RECHECK, _recheck("alice"))
+    assert root.nothing() == [] and coord.nothing() == []
+
+
+def test_invalid_recheck_messages_are_dropped(clients: Clients, directory: Directory) -> None:
+    coord = clients.connect("coord", tok("coord"))
+    bob = clients.connect("bob", tok("bob"))
+    bob.client.reconnect_delay_set(60, 120)
+    directory.revoked.add("bob")
+    too_many = json.loads(_recheck("bob"))
+    too_many["principals"] = ["bob"] + [f"p{i}" for i in range(64)]  # 65 > maxItems
+    for bad in (b"not json", b'{"type": "broker.recheck"}', json.dumps(too_many).encode(),
+                encode(envelope(CapsRefresh()))):
+        coord.publish(RECHECK, bad)
+    assert not bob.disconnected.wait(QUIET)
+    coord.publish(RECHECK, _recheck("bob"))
+    assert bob.disconnected.wait(T)
+
+
+def test_recheck_principals_from_python(
+    broker: EmbeddedBroker, clients: Clients, directory: Directory
+) -> None:
+    alice = clients.connect("alice", tok("alice"))
+    bob = clients.connect("bob", tok("bob"))
+    bob2 = clients.connect("bob", tok("bob"), client_id="bob-2")
+    for conn in (bob, bob2):
+        conn.client.reconnect_delay_set(60, 120)
+    assert broker.connected_clients() == {"alice": "alice", "bob": "bob", "bob-2": "bob"}
+    assert broker.recheck_principals(["alice", "bob"]) == 0  # nothing revoked yet
+    directory.revoked.add("bob")
+    assert broker.recheck_principals(["alice", "bob", "not/an id"]) == 2
+    assert broker.recheck_principals(["bob"]) == 0  # cut once, counted once
+    assert bob.disconnected.wait(T) and bob2.disconnected.wait(T)
+    wait_for(lambda: broker.connected_clients() == {"alice": "alice"}, timeout=T,
+             message="both of bob's connections are cut")
+    assert not alice.disconnected.is_set()
+    assert broker.recheck_principals(["bob"]) == 0
+
+
+def test_recheck_cuts_a_websocket_connection(
+    make_broker: Callable[..., EmbeddedBroker], directory: Directory
+) -> None:
+    b = make_broker(ws_port=0)
+    cs = Clients.of(b)
+    try:
+        bob = cs.connect("bob", tok("bob"), transport="websockets")
+        bob.client.reconnect_delay_set(60, 120)
+        directory.revoked.add("bob")
+        assert b.recheck_principals(["bob"]) == 1
+        assert bob.disconnected.wait(T)
+        wait_for(lambda: b.connected_clients() == {}, timeout=T, message="bob is cut")
+    finally:
+        cs.close()
+
+
+def test_recheck_cuts_a_principal_whose_role_changed(
+    broker: EmbeddedBroker, clients: Clients, directory: Directory
+) -> None:
+    root = clients.connect("root", tok("root"))
+    root.client.reconnect_delay_set(60, 120)
+    assert not root.subscribe("xcloud/worker/+/heartbeat")[0].is_failure
+    directory.roles["root"] = Role.CLIENT  # demoted: its admin subscriptions must go
+    assert broker.recheck_principals(["root"]) == 1
+    assert root.disconnected.wait(T)
+    again = clients.connect("root", tok("root"), client_id="root-again")
+    assert again.ok
+    assert again.subscribe("xcloud/worker/+/heartbeat")[0].is_failure
+
+
+def test_a_login_in_flight_during_a_recheck_is_checked_again(
+    broker: EmbeddedBroker, clients: Clients, directory: Directory
+) -> None:
+    """The authenticator answered "valid" from before the revoke, but the session only
+    went live after the recheck had looked for it: it is checked again once live."""
+    directory.gate = threading.Event()
+    result: list[Conn] = []
+    connecting = threading.Thread(
+        target=lambda: result.append(clients.connect("slow", "slow-token"))
+    )
+    connecting.start()
+    try:
+        assert directory.slow_waiting.wait(T)
+        directory.revoked.add("slow")
+        assert broker.recheck_principals(["slow"]) == 0  # not live yet
+    finally:
+        directory.gate.set()
+        connecting.join(T)
+    assert result and result[0].ok  # the stale answer let the CONNECT through...
+    assert result[0].disconnected.wait(T)  # ...but not for long
+    wait_for(lambda: "slow" not in broker.connected_clients(), timeout=T,
+             message="the stale login is cut")
+
+
+def test_recheck_triggers_are_rate_limited_per_sender(
+    clients: Clients, directory: Directory
+) -> None:
+    coord = clients.connect("coord", tok("coord"))
+    clients.connect("alice", tok("alice"))
+    before = directory.calls
+    t0 = time.monotonic()
+    for _ in range(200):
+        coord.publish(RECHECK, _recheck("alice"))
+    coord.nothing()  # let the broker finish what it accepted
+    elapsed = time.monotonic() - t0
+    accepted = SessionRecheck.BURST + SessionRecheck.RATE_PER_S * elapsed
+    assert directory.calls - before <= accepted + 1, "each trigger cost an authenticator call"
+    # another sender is not starved by the first one's flood
+    bob = clients.connect("bob", tok("bob"))
+    bob.client.reconnect_delay_set(60, 120)
+    directory.revoked.add("bob")
+    root = clients.connect("root", tok("root"))
+    root.publish(RECHECK, _recheck("bob"))
+    assert bob.disconnected.wait(T)
+
+
+def test_sender_rate_limit() -> None:
+    now = [0.0]
+    limit = SenderRateLimit(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [limit.allow("coord") for _ in range(4)] == [True, True, True, False]
+    assert limit.allow("root")  # a bucket per sender
+    now[0] += 0.5  # one token back
+    assert limit.allow("coord") and not limit.allow("coord")
+    now[0] += 100  # refills only up to the burst
+    assert [limit.allow("coord") for _ in range(4)] == [True, True, True, False]
+
+
+def test_recheck_when_not_running(directory: Directory) -> None:
+    b = EmbeddedBroker(BrokerSettings(port=0), directory)
+    with pytest.raises(BrokerError, match="not running"):
+        b.recheck_principals(["alice"])
+
+    async def in_loop() -> None:
+        await b.start()
+        try:
+            assert await b.recheck(["alice"]) == 0
+            with pytest.raises(BrokerError, match="own loop"):
+                b.recheck_principals(["alice"])
+        finally:
+            await b.stop()
+
+    asyncio.run(in_loop())
