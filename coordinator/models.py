@@ -1,8 +1,10 @@
 """peewee models of the coordinator's database (the current schema).
 
-The models are not bound to a database at import time: ``Store.open`` binds them to its
-own database with ``db.bind(MODELS, ...)``. peewee keeps the binding on the model classes,
-so the rule is **one open Store per process** (``Store.open`` refuses a second one).
+These classes are never bound to a database: peewee keeps a model's database on its class,
+so binding them would allow one database per process. Each ``Store`` instead calls
+``BoundModels(db)``, which makes per-database subclasses (same fields, indexes and table
+names) and queries through them (``store.models.Worker``). Any number of stores, on SQLite
+or MySQL, can then live side by side in one process and its threads.
 
 Conventions, for portability between SQLite and MySQL/MariaDB:
 - timestamps are float epoch seconds (``DoubleField``);
@@ -12,17 +14,21 @@ Conventions, for portability between SQLite and MySQL/MariaDB:
 
 The schema here is the *current* one; ``coordinator/migrations.py`` owns how a database
 gets there. Changing a model without adding a migration fails ``tests/test_store.py``.
-Version 2 added reservations and the exec audit trail; later issues add tables (jobs,
-blobs) through new migrations and new models appended to ``MODELS``.
+Version 2 added reservations and the exec audit trail. To add a table: a model here,
+appended to ``MODELS`` and annotated on ``BoundModels``, plus a migration (see
+``coordinator.store``'s docstring for the whole recipe).
 """
 
 from __future__ import annotations
+
+from typing import TypeVar, cast
 
 from peewee import (
     BigAutoField,
     BigIntegerField,
     BooleanField,
     CharField,
+    Database,
     DoubleField,
     IntegerField,
     Model,
@@ -51,7 +57,7 @@ class MediumTextField(TextField):
 
 
 class BaseModel(Model):
-    """Unbound base: ``Store`` binds the models to its database when opened."""
+    """Unbound base: each ``Store`` queries through its own subclasses (``BoundModels``)."""
 
     class Meta:
         database = None
@@ -215,3 +221,34 @@ MODELS: list[type[BaseModel]] = [
     Reservation,
     ExecAudit,
 ]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _bound(model: type[M], db: Database) -> type[M]:
+    """A subclass of ``model`` whose queries go to ``db`` (same fields, indexes, table)."""
+    meta = type("Meta", (), {"database": db, "table_name": model._meta.table_name})
+    attrs = {"Meta": meta, "__module__": __name__, "__qualname__": model.__qualname__}
+    return cast("type[M]", type(model.__name__, (model,), attrs))
+
+
+class BoundModels:
+    """The models of ``MODELS``, bound to one database: ``store.models.Worker.select()``.
+
+    An attribute per model, named as the model (a new model needs its line here too).
+    """
+
+    SchemaVersion: type[SchemaVersion]
+    Principal: type[Principal]
+    Worker: type[Worker]
+    WorkerSample: type[WorkerSample]
+    WorkerEvent: type[WorkerEvent]
+    Reservation: type[Reservation]
+    ExecAudit: type[ExecAudit]
+
+    def __init__(self, db: Database) -> None:
+        self.database = db
+        self.all: list[type[BaseModel]] = [_bound(model, db) for model in MODELS]
+        for model in self.all:
+            setattr(self, model.__name__, model)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from broker.bus import Bus, Incoming, Lane
+from coordinator import wire
 from coordinator.errors import NotFound
 from coordinator.handling import Refusal, guarded
 from coordinator.registry import WorkerRegistry
@@ -32,6 +32,7 @@ from schemas.version import __version__
 log = logging.getLogger(__name__)
 
 VERSION = __version__
+SHOW_EVENTS = 20  # latest transitions in workers.show.reply
 
 
 class RequestHandlers:
@@ -64,31 +65,15 @@ class RequestHandlers:
             state=states, tags=req.tags or [], min_cpus=req.min_cpus,
             min_memory_bytes=req.min_memory_bytes, name=req.name,
         )
-        rows: list[dict[str, Any]] = []
-        for index, record in enumerate(records):
-            row = record.to_wire()
-            row["index"] = index
-            rows.append(row)
-        return WorkersListReply(workers=rows)
+        return WorkersListReply(workers=wire.workers_list(records))
 
     def workers_show(self, incoming: Incoming) -> Body:
         req: WorkersShow = incoming.body
         record = self.store.get_worker(req.worker)
         if record is None:
             raise NotFound(f"no worker with id or name {req.worker!r}")
-        row = record.to_wire()
-        row["caps"] = record.caps
-        row["last_metrics"] = record.last_metrics
-        row["events"] = [
-            {
-                "ts": event.ts,
-                "old_state": event.old_state.value if event.old_state else None,
-                "new_state": event.new_state.value,
-                "reason": event.reason,
-            }
-            for event in self.store.worker_events(record.id, 20)
-        ]
-        return WorkersShowReply(worker=row)
+        events = self.store.worker_events(record.id, SHOW_EVENTS)
+        return WorkersShowReply(worker=wire.worker_detail(record, events))
 
     def workers_drain(self, incoming: Incoming) -> Body:
         """Admin: stop giving a worker new work (drain) or resume. A drain survives the

@@ -12,16 +12,15 @@ the holder (``reservation.ended``).
 Threads: ``reserve`` waits up to ``open_timeout_s`` for the worker, so it runs on a
 small pool, never on a bus lane (ten reserves must not queue behind one silent worker).
 The other requests share one lane, which keeps ``client.gone``/``client.hello`` in
-order. Lease and grace deadlines live in one timer thread (``DeadlineTimers``) and
-are rebuilt from the database on start, so reservations survive a restart.
+order. Lease and grace deadlines live in one timer thread
+(``coordinator.reservation_timers``) and are rebuilt from the database on start, so
+reservations survive a restart. Which worker a ``reserve any`` gets is
+``coordinator.matching``'s call; the reply dicts are ``coordinator.wire``'s.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -31,10 +30,9 @@ from typing import Any
 from broker.acl import Role
 from broker.bus import Bus, BusError, Incoming, Lane, RemoteError, RequestTimeout
 from broker.config import CoordinatorConfig
+from coordinator import matching, wire
 from coordinator.audit import AuditWriter
-from coordinator.errors import (
-    NotFound,
-)
+from coordinator.errors import NotFound
 from coordinator.handling import Refusal, guarded
 from coordinator.keys import GrantKey
 from coordinator.registry import WorkerRegistry
@@ -44,6 +42,7 @@ from coordinator.reservation_state import (
     WorkerAlreadyReserved,
     WorkerNotReservable,
 )
+from coordinator.reservation_timers import ReservationTimers
 from coordinator.store import ReservationRecord, Store, WorkerRecord
 from coordinator.worker_state import WorkerState
 from schemas.messages import (
@@ -71,7 +70,6 @@ log = logging.getLogger(__name__)
 RESERVE_THREADS = 16  # reserves waiting on workers at once; more queue in the pool
 LIST_LIMIT = 1000  # newest reservations in one reservations.list reply
 AUDIT_DEFAULT_LIMIT = 100
-AUDIT_COMMAND_MAX = 1024  # characters of a command in audit.list (keeps replies small)
 REASON_MAX = 1024
 
 # ended_reason values (stable: clients and tests match on them)
@@ -80,76 +78,6 @@ REASON_WORKER_LOST = "worker lost"
 REASON_WORKER_OFFLINE = "worker went offline"
 REASON_CLIENT_GONE = "client disappeared"
 REASON_RESTARTED = "coordinator restarted during open"
-
-TimerKey = tuple[str, ...]
-
-
-class DeadlineTimers:
-    """Calls ``fire(key)`` once ``key``'s deadline passes; one thread for any number of keys.
-
-    ``arm`` replaces a key's deadline and ``cancel`` drops it; superseded heap entries are
-    skipped when they surface (cheaper than removing them), as in ``HeartbeatMonitor``.
-    Deadlines are wall-clock epoch seconds because they come from the database.
-    """
-
-    def __init__(self, fire: Callable[[TimerKey], None], *, name: str,
-                 clock: Callable[[], float] = time.time) -> None:
-        self._fire = fire
-        self._name = name
-        self._clock = clock
-        self._deadlines: dict[TimerKey, float] = {}
-        self._heap: list[tuple[float, int, TimerKey]] = []
-        self._seq = itertools.count()
-        self._cond = threading.Condition()
-        self._stopped = False
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-        if self._thread and self._thread is not threading.current_thread():
-            self._thread.join(10)
-
-    def arm(self, key: TimerKey, at: float) -> None:
-        with self._cond:
-            self._deadlines[key] = at
-            heapq.heappush(self._heap, (at, next(self._seq), key))
-            self._cond.notify()
-
-    def cancel(self, key: TimerKey) -> None:
-        with self._cond:
-            self._deadlines.pop(key, None)
-
-    def deadline(self, key: TimerKey) -> float | None:
-        with self._cond:
-            return self._deadlines.get(key)
-
-    def _run(self) -> None:
-        while True:
-            due: list[TimerKey] = []
-            with self._cond:
-                if self._stopped:
-                    return
-                now = self._clock()
-                while self._heap and self._heap[0][0] <= now:
-                    at, _, key = heapq.heappop(self._heap)
-                    if self._deadlines.get(key) == at:
-                        del self._deadlines[key]
-                        due.append(key)
-                if not due:
-                    timeout = (self._heap[0][0] - now) if self._heap else 1.0
-                    self._cond.wait(max(0.005, min(timeout, 1.0)))
-            for key in due:
-                try:
-                    self._fire(key)
-                except Exception:
-                    log.exception("timer %s failed", key)
-
 
 def new_reservation_id() -> str:
     return f"r-{uuid.uuid4().hex[:16]}"
@@ -174,7 +102,7 @@ class ReservationService:
         self.key = key
         self.topics = topics or bus.topics
         self._clock = clock
-        self._timers = DeadlineTimers(self._on_timer, name="reservation-timers", clock=clock)
+        self._timers = ReservationTimers(self._lease_ran_out, self._grace_ran_out, clock=clock)
         self._pool: ThreadPoolExecutor | None = None
         self._started = False
         self._holders: dict[str, tuple[str, str]] = {}
@@ -246,10 +174,10 @@ class ReservationService:
                 offline = worker is not None and worker.state == WorkerState.OFFLINE
                 self._end(record.id, REASON_WORKER_OFFLINE if offline else REASON_WORKER_LOST)
                 continue
-            self._timers.arm(("lease", record.id), record.expires_at)
+            self._timers.arm_lease(record.id, record.expires_at)
             if record.client_gone_at is not None:
-                self._timers.arm(("gone", record.client_id, record.session),
-                                 record.client_gone_at + self.config.client_grace_s)
+                self._timers.arm_grace(record.client_id, record.session,
+                                       record.client_gone_at + self.config.client_grace_s)
         if active:
             log.info("re-armed %d active reservation(s)", len(active))
 
@@ -296,12 +224,13 @@ class ReservationService:
         record: ReservationRecord | None = None
         worker: WorkerRecord | None = None
         refusals: list[str] = []
-        for worker in self._candidates(req, requirements):
+        for worker in matching.candidates(self.store, req.worker, requirements, req.image):
             try:
                 record = self.store.create_reservation(
                     rid=new_reservation_id(), worker_id=worker.id, client_id=client,
                     lease_s=lease, now=self._clock(), session=req.session or "",
-                    image=req.image, executor=self._executor(worker, req, requirements),
+                    image=req.image,
+                    executor=matching.choose_executor(worker, requirements, req.image),
                     max_per_client=self.config.max_reservations_per_principal,
                 )
                 break
@@ -311,42 +240,9 @@ class ReservationService:
                 refusals.append(str(err))  # taken meanwhile by a racing reserve: next one
         if record is None or worker is None:
             raise Refusal("not_found", "no worker is online, free and matches "
-                          f"{_describe(requirements, req.image)} ({'; '.join(refusals)})")
+                          f"{matching.describe(requirements, req.image)} "
+                          f"({'; '.join(refusals)})")
         return self._open(record, worker, req)
-
-    def _candidates(self, req: Reserve, requirements: dict[str, Any]) -> list[WorkerRecord]:
-        """The named worker (checked), or the free online workers matching, least loaded first."""
-        if req.worker is not None:
-            worker = self.store.get_worker(req.worker)
-            if worker is None:
-                raise Refusal("not_found", f"no worker with id or name {req.worker!r}")
-            if worker.state != WorkerState.ONLINE:
-                raise WorkerNotReservable(worker.id, worker.state.value)
-            mismatch = _mismatch(worker, requirements, req.image)
-            if mismatch:
-                raise Refusal("conflict", f"worker {worker.id} does not match: {mismatch}")
-            return [worker]
-        online = self.store.list_workers(
-            state=WorkerState.ONLINE, tags=requirements.get("tags") or [],
-            min_cpus=requirements.get("min_cpus"),
-            min_memory_bytes=requirements.get("min_memory_bytes"),
-        )
-        reserved = self.store.reserved_worker_ids()
-        matching = [(index, w) for index, w in enumerate(online)
-                    if w.id not in reserved and not _mismatch(w, requirements, req.image)]
-        if not matching:
-            raise Refusal("not_found", "no worker is online, free and matches "
-                          f"{_describe(requirements, req.image)}")
-        matching.sort(key=lambda item: (_load(item[1]), item[0]))
-        return [w for _, w in matching]
-
-    @staticmethod
-    def _executor(worker: WorkerRecord, req: Reserve, requirements: dict[str, Any]) -> str | None:
-        wanted = requirements.get("executor") or ("docker" if req.image else None)
-        if wanted:
-            return str(wanted)
-        names = [e for e in worker.executors if isinstance(e, str)]
-        return names[0] if names else None
 
     def _open(self, record: ReservationRecord, worker: WorkerRecord, req: Reserve) -> Body:
         """Ask the worker to open; ACTIVE + grant on its ok, else end and refuse."""
@@ -357,7 +253,8 @@ class ReservationService:
         try:
             reply = self.bus.request(
                 self.topics.worker_inbox(wid),
-                ReservationOpen(reservation=record.to_wire(worker.name), limits=req.limits),
+                ReservationOpen(reservation=wire.reservation(record, worker.name),
+                                limits=req.limits),
                 timeout=timeout,
             )
             if not isinstance(reply.body, Ok):
@@ -381,10 +278,11 @@ class ReservationService:
             why = current.ended_reason if current else "it vanished"
             raise Refusal("unavailable", f"reservation {record.id} on worker {wid} ended "
                           f"while opening: {why}")
-        self._timers.arm(("lease", active.id), active.expires_at)
+        self._timers.arm_lease(active.id, active.expires_at)
         log.info("reservation %s: %s holds worker %s until %.0f", active.id, active.client_id,
                  wid, active.expires_at)
-        return ReserveReply(reservation=active.to_wire(worker.name), grant=self._grant(active))
+        return ReserveReply(reservation=wire.reservation(active, worker.name),
+                            grant=self._grant(active))
 
     def _grant(self, record: ReservationRecord) -> str:
         return self.key.sign(rid=record.id, client=record.client_id, worker=record.worker_id,
@@ -402,9 +300,9 @@ class ReservationService:
         if renewed is None:
             current = self.store.get_reservation(record.id) or record
             raise Refusal("conflict", _not_active(current))
-        self._timers.arm(("lease", renewed.id), renewed.expires_at)
+        self._timers.arm_lease(renewed.id, renewed.expires_at)
         names = self.store.worker_names([renewed.worker_id])
-        return ReserveReply(reservation=renewed.to_wire(names.get(renewed.worker_id)),
+        return ReserveReply(reservation=wire.reservation(renewed, names.get(renewed.worker_id)),
                             grant=self._grant(renewed))
 
     def release(self, incoming: Incoming) -> Body:
@@ -434,7 +332,7 @@ class ReservationService:
         )
         names = self.store.worker_names(r.worker_id for r in records)
         return ReservationsListReply(
-            reservations=[r.to_wire(names.get(r.worker_id)) for r in records])
+            reservations=[wire.reservation(r, names.get(r.worker_id)) for r in records])
 
     # -- client presence -----------------------------------------------------------------
 
@@ -445,7 +343,7 @@ class ReservationService:
         assert sender is not None
         if not req.session:
             return Ok()  # reservations without a session are not tied to a connection
-        self._timers.cancel(("gone", sender, req.session))
+        self._timers.cancel_grace(sender, req.session)
         if self.store.mark_client_gone(sender, req.session, None):
             log.info("client %s session %s is back", sender, req.session)
         return Ok()
@@ -466,7 +364,7 @@ class ReservationService:
         if live:
             log.info("client %s session %s gone; %d reservation(s) end in %gs unless it "
                      "says hello", sender, req.session, len(live), self.config.client_grace_s)
-            self._timers.arm(("gone", sender, req.session), now + self.config.client_grace_s)
+            self._timers.arm_grace(sender, req.session, now + self.config.client_grace_s)
         return Ok()
 
     # -- audit trail ---------------------------------------------------------------------
@@ -521,14 +419,7 @@ class ReservationService:
             client_id=client, worker_id=req.worker, reservation_id=req.reservation,
             limit=req.limit or AUDIT_DEFAULT_LIMIT,
         )
-        rows = []
-        for record in records:
-            row = record.to_wire()
-            if len(record.command) > AUDIT_COMMAND_MAX:
-                row["command"] = record.command[:AUDIT_COMMAND_MAX] + "…"
-                row["command_truncated"] = True
-            rows.append(row)
-        return AuditListReply(records=rows)
+        return AuditListReply(records=[wire.audit_entry(record) for record in records])
 
     # -- ending ----------------------------------------------------------------------------
 
@@ -543,7 +434,7 @@ class ReservationService:
         if result is None:
             return None
         previous, record = result
-        self._timers.cancel(("lease", rid))
+        self._timers.cancel_lease(rid)
         self._send(self.topics.worker_inbox(record.worker_id),
                    ReservationClose(reservation=rid, reason=reason[:REASON_MAX]))
         if notify_holder and previous == ReservationState.ACTIVE:
@@ -558,26 +449,20 @@ class ReservationService:
         except Exception:
             log.exception("could not send %s to %s", body.TYPE, base_inbox)
 
-    def _on_timer(self, key: TimerKey) -> None:
-        if key[0] == "lease":
-            self._lease_ran_out(key[1])
-        elif key[0] == "gone":
-            self._grace_ran_out(key[1], key[2])
-
     def _lease_ran_out(self, rid: str) -> None:
         now = self._clock()
         if self._end(rid, REASON_EXPIRED, expired_by=now) is None:
             current = self.store.get_reservation(rid)
             if current is not None and current.state == ReservationState.ACTIVE:
-                self._timers.arm(("lease", rid), current.expires_at)  # renewed meanwhile
+                self._timers.arm_lease(rid, current.expires_at)  # renewed meanwhile
 
     def _grace_ran_out(self, client: str, session: str) -> None:
         for record in self.store.list_reservations(client_id=client, session=session,
                                                    states=LIVE_STATES, client_gone=True):
             self._end(record.id, REASON_CLIENT_GONE)
 
-    def _on_worker_state(self, wid: str, old: WorkerState, new: WorkerState,
-                         reason: str) -> None:
+    def _on_worker_state(self, wid: str, _old: WorkerState, new: WorkerState,
+                         _reason: str) -> None:
         """A lost or offline worker ends its reservation (registry thread, after commit)."""
         if new == WorkerState.LOST:
             why = REASON_WORKER_LOST
@@ -588,54 +473,6 @@ class ReservationService:
         record = self.store.reservation_of_worker(wid)
         if record is not None:
             self._end(record.id, why)
-
-
-# -- matching helpers ---------------------------------------------------------------------
-
-
-def _mismatch(worker: WorkerRecord, req: dict[str, Any], image: str | None) -> str | None:
-    """Why ``worker`` does not meet the requirements, or None when it does."""
-    executors = {e for e in worker.executors if isinstance(e, str)}
-    min_cpus = req.get("min_cpus")
-    if min_cpus is not None and worker.cpus < min_cpus:
-        return f"it has {worker.cpus} CPUs, {min_cpus} wanted"
-    min_memory = req.get("min_memory_bytes")
-    if min_memory is not None and worker.memory_bytes < min_memory:
-        return f"it has {worker.memory_bytes} bytes of memory, {min_memory} wanted"
-    missing = sorted(set(req.get("tags") or []) - set(worker.tags))
-    if missing:
-        return f"it lacks tag(s) {', '.join(missing)}"
-    for field in ("os", "arch"):
-        wanted = req.get(field)
-        have = getattr(worker, field)
-        if wanted and wanted.casefold() != have.casefold():
-            return f"its {field} is {have or 'unknown'}, {wanted} wanted"
-    executor = req.get("executor") or ("docker" if image else None)
-    if executor and executor not in executors:
-        return f"it has no {executor} executor"
-    wanted_image = req.get("image")
-    if wanted_image:
-        docker = worker.caps.get("docker")
-        images = docker.get("images") if isinstance(docker, dict) else None
-        if not isinstance(images, list) or wanted_image not in images:
-            return f"it does not have image {wanted_image}"
-    return None
-
-
-def _describe(req: dict[str, Any], image: str | None) -> str:
-    parts = [f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in sorted(req.items())
-             if v not in (None, [], "")]
-    if image:
-        parts.append(f"image={image} (docker)")
-    return " ".join(parts) if parts else "(no requirements)"
-
-
-def _load(worker: WorkerRecord) -> float:
-    """Load per CPU from the last heartbeat; unknown counts as idle."""
-    load = worker.last_metrics.get("load1")
-    if isinstance(load, (int, float)) and not isinstance(load, bool):
-        return float(load) / max(worker.cpus, 1)
-    return 0.0
 
 
 def _not_active(record: ReservationRecord) -> str:

@@ -11,12 +11,12 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from peewee import Database
 
-from coordinator import migrations
+from coordinator import migrations, wire
 from coordinator.errors import (
     AlreadyExists,
     CoordinatorError,
@@ -25,9 +25,11 @@ from coordinator.errors import (
     NotFound,
     StoreError,
 )
-from coordinator.models import MODELS, SchemaVersion, Worker, WorkerSample
+from coordinator.models import MODELS, BoundModels, Worker
+from coordinator.reservation_state import ReservationState, WorkerAlreadyReserved
 from coordinator.store import HeartbeatReport, Store, mask_url
 from coordinator.worker_state import WorkerState
+from schemas.outcome import Outcome
 from tests.fixtures.services import MariaDBServer
 
 T0 = 1_700_000_000.0
@@ -94,9 +96,11 @@ def beat(wid: str, seq: int, **extra: Any) -> dict[str, Any]:
 
 
 def samples_of(store: Store, wid: str) -> list[dict[str, Any]]:
+    sample = store.models.WorkerSample
     with store.db.connection_context():
-        query = WorkerSample.select().where(WorkerSample.worker_id == wid).order_by(WorkerSample.id)
-        return list(query.dicts())
+        query = sample.select().where(sample.worker_id == wid).order_by(sample.id)
+        # peewee's stubs type .dicts() as returning the model query itself
+        return cast(list[dict[str, Any]], list(query.dicts()))
 
 
 # --------------------------------------------------------------------------- migrations
@@ -114,7 +118,7 @@ def test_migrate_again_is_a_no_op(store: Store) -> None:
     assert store.migrate() == migrations.LATEST_VERSION
     assert store.migrate() == migrations.LATEST_VERSION
     with store.db.connection_context():
-        assert SchemaVersion.select().count() == len(migrations.MIGRATIONS)
+        assert store.models.SchemaVersion.select().count() == len(migrations.MIGRATIONS)
     assert store.get_worker("w1") is not None
 
 
@@ -150,17 +154,18 @@ def test_pending_migrations_apply_once(store: Store) -> None:
     finally:
         with store.db.connection_context():
             store.db.execute_sql("DROP TABLE xc_test_v2")
-            SchemaVersion.delete().where(
-                SchemaVersion.version > migrations.LATEST_VERSION
-            ).execute()
+            version = store.models.SchemaVersion
+            version.delete().where(version.version > migrations.LATEST_VERSION).execute()
 
 
 def test_newer_database_is_refused(db_url: str) -> None:
     with Store.open(db_url) as first, first.db.connection_context():
-        SchemaVersion.insert(version=migrations.LATEST_VERSION + 7, applied_at=T0).execute()
+        first.models.SchemaVersion.insert(
+            version=migrations.LATEST_VERSION + 7, applied_at=T0
+        ).execute()
     with pytest.raises(StoreError, match=r"schema version \d+ .*upgrade xcloud"):
         Store.open(db_url)
-    assert Worker._meta.database is None  # the refused store let go of the models
+    assert Worker._meta.database is None  # the declared models are never bound
 
 
 # --------------------------------------------------------------------------- principals
@@ -191,11 +196,13 @@ def test_principals_crud_and_revoke(store: Store) -> None:
     assert [p.id for p in store.list_principals()] == ["w1"]
     assert [p.id for p in store.list_principals(include_revoked=True)] == ["alice", "w1"]
     revoked = store.get_principal("alice")
-    assert revoked is not None and revoked.revoked_at == T0 + 1
+    assert revoked is not None
+    assert revoked.revoked_at == T0 + 1
 
     again = store.add_principal("alice", "admin", "$7$new", now=T0 + 2)  # re-register
     assert store.principal_hash("alice") == ("admin", "$7$new")
-    assert store.get_principal("alice") == again and not again.revoked
+    assert store.get_principal("alice") == again
+    assert not again.revoked
 
     with pytest.raises(NotFound):
         store.revoke_principal("nobody")
@@ -218,7 +225,8 @@ def test_principal_bad_values_are_refused(
 
 def test_upsert_caps_new_worker(store: Store) -> None:
     record = store.upsert_worker_caps("w1", caps("w1", tags=["gpu", "linux"]), T0)
-    assert record.state is S.ONLINE and record.state_changed_at == T0
+    assert record.state is S.ONLINE
+    assert record.state_changed_at == T0
     assert (record.name, record.description, record.tags) == (
         "name-w1",
         "worker w1",
@@ -233,7 +241,8 @@ def test_upsert_caps_new_worker(store: Store) -> None:
     assert (record.slots, record.free_slots, record.executors) == (2, 2, ["process"])
     assert record.caps == caps("w1", tags=["gpu", "linux"])
     assert (record.first_seen, record.last_seen, record.last_heartbeat_at) == (T0, T0, None)
-    assert record.heartbeat_interval > 0 and record.last_metrics == {}
+    assert record.heartbeat_interval > 0
+    assert record.last_metrics == {}
     events = store.worker_events("w1")
     assert [(e.old_state, e.new_state, e.reason) for e in events] == [(None, S.ONLINE, "joined")]
 
@@ -284,7 +293,8 @@ def test_caps_bring_lost_worker_back_but_leave_draining(store: Store) -> None:
 def test_bad_caps_change_nothing(store: Store, bad: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument):
         store.upsert_worker_caps("w1", {**caps("w1"), **bad}, T0)
-    assert store.get_worker("w1") is None and store.worker_events("w1") == []
+    assert store.get_worker("w1") is None
+    assert store.worker_events("w1") == []
 
 
 def test_transitions_are_recorded_as_events(store: Store) -> None:
@@ -318,7 +328,8 @@ def test_invalid_transition_is_refused(store: Store) -> None:
         store.set_worker_state("w1", S.LOST, "last will", T0 + 2)
     assert (info.value.old, info.value.new) == (S.OFFLINE, S.LOST)
     record = store.get_worker("w1")
-    assert record is not None and record.state is S.OFFLINE
+    assert record is not None
+    assert record.state is S.OFFLINE
     assert len(store.worker_events("w1")) == 2
 
 
@@ -361,7 +372,9 @@ def test_heartbeat_batch(store: Store) -> None:
     assert w1.last_metrics == beat("w1", 3, free_slots=0, interval_s=3.0)
     assert w1.state is S.ONLINE
     w2 = store.get_worker("w2")
-    assert w2 is not None and w2.state is S.LOST and w2.heartbeat_seq == 7  # caller revives
+    assert w2 is not None
+    assert w2.state is S.LOST  # caller revives
+    assert w2.heartbeat_seq == 7
 
     rows = samples_of(store, "w1")
     assert [(r["ts"], r["cpu_percent"], r["mem_used_bytes"], r["running"]) for r in rows] == [
@@ -402,8 +415,8 @@ def test_malformed_heartbeat_values_do_not_sink_the_batch(store: Store) -> None:
     assert (w1.free_slots, w1.heartbeat_seq) == (2, 5)  # missing free_slots keeps the old value
     assert w1.heartbeat_interval > 0
     assert w1.last_metrics["cpu_percent"] is None  # stored as strict JSON
-    assert "cpu_percent" not in w1.to_wire()
-    json.dumps(w1.to_wire(), allow_nan=False)
+    assert "cpu_percent" not in wire.worker_summary(w1)
+    json.dumps(wire.worker_summary(w1), allow_nan=False)
 
 
 def test_large_heartbeat_batch_is_chunked(store: Store) -> None:
@@ -415,7 +428,7 @@ def test_large_heartbeat_batch_is_chunked(store: Store) -> None:
     assert (report.accepted, report.unknown, report.inactive) == (1400, [], [])
     assert {w.heartbeat_seq for w in store.list_workers()} == {2}
     with store.db.connection_context():
-        assert WorkerSample.select().count() == 1400
+        assert store.models.WorkerSample.select().count() == 1400
 
 
 def test_concurrent_writers_and_readers(store: Store) -> None:
@@ -445,7 +458,7 @@ def test_concurrent_writers_and_readers(store: Store) -> None:
         thread.join(timeout=60)
     assert errors == []
     with store.db.connection_context():
-        assert WorkerSample.select().count() == 3 * 20 * len(wids)
+        assert store.models.WorkerSample.select().count() == 3 * 20 * len(wids)
 
 
 def test_memory_store_is_shared_by_threads() -> None:
@@ -517,10 +530,10 @@ def test_live_worker_deadlines(grid: Store) -> None:
     assert deadlines[0] == ("a", T0 + 20, 2.5)
 
 
-def test_to_wire(grid: Store) -> None:
+def test_worker_summary_wire(grid: Store) -> None:
     grid.record_heartbeats([("a", beat("a", 1), T0 + 20)])
-    wire = grid.get_worker("a").to_wire()  # type: ignore[union-attr]
-    assert wire == {
+    summary = wire.worker_summary(grid.get_worker("a"))  # type: ignore[arg-type]
+    assert summary == {
         "id": "a",
         "name": "alpha",
         "state": "online",
@@ -537,7 +550,77 @@ def test_to_wire(grid: Store) -> None:
         "cpu_percent": 11.0,
         "load1": 0.5,
     }
-    assert "cpu_percent" not in grid.get_worker("b").to_wire()  # type: ignore[union-attr]
+    assert "cpu_percent" not in wire.worker_summary(grid.get_worker("b"))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- reservations
+
+
+def audit(rid: str, wid: str, client: str, exec_id: str, **extra: Any) -> dict[str, Any]:
+    """The keyword arguments of one exec audit row (as the coordinator's writer sends)."""
+    row: dict[str, Any] = {
+        "reservation_id": rid, "worker_id": wid, "client_id": client, "exec_id": exec_id,
+        "command": "echo hi", "started_at": T0, "reported_at": T0 + 1, "mode": "output",
+        "exit_code": 0, "duration_s": 0.5, "output_bytes": 3,
+    }
+    row.update(extra)
+    return row
+
+
+def test_reservation_lifecycle_in_the_store(store: Store) -> None:
+    store.add_principal("alice", "client", "$7$a", now=T0)
+    store.upsert_worker_caps("w1", caps("w1"), T0)
+    opening = store.create_reservation(rid="r1", worker_id="w1", client_id="alice",
+                                       lease_s=30, now=T0, session="s1")
+    assert (opening.state, opening.expires_at, opening.live) == (
+        ReservationState.OPENING, T0 + 30, True)
+    with pytest.raises(WorkerAlreadyReserved):
+        store.create_reservation(rid="r2", worker_id="w1", client_id="bob", lease_s=30, now=T0)
+    active = store.activate_reservation("r1", T0 + 2)
+    assert active is not None
+    assert (active.state, active.expires_at) == (ReservationState.ACTIVE, T0 + 32)
+    assert store.reservation_of_worker("w1") == active
+    assert wire.reservation(active, "name-w1") == {
+        "id": "r1", "worker": "w1", "client": "alice", "state": "active",
+        "created_at": T0, "expires_at": T0 + 32, "lease_s": 30.0, "image": None,
+        "executor": None, "worker_name": "name-w1", "session": "s1",
+    }
+    ended = store.end_reservation("r1", "released", T0 + 5)
+    assert ended is not None
+    assert ended[0] is ReservationState.ACTIVE
+    assert (ended[1].state, ended[1].ended_at, ended[1].live) == (
+        ReservationState.ENDED, T0 + 5, False)
+    assert store.end_reservation("r1", "again", T0 + 6) is None  # exactly one winner
+    assert store.reserved_worker_ids() == set()
+    assert wire.reservation(ended[1])["ended_reason"] == "released"
+
+
+def test_exec_audit_records_carry_the_outcome(store: Store) -> None:
+    rows = [audit("r1", "w1", "alice", "e1"),
+            audit("r1", "w1", "alice", "e2", command="x" * 2000, exit_code=None, signal=9,
+                  error="e" * 5000, oom_killed=True)]
+    assert store.record_exec_audits(rows) == 2
+    assert store.record_exec_audits(rows[:1]) == 1  # redelivered: stored once
+    second, first = store.list_exec_audit(client_id="alice")
+    assert isinstance(first, Outcome)
+    assert first.ok
+    assert first.outcome() == Outcome(exit_code=0, duration_s=0.5, output_bytes=3)
+    assert not second.ok
+    assert second.describe().startswith("out of memory")
+    assert second.error is not None
+    assert len(second.error) == 4096
+    entry = wire.audit_entry(first)
+    assert entry == {
+        "id": first.id, "reservation": "r1", "worker": "w1", "client": "alice",
+        "exec_id": "e1", "command": "echo hi", "started_at": T0, "reported_at": T0 + 1,
+        "mode": "output", "exit_code": 0, "duration_s": 0.5, "output_bytes": 3,
+    }
+    long = wire.audit_entry(second)
+    assert long["command_truncated"] is True
+    assert len(long["command"]) == 1025
+    assert (long["signal"], long["oom_killed"]) == (9, True)
+    assert "exit_code" not in long
+    assert store.list_exec_audit(client_id="bob") == []
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -559,10 +642,77 @@ def test_reopened_store_keeps_everything(db_url: str) -> None:
         assert second.live_worker_deadlines() == [("w1", T0 + 1, 2.0)]
 
 
-def test_one_store_per_process(store: Store, tmp_path: Any) -> None:
-    with pytest.raises(StoreError, match="another Store is open"):
-        Store.open(f"sqlite:///{tmp_path}/second.db")
-    assert store.get_worker("w1") is None  # the open one is untouched
+def fill(target: Store, tag: str, workers: int = 5) -> None:
+    """Write a bit of everything through ``target``, every row marked with ``tag``."""
+    target.add_principal(f"{tag}-client", "client", f"$7${tag}", now=T0)
+    for i in range(workers):
+        wid = f"{tag}-w{i}"
+        target.upsert_worker_caps(wid, caps(wid, tags=[tag]), T0)
+        target.record_heartbeats([(wid, beat(wid, seq), T0 + seq) for seq in (1, 2)])
+    target.set_worker_state(f"{tag}-w0", S.DRAINING, f"drained in {tag}", T0 + 3)
+    target.create_reservation(rid=f"{tag}-r", worker_id=f"{tag}-w1",
+                              client_id=f"{tag}-client", lease_s=60, now=T0)
+    target.record_exec_audits([audit(f"{tag}-r", f"{tag}-w1", f"{tag}-client", f"{tag}-e")])
+
+
+def check_only(target: Store, tag: str, workers: int = 5) -> None:
+    """``target`` holds exactly what ``fill(target, tag)`` wrote, nothing of another tag."""
+    wids = {f"{tag}-w{i}" for i in range(workers)}
+    assert [p.id for p in target.list_principals()] == [f"{tag}-client"]
+    assert {w.id for w in target.list_workers()} == wids
+    assert {w.id for w in target.list_workers(tags=[tag])} == wids
+    assert {w.heartbeat_seq for w in target.list_workers()} == {2}
+    assert target.worker_events(f"{tag}-w0")[0].reason == f"drained in {tag}"
+    assert [r.id for r in target.list_reservations()] == [f"{tag}-r"]
+    assert target.reserved_worker_ids() == {f"{tag}-w1"}
+    assert [a.exec_id for a in target.list_exec_audit()] == [f"{tag}-e"]
+    with target.db.connection_context():
+        assert target.models.WorkerSample.select().count() == 2 * workers
+
+
+def test_two_stores_side_by_side(store: Store, tmp_path: Any) -> None:
+    """Each Store has its own bound models: two databases (SQLite + SQLite, or MariaDB +
+    SQLite) open at once, written from threads at the same time, never see each other."""
+    with Store.open(f"sqlite:///{tmp_path}/second.db") as other:
+        assert other.models.Worker is not store.models.Worker
+        assert other.models.Worker._meta.database is other.db
+        assert store.models.Worker._meta.database is store.db
+        assert Worker._meta.database is None  # the declared models stay unbound
+        errors: list[BaseException] = []
+
+        def run(target: Store, tag: str) -> None:
+            try:
+                fill(target, tag)
+            except BaseException as err:  # reported below, in the test's thread
+                errors.append(err)
+
+        threads = [threading.Thread(target=run, args=(store, "one")),
+                   threading.Thread(target=run, args=(other, "two"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert errors == []
+        check_only(store, "one")
+        check_only(other, "two")
+        assert store.get_worker("two-w1") is None  # the first one is untouched by the second
+        assert other.get_worker("one-w1") is None
+        assert other.migrate() == migrations.LATEST_VERSION  # migrations are per database
+    check_only(store, "one")  # closing one store leaves the other working
+    with pytest.raises(StoreError, match="closed"):
+        other.list_workers()
+
+
+def test_bound_models_cover_every_model(store: Store) -> None:
+    """A model added to MODELS without its line on BoundModels fails here."""
+    assert set(BoundModels.__annotations__) == {m.__name__ for m in MODELS}
+    for model in MODELS:
+        bound = getattr(store.models, model.__name__)
+        assert issubclass(bound, model)
+        assert bound is not model
+        assert bound._meta.table_name == model._meta.table_name
+        assert bound._meta.database is store.db
+    assert [m._meta.table_name for m in store.models.all] == [m._meta.table_name for m in MODELS]
 
 
 def test_closed_store_refuses_calls(db_url: str) -> None:
