@@ -144,33 +144,34 @@ class Grid:
 
     # -- requests ----------------------------------------------------------------------
 
-    def _call(self, body: Any, timeout: float | None = None) -> Any:
+    def call(self, body: Any, timeout: float | None = None) -> Any:
+        """Ask the coordinator: its reply body, or Refused (its message and code)."""
         try:
             return self.bus.request(self.topics.coord_inbox, body, timeout=timeout).body
         except RemoteError as err:
-            raise ClientError(f"{body.TYPE} refused: {err}") from err
+            raise Refused(f"{body.TYPE} refused: {err}", err.code) from err
 
     def ping(self, timeout: float | None = None) -> Pong:
-        reply: Pong = self._call(Ping(), timeout)
+        reply: Pong = self.call(Ping(), timeout)
         return reply
 
     def workers(self, *, state: list[str] | None = None, tags: list[str] | None = None,
                 min_cpus: int | None = None, min_memory_bytes: int | None = None,
                 name: str | None = None) -> list[WorkerInfo]:
         """The worker table, in the stable order that ``index`` refers to."""
-        reply: WorkersListReply = self._call(WorkersList(
+        reply: WorkersListReply = self.call(WorkersList(
             state=state or None, tags=tags or None, min_cpus=min_cpus,
             min_memory_bytes=min_memory_bytes, name=name))
         return [WorkerInfo.from_wire(row) for row in reply.workers]
 
     def worker(self, worker: str) -> WorkerInfo:
         """One worker by id or name, with capabilities, latest metrics and recent events."""
-        reply: WorkersShowReply = self._call(WorkersShow(worker=worker))
+        reply: WorkersShowReply = self.call(WorkersShow(worker=worker))
         return WorkerInfo.from_wire(reply.worker)
 
     def drain(self, worker: str, drain: bool = True) -> str:
         """Admin: stop (or resume) giving ``worker`` new work; returns its new state."""
-        reply = self._call(WorkersDrain(worker=worker, drain=drain))
+        reply = self.call(WorkersDrain(worker=worker, drain=drain))
         return str((reply.detail or {}).get("state", ""))
 
     # -- reservations --------------------------------------------------------------------
@@ -185,13 +186,9 @@ class Grid:
         Raises :class:`~client.reservation.Refused` with the coordinator's message when
         the worker is taken, lost, unknown, or you already hold a reservation.
         """
-        target: str | None
         if isinstance(worker, bool):
             raise ClientError("worker must be an id, a name or an index")
-        if isinstance(worker, int):
-            target = self.resolve_index(worker)
-        else:
-            target = worker or None
+        target = self.resolve_index(worker) if isinstance(worker, int) else worker or None
         lease = float(lease_s or self.config.client.lease_s)
         body = Reserve(worker=target, any=any or None, lease_s=lease, session=self.session,
                        image=image, limits=limits or None)
@@ -243,7 +240,7 @@ class Grid:
 
     def reservations(self, *, all: bool = False, active: bool = True) -> list[dict[str, Any]]:
         """Reservations of this principal (admins: everyone's with ``all``)."""
-        reply: ReservationsListReply = self._call(
+        reply: ReservationsListReply = self.call(
             ReservationsList(all=all or None, active=active))
         return list(reply.reservations)
 
@@ -261,17 +258,17 @@ class Grid:
         except (BusError, ValueError) as err:
             log.warning("could not send client.hello: %s", err)
 
-    def _route(self, stream: ExecStream, handle: ReservedWorker) -> None:
+    def route_stream(self, stream: ExecStream, handle: ReservedWorker) -> None:
         with self._lock:
             self._streams[stream.exec_id] = (stream, handle)
 
-    def _unroute(self, stream: ExecStream) -> None:
+    def unroute_stream(self, stream: ExecStream) -> None:
         with self._lock:
             entry = self._streams.get(stream.exec_id)
             if entry is not None and entry[0] is stream:
                 del self._streams[stream.exec_id]
 
-    def _forget(self, handle: ReservedWorker) -> None:
+    def forget(self, handle: ReservedWorker) -> None:
         with self._lock:
             self._held.pop(handle.id, None)
 

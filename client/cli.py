@@ -1,22 +1,30 @@
 """The ``xcloud`` command: one entry point, one subcommand per job.
 
 Every subcommand reads the same configuration (file < XCLOUD_* environment < flags),
-configures logging, and turns any ``XcloudError`` into one clear line on stderr.
+configures logging, and turns any ``XcloudError`` into one clear line on stderr. This
+module only parses and dispatches: each command imports what runs it (the daemons'
+entry modules broker/main.py, coordinator/main.py, coordinator/local_grid.py,
+worker/main.py; the client API) inside its function, so the client never loads the
+coordinator's store and ``xcloud --help`` stays quick.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.config import Config, load_config
 from schemas.errors import XcloudError
+
+if TYPE_CHECKING:
+    from client.admin import PrincipalAdmin
 
 log = logging.getLogger("xcloud")
 
@@ -71,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-broker", action="store_true",
                    help="also run the embedded broker in this process")
     p.add_argument("--port", type=int, help="port of the embedded broker (with --embed-broker)")
+    p.add_argument("--host", help="listen address of the embedded broker (with --embed-broker)")
+    p.add_argument("--ws-port", type=int,
+                   help="WebSocket port of the embedded broker (with --embed-broker)")
+    p.add_argument("--allow-anonymous", action="store_true", default=None,
+                   help="embedded broker: accept connections without credentials "
+                   "(not recommended)")
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("worker", help="run a worker agent")
@@ -83,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=float, help="heartbeat interval in seconds (default 5)")
     p.add_argument("--state-dir", help="where the worker keeps its identity and work dirs")
     p.add_argument("--executor", choices=["process", "docker"], help="executor (default process)")
+    p.add_argument("--parent-pid", type=int, metavar="PID",
+                   help="stop when process PID, our parent, exits (`xcloud up` passes it)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("workers", help="print the worker table")
@@ -138,32 +154,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the command to run")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("admin", help="administration on the coordinator's database")
+    p = sub.add_parser(
+        "admin", help="administration: principals, drain, Mosquitto export",
+        description="Admin requests to the running coordinator, as an admin principal "
+        "(`xcloud up` configures one). With --db URL (or --direct) the principal commands "
+        "and mosquitto-export work on the coordinator's database itself instead: for "
+        "bootstrap, before any coordinator runs.")
     _common(p)
-    p.add_argument("--db", help="database URL (default sqlite in $XCLOUD_HOME/data)")
+    _bus_identity(p)
+    db_help = ("work on this database directly (bootstrap, no coordinator needed): "
+               "sqlite:///path.db or mysql://user:pass@host/db")
+    direct_help = ("work directly on the configured database (coordinator.db, "
+                   "XCLOUD_COORDINATOR_DB, else the SQLite in $XCLOUD_HOME/data)")
+    p.add_argument("--db", help=db_help)
+    p.add_argument("--direct", action="store_true", help=direct_help)
+    # The same options after the action; SUPPRESS keeps a value given before it.
+    leaf_direct = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    leaf_direct.add_argument("--db", help=db_help)
+    leaf_direct.add_argument("--direct", action="store_true", help=direct_help)
     asub = p.add_subparsers(dest="admin_command", metavar="ADMIN_COMMAND")
     pp = asub.add_parser("principal", help="manage principals (users, workers, services)")
     psub = pp.add_subparsers(dest="principal_command", metavar="ACTION")
-    a = psub.add_parser("add", help="create a principal and print its token once")
+    a = psub.add_parser("add", parents=[leaf_direct],
+                        help="create a principal and print its token once")
     a.add_argument("id", help="principal id (its MQTT user name)")
     a.add_argument("--role", default="client",
                    choices=["client", "worker", "admin", "coordinator"])
-    a.add_argument("--note", default="", help="free text")
-    a.add_argument("--rotate", action="store_true", help="replace the token of an existing one")
+    a.add_argument("--note", default="", help="free text (at most 1024 characters)")
+    a.add_argument("--rotate", action="store_true",
+                   help="replace the token of an existing one (or create it)")
     a.set_defaults(func=cmd_principal_add)
-    ls = psub.add_parser("list", help="list principals")
+    ro = psub.add_parser("rotate", parents=[leaf_direct],
+                         help="give a principal a new token (printed once); the old one "
+                         "stops working")
+    ro.add_argument("id")
+    ro.set_defaults(func=cmd_principal_rotate)
+    ls = psub.add_parser("list", parents=[leaf_direct], help="list principals")
     ls.add_argument("--all", action="store_true", help="include revoked ones")
     ls.set_defaults(func=cmd_principal_list)
-    rv = psub.add_parser("revoke", help="revoke a principal (its token stops working)")
+    rv = psub.add_parser("revoke", parents=[leaf_direct],
+                         help="revoke a principal (its token stops working)")
     rv.add_argument("id")
     rv.set_defaults(func=cmd_principal_revoke)
-    mx = asub.add_parser("mosquitto-export",
+    dr = asub.add_parser("drain", help="give a worker no new work (--undo: resume)")
+    dr.add_argument("worker", help="worker id or name")
+    dr.add_argument("--undo", action="store_true", help="resume giving it work")
+    dr.set_defaults(func=cmd_drain)
+    mx = asub.add_parser("mosquitto-export", parents=[leaf_direct],
                          help="write a Mosquitto password file and ACL file for our principals")
     mx.add_argument("directory", type=Path)
     mx.set_defaults(func=cmd_mosquitto_export)
-    for leaf in (a, ls, rv, mx):  # --db also after the action; SUPPRESS keeps the earlier one
-        leaf.add_argument("--db", default=argparse.SUPPRESS,
-                          help="database URL (default sqlite in $XCLOUD_HOME/data)")
     return parser
 
 
@@ -199,23 +239,33 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _wait_for_signal(stop: Any) -> None:
-    """Block until a handler sets ``stop``; short waits so signals are never missed."""
-    while not stop.wait(0.5):
-        pass
+@contextlib.contextmanager
+def _admin(args: argparse.Namespace, config: Config) -> Iterator[PrincipalAdmin]:
+    """Over the bus as an admin, or on the database itself with --db / --direct."""
+    if getattr(args, "db", None) or getattr(args, "direct", False):
+        from coordinator.bootstrap import DirectAdmin
 
+        with DirectAdmin.open(config.db_url, config.bus.root) as direct:
+            yield direct
+        return
+    from client.admin import Admin
+    from client.api import Grid
+    from client.errors import NotConfigured
 
-def _store(config: Config) -> Any:
-    from coordinator.store import Store
-
-    return Store.open(config.db_url)
+    try:
+        grid = Grid.connect(config)
+    except NotConfigured as err:
+        raise NotConfigured(f"{err}; or, before any coordinator runs, give --db URL to work "
+                            "on its database directly") from None
+    with grid:
+        yield Admin(grid)
 
 
 # -- commands ----------------------------------------------------------------------------
 
 
 def cmd_up(args: argparse.Namespace, config: Config) -> int:
-    from client.up import run_up
+    from coordinator.local_grid import run_up
 
     if args.workers < 0:
         raise XcloudError("--workers must be 0 or more")
@@ -225,70 +275,22 @@ def cmd_up(args: argparse.Namespace, config: Config) -> int:
     return run_up(config, args.workers, args.executor)
 
 
-def cmd_broker(args: argparse.Namespace, config: Config) -> int:
-    import signal
-    import threading
+def cmd_broker(_args: argparse.Namespace, config: Config) -> int:
+    from broker.main import run_broker
 
-    from broker.embedded import BrokerSettings, EmbeddedBroker
-    from coordinator.auth import store_authenticator
-
-    store = _store(config)
-    broker = EmbeddedBroker(
-        BrokerSettings(host=config.broker.host, port=config.broker.port,
-                       ws_port=config.broker.ws_port or None, root=config.bus.root,
-                       allow_anonymous=config.broker.allow_anonymous),
-        store_authenticator(store),
-    )
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    broker.start_in_thread()
-    print(f"broker listening on {broker.url}"
-          + (f" and {broker.ws_url}" if broker.ws_url else ""), flush=True)
-    _wait_for_signal(stop)
-    broker.stop_in_thread()
-    store.close()
-    return 0
+    return run_broker(config)
 
 
 def cmd_coordinator(args: argparse.Namespace, config: Config) -> int:
-    import signal
-    import threading
+    from coordinator.main import run_coordinator
 
-    from coordinator.service import Coordinator
-
-    store = _store(config)
-    broker = None
-    if args.embed_broker:
-        from broker.embedded import BrokerSettings, EmbeddedBroker
-        from coordinator.auth import store_authenticator
-
-        broker = EmbeddedBroker(
-            BrokerSettings(host=config.broker.host, port=config.broker.port,
-                           ws_port=config.broker.ws_port or None, root=config.bus.root),
-            store_authenticator(store),
-        )
-        broker.start_in_thread()
-        config.bus.url = broker.url
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    coordinator = Coordinator(config, store)
-    coordinator.start(wait=False)
-    print(f"coordinator running (broker {config.bus.url}, database {config.db_url})",
-          flush=True)
-    _wait_for_signal(stop)
-    coordinator.stop()
-    if broker:
-        broker.stop_in_thread()
-    store.close()
-    return 0
+    return run_coordinator(config, embed_broker=args.embed_broker)
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     from worker.main import run_worker
 
-    return run_worker(config)
+    return run_worker(config, parent_pid=args.parent_pid)
 
 
 def cmd_workers(args: argparse.Namespace, config: Config) -> int:
@@ -356,6 +358,10 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 def cmd_drain(args: argparse.Namespace, config: Config) -> int:
     from client.api import Grid
 
+    if getattr(args, "db", None) or getattr(args, "direct", False):
+        raise XcloudError("drain is a request to the running coordinator; --db and "
+                          "--direct do not apply to it")
+
     with Grid.connect(config) as grid:
         state = grid.drain(args.worker, drain=not args.undo)
     print(f"worker {args.worker} is {state}")
@@ -363,14 +369,18 @@ def cmd_drain(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_principal_add(args: argparse.Namespace, config: Config) -> int:
-    from client.admin import issue_token
-
-    store = _store(config)
-    try:
-        token = issue_token(store, args.id, args.role, args.note, replace=args.rotate)
-    finally:
-        store.close()
+    with _admin(args, config) as admin:
+        token = admin.add_principal(args.id, args.role, args.note, replace=args.rotate)
     print(f"principal {args.id} ({args.role}) created. Its token, shown only once:")
+    print(token)
+    return 0
+
+
+def cmd_principal_rotate(args: argparse.Namespace, config: Config) -> int:
+    with _admin(args, config) as admin:
+        token = admin.rotate(args.id)
+    print(f"principal {args.id} has a new token (the old one no longer works), shown "
+          "only once:")
     print(token)
     return 0
 
@@ -378,37 +388,25 @@ def cmd_principal_add(args: argparse.Namespace, config: Config) -> int:
 def cmd_principal_list(args: argparse.Namespace, config: Config) -> int:
     from client.admin import principals_table
 
-    store = _store(config)
-    try:
-        print(principals_table(store, include_revoked=args.all))
-    finally:
-        store.close()
+    with _admin(args, config) as admin:
+        rows = list(admin.principals(include_revoked=args.all))
+    print(principals_table(rows))
     return 0
 
 
 def cmd_principal_revoke(args: argparse.Namespace, config: Config) -> int:
-    from client.admin import revoke
-
-    store = _store(config)
-    try:
-        revoke(store, args.id)
-    finally:
-        store.close()
+    with _admin(args, config) as admin:
+        admin.revoke(args.id)
     print(f"principal {args.id} revoked")
     return 0
 
 
 def cmd_mosquitto_export(args: argparse.Namespace, config: Config) -> int:
-    from client.admin import export_mosquitto
+    from client.admin import mosquitto_conf_hint
 
-    store = _store(config)
-    try:
-        passwd, acl = export_mosquitto(store, config.bus.root, args.directory)
-    finally:
-        store.close()
-    print(f"wrote {passwd} and {acl}; in mosquitto.conf add:\n"
-          f"  allow_anonymous false\n  password_file {passwd}\n  acl_file {acl}\n"
-          "  set_tcp_nodelay true")
+    with _admin(args, config) as admin:
+        passwd, acl = admin.export_mosquitto(args.directory)
+    print(mosquitto_conf_hint(passwd, acl))
     return 0
 
 

@@ -21,9 +21,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from broker.bus import BusError, RemoteError, RequestTimeout
+from broker.bus import Bus, BusError, RemoteError, RequestTimeout
+from broker.config import Config
 from client.errors import ClientError
 from client.exec_stream import ExecResult, ExecStream, OutputChunk, decode_data
 from schemas.messages import (
@@ -39,15 +40,31 @@ from schemas.messages import (
     Renew,
     ReserveReply,
 )
-
-if TYPE_CHECKING:
-    from client.api import Grid
+from schemas.topics import Topics
 
 log = logging.getLogger(__name__)
 
 SIGNALS = ("INT", "TERM", "KILL", "HUP", "QUIT", "USR1", "USR2")
 # After exec.exit, how long to keep asking the worker for missing chunks before giving up.
 GIVE_UP_AFTER_EXIT_S = 5.0
+
+
+class GridLink(Protocol):
+    """What a reserved worker needs of the ``client.api.Grid`` that made it: a Protocol,
+    so that this module does not import client.api (which imports this one)."""
+
+    bus: Bus
+    topics: Topics
+    config: Config
+
+    def route_stream(self, stream: ExecStream, handle: ReservedWorker) -> None:
+        """Deliver the output and exit of ``stream.exec_id`` to ``stream``."""
+
+    def unroute_stream(self, stream: ExecStream) -> None:
+        """Stop delivering to ``stream``."""
+
+    def forget(self, handle: ReservedWorker) -> None:
+        """``handle`` ended: it is no longer held."""
 
 
 class ReservationLost(ClientError):
@@ -130,7 +147,7 @@ class ReservedWorker:
     reservation), ``worker`` (its id), ``worker_name``, ``expires_at``, ``grant``.
     """
 
-    def __init__(self, grid: Grid, reply: ReserveReply, lease_s: float) -> None:
+    def __init__(self, grid: GridLink, reply: ReserveReply, lease_s: float) -> None:
         self._grid = grid
         self._lock = threading.Lock()
         self._lease_s = lease_s
@@ -206,7 +223,7 @@ class ReservedWorker:
             self.ended_reason = reason
             streams = list(self._streams.values())
         # Forget it before anyone can see it ended: `ended` implies "not held".
-        self._grid._forget(self)
+        self._grid.forget(self)
         self._ended.set()
         self._keeper.stop()
         if self._keeper.is_alive() and self._keeper is not threading.current_thread():
@@ -386,14 +403,14 @@ class ReservedWorker:
             self._streams[stream.exec_id] = stream
             if kill_on_close:
                 self._kill_on_close.add(stream.exec_id)
-        self._grid._route(stream, self)
+        self._grid.route_stream(stream, self)
 
     def _detach(self, stream: ExecStream) -> None:
         with self._lock:
             if self._streams.get(stream.exec_id) is stream:
                 del self._streams[stream.exec_id]
                 self._kill_on_close.discard(stream.exec_id)
-        self._grid._unroute(stream)
+        self._grid.unroute_stream(stream)
 
     def _close_stream(self, stream: ExecStream) -> None:
         """A consumer stopped following: forget the stream; stop its command if running."""

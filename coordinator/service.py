@@ -13,6 +13,7 @@ import time
 
 from broker.bus import Bus, Lane, Will
 from broker.config import Config
+from coordinator.admin import AdminHandlers
 from coordinator.keys import GrantKey, load_or_create_grant_key
 from coordinator.reconcile import SessionReconciler
 from coordinator.registry import WorkerRegistry
@@ -62,6 +63,8 @@ class Coordinator:
             backlog=lambda: self.bus.backlog(Lane.HEARTBEAT),
         )
         self.requests = RequestHandlers(self.bus, store, self.registry)
+        self.admin = AdminHandlers(self.bus, store, self.topics, own_principal=self.principal,
+                                   max_payload=config.bus.max_payload)
         self.grant_key = grant_key or load_or_create_grant_key(config.data_dir)
         self.reservations = ReservationService(self.bus, store, self.registry,
                                                config.coordinator, self.grant_key,
@@ -79,6 +82,7 @@ class Coordinator:
         self.bus.subscribe(self.topics.all_worker_heartbeat, self.registry.on_heartbeat,
                            qos=0, lane=Lane.HEARTBEAT, types=(WorkerHeartbeat.TYPE,))
         self.requests.register()
+        self.admin.register()
         self.reservations.register()
         self.bus.on_connected(self.registry.on_bus_connected)
         self.bus.on_connected(self._announce)

@@ -31,7 +31,9 @@ for item in $PRINCIPALS; do
         echo "provision: $name exists"
         continue
     fi
-    token="$(xcloud admin principal add "$name" --role "$role" --note compose --rotate | tail -n 1)"
+    # --direct: on the database itself; no coordinator runs yet (bootstrap).
+    token="$(xcloud admin --direct principal add "$name" --role "$role" --note compose \
+        --rotate | tail -n 1)"
     umask 077
     printf '[bus]\nurl = "%s"\nroot = "%s"\nprincipal = "%s"\ntoken = "%s"\n' \
         "$BUS_URL" "$ROOT" "$name" "$token" >"$file.tmp"
@@ -44,7 +46,7 @@ if [ -z "${XCLOUD_COORDINATOR_DB:-}" ]; then
 fi
 
 if [ -n "${MOSQUITTO_DIR:-}" ]; then
-    xcloud admin mosquitto-export "$MOSQUITTO_DIR" >/dev/null
+    xcloud admin --direct mosquitto-export "$MOSQUITTO_DIR" >/dev/null
     cat >"$MOSQUITTO_DIR/mosquitto.conf" <<CONF
 # written by docker/provision.sh
 listener ${MOSQUITTO_PORT:-1883} 127.0.0.1

@@ -1,4 +1,5 @@
-"""The real ``xcloud`` command in subprocesses: help, ``up``, admin, errors.
+"""The real ``xcloud`` command in subprocesses: help, ``up``, admin, the daemons' entry
+points, errors.
 
 Every run gets its own ``XCLOUD_HOME`` under ``tmp_path`` and an environment without
 stray ``XCLOUD_<SECTION>_*`` settings. Errors must be one clear line on stderr with a
@@ -16,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,8 @@ import pytest
 from broker.bus import Bus, BusError
 from broker.config import SECTIONS, BusConfig
 from client.cli import build_parser
-from tests.fixtures.services import free_port, port_open, wait_for
+from tests.fixtures.grid import GridHarness
+from tests.fixtures.services import MariaDBServer, free_port, port_open, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -97,7 +100,8 @@ def test_help_of_every_command_exits_0(tmp_path: Path) -> None:
     assert failures == []
     # bare `xcloud` prints the help too
     bare = xcloud(tmp_path)
-    assert bare.returncode == 0 and bare.stdout.startswith("usage: xcloud")
+    assert bare.returncode == 0
+    assert bare.stdout.startswith("usage: xcloud")
 
 
 # ----------------------------------------------------------------------- xcloud up
@@ -153,13 +157,16 @@ def test_up_runs_a_grid_that_the_cli_sees_and_stops_cleanly(
         assert [r["index"] for r in rows] == [0, 1]
 
         table = xcloud(home, "workers")
-        assert table.returncode == 0 and all(r["id"] in table.stdout for r in rows)
+        assert table.returncode == 0
+        assert all(r["id"] in table.stdout for r in rows)
         shown = xcloud(home, "show", rows[0]["id"], "--json")
         assert shown.returncode == 0, shown.stderr
         detail = json.loads(shown.stdout)
-        assert detail["id"] == rows[0]["id"] and detail["caps"]["wid"] == rows[0]["id"]
+        assert detail["id"] == rows[0]["id"]
+        assert detail["caps"]["wid"] == rows[0]["id"]
         text = xcloud(home, "show", rows[1]["id"])
-        assert text.returncode == 0 and rows[1]["id"] in text.stdout
+        assert text.returncode == 0
+        assert rows[1]["id"] in text.stdout
         assert_clean_error(xcloud(home, "show", "no-such-worker"), "no-such-worker")
 
         workers = children_of(up.pid)
@@ -179,7 +186,8 @@ def test_up_runs_a_grid_that_the_cli_sees_and_stops_cleanly(
             with contextlib.suppress(psutil.Error):
                 proc.kill()
     output = Path(log.name).read_text()
-    assert "xcloud is up" in output and "stopping..." in output
+    assert "xcloud is up" in output
+    assert "stopping..." in output
     assert "Traceback" not in output, output
     with contextlib.closing(sqlite3.connect(home / "data" / "xcloud.db")) as db:
         states = dict(db.execute("SELECT id, state FROM xc_worker").fetchall())
@@ -200,7 +208,8 @@ def test_admin_principal_add_list_revoke(tmp_path: Path) -> None:
     added = admin("add", "alice", "--role", "client", "--note", "a user")
     assert added.returncode == 0, added.stderr
     lines = added.stdout.strip().splitlines()
-    assert "alice" in lines[0] and len(lines[-1]) >= 40  # the token, shown once
+    assert "alice" in lines[0]
+    assert len(lines[-1]) >= 40  # the token, shown once
     assert admin("add", "bob", "--role", "worker").returncode == 0
     assert_clean_error(admin("add", "alice"), "alice", "already exists")
     assert_clean_error(admin("add", "a/b"), "invalid principal id")
@@ -208,11 +217,13 @@ def test_admin_principal_add_list_revoke(tmp_path: Path) -> None:
     listed = admin("list")
     assert listed.returncode == 0
     rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[1:]}
-    assert rows["alice"][1] == "client" and rows["bob"][1] == "worker"
+    assert rows["alice"][1] == "client"
+    assert rows["bob"][1] == "worker"
     assert lines[-1] not in listed.stdout, "tokens are never listed"
 
     revoked = admin("revoke", "bob")
-    assert revoked.returncode == 0 and "revoked" in revoked.stdout
+    assert revoked.returncode == 0
+    assert "revoked" in revoked.stdout
     assert "bob" not in admin("list").stdout
     everyone = admin("list", "--all").stdout
     bob_row = next(line for line in everyone.splitlines() if line.startswith("bob"))
@@ -220,7 +231,8 @@ def test_admin_principal_add_list_revoke(tmp_path: Path) -> None:
     assert_clean_error(admin("revoke", "bob"), "bob")
     assert_clean_error(admin("revoke", "nobody"), "nobody")
     again = admin("add", "bob", "--role", "worker")  # a revoked id may be reissued
-    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] != lines[-1]
+    assert again.returncode == 0
+    assert again.stdout.strip().splitlines()[-1] != lines[-1]
 
 
 def test_a_revoked_principal_can_no_longer_connect(tmp_path: Path,
@@ -254,7 +266,7 @@ def test_a_revoked_principal_can_no_longer_connect(tmp_path: Path,
         try:
             connect(pid, token)
         except BusError as err:
-            assert f"refused principal {pid}" in str(err)
+            assert f"refused principal {pid}" in str(err)  # noqa: PT017 (a probe)
             return True
         return False
 
@@ -278,6 +290,207 @@ def test_a_revoked_principal_can_no_longer_connect(tmp_path: Path,
             broker.wait(10)
         if broker.stdout:
             broker.stdout.close()
+
+
+# ----------------------------------------------------------------------- daemons
+
+
+def stop_daemon(proc: subprocess.Popen[str], *, timeout: float = 30) -> str:
+    """SIGTERM ``proc`` (a daemon in its own session), wait for it; its whole output."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate(timeout=10)
+    return out
+
+
+def daemon(home: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*XCLOUD, *args], cwd=REPO, env=cli_env(home, **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def read_until(proc: subprocess.Popen[str], needle: str, timeout: float = 30) -> str:
+    """Lines of ``proc``'s output up to the one holding ``needle`` (the daemon runs on)."""
+    assert proc.stdout is not None
+    seen: list[str] = []
+    found = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if needle in line:
+                found.set()
+                return
+
+    threading.Thread(target=reader, daemon=True).start()
+    wait_for(lambda: found.is_set() or proc.poll() is not None, timeout,
+             message=f"{needle!r} in the output of {proc.args!r}")
+    assert found.is_set(), f"exited {proc.returncode} without {needle!r}:\n{''.join(seen)}"
+    return "".join(seen)
+
+
+@pytest.fixture
+def password_db_url(mariadb_server: MariaDBServer, fresh_mariadb_url: str) -> Iterator[str]:
+    """A MariaDB URL with a user that has a password (the database of ``fresh_mariadb_url``)."""
+    database = fresh_mariadb_url.rsplit("/", 1)[1]
+    user, password = f"xc_{os.urandom(4).hex()}", f"Pw-{os.urandom(8).hex()}"
+    conn = mariadb_server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'")
+            cur.execute(f"GRANT ALL ON `{database}`.* TO '{user}'@'%'")
+        yield (f"mysql://{user}:{password}@{mariadb_server.host}:{mariadb_server.port}/"
+               f"{database}")
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+        conn.close()
+
+
+@pytest.mark.mariadb
+def test_database_passwords_never_reach_the_output(tmp_path: Path, password_db_url: str
+                                                   ) -> None:
+    """`xcloud coordinator` and `xcloud up` used to print the database URL, password
+    included (and so into container logs)."""
+    password = password_db_url.split(":")[2].split("@")[0]
+    home = tmp_path / "home"
+    env = {"XCLOUD_LOG_LEVEL": "DEBUG", "XCLOUD_BUS_PRINCIPAL": "coordinator",
+           "XCLOUD_BUS_TOKEN": "t"}
+    coordinator = daemon(home, "coordinator", "--db", password_db_url,
+                         "--broker", f"mqtt://127.0.0.1:{free_port()}", **env)
+    shown = ""
+    try:
+        shown = read_until(coordinator, "coordinator running")
+    finally:
+        shown += stop_daemon(coordinator)
+    assert "database mysql://" in shown, shown
+    assert ":***@" in shown, shown
+    assert password not in shown, shown
+
+    up = daemon(home, "up", "--db", password_db_url, "--port", str(free_port()),
+                "--workers", "0", XCLOUD_LOG_LEVEL="DEBUG")
+    shown = ""
+    try:
+        shown = read_until(up, "Stop with Ctrl-C")
+    finally:
+        shown += stop_daemon(up)
+    assert "xcloud is up" in shown, shown
+    assert ":***@" in shown, shown
+    assert password not in shown, shown
+
+
+def test_embedded_broker_of_the_coordinator_honours_allow_anonymous(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    db = f"sqlite:///{tmp_path / 'grid.db'}"
+    added = xcloud(home, "admin", "--db", db, "principal", "add", "coordinator",
+                   "--role", "coordinator")
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip().splitlines()[-1]
+
+    def anonymous_admitted(*flags: str, **env: str) -> bool:
+        port = free_port()
+        proc = daemon(home, "coordinator", "--embed-broker", "--port", str(port), "--db", db,
+                      *flags, XCLOUD_BUS_PRINCIPAL="coordinator", XCLOUD_BUS_TOKEN=token, **env)
+        try:
+            read_until(proc, "coordinator running")
+            bus = Bus(BusConfig(url=f"mqtt://127.0.0.1:{port}", reconnect_max_s=1.0))
+            try:
+                bus.start(timeout=5)
+            except BusError as err:
+                assert "refused principal (anonymous)" in str(err), err  # noqa: PT017 (a probe)
+                return False
+            bus.stop()
+            return True
+        finally:
+            out = stop_daemon(proc)
+            assert "Traceback" not in out, out
+
+    assert not anonymous_admitted()
+    assert anonymous_admitted("--allow-anonymous")
+    assert anonymous_admitted(XCLOUD_BROKER_ALLOW_ANONYMOUS="true")
+
+
+def test_a_worker_whose_parent_is_gone_does_not_start(tmp_path: Path) -> None:
+    gone_child = subprocess.Popen(["true"])
+    gone_child.wait()
+    result = xcloud(tmp_path / "home", "worker", "--parent-pid", str(gone_child.pid),
+                    XCLOUD_BUS_PRINCIPAL="w1", XCLOUD_BUS_TOKEN="t")
+    assert_clean_error(result, f"parent process {gone_child.pid} is gone")
+
+
+PARENT = """
+import subprocess, sys, os, signal
+child = subprocess.Popen(sys.argv[1:] + ["--parent-pid", str(os.getpid())],
+                         stdin=subprocess.DEVNULL)
+print(child.pid, flush=True)
+signal.pause()
+"""
+
+
+def test_a_worker_dies_with_its_parent(grid: GridHarness, tmp_path: Path) -> None:
+    """What keeps `xcloud up`'s workers from outliving it, without a preexec_fn: the
+    worker asks for its parent's death signal itself."""
+    grid.start_coordinator()
+    token = grid.token("w-orphan", "worker")
+    env = grid.subprocess_env(XCLOUD_HOME=str(tmp_path / "home"),
+                              XCLOUD_BUS_PRINCIPAL="w-orphan", XCLOUD_BUS_TOKEN=token)
+    log = (tmp_path / "worker.log").open("w")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, *XCLOUD, "worker", "--broker", grid.url, "--root",
+         grid.root, "--state-dir", str(tmp_path / "state"), "--heartbeat", "0.2"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+        text=True, start_new_session=True)
+    worker: psutil.Process | None = None
+    try:
+        assert parent.stdout is not None
+        worker = psutil.Process(int(parent.stdout.readline()))
+        grid.wait_worker("w-orphan", "online", timeout=30)
+        parent.kill()
+        parent.wait(10)
+        wait_for(lambda: gone(worker), 15, message="the worker outlived its parent")
+        grid.wait_worker("w-orphan", "offline")  # it left cleanly (SIGTERM), no will
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+        if worker is not None and not gone(worker):
+            worker.kill()
+        log.close()
+    assert "Traceback" not in (tmp_path / "worker.log").read_text()
+
+
+def test_up_killed_takes_its_workers_along(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    up = subprocess.Popen([*XCLOUD, "up", "--port", str(free_port()), "--workers", "1"],
+                          cwd=REPO, env=cli_env(home, XCLOUD_WORKER_HEARTBEAT_S="0.5"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          stdin=subprocess.DEVNULL, start_new_session=True)
+    workers: list[psutil.Process] = []
+    try:
+        def online() -> bool:
+            result = xcloud(home, "workers", "--json")
+            return result.returncode == 0 and [r["state"] for r in json.loads(result.stdout)
+                                               ] == ["online"]
+
+        wait_for(online, 30, interval=0.2, message="a worker online")
+        workers = children_of(up.pid)
+        assert any("--parent-pid" in p.cmdline() for p in workers), workers
+        up.kill()
+        up.wait(10)
+        wait_for(lambda: all(gone(p) for p in workers), 20,
+                 message=f"workers outlived `xcloud up`: {workers}")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        for proc in workers:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 # ----------------------------------------------------------------------- client errors

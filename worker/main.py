@@ -2,12 +2,21 @@
 
 Logging is the entry point's business; this only runs the agent. Imports stay lean
 (no docker SDK, prompt_toolkit or peewee) so an idle worker stays small.
+
+Given ``parent_pid`` (``xcloud up`` passes ``--parent-pid``), the worker ties its life to
+that parent itself: on Linux the kernel sends it SIGTERM when the parent dies
+(PR_SET_PDEATHSIG), and it leaves at once if the parent is already gone. Doing this in
+the worker, not in a ``preexec_fn`` of the parent, keeps the parent's fork safe while
+its threads run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
@@ -15,11 +24,35 @@ from typing import Any
 
 from broker.config import Config
 from worker.agent import WorkerAgent
+from worker.errors import WorkerError
 
 log = logging.getLogger(__name__)
 
 WARN_EVERY_S = 10.0
 POLL_S = 0.5
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class ParentGone(WorkerError):
+    """The process this worker was started to live with has already exited."""
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask for SIGTERM when the parent dies; raise ParentGone if it already has.
+
+    The check comes after the prctl: a parent that died before it would not signal us,
+    and then we are someone else's child (``getppid`` changed).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG) failed: %s",
+                            os.strerror(ctypes.get_errno()))
+        except (OSError, AttributeError) as err:
+            log.warning("cannot ask to die with the parent: %s", err)
+    if os.getppid() != parent_pid:
+        raise ParentGone(f"parent process {parent_pid} is gone; not starting")
 
 
 def _refusal(agent: WorkerAgent) -> str | None:
@@ -34,18 +67,21 @@ def run_worker(
     *,
     executors: Sequence[str] | None = None,
     stop: threading.Event | None = None,
+    parent_pid: int | None = None,
 ) -> int:
     """Run until a signal (or ``stop``) asks to leave; return the exit status (0).
 
     Raises IdentityError (and other WorkerErrors) to the caller, which prints them. An
     unreachable broker is not an error: the bus keeps retrying and a warning is logged
-    every ~10 s until it answers.
+    every ~10 s until it answers. With ``parent_pid``: see the module docstring.
     """
     stop = stop or threading.Event()
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     agent = WorkerAgent(cfg, executors=executors)
     previous: dict[signal.Signals, Any] = {}
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s, leaving the grid", signal.Signals(signum).name)
         stop.set()
         for old_sig, old_handler in previous.items():  # a second signal acts as usual

@@ -4,11 +4,15 @@ Starts the embedded broker and the coordinator in this process, N workers as chi
 processes, provisions their principals, writes the client config so the shell and CLI
 just work here, and tears everything down in order on Ctrl-C or SIGTERM: workers
 first (they publish a clean offline), then the coordinator, then the broker.
+
+Workers die with ``xcloud up`` even when it is killed: each is started with
+``--parent-pid`` and asks the kernel itself (PR_SET_PDEATHSIG, worker/main.py) for a
+SIGTERM when its parent goes. Nothing runs in the child between fork and exec
+(``preexec_fn`` is unsafe while threads run, and the broker's and the bus's do).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -20,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.config import Config, write_config
-from broker.embedded import BrokerSettings, EmbeddedBroker, check_port_free
-from client.admin import issue_token
+from broker.config import Config, mask_url, write_config
+from broker.embedded import EmbeddedBroker, check_port_free
+from broker.main import broker_settings
 from coordinator.auth import store_authenticator
+from coordinator.bootstrap import issue_token
 from coordinator.service import Coordinator
 from coordinator.store import Store
 from schemas.topics import valid_principal_id
@@ -32,16 +37,6 @@ log = logging.getLogger(__name__)
 
 COORDINATOR_PRINCIPAL = "coordinator"
 ADMIN_PRINCIPAL = "admin"
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGTERM a child worker if ``xcloud up`` dies abruptly."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def local_worker_id(index: int) -> str:
@@ -90,12 +85,7 @@ class LocalGrid:
                                   "xcloud up", replace=True)
         admin_token = issue_token(self.store, ADMIN_PRINCIPAL, "admin", "xcloud up",
                                   replace=True)
-        self.broker = EmbeddedBroker(
-            BrokerSettings(host=cfg.broker.host, port=cfg.broker.port,
-                           ws_port=cfg.broker.ws_port or None, root=cfg.bus.root,
-                           allow_anonymous=cfg.broker.allow_anonymous),
-            store_authenticator(self.store),
-        )
+        self.broker = EmbeddedBroker(broker_settings(cfg), store_authenticator(self.store))
         self.broker.start_in_thread()
         cfg.bus.url = self.broker_url
         write_config(cfg.config_file, {"bus": {
@@ -122,17 +112,28 @@ class LocalGrid:
         self.workers.append(wp)
         return wp
 
-    def _spawn(self, wp: WorkerProcess) -> None:
-        wp.log_file.parent.mkdir(parents=True, exist_ok=True)
+    def worker_command(self, wp: WorkerProcess) -> list[str]:
+        """``xcloud worker`` for ``wp``; it stops by itself when this process dies.
+
+        The kernel's parent-death signal follows the *thread* that forked: workers are
+        spawned from the main thread only (``start`` and ``supervise``), which lives as
+        long as the process.
+        """
         cmd = [
             sys.executable, "-m", "client.cli", "worker",
             "--broker", self.broker_url, "--root", self.config.bus.root,
             "--state-dir", str(wp.state_dir), "--name", wp.wid,
             "--executor", self.executor, "--slots", str(self.config.worker.slots),
             "--heartbeat", str(self.config.worker.heartbeat_s),
+            "--parent-pid", str(os.getpid()),
         ]
         if self.config.worker.tags:
             cmd += ["--tags", ",".join(self.config.worker.tags)]
+        return cmd
+
+    def _spawn(self, wp: WorkerProcess) -> None:
+        wp.log_file.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.worker_command(wp)
         # The identity goes in the environment: it beats the client credentials in
         # config.toml, and unlike flags it does not show in `ps`.
         env = dict(os.environ, XCLOUD_HOME=str(self.config.home),
@@ -140,7 +141,7 @@ class LocalGrid:
         with open(wp.log_file, "ab") as logf:
             wp.process = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=env,
-                                          preexec_fn=_die_with_parent, start_new_session=True)
+                                          start_new_session=True)
         log.info("worker %s started (pid %d, log %s)", wp.wid, wp.process.pid, wp.log_file)
 
     def summary(self) -> str:
@@ -150,7 +151,8 @@ class LocalGrid:
             f"  broker       {self.broker_url}"
             + (f"  (websocket ws://{cfg.broker.host}:{self.broker.ws_port})"
                if self.broker and self.broker.ws_port else ""),
-            f"  coordinator  principal {COORDINATOR_PRINCIPAL}, database {cfg.db_url}",
+            f"  coordinator  principal {COORDINATOR_PRINCIPAL}, "
+            f"database {mask_url(cfg.db_url)}",
             f"  workers      {len(self.workers)} x {self.executor}: "
             + ", ".join(w.wid for w in self.workers),
             f"  client       {cfg.config_file} (principal {ADMIN_PRINCIPAL})",
@@ -204,7 +206,7 @@ class LocalGrid:
 def run_up(config: Config, workers: int, executor: str) -> int:
     grid = LocalGrid(config, workers, executor)
 
-    def on_signal(signum: int, frame: object) -> None:
+    def on_signal(_signum: int, _frame: object) -> None:
         grid.request_stop()
 
     signal.signal(signal.SIGINT, on_signal)
