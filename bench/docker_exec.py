@@ -29,7 +29,7 @@ from typing import Any
 from bench.common import cli, fmt, latency_ms, machine_line, md_table
 from broker.config import WorkerConfig
 from worker.executors.base import SessionSpec, TaskSpec
-from worker.executors.docker import DockerExecutor
+from worker.executors.docker import DockerExecutor, container_of
 
 WARMUP = 3
 
@@ -69,13 +69,14 @@ def run(quick: bool, runs: int | None, image: str) -> dict[str, Any]:
         results["close_session"] = latency_ms(closes)
 
         session = ex.open_session(SessionSpec("bench-main", Path(tmp) / "main", "bench"))
-        cid = session.container_id or ""
+        cid = container_of(session)
         try:
             def via_executor() -> None:
                 spec = TaskSpec(f"t{next(counter)}", "true", session)
                 handle = ex.start(spec, lambda _s, _d: None)
                 result = ex.wait(handle, 30)
-                assert result is not None and result.exit_code == 0, result
+                assert result is not None, result
+                assert result.exit_code == 0, result
 
             def bare_exec() -> None:
                 exec_id = api.exec_create(cid, ["true"])["Id"]
@@ -106,7 +107,8 @@ def run(quick: bool, runs: int | None, image: str) -> dict[str, Any]:
                 spec = TaskSpec(f"p{next(counter)}", "true", psession)
                 handle = pex.start(spec, lambda _s, _d: None)
                 result = pex.wait(handle, 30)
-                assert result is not None and result.exit_code == 0, result
+                assert result is not None, result
+                assert result.exit_code == 0, result
 
             results["process_true"] = latency_ms(_time(via_process, n))
             pex.close_session(psession)

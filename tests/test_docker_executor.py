@@ -1,4 +1,6 @@
-"""The docker executor against the real engine (worker/executors/docker.py).
+"""The docker executor against the real engine (worker/executors/docker/): what only this
+driver does (hardening, containers, OOM reports, recreation, labels). What every driver
+does is in tests/executors/.
 
 Most tests share one busybox session container (fast); a few open their own. Hardening
 is checked from inside the container, the way a hostile command would see it. Every
@@ -11,27 +13,29 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from broker.config import WorkerConfig
+from tests.executors.harness import run, start
 from tests.fixtures.services import wait_for
 from worker.executors.base import (
     ExecutorError,
-    ExitResult,
     Limits,
     SessionHandle,
     SessionSpec,
-    TaskHandle,
-    TaskSpec,
 )
-from worker.executors.docker import LABEL_SESSION, LABEL_WORKER, DockerExecutor
+from worker.executors.docker import (
+    LABEL_SESSION,
+    LABEL_WORKER,
+    DockerExecutor,
+    SessionState,
+    container_of,
+)
 
 if TYPE_CHECKING:
     import docker
@@ -44,43 +48,12 @@ MIB = 1024 * 1024
 WORKER_ID = f"test-dx-{uuid.uuid4().hex[:8]}"
 
 
-@dataclass
-class Output:
-    """Collects what a task streamed, in arrival order."""
-
-    chunks: list[tuple[str, bytes]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __call__(self, stream: str, data: bytes) -> None:
-        with self.lock:
-            self.chunks.append((stream, data))
-
-    def text(self, stream: str = "stdout") -> str:
-        with self.lock:
-            return b"".join(d for s, d in self.chunks if s == stream).decode()
-
-
-def start(ex: DockerExecutor, session: SessionHandle, command: str,
-          **kw: object) -> tuple[TaskHandle, Output]:
-    out = Output()
-    spec = TaskSpec(task_id=f"t-{uuid.uuid4().hex[:10]}", command=command, session=session,
-                    **kw)  # type: ignore[arg-type]
-    return ex.start(spec, out), out
-
-
-def run(ex: DockerExecutor, session: SessionHandle, command: str,
-        **kw: object) -> tuple[ExitResult, Output]:
-    handle, out = start(ex, session, command, **kw)
-    result = ex.wait(handle, timeout=30)
-    assert result is not None, f"{command!r} did not finish"
-    return result, out
-
-
 def containers(engine: docker.DockerClient, session_id: str | None = None) -> list[str]:
     labels = [f"{LABEL_WORKER}={WORKER_ID}"]
     if session_id:
         labels.append(f"{LABEL_SESSION}={session_id}")
-    return [c.id for c in engine.containers.list(all=True, filters={"label": labels})]
+    listed = engine.containers.list(all=True, filters={"label": labels})
+    return [c.id for c in listed if c.id is not None]  # the stubs allow an id-less model
 
 
 @pytest.fixture(scope="module")
@@ -114,70 +87,6 @@ def session(executor: DockerExecutor,
     executor.close_session(handle)
 
 
-# ---------------------------------------------------------------------------- commands
-
-
-def test_streams_stdout_and_stderr_with_exit_code(executor: DockerExecutor,
-                                                  session: SessionHandle) -> None:
-    result, out = run(executor, session, "echo out; echo err >&2; echo more; exit 3")
-    assert result.exit_code == 3 and result.signal is None and not result.oom_killed
-    assert out.text("stdout") == "out\nmore\n"
-    assert out.text("stderr") == "err\n"
-
-
-def test_output_arrives_while_the_command_runs(executor: DockerExecutor,
-                                              session: SessionHandle) -> None:
-    go = Path(session.workdir) / "go"
-    handle, out = start(executor, session,
-                        "echo first; while [ ! -e /work/go ]; do sleep 0.01; done; echo second")
-    wait_for(lambda: "first" in out.text(), timeout=10, message="first line streamed")
-    assert executor.wait(handle, timeout=0) is None  # still running: it waits for us
-    go.touch()
-    result = executor.wait(handle, timeout=10)
-    assert result is not None and result.exit_code == 0
-    assert out.text() == "first\nsecond\n"
-    go.unlink()
-
-
-def test_pipes_quotes_redirections_and_env(executor: DockerExecutor,
-                                           session: SessionHandle) -> None:
-    cmd = ("""printf '%s\\n' "b b" 'a"q' | sort | tr a-z A-Z; """
-           """echo "$GREETING" '$GREETING' > f.txt; cat < f.txt""")
-    result, out = run(executor, session, cmd, env={"GREETING": "hi there"})
-    assert result.exit_code == 0, out.text("stderr")
-    assert out.text() == 'A"Q\nB B\nhi there $GREETING\n'
-    assert (Path(session.workdir) / "f.txt").read_text() == "hi there $GREETING\n"
-
-
-def test_cwd_persists_between_commands(executor: DockerExecutor,
-                                       session: SessionHandle) -> None:
-    result, _ = run(executor, session, "mkdir -p sub/dir && cd sub/dir && echo x > here")
-    assert result.exit_code == 0
-    result, out = run(executor, session, "pwd; cat here")
-    assert out.text() == "/work/sub/dir\nx\n"
-    run(executor, session, "cd /work")
-    assert run(executor, session, "pwd")[1].text() == "/work\n"
-    assert (Path(session.workdir) / "sub" / "dir" / "here").read_text() == "x\n"
-
-
-def test_concurrent_commands_in_one_session(executor: DockerExecutor,
-                                            session: SessionHandle) -> None:
-    slow, slow_out = start(executor, session,
-                           "echo waiting; while [ ! -e /work/go2 ]; do sleep 0.01; done")
-    wait_for(lambda: "waiting" in slow_out.text(), timeout=10, message="slow one started")
-    result, out = run(executor, session, "echo quick")
-    assert result.exit_code == 0 and out.text() == "quick\n"
-    assert executor.wait(slow, timeout=0) is None
-    (Path(session.workdir) / "go2").touch()
-    result2 = executor.wait(slow, timeout=10)
-    assert result2 is not None and result2.exit_code == 0
-
-
-def test_invalid_env_name_is_refused(executor: DockerExecutor, session: SessionHandle) -> None:
-    with pytest.raises(ExecutorError, match="environment"):
-        start(executor, session, "true", env={"A=B": "x"})
-
-
 # ---------------------------------------------------------------------------- hardening
 
 
@@ -202,13 +111,15 @@ def test_hardening_seen_from_inside(executor: DockerExecutor, session: SessionHa
     assert "Seccomp:\t2" in lines  # the engine's default seccomp profile (filter mode)
     assert "uid:1000" in lines
     assert "root:refused" in lines
-    assert "work:writable" in lines and "tmp:writable" in lines
+    assert "work:writable" in lines
+    assert "tmp:writable" in lines
     assert (Path(session.workdir) / "probe").exists()
 
 
-def test_container_configuration(executor: DockerExecutor, session: SessionHandle,
+@pytest.mark.usefixtures("executor")
+def test_container_configuration(session: SessionHandle,
                                  docker_engine: docker.DockerClient) -> None:
-    attrs = docker_engine.api.inspect_container(session.container_id)
+    attrs = docker_engine.api.inspect_container(container_of(session))
     host = attrs["HostConfig"]
     assert host["NetworkMode"] == "none"
     assert host["CapDrop"] == ["ALL"]
@@ -229,17 +140,21 @@ def test_memory_hog_is_reported_oom_killed(executor: DockerExecutor,
     # busybox tail keeps the last lines; /dev/zero has no newline, so it never stops
     # growing its buffer until the 64 MiB cgroup limit kills it.
     result, out = run(executor, session, "echo before; tail /dev/zero")
-    assert result.oom_killed, (result, out.chunks)
-    assert result.signal == signal.SIGKILL and result.exit_code is None
+    assert result.oom_killed, (result, out.parts)
+    assert result.signal == signal.SIGKILL
+    assert result.exit_code is None
     # A command that survives losing a process to the OOM killer says so too.
     result, out = run(executor, session, "tail /dev/zero | cat; echo after")
-    assert result.oom_killed and result.exit_code == 0, (result, out.chunks)
+    assert result.oom_killed, (result, out.parts)
+    assert result.exit_code == 0, (result, out.parts)
     assert out.text() == "after\n"
     # The session container survived, and a plain SIGKILL is not an OOM.
     result, out = run(executor, session, "echo alive")
-    assert result.exit_code == 0 and out.text() == "alive\n"
+    assert result.exit_code == 0
+    assert out.text() == "alive\n"
     result, _ = run(executor, session, "kill -9 $$")
-    assert result.exit_code == 137 and not result.oom_killed
+    assert result.exit_code == 137
+    assert not result.oom_killed
 
 
 # ---------------------------------------------------------------------- signals and stop
@@ -251,44 +166,12 @@ def test_ctrl_c_stops_sleep(executor: DockerExecutor, session: SessionHandle) ->
     executor.signal(handle, signal.SIGINT)
     result = executor.wait(handle, timeout=5)
     assert result is not None, "INT did not stop sleep 30"
-    assert result.signal == signal.SIGINT and result.exit_code is None
+    assert result.signal == signal.SIGINT
+    assert result.exit_code is None
     assert result.duration_s < 5
     # Nothing of it is left in the container.
     _, ps = run(executor, session, "ps | grep -c '[s]leep 30' || true")
     assert ps.text().strip() == "0"
-
-
-def test_signal_right_after_start(executor: DockerExecutor, session: SessionHandle) -> None:
-    handle, _ = start(executor, session, "sleep 30")
-    assert handle.pid  # start() returns once the engine has spawned it (host pid)
-    executor.signal(handle, signal.SIGTERM)
-    result = executor.wait(handle, timeout=5)
-    assert result is not None and result.signal == signal.SIGTERM
-
-
-def test_stop_escalates_to_kill(executor: DockerExecutor, session: SessionHandle) -> None:
-    # TERM ignored by the shell and (inherited) by sleep: stop() must KILL.
-    handle, out = start(executor, session, "trap '' TERM; echo ready; sleep 30")
-    wait_for(lambda: "ready" in out.text(), timeout=10, message="command started")
-    result = executor.stop(handle, grace_s=0.5)
-    assert result is not None
-    assert result.signal == signal.SIGKILL and not result.oom_killed
-
-
-def test_timeout_path_wait_then_stop(executor: DockerExecutor, session: SessionHandle) -> None:
-    # What the exec layer does at a command's timeout: wait(timeout) -> None -> stop().
-    handle, _ = start(executor, session, "sleep 30", timeout_s=0.3)
-    assert executor.wait(handle, timeout=0.3) is None
-    result = executor.stop(handle, grace_s=5)
-    assert result is not None and result.signal == signal.SIGTERM
-    assert result.duration_s < 10
-    assert executor.stop(handle, grace_s=5) == result  # stopping a finished task: no-op
-
-
-def test_exit_128_plus_n_without_a_signal_stays_an_exit_code(
-        executor: DockerExecutor, session: SessionHandle) -> None:
-    result, _ = run(executor, session, "exit 130")
-    assert result.exit_code == 130 and result.signal is None
 
 
 # ------------------------------------------------------------------------------ sessions
@@ -299,17 +182,19 @@ def test_open_session_is_idempotent_and_close_removes_the_container(
     spec = SessionSpec("sess-close", workdir, "bob", Limits(memory_bytes=32 * MIB, pids=64))
     first = executor.open_session(spec)
     again = executor.open_session(spec)
-    assert first.container_id == again.container_id
-    assert containers(docker_engine, "sess-close") == [first.container_id]
-    host = docker_engine.api.inspect_container(first.container_id)["HostConfig"]
-    assert host["Memory"] == 32 * MIB and host["PidsLimit"] == 64
+    assert container_of(first) == container_of(again)
+    assert containers(docker_engine, "sess-close") == [container_of(first)]
+    host = docker_engine.api.inspect_container(container_of(first))["HostConfig"]
+    assert host["Memory"] == 32 * MIB
+    assert host["PidsLimit"] == 64
     # The worker's settings are ceilings: asking for more gets the worker's limit.
     greedy = executor.open_session(SessionSpec(
         "sess-greedy", workdir.parent / "greedy", "bob",
         Limits(memory_bytes=2**40, cpus=64.0, pids=10**6)))
     try:
-        host = docker_engine.api.inspect_container(greedy.container_id)["HostConfig"]
-        assert host["Memory"] == 64 * MIB and host["PidsLimit"] == 256
+        host = docker_engine.api.inspect_container(container_of(greedy))["HostConfig"]
+        assert host["Memory"] == 64 * MIB
+        assert host["PidsLimit"] == 256
         assert host["NanoCpus"] == 1_000_000_000
     finally:
         executor.close_session(greedy)
@@ -318,7 +203,8 @@ def test_open_session_is_idempotent_and_close_removes_the_container(
     executor.close_session(first)
     assert containers(docker_engine, "sess-close") == []
     result = executor.wait(handle, timeout=10)
-    assert result is not None and result.signal == signal.SIGTERM  # TERM first
+    assert result is not None
+    assert result.signal == signal.SIGTERM  # TERM first
     assert workdir.is_dir()  # the work dir is the caller's to remove
 
 
@@ -331,7 +217,8 @@ def test_close_kills_what_ignores_term(docker_engine: docker.DockerClient,
     wait_for(lambda: "up" in out.text(), timeout=10, message="command started")
     quick.close_session(session)
     result = quick.wait(handle, timeout=10)
-    assert result is not None and result.signal == signal.SIGKILL
+    assert result is not None
+    assert result.signal == signal.SIGKILL
     assert result.error == "session closed"
     assert containers(docker_engine, "sess-stubborn") == []
     quick.close()
@@ -342,13 +229,14 @@ def test_dead_container_is_recreated_on_next_start(
     handle = executor.open_session(SessionSpec("sess-dead", workdir, "bob"))
     try:
         run(executor, handle, "mkdir -p keep && cd keep && echo kept > f")
-        old = handle.container_id
+        old = container_of(handle)
         docker_engine.api.kill(old)  # as if its PID 1 had died
         result, out = run(executor, handle, "pwd; cat f")
         assert result.exit_code == 0, out.text("stderr")
         assert out.text() == "/work/keep\nkept\n"  # the work dir (and cwd) survived
-        assert handle.container_id != old and handle.extra["recreated"] == 1
-        assert containers(docker_engine, "sess-dead") == [handle.container_id]
+        assert container_of(handle) != old
+        assert SessionState.of(handle).recreated == 1
+        assert containers(docker_engine, "sess-dead") == [container_of(handle)]
     finally:
         executor.close_session(handle)
 
@@ -366,16 +254,22 @@ def test_cleanup_orphans_and_recover(executor: DockerExecutor, workdir: Path,
         removed = executor.cleanup_orphans({"sess-keep", "sess-main"})
         assert removed == 1
         assert containers(docker_engine, "sess-stray") == []
-        assert containers(docker_engine, "sess-keep") == [kept.container_id]
+        assert containers(docker_engine, "sess-keep") == [container_of(kept)]
         other.reload()  # another worker's container is none of our business
         # A restarted agent: a fresh executor finds the running session, not a gone one.
         fresh = DockerExecutor(executor.config, worker_id=WORKER_ID)
-        gone = SessionHandle("sess-gone", "docker", str(workdir), container_id="0" * 64)
-        alive = fresh.recover([SessionHandle("sess-keep", "docker", str(workdir)), gone])
+        # The running container is found by its labels, not by the id in the handle.
+        stale = SessionState.of(kept)
+        stale.container_id = ""
+        found = SessionHandle("sess-keep", "docker", str(workdir), driver_state=stale.dump())
+        stale.container_id = "0" * 64
+        gone = SessionHandle("sess-gone", "docker", str(workdir), driver_state=stale.dump())
+        alive = fresh.recover([found, gone])
         assert [h.session_id for h in alive] == ["sess-keep"]
-        assert alive[0].container_id == kept.container_id
+        assert container_of(alive[0]) == container_of(kept)
         result, out = run(fresh, alive[0], "echo recovered")
-        assert out.text() == "recovered\n" and result.exit_code == 0
+        assert out.text() == "recovered\n"
+        assert result.exit_code == 0
         fresh.close()
     finally:
         executor.close_session(kept)
@@ -399,14 +293,28 @@ def test_refusals(executor: DockerExecutor, workdir: Path) -> None:
 
 def test_capabilities(executor: DockerExecutor) -> None:
     caps = executor.capabilities()
-    assert caps["engine"] and caps["api_version"]
-    assert BUSYBOX in caps["images"]
-    assert caps["security_boundary"] is True
+    assert caps.engine is not None
+    assert caps.engine.version
+    assert caps.engine.api_version
+    assert BUSYBOX in caps.engine.images
+    assert caps.security_boundary is True
+    assert caps.isolation == "container"
+    assert caps.limits == {"cpus", "memory_bytes", "pids"}
+    assert caps.available
+    assert caps.default_image == BUSYBOX
+    assert caps.network is False
 
 
 def test_module_does_not_import_the_sdk() -> None:
     code = ("import sys, worker.executors.docker as d; "
             "d.DockerExecutor(worker_id='w'); "
+            "sys.exit('docker' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+    # Nor does building it through the registry, or fingerprinting it (the caps path).
+    code = ("import sys, pathlib; from broker.config import WorkerConfig; "
+            "from worker.executors import ExecutorContext, fingerprint, make_executor; "
+            "fingerprint('docker', WorkerConfig()); "
+            "make_executor('docker', ExecutorContext(WorkerConfig(), pathlib.Path('.'), 'w')); "
             "sys.exit('docker' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
@@ -426,13 +334,15 @@ def test_debian_image_python_oom_and_tini(executor: DockerExecutor, workdir: Pat
         assert result.exit_code == 0, out.text("stderr")
         pid1, user, version = out.text().splitlines()
         assert pid1.startswith("tini -s -- sleep")
-        assert user == "xcloud" and version == "(3, 11)"
+        assert user == "xcloud"
+        assert version == "(3, 11)"
         result, out = run(executor, handle, 'python3 -c "x = bytearray(2**31)"')
-        assert result.oom_killed, (result, out.chunks)
+        assert result.oom_killed, (result, out.parts)
         handle2, out2 = start(executor, handle, "echo go; sleep 30")
         wait_for(lambda: "go" in out2.text(), timeout=10, message="command started")
         executor.signal(handle2, signal.SIGINT)
-        result = executor.wait(handle2, timeout=5)
-        assert result is not None and result.signal == signal.SIGINT
+        interrupted = executor.wait(handle2, timeout=5)
+        assert interrupted is not None
+        assert interrupted.signal == signal.SIGINT
     finally:
         executor.close_session(handle)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -60,11 +61,12 @@ from schemas.messages import (
     ReservationOpen,
 )
 from schemas.topics import Topics
+from tests.executors.harness import marked_processes
 from tests.fixtures.services import BUSYBOX_IMAGE, wait_for
 from worker.exec_service import ExecService
-from worker.executors.base import Executor
-from worker.executors.docker import LABEL_WORKER, DockerExecutor
-from worker.executors.process import ProcessExecutor
+from worker.executors import Executor, ExecutorContext, make_executor
+from worker.executors.base import SessionHandle
+from worker.executors.docker import LABEL_WORKER, container_of
 from worker.output import OutputStreamer
 
 ROOT = "xcloud"
@@ -276,11 +278,9 @@ class Grid:
         if self.executor is not None:
             self.old_executors.append(self.executor)
         self.worker_bus = make_bus(self.url, WID, TOPICS.worker_inbox(WID))
-        if self.docker:
-            self.executor = DockerExecutor(self.config, worker_id=self.docker_wid,
-                                           kill_grace_s=2.0)
-        else:
-            self.executor = ProcessExecutor(self.state_dir, kill_grace_s=2.0)
+        # Built as the agent builds it: through the registry.
+        self.executor = make_executor(self.executor_kind, ExecutorContext(
+            self.config, self.state_dir, self.docker_wid, kill_grace_s=2.0))
         self.service = ExecService(self.worker_bus, TOPICS, WID, self.config, self.executor,
                                    self.state_dir, kill_grace_s=2.0)
         self.service.register()
@@ -336,6 +336,20 @@ class Grid:
               exp: float | None = None, key: Ed25519PrivateKey | None = None) -> str:
         return sign_grant(key or self.key, rid=rid, client=client, worker=worker,
                           exp=time.time() + 60 if exp is None else exp)
+
+    def container_of(self, rid: str) -> str | None:
+        """The container of an open session (docker; None for process)."""
+        assert self.service is not None
+        session = self.service.session(rid)
+        assert session is not None
+        return container_of(session.handle) if self.docker else None
+
+    @staticmethod
+    def abort_streams(service: ExecService) -> None:
+        """End the output threads of a crashed run's commands."""
+        for session in service.sessions.all():
+            for ex in session.execs.values():
+                ex.streamer.abort()
 
     def workdir(self, rid: str) -> Path:
         """The session's work dir on the host."""
@@ -393,19 +407,6 @@ def grid(grid_factory: Callable[..., Grid]) -> Grid:
     return grid_factory()
 
 
-def marked_processes(root: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if proc.environ().get("XCLOUD_WORKDIR", "").startswith(str(root)):
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
 @pytest.fixture(autouse=True)
 def no_leaked_processes(tmp_path: Path) -> Iterator[None]:
     yield
@@ -420,22 +421,29 @@ def no_leaked_processes(tmp_path: Path) -> Iterator[None]:
 def test_output_exit_code_and_report(grid: Grid) -> None:
     rid = grid.open()
     run = grid.run(rid, "echo hi; echo err >&2; exit 3")
-    assert run.data("stdout") == b"hi\n" and run.data("stderr") == b"err\n"
+    assert run.data("stdout") == b"hi\n"
+    assert run.data("stderr") == b"err\n"
     assert run.exit is not None
-    assert run.exit.exit_code == 3 and run.exit.signal is None
+    assert run.exit.exit_code == 3
+    assert run.exit.signal is None
     assert sorted(run.outputs) == list(range(run.exit.last_seq + 1))
-    assert run.exit.output_bytes == 7 and not run.exit.truncated and not run.exit.timed_out
+    assert run.exit.output_bytes == 7
+    assert not run.exit.truncated
+    assert not run.exit.timed_out
     wait_for(lambda: grid.reports, message="no exec.report")
     report = grid.reports[-1]
     assert (report.reservation, report.client, report.exit_code) == (rid, "alice", 3)
-    assert report.command == "echo hi; echo err >&2; exit 3" and report.mode == "output"
+    assert report.command == "echo hi; echo err >&2; exit 3"
+    assert report.mode == "output"
     assert report.output_bytes == 7
 
 
 def test_pipes_and_quotes(grid: Grid) -> None:
     rid = grid.open()
     run = grid.run(rid, "printf 'a b\\n' | tr a-z A-Z")
-    assert run.data() == b"A B\n" and run.exit is not None and run.exit.exit_code == 0
+    assert run.data() == b"A B\n"
+    assert run.exit is not None
+    assert run.exit.exit_code == 0
 
 
 @docker_on_mosquitto
@@ -459,15 +467,18 @@ def test_ctrl_c_interrupts(grid: Grid) -> None:
                                           signal="INT"))
     assert isinstance(reply, Ok), reply
     wait_for(run.complete, timeout=5, message="no exec.exit after INT")
-    assert run.exit is not None and run.exit.signal == signal.SIGINT
-    assert run.exit.exit_code is None and time.monotonic() - t0 < 5
+    assert run.exit is not None
+    assert run.exit.signal == signal.SIGINT
+    assert run.exit.exit_code is None
+    assert time.monotonic() - t0 < 5
 
 
 def test_background_list_logs_follow_and_kill(grid: Grid) -> None:
     rid = grid.open()
     command = "echo one; while [ ! -e go ]; do sleep 0.05; done; echo two; sleep 30"
     started = grid.start(rid, command, mode="background", exec_id="bg1")
-    assert isinstance(started, ExecStarted) and started.pid
+    assert isinstance(started, ExecStarted)
+    assert started.pid
     grant = grid.grant(rid)
 
     listed = grid.alice.request(ExecList(grant=grant))
@@ -482,7 +493,8 @@ def test_background_list_logs_follow_and_kill(grid: Grid) -> None:
 
     wait_for(lambda: logs().chunks, message="no output kept")
     reply = logs()
-    assert reply.state == "running" and reply.first_seq == 0
+    assert reply.state == "running"
+    assert reply.first_seq == 0
     assert base64.b64decode(reply.chunks[0]["data"]) == b"one\n"
     run = grid.alice.run_of("bg1")
     assert not run.outputs, "a background command streamed output"
@@ -496,30 +508,38 @@ def test_background_list_logs_follow_and_kill(grid: Grid) -> None:
     killed = grid.alice.request(ExecSignal(grant=grant, exec_id="bg1", signal="KILL"))
     assert isinstance(killed, Ok)
     wait_for(lambda: run.exit, message="follower got no exec.exit")
-    assert run.exit is not None and run.exit.last_seq == 1  # seq 0 came in the reply
-    assert run.exit is not None and run.exit.signal == signal.SIGKILL
+    assert run.exit is not None
+    assert run.exit.last_seq == 1  # seq 0 came in the reply
+    assert run.exit.signal == signal.SIGKILL
 
     after = logs(from_seq=1)
-    assert after.state == "exited" and after.exit and after.exit["signal"] == 9
+    assert after.state == "exited"
+    assert after.exit
+    assert after.exit["signal"] == 9
     assert [c["seq"] for c in after.chunks] == [1]
     listed = grid.alice.request(ExecList(grant=grant))
     assert listed.execs[0]["state"] == "exited"
     missing = grid.alice.request(ExecLogs(grant=grant, exec_id="nope"))
-    assert isinstance(missing, Error) and missing.code == "not_found"
+    assert isinstance(missing, Error)
+    assert missing.code == "not_found"
 
 
 def test_timeout(grid: Grid) -> None:
     rid = grid.open()
     run = grid.run(rid, "echo started; sleep 30", timeout_s=0.5)
-    assert run.exit is not None and run.exit.timed_out is True
-    assert run.exit.signal == signal.SIGTERM and run.data() == b"started\n"
+    assert run.exit is not None
+    assert run.exit.timed_out is True
+    assert run.exit.signal == signal.SIGTERM
+    assert run.data() == b"started\n"
 
 
 def test_output_cap_truncates(grid: Grid) -> None:
     rid = grid.open()
     run = grid.run(rid, "head -c 300000 /dev/zero; echo done", max_output_bytes=1000)
-    assert run.exit is not None and run.exit.truncated is True
-    assert run.data() == bytes(1000) and run.exit.output_bytes == 1000
+    assert run.exit is not None
+    assert run.exit.truncated is True
+    assert run.data() == bytes(1000)
+    assert run.exit.output_bytes == 1000
     assert run.exit.exit_code == 0
 
 
@@ -547,23 +567,28 @@ def test_exec_id_reuse_is_a_conflict(grid: Grid) -> None:
     rid = grid.open()
     grid.run(rid, "true", exec_id="same")
     again = grid.start(rid, "true", exec_id="same")
-    assert isinstance(again, Error) and again.code == "conflict"
+    assert isinstance(again, Error)
+    assert again.code == "conflict"
 
 
 def test_bad_requests_are_refused(grid: Grid) -> None:
     rid = grid.open()
     reply = grid.start(rid, "true", env={"BAD NAME": "x"})
-    assert isinstance(reply, Error) and reply.code == "invalid"
+    assert isinstance(reply, Error)
+    assert reply.code == "invalid"
     reply = grid.start(rid, "true", stdin=True)
-    assert isinstance(reply, Error) and reply.code == "unsupported"
+    assert isinstance(reply, Error)
+    assert reply.code == "unsupported"
     reply = grid.alice.request(ExecSignal(grant=grid.grant(rid), exec_id="nope", signal="INT"))
-    assert isinstance(reply, Error) and reply.code == "not_found"
+    assert isinstance(reply, Error)
+    assert reply.code == "not_found"
     run = grid.run(rid, "echo $GREETING", env={"GREETING": "hello there"})
     assert run.data() == b"hello there\n"
     assert run.exit is not None
     exec_id = run.exit.exec_id
     late = grid.alice.request(ExecSignal(grant=grid.grant(rid), exec_id=exec_id, signal="INT"))
-    assert isinstance(late, Ok) and late.detail == {"exec_id": exec_id, "state": "exited"}
+    assert isinstance(late, Ok)
+    assert late.detail == {"exec_id": exec_id, "state": "exited"}
 
 
 def test_refused_grants_run_nothing(grid: Grid) -> None:
@@ -588,18 +613,21 @@ def test_refused_grants_run_nothing(grid: Grid) -> None:
                                 ExecLogs(grant=grant, exec_id="x")]
         for body in requests:
             other = sender.request(body)
-            assert isinstance(other, Error) and other.code == "forbidden", (reason, body)
+            assert isinstance(other, Error), (reason, body)
+            assert other.code == "forbidden", (reason, body)
     # mallory holds a valid grant of her own, but not for alice's reservation
     mallorys = grid.grant(rid, client="mallory")
     reply = grid.start(rid, "touch marker", grant=mallorys, client=grid.mallory)
-    assert isinstance(reply, Error) and reply.detail == {"reason": "wrong_client"}
+    assert isinstance(reply, Error)
+    assert reply.detail == {"reason": "wrong_client"}
     # only the coordinator opens and closes reservations
     evil: list[Body] = [ReservationOpen(reservation={"id": "r-evil", "worker": WID, "client":
                                                      "mallory", "expires_at": time.time() + 60}),
                         ReservationClose(reservation=rid)]
     for body in evil:
         reply = grid.mallory.request(body)
-        assert isinstance(reply, Error) and reply.code == "forbidden"
+        assert isinstance(reply, Error)
+        assert reply.code == "forbidden"
     assert not marker.exists()
     assert grid.run(rid, "echo still open").data() == b"still open\n"
 
@@ -609,7 +637,8 @@ def test_no_key_yet_then_pinned(grid_factory: Callable[..., Grid]) -> None:
     assert g.service is not None
     rid = g.open()
     reply = g.start(rid, "true")
-    assert isinstance(reply, Error) and reply.detail == {"reason": "no_key"}
+    assert isinstance(reply, Error)
+    assert reply.detail == {"reason": "no_key"}
     g.publish_key(g.key)
     assert g.service.key_ready.wait(10)
     assert g.run(rid, "echo ok").data() == b"ok\n"
@@ -622,21 +651,23 @@ def test_no_key_yet_then_pinned(grid_factory: Callable[..., Grid]) -> None:
     g.coord.publish(TOPICS.coord_pubkey, CoordPubkey(alg="ed25519", key=public_key_to_text(
         other.public_key())), qos=1).wait_for_publish(5)
     reply = g.start(rid, "true", grant=g.grant(rid, key=other))
-    assert isinstance(reply, Error) and reply.detail == {"reason": "bad_signature"}
+    assert isinstance(reply, Error)
+    assert reply.detail == {"reason": "bad_signature"}
     assert g.run(rid, "echo still").data() == b"still\n"
     g.publish_key(g.key)  # leave the broker as we found it
 
 
-def test_configured_key_is_used(grid_factory: Callable[..., Grid],
-                                caplog: pytest.LogCaptureFixture) -> None:
+def test_configured_key_is_used(grid_factory: Callable[..., Grid]) -> None:
     key = Ed25519PrivateKey.generate()
     config = WorkerConfig(coord_pubkey=public_key_to_text(key.public_key()))
     g = grid_factory(worker_config=config, publish_key=False)
-    assert g.service is not None and g.service.key_ready.is_set()
+    assert g.service is not None
+    assert g.service.key_ready.is_set()
     rid = g.open()
     assert g.run(rid, "echo ok", grant=g.grant(rid, key=key)).data() == b"ok\n"
     reply = g.start(rid, "true")  # signed by the grid's (unconfigured) key
-    assert isinstance(reply, Error) and reply.detail == {"reason": "bad_signature"}
+    assert isinstance(reply, Error)
+    assert reply.detail == {"reason": "bad_signature"}
 
 
 @docker_on_mosquitto
@@ -644,29 +675,36 @@ def test_reservation_close_stops_commands_and_cleans(grid: Grid) -> None:
     rid = grid.open()
     fg = grid.start(rid, "echo ready; sleep 30")
     bg = grid.start(rid, "sleep 30", mode="background")
-    assert isinstance(fg, ExecStarted) and isinstance(bg, ExecStarted)
+    assert isinstance(fg, ExecStarted)
+    assert isinstance(bg, ExecStarted)
     run = grid.alice.run_of(fg.exec_id)
     wait_for(lambda: run.data() == b"ready\n", message="command did not start")
     assert grid.service is not None
     running, free = grid.service.running()
     assert {"kind": "reservation", "id": rid} in running
-    assert {"kind": "exec", "id": fg.exec_id} in running and free == 1
+    assert {"kind": "exec", "id": fg.exec_id} in running
+    assert free == 1
     workdir = grid.workdir(rid)
     assert workdir.is_dir()
     assert isinstance(grid.close_reservation(rid), Ok)
     wait_for(run.complete, message="no exec.exit after close")
-    assert run.exit is not None and run.exit.signal == signal.SIGTERM
-    assert run.exit.error and "reservation closed" in run.exit.error
-    assert not workdir.exists() and not workdir.parent.exists()
+    assert run.exit is not None
+    assert run.exit.signal == signal.SIGTERM
+    assert run.exit.error
+    assert "reservation closed" in run.exit.error
+    assert not workdir.exists()
+    assert not workdir.parent.exists()
     assert grid.service.running() == ([], 2)
     wait_for(lambda: len(grid.reports) >= 2, message="both commands were not reported")
     reply = grid.start(rid, "true")
-    assert isinstance(reply, Error) and reply.detail == {"reason": "reservation_not_open"}
+    assert isinstance(reply, Error)
+    assert reply.detail == {"reason": "reservation_not_open"}
     # reopening an ended reservation is refused; closing again is harmless
     again = grid.coord.request(TOPICS.worker_inbox(WID), ReservationOpen(
         reservation={"id": rid, "worker": WID, "client": "alice", "expires_at": 1.0}),
         raise_errors=False)
-    assert isinstance(again.body, Error) and again.body.code == "conflict"
+    assert isinstance(again.body, Error)
+    assert again.body.code == "conflict"
     assert isinstance(grid.close_reservation(rid), Ok)
 
 
@@ -676,11 +714,13 @@ def test_reservation_open_is_idempotent_and_checked(grid: Grid) -> None:
     reply = grid.coord.request(TOPICS.worker_inbox(WID), ReservationOpen(
         reservation={"id": rid, "worker": WID, "client": "mallory", "expires_at": 1.0}),
         raise_errors=False)
-    assert isinstance(reply.body, Error) and reply.body.code == "conflict"
+    assert isinstance(reply.body, Error)
+    assert reply.body.code == "conflict"
     reply = grid.coord.request(TOPICS.worker_inbox(WID), ReservationOpen(
         reservation={"id": "r-other", "worker": "w2", "client": "alice", "expires_at": 1.0}),
         raise_errors=False)
-    assert isinstance(reply.body, Error) and reply.body.code == "invalid"
+    assert isinstance(reply.body, Error)
+    assert reply.body.code == "invalid"
     assert grid.workdir(rid).is_dir()
     assert (grid.workdir(rid).stat().st_mode & 0o777) == 0o700
 
@@ -691,12 +731,14 @@ def test_restarted_worker_recovers_its_session(grid: Grid) -> None:
     started = grid.start(rid, "sleep 60", mode="background")
     assert isinstance(started, ExecStarted)
     old_service, old_bus = grid.service, grid.worker_bus
-    assert old_service is not None and old_bus is not None
-    container = old_service._sessions[rid].handle.container_id  # docker only
+    assert old_service is not None
+    assert old_bus is not None
+    container = grid.container_of(rid)  # docker only
     old_bus.stop()  # the worker "crashes": its command keeps running, unsupervised
     (grid.state_dir / "sessions" / "junk").mkdir()
     grid.start_worker()
-    assert grid.service is not None and grid.service.key_ready.wait(10)
+    assert grid.service is not None
+    assert grid.service.key_ready.wait(10)
     # the orphan was killed, the junk dir removed, the session is back
 
     def orphan_gone() -> bool:
@@ -711,15 +753,65 @@ def test_restarted_worker_recovers_its_session(grid: Grid) -> None:
     run = grid.run(rid, "cat ../f.txt; pwd")
     assert run.data().decode() == f"kept\n{grid.seen_workdir(rid)}/sub\n"
     # docker: the very container of the session came back (not a new one)
-    assert grid.service._sessions[rid].handle.container_id == container
-    for session in old_service._sessions.values():  # the crashed run's threads
-        for ex in session.execs.values():
-            ex.streamer.abort()
+    assert grid.container_of(rid) == container
+    grid.abort_streams(old_service)
+
+
+def _previous_layout(handle: dict[str, Any]) -> dict[str, Any]:
+    """A session handle as the worker wrote it before driver states existed."""
+    state = handle["driver_state"]["data"]
+    return {"session_id": handle["session_id"], "executor": handle["executor"],
+            "workdir": handle["workdir"], "container_id": state.get("container_id"),
+            "extra": {k: v for k, v in state.items() if k != "container_id"}}
+
+
+def _unknown_version(handle: dict[str, Any]) -> dict[str, Any]:
+    """A session handle written by a newer worker."""
+    return {**handle, "driver_state": {"version": 99, "data": {"new": "layout"}}}
+
+
+def test_restarted_worker_cleans_up_handles_it_cannot_read(
+        grid: Grid, request: pytest.FixtureRequest) -> None:
+    rids = [grid.open(), grid.open()]
+    started = [grid.start(rid, "sleep 60", mode="background") for rid in rids]
+    assert all(isinstance(s, ExecStarted) for s in started), started
+    old_service, old_bus = grid.service, grid.worker_bus
+    assert old_service is not None
+    assert old_bus is not None
+    old_bus.stop()  # the worker "crashes"; an upgrade or a downgrade restarts it
+    for rid, rewrite in zip(rids, (_previous_layout, _unknown_version), strict=True):
+        path = grid.workdir(rid).parent / "session.json"
+        record = json.loads(path.read_text())
+        record["handle"] = rewrite(record["handle"])
+        path.write_text(json.dumps(record))
+        assert SessionHandle.from_dict(record["handle"]).driver_state.version in (0, 99)
+    grid.start_worker()  # must not crash: the sessions are cleaned up instead
+    assert grid.service is not None
+    assert grid.service.key_ready.wait(10)
+    assert grid.service.running()[0] == []
+    for rid, run in zip(rids, started, strict=True):
+        assert not grid.workdir(rid).parent.exists()
+
+        def gone(pid: int | None = run.pid) -> bool:
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_for(gone, message=f"the command of {rid} survived the restart")
+        reply = grid.start(rid, "true")
+        assert isinstance(reply, Error)
+        assert reply.detail == {"reason": "reservation_not_open"}
+    if grid.docker:
+        engine = request.getfixturevalue("docker_engine")
+        assert not docker_containers(engine, grid.docker_wid), "containers not removed"
+    assert grid.run(grid.open(), "echo fine").data() == b"fine\n"  # the worker works
+    grid.abort_streams(old_service)
 
 
 @pytest.mark.slow
-def test_100_mb_arrive_complete_and_in_order(grid: Grid, broker_url: str,
-                                             request: pytest.FixtureRequest) -> None:
+def test_100_mb_arrive_complete_and_in_order(grid: Grid, request: pytest.FixtureRequest
+                                             ) -> None:
     rid = grid.open()
     size = 100_000_000
     data = os.urandom(size)
@@ -729,8 +821,10 @@ def test_100_mb_arrive_complete_and_in_order(grid: Grid, broker_url: str,
     t0 = time.monotonic()
     run = grid.run(rid, "cat big.bin", timeout=60)
     elapsed = time.monotonic() - t0
-    assert run.exit is not None and run.exit.exit_code == 0
-    assert run.exit.output_bytes == size and not run.exit.truncated
+    assert run.exit is not None
+    assert run.exit.exit_code == 0
+    assert run.exit.output_bytes == size
+    assert not run.exit.truncated
     digest = hashlib.sha256()
     for seq in range(run.exit.last_seq + 1):
         digest.update(base64.b64decode(run.outputs[seq].data))
@@ -782,10 +876,12 @@ def test_streamer_numbers_coalesces_and_caps() -> None:
     _finish(streamer)
     outputs = send.outputs()
     assert [o.seq for o in outputs] == list(range(len(outputs)))
-    assert outputs[0].stream == "stdout" and base64.b64decode(outputs[0].data) == b"a" * 1000
+    assert outputs[0].stream == "stdout"
+    assert base64.b64decode(outputs[0].data) == b"a" * 1000
     assert outputs[1].stream == "stderr"
     assert sum(len(base64.b64decode(o.data)) for o in outputs) == 10_000
-    assert streamer.truncated and streamer.output_bytes == 10_000
+    assert streamer.truncated
+    assert streamer.output_bytes == 10_000
     assert all(len(base64.b64decode(o.data)) <= 4096 for o in outputs)
     assert isinstance(send.sent[-1][1], ExecExit)
 
@@ -801,8 +897,10 @@ def test_streamer_ring_keeps_the_newest_output() -> None:
     views: list[Any] = []
     streamer.logs(0, 10**6, None, views.append)
     [view] = views
-    assert [c.seq for c in view.chunks] == [7, 8, 9] and view.first_seq == 7
-    assert view.exit is not None and view.following is False
+    assert [c.seq for c in view.chunks] == [7, 8, 9]
+    assert view.first_seq == 7
+    assert view.exit is not None
+    assert view.following is False
     assert not send.sent  # background: nothing streamed
 
 
@@ -824,7 +922,8 @@ def test_streamer_backpressure_bounds_memory() -> None:
     thread.start()
     # the streamer thread is stuck publishing: the producer fills max_pending and waits
     wait_for(lambda: streamer.pending_bytes >= 4000, message="nothing buffered")
-    assert not fed.is_set() and streamer.pending_bytes <= 5000
+    assert not fed.is_set()
+    assert streamer.pending_bytes <= 5000
     send.gate.set()
     assert fed.wait(10)
     thread.join()
@@ -843,15 +942,20 @@ def test_streamer_logs_budget_and_follow() -> None:
     views: list[Any] = []
     streamer.logs(1, 250, "follower", views.append)  # room for two chunks of 100
     [view] = views
-    assert [c.seq for c in view.chunks] == [1, 2] and view.first_seq == 1
-    assert view.following is True and view.exit is None
+    assert [c.seq for c in view.chunks] == [1, 2]
+    assert view.first_seq == 1
+    assert view.following is True
+    assert view.exit is None
     streamer.feed("stderr", b"late")
     _finish(streamer)
     streamed = [(inbox, b.seq) for inbox, b in send.sent if isinstance(b, ExecOutput)]
     assert streamed == [("follower", 3), ("follower", 4), ("follower", 5)]
     final = send.sent[-1][1]
-    assert isinstance(final, ExecExit) and final.last_seq == 5 and final.output_bytes == 504
+    assert isinstance(final, ExecExit)
+    assert final.last_seq == 5
+    assert final.output_bytes == 504
     assert streamer.exit == final
     views.clear()
     streamer.logs(0, 10**6, "follower", views.append)  # after the exit: no following
-    assert views[0].following is False and views[0].exit == final
+    assert views[0].following is False
+    assert views[0].exit == final

@@ -22,9 +22,11 @@ from broker.bus import Bus, Incoming
 from broker.config import BusConfig, Config
 from schemas.messages import CapsRefresh, Ok, Ping, Pong, WorkerCaps, WorkerHeartbeat, WorkerStatus
 from schemas.topics import Topics
+from tests.fixtures.leaks import ThreadGuard
 from tests.fixtures.services import MosquittoProcess, free_port, wait_for
 from worker.agent import WorkerAgent, build_bus
 from worker.errors import IdentityError, WorkerError
+from worker.executors import DRIVERS
 from worker.identity import load_identity
 from worker.main import run_worker
 
@@ -85,16 +87,9 @@ def broker(mosquitto_factory: Callable[..., MosquittoProcess]) -> MosquittoProce
 
 
 @pytest.fixture
-def no_leaks() -> Iterator[None]:
-    """Every thread a test started is gone at its end."""
-    before = set(threading.enumerate())
-    yield
-    wait_for(lambda: not [t for t in threading.enumerate() if t not in before and t.is_alive()],
-             10, message=f"leaked threads: {set(threading.enumerate()) - before}")
-
-
-@pytest.fixture
-def watchers(broker: MosquittoProcess, no_leaks: None) -> Iterator[Callable[..., Watcher]]:
+def watchers(broker: MosquittoProcess,
+             no_leaked_threads: ThreadGuard,  # noqa: ARG001 - its check runs after ours
+             ) -> Iterator[Callable[..., Watcher]]:
     made: list[Watcher] = []
 
     def make(name: str = "watcher") -> Watcher:
@@ -151,13 +146,17 @@ def test_late_subscriber_gets_retained_caps_and_online(
     late = watchers("late")
     caps = wait_for(lambda: late.of(WorkerCaps, "w1"), message="retained caps")[0]
     status = wait_for(lambda: late.of(WorkerStatus, "w1"), message="retained status")[0]
-    assert caps.retained and status.retained
+    assert caps.retained
+    assert status.retained
     assert caps.topic == TOPICS.worker_caps("w1")
-    assert caps.body.slots == 2 and caps.body.tags == ["test"]
+    assert caps.body.slots == 2
+    assert caps.body.tags == ["test"]
     assert caps.body.executors == ["process"]
     assert caps.body.heartbeat_s == 0.2
-    assert status.body.state == "online" and status.body.clean is True
-    assert agent.state == "online" and agent.caps == caps.body
+    assert status.body.state == "online"
+    assert status.body.clean is True
+    assert agent.state == "online"
+    assert agent.caps == caps.body
 
 
 def test_heartbeats_arrive_with_increasing_seq(
@@ -169,11 +168,15 @@ def test_heartbeats_arrive_with_increasing_seq(
     wait_for(lambda: len(watcher.of(WorkerHeartbeat, "w1")) >= 4, message="4 heartbeats")
     beats = watcher.of(WorkerHeartbeat, "w1")
     seqs = [b.body.seq for b in beats]
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
     assert seqs[0] == 1
     first = beats[0].body
-    assert first.interval_s == 0.2 and first.free_slots == 3 and first.running == []
-    assert 0 <= first.cpu_percent <= 100 and first.mem_used_bytes > 0
+    assert first.interval_s == 0.2
+    assert first.free_slots == 3
+    assert first.running == []
+    assert 0 <= first.cpu_percent <= 100
+    assert first.mem_used_bytes > 0
     assert all(not b.retained and b.topic == TOPICS.worker_heartbeat("w1") for b in beats)
 
 
@@ -187,7 +190,8 @@ def test_running_provider_feeds_the_heartbeat(
     busy = wait_for(lambda: [b.body for b in watcher.of(WorkerHeartbeat, "w1")
                              if b.body.running], message="busy heartbeat")
     beat = busy[0]
-    assert beat.running == [{"kind": "exec", "id": "e1"}] and beat.free_slots == 1
+    assert beat.running == [{"kind": "exec", "id": "e1"}]
+    assert beat.free_slots == 1
 
 
 def test_caps_refresh_republishes_and_ping_gets_pong(
@@ -207,7 +211,8 @@ def test_caps_refresh_republishes_and_ping_gets_pong(
 
     reply = watcher.bus.request(TOPICS.worker_inbox("w1"), Ping(), timeout=5)
     assert isinstance(reply.body, Pong)
-    assert reply.body.component == "worker" and reply.body.principal == "w1"
+    assert reply.body.component == "worker"
+    assert reply.body.principal == "w1"
 
 
 def test_drain_and_clean_stop(
@@ -225,17 +230,22 @@ def test_drain_and_clean_stop(
     agent.stop()
     status = watcher.wait_status("w1", "offline", clean=True)
     assert status.reason == "stopped"
-    assert agent.state == "offline" and not agent.connected
+    assert agent.state == "offline"
+    assert not agent.connected
     late = watchers("late")
     retained = wait_for(lambda: late.of(WorkerStatus, "w1"), message="retained offline")[0]
-    assert retained.retained and retained.body.state == "offline" and retained.body.clean
+    assert retained.retained
+    assert retained.body.state == "offline"
+    assert retained.body.clean
     agent.stop()  # idempotent
 
 
 def test_agent_accepts_a_ready_bus(
     tmp_path: Path, broker: MosquittoProcess, watchers: Callable[..., Watcher],
-    agents: list[WorkerAgent],
+    agents: list[WorkerAgent], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Every executor named is fingerprinted through the registry for the caps document.
+    monkeypatch.setitem(DRIVERS, "fake", "tests.executors.test_registry:FakeExecutor")
     watcher = watchers()
     cfg = make_config(tmp_path, broker.url, wid="w9")
     start_agent(agents, cfg, bus=build_bus(cfg, "w9", ""), executors=["process", "fake"])
@@ -252,7 +262,7 @@ def test_agent_accepts_a_ready_bus(
 
 
 def test_missing_identity_and_bad_config_fail_before_connecting(
-    tmp_path: Path, no_leaks: None,
+    tmp_path: Path, no_leaked_threads: ThreadGuard,  # noqa: ARG001 - a guard
 ) -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens: must not matter
     cfg = make_config(tmp_path, url, wid="")
@@ -265,6 +275,8 @@ def test_missing_identity_and_bad_config_fail_before_connecting(
         WorkerAgent(bad).start()
     with pytest.raises(WorkerError, match="heartbeat_s"):
         WorkerAgent(make_config(tmp_path, url, heartbeat_s=0))
+    with pytest.raises(WorkerError, match="unknown executor 'nope'"):
+        WorkerAgent(make_config(tmp_path, url), executors=["nope"]).start()
 
 
 # ------------------------------------------------------------------------ crashes
@@ -304,7 +316,8 @@ def test_killed_worker_leaves_its_last_will(
         proc.kill()
         proc.wait(10)
         status = watcher.wait_status("wk", "offline")
-        assert status.clean is False and status.reason == "connection lost"
+        assert status.clean is False
+        assert status.reason == "connection lost"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -354,7 +367,8 @@ def test_agent_survives_a_broker_restart(
 
 def test_run_worker_waits_for_a_late_broker(
     tmp_path: Path, mosquitto_factory: Callable[..., MosquittoProcess],
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, no_leaks: None,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    no_leaked_threads: ThreadGuard,  # noqa: ARG001 - a guard, set up after the others
 ) -> None:
     monkeypatch.setattr("worker.main.WARN_EVERY_S", 0.1)
     port = free_port()

@@ -20,13 +20,17 @@ from broker.config import BusConfig, WorkerConfig
 from schemas.codec import decode, encode, envelope
 from schemas.errors import WireError
 from schemas.messages import WorkerCaps, WorkerHeartbeat
+from tests.fixtures.services import require_service
 from worker.caps import collect_caps
-from worker.docker_probe import DEFAULT_SOCKET, probe_docker
 from worker.errors import IdentityError
+from worker.executors.base import EngineInfo
+from worker.executors.docker.fingerprint import DEFAULT_SOCKET, docker_capabilities, probe_docker
+from worker.executors.process import ProcessExecutor
 from worker.identity import identity_path, load_identity, save_identity
 from worker.metrics import MetricsSampler
 
 NO_DOCKER: dict[str, Any] = {"available": False, "version": None, "api_version": None, "images": []}
+PROCESS = ProcessExecutor.fingerprint(WorkerConfig())
 
 
 def roundtrip(body: WorkerCaps | WorkerHeartbeat) -> object:
@@ -48,7 +52,8 @@ def test_caps_are_valid_and_sensible(tmp_path: Path) -> None:
         shared_packages=["numpy"],
         shared_data=["hg38"],
     )
-    caps = collect_caps("w1", cfg, tmp_path, ["process", "docker"], "0.1.0", docker=NO_DOCKER)
+    docker = docker_capabilities(cfg, engine=EngineInfo())
+    caps = collect_caps("w1", cfg, tmp_path, [PROCESS, docker], "0.1.0", docker=NO_DOCKER)
     assert roundtrip(caps) == caps
     assert caps.wid == "w1"
     assert caps.name == "lab-7"
@@ -63,7 +68,8 @@ def test_caps_are_valid_and_sensible(tmp_path: Path) -> None:
     assert caps.memory_bytes == psutil.virtual_memory().total
     usage = psutil.disk_usage(str(tmp_path))
     assert caps.disk_total_bytes == usage.total
-    assert caps.disk_free_bytes is not None and caps.disk_free_bytes > 0
+    assert caps.disk_free_bytes is not None
+    assert caps.disk_free_bytes > 0
     assert caps.host["hostname"] == socket.gethostname()
     assert caps.host["os"] == platform.system().lower()
     assert caps.host["arch"] == platform.machine()
@@ -76,7 +82,7 @@ def test_caps_are_valid_and_sensible(tmp_path: Path) -> None:
 
 
 def test_caps_defaults_name_to_hostname_and_state_dir_may_not_exist(tmp_path: Path) -> None:
-    caps = collect_caps("w2", WorkerConfig(), tmp_path / "not" / "yet", ["process"], "0.1.0",
+    caps = collect_caps("w2", WorkerConfig(), tmp_path / "not" / "yet", [PROCESS], "0.1.0",
                         docker=NO_DOCKER)
     assert caps.name == socket.gethostname()[:128]
     assert caps.description is None
@@ -85,13 +91,30 @@ def test_caps_defaults_name_to_hostname_and_state_dir_may_not_exist(tmp_path: Pa
 
 
 def test_caps_with_the_real_docker_probe_validate(tmp_path: Path) -> None:
-    caps = collect_caps("w3", WorkerConfig(), tmp_path, ["process"], "0.1.0")
-    assert caps.docker is not None and isinstance(caps.docker["available"], bool)
+    caps = collect_caps("w3", WorkerConfig(), tmp_path, [PROCESS], "0.1.0")
+    assert caps.docker is not None
+    assert isinstance(caps.docker["available"], bool)
     roundtrip(caps)
 
 
+def test_caps_take_the_engine_from_the_docker_fingerprint(tmp_path: Path) -> None:
+    engine = EngineInfo(available=True, version="24.0.7", api_version="1.43",
+                        images=("busybox:latest",))
+    docker = docker_capabilities(WorkerConfig(), engine=engine)
+    assert docker.available
+    assert docker.engine == engine
+    caps = collect_caps("w4", WorkerConfig(), tmp_path, [PROCESS, docker], "0.1.0")
+    assert caps.executors == ["process", "docker"]
+    assert caps.docker == {"available": True, "version": "24.0.7", "api_version": "1.43",
+                           "images": ["busybox:latest"]}
+    roundtrip(caps)
+    absent = docker_capabilities(WorkerConfig(), engine=EngineInfo())
+    assert not absent.available
+    assert absent.error
+
+
 def test_invalid_config_is_caught_by_the_schema(tmp_path: Path) -> None:
-    caps = collect_caps("w1", WorkerConfig(tags=["x" * 65]), tmp_path, ["process"], "0.1.0",
+    caps = collect_caps("w1", WorkerConfig(tags=["x" * 65]), tmp_path, [PROCESS], "0.1.0",
                         docker=NO_DOCKER)
     with pytest.raises(WireError):
         encode(envelope(caps))
@@ -105,16 +128,23 @@ def test_heartbeat_sample_is_valid(tmp_path: Path) -> None:
     sum(range(200_000))  # some CPU between the two readings
     beat = sampler.sample(7, 0.5, 2, [{"kind": "job", "id": "j1"}])
     assert roundtrip(beat) == beat
-    assert beat.seq == 7 and beat.interval_s == 0.5 and beat.free_slots == 2
+    assert beat.seq == 7
+    assert beat.interval_s == 0.5
+    assert beat.free_slots == 2
     assert beat.running == [{"kind": "job", "id": "j1"}]
     assert 0.0 <= beat.cpu_percent <= 100.0
     assert beat.mem_used_bytes > 0
-    assert beat.mem_available_bytes is not None and beat.mem_available_bytes > 0
-    assert beat.disk_free_bytes is not None and beat.disk_free_bytes > 0
-    assert beat.load1 is not None and beat.load1 >= 0
-    assert beat.net_sent_bytes is not None and beat.net_recv_bytes is not None
+    assert beat.mem_available_bytes is not None
+    assert beat.mem_available_bytes > 0
+    assert beat.disk_free_bytes is not None
+    assert beat.disk_free_bytes > 0
+    assert beat.load1 is not None
+    assert beat.load1 >= 0
+    assert beat.net_sent_bytes is not None
+    assert beat.net_recv_bytes is not None
     again = sampler.sample(8, 0.5, -1)
-    assert again.free_slots == 0 and again.running == []
+    assert again.free_slots == 0
+    assert again.running == []
     roundtrip(again)
 
 
@@ -196,9 +226,9 @@ def test_docker_probe_never_raises(tmp_path: Path, fake_engine: Callable[[Respon
                                    ) -> None:
     assert probe_docker(f"unix://{tmp_path}/missing.sock") == NO_DOCKER
     assert probe_docker("ssh://user@host") == NO_DOCKER
-    assert probe_docker(fake_engine(lambda p: b"HTTP/1.0 500 Oops\r\n\r\n")) == NO_DOCKER
-    assert probe_docker(fake_engine(lambda p: b"garbage")) == NO_DOCKER
-    assert probe_docker(fake_engine(lambda p: _ok_json([1, 2]))) == NO_DOCKER
+    assert probe_docker(fake_engine(lambda _p: b"HTTP/1.0 500 Oops\r\n\r\n")) == NO_DOCKER
+    assert probe_docker(fake_engine(lambda _p: b"garbage")) == NO_DOCKER
+    assert probe_docker(fake_engine(lambda _p: _ok_json([1, 2]))) == NO_DOCKER
     # a closed TCP port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -216,10 +246,11 @@ def test_docker_probe_times_out_on_a_silent_engine(tmp_path: Path) -> None:
 
 def test_docker_probe_of_the_real_engine_matches_the_schema() -> None:
     if not os.path.exists(DEFAULT_SOCKET):
-        pytest.skip("no Docker socket on this host")
+        require_service("docker", f"no Docker socket at {DEFAULT_SOCKET}")
     result = probe_docker(f"unix://{DEFAULT_SOCKET}")
     if result["available"]:
-        assert result["version"] and result["api_version"]
+        assert result["version"]
+        assert result["api_version"]
         assert all("<none>" not in tag for tag in result["images"])
 
 
@@ -242,7 +273,8 @@ def test_explicit_identity_is_saved_and_stable(tmp_path: Path) -> None:
     path = identity_path(state)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     doc = json.loads(path.read_text())
-    assert doc["wid"] == "w-lab7" and doc["token"] == "s3cret"
+    assert doc["wid"] == "w-lab7"
+    assert doc["token"] == "s3cret"
     created = doc["created_at"]
     # a restart without flags comes back as the same worker
     assert load_identity(state, BusConfig()) == ("w-lab7", "s3cret")

@@ -33,8 +33,8 @@ from schemas.version import __version__
 from worker.caps import collect_caps
 from worker.errors import WorkerError
 from worker.exec_service import ExecService
-from worker.executors import make_executor
-from worker.executors.base import Executor
+from worker.executors import fingerprint, make_executor
+from worker.executors.base import Executor, ExecutorContext
 from worker.identity import load_identity
 from worker.metrics import MetricsSampler
 
@@ -219,7 +219,8 @@ class WorkerAgent:
     def _start_exec(self, bus: Bus, wid: str) -> None:
         """Reservations and remote commands on the first configured executor."""
         name = self.executors[0]
-        self.executor = make_executor(name, self.config.worker, self.state_dir, wid)
+        self.executor = make_executor(name, ExecutorContext(self.config.worker, self.state_dir,
+                                                            wid))
         self.exec_service = ExecService(bus, self.topics, wid, self.config.worker,
                                         self.executor, self.state_dir)
         self.exec_service.register()
@@ -237,9 +238,11 @@ class WorkerAgent:
     # -- publications --------------------------------------------------------------
 
     def _collect_caps(self) -> WorkerCaps:
-        caps = collect_caps(
-            self._wid, self.config.worker, self.state_dir, self.executors, AGENT_VERSION
-        )
+        """The caps document, from the machine and the executors' fingerprints (an
+        unknown executor name is a WorkerError here, before anything connects)."""
+        offered = [fingerprint(name, self.config.worker) for name in self.executors]
+        caps = collect_caps(self._wid, self.config.worker, self.state_dir, offered,
+                            AGENT_VERSION)
         try:
             encode(envelope(caps))
         except WireError as err:

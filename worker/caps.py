@@ -1,8 +1,9 @@
 """The capability document a worker publishes (retained) on ``{root}/worker/{wid}/caps``.
 
 Like XtremWeb-HEP's worker configuration: what the machine is (host, CPU, memory,
-disk, Docker) and what its owner offers (slots, tags, shared apps/packages/data), so
-the coordinator can match jobs and clients can choose a worker.
+disk, Docker) and what its owner offers (slots, tags, shared apps/packages/data,
+executors), so the coordinator can match jobs and clients can choose a worker. The
+executors part is built from the drivers' ``ExecutorCapabilities`` (their fingerprints).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ import psutil
 
 from broker.config import WorkerConfig
 from schemas.messages import WorkerCaps
-from worker.docker_probe import probe_docker
+from worker.executors.base import ExecutorCapabilities
+from worker.executors.docker.fingerprint import probe_docker
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +97,28 @@ def cpu_info() -> dict[str, Any]:
     }
 
 
+def engine_document(executors: Sequence[ExecutorCapabilities]) -> dict[str, Any]:
+    """worker.caps' ``docker`` object: the engine an executor's fingerprint saw, else a
+    probe of its own (the machine's engine is advertised whatever the executors)."""
+    for caps in executors:
+        if caps.engine is not None:
+            return caps.engine.to_wire()
+    return probe_docker()
+
+
 def collect_caps(
     wid: str,
     cfg: WorkerConfig,
     state_dir: Path | str,
-    executors: list[str],
+    executors: Sequence[ExecutorCapabilities],
     agent_version: str,
     *,
     docker: dict[str, Any] | None = None,
 ) -> WorkerCaps:
-    """Measure this machine and combine it with the owner's configuration.
+    """Measure this machine and combine it with the owner's configuration and what the
+    executors offer (``executors``: their fingerprints, in the worker's order).
 
-    ``docker`` overrides the engine probe (tests; or a caller that already probed).
+    ``docker`` overrides the engine document (tests; or a caller that already probed).
     """
     host = host_info()
     disk_total = disk_free = None
@@ -120,13 +133,13 @@ def collect_caps(
         description=cfg.description or None,
         tags=[t for t in (tag.strip() for tag in cfg.tags) if t],
         slots=cfg.slots,
-        executors=list(executors),
+        executors=[caps.name for caps in executors],
         host=host,
         cpu=cpu_info(),
         memory_bytes=int(psutil.virtual_memory().total),
         disk_total_bytes=disk_total,
         disk_free_bytes=disk_free,
-        docker=docker if docker is not None else probe_docker(),
+        docker=docker if docker is not None else engine_document(executors),
         shared={
             "apps": list(cfg.shared_apps),
             "packages": list(cfg.shared_packages),

@@ -6,6 +6,7 @@ so a heartbeat every few seconds costs nothing measurable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -59,15 +60,11 @@ class MetricsSampler:
     ) -> WorkerHeartbeat:
         mem = psutil.virtual_memory()
         load1 = load5 = load15 = None
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             load1, load5, load15 = (round(x, 2) for x in os.getloadavg())
-        except (OSError, AttributeError):
-            pass
         disk_free = None
-        try:
+        with contextlib.suppress(OSError):
             disk_free = int(psutil.disk_usage(str(existing_dir(self.state_dir))).free)
-        except OSError:
-            pass
         sent = recv = None
         try:
             net = psutil.net_io_counters()

@@ -5,6 +5,8 @@ container that every command of the reservation runs in). A *task* is one comman
 worker's exec layer owns the protocol (grants, sequence numbers, streaming); executors
 only run things and report bytes and exits, so every driver has the same small shape:
 
+    Driver.fingerprint(config)              -> ExecutorCapabilities  (cheap, never raises)
+    Driver.create(ExecutorContext)          -> the driver            (see registry.py)
     ex.open_session(SessionSpec)            -> SessionHandle
     ex.start(TaskSpec, on_output)           -> TaskHandle   (returns at once)
     ex.wait(handle, timeout)                -> ExitResult | None
@@ -13,26 +15,39 @@ only run things and report bytes and exits, so every driver has the same small s
     ex.recover(handles) / ex.cleanup_orphans(keep)   after a worker restart
 
 Handles are plain JSON-able dataclasses so a restarted worker can recover or clean up
-what it left behind.
+what it left behind. What a driver needs to find its resources again (a container id,
+a process group) lives in the handle's ``driver_state``: versioned, and read only by
+the driver that wrote it. A handle of another layout or version is never trusted: the
+driver does not recover it, and ``close_session`` cleans up what it can find without it.
 """
 
 from __future__ import annotations
 
 import abc
+import signal as _signal
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from broker.config import WorkerConfig
+from schemas.outcome import Outcome
 from worker.errors import WorkerError
 
 OutputSink = Callable[[str, bytes], None]
 """Called with ("stdout" | "stderr", data) from the executor's reader threads, in order
 per stream. It must not block for long: the exec layer queues and coalesces."""
 
+#: The resource limits a driver may enforce (``Limits`` field names).
+LIMIT_NAMES = ("cpus", "memory_bytes", "pids")
+
 
 class ExecutorError(WorkerError):
     """An executor could not do what was asked (engine down, image missing, ...)."""
+
+
+class HandleError(ExecutorError):
+    """A persisted handle cannot be read (another layout, or not a handle at all)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,121 @@ class Limits:
     memory_bytes: int | None = None
     pids: int | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """The limits that are set."""
+        values = ((name, getattr(self, name)) for name in LIMIT_NAMES)
+        return {name: value for name, value in values if value is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Limits:
+        data = data or {}
+        return cls(cpus=data.get("cpus"), memory_bytes=data.get("memory_bytes"),
+                   pids=data.get("pids"))
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """A container engine as the fingerprint saw it (worker.caps' ``docker`` object)."""
+
+    available: bool = False
+    version: str | None = None
+    api_version: str | None = None
+    images: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"available": self.available, "version": self.version,
+                "api_version": self.api_version, "images": list(self.images)}
+
+
+@dataclass(frozen=True)
+class ExecutorCapabilities:
+    """What a driver offers on this machine; the worker's caps document is built from it.
+
+    ``isolation`` is ``none`` (commands share the worker's user and file system) or
+    ``container``; ``security_boundary`` says whether a hostile command is contained.
+    ``limits`` names the ``Limits`` fields the driver enforces. ``network``: whether a
+    session may be given a network. The image fields and ``engine`` concern container
+    drivers; ``error`` says why a driver cannot run here (its engine does not answer).
+    """
+
+    name: str
+    isolation: str
+    security_boundary: bool
+    limits: frozenset[str] = frozenset()
+    stdin: bool = False
+    network: bool = False
+    default_image: str | None = None
+    image_override: bool = False
+    engine: EngineInfo | None = None
+    error: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class ExecutorContext:
+    """Everything a driver is built from; the registry builds every driver from one."""
+
+    config: WorkerConfig
+    state_dir: Path
+    worker_id: str
+    kill_grace_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class DriverState:
+    """A driver's own record in a handle: opaque to everyone else, JSON-able, versioned.
+
+    ``version`` is the driver's layout (``Executor.STATE_VERSION``); 0 means none could be
+    read (a handle of an older layout). A driver reads only the versions it knows.
+    """
+
+    version: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "data": dict(self.data)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DriverState:
+        """The state in ``data``; an unreadable one becomes version 0 (never trusted)."""
+        if (isinstance(data, dict) and isinstance(data.get("version"), int)
+                and not isinstance(data.get("version"), bool)
+                and isinstance(data.get("data", {}), dict)):
+            return cls(int(data["version"]), dict(data.get("data") or {}))
+        return cls()
+
+
+def _text(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise HandleError(f"handle has no {key}")
+    return value
+
+
+@dataclass
+class SessionHandle:
+    session_id: str
+    executor: str
+    workdir: str  # host path
+    driver_state: DriverState = field(default_factory=DriverState)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "executor": self.executor,
+                "workdir": self.workdir, "driver_state": self.driver_state.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SessionHandle:
+        """A persisted handle. One of an older layout keeps its identity with a version-0
+        state (so it can be cleaned up); HandleError when not even that can be read."""
+        if not isinstance(data, dict):
+            raise HandleError("handle is not an object")
+        return cls(session_id=_text(data, "session_id"), executor=_text(data, "executor"),
+                   workdir=_text(data, "workdir"),
+                   driver_state=DriverState.from_dict(data.get("driver_state")))
+
 
 @dataclass(frozen=True)
 class SessionSpec:
@@ -50,20 +180,8 @@ class SessionSpec:
     workdir: Path  # host path, created by the caller, private to the session
     owner: str  # the client principal, for labels and logs
     limits: Limits = field(default_factory=Limits)
-    image: str | None = None  # docker only
-    network: bool = False  # docker only: allow a network (worker owner's choice)
-
-
-@dataclass
-class SessionHandle:
-    session_id: str
-    executor: str
-    workdir: str
-    container_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    image: str | None = None  # container drivers only
+    network: bool = False  # container drivers only: allow a network (worker owner's choice)
 
 
 @dataclass(frozen=True)
@@ -82,33 +200,80 @@ class TaskHandle:
     executor: str
     session_id: str
     pid: int | None = None  # process group leader (process) / host pid (docker, if known)
-    container_id: str | None = None
-    exec_id: str | None = None  # docker exec id
     started_at: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    driver_state: DriverState = field(default_factory=DriverState)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"task_id": self.task_id, "executor": self.executor,
+                "session_id": self.session_id, "pid": self.pid,
+                "started_at": self.started_at, "driver_state": self.driver_state.to_dict()}
 
 
-@dataclass(frozen=True)
-class ExitResult:
-    exit_code: int | None  # None when killed by a signal
-    signal: int | None = None
+def read_state(handle: SessionHandle | TaskHandle, driver: str, version: int) -> dict[str, Any]:
+    """The data of ``driver``'s state in ``handle`` when written in layout ``version``;
+    ExecutorError otherwise (another driver's handle, an older or newer layout)."""
+    state = handle.driver_state
+    if handle.executor != driver:
+        raise ExecutorError(f"{handle.executor!r} handle given to the {driver} driver")
+    if state.version != version:
+        raise ExecutorError(f"{driver} handle of layout {state.version} (this worker reads "
+                            f"{version})")
+    return state.data
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExitResult(Outcome):
+    """How a task ended, as the driver saw it (``Outcome``'s fields; the exec layer adds
+    what only it knows: truncation, output bytes, its own timeout)."""
+
     duration_s: float = 0.0
     timed_out: bool = False
     oom_killed: bool = False
-    error: str | None = None
 
 
 class Executor(abc.ABC):
     """One driver. Thread-safe: the exec layer calls it from several threads."""
 
-    name: str = ""
+    name: ClassVar[str] = ""
+    #: The layout of this driver's ``DriverState``; bump it when the layout changes.
+    STATE_VERSION: ClassVar[int] = 1
+    #: The worker configuration the driver runs with.
+    config: WorkerConfig
 
+    # -- building -------------------------------------------------------------------
+
+    @classmethod
     @abc.abstractmethod
-    def capabilities(self) -> dict[str, Any]:
-        """What this driver offers (for the worker's caps document)."""
+    def create(cls, context: ExecutorContext) -> Executor:
+        """The driver for one worker (the registry's one way to build it)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def fingerprint(cls, config: WorkerConfig) -> ExecutorCapabilities:
+        """What this driver offers here. Cheap, never raises, imports no engine SDK: the
+        worker's caps document is built from it before any driver exists."""
+
+    def capabilities(self) -> ExecutorCapabilities:
+        """What this driver offers (its configuration's fingerprint)."""
+        return self.fingerprint(self.config)
+
+    # -- driver state ---------------------------------------------------------------
+
+    def state_of(self, handle: SessionHandle | TaskHandle) -> dict[str, Any]:
+        """This driver's data in ``handle``; ExecutorError for another driver's handle or
+        a layout it does not know."""
+        return read_state(handle, self.name, self.STATE_VERSION)
+
+    def knows(self, handle: SessionHandle | TaskHandle) -> bool:
+        """Is ``handle`` this driver's, in a layout it reads?"""
+        return (handle.executor == self.name
+                and handle.driver_state.version == self.STATE_VERSION)
+
+    def make_state(self, data: dict[str, Any]) -> DriverState:
+        """``data`` as this driver's current state layout."""
+        return DriverState(self.STATE_VERSION, data)
+
+    # -- sessions and tasks ---------------------------------------------------------
 
     @abc.abstractmethod
     def open_session(self, spec: SessionSpec) -> SessionHandle:
@@ -116,7 +281,8 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def close_session(self, session: SessionHandle) -> None:
-        """Stop every task of the session and release its resources."""
+        """Stop every task of the session and release its resources. Must cope with a
+        handle it cannot read (another layout): it cleans up by session id then."""
 
     @abc.abstractmethod
     def start(self, spec: TaskSpec, on_output: OutputSink) -> TaskHandle:
@@ -132,8 +298,6 @@ class Executor(abc.ABC):
 
     def stop(self, handle: TaskHandle, grace_s: float = 5.0) -> ExitResult | None:
         """SIGTERM, then SIGKILL after ``grace_s``."""
-        import signal as _signal
-
         self.signal(handle, _signal.SIGTERM)
         result = self.wait(handle, grace_s)
         if result is None:
@@ -141,11 +305,12 @@ class Executor(abc.ABC):
             result = self.wait(handle, grace_s)
         return result
 
-    def recover(self, sessions: list[SessionHandle]) -> list[SessionHandle]:
-        """After a restart: the sessions still usable (default: none survive)."""
+    def recover(self, sessions: list[SessionHandle]) -> list[SessionHandle]:  # noqa: ARG002
+        """After a restart: the sessions still usable (default: none survive). Handles
+        this driver cannot read are never among them."""
         return []
 
-    def cleanup_orphans(self, keep: set[str]) -> int:
+    def cleanup_orphans(self, keep: set[str]) -> int:  # noqa: ARG002 - a default
         """Remove resources of sessions not in ``keep``; returns how many were removed."""
         return 0
 

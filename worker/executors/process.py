@@ -36,12 +36,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, ClassVar
 
 import psutil
 
+from broker.config import WorkerConfig
 from worker.executors.base import (
     Executor,
+    ExecutorCapabilities,
+    ExecutorContext,
     ExecutorError,
     ExitResult,
     Limits,
@@ -65,21 +68,6 @@ MARKERS = ("XCLOUD_RESERVATION", "XCLOUD_EXEC_ID", "XCLOUD_WORKDIR")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _limits_to_dict(limits: Limits) -> dict[str, Any]:
-    return {k: v for k, v in
-            (("cpus", limits.cpus), ("memory_bytes", limits.memory_bytes),
-             ("pids", limits.pids)) if v is not None}
-
-
-def _limits_from(session: SessionHandle, default: Limits) -> Limits:
-    data = session.extra.get("limits") or {}
-    return Limits(
-        cpus=data.get("cpus", default.cpus),
-        memory_bytes=data.get("memory_bytes", default.memory_bytes),
-        pids=data.get("pids", default.pids),
-    )
-
-
 @dataclass
 class _Task:
     handle: TaskHandle
@@ -94,12 +82,19 @@ class _Task:
 
 
 class ProcessExecutor(Executor):
-    """Runs commands as local process groups. ``state_dir`` holds the task records."""
+    """Runs commands as local process groups. ``state_dir`` holds the task records.
 
-    name = "process"
+    Driver state: a session's is ``{"owner", "limits"}`` (the limits it was opened with),
+    a task's ``{"pgid"}``.
+    """
 
-    def __init__(self, state_dir: Path | str, *, default_limits: Limits | None = None,
-                 kill_grace_s: float = 5.0, read_size: int = READ_SIZE) -> None:
+    name: ClassVar[str] = "process"
+    STATE_VERSION: ClassVar[int] = 1
+
+    def __init__(self, state_dir: Path | str, *, config: WorkerConfig | None = None,
+                 default_limits: Limits | None = None, kill_grace_s: float = 5.0,
+                 read_size: int = READ_SIZE) -> None:
+        self.config = config or WorkerConfig()
         self.state_dir = Path(state_dir)
         self.records_dir = self.state_dir / "process"
         self.default_limits = default_limits or Limits()
@@ -108,11 +103,17 @@ class ProcessExecutor(Executor):
         self._lock = threading.Lock()
         self._tasks: dict[tuple[str, str], _Task] = {}
 
-    # -- driver description ------------------------------------------------------------
+    # -- building and description ------------------------------------------------------
 
-    def capabilities(self) -> dict[str, Any]:
-        return {"name": self.name, "isolation": "none", "limits": ["memory_bytes", "pids"],
-                "stdin": False, "security_boundary": False}
+    @classmethod
+    def create(cls, context: ExecutorContext) -> ProcessExecutor:
+        return cls(context.state_dir, config=context.config,
+                   kill_grace_s=context.kill_grace_s)
+
+    @classmethod
+    def fingerprint(cls, config: WorkerConfig) -> ExecutorCapabilities:  # noqa: ARG003
+        return ExecutorCapabilities(name=cls.name, isolation="none", security_boundary=False,
+                                    limits=frozenset({"memory_bytes", "pids"}))
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -126,10 +127,25 @@ class ProcessExecutor(Executor):
             raise ExecutorError(f"cannot create work dir {workdir}: {err}") from err
         return SessionHandle(session_id=spec.session_id, executor=self.name,
                              workdir=str(workdir),
-                             extra={"owner": spec.owner, "limits": _limits_to_dict(spec.limits)})
+                             driver_state=self.make_state({"owner": spec.owner,
+                                                           "limits": spec.limits.to_dict()}))
+
+    def _limits(self, session: SessionHandle) -> Limits:
+        """The session's limits (ExecutorError for a handle this driver cannot read)."""
+        data = Limits.from_dict(self.state_of(session).get("limits"))
+        default = self.default_limits
+        return Limits(
+            cpus=default.cpus if data.cpus is None else data.cpus,
+            memory_bytes=default.memory_bytes if data.memory_bytes is None else data.memory_bytes,
+            pids=default.pids if data.pids is None else data.pids,
+        )
 
     def close_session(self, session: SessionHandle) -> None:
-        """Stop every task of the session (TERM, KILL after the grace), remove its dir."""
+        """Stop every task of the session (TERM, KILL after the grace), remove its dir.
+
+        A handle of a layout this driver cannot read still gets its processes killed (by
+        their markers), but its work dir is left to the caller: the path is not trusted.
+        """
         with self._lock:
             tasks = [t for (sid, _), t in self._tasks.items() if sid == session.session_id]
         running = [t for t in tasks if not t.done.is_set()]
@@ -150,13 +166,14 @@ class ProcessExecutor(Executor):
                 task.done.wait(2.0)
         for task in tasks:
             task.record.unlink(missing_ok=True)
-        remove_tree(Path(session.workdir))
+        if self.knows(session):
+            remove_tree(Path(session.workdir))
 
     def recover(self, sessions: list[SessionHandle]) -> list[SessionHandle]:
         """Sessions whose work dir survived; their old processes are never recoverable."""
-        return [s for s in sessions if s.executor == self.name and Path(s.workdir).is_dir()]
+        return [s for s in sessions if self.knows(s) and Path(s.workdir).is_dir()]
 
-    def cleanup_orphans(self, keep: set[str]) -> int:
+    def cleanup_orphans(self, keep: set[str]) -> int:  # noqa: ARG002 - docstring says why
         """Kill every process a previous run of this worker left (recorded or marked).
 
         Processes cannot be re-attached after a restart (their output pipes died with the
@@ -195,6 +212,7 @@ class ProcessExecutor(Executor):
 
     def start(self, spec: TaskSpec, on_output: OutputSink) -> TaskHandle:
         session = spec.session
+        limits = self._limits(session)
         workdir = Path(session.workdir)
         if not workdir.is_dir():
             raise ExecutorError(f"session {session.session_id} has no work dir {workdir}")
@@ -203,7 +221,6 @@ class ProcessExecutor(Executor):
             old = self._tasks.get(key)
             if old is not None and not old.done.is_set():
                 raise ExecutorError(f"task {spec.task_id} is already running")
-        limits = _limits_from(session, self.default_limits)
         gated = limits.memory_bytes is not None or limits.pids is not None
         env = self._env(spec, workdir)
         (workdir / CWD_FILE).parent.mkdir(mode=0o700, exist_ok=True)
@@ -223,13 +240,14 @@ class ProcessExecutor(Executor):
             self._apply_limits(proc, limits)
         handle = TaskHandle(task_id=spec.task_id, executor=self.name,
                             session_id=session.session_id, pid=proc.pid, started_at=started_at,
-                            extra={"pgid": proc.pid})
+                            driver_state=self.make_state({"pgid": proc.pid}))
         name = f"{safe_name(session.session_id)}.{safe_name(spec.task_id)}.json"
         record = self.records_dir / name
         task = _Task(handle=handle, proc=proc, workdir=str(workdir), record=record,
                      started=started)
         self._write_record(task)
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
         for stream, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
             reader = threading.Thread(target=self._read, args=(task, stream, pipe, on_output),
                                       name=f"exec-{spec.task_id}-{stream}", daemon=True)

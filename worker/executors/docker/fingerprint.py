@@ -1,8 +1,10 @@
-"""Is a Docker engine answering, and which images does it hold?
+"""The docker driver's fingerprint: is an engine answering, and which images does it hold?
 
 Deliberately does not import the docker SDK: it pulls in requests and urllib3, and the
 idle agent must stay small (< 50 MB RSS). Two HTTP/1.0 GETs over the engine's socket
-(``/version`` and ``/images/json``) are all the capability document needs.
+(``/version`` and ``/images/json``) are all the capability document needs. The worker
+probes the engine even when it runs only the process driver: worker.caps' ``docker``
+object describes the machine.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import os
 import socket
 from typing import Any
 from urllib.parse import urlparse
+
+from broker.config import WorkerConfig
+from worker.executors.base import EngineInfo, ExecutorCapabilities
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +92,20 @@ def probe_docker(
 
     ``docker_host`` defaults to ``$DOCKER_HOST``, then ``/var/run/docker.sock``.
     """
+    return probe_engine(docker_host, timeout=timeout).to_wire()
+
+
+def probe_engine(
+    docker_host: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S
+) -> EngineInfo:
+    """The local engine as ``EngineInfo``; ``available`` False when none answers."""
     result: dict[str, Any] = {"available": False, "version": None, "api_version": None,
                               "images": []}
     host = docker_host if docker_host is not None else os.environ.get("DOCKER_HOST")
     try:
         family, address = _endpoint(host)
         if family == socket.AF_UNIX and not os.path.exists(address):
-            return result
+            return EngineInfo()
         version = _get(family, address, "/version", timeout)
         if not isinstance(version, dict):
             raise _ProbeError("unexpected /version answer")
@@ -111,4 +123,19 @@ def probe_docker(
         result["images"] = sorted(tags)[:MAX_IMAGES]
     except Exception as err:  # never raise: no engine simply means no docker executor
         log.debug("docker probe of %s: %s", host or DEFAULT_SOCKET, err)
-    return result
+    return EngineInfo(available=bool(result["available"]), version=result["version"],
+                      api_version=result["api_version"], images=tuple(result["images"]))
+
+
+def docker_capabilities(config: WorkerConfig, engine: EngineInfo | None = None
+                        ) -> ExecutorCapabilities:
+    """What the docker driver offers here: containers, its limits, the worker owner's
+    image and network choices, and the engine (``engine`` skips the probe)."""
+    engine = engine if engine is not None else probe_engine()
+    return ExecutorCapabilities(
+        name="docker", isolation="container", security_boundary=True,
+        limits=frozenset({"cpus", "memory_bytes", "pids"}),
+        network=config.docker_network, default_image=config.docker_image,
+        image_override=config.docker_allow_image_override, engine=engine,
+        error=None if engine.available else "no docker engine answers",
+    )
