@@ -30,7 +30,7 @@ def exit_doc(last_seq: int, **kw: Any) -> dict[str, Any]:
 
 
 def drain(stream: ExecStream) -> list[tuple[int, str, bytes]]:
-    out = []
+    out: list[tuple[int, str, bytes]] = []
     while True:
         try:
             chunk = stream.next_chunk(timeout=0)
@@ -80,7 +80,8 @@ def test_exit_before_last_chunks_waits_for_them() -> None:
     s = ExecStream("e1")
     s.feed(0, "stdout", b"a")
     s.feed_exit(exit_doc(2))  # exit overtakes chunks 1 and 2
-    assert s.exited and not s.complete
+    assert s.exited
+    assert not s.complete
     assert s.missing == [1, 2]
     with pytest.raises(ClientError):
         _ = s.result
@@ -88,14 +89,16 @@ def test_exit_before_last_chunks_waits_for_them() -> None:
     assert not s.complete
     s.feed(1, "stdout", b"b")
     assert s.complete
-    assert s.result.stdout == b"ab" and s.result.stderr == b"!"
+    assert s.result.stdout == b"ab"
+    assert s.result.stderr == b"!"
 
 
 def test_no_output_completes_with_last_seq_minus_one() -> None:
     s = ExecStream("e1")
     s.feed_exit(exit_doc(-1, exit_code=7))
     assert s.complete
-    assert s.result.exit_code == 7 and s.result.stdout == b""
+    assert s.result.exit_code == 7
+    assert s.result.stdout == b""
     assert list(s) == []
 
 
@@ -184,7 +187,8 @@ def test_give_up_completes_after_exit() -> None:
     s.feed_exit(exit_doc(3))
     s.give_up()
     assert s.complete
-    assert s.result.stdout == b"ac" and s.result.lost_chunks == 2
+    assert s.result.stdout == b"ac"
+    assert s.result.lost_chunks == 2
 
 
 def test_fail_wakes_waiter() -> None:
@@ -275,7 +279,8 @@ def test_reserve_args() -> None:
                 ["--tag"]):
         with pytest.raises(ShellError):
             reserve_args(bad)
-    assert parse_bytes("512MiB") == 512 * 1024**2 and parse_bytes("1000") == 1000
+    assert parse_bytes("512MiB") == 512 * 1024**2
+    assert parse_bytes("1000") == 1000
     with pytest.raises(ShellError):
         parse_bytes("lots")
 
@@ -304,7 +309,8 @@ def test_completer_offers_commands_workers_and_exec_ids() -> None:
     def complete(text: str) -> list[str]:
         return [c.text for c in completer.get_completions(Document(text), CompleteEvent())]
 
-    assert "reserveWorker" in complete("res") and "reserve" in complete("res")
+    assert "reserveWorker" in complete("res")
+    assert "reserve" in complete("res")
     assert set(complete("reserveWorker ")) >= {"0", "vm-w1", "alpha", "any"}
     assert complete("reserve al") == ["alpha"]
     assert complete("kill ab") == ["abd456", "abc123"]

@@ -27,9 +27,12 @@ def toml(tmp_path: Path, text: str) -> Path:
 def test_defaults_without_file_or_environment(tmp_path: Path) -> None:
     cfg = load_config(tmp_path / "missing.toml", env={})
     assert cfg.bus == BusConfig()
-    assert cfg.bus.url == "mqtt://127.0.0.1:1883" and cfg.bus.root == "xcloud"
-    assert cfg.coordinator.liveness_factor == 2.0 and cfg.worker.heartbeat_s == 5.0
-    assert cfg.worker.tags == [] and cfg.broker.allow_anonymous is False
+    assert cfg.bus.url == "mqtt://127.0.0.1:1883"
+    assert cfg.bus.root == "xcloud"
+    assert cfg.coordinator.liveness_factor == 2.0
+    assert cfg.worker.heartbeat_s == 5.0
+    assert cfg.worker.tags == []
+    assert cfg.broker.allow_anonymous is False
 
 
 def test_layers_file_then_environment_then_flags(tmp_path: Path) -> None:
@@ -74,7 +77,8 @@ def test_home_and_config_file_come_from_the_environment(tmp_path: Path) -> None:
     home.mkdir()
     (home / "config.toml").write_text('[bus]\nroot = "homeroot"\n')
     cfg = load_config(env={"XCLOUD_HOME": str(home)})
-    assert cfg.home == home and cfg.bus.root == "homeroot"
+    assert cfg.home == home
+    assert cfg.bus.root == "homeroot"
     assert cfg.data_dir == home / "data"
     assert cfg.db_url == f"sqlite:///{home / 'data' / 'xcloud.db'}"
     assert cfg.worker_state_dir == home / "worker"
@@ -108,7 +112,8 @@ def test_bad_values_are_config_errors_naming_the_setting(
     with pytest.raises(ConfigError) as info:
         load_config(path, env=env)
     message = str(info.value)
-    assert needle in message and "bad value" in message
+    assert needle in message
+    assert "bad value" in message
     if where == "file":
         assert str(path) in message
     assert isinstance(info.value, XcloudError)
@@ -155,7 +160,8 @@ def test_write_config_keeps_other_sections_and_is_private(tmp_path: Path) -> Non
     assert data["bus"] == {"url": "mqtt://127.0.0.1:9", "principal": "admin",
                            "token": 'to"k\\en', "keepalive": 7}
     cfg = load_config(path, env={})
-    assert cfg.bus.token == 'to"k\\en' and cfg.worker.tags == ["keep"]
+    assert cfg.bus.token == 'to"k\\en'
+    assert cfg.worker.tags == ["keep"]
     assert not list(path.parent.glob("*.tmp")), "no temporary file left behind"
 
 
@@ -165,7 +171,8 @@ def test_write_config_creates_the_file_and_its_directory(tmp_path: Path) -> None
                         "broker": {"allow_anonymous": False}})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     cfg = load_config(path, env={})
-    assert cfg.bus.root == "r1" and cfg.bus.reconnect_max_s == 2.5
+    assert cfg.bus.root == "r1"
+    assert cfg.bus.reconnect_max_s == 2.5
     assert cfg.broker.allow_anonymous is False
 
 

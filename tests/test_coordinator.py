@@ -18,9 +18,9 @@ import pytest
 from broker.bus import RemoteError
 from client.api import WorkerInfo
 from client.errors import ClientError
-from coordinator.models import WorkerSample
 from coordinator.store import Store
-from tests.fixtures.grid import BOTH_DBS, GridHarness
+from tests.fixtures.backends import BOTH_DBS
+from tests.fixtures.grid import GridHarness
 from tests.fixtures.services import wait_for
 
 pytestmark = [pytest.mark.integration]
@@ -29,8 +29,9 @@ Measure = Callable[[str, float], None]
 
 
 def samples_of(store: Store, wid: str) -> int:
+    sample = store.models.WorkerSample
     with store.db.connection_context():
-        count: int = WorkerSample.select().where(WorkerSample.worker_id == wid).count()
+        count: int = sample.select().where(sample.worker_id == wid).count()
     return count
 
 
@@ -41,7 +42,8 @@ def test_workers_join_and_are_listed_with_their_caps(grid: GridHarness) -> None:
     grid.start_coordinator()
     alpha = grid.start_worker("w-alpha", tags=["gpu", "fast"], display_name="alpha")
     beta = grid.start_worker("w-beta", tags=["fast"], display_name="beta", slots=2)
-    assert alpha.agent is not None and beta.agent is not None
+    assert alpha.agent is not None
+    assert beta.agent is not None
     admin = grid.client()
 
     rows = admin.workers()
@@ -50,11 +52,16 @@ def test_workers_join_and_are_listed_with_their_caps(grid: GridHarness) -> None:
     a, b = rows
     caps = alpha.agent.caps
     assert caps is not None
-    assert a.tags == ["gpu", "fast"] and b.tags == ["fast"]
-    assert a.cpus == caps.cpu["count"] == psutil.cpu_count() and a.cpus > 0
+    assert a.tags == ["gpu", "fast"]
+    assert b.tags == ["fast"]
+    assert a.cpus == caps.cpu["count"] == psutil.cpu_count()
+    assert a.cpus > 0
     assert a.memory_bytes == caps.memory_bytes > 0
-    assert a.os == caps.host["os"] and a.arch == caps.host["arch"]
-    assert a.executors == ["process"] and a.slots == 1 and b.slots == 2
+    assert a.os == caps.host["os"]
+    assert a.arch == caps.host["arch"]
+    assert a.executors == ["process"]
+    assert a.slots == 1
+    assert b.slots == 2
 
     def ids(**filters: Any) -> list[str]:
         return [w.id for w in admin.workers(**filters)]
@@ -79,9 +86,12 @@ def test_workers_join_and_are_listed_with_their_caps(grid: GridHarness) -> None:
 
     shown = wait_for(with_metrics, 5, message="last_metrics after heartbeats")
     assert shown is not None
-    assert shown.id == "w-alpha" and shown.caps["wid"] == "w-alpha"
-    assert shown.caps["tags"] == ["gpu", "fast"] and shown.caps["heartbeat_s"] == 0.2
-    assert shown.last_metrics["wid"] == "w-alpha" and "cpu_percent" in shown.last_metrics
+    assert shown.id == "w-alpha"
+    assert shown.caps["wid"] == "w-alpha"
+    assert shown.caps["tags"] == ["gpu", "fast"]
+    assert shown.caps["heartbeat_s"] == 0.2
+    assert shown.last_metrics["wid"] == "w-alpha"
+    assert "cpu_percent" in shown.last_metrics
     assert [e["new_state"] for e in shown.events][-1] == "online"
     assert shown.events[-1]["reason"] == "joined"
     assert admin.worker("beta").id == "w-beta"
@@ -89,7 +99,8 @@ def test_workers_join_and_are_listed_with_their_caps(grid: GridHarness) -> None:
     with pytest.raises(ClientError) as info:
         admin.worker("nope")
     cause = info.value.__cause__
-    assert isinstance(cause, RemoteError) and cause.code == "not_found"
+    assert isinstance(cause, RemoteError)
+    assert cause.code == "not_found"
     assert "nope" in str(info.value)
 
     beta.stop()
@@ -141,9 +152,12 @@ def test_heartbeats_are_written_in_batches(grid: GridHarness,
     grid.start_worker("w-real")
     wait_for(lambda: samples_of(grid.store, "w-real") >= 3, 5, message="samples of w-real")
     record = grid.worker_record("w-real")
-    assert record is not None and record.last_heartbeat_at is not None
-    assert record.heartbeat_seq >= 1 and record.heartbeat_interval == 0.2
-    assert record.last_metrics["wid"] == "w-real" and record.last_metrics["seq"] >= 1
+    assert record is not None
+    assert record.last_heartbeat_at is not None
+    assert record.heartbeat_seq >= 1
+    assert record.heartbeat_interval == 0.2
+    assert record.last_metrics["wid"] == "w-real"
+    assert record.last_metrics["seq"] >= 1
 
     calls: list[int] = []
     original = grid.store.record_heartbeats
@@ -155,16 +169,18 @@ def test_heartbeats_are_written_in_batches(grid: GridHarness,
 
     monkeypatch.setattr(grid.store, "record_heartbeats", counting)
     burst = grid.fake_worker("w-burst")
-    burst.join(grid)
+    burst.join()
     n = 300
     for seq in range(1, n + 1):
         burst.heartbeat(seq, cpu_percent=float(seq % 100))
     wait_for(lambda: samples_of(grid.store, "w-burst") == n, 10,
              message=f"{n} samples of w-burst")
-    assert sum(calls) >= n and len(calls) < n / 5, f"batches: {calls}"
+    assert sum(calls) >= n, f"batches: {calls}"
+    assert len(calls) < n / 5, f"batches: {calls}"
     record = grid.worker_record("w-burst")
     assert record is not None
-    assert record.heartbeat_seq == n and record.last_metrics["seq"] == n
+    assert record.heartbeat_seq == n
+    assert record.last_metrics["seq"] == n
     assert record.state.value == "online"
 
 
@@ -184,7 +200,8 @@ def test_killed_worker_is_lost_at_once_by_its_last_will(
     worker.kill()
     t_lost, event = watcher.wait_event("w-kill", "lost", after=killed_at, timeout=5)
     measurements("lost_after_sigkill", t_lost - killed_at)
-    assert event.old_state == "online" and event.reason == "connection lost"
+    assert event.old_state == "online"
+    assert event.reason == "connection lost"
     record = grid.wait_worker("w-kill", "lost")
     assert record.state_reason == "connection lost"
 
@@ -201,7 +218,8 @@ def test_paused_worker_is_lost_by_its_deadline_and_comes_back(
     worker.pause()  # SIGSTOP: the TCP connection stays up, so no last will
     t_lost, event = watcher.wait_event("w-pause", "lost", after=paused_at, timeout=5)
     measurements("lost_after_sigstop", t_lost - paused_at)
-    assert event.reason is not None and event.reason.startswith("no heartbeat for"), event
+    assert event.reason is not None, event
+    assert event.reason.startswith("no heartbeat for"), event
     assert grid.wait_worker("w-pause", "lost").state_reason.startswith("no heartbeat")
 
     resumed_at = time.monotonic()
@@ -247,8 +265,10 @@ def test_restarted_coordinator_keeps_workers_and_detects_later_losses(
     pause.pause()
     t_lost, event = grid.watcher.wait_event("w-pause", "lost", after=paused_at, timeout=5)
     measurements("lost_after_sigstop_restarted_coordinator", t_lost - paused_at)
-    assert event.reason is not None and event.reason.startswith("no heartbeat")
-    assert stay.agent is not None and stay.agent.connected
+    assert event.reason is not None
+    assert event.reason.startswith("no heartbeat")
+    assert stay.agent is not None
+    assert stay.agent.connected
     assert grid.wait_worker("w-stay", "online").state.value == "online"
     assert {w.id: w.state for w in admin.workers()}["w-stay"] == "online"
 

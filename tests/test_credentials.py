@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,15 +14,7 @@ from broker.credentials import (
     parse_hash,
     verify_token,
 )
-
-MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-
-
-def _require(path: str) -> None:
-    if not os.path.exists(path):
-        if os.environ.get("XCLOUD_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{path} is required (XCLOUD_REQUIRE_SERVICES=1) but missing")
-        pytest.skip(f"{path} not installed")
+from tests.fixtures.services import write_mosquitto_passwords
 
 
 def test_new_token_is_random_and_long() -> None:
@@ -37,11 +26,15 @@ def test_new_token_is_random_and_long() -> None:
 def test_hash_format_matches_mosquitto_layout() -> None:
     h = hash_token("s3cret")
     parts = h.split("$")
-    assert parts[0] == "" and parts[1] == "7" and parts[2] == str(ITERATIONS)
+    assert parts[0] == ""
+    assert parts[1] == "7"
+    assert parts[2] == str(ITERATIONS)
     parsed = parse_hash(h)
     assert parsed is not None
     iterations, salt, digest = parsed
-    assert iterations == ITERATIONS and len(salt) == SALT_BYTES and len(digest) == 64
+    assert iterations == ITERATIONS
+    assert len(salt) == SALT_BYTES
+    assert len(digest) == 64
     assert hash_token("s3cret") != h  # fresh salt every time
 
 
@@ -82,12 +75,8 @@ def test_known_vector_from_mosquitto_passwd() -> None:
 
 @pytest.mark.mosquitto
 def test_verify_hash_written_by_mosquitto_passwd(tmp_path: Path) -> None:
-    _require(MOSQUITTO_PASSWD)
-    pw = tmp_path / "passwd"
     token = new_token()
-    subprocess.run(
-        [MOSQUITTO_PASSWD, "-c", "-b", str(pw), "bob", token], check=True, capture_output=True
-    )
+    pw = write_mosquitto_passwords(tmp_path / "passwd", {"bob": token})
     user, stored = pw.read_text().strip().split(":", 1)
     assert user == "bob"
     assert verify_token(token, stored)

@@ -24,11 +24,11 @@ import yaml
 
 from broker.config import Config
 from broker.embedded import BrokerSettings, EmbeddedBroker
-from client.admin import issue_token
 from coordinator.auth import store_authenticator
+from coordinator.bootstrap import issue_token
 from coordinator.service import Coordinator
 from coordinator.store import Store
-from tests.fixtures.services import wait_for
+from tests.fixtures.services import require_service, wait_for
 
 if TYPE_CHECKING:
     from docker.models.containers import Container
@@ -42,11 +42,6 @@ BASE = "xcloud-base:bookworm"
 IMAGES = ("xcloud-worker:latest", "xcloud-coordinator:latest", "xcloud-client:latest")
 TEST_LABEL = "xcloud.test"
 RUN_ID = uuid.uuid4().hex[:8]
-
-
-def exec_service_wired() -> bool:
-    agent = REPO / "worker" / "agent.py"
-    return (REPO / "worker" / "exec_service.py").exists() and "ExecService" in agent.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +130,8 @@ def worker_state(grid: HostGrid, wid: str) -> str | None:
     return record.state.value if record else None
 
 
-def test_images_are_built_and_cached(images: dict[str, str]) -> None:
+@pytest.mark.usefixtures("images")
+def test_images_are_built_and_cached() -> None:
     """Run again: every image is found up to date and nothing is rebuilt.
 
     (Twice at most: in a work tree being edited, the sources may change between the
@@ -153,9 +149,9 @@ def test_images_are_built_and_cached(images: dict[str, str]) -> None:
     assert "built" not in proc.stderr
 
 
-def test_worker_container_joins_the_grid(images: dict[str, str], host_grid: HostGrid,
-                                         docker_engine: docker.DockerClient,
-                                         leak_check: None) -> None:
+@pytest.mark.usefixtures("images", "leak_check")
+def test_worker_container_joins_the_grid(host_grid: HostGrid,
+                                         docker_engine: docker.DockerClient) -> None:
     wid = f"img-worker-{RUN_ID}"
     worker = run_container(
         docker_engine, "xcloud-worker:latest",
@@ -166,7 +162,8 @@ def test_worker_container_joins_the_grid(images: dict[str, str], host_grid: Host
         wait_for(lambda: worker_state(host_grid, wid) == "online", timeout=60,
                  message=f"worker {wid} online (logs: {worker.logs()[-2000:]!r})")
         record = host_grid.store.get_worker(wid)
-        assert record is not None and "container" in record.tags
+        assert record is not None
+        assert "container" in record.tags
         # The client image sees it in the coordinator's listing.
         cid = f"img-client-{RUN_ID}"
         client = run_container(docker_engine, "xcloud-client:latest", ["workers", "--json"],
@@ -188,11 +185,9 @@ def test_worker_container_joins_the_grid(images: dict[str, str], host_grid: Host
         worker.remove(force=True)
 
 
-@pytest.mark.skipif(not exec_service_wired(),
-                    reason="worker/exec_service.py is not wired into worker/agent.py yet")
+@pytest.mark.usefixtures("images", "leak_check")
 def test_session_on_containerised_worker_sees_its_filesystem(
-        images: dict[str, str], host_grid: HostGrid, docker_engine: docker.DockerClient,
-        leak_check: None) -> None:
+        host_grid: HostGrid, docker_engine: docker.DockerClient) -> None:
     from client.api import Grid
 
     wid = f"img-exec-{RUN_ID}"
@@ -220,14 +215,16 @@ def test_session_on_containerised_worker_sees_its_filesystem(
 # -------------------------------------------------------------------------------- compose
 
 
-def compose_command() -> list[str] | None:
-    """``docker compose`` (v2 plugin) or ``docker-compose`` (v1), if installed."""
+@pytest.fixture(scope="module")
+def compose() -> list[str]:
+    """``docker compose`` (v2 plugin) or ``docker-compose`` (v1); skipped (failed in CI)
+    when neither is installed."""
     if shutil.which("docker") and subprocess.run(
             ["docker", "compose", "version"], capture_output=True, check=False).returncode == 0:
         return ["docker", "compose"]
     if shutil.which("docker-compose"):
         return ["docker-compose"]
-    return None
+    require_service("docker compose", "neither `docker compose` nor `docker-compose` is installed")
 
 
 COMPOSE_FILES = ("compose.yaml", "compose.local.yaml")
@@ -241,7 +238,8 @@ def test_compose_file_uses_only_host_or_no_network(name: str) -> None:
     for service_name, service in services.items():
         assert service.get("network_mode") in ("host", "none"), (
             f"{name}: service {service_name} must use network_mode host or none")
-        assert "networks" not in service and "ports" not in service
+        assert "networks" not in service
+        assert "ports" not in service
     assert "networks" not in doc
 
 
@@ -256,10 +254,7 @@ def test_grid_compose_file_has_the_whole_grid() -> None:
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
-def test_compose_config_validates(name: str) -> None:
-    compose = compose_command()
-    if compose is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+def test_compose_config_validates(name: str, compose: list[str]) -> None:
     env = dict(os.environ, XCLOUD_ADMIN_TOKEN="x", XCLOUD_COORDINATOR_TOKEN="x",
                XCLOUD_WORKER1_TOKEN="x", XCLOUD_WORKER2_TOKEN="x", XCLOUD_WORKER3_TOKEN="x",
                XCLOUD_CLIENT_TOKEN="x", MARIADB_PASSWORD="x", MARIADB_ROOT_PASSWORD="x")
@@ -268,11 +263,9 @@ def test_compose_config_validates(name: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_local_compose_grid_comes_up(images: dict[str, str], free_port: int) -> None:
+@pytest.mark.usefixtures("images")
+def test_local_compose_grid_comes_up(free_port: int, compose: list[str]) -> None:
     """docker/compose.local.yaml end to end: three containerised workers come online."""
-    compose = compose_command()
-    if compose is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
     project = f"xcloudtest{RUN_ID}"
     base = [*compose, "-p", project, "-f", str(REPO / "docker" / "compose.local.yaml")]
     env = dict(os.environ, XCLOUD_MQTT_PORT=str(free_port))

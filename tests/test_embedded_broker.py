@@ -34,6 +34,7 @@ from broker.revocation import SenderRateLimit, SessionRecheck
 from schemas.codec import encode, envelope
 from schemas.messages import BrokerRecheck, CapsRefresh
 from schemas.topics import Topics
+from tests.fixtures.leaks import ThreadGuard
 from tests.fixtures.services import wait_for
 
 pytestmark = pytest.mark.integration
@@ -163,15 +164,15 @@ class Clients:
             c.will_set(will[0], will[1], will[2], will[3])
         conn = Conn(c)
 
-        def on_connect(cl: mqtt.Client, ud: Any, flags: Any, rc: Any, props: Any) -> None:
+        def on_connect(_cl: mqtt.Client, _ud: Any, flags: Any, rc: Any, _props: Any) -> None:
             conn.rc = rc
             conn.session_present = flags.session_present
             conn.connected.set()
 
         c.on_connect = on_connect
-        c.on_disconnect = lambda *a: conn.disconnected.set()
-        c.on_message = lambda cl, ud, m: conn.messages.put(m)
-        c.on_subscribe = lambda cl, ud, mid, rcs, props: conn.subacks.put(list(rcs))
+        c.on_disconnect = lambda *_a: conn.disconnected.set()
+        c.on_message = lambda _cl, _ud, m: conn.messages.put(m)
+        c.on_subscribe = lambda _cl, _ud, _mid, rcs, _props: conn.subacks.put(list(rcs))
         port = self.ws_port if transport == "websockets" else self.port
         assert port is not None
         c.connect("127.0.0.1", port, keepalive=keepalive)
@@ -222,15 +223,11 @@ def clients(broker: EmbeddedBroker) -> Iterator[Clients]:
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
+def no_leaked_broker_threads() -> Iterator[None]:
+    """Every broker thread a test starts is gone (T s) after it."""
+    guard = ThreadGuard(prefix="xcloud-broker")
     yield
-    deadline = time.monotonic() + T
-    while time.monotonic() < deadline:
-        left = [t.name for t in threading.enumerate() if t.name.startswith("xcloud-broker")]
-        if not left:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"broker threads leaked: {left}")
+    guard.check(T)
 
 
 # -- raw MQTT for what paho will not do (stay silent, bad topics, vanish mid-flow) -----
@@ -270,7 +267,8 @@ def raw_connect(
     sock = socket.create_connection(("127.0.0.1", port), timeout=T)
     sock.sendall(_packet(0x10, body))
     connack = sock.recv(4)
-    assert connack[:2] == b"\x20\x02" and connack[3] == 0, connack
+    assert connack[:2] == b"\x20\x02", connack
+    assert connack[3] == 0, connack
     return sock
 
 
@@ -342,7 +340,8 @@ def test_slow_authenticator_does_not_block_the_broker(
     try:
         coord = clients.connect("coord", tok("coord"))
         alice = clients.connect("alice", tok("alice"))
-        assert coord.ok and alice.ok
+        assert coord.ok
+        assert alice.ok
         alice.subscribe("xcloud/client/alice/inbox/+")
         coord.publish("xcloud/client/alice/inbox/coord", b"while slow")
         assert alice.expect().payload == b"while slow"
@@ -350,7 +349,8 @@ def test_slow_authenticator_does_not_block_the_broker(
     finally:
         directory.gate.set()
         slow.join(T)
-    assert slow_result and slow_result[0].ok
+    assert slow_result
+    assert slow_result[0].ok
 
 
 def test_anonymous_mode(make_broker: Callable[..., EmbeddedBroker]) -> None:
@@ -410,7 +410,8 @@ def test_worker_cannot_publish_another_workers_status(clients: Clients) -> None:
 def test_wide_subscription_is_refused_and_leaks_nothing(clients: Clients) -> None:
     alice = clients.connect("alice", tok("alice"))
     rcs = alice.subscribe("xcloud/#")
-    assert len(rcs) == 1 and rcs[0].is_failure
+    assert len(rcs) == 1
+    assert rcs[0].is_failure
     assert alice.subscribe("xcloud/client/+/inbox/+")[0].is_failure
     assert alice.subscribe("$SYS/#")[0].is_failure
     assert not alice.subscribe("xcloud/client/alice/inbox/+")[0].is_failure
@@ -631,7 +632,8 @@ def test_denied_publish_from_a_vanishing_client_does_not_hurt_the_broker(
 
 def test_websocket_listener(make_broker: Callable[..., EmbeddedBroker]) -> None:
     b = make_broker(ws_port=0)
-    assert b.ws_port and b.ws_url == f"ws://127.0.0.1:{b.ws_port}"
+    assert b.ws_port
+    assert b.ws_url == f"ws://127.0.0.1:{b.ws_port}"
     cs = Clients.of(b)
     try:
         assert (
@@ -658,7 +660,8 @@ def test_port_in_use_raises_a_clear_error(directory: Directory) -> None:
         b = EmbeddedBroker(BrokerSettings(port=port), directory)
         with pytest.raises(PortInUseError) as err:
             b.start_in_thread()
-        assert err.value.port == port and err.value.host == "127.0.0.1"
+        assert err.value.port == port
+        assert err.value.host == "127.0.0.1"
         assert f"port {port} on 127.0.0.1 is already in use" in str(err.value)
         assert "--port" in str(err.value)
         assert isinstance(err.value, BrokerError)
@@ -924,7 +927,8 @@ def test_recheck_trigger_is_not_routed_to_subscribers(clients: Clients) -> None:
     coord.subscribe("xcloud/#")
     coord.publish(RECHECK, _recheck("alice"))
     root.publish(RECHECK, _recheck("alice"))
-    assert root.nothing() == [] and coord.nothing() == []
+    assert root.nothing() == []
+    assert coord.nothing() == []
 
 
 def test_invalid_recheck_messages_are_dropped(clients: Clients, directory: Directory) -> None:
@@ -955,7 +959,8 @@ def test_recheck_principals_from_python(
     directory.revoked.add("bob")
     assert broker.recheck_principals(["alice", "bob", "not/an id"]) == 2
     assert broker.recheck_principals(["bob"]) == 0  # cut once, counted once
-    assert bob.disconnected.wait(T) and bob2.disconnected.wait(T)
+    assert bob.disconnected.wait(T)
+    assert bob2.disconnected.wait(T)
     wait_for(lambda: broker.connected_clients() == {"alice": "alice"}, timeout=T,
              message="both of bob's connections are cut")
     assert not alice.disconnected.is_set()
@@ -1010,7 +1015,8 @@ def test_a_login_in_flight_during_a_recheck_is_checked_again(
     finally:
         directory.gate.set()
         connecting.join(T)
-    assert result and result[0].ok  # the stale answer let the CONNECT through...
+    assert result
+    assert result[0].ok  # the stale answer let the CONNECT through...
     assert result[0].disconnected.wait(T)  # ...but not for long
     wait_for(lambda: "slow" not in broker.connected_clients(), timeout=T,
              message="the stale login is cut")
@@ -1044,7 +1050,8 @@ def test_sender_rate_limit() -> None:
     assert [limit.allow("coord") for _ in range(4)] == [True, True, True, False]
     assert limit.allow("root")  # a bucket per sender
     now[0] += 0.5  # one token back
-    assert limit.allow("coord") and not limit.allow("coord")
+    assert limit.allow("coord")
+    assert not limit.allow("coord")
     now[0] += 100  # refills only up to the burst
     assert [limit.allow("coord") for _ in range(4)] == [True, True, True, False]
 

@@ -31,7 +31,8 @@ from broker.bus import Bus, Incoming
 from coordinator.service import Coordinator
 from schemas.codec import DEFAULT_MAX_PAYLOAD
 from schemas.messages import Error, Pong, WorkerEvent, WorkerHeartbeat, WorkerStatus
-from tests.fixtures.grid import FakeWorker, GridHarness, db_snapshot, minimal_caps
+from tests.fixtures.actors import FakeWorker, minimal_caps
+from tests.fixtures.grid import GridHarness, db_snapshot
 from tests.fixtures.services import wait_for
 
 pytestmark = [pytest.mark.integration]
@@ -102,9 +103,9 @@ def target(grid: GridHarness, caplog: pytest.LogCaptureFixture) -> Target:
     grid.add_principals(("w-good", "worker"), ("w-other", "worker"), (ATTACKER, "client"))
     coordinator = grid.start_coordinator()
     good = grid.fake_worker("w-good")
-    good.join(grid, tags=["good"])
+    good.join(tags=["good"])
     other = grid.fake_worker("w-other")
-    other.join(grid, tags=["other"])
+    other.join(tags=["other"])
     attacker = grid.bus(ATTACKER, "client", inbox=grid.topics.client_inbox(ATTACKER))
     return Target(grid, coordinator, good, other, attacker, Replies(attacker),
                   Replies(good.bus), caplog)
@@ -318,7 +319,9 @@ def test_garbage_on_a_workers_presence_topics(target: Target) -> None:
     check_replies(t.worker_replies, expected)
     assert_still_serving(t, before)
     other = grid.worker_record("w-other")
-    assert other is not None and other.state.value == "online" and other.tags == ["other"]
+    assert other is not None
+    assert other.state.value == "online"
+    assert other.tags == ["other"]
 
 
 def test_wrong_message_type_on_a_presence_topic_changes_nothing(target: Target) -> None:
@@ -336,7 +339,9 @@ def test_wrong_message_type_on_a_presence_topic_changes_nothing(target: Target) 
     for kind in ("caps", "status", "heartbeat"):
         t.barrier(functools.partial(t.good.raw, kind))
     record = grid.worker_record("w-good")
-    assert record is not None and record.tags == ["good"] and record.cpus == 4
+    assert record is not None
+    assert record.tags == ["good"]
+    assert record.cpus == 4
     assert db_snapshot(grid.store) == before
 
 
@@ -364,5 +369,6 @@ def test_noise_on_every_topic_the_coordinator_subscribes_to(target: Target) -> N
                         doc("ping", "not/an/inbox", v=7), doc("worker.status", None)):
             publisher.publish_bytes(topic, payload)
         t.barrier(functools.partial(publisher.publish_bytes, topic))
-    assert f"{root}/coord/inbox/+" in covered and f"{root}/worker/+/caps" in covered
+    assert f"{root}/coord/inbox/+" in covered
+    assert f"{root}/worker/+/caps" in covered
     assert_still_serving(t, before)

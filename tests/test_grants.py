@@ -137,7 +137,8 @@ def test_key_file_is_created_private_and_reused(tmp_path: Path) -> None:
     assert first.path == tmp_path / "data" / "grant_key.pem"
     assert stat.S_IMODE(first.path.stat().st_mode) == 0o600
     again = load_or_create_grant_key(tmp_path / "data")
-    assert again.public_text == first.public_text and again.kid == first.kid
+    assert again.public_text == first.public_text
+    assert again.kid == first.kid
     assert [p.name for p in first.path.parent.iterdir()] == ["grant_key.pem"]
     grant = first.sign(rid="r-9", client="bob", worker="w7", exp=NOW + 5, iat=NOW)
     claims = verify_grant(public_key_from_text(again.pubkey_message().key), grant,

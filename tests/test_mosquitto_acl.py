@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import queue
-import shutil
 import socket
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,8 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker.acl import Acl, Principal, Role
 from broker.credentials import hash_token
 from broker.mosquitto import render_acl, render_passwd, write_mosquitto_files
+from tests.fixtures.services import MosquittoFactory, MosquittoProcess
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 T = 5.0
 QUIET = 0.5
 
@@ -89,80 +86,23 @@ def test_acl_file_matches_acl_rules() -> None:
 
 @pytest.mark.parametrize("bad_id", ["a:b", "a b", "tab\there"])
 def test_ids_mosquitto_cannot_represent_are_refused(bad_id: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot be exported to Mosquitto"):
         render_passwd([(Principal(bad_id, Role.CLIENT), hash_token("x"))])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot be exported to Mosquitto"):
         render_acl([Principal(bad_id, Role.CLIENT)], "xcloud")
 
 
 def test_duplicates_and_foreign_hashes_are_refused() -> None:
     p = Principal("alice", Role.CLIENT)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="listed twice"):
         render_passwd([(p, hash_token("a")), (p, hash_token("b"))])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"not a Mosquitto \$7\$ hash"):
         render_passwd([(p, "$6$salt$crypt")])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="listed twice"):
         render_acl([p, p], "xcloud")
 
 
 # -- the real broker ---------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class MosquittoProcess:
-    """A real mosquitto on a free 127.0.0.1 port with our exported files."""
-
-    def __init__(self, directory: Path, passwd: Path, acl: Path) -> None:
-        self.port = _free_port()
-        self.log_path = directory / "mosquitto.log"
-        conf = directory / "mosquitto.conf"
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous false",
-            f"password_file {passwd}",
-            f"acl_file {acl}",
-            "persistence false",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-        ]
-        if os.geteuid() == 0:
-            lines.append("user root")  # else it drops to 'mosquitto', who cannot read 0600 files
-        conf.write_text("\n".join(lines) + "\n")
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(conf)], stdout=self._log, stderr=subprocess.STDOUT
-        )
-        self._wait_listening()
-
-    def _wait_listening(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log_path.read_text(errors='replace')}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(T)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(T)
-        self._log.close()
 
 
 class Client:
@@ -186,13 +126,13 @@ class Client:
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.subacks: queue.Queue[list[Any]] = queue.Queue()
 
-        def on_connect(cl: mqtt.Client, ud: Any, flags: Any, rc: Any, props: Any) -> None:
+        def on_connect(_cl: mqtt.Client, _ud: Any, _flags: Any, rc: Any, _props: Any) -> None:
             self.rc = rc
             self.connected.set()
 
         self.c.on_connect = on_connect
-        self.c.on_message = lambda cl, ud, m: self.messages.put((m.topic, bytes(m.payload)))
-        self.c.on_subscribe = lambda cl, ud, mid, rcs, props: self.subacks.put(list(rcs))
+        self.c.on_message = lambda _cl, _ud, m: self.messages.put((m.topic, bytes(m.payload)))
+        self.c.on_subscribe = lambda _cl, _ud, _mid, rcs, _props: self.subacks.put(list(rcs))
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
         assert self.connected.wait(T), "no CONNACK"
@@ -221,15 +161,10 @@ class Client:
 
 
 @pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
-    if not os.path.exists(MOSQUITTO):
-        if os.environ.get("XCLOUD_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{MOSQUITTO} is required (XCLOUD_REQUIRE_SERVICES=1) but missing")
-        pytest.skip("mosquitto not installed")
+def mosquitto(mosquitto_factory: MosquittoFactory, tmp_path: Path) -> MosquittoProcess:
+    """A real Mosquitto with our exported files (tests/fixtures/services.py starts it)."""
     passwd, acl = write_mosquitto_files(principals(), "xcloud", tmp_path / "export")
-    proc = MosquittoProcess(tmp_path, passwd, acl)
-    yield proc
-    proc.stop()
+    return mosquitto_factory(allow_anonymous=False, password_file=passwd, acl_file=acl)
 
 
 @pytest.fixture
@@ -312,3 +247,32 @@ def test_forbidden_will_is_never_published(connect: Any) -> None:
     sock.close()
     assert bob.expect() == ("xcloud/worker/w2/status", b"offline")
     assert bob.nothing() == []
+
+
+@pytest.mark.mosquitto
+@pytest.mark.integration
+def test_transfer_segments_follow_the_sender_rule(connect: Any) -> None:
+    """Segments (docs/transfer.md): published under one's own id only, read only by the
+    destination (Mosquitto grants any subscription but checks every delivery)."""
+    coord = connect("coord", TOKENS["coord"])
+    alice = connect("alice", TOKENS["alice"])
+    bob = connect("bob", TOKENS["bob"])
+    w1 = connect("w1", TOKENS["w1"])
+    w2 = connect("w2", TOKENS["w2"])
+    coord.subscribe("xcloud/coord/xfer/+/+/+/+")
+    alice.subscribe("xcloud/client/alice/xfer/#")
+    w1.subscribe("xcloud/worker/w1/xfer/#")
+    bob.subscribe("xcloud/client/alice/xfer/#")  # another client's downloads
+    bob.subscribe("xcloud/coord/xfer/#")  # everyone's uploads
+    w2.subscribe("xcloud/worker/w1/xfer/#")  # another worker's
+    alice.publish("xcloud/coord/xfer/bob/tid0001/0/00000000", b"forged sender")
+    alice.publish("xcloud/client/bob/xfer/alice/tid0001/0/00000000", b"client to client")
+    w2.publish("xcloud/worker/w1/xfer/w2/tid0001/0/00000000", b"worker to worker")
+    alice.publish("xcloud/worker/w1/xfer/alice/tid0001/0/00000000", b"put")
+    w1.publish("xcloud/client/alice/xfer/w1/tid0002/0/00000000", b"get")
+    alice.publish("xcloud/coord/xfer/alice/tid0003/0/00000000", b"upload")
+    assert w1.expect() == ("xcloud/worker/w1/xfer/alice/tid0001/0/00000000", b"put")
+    assert alice.expect() == ("xcloud/client/alice/xfer/w1/tid0002/0/00000000", b"get")
+    assert coord.expect() == ("xcloud/coord/xfer/alice/tid0003/0/00000000", b"upload")
+    for cl in (coord, alice, w1, bob, w2):
+        assert cl.nothing() == []

@@ -16,7 +16,6 @@ removed, and must have been nothing: every reservation was released or ended.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.e2e import BOTH_EXECUTORS, REPO, E2EGrid
-from tests.fixtures.services import wait_for
+from tests.fixtures.services import require_executable, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -91,8 +90,7 @@ class Tmux:
 
 @pytest.fixture
 def tmux_shell(grid: E2EGrid, tmp_path: Path) -> Iterator[Tmux]:
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed")
+    require_executable("tmux")
     principal, token = grid.add_principal("shell")
     env = grid.client_env(principal, token)
     env.pop("NO_COLOR", None)
@@ -129,12 +127,14 @@ def test_xcloud_session_in_a_terminal(grid: E2EGrid, tmux_shell: Tmux) -> None:
     term.type("output ls -al")
     screen = term.wait_text("total", "hello.txt", " ..", "[exit 0", after="output ls -al")
     if grid.docker:  # the container's /work, owned by its user (uid 1000, "xcloud")
-        assert " xcloud " in screen and ".xcloud" in screen
+        assert " xcloud " in screen
+        assert ".xcloud" in screen
     term.type("output pwd; id -u")
     screen = term.wait_text("[exit 0", after="output pwd; id -u")
     lines = screen.splitlines()
     if grid.docker:
-        assert "/work" in lines and "1000" in lines, screen
+        assert "/work" in lines, screen
+        assert "1000" in lines, screen
     else:  # the session's work dir on the host, as the worker's own user
         assert str(os.getuid()) in lines, screen
         assert any(line.startswith(str(grid.home)) and line.endswith("/work")
@@ -146,7 +146,8 @@ def test_xcloud_session_in_a_terminal(grid: E2EGrid, tmux_shell: Tmux) -> None:
 
 
 @BOTH_EXECUTORS
-def test_ctrl_c_interrupts_the_remote_command(grid: E2EGrid, tmux_shell: Tmux) -> None:
+@pytest.mark.usefixtures("grid")
+def test_ctrl_c_interrupts_the_remote_command(tmux_shell: Tmux) -> None:
     term = tmux_shell
     term.type("reserve any")
     term.wait_text("reserved ", after="reserve any")
@@ -175,6 +176,7 @@ def test_piped_script_has_no_prompt(grid: E2EGrid) -> None:
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 3, result.stderr
     assert "xcloud>" not in result.stdout
-    assert "online" in result.stdout and "one" in result.stdout
+    assert "online" in result.stdout
+    assert "one" in result.stdout
     assert "two" in result.stderr
     assert "\x1b[" not in result.stdout  # no colour without a terminal
