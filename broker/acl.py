@@ -159,6 +159,10 @@ class Acl:
     workers' inboxes under its own id and reads its own inbox, worker status/caps,
     coordinator status/pubkey and events (an admin also reads heartbeats, and may ask
     the broker to re-check principals on ``R/broker/recheck``, as the coordinator may).
+    File transfer segments (docs/transfer.md) follow the inbox rule: a principal
+    publishes them under its own id only, ``R/coord/xfer/{id}/#`` and, like its inbox
+    rights, ``R/client/+/xfer/{W}/#`` (worker) or ``R/worker/+/xfer/{C}/#`` (client),
+    and subscribes only to its own ``R/worker/{W}/xfer/#`` or ``R/client/{C}/xfer/#``.
     Everything else, including any ``$``-topic for non-coordinators, is denied.
     """
 
@@ -215,8 +219,11 @@ class Acl:
                     f"{r}/worker/{pid}/heartbeat",
                     f"{r}/coord/inbox/{pid}",
                     f"{r}/client/+/inbox/{pid}",
+                    f"{r}/coord/xfer/{pid}/#",
+                    f"{r}/client/+/xfer/{pid}/#",
                 ],
-                [f"{r}/worker/{pid}/inbox/+", f"{r}/coord/status", f"{r}/coord/pubkey"],
+                [f"{r}/worker/{pid}/inbox/+", f"{r}/coord/status", f"{r}/coord/pubkey",
+                 f"{r}/worker/{pid}/xfer/#"],
             )
         if role in (Role.CLIENT, Role.ADMIN):
             subscribe = [
@@ -226,8 +233,10 @@ class Acl:
                 f"{r}/coord/status",
                 f"{r}/coord/pubkey",
                 f"{r}/event/#",
+                f"{r}/client/{pid}/xfer/#",
             ]
-            publish = [f"{r}/coord/inbox/{pid}", f"{r}/worker/+/inbox/{pid}"]
+            publish = [f"{r}/coord/inbox/{pid}", f"{r}/worker/+/inbox/{pid}",
+                       f"{r}/coord/xfer/{pid}/#", f"{r}/worker/+/xfer/{pid}/#"]
             if role == Role.ADMIN:
                 subscribe.append(f"{r}/worker/+/heartbeat")
                 # Revocation must reach live connections (broker.revocation). The broker

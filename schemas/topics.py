@@ -103,6 +103,36 @@ class Topics:
     def all_events(self) -> str:
         return f"{self.root}/event/#"
 
+    # -- transfers (docs/transfer.md) ---------------------------------------
+    # A component's transfer base sits beside its inbox: segments for it arrive on
+    # ``{base}/{sender}/{tid}/{offset}/{crc32}``, and the ACL lets a principal publish
+    # there only under its own id, like the inbox's sender suffix.
+    @property
+    def coord_xfer(self) -> str:
+        return f"{self.root}/coord/xfer"
+
+    def worker_xfer(self, wid: str) -> str:
+        return f"{self.root}/worker/{_check_segment(wid, 'worker id')}/xfer"
+
+    def client_xfer(self, cid: str) -> str:
+        return f"{self.root}/client/{_check_segment(cid, 'client id')}/xfer"
+
+    def xfer_for_inbox(self, base_inbox: str) -> str:
+        """The transfer base of the component whose base inbox is ``base_inbox``."""
+        if not self.is_inbox(base_inbox):
+            raise ValueError(f"{base_inbox!r} is not a base inbox of this grid")
+        return base_inbox[: -len("inbox")] + "xfer"
+
+    @staticmethod
+    def xfer_filter(xfer_base: str) -> str:
+        """What the owner of ``xfer_base`` subscribes to: every segment, any sender."""
+        return f"{xfer_base}/+/+/+/+"
+
+    @staticmethod
+    def xfer_segment(xfer_base: str, sender: str, tid: str, offset: int, crc32: int) -> str:
+        """The topic of one segment (``crc32`` as 8 lowercase hex digits)."""
+        return f"{xfer_base}/{_check_segment(sender, 'sender id')}/{tid}/{offset}/{crc32:08x}"
+
     # -- helpers -------------------------------------------------------------
     def inbox_for(self, base: str, sender: str) -> str:
         """The concrete topic a ``sender`` publishes to in the inbox ``base``."""

@@ -84,20 +84,20 @@ def test_invalid_filters(flt: str) -> None:
 
 @pytest.mark.parametrize("bad", ["a/b", "a+", "#", "", "x\0", "z" * 129])
 def test_principal_ids_with_topic_syntax_are_refused(bad: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid principal id"):
         Principal(bad, Role.CLIENT)
 
 
 def test_principal_role_from_string() -> None:
     p = Principal("alice", "client")  # type: ignore[arg-type]
     assert p.role is Role.CLIENT
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a valid Role"):
         Principal("alice", "superuser")  # type: ignore[arg-type]
 
 
 def test_acl_refuses_bad_root() -> None:
     for bad in ["", "a/+", "a/#", "$SYS", "a//b"]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="invalid topic root"):
             Acl(bad)
 
 
@@ -243,8 +243,10 @@ def test_sys_never_for_non_coordinators() -> None:
 
 def test_rules_listing_and_roots() -> None:
     pub, sub = Acl("grid/a").rules(BOB)
-    assert pub == ["grid/a/coord/inbox/bob", "grid/a/worker/+/inbox/bob"]
+    assert pub == ["grid/a/coord/inbox/bob", "grid/a/worker/+/inbox/bob",
+                   "grid/a/coord/xfer/bob/#", "grid/a/worker/+/xfer/bob/#"]
     assert "grid/a/client/bob/inbox/+" in sub
+    assert "grid/a/client/bob/xfer/#" in sub
     other = Acl("other")
     assert not other.can_publish(BOB, "xcloud/coord/inbox/bob")
     assert other.can_publish(BOB, "other/coord/inbox/bob")
@@ -285,3 +287,54 @@ def test_only_coordinator_and_admin_may_ask_the_broker_to_recheck() -> None:
     assert not ACL.can_publish(ROOT, "xcloud/broker/other")
     assert Acl("grid/a").can_publish(ROOT, "grid/a/broker/recheck")
     assert not Acl("grid/a").can_publish(ROOT, "xcloud/broker/recheck")
+
+
+# -- file transfer segments (docs/transfer.md) ------------------------------------------
+
+SEGMENT = "tid0001/262144/deadbeef"  # {tid}/{offset}/{crc32} below the sender level
+
+
+def test_segments_are_published_under_the_senders_own_id() -> None:
+    assert ACL.can_publish(ALICE, f"xcloud/coord/xfer/alice/{SEGMENT}")
+    assert ACL.can_publish(ALICE, f"xcloud/worker/w1/xfer/alice/{SEGMENT}")  # put
+    assert ACL.can_publish(W1, f"xcloud/coord/xfer/w1/{SEGMENT}")  # results, uploads
+    assert ACL.can_publish(W1, f"xcloud/client/alice/xfer/w1/{SEGMENT}")  # get
+    assert ACL.can_publish(COORD, f"xcloud/worker/w1/xfer/coord/{SEGMENT}")  # downloads
+    assert ACL.can_publish(COORD, f"xcloud/client/alice/xfer/coord/{SEGMENT}")
+    assert ACL.can_publish(ROOT, f"xcloud/coord/xfer/root/{SEGMENT}")
+    for who, topic in [
+        (ALICE, f"xcloud/coord/xfer/bob/{SEGMENT}"),  # under another principal's id
+        (ALICE, f"xcloud/worker/w1/xfer/bob/{SEGMENT}"),
+        (ALICE, f"xcloud/client/bob/xfer/alice/{SEGMENT}"),  # client to client
+        (ALICE, f"xcloud/client/alice/xfer/alice/{SEGMENT}"),
+        (W1, f"xcloud/coord/xfer/w2/{SEGMENT}"),
+        (W1, f"xcloud/worker/w2/xfer/w1/{SEGMENT}"),  # worker to worker, like inboxes
+        (W1, f"xcloud/client/alice/xfer/coord/{SEGMENT}"),
+        (ROOT, f"xcloud/coord/xfer/alice/{SEGMENT}"),
+    ]:
+        assert not ACL.can_publish(who, topic), (who.id, topic)
+    for who in (ALICE, W1, COORD):
+        assert not ACL.can_retain(who, f"xcloud/coord/xfer/{who.id}/{SEGMENT}")
+
+
+def test_each_principal_subscribes_to_its_own_transfer_topics_only() -> None:
+    assert ACL.can_subscribe(ALICE, "xcloud/client/alice/xfer/#")
+    assert ACL.can_subscribe(ALICE, "xcloud/client/alice/xfer/+/+/+/+")
+    assert ACL.can_subscribe(W1, "xcloud/worker/w1/xfer/+/+/+/+")
+    assert ACL.can_subscribe(COORD, "xcloud/coord/xfer/+/+/+/+")
+    for who, flt in [
+        (ALICE, "xcloud/client/bob/xfer/#"),
+        (ALICE, "xcloud/client/+/xfer/#"),
+        (ALICE, "xcloud/coord/xfer/#"),
+        (ALICE, "xcloud/coord/xfer/alice/#"),  # not even its own uploads to the coordinator
+        (ALICE, "xcloud/worker/+/xfer/alice/#"),
+        (ALICE, "xcloud/client/alice/#"),
+        (W1, "xcloud/worker/w2/xfer/#"),
+        (W1, "xcloud/worker/+/xfer/+/+/+/+"),
+        (W1, "xcloud/client/alice/xfer/#"),
+        (ROOT, "xcloud/coord/xfer/#"),
+    ]:
+        assert not ACL.can_subscribe(who, flt), (who.id, flt)
+    assert ACL.can_receive(ALICE, f"xcloud/client/alice/xfer/coord/{SEGMENT}")
+    assert not ACL.can_receive(BOB, f"xcloud/client/alice/xfer/coord/{SEGMENT}")
+    assert not ACL.can_receive(W1, f"xcloud/worker/w2/xfer/alice/{SEGMENT}")
