@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from schemas.outcome import Outcome
+
 B = TypeVar("B", bound="Body")
 
 
@@ -209,6 +211,77 @@ class WorkersDrain(Body):
     drain: bool
 
 
+# -- administration (admins only; coordinator/admin.py) ------------------------------
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PrincipalsAdd(Body):
+    TYPE: ClassVar[str] = "principals.add"
+    principal: str
+    role: str
+    note: str | None = None
+    replace: bool | None = None
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PrincipalsRotate(Body):
+    TYPE: ClassVar[str] = "principals.rotate"
+    principal: str
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PrincipalsRevoke(Body):
+    TYPE: ClassVar[str] = "principals.revoke"
+    principal: str
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PrincipalsToken(Body):
+    """A principal's new token: the only time it travels, as the reply to its admin."""
+
+    TYPE: ClassVar[str] = "principals.token"
+    principal: str
+    role: str
+    token: str = field(repr=False)
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PrincipalsList(Body):
+    TYPE: ClassVar[str] = "principals.list"
+    include_revoked: bool | None = None
+    after: str | None = None
+    limit: int | None = None
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PrincipalsListReply(Body):
+    TYPE: ClassVar[str] = "principals.list.reply"
+    principals: list[dict[str, Any]]
+    cursor: str | None = None
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class MosquittoExport(Body):
+    TYPE: ClassVar[str] = "mosquitto.export"
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class MosquittoExportReply(Body):
+    TYPE: ClassVar[str] = "mosquitto.export.reply"
+    root: str
+    principals: int
+    passwd: str = field(repr=False)
+    acl: str = field(repr=False)
+
+
 @message
 @dataclass(frozen=True, kw_only=True)
 class WorkerEvent(Body):
@@ -361,18 +434,14 @@ class ExecOutput(Body):
 
 @message
 @dataclass(frozen=True, kw_only=True)
-class ExecExit(Body):
+class ExecExit(Body, Outcome):
+    """The command ended: its exit facts come from ``Outcome`` (the wire keeps their flat
+    names); ``duration_s`` is always set here."""
+
     TYPE: ClassVar[str] = "exec.exit"
     exec_id: str
     last_seq: int
-    duration_s: float
-    exit_code: int | None = None
-    signal: int | None = None
-    timed_out: bool | None = None
-    truncated: bool | None = None
-    oom_killed: bool | None = None
-    error: str | None = None
-    output_bytes: int | None = None
+    duration_s: float = field()  # field(): no default (Outcome's None would be inherited)
 
 
 @message
@@ -422,7 +491,9 @@ class ExecLogsReply(Body):
 
 @message
 @dataclass(frozen=True, kw_only=True)
-class ExecReport(Body):
+class ExecReport(Body, Outcome):
+    """The worker's audit record of one command; its exit facts come from ``Outcome``."""
+
     TYPE: ClassVar[str] = "exec.report"
     reservation: str
     client: str
@@ -430,14 +501,6 @@ class ExecReport(Body):
     command: str
     started_at: float
     mode: str | None = None
-    exit_code: int | None = None
-    signal: int | None = None
-    duration_s: float | None = None
-    timed_out: bool | None = None
-    truncated: bool | None = None
-    oom_killed: bool | None = None
-    error: str | None = None
-    output_bytes: int | None = None
 
 
 @message
@@ -455,3 +518,6 @@ class AuditList(Body):
 class AuditListReply(Body):
     TYPE: ClassVar[str] = "audit.list.reply"
     records: list[dict[str, Any]]
+
+
+import schemas.transfer_messages  # noqa: E402,F401  (registers the xfer.* message types)

@@ -19,20 +19,33 @@ for n in names:
                         "contentType": "application/json",
                         "payload": {"$ref": f"./json/{n}.json"}}
 P = lambda d: {"description": d}
+# Administration (coordinator/admin.py): admins only, others get error forbidden.
+ADMIN_REQUESTS = ["principals.add","principals.rotate","principals.revoke","principals.list","mosquitto.export"]
+ADMIN_REPLIES = ["principals.token","principals.list.reply","mosquitto.export.reply"]
+# File transfers (broker/transfer, docs/transfer.md): any component can be either end.
+XFER = ["xfer.init","xfer.state","xfer.ack","xfer.status","xfer.fin","xfer.abort","xfer.fetch"]
+# Segments are the one non-JSON payload: raw bytes, metadata in the topic.
+messages["xfer_segment"] = {"name": "xfer.segment", "title": "xfer.segment",
+    "summary": "One segment of a file: the raw bytes (no envelope, no JSON). The topic carries the sender, tid, byte offset (decimal, a multiple of the transfer's segment_size) and the CRC-32 of the bytes (8 lowercase hex digits). Length = min(segment_size, size - offset). QoS 1, never retained. The receiver drops (and logs) anything that does not match a transfer it knows from that sender.",
+    "contentType": "application/octet-stream", "payload": {"type": "string", "format": "binary", "maxLength": 2097152}}
+XFER_PARAMS = {"sender": "principal id of the publisher (enforced by the broker ACL)", "tid": "transfer id", "offset": "byte offset of the segment, decimal", "crc32": "CRC-32 of the payload, 8 lowercase hex digits"}
 channels = {
   "coordStatus": ("{root}/coord/status", "Coordinator presence (retained; its last will says down). QoS 1.", ["coord.status"], {}),
   "coordPubkey": ("{root}/coord/pubkey", "The coordinator's Ed25519 grant-verification key (retained). QoS 1.", ["coord.pubkey"], {}),
   "coordInbox": ("{root}/coord/inbox/{sender}", "Requests and reports to the coordinator. `sender` is the publisher's principal id, enforced by the broker ACL. QoS 1.",
-      ["ping","workers.list","workers.show","workers.drain","reserve","renew","release","reservations.list","client.hello","client.gone","exec.report","audit.list","ok","error","exec.started"], {"sender": "principal id of the publisher"}),
+      ["ping","workers.list","workers.show","workers.drain","reserve","renew","release","reservations.list","client.hello","client.gone","exec.report","audit.list",*ADMIN_REQUESTS,*XFER,"ok","error","exec.started"], {"sender": "principal id of the publisher"}),
   "workerStatus": ("{root}/worker/{wid}/status", "Worker presence (retained; last will = offline, clean=false). QoS 1.", ["worker.status"], {"wid": "worker id (= its principal id)"}),
   "workerCaps": ("{root}/worker/{wid}/caps", "Worker capability document (retained). QoS 1.", ["worker.caps"], {"wid": "worker id"}),
   "workerHeartbeat": ("{root}/worker/{wid}/heartbeat", "Live metrics every heartbeat interval. QoS 0, not retained.", ["worker.heartbeat"], {"wid": "worker id"}),
   "workerInbox": ("{root}/worker/{wid}/inbox/{sender}", "Messages to a worker: from the coordinator (caps.refresh, reservation.open/close, ping) and from the grant holder (exec.*). QoS 1.",
-      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
+      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs",*XFER,"ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
   "clientInbox": ("{root}/client/{cid}/inbox/{sender}", "Replies, exec output streams and notifications to a client. QoS 1.",
-      ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","audit.list.reply","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
+      ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","audit.list.reply",*ADMIN_REPLIES,*XFER,"ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
   "brokerRecheck": ("{root}/broker/recheck", "Coordinator/admin -> embedded broker: re-authenticate these principals' live sessions and cut those that no longer pass (after a revoke). Only coordinator and admin principals may publish. QoS 1.", ["broker.recheck"], {}),
   "workerEvents": ("{root}/event/worker/{wid}", "Worker state changes for watchers. QoS 0.", ["event.worker"], {"wid": "worker id"}),
+  "coordXfer": ("{root}/coord/xfer/{sender}/{tid}/{offset}/{crc32}", "File segments to the coordinator (uploads; docs/transfer.md). Raw bytes. A principal publishes only under its own id; only the coordinator subscribes.", ["xfer.segment"], XFER_PARAMS),
+  "workerXfer": ("{root}/worker/{wid}/xfer/{sender}/{tid}/{offset}/{crc32}", "File segments to a worker (its downloads from the coordinator, a client's put). Raw bytes. Only that worker subscribes.", ["xfer.segment"], {"wid": "worker id", **XFER_PARAMS}),
+  "clientXfer": ("{root}/client/{cid}/xfer/{sender}/{tid}/{offset}/{crc32}", "File segments to a client (its downloads from the coordinator or a reserved worker). Raw bytes. Only that client subscribes.", ["xfer.segment"], {"cid": "client principal id", **XFER_PARAMS}),
 }
 used = set()
 chan_out = {}
@@ -54,6 +67,10 @@ def op(name, action, ch, msgs, summary, reply=None):
 op("sendCoordinatorRequest", "send", "coordInbox", ["ping","workers.list","workers.show","workers.drain","reserve","renew","release","reservations.list","audit.list"],
    "A client asks the coordinator; the reply goes to the client's inbox (reply_to).",
    ("clientInbox", ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","audit.list.reply","ok","error"]))
+op("sendAdminRequest", "send", "coordInbox", ADMIN_REQUESTS,
+   "An admin manages principals or exports the Mosquitto files; anyone else gets error forbidden. A revoke or rotation is followed by broker.recheck.",
+   ("clientInbox", [*ADMIN_REPLIES,"ok","error"]))
+op("askBrokerRecheck", "send", "brokerRecheck", ["broker.recheck"], "After a revoke or rotation the coordinator asks the embedded broker to cut the principal's live sessions.")
 op("announceClient", "send", "coordInbox", ["client.hello","client.gone"], "A client connection says hello on connect; its last will says gone.")
 op("reportExec", "send", "coordInbox", ["exec.report"], "A worker reports a finished command for the audit trail.")
 op("publishWorkerPresence", "send", "workerStatus", ["worker.status"], "A worker publishes its presence.")
@@ -66,6 +83,16 @@ op("streamExecOutput", "send", "clientInbox", ["exec.output","exec.exit"], "A wo
 op("notifyReservationEnded", "send", "clientInbox", ["reservation.ended"], "The coordinator tells a holder that its reservation ended.")
 op("publishCoordStatus", "send", "coordStatus", ["coord.status"], "The coordinator publishes its presence.")
 op("publishCoordPubkey", "send", "coordPubkey", ["coord.pubkey"], "The coordinator publishes its grant key.")
+op("offerTransfer", "send", "coordInbox", ["xfer.init","xfer.status","xfer.fin","xfer.abort"],
+   "The sender of a file (here a client or worker uploading to the coordinator; the same towards a worker or a client) offers it, asks for the receiver's ranges, finishes or aborts.",
+   ("clientInbox", ["xfer.state","ok","error"]))
+op("requestDownload", "send", "coordInbox", ["xfer.fetch"],
+   "A downloader asks a holder (the coordinator, or a reserved worker on its inbox) to describe a file and stream the ranges it lacks.",
+   ("clientInbox", ["xfer.init","error"]))
+op("acknowledgeSegments", "send", "clientInbox", ["xfer.ack"], "The receiver tells the sender which ranges are durable (every few segments or ~50 ms).")
+op("streamSegmentsToCoordinator", "send", "coordXfer", ["xfer.segment"], "A sender streams segments, a window at a time, to the coordinator.")
+op("streamSegmentsToWorker", "send", "workerXfer", ["xfer.segment"], "The coordinator or a grant holder streams segments to a worker.")
+op("streamSegmentsToClient", "send", "clientXfer", ["xfer.segment"], "The coordinator or a reserved worker streams segments to a client.")
 op("publishWorkerEvent", "send", "workerEvents", ["event.worker"], "The coordinator announces worker state changes.")
 doc = {
   "asyncapi": "3.0.0",
