@@ -24,8 +24,9 @@ import contextlib
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.common import (
     SPAWN,
@@ -49,6 +50,9 @@ from bench.common import (
     unique_root,
 )
 from broker.bus import Lane
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
 
 ROLES = (("bench-a", "coordinator"), ("bench-b", "coordinator"),
          ("bench-coord", "coordinator"), ("bench-client", "client"))
@@ -77,7 +81,7 @@ def _raw_echo(conn: Any, url: str, ident: Identity, root: str, qos: int) -> None
     quiet_logging()
     pong = f"{root}/bench/pong"
 
-    def on_message(c: Any, userdata: Any, msg: Any) -> None:
+    def on_message(c: Any, _userdata: Any, msg: Any) -> None:
         c.publish(pong, msg.payload, qos)
 
     client = paho_connect(url, ident, on_message=on_message,
@@ -125,13 +129,13 @@ def _subscriber(conn: Any, url: str, ident: Identity, root: str, topic: str, qos
 
     if use_bus:
         bus = _bus_for(url, ident, root)
-        bus.subscribe(topic, lambda inc: seen(1), qos=qos, lane=Lane.DEFAULT)
+        bus.subscribe(topic, lambda _inc: seen(1), qos=qos, lane=Lane.DEFAULT)
         bus.start()
         time.sleep(0.5)  # the Bus does not expose SUBACK; give it time to land
         client = None
     else:
         bus = None
-        client = paho_connect(url, ident, on_message=lambda c, u, m: seen(len(m.payload)),
+        client = paho_connect(url, ident, on_message=lambda _c, _u, m: seen(len(m.payload)),
                               subscribe=[(topic, qos)])
     conn.send("ready")
     while not done.wait(0.05):
@@ -152,6 +156,7 @@ def _publisher(conn: Any, url: str, ident: Identity, root: str, topic: str, qos:
     """Publish ``n`` messages as fast as possible once told to go."""
     die_with_parent()
     quiet_logging()
+    publish: Callable[[], mqtt.MQTTMessageInfo]
     if use_bus:
         from schemas.messages import Ping
 
@@ -220,7 +225,7 @@ def raw_rtt(url: str, ident: Identity, root: str, qos: int, n: int, warmup: int
         echo.recv(30)
         got: list[Any] = []
         client = paho_connect(url, ident, threaded=False,
-                              on_message=lambda c, u, m: got.append(m),
+                              on_message=lambda _c, _u, m: got.append(m),
                               subscribe=[(f"{root}/bench/pong", qos)])
         ping = f"{root}/bench/ping"
         samples: list[float] = []

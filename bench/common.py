@@ -379,7 +379,7 @@ class AmqttBroker(Broker):
 
     kind = "amqtt"
 
-    def __init__(self, ids: dict[str, Identity], root: str, workdir: Path | None = None
+    def __init__(self, ids: dict[str, Identity], root: str, _workdir: Path | None = None
                  ) -> None:
         self.ids = ids
         self.root = root
@@ -462,14 +462,14 @@ def paho_connect(url: str, ident: Identity, client_id: str | None = None, *,
     subscribed = threading.Event()
     refused: list[str] = []
 
-    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+    def on_connect(c: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
             refused.append(str(reason))
             return
         set_nodelay(c)
         connected.set()
 
-    def on_subscribe(c: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+    def on_subscribe(_c: mqtt.Client, _userdata: Any, _mid: int, codes: Any, _props: Any) -> None:
         bad = [str(rc) for rc in codes if rc.is_failure]
         if bad:
             refused.append(f"subscription refused: {bad}")
@@ -736,8 +736,9 @@ def _patch_body_fields() -> None:
         fields = tuple(f.name for f in dataclasses.fields(cls))
         return fields, frozenset(fields)
 
-    def to_dict(self: Any) -> dict[str, Any]:
-        return {n: v for n in names(type(self))[0] if (v := getattr(self, n)) is not None}
+    def to_dict(self: messages.Body) -> dict[str, Any]:
+        cls: type = type(self)  # as type[Body], mypy fails it against Hashable
+        return {n: v for n in names(cls)[0] if (v := getattr(self, n)) is not None}
 
     def from_dict(cls: Any, data: dict[str, Any]) -> Any:
         allowed = names(cls)[1]
@@ -780,7 +781,6 @@ def _coordinator_main(conn: Any, bus_url: str, root: str, ident: Identity, db_ur
     for name in patches:
         PATCHES[name]()
     from broker.config import BusConfig, Config
-    from coordinator.models import WorkerSample
     from coordinator.service import Coordinator
     from coordinator.store import Store
 
@@ -868,7 +868,7 @@ def _coordinator_main(conn: Any, bus_url: str, root: str, ident: Identity, db_ur
                 conn.send(sampler.get("result"))
             elif cmd == "rows":
                 with store.db.connection_context():
-                    conn.send(WorkerSample.select().count())
+                    conn.send(store.models.WorkerSample.select().count())
             elif cmd == "stop":
                 break
     finally:

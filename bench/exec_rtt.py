@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import io
 import os
 import shlex
 import shutil
@@ -168,7 +169,7 @@ def read_pipe(cmd: list[str]) -> int:
     n = 0
     with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL) as proc:
-        assert proc.stdout is not None
+        assert isinstance(proc.stdout, io.BufferedReader)  # stdout=PIPE, default bufsize
         while chunk := proc.stdout.read1(1 << 20):
             n += len(chunk)
     if proc.returncode != 0:

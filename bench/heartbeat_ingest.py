@@ -72,10 +72,10 @@ from bench.common import (
 
 INTERVAL_S = 300.0
 TARGET = 10_000.0  # heartbeats/s, SQLite via Mosquitto
-FULL = {"sizes": [1000, 5000], "count": 20_000, "publishers": 3,
+FULL: dict[str, Any] = {"sizes": [1000, 5000], "count": 20_000, "publishers": 3,
         "configs": "mosquitto:sqlite:1000+5000,mosquitto:mariadb:1000,amqtt:sqlite:1000+5000,"
                    "amqtt:mariadb:1000,amqtt-embedded:sqlite:1000"}
-QUICK = {"sizes": [1000], "count": 10_000, "publishers": 2,
+QUICK: dict[str, Any] = {"sizes": [1000], "count": 10_000, "publishers": 2,
          "configs": "mosquitto:sqlite,amqtt:sqlite"}
 
 
@@ -331,7 +331,7 @@ def stage_costs(workdir: Path, db_kinds: list[str], n: int = 5000) -> dict[str, 
     """Per-heartbeat cost of each stage, single-threaded in this process."""
     from broker.bus import Incoming
     from broker.credentials import hash_token, new_token
-    from client.admin import issue_token
+    from coordinator.bootstrap import issue_token
     from coordinator.registry import WorkerRegistry
     from coordinator.store import Store
     from schemas.codec import decode
@@ -349,7 +349,7 @@ def stage_costs(workdir: Path, db_kinds: list[str], n: int = 5000) -> dict[str, 
     sink: list[Any] = []
     reg = WorkerRegistry(None, topics, liveness_factor=2, default_interval=INTERVAL_S,  # type: ignore[arg-type]
                          flush_s=0.2, publish_event=sink.append,
-                         request_caps=lambda w, b: None)
+                         request_caps=lambda _w, _b: None)
     for w in wids:
         reg.monitor.track(w, time.time(), INTERVAL_S)
     incomings = [Incoming(t, e, None) for (t, _), e in zip(items, envs)]
@@ -449,7 +449,8 @@ def _label(cfg: dict[str, Any]) -> str:
     queue = cfg.get("mosquitto_max_queued_messages")
     if queue:
         notes.append(f"max_queued_messages {queue}")
-    return cfg["broker"] + (f" ({', '.join(notes)})" if notes else "")
+    broker: str = cfg["broker"]
+    return broker + (f" ({', '.join(notes)})" if notes else "")
 
 
 def markdown(result: dict[str, Any]) -> str:

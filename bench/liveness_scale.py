@@ -67,9 +67,9 @@ from bench.common import (
 )
 
 FACTOR = 2.0
-FULL = {"workers": 5000, "interval": 2.0, "victims": 10, "publishers": 2,
+FULL: dict[str, Any] = {"workers": 5000, "interval": 2.0, "victims": 10, "publishers": 2,
         "configs": "mosquitto:sqlite:5000,amqtt-embedded:sqlite:2000"}
-QUICK = {"workers": 1000, "interval": 2.0, "victims": 5, "publishers": 2,
+QUICK: dict[str, Any] = {"workers": 1000, "interval": 2.0, "victims": 5, "publishers": 2,
          "configs": "mosquitto:sqlite"}
 TARGET_INTERVALS = 2.0
 JOIN_LIMIT_S = 60.0  # a coordinator that has not tracked every worker by then is overloaded
@@ -182,7 +182,7 @@ def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, vi
     events: list[tuple[float, str]] = []  # (when, wid) of every "lost" event
     lock = threading.Lock()
 
-    def on_event(c: Any, userdata: Any, msg: Any) -> None:
+    def on_event(_c: Any, _userdata: Any, msg: Any) -> None:
         with contextlib.suppress(ValueError, AttributeError):
             body = json.loads(msg.payload)
             if body.get("new_state") == "lost":

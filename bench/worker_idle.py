@@ -88,7 +88,7 @@ def run(quick: bool = False, seconds: float | None = None) -> dict[str, Any]:
         proc: subprocess.Popen[bytes] | None = None
         try:
             watcher = paho_connect(broker.url, ids["watcher"],
-                                   on_message=lambda c, u, m: beats.append(time.monotonic()),
+                                   on_message=lambda _c, _u, _m: beats.append(time.monotonic()),
                                    subscribe=[(f"{root}/worker/{wid}/heartbeat", 0)])
             env = dict(os.environ, XCLOUD_HOME=str(workdir / "home"),
                        XCLOUD_BUS_PRINCIPAL=wid, XCLOUD_BUS_TOKEN=ids[wid].token,

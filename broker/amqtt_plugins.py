@@ -222,12 +222,13 @@ class XcloudAuthPlugin(BaseAuthPlugin):
                 session.will_topic,
             )
             return False
-        if session.will_flag and session.will_retain:
-            if not self.runtime.acl.can_retain(principal, session.will_topic or ""):
-                log.info(
-                    "%s: last will on %r will not be retained", principal.id, session.will_topic
-                )
-                session.will_retain = False
+        if (
+            session.will_flag
+            and session.will_retain
+            and not self.runtime.acl.can_retain(principal, session.will_topic or "")
+        ):
+            log.info("%s: last will on %r will not be retained", principal.id, session.will_topic)
+            session.will_retain = False
         session.attributes[PRINCIPAL_KEY] = principal
         return True
 

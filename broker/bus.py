@@ -13,6 +13,7 @@ embedded amqtt broker and any MQTT 3.1.1 broker (Mosquitto, EMQX, ...).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
@@ -253,10 +254,8 @@ class Bus:
         for topic, body, qos, retain in publish or []:
             if self.connected.is_set():
                 info = self.publish(topic, body, qos=qos, retain=retain)
-                try:
+                with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(2.0)
-                except (RuntimeError, ValueError):
-                    pass
         try:
             self._client.disconnect()
         finally:
@@ -392,8 +391,8 @@ class Bus:
 
     # -- paho callbacks (network thread: never block here) -------------------------
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                    reason: ReasonCode, properties: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any,
+                    reason: ReasonCode, _properties: Any) -> None:
         if reason.is_failure:
             self._last_refusal = str(reason)
             log.warning("broker %s refused connection: %s", self.config.url, reason)
@@ -421,21 +420,21 @@ class Bus:
             lane = self._lane(Lane.CONNECT)
             lane.queue.put((_Subscription("", 0, Lane.CONNECT), _HOOK_MARKER))
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                       reason: ReasonCode, properties: Any) -> None:
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any,
+                       reason: ReasonCode, _properties: Any) -> None:
         self.connected.clear()
         if not self._stopping:
             log.warning("lost broker %s (%s); reconnecting", self.config.url, reason)
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
-                      reason_codes: list[ReasonCode], properties: Any) -> None:
+    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, mid: int,
+                      reason_codes: list[ReasonCode], _properties: Any) -> None:
         for rc in reason_codes:
             if rc.is_failure:
                 log.warning("broker refused a subscription: %s", rc)
         if mid == self._ready_mid:
             self._ready()
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # An exception here would kill paho's network thread for good: never let one out.
         try:
             self._route(msg)
@@ -574,10 +573,8 @@ def _set_nodelay(client: mqtt.Client) -> None:
     """Disable Nagle: small QoS 1 messages otherwise wait ~40 ms on delayed ACKs."""
     sock = client.socket()
     raw: Any = getattr(sock, "_socket", sock)  # websockets wrap the real socket
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
 
 
 class _Prevalidated:

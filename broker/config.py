@@ -108,7 +108,7 @@ class WorkerConfig:
     log_ring_bytes: int = 1024 * 1024  # output kept per command for exec.logs
     coord_pubkey: str = ""  # base64 Ed25519 key that signs grants; "" = from coord/pubkey
     coordinator_principal: str = "coordinator"  # the only sender of reservation.open/close
-    # The docker executor (worker/executors/docker.py, docs/docker.md).
+    # The docker executor (worker/executors/docker/, docs/docker.md).
     docker_image: str = "xcloud-base:bookworm"  # used when a reservation names none
     docker_network: bool = False  # may sessions ask for a network ("host")? owner's call
     docker_memory_bytes: int = 512 * 1024 * 1024  # per session container, no swap

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import logging
 import socket
@@ -434,10 +435,8 @@ class EmbeddedBroker:
         thread, loop, task = self._thread, self._loop, self._task
         if thread is None or loop is None or task is None:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # loop closed: the thread is ending by itself
             loop.call_soon_threadsafe(task.cancel)
-        except RuntimeError:  # loop already closed: the thread is ending by itself
-            pass
         thread.join(timeout)
         if thread.is_alive():
             raise BrokerError(f"embedded broker thread did not stop within {timeout} s")

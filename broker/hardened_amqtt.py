@@ -82,7 +82,8 @@ class GuardedReader(ReaderAdapter):
                 "dropping connection from %s: packet of %d bytes exceeds the limit", self._peer, n
             )
             raise PayloadTooLargeError(f"packet of {n} bytes exceeds the limit of {self._limit}")
-        return await self._inner.read(n)
+        data: bytes = await self._inner.read(n)
+        return data
 
     def feed_eof(self) -> None:
         self._inner.feed_eof()
@@ -279,8 +280,8 @@ class HardenedAmqttBroker(Broker):
         self,
         reader: ReaderAdapter,
         writer: WriterAdapter,
-        remote_address: str,
-        remote_port: int,
+        remote_address: str,  # noqa: ARG002 - amqtt's signature
+        remote_port: int,  # noqa: ARG002
     ) -> tuple[BrokerProtocolHandler, Session]:
         try:
             # amqtt waits for the CONNECT forever; a socket that never sends one would
@@ -365,7 +366,8 @@ class HardenedAmqttBroker(Broker):
         # Already decided in _initialize_client_session; do not ask the authenticator twice.
         if session.attributes.pop(_PREAUTH_KEY, False):
             return principal_of(session) is not None
-        return await super()._authenticate(session, listener)
+        allowed: bool = await super()._authenticate(session, listener)
+        return allowed
 
     # -- topic checks: the same decision as XcloudTopicPlugin, minus a task per call ---
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
@@ -390,9 +392,9 @@ class HardenedAmqttBroker(Broker):
         handler = self._get_handler(session)
         if handler is None:
             return
-        if session.attributes.get(AUTH_GENERATION_KEY) != self._xc_runtime.cache.generation:
-            if await self.reauthenticate(session, handler):
-                return
+        stale = session.attributes.get(AUTH_GENERATION_KEY) != self._xc_runtime.cache.generation
+        if stale and await self.reauthenticate(session, handler):
+            return
         tasks = []
         while not session.retained_messages.empty():
             queued = await session.retained_messages.get()
@@ -463,7 +465,10 @@ class HardenedAmqttBroker(Broker):
             if principal is None or not self._xc_runtime.acl.can_retain(principal, topic):
                 log.debug("%r: not retaining message on %r", client_session.client_id, topic)
                 packet.retain_flag = False  # delivered if allowed, but never stored
-        return await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        delivered: bool = await super()._handle_message_delivery(
+            client_session, handler, wait_deliver
+        )
+        return delivered
 
 
 

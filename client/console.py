@@ -139,7 +139,7 @@ class SigintCounter:
         self._previous: Any = None
         self._installed = False
 
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
+    def _handler(self, _signum: int, _frame: FrameType | None) -> None:
         self.count += 1
 
     def __enter__(self) -> SigintCounter:

@@ -124,7 +124,8 @@ def _completer(shell: Shell) -> Any:
         """Command names first; then worker ids/names/indexes, exec ids, signals."""
 
         def get_completions(self, document: Document,
-                            complete_event: CompleteEvent) -> Iterator[Completion]:
+                            complete_event: CompleteEvent,  # noqa: ARG002 - prompt_toolkit's
+                            ) -> Iterator[Completion]:
             text = document.text_before_cursor
             words = text.split()
             if not words or (len(words) == 1 and not text.endswith(" ")):
@@ -219,7 +220,7 @@ def exit_on_hangup() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
 
-    def leave(signum: int, frame: FrameType | None) -> None:
+    def leave(signum: int, _frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGHUP, signal.SIGTERM):

@@ -113,10 +113,10 @@ class Shell:
                 for spec in COMMANDS]
         self.console.print(render(["COMMAND", "ALIASES", "WHAT"], rows))
 
-    def cmd_exit(self, rest: str) -> None:
+    def cmd_exit(self, _rest: str) -> None:
         raise ShellExit
 
-    def cmd_listworkers(self, rest: str) -> None:
+    def cmd_listworkers(self, _rest: str) -> None:
         self.listing = self.grid.workers()
         table = workers_table(self.listing)
         if self.reserved is not None and not self.reserved.ended:
@@ -148,7 +148,7 @@ class Shell:
             self._notify(f"your reservation {handle.id} on {handle.worker_name} ended: "
                          f"{handle.ended_reason}")
 
-    def cmd_myworker(self, rest: str) -> None:
+    def cmd_myworker(self, _rest: str) -> None:
         from client.table import worker_detail
 
         if self.reserved is None or self.reserved.ended:
@@ -191,7 +191,7 @@ class Shell:
         self.execs.append(exec_id)
         self.console.print(f"started {exec_id} (see `ps`, `logs {exec_id}`, `kill {exec_id}`)")
 
-    def cmd_ps(self, rest: str) -> None:
+    def cmd_ps(self, _rest: str) -> None:
         rows = self._holding().ps()
         if not rows:
             self.console.print("no commands yet")
@@ -253,7 +253,7 @@ class Shell:
         self._holding().kill(exec_id, sig)
         self.console.print(f"sent SIG{sig.upper().removeprefix('SIG')} to {exec_id}")
 
-    def cmd_release(self, rest: str) -> None:
+    def cmd_release(self, _rest: str) -> None:
         if self.reserved is None:
             raise ShellError("no worker reserved")
         handle, self.reserved = self.reserved, None

@@ -97,4 +97,5 @@ def test_exec_result_ok_counts_only_the_exit_code() -> None:
     assert ExecResult("e", exit_code=0, error="reservation closed: released").ok
     assert not Outcome(exit_code=0, error="reservation closed: released").ok
     assert not ExecResult("e", signal=15).ok
-    assert ExecResult("e").duration_s == 0.0 and ExecResult("e").timed_out is False
+    assert ExecResult("e").duration_s == 0.0
+    assert ExecResult("e").timed_out is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,8 @@ def test_a_move_in_the_table_is_real() -> None:
 
 def test_staying_is_a_no_op_for_every_machine() -> None:
     """The one self-transition rule: allowed, changes nothing, never a source of itself."""
-    for machine in (LIGHTS, WORKERS, RESERVATIONS):
+    machines: tuple[StateMachine[Any], ...] = (LIGHTS, WORKERS, RESERVATIONS)
+    for machine in machines:
         for state in machine.transitions:
             assert machine.allows(state, state)
             assert machine.check("k", state, state) is False
@@ -45,13 +47,15 @@ def test_a_forbidden_move_raises_with_its_names() -> None:
     err = info.value
     assert isinstance(err, CoordinatorError)
     assert (err.machine, err.key, err.old, err.new) == ("light", "l1", "off", "red")
-    assert "off -> red" in str(err) and err.code == "conflict"
+    assert "off -> red" in str(err)
+    assert err.code == "conflict"
 
 
 def test_sources_and_terminal_states() -> None:
     assert LIGHTS.sources_of(Light.OFF) == {Light.RED, Light.GREEN}
     assert LIGHTS.terminal == {Light.OFF}
-    assert (Light.RED, Light.GREEN) in LIGHTS.edges and len(LIGHTS.edges) == 4
+    assert (Light.RED, Light.GREEN) in LIGHTS.edges
+    assert len(LIGHTS.edges) == 4
 
 
 def test_a_table_must_be_complete_and_free_of_self_loops() -> None:

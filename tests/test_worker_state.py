@@ -38,7 +38,8 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "state-machines.md"
 def test_values_are_lowercase_names() -> None:
     assert [s.value for s in WorkerState] == ["online", "draining", "lost", "offline"]
     assert WorkerState("lost") is WorkerState.LOST
-    assert WorkerState.ONLINE == "online"  # a str: JSON-able and comparable to raw values
+    raw: str = "online"
+    assert raw == WorkerState.ONLINE  # a str: JSON-able and comparable to raw values
 
 
 def test_every_state_has_a_row() -> None:
@@ -62,7 +63,8 @@ def test_check_transition_every_pair(old: WorkerState, new: WorkerState) -> None
     err = info.value
     assert (err.key, err.old, err.new) == ("w1", old, new)
     assert isinstance(err, CoordinatorError)
-    assert f"{old.value} -> {new.value}" in str(err) and "w1" in str(err)
+    assert f"{old.value} -> {new.value}" in str(err)
+    assert "w1" in str(err)
 
 
 def test_offline_worker_cannot_be_lost() -> None:
@@ -72,7 +74,8 @@ def test_offline_worker_cannot_be_lost() -> None:
 
 def test_live_states() -> None:
     assert frozenset({WorkerState.ONLINE, WorkerState.DRAINING}) == LIVE_STATES
-    assert WorkerState.DRAINING.is_live and not WorkerState.LOST.is_live
+    assert WorkerState.DRAINING.is_live
+    assert not WorkerState.LOST.is_live
 
 
 def test_documented_diagram_matches_table() -> None:
