@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from schemas import transitions
 from schemas.errors import XcloudError
 
 
@@ -30,17 +31,10 @@ class StoreError(CoordinatorError):
         return "the coordinator cannot reach its database"
 
 
-class InvalidTransition(CoordinatorError):
-    """A state change that a machine's table (coordinator.transitions) does not allow."""
+class InvalidTransition(CoordinatorError, transitions.InvalidTransition):
+    """A state change that a coordinator machine's table does not allow."""
 
     code = "conflict"
-
-    def __init__(self, machine: str, key: str, old: str, new: str) -> None:
-        super().__init__(f"{machine} {key!r}: transition {old} -> {new} is not allowed")
-        self.machine = machine
-        self.key = key
-        self.old = old
-        self.new = new
 
 
 class NotFound(CoordinatorError):

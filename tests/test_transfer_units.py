@@ -24,7 +24,6 @@ from broker.transfer import (
     TransferRefused,
     TransferSettings,
 )
-from broker.transfer.errors import TransferError
 from broker.transfer.segments import (
     bitmap_to_ranges,
     parse_segment_topic,
@@ -38,6 +37,7 @@ from broker.transfer.segments import (
 )
 from broker.transfer.state import TRANSFER_MOVES
 from schemas.topics import Topics
+from schemas.transitions import InvalidTransition
 
 BASE = "xcloud/coord/xfer"
 SHA = hashlib.sha256(b"").hexdigest()
@@ -245,7 +245,7 @@ def test_transfer_states_follow_their_table() -> None:
         rec.move(end)
         rec.move(end)  # staying is no move
         for other in set(TransferPhase) - {end}:
-            with pytest.raises(TransferError):
+            with pytest.raises(InvalidTransition, match="is not allowed"):
                 rec.move(other)
 
 

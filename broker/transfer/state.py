@@ -20,8 +20,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from broker.transfer.errors import TransferError
 from broker.transfer.ranges import ByteRanges
+from schemas.transitions import StateMachine
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,15 @@ class TransferPhase(StrEnum):
     ABORTED = "aborted"  # either side aborted, or it idled out; partial deleted
 
 
-# The explicit transition table. (coordinator.transitions.StateMachine is the project's
-# helper, but broker/ sits below coordinator/ and must not import it; the table has the
-# same shape: every state a row, staying put is no move.)
-TRANSFER_MOVES: dict[TransferPhase, frozenset[TransferPhase]] = {
-    TransferPhase.RECEIVING: frozenset({TransferPhase.COMPLETE, TransferPhase.FAILED,
-                                        TransferPhase.ABORTED}),
-    TransferPhase.COMPLETE: frozenset(),
-    TransferPhase.FAILED: frozenset(),
-    TransferPhase.ABORTED: frozenset(),
-}
+# The explicit transition table, through the project's one helper.
+TRANSFER_MACHINE: StateMachine[TransferPhase] = StateMachine("transfer", {
+    TransferPhase.RECEIVING: {TransferPhase.COMPLETE, TransferPhase.FAILED,
+                              TransferPhase.ABORTED},
+    TransferPhase.COMPLETE: set(),
+    TransferPhase.FAILED: set(),
+    TransferPhase.ABORTED: set(),
+})
+TRANSFER_MOVES = TRANSFER_MACHINE.transitions
 
 
 @dataclass
@@ -76,12 +75,10 @@ class TransferRecord:
         return (self.peer, self.tid)
 
     def move(self, phase: TransferPhase) -> None:
-        """Change phase through the transition table (a bad move is a bug: raises)."""
-        if phase == self.phase:
+        """Change phase through the transition table (a bad move is a bug: raises
+        ``InvalidTransition``)."""
+        if not TRANSFER_MACHINE.check(f"{self.peer}/{self.tid}", self.phase, phase):
             return
-        if phase not in TRANSFER_MOVES[self.phase]:
-            raise TransferError(f"transfer {self.peer}/{self.tid}: {self.phase.value} -> "
-                                f"{phase.value} is not allowed", "internal")
         self.phase = phase
         self.updated_at = time.time()
 
