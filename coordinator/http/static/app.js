@@ -1,0 +1,381 @@
+// The xcloud dashboard: one page, no build step. Views are chosen by the URL's hash
+// (#/, #/workers, #/worker/ID, #/reservations, #/audit); data comes from /api/...
+// and live updates from the server-sent events of /api/events (docs/monitoring.md).
+"use strict";
+
+(function () {
+  const S = {
+    me: null, view: null, workers: new Map(), loadingWorkers: false, sort: { key: "name", dir: 1 },
+    filter: "", stateFilter: "", source: null, worker: null, range: 3600,
+    charts: {}, chartData: {}, sparks: {}, sparkData: null, grid: {},
+  };
+  const $ = (sel) => document.querySelector(sel);
+  const el = (tag, attrs, ...kids) => {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "class") node.className = v;
+      else if (k.startsWith("data-")) node.setAttribute(k, v);
+      else node[k] = v;
+    }
+    for (const kid of kids) node.append(kid instanceof Node ? kid : String(kid ?? ""));
+    return node;
+  };
+
+  // ---- formatting
+  const UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+  function bytes(n) {
+    if (n === null || n === undefined) return "–";
+    let i = 0; n = Number(n);
+    while (Math.abs(n) >= 1024 && i < UNITS.length - 1) { n /= 1024; i++; }
+    return (i ? n.toFixed(1) : n.toFixed(0)) + " " + UNITS[i];
+  }
+  const pct = (v) => (v === null || v === undefined) ? "–" : Number(v).toFixed(1) + " %";
+  const num = (v, d = 2) => (v === null || v === undefined) ? "–" : Number(v).toFixed(d);
+  function ago(ts) {
+    if (!ts) return "never";
+    const s = Math.max(0, Date.now() / 1000 - ts);
+    if (s < 60) return s.toFixed(0) + " s ago";
+    if (s < 3600) return (s / 60).toFixed(0) + " min ago";
+    if (s < 86400) return (s / 3600).toFixed(1) + " h ago";
+    return (s / 86400).toFixed(1) + " d ago";
+  }
+  const when = (ts) => ts ? new Date(ts * 1000).toLocaleString() : "–";
+  const spanName = (s) => s >= 86400 ? (s / 86400) + "d" : s >= 3600 ? (s / 3600) + "h" : (s / 60) + "m";
+
+  // ---- the API
+  async function api(path, options = {}) {
+    const headers = { "Accept": "application/json" };
+    if (options.body !== undefined) headers["Content-Type"] = "application/json";
+    if (options.method && options.method !== "GET" && S.me && S.me.csrf) headers["X-XCloud-CSRF"] = S.me.csrf;
+    const res = await fetch(path, {
+      method: options.method || "GET", credentials: "same-origin", headers,
+      body: options.body === undefined ? undefined : JSON.stringify(options.body),
+    });
+    let data = null;
+    try { data = await res.json(); } catch (e) { data = null; }
+    if (res.status === 401 && path !== "/api/login") { showLogin(); throw new Error("not logged in"); }
+    if (!res.ok) throw new Error((data && data.error) || res.statusText);
+    return data;
+  }
+
+  // ---- login
+  function showLogin(message) {
+    S.me = null;
+    if (S.source) { S.source.close(); S.source = null; }
+    $("#top").hidden = true;
+    for (const v of document.querySelectorAll(".view")) v.hidden = true;
+    $("#login").hidden = false;
+    $("#login-error").textContent = message || "";
+    document.body.dataset.view = "login";
+  }
+  async function login(event) {
+    event.preventDefault();
+    try {
+      S.me = await api("/api/login", { method: "POST", body: {
+        principal: $("#login-principal").value.trim(), token: $("#login-token").value.trim() } });
+      $("#login-token").value = "";
+      start();
+    } catch (e) { $("#login-error").textContent = e.message; }
+  }
+  async function logout() {
+    try { await api("/api/logout", { method: "POST", body: {} }); } catch (e) { /* gone anyway */ }
+    showLogin("logged out");
+  }
+
+  function start() {
+    $("#login").hidden = true;
+    $("#top").hidden = false;
+    $("#grid-name").textContent = "grid " + S.me.grid;
+    $("#who").textContent = S.me.principal + " (" + S.me.role + ")";
+    connectLive();
+    route();
+  }
+
+  // ---- live updates
+  function connectLive() {
+    if (S.source) S.source.close();
+    const source = new EventSource("/api/events");
+    S.source = source;
+    let dropped = false;
+    source.addEventListener("hello", () => {
+      $("#live").classList.remove("off");
+      if (dropped) { dropped = false; route(); }
+    });
+    source.addEventListener("tick", (e) => applyTick(JSON.parse(e.data)));
+    source.addEventListener("logout", () => showLogin("your session ended"));
+    source.onerror = () => { $("#live").classList.add("off"); dropped = true; };
+  }
+
+  function applyTick(tick) {
+    S.grid = tick.grid;
+    for (const w of tick.workers) {
+      const known = S.workers.get(w.id);
+      if (known) Object.assign(known, w);
+    }
+    if (S.view === "overview") { renderCards(); appendSpark(tick); }
+    if (S.view === "workers" && !S.loadingWorkers) {
+      if (tick.workers.some((w) => !S.workers.has(w.id))) loadWorkers(); else renderWorkers();
+    }
+    if (S.view === "worker") liveWorker(tick);
+    if (tick.reservations_changed) {
+      if (S.view === "reservations") loadReservations();
+      if (S.view === "workers") loadWorkers();
+    }
+  }
+
+  // ---- router
+  function route() {
+    if (!S.me) return;
+    const hash = location.hash || "#/";
+    const parts = hash.slice(2).split("/");
+    const view = parts[0] === "" ? "overview" : parts[0];
+    S.view = view;
+    document.body.dataset.view = view;
+    for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== "view-" + view;
+    for (const a of document.querySelectorAll("nav a")) {
+      a.classList.toggle("active", a.dataset.nav === view || (view === "worker" && a.dataset.nav === "workers"));
+    }
+    destroyCharts();
+    if (view === "overview") loadOverview();
+    else if (view === "workers") loadWorkers();
+    else if (view === "worker") loadWorker(decodeURIComponent(parts.slice(1).join("/")));
+    else if (view === "reservations") loadReservations();
+    else if (view === "audit") loadAudit();
+  }
+
+  // ---- overview
+  const CARDS = [
+    ["workers_online", "workers online"], ["workers_draining", "draining"],
+    ["workers_lost", "lost"], ["workers_offline", "offline"],
+    ["slots_busy", "slots busy", (g) => (g.slots_busy ?? 0) + " / " + (g.slots_total ?? 0)],
+    ["reservations", "reservations"], ["exec_sessions", "commands running"],
+    ["heartbeats_per_s", "heartbeats / s", (g) => num(g.heartbeats_per_s, 1)],
+    // Jobs (queued, running, completed per minute) join here when the grid has jobs.
+  ];
+  const SPARKS = [["workers_online", "Workers online"], ["slots_busy", "Slots busy"],
+    ["reservations", "Reservations"], ["exec_sessions", "Commands running"],
+    ["heartbeats_per_s", "Heartbeats / s"]];
+
+  async function loadOverview() {
+    const data = await api("/api/overview");
+    S.grid = data.grid;
+    renderCards();
+    S.sparkData = data.series;
+    const box = $("#sparklines");
+    box.replaceChildren();
+    S.sparks = {};
+    for (const [key, title] of SPARKS) {
+      const holder = el("div", { class: "spark", "data-series": key }, el("h3", {}, title));
+      box.append(holder);
+      S.sparks[key] = makeChart(holder, [title], [data.series.t, data.series[key] || []], 150, {});
+    }
+  }
+  function renderCards() {
+    const g = S.grid || {};
+    const box = $("#cards");
+    box.replaceChildren(...CARDS.map(([key, label, fmt]) => el("div", { class: "card", "data-card": key },
+      el("div", { class: "value" }, fmt ? fmt(g) : String(g[key] ?? 0)), el("div", { class: "label" }, label))));
+  }
+  function appendSpark(tick) {
+    const d = S.sparkData;
+    if (!d) return;
+    d.t.push(tick.now);
+    for (const [key] of SPARKS) { (d[key] = d[key] || []).push(tick.grid[key] ?? null); }
+    while (d.t.length && d.t[0] < tick.now - 3600) { d.t.shift(); for (const [key] of SPARKS) d[key].shift(); }
+    for (const [key] of SPARKS) if (S.sparks[key]) S.sparks[key].setData([d.t, d[key]]);
+  }
+
+  // ---- workers table
+  async function loadWorkers() {
+    // One request at a time: ticks that arrive meanwhile are folded in by the next render.
+    if (S.loadingWorkers) return;
+    S.loadingWorkers = true;
+    let data;
+    try { data = await api("/api/workers"); } finally { S.loadingWorkers = false; }
+    S.workers = new Map(data.workers.map((w) => [w.id, w]));
+    const select = $("#workers-state");
+    if (select.options.length === 1) {
+      for (const s of (S.me.series || []).filter((x) => x.startsWith("workers_")).map((x) => x.slice(8))) {
+        select.append(el("option", { value: s }, s));
+      }
+    }
+    renderWorkers();
+  }
+  function sortValue(w, key) {
+    if (key === "busy") return (w.slots || 0) - (w.free_slots || 0);
+    if (key === "holder") return w.reservation ? (w.reservation.client || "~") : "";
+    const v = w[key];
+    return v === undefined || v === null ? -Infinity : v;
+  }
+  function renderWorkers() {
+    const f = S.filter.toLowerCase();
+    let rows = [...S.workers.values()].filter((w) => (!S.stateFilter || w.state === S.stateFilter) &&
+      (!f || [w.id, w.name, w.state, w.os, w.arch, ...(w.tags || [])].join(" ").toLowerCase().includes(f)));
+    const { key, dir } = S.sort;
+    rows.sort((a, b) => {
+      const x = sortValue(a, key), y = sortValue(b, key);
+      return x < y ? -dir : x > y ? dir : a.id < b.id ? -dir : a.id > b.id ? dir : 0;
+    });
+    $("#workers-count").textContent = rows.length + " of " + S.workers.size;
+    for (const th of document.querySelectorAll("#workers-table th")) {
+      th.classList.toggle("sorted-asc", th.dataset.sort === key && dir > 0);
+      th.classList.toggle("sorted-desc", th.dataset.sort === key && dir < 0);
+    }
+    $("#workers-table tbody").replaceChildren(...rows.map(workerRow));
+  }
+  function workerRow(w) {
+    const bar = el("span", { class: "bar" }, el("i"));
+    bar.firstChild.style.width = Math.min(100, w.cpu || 0) + "%";
+    const holder = w.reservation ? (w.reservation.client ? w.reservation.client +
+      (w.reservation.client === S.me.principal ? " (you)" : "") : "reserved") : "";
+    const link = el("a", { href: "#/worker/" + encodeURIComponent(w.id) }, w.name);
+    const name = w.name === w.id ? el("td", {}, link) : el("td", {}, link, " ", el("span", { class: "muted" }, w.id));
+    return el("tr", { "data-worker": w.id, "data-state": w.state },
+      name, el("td", {}, el("span", { class: "badge " + w.state }, w.state)),
+      el("td", {}, w.cpus), el("td", {}, bytes(w.memory_bytes)), el("td", {}, (w.os || "?") + " / " + (w.arch || "?")),
+      el("td", {}, ((w.slots || 0) - (w.free_slots || 0)) + " / " + (w.slots || 0)),
+      el("td", { "data-cpu": w.cpu ?? "" }, bar, pct(w.cpu)), el("td", {}, num(w.load)),
+      el("td", {}, bytes(w.mem)), el("td", {}, holder), el("td", {}, w.execs || 0),
+      el("td", { title: when(w.last_seen) }, ago(w.last_seen)));
+  }
+
+  // ---- one worker
+  const CHARTS = [
+    { key: "cpu", title: "CPU %", series: [["cpu", "avg"], ["cpu_max", "max"]], scale: { min: 0, max: 100 } },
+    { key: "mem", title: "Memory used", series: [["mem", "avg"], ["mem_max", "max"]], fmt: bytes },
+    { key: "net", title: "Network (bytes/s)", series: [["rx", "received"], ["tx", "sent"]], fmt: bytes },
+    { key: "load", title: "Load (1 min)", series: [["load", "load1"]] },
+    { key: "gpu", title: "GPU %", series: [["gpu", "avg"], ["gpu_max", "max"]], scale: { min: 0, max: 100 }, gpu: true },
+    { key: "gpu_mem", title: "GPU memory used", series: [["gpu_mem", "avg"]], fmt: bytes, gpu: true },
+  ];
+  async function loadWorker(wid) {
+    S.worker = wid;
+    let detail;
+    try { detail = await api("/api/workers/" + encodeURIComponent(wid)); }
+    catch (e) { $("#worker-name").textContent = wid; $("#worker-summary").textContent = e.message; return; }
+    S.detail = detail;
+    renderWorkerHead(detail);
+    $("#ranges").replaceChildren(...S.me.ranges.map((r) => {
+      const b = el("button", { type: "button", "data-range": r }, spanName(r));
+      b.classList.toggle("active", r === S.range);
+      b.onclick = () => { S.range = r; loadWorker(wid); };
+      return b;
+    }));
+    $("#events-table tbody").replaceChildren(...detail.events.map((e) => el("tr", {},
+      el("td", {}, when(e.ts)), el("td", {}, e.old_state || "(joined)"), el("td", {}, e.new_state),
+      el("td", {}, e.reason))));
+    const data = await api("/api/workers/" + encodeURIComponent(wid) + "/series?range=" + S.range);
+    if (S.worker !== wid || S.view !== "worker") return;
+    S.series = data;
+    drawWorkerCharts(data, detail.gpus > 0 || (data.gpu || []).some((v) => v !== null));
+  }
+  function renderWorkerHead(d) {
+    $("#worker-name").textContent = d.name === d.id ? d.name : d.name + " (" + d.id + ")";
+    const badge = $("#worker-state");
+    badge.textContent = d.state; badge.className = "badge " + d.state;
+    const held = d.reservation ? (d.reservation.client ? "reserved by " + d.reservation.client : "reserved") : "free";
+    $("#worker-summary").textContent = [d.id, d.cpus + " CPUs", bytes(d.memory_bytes), (d.os || "?") + "/" + (d.arch || "?"),
+      (d.executors || []).join(", "), d.gpus ? d.gpus + " GPU(s)" : "", held, d.state_reason ? "— " + d.state_reason : "",
+      "last seen " + ago(d.last_seen)].filter(Boolean).join(" · ");
+    const drain = $("#drain");
+    drain.hidden = !(S.me.role === "admin" && (d.state === "online" || d.state === "draining"));
+    drain.textContent = d.state === "draining" ? "Resume" : "Drain";
+    drain.onclick = () => doDrain(d.id, d.state !== "draining");
+  }
+  async function doDrain(wid, drain) {
+    $("#drain-error").textContent = "";
+    try { await api("/api/workers/" + encodeURIComponent(wid) + "/drain", { method: "POST", body: { drain } }); loadWorker(wid); }
+    catch (e) { $("#drain-error").textContent = e.message; }
+  }
+  function drawWorkerCharts(data, withGpu) {
+    destroyCharts();
+    const box = $("#charts");
+    box.replaceChildren();
+    for (const spec of CHARTS) {
+      if (spec.gpu && !withGpu) continue;
+      const columns = spec.series.filter(([name]) => data[name]);
+      const holder = el("div", { class: "chart", "data-chart": spec.key }, el("h3", {}, spec.title));
+      box.append(holder);
+      const cols = [data.t.slice(), ...columns.map(([name]) => data[name].slice())];
+      S.chartData[spec.key] = { names: columns.map(([n]) => n), cols };
+      S.charts[spec.key] = makeChart(holder, columns.map(([, label]) => label), cols, 220, spec);
+      holder.dataset.points = String(cols[1].filter((v) => v !== null).length);
+    }
+  }
+  function liveWorker(tick) {
+    const mine = tick.workers.find((w) => w.id === S.worker);
+    if (!mine) return;
+    if (S.detail) { Object.assign(S.detail, mine); renderWorkerHead(S.detail); }
+    if (!S.series || S.series.res !== 0 || !mine.t) return;
+    for (const [key, chart] of Object.entries(S.charts)) {
+      const d = S.chartData[key];
+      if (!d || (d.cols[0].length && mine.t <= d.cols[0][d.cols[0].length - 1])) continue;
+      d.cols[0].push(mine.t);
+      d.names.forEach((name, i) => d.cols[i + 1].push(mine[name] ?? null));
+      while (d.cols[0].length && d.cols[0][0] < mine.t - S.range) d.cols.forEach((c) => c.shift());
+      chart.setData(d.cols);
+      chart.root.parentNode.dataset.points = String(d.cols[1].filter((v) => v !== null).length);
+    }
+  }
+
+  // ---- charts (uPlot)
+  const COLORS = ["#2f6fde", "#d64545", "#1f9d55", "#c98a00"];
+  function makeChart(holder, labels, data, height, spec) {
+    const width = Math.max(280, holder.clientWidth - 14);
+    const fmt = spec.fmt;
+    const opts = {
+      width, height, legend: { show: labels.length > 1 },
+      scales: { x: { time: true }, y: spec.scale ? { range: [spec.scale.min, spec.scale.max] } : {} },
+      axes: [{}, { size: 70, values: (u, ticks) => ticks.map((v) => fmt ? fmt(v) : v) }],
+      series: [{}, ...labels.map((label, i) => ({ label, stroke: COLORS[i % COLORS.length], width: 1.5,
+        spanGaps: false, points: { show: false } }))],
+    };
+    return new uPlot(opts, data, holder);
+  }
+  function destroyCharts() {
+    for (const c of Object.values(S.charts)) c.destroy();
+    for (const c of Object.values(S.sparks)) c.destroy();
+    S.charts = {}; S.sparks = {}; S.chartData = {};
+  }
+
+  // ---- reservations and audit
+  async function loadReservations() {
+    const all = $("#res-all").checked;
+    const data = await api("/api/reservations?active=" + (all ? "0" : "1"));
+    $("#reservations-table tbody").replaceChildren(...data.reservations.map((r) => el("tr", { "data-reservation": r.id },
+      el("td", {}, r.id), el("td", {}, el("a", { href: "#/worker/" + encodeURIComponent(r.worker) }, r.worker_name || r.worker)),
+      el("td", {}, r.client), el("td", {}, el("span", { class: "badge" }, r.state)), el("td", {}, when(r.created_at)),
+      el("td", {}, r.state === "ended" ? "–" : when(r.expires_at)),
+      el("td", {}, r.ended_at ? when(r.ended_at) + " (" + (r.ended_reason || "") + ")" : ""))));
+  }
+  async function loadAudit() {
+    const data = await api("/api/audit?limit=200");
+    $("#audit-table tbody").replaceChildren(...data.records.map((r) => el("tr", { "data-exec": r.exec_id },
+      el("td", {}, when(r.started_at)), el("td", {}, r.client), el("td", {}, r.worker),
+      el("td", { class: "cmd" }, r.command), el("td", {}, r.duration_s === undefined ? "–" : num(r.duration_s, 2) + " s"),
+      el("td", {}, r.error ? "error: " + r.error : r.timed_out ? "timed out" : r.signal ? "signal " + r.signal :
+        "exit " + (r.exit_code ?? "?")))));
+  }
+
+  // ---- wiring
+  window.xcloud = {
+    chartData: (key) => S.chartData[key] ? S.chartData[key].cols : null,
+    workers: () => [...S.workers.values()],
+  };
+  document.addEventListener("DOMContentLoaded", async () => {
+    $("#login-form").addEventListener("submit", login);
+    $("#logout").addEventListener("click", logout);
+    $("#workers-filter").addEventListener("input", (e) => { S.filter = e.target.value; renderWorkers(); });
+    $("#workers-state").addEventListener("change", (e) => { S.stateFilter = e.target.value; renderWorkers(); });
+    $("#res-all").addEventListener("change", loadReservations);
+    for (const th of document.querySelectorAll("#workers-table th[data-sort]")) {
+      th.addEventListener("click", () => {
+        const key = th.dataset.sort;
+        S.sort = { key, dir: S.sort.key === key ? -S.sort.dir : 1 };
+        renderWorkers();
+      });
+    }
+    window.addEventListener("hashchange", route);
+    try { S.me = await api("/api/me"); start(); } catch (e) { if (S.me === null) showLogin(); }
+  });
+})();
