@@ -27,7 +27,7 @@ setup(
     ),
     package_data={
         "schemas": ["json/*.json", "asyncapi.yaml"],
-        "coordinator": ["static/*"],
+        "coordinator": ["static/*", "http/static/*", "http/static/vendor/*"],
     },
     include_package_data=False,
     zip_safe=False,
@@ -42,6 +42,8 @@ setup(
         "cryptography>=42",
         "fastjsonschema>=2.19",
         "PyYAML>=6",
+        "aiohttp>=3.9,<4",
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "dev": [
@@ -54,7 +56,11 @@ setup(
             "types-docker",
             "types-PyMySQL",
             "jsonschema>=4.20",
+            "selenium>=4.20",
         ],
+        # GPU detection through NVML (worker/gpus.py); without it workers parse
+        # nvidia-smi's output instead.
+        "gpu": ["nvidia-ml-py"],
     },
     entry_points={
         "console_scripts": [

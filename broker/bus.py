@@ -14,8 +14,11 @@ embedded amqtt broker and any MQTT 3.1.1 broker (Mosquitto, EMQX, ...).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import queue
+import random
 import socket
 import ssl
 import threading
@@ -72,6 +75,19 @@ class RequestTimeout(BusError):
     """No reply arrived in time (the peer is down, busy, or refused our message)."""
 
 
+class MessageTooLarge(BusError):
+    """A message over ``bus.max_payload``: refused before it reaches the broker."""
+
+    code = "too_large"
+
+    def __init__(self, size: int, limit: int, topic: str) -> None:
+        super().__init__(f"a message of {size} bytes to {topic} is over the bus limit of "
+                         f"{limit} bytes (bus.max_payload)")
+        self.size = size
+        self.limit = limit
+        self.topic = topic
+
+
 class RemoteError(BusError):
     """The peer answered a request with an ``error`` message."""
 
@@ -90,6 +106,7 @@ class Incoming:
     message: Envelope[Any]
     sender: str | None  # authenticated sender (inbox topics only)
     retained: bool = False
+    received_at: float = 0.0  # time.monotonic() when paho read it (0: unknown)
 
     @property
     def body(self) -> Any:
@@ -98,6 +115,50 @@ class Incoming:
 
 Handler = Callable[[Incoming], None]
 RawHandler = Callable[[str, bytes, bool], None]
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """Where our connection to the broker stands (``Bus.link_state``).
+
+    ``epoch`` counts the connections that became ready (0: never connected); ``since``
+    (wall clock) and ``ready_at`` (``time.monotonic()``, the clock of
+    ``Incoming.received_at``) say when the current one did. Services that must not act on
+    what they could not hear compare epochs: a changed epoch means we were cut off in
+    between. A message received before ``ready_at`` came from an earlier connection, or
+    was queued for our persistent session while we were away.
+    """
+
+    connected: bool
+    epoch: int
+    since: float
+    ready_at: float = 0.0
+
+
+CLIENT_ID_CONTEXT = b"xcloud mqtt client id v1\0"
+
+
+def private_client_id(name: str, token: str) -> str:
+    """``name`` plus a keyed hash of ``token``: stable across restarts, secret to others.
+
+    A persistent session needs a stable client id, and on Mosquitto whoever connects with
+    a client id takes that session over (kicking its owner and publishing its last will).
+    A predictable id such as ``worker-<wid>`` would let any principal do that; this one
+    can only be computed by whoever holds the token (docs/security.md, "Client ids").
+    """
+    if not token:
+        return name  # anonymous: nothing secret to derive it from
+    digest = hmac.new(token.encode(), CLIENT_ID_CONTEXT + name.encode(), hashlib.sha256)
+    return f"{name}-{digest.hexdigest()[:32]}"
+
+
+def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> float:
+    """Seconds before reconnect ``attempt`` (0-based): doubling from ``low`` up to
+    ``high``, then scaled by a random factor in [0.5, 1] so that the components of a grid
+    do not all reconnect at the same instant after a broker restart."""
+    low = max(0.05, low)
+    base = min(max(low, high), low * 2.0 ** min(attempt, 32))
+    return base * rng.uniform(0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -143,7 +204,9 @@ class Bus:
     """A connected MQTT client with typed messages, lanes and request/reply.
 
     ``inbox`` is the base inbox topic this component owns (replies to its requests go
-    there); ``None`` for a component that only publishes.
+    there); ``None`` for a component that only publishes. ``coordinator`` is the
+    coordinator's principal id, where a worker or client knows it: only requests from it
+    are answered in the coordinator's inbox (``reply_inbox``).
     """
 
     def __init__(
@@ -154,16 +217,25 @@ class Bus:
         inbox: str | None = None,
         will: Will | None = None,
         persistent_session: bool = False,
+        coordinator: str | None = None,
     ) -> None:
         self.config = config
+        self.coordinator = coordinator
         self.topics = Topics(config.root)
         self.principal = config.principal
         self.inbox = inbox
+        # ``client_id`` names the connection (a worker's, a client session's); the broker
+        # sees ``mqtt_client_id``: for a given name, the name plus a keyed hash of our
+        # token, so that the id stays stable (persistent sessions resume) but nobody who
+        # learns or guesses the name can take our connection over on a broker that lets
+        # the last CONNECT with an id win (Mosquitto). Generated names are random anyway.
         self.client_id = client_id or f"{config.principal or 'anon'}-{uuid.uuid4().hex[:8]}"
+        self.mqtt_client_id = (private_client_id(client_id, config.token) if client_id
+                               else self.client_id)
         self._transport, self._host, self._port, tls = parse_broker_url(config.url)
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
+            client_id=self.mqtt_client_id,
             clean_session=not persistent_session,
             transport=self._transport,  # type: ignore[arg-type]
             reconnect_on_failure=True,
@@ -174,14 +246,16 @@ class Bus:
             self._client.username_pw_set(config.principal, config.token or None)
         if will is not None:
             self._client.will_set(will.topic, encode(envelope(will.body)), will.qos, will.retain)
-        # paho takes whole seconds here
-        self._client.reconnect_delay_set(
-            max(1, round(config.reconnect_min_s)), max(1, round(config.reconnect_max_s))
-        )
+        # Back-off with jitter: paho sleeps its "min delay" before each reconnect, and the
+        # disconnect and connect-failure callbacks (which run just before that sleep) set
+        # it for the attempt to come (``_next_backoff``), doubling up to reconnect_max_s.
+        self._rng = random.Random()
+        self._attempt = 0
         self._client.max_inflight_messages_set(1000)
         self._client.suppress_exceptions = True  # a callback bug must not kill the loop
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._subs: dict[str, _Subscription] = {}
@@ -191,6 +265,9 @@ class Bus:
         self._inbox_handlers: dict[str, tuple[Handler, Lane]] = {}
         self._lock = threading.RLock()
         self.connected = threading.Event()
+        self._epoch = 0
+        self._since = 0.0
+        self._ready_at = 0.0
         self._first_connect = threading.Event()
         self._connect_hooks: list[Callable[[], None]] = []
         self._last_refusal: str | None = None
@@ -253,7 +330,10 @@ class Bus:
         self._stopping = True
         for topic, body, qos, retain in publish or []:
             if self.connected.is_set():
-                info = self.publish(topic, body, qos=qos, retain=retain)
+                try:
+                    info = self.publish(topic, body, qos=qos, retain=retain)
+                except BusError:
+                    continue  # logged; the rest still goes out
                 with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(2.0)
         try:
@@ -287,6 +367,18 @@ class Bus:
     def on_connected(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` (on a lane, not the network thread) after every (re)connect."""
         self._connect_hooks.append(hook)
+
+    def link_state(self) -> LinkState:
+        """Are we connected, since when, and how many connections there have been."""
+        return LinkState(self.connected.is_set(), self._epoch, self._since, self._ready_at)
+
+    def _next_backoff(self) -> None:
+        """Set the delay paho waits before its next reconnect attempt (jittered)."""
+        delay = backoff_delay(self._attempt, self.config.reconnect_min_s,
+                              self.config.reconnect_max_s, self._rng)
+        self._attempt += 1
+        # paho annotates whole seconds but sleeps fractions just as well
+        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
     # -- subscribe / publish -------------------------------------------------------
 
@@ -335,6 +427,17 @@ class Bus:
 
     def publish_bytes(self, topic: str, payload: bytes, *, qos: int = 1,
                       retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Hand ``payload`` to paho; raise ``MessageTooLarge`` if it is over
+        ``bus.max_payload``.
+
+        Checked here, before paho queues it: a broker drops the connection of a client that
+        sends an oversized message (amqtt; Mosquitto with ``max_packet_size``), and paho
+        would send a queued QoS 1 message again after every reconnect, for ever.
+        """
+        if len(payload) > self.config.max_payload:
+            err = MessageTooLarge(len(payload), self.config.max_payload, topic)
+            log.warning("not sent: %s", err)
+            raise err
         return self._client.publish(topic, payload, qos=qos, retain=retain)
 
     def send(self, base_inbox: str, body: Body | Envelope[Any], *, qos: int = 1
@@ -371,19 +474,82 @@ class Bus:
         fut: Future[Envelope[Any]] = Future()
         with self._lock:
             self._pending[env.id] = fut
-        self.send(base_inbox, env)
+        try:
+            self.send(base_inbox, env)
+        except BaseException:
+            with self._lock:
+                self._pending.pop(env.id, None)
+            raise
         return fut
 
     def reply(self, request: Incoming, body: Body, *, qos: int = 1) -> None:
-        """Answer a request; silently nothing when it carried no usable ``reply_to``."""
-        reply_to = request.message.reply_to
+        """Answer a request in its sender's own inbox (``reply_inbox``); nothing when it
+        asked for no reply.
+
+        A reply that would be over ``bus.max_payload`` is never built: the requester gets
+        an ``error`` ``too_large`` instead, and the refusal is logged.
+        """
+        base = self.reply_inbox(request)
+        if base is None:
+            return
+        payload = encode(envelope(body, re=request.message.id))
+        limit = self.config.max_payload
+        if len(payload) > limit:
+            log.warning("answered %s from %s with too_large: its %s would be %d bytes, over "
+                        "bus.max_payload (%d)", request.message.type, request.sender,
+                        body.TYPE, len(payload), limit)
+            payload = encode(envelope(Error(
+                code="too_large",
+                message=(f"the answer to {request.message.type} would be {len(payload)} "
+                         f"bytes, more than one message may carry ({limit}); ask for less"),
+                detail={"size": len(payload), "limit": limit}), re=request.message.id))
+        self.publish_bytes(self.topics.inbox_for(base, self.principal), payload, qos=qos)
+
+    def reply_inbox(self, request: Incoming) -> str | None:
+        """The base inbox an answer to ``request`` goes to: always its sender's own.
+
+        The sender is the inbox topic's last level, which the broker authenticated (on a
+        worker's own status, caps or heartbeat topic: that worker); ``reply_to`` only
+        tells which kind of inbox it has (a client's, a worker's, or the coordinator's).
+        A ``reply_to`` naming another principal's inbox is answered in the sender's own
+        instead (and logged), so nobody can aim our replies at a third party. The
+        coordinator's inbox is used only for a request from the coordinator (the
+        principal given as ``coordinator``; any, when the bus was told none, except on the
+        coordinator's own bus, which answers there only itself). None: no answer.
+        """
+        return self._answer_inbox(request.sender or self.topics.publisher_of(request.topic),
+                                  request.message.reply_to, request.message.type)
+
+    def _answer_inbox(self, sender: str | None, reply_to: str | None,
+                      what: str | None) -> str | None:
         if not reply_to:
-            return
-        if not self.topics.is_inbox(reply_to):
-            log.warning("not replying to %s: reply_to %r is not an inbox",
-                        request.message.type, reply_to)
-            return
-        self.send(reply_to, envelope(body, re=request.message.id), qos=qos)
+            return None
+        if not sender:
+            log.warning("not answering %s: its topic names no authenticated sender", what)
+            return None
+        rest = self.topics.split(reply_to)
+        if rest == ["coord", "inbox"]:
+            if sender == self.principal or (
+                    self.inbox != self.topics.coord_inbox
+                    and self.coordinator in (None, sender)):
+                return reply_to
+            log.warning("not answering %s from %s: its reply_to is the coordinator's inbox",
+                        what, sender)
+            return None
+        if rest is not None and len(rest) == 3 and rest[0] in ("client", "worker") and (
+                rest[2] == "inbox"):
+            try:
+                own = (self.topics.client_inbox(sender) if rest[0] == "client"
+                       else self.topics.worker_inbox(sender))
+            except ValueError:
+                return None
+            if own != reply_to:
+                log.warning("%s from %s asked for its answer in %s; answering in its own "
+                            "inbox %s", what, sender, reply_to[:200], own)
+            return own
+        log.warning("not answering %s from %s: reply_to %r is not an inbox", what, sender,
+                    reply_to[:200])
+        return None
 
     def reply_error(self, request: Incoming, code: str, message: str,
                     detail: dict[str, Any] | None = None) -> None:
@@ -398,6 +564,7 @@ class Bus:
             log.warning("broker %s refused connection: %s", self.config.url, reason)
             return
         self._last_refusal = None
+        self._attempt = 0  # the next disconnect starts the back-off afresh
         _set_nodelay(client)
         with self._lock:
             subs = list(self._subs.values())
@@ -414,6 +581,9 @@ class Bus:
 
     def _ready(self) -> None:
         self._ready_mid = None
+        self._ready_at = time.monotonic()
+        self._since = time.time()
+        self._epoch += 1
         self._first_connect.set()
         self.connected.set()
         if self._connect_hooks:
@@ -423,8 +593,12 @@ class Bus:
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any,
                        reason: ReasonCode, _properties: Any) -> None:
         self.connected.clear()
+        self._next_backoff()
         if not self._stopping:
             log.warning("lost broker %s (%s); reconnecting", self.config.url, reason)
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        self._next_backoff()  # the broker is still away: wait longer before the next try
 
     def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, mid: int,
                       reason_codes: list[ReasonCode], _properties: Any) -> None:
@@ -540,17 +714,20 @@ class Bus:
         if sub.types is not None and env.type not in sub.types:
             log.warning("dropped %s on %s from %s: not a message type of this topic",
                         env.type, msg.topic, sender or "?")
-            if env.reply_to and self.topics.is_inbox(env.reply_to):
-                self.reply_error(Incoming(msg.topic, env, sender), "invalid",
-                                 f"{env.type} is not accepted on {msg.topic}")
+            self.reply_error(Incoming(msg.topic, env, sender), "invalid",
+                             f"{env.type} is not accepted on {msg.topic}")
             return
-        sub.handler(Incoming(msg.topic, env, sender, bool(msg.retain)))
+        sub.handler(Incoming(msg.topic, env, sender, bool(msg.retain), msg.timestamp))
 
     def _reject(self, err: WireError, sender: str | None) -> None:
         """An invalid message: answer with an error when we can, else log and drop."""
         log.warning("dropped message on %s from %s: %s", err.topic, sender or "?", err)
-        if err.reply_to and err.message_id and self.topics.is_inbox(err.reply_to):
-            self.send(err.reply_to, envelope(error_for(err), re=err.message_id))
+        if not err.message_id:
+            return
+        publisher = sender or (self.topics.publisher_of(err.topic) if err.topic else None)
+        base = self._answer_inbox(publisher, err.reply_to, err.message_type)
+        if base is not None:
+            self.send(base, envelope(error_for(err), re=err.message_id))
 
     def _dispatch_inbox(self, incoming: Incoming) -> None:
         entry = self._inbox_handlers.get(incoming.message.type)

@@ -54,8 +54,10 @@ class BusConfig:
     token: str = ""
     root: str = DEFAULT_ROOT
     keepalive: int = 30
+    # Reconnect back-off: doubles from min to max, each wait cut by a random 0-50 % so a
+    # grid's components do not all reconnect at one instant (broker.bus.backoff_delay).
     reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 15.0
+    reconnect_max_s: float = 3.0
     request_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
     max_payload: int = 4 * 1024 * 1024
@@ -80,11 +82,23 @@ class CoordinatorConfig:
     liveness_factor: float = 2.0  # lost after this many missed heartbeat intervals
     default_heartbeat_s: float = 5.0
     heartbeat_flush_s: float = 0.2  # batch window for heartbeat writes
-    max_reservations_per_principal: int = 1  # live reservations one principal may hold
+    # Live reservations one principal may hold: a shell and a `xcloud run` at once.
+    max_reservations_per_principal: int = 4
     default_lease_s: float = 30.0  # lease when a reserve names none
     max_lease_s: float = 3600.0  # longer requested leases are cut to this
     client_grace_s: float = 10.0  # client.gone -> reservations end unless client.hello
+    # A worker's last will is a suspicion, not a verdict (docs/state-machines.md): it is
+    # lost once silent this long after the will while our own connection stayed up...
+    will_confirm_s: float = 1.0
+    # ...and after our connection to the broker comes back, nothing ends (leases, client
+    # grace periods, liveness deadlines) for this long: the others are reconnecting too.
+    reconnect_grace_s: float = 15.0
     open_timeout_s: float = 10.0  # wait for the worker's answer to reservation.open
+    # Per-principal token buckets (docs/security.md, "Rate limits"); rate 0 = no limit.
+    rate_limit_per_s: float = 50.0  # requests that trigger work (reserve, lists, admin, ...)
+    rate_limit_burst: int = 200
+    report_rate_per_s: float = 200.0  # exec.report per worker
+    report_burst: int = 2000
 
 
 @dataclass
@@ -96,6 +110,10 @@ class WorkerConfig:
     tags: list[str] = field(default_factory=list)
     slots: int = 1
     heartbeat_s: float = 5.0
+    # The worker's own principal and token (a config file's [bus] ones are the client's,
+    # never the worker's; worker/identity.py). `xcloud worker --id/--token` beat these.
+    principal: str = ""
+    token: str = field(default="", repr=False)
     state_dir: str = ""  # empty = $XCLOUD_HOME/worker
     executor: str = "process"
     shared_apps: list[str] = field(default_factory=list)
@@ -108,6 +126,12 @@ class WorkerConfig:
     log_ring_bytes: int = 1024 * 1024  # output kept per command for exec.logs
     coord_pubkey: str = ""  # base64 Ed25519 key that signs grants; "" = from coord/pubkey
     coordinator_principal: str = "coordinator"  # the only sender of reservation.open/close
+    # Per-principal token bucket for caps.refresh and exec.* (rate 0 = no limit).
+    rate_limit_per_s: float = 200.0
+    rate_limit_burst: int = 500
+    # The process executor's containment (worker/executors/cgroups.py, docs/exec.md):
+    # auto | v2 | v1 | off (off = process groups, sessions and markers only).
+    process_cgroups: str = "auto"
     # The docker executor (worker/executors/docker/, docs/docker.md).
     docker_image: str = "xcloud-base:bookworm"  # used when a reservation names none
     docker_network: bool = False  # may sessions ask for a network ("host")? owner's call
@@ -130,6 +154,24 @@ class ClientConfig:
 
 
 @dataclass
+class MonitoringConfig:
+    """The coordinator's dashboard, ``/metrics`` and stored time series (docs/monitoring.md)."""
+
+    http: bool = False  # serve the dashboard (xcloud up: on unless --no-http)
+    http_host: str = "127.0.0.1"  # the dashboard's listener; never public by default
+    http_port: int = 0  # 0 = a free port, printed at start
+    metrics_public: bool = False  # serve /metrics without a token (for a local Prometheus)
+    per_worker_metrics: bool = True  # per-worker gauges in /metrics (label: worker id)
+    session_ttl_s: float = 12 * 3600.0  # dashboard login sessions
+    live_tick_s: float = 1.0  # how often live updates go to open pages
+    rollup_s: float = 10.0  # roll-up / retention pass, and the grid-wide sample period
+    raw_retention_s: float = 3600.0  # heartbeat samples kept at full resolution
+    # Downsampled tiers, finest first, "RESOLUTION:RETENTION" (s, m, h, d): each
+    # resolution a multiple of the previous one.
+    tiers: list[str] = field(default_factory=lambda: ["1m:1d", "15m:8d", "1h:35d"])
+
+
+@dataclass
 class Config:
     """All sections; components read the ones they need."""
 
@@ -139,6 +181,15 @@ class Config:
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    #: Where each setting load_config set came from: "section.key" -> "file",
+    #: "environment" or "flags" (a setting made in code has none). The worker reads it:
+    #: the [bus] identity in a config file is the client's, never the worker's.
+    origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def origin(self, section: str, key: str) -> str | None:
+        """Which layer set ``section.key`` (None: a default, or set in code)."""
+        return self.origins.get(f"{section}.{key}")
 
     @property
     def config_file(self) -> Path:
@@ -157,7 +208,7 @@ class Config:
         return Path(self.worker.state_dir or self.home / "worker").expanduser()
 
 
-SECTIONS = ("bus", "broker", "coordinator", "worker", "client")
+SECTIONS = ("bus", "broker", "coordinator", "worker", "client", "monitoring")
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
@@ -211,7 +262,8 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _apply(section_obj: Any, values: dict[str, Any], source: str, section: str) -> None:
+def _apply(section_obj: Any, values: dict[str, Any], source: str, section: str,
+           origins: dict[str, str] | None = None, layer: str = "") -> None:
     hints = typing.get_type_hints(type(section_obj))
     names = {f.name for f in dataclasses.fields(section_obj)}
     for key, value in values.items():
@@ -219,6 +271,8 @@ def _apply(section_obj: Any, values: dict[str, Any], source: str, section: str) 
         if name not in names:
             raise ConfigError(f"{source}: unknown setting [{section}] {key}")
         setattr(section_obj, name, _convert(value, hints[name], f"{source} [{section}] {key}"))
+        if origins is not None:
+            origins[f"{section}.{name}"] = layer or source
 
 
 def load_config(
@@ -245,7 +299,7 @@ def load_config(
         for section, values in data.items():
             if section not in SECTIONS or not isinstance(values, dict):
                 raise ConfigError(f"{file}: unknown section [{section}]")
-            _apply(getattr(cfg, section), values, str(file), section)
+            _apply(getattr(cfg, section), values, str(file), section, cfg.origins, "file")
     for section in SECTIONS:
         obj = getattr(cfg, section)
         prefix = f"XCLOUD_{section.upper()}_"
@@ -255,10 +309,10 @@ def load_config(
             for k, v in env.items()
             if k.startswith(prefix) and k[len(prefix) :].lower() in known
         }
-        _apply(obj, values, "environment", section)
+        _apply(obj, values, "environment", section, cfg.origins)
     for section, values in (overrides or {}).items():
         given = {k: v for k, v in values.items() if v is not None}
-        _apply(getattr(cfg, section), given, "flags", section)
+        _apply(getattr(cfg, section), given, "flags", section, cfg.origins)
     return cfg
 
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from broker.acl import Principal
 from broker.amqtt_plugins import AuthCache, principal_of
 from broker.hardened_amqtt import HardenedAmqttBroker
+from broker.rate_limit import TokenBuckets
 from schemas.codec import decode
 from schemas.errors import WireError
 from schemas.messages import BrokerRecheck
@@ -36,35 +37,9 @@ MAX_TRIGGER_BYTES = 64 * 1024
 """A ``broker.recheck`` names at most 64 ids of at most 128 characters: far below this."""
 
 
-class SenderRateLimit:
-    """A token bucket per sender: ``burst`` at once, then ``rate`` per second."""
-
-    def __init__(
-        self,
-        rate: float,
-        burst: int,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        max_senders: int = 1024,
-    ) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._clock = clock
-        self._max_senders = max_senders
-        self._buckets: dict[str, tuple[float, float]] = {}  # sender -> (tokens, at)
-
-    def allow(self, sender: str) -> bool:
-        """Take one token from ``sender``'s bucket; False when it is empty."""
-        now = self._clock()
-        tokens, at = self._buckets.get(sender, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-        if tokens < 1.0:
-            self._buckets[sender] = (tokens, now)
-            return False
-        if sender not in self._buckets and len(self._buckets) >= self._max_senders:
-            self._buckets.clear()  # crude bound: senders are the few coordinators/admins
-        self._buckets[sender] = (tokens - 1.0, now)
-        return True
+SenderRateLimit = TokenBuckets
+"""A token bucket per sender: ``burst`` at once, then ``rate`` per second
+(``broker.rate_limit``, shared with the coordinator's and workers' request guards)."""
 
 
 class SessionRecheck:

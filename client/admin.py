@@ -13,6 +13,7 @@ the database directly instead (coordinator/bootstrap.py), for bootstrap.
 
 from __future__ import annotations
 
+import grp
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 PASSWD_NAME = "passwd"  # the names broker.mosquitto.write_mosquitto_files uses
 ACL_NAME = "acl"
+MOSQUITTO_GROUP = "mosquitto"  # Debian's mosquitto runs as user and group mosquitto
 
 
 class PrincipalRow(Protocol):
@@ -87,7 +89,8 @@ class MosquittoExportFiles:
     acl: str
 
     def write(self, directory: Path) -> tuple[Path, Path]:
-        """Write ``passwd`` and ``acl`` into ``directory`` (mode 0600: they hold hashes)."""
+        """Write ``passwd`` and ``acl`` into ``directory`` (mode 0600: they hold hashes;
+        :func:`share_with_mosquitto` then lets Mosquitto read them)."""
         directory.mkdir(parents=True, exist_ok=True)
         passwd, acl = directory / PASSWD_NAME, directory / ACL_NAME
         _write_private(passwd, self.passwd)
@@ -124,6 +127,35 @@ def _write_private(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def share_with_mosquitto(passwd: Path, acl: Path, group: str = MOSQUITTO_GROUP
+                         ) -> str | None:
+    """Make the exported files readable by Mosquitto, which drops to its own user.
+
+    Where the group exists (Debian's package creates it) both files become
+    ``root:mosquitto`` 0640: Mosquitto reads them, nobody else does. Elsewhere the ACL
+    (no secrets) becomes 0644 and the password file (token hashes) stays 0600; the
+    returned note says what to do about it. None when nothing is left to do.
+    """
+    try:
+        gid: int | None = grp.getgrnam(group).gr_gid
+    except KeyError:
+        gid = None
+    if gid is not None:
+        try:
+            for path in (passwd, acl):
+                os.chown(path, -1, gid)
+                os.chmod(path, 0o640)
+            return None
+        except PermissionError:
+            pass  # neither root nor a member of the group: as if it did not exist
+    os.chmod(acl, 0o644)
+    where = (f"the group {group!r} exists but this user cannot give files to it"
+             if gid is not None else f"there is no group {group!r} here")
+    return (f"note: {where}; {acl} is now world-readable (0644, it holds no secret) and "
+            f"{passwd} stays 0600 (it holds token hashes): let the user Mosquitto runs "
+            f"as read it (e.g. `chown mosquitto {passwd}`), or Mosquitto cannot load it")
 
 
 class Admin:

@@ -10,24 +10,43 @@ One ``Grid`` is one client *session*: its bus client id names the session in
 ``client.hello`` (sent on every (re)connect) and in the connection's last will
 ``client.gone``, so the coordinator ends the session's reservations when the process
 dies, and not while it merely reconnects.
+
+Errors: everything this API raises is a ``client.errors.ClientError`` (bus and codec
+errors are translated here, at the boundary). Requests are checked before they are sent
+(``client.validation``), and a request to the coordinator fails at once, instead of
+after the request timeout, when the coordinator's retained status on the broker says it
+is down (``CoordinatorDown``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.bus import Bus, BusError, Incoming, Lane, RemoteError, RequestTimeout, Will
+from broker.bus import Bus, BusError, Incoming, Lane, Will
 from broker.config import Config, load_config
-from client.errors import ClientError, NotConfigured
+from client import validation
+from client.errors import (
+    ClientError,
+    CoordinatorDown,
+    InvalidRequest,
+    NotConfigured,
+    Unreachable,
+    translated,
+)
 from client.exec_stream import ExecStream, decode_data
 from client.reservation import Refused, ReservedWorker
 from schemas.messages import (
     ClientGone,
     ClientHello,
+    CoordStatus,
+    Error,
     ExecExit,
     ExecOutput,
     Ping,
@@ -39,6 +58,7 @@ from schemas.messages import (
     Reserve,
     ReserveReply,
     WorkersDrain,
+    WorkersForget,
     WorkersList,
     WorkersListReply,
     WorkersShow,
@@ -50,6 +70,31 @@ log = logging.getLogger(__name__)
 
 # The coordinator waits up to 10 s for the worker to open a reservation: wait longer.
 RESERVE_EXTRA_TIMEOUT_S = 12.0
+# While waiting for a reply, how often to look whether the coordinator went down.
+DOWN_CHECK_S = 0.1
+# ``reserve(wait=...)``: the first retry after this, then ever slower up to the maximum.
+WAIT_FIRST_RETRY_S = 0.5
+WAIT_MAX_RETRY_S = 3.0
+# Refusals that a free worker may lift: worth retrying while ``wait`` lasts.
+WAITABLE = frozenset({"conflict", "unavailable", "rate_limited"})
+
+
+@dataclass(frozen=True)
+class CoordinatorState:
+    """The coordinator's retained ``coord.status`` as this session last saw it."""
+
+    up: bool
+    clean: bool | None
+    since: float | None  # when it went down or came up, when known
+
+    def describe(self) -> str:
+        when = ""
+        if self.since is not None:
+            fmt = "%H:%M:%S" if time.time() - self.since < 86400 else "%Y-%m-%d %H:%M:%S"
+            when = f" since {time.strftime(fmt, time.localtime(self.since))}"
+        how = "stopped" if self.clean else "its connection to the broker was lost"
+        return (f"the coordinator is not running (its status on the broker says down{when}: "
+                f"{how}); start it (`xcloud up`, or `xcloud coordinator`) and try again")
 
 
 @dataclass(frozen=True)
@@ -99,14 +144,20 @@ class Grid:
             session = f"{self.principal[:100]}-{uuid.uuid4().hex[:10]}"
             will = Will(self.topics.inbox_for(self.topics.coord_inbox, self.principal),
                         ClientGone(session=session), qos=1, retain=False)
-            bus = Bus(config.bus, client_id=session,
-                      inbox=self.topics.client_inbox(self.principal), will=will)
+            with translated("connect to the broker"):
+                bus = Bus(config.bus, client_id=session,
+                          inbox=self.topics.client_inbox(self.principal), will=will)
         self.bus = bus
         self.session = bus.client_id
         self._lock = threading.Lock()
         self._held: dict[str, ReservedWorker] = {}
         self._streams: dict[str, tuple[ExecStream, ReservedWorker]] = {}
+        self._coordinator: CoordinatorState | None = None
+        self._closed = threading.Event()
         self.bus.on_connected(self._hello)
+        # The coordinator's retained status: a request fails at once when it is down.
+        self.bus.subscribe(self.topics.coord_status, self._on_coord_status,
+                           lane=Lane.DEFAULT, types=(CoordStatus.TYPE,))
         # Output and exit share one lane: per exec, arrival order is kept end to end.
         self.bus.on_inbox(ExecOutput.TYPE, self._on_exec_output, lane=Lane.EXEC)
         self.bus.on_inbox(ExecExit.TYPE, self._on_exec_exit, lane=Lane.EXEC)
@@ -116,15 +167,23 @@ class Grid:
     @classmethod
     def connect(cls, config: Config | None = None) -> Grid:
         grid = cls(config or load_config())
-        grid.bus.start()
+        grid.start()
         return grid
+
+    def start(self) -> None:
+        """Connect to the broker (a no-op when connected); ``Unreachable`` if it cannot."""
+        try:
+            self.bus.start()
+        except BusError as err:  # its message names the broker and what to check
+            raise Unreachable(str(err)) from err
 
     def close(self) -> None:
         """Release what this session holds, say goodbye, and disconnect."""
+        self._closed.set()
         for handle in self.held:
             try:
                 handle.release()
-            except (ClientError, BusError) as err:
+            except ClientError as err:
                 log.warning("could not release reservation %s: %s", handle.id, err)
         gone = (self.topics.inbox_for(self.topics.coord_inbox, self.principal),
                 ClientGone(session=self.session), 1, False)
@@ -134,9 +193,14 @@ class Grid:
     def connected(self) -> bool:
         return self.bus.connected.is_set()
 
+    @property
+    def coordinator(self) -> CoordinatorState | None:
+        """The coordinator's status as last published on the broker (None: never seen)."""
+        return self._coordinator
+
     def __enter__(self) -> Grid:
         if not self.bus.connected.is_set():
-            self.bus.start()
+            self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -144,66 +208,135 @@ class Grid:
 
     # -- requests ----------------------------------------------------------------------
 
+    def _check_coordinator(self) -> None:
+        state = self._coordinator
+        if state is not None and not state.up:
+            raise CoordinatorDown(state.describe())
+
+    def ask(self, body: Any, timeout: float | None = None, *, what: str | None = None
+            ) -> Any:
+        """Ask the coordinator and wait for its reply body.
+
+        Raises ``Refused`` (its message and code) when it says no, ``CoordinatorDown``
+        at once when its status says it is down (before sending, or while waiting), and
+        ``Unreachable`` when no reply comes within ``timeout`` (default
+        ``bus.request_timeout_s``). ``what`` names the action for messages.
+        """
+        action = what or f"send {body.TYPE}"
+        self._check_coordinator()
+        limit = self.config.bus.request_timeout_s if timeout is None else timeout
+        with translated(action):
+            future = self.bus.request_async(self.topics.coord_inbox, body)
+        deadline = time.monotonic() + limit
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                reply = future.result(max(0.0, min(DOWN_CHECK_S, left)))
+                break
+            except FutureTimeout:
+                self._check_coordinator()
+                if left <= 0:
+                    raise Unreachable(
+                        f"no answer from the coordinator within {limit:g}s: is it running? "
+                        "(`xcloud up` starts a grid; check --broker and --root)") from None
+            except BusError as err:  # the bus stopped under us
+                raise Unreachable(f"cannot {action}: {err}") from err
+        if isinstance(reply.body, Error):
+            raise Refused(reply.body.message, reply.body.code)
+        return reply.body
+
     def call(self, body: Any, timeout: float | None = None) -> Any:
         """Ask the coordinator: its reply body, or Refused (its message and code)."""
-        try:
-            return self.bus.request(self.topics.coord_inbox, body, timeout=timeout).body
-        except RemoteError as err:
-            raise Refused(f"{body.TYPE} refused: {err}", err.code) from err
+        return self.ask(body, timeout)
 
     def ping(self, timeout: float | None = None) -> Pong:
-        reply: Pong = self.call(Ping(), timeout)
+        reply: Pong = self.ask(Ping(), timeout, what="ping the coordinator")
         return reply
 
     def workers(self, *, state: list[str] | None = None, tags: list[str] | None = None,
                 min_cpus: int | None = None, min_memory_bytes: int | None = None,
                 name: str | None = None) -> list[WorkerInfo]:
         """The worker table, in the stable order that ``index`` refers to."""
-        reply: WorkersListReply = self.call(WorkersList(
+        validation.check_filters(state=state, tags=tags, min_cpus=min_cpus,
+                                 min_memory_bytes=min_memory_bytes, name=name)
+        reply: WorkersListReply = self.ask(WorkersList(
             state=state or None, tags=tags or None, min_cpus=min_cpus,
-            min_memory_bytes=min_memory_bytes, name=name))
+            min_memory_bytes=min_memory_bytes, name=name), what="list the workers")
         return [WorkerInfo.from_wire(row) for row in reply.workers]
 
-    def worker(self, worker: str) -> WorkerInfo:
-        """One worker by id or name, with capabilities, latest metrics and recent events."""
-        reply: WorkersShowReply = self.call(WorkersShow(worker=worker))
+    def worker(self, worker: str | int) -> WorkerInfo:
+        """One worker by id, name or listing index, with capabilities, latest metrics
+        and recent events."""
+        target = self._target(worker)
+        reply: WorkersShowReply = self.ask(WorkersShow(worker=target),
+                                           what=f"show worker {target}")
         return WorkerInfo.from_wire(reply.worker)
 
-    def drain(self, worker: str, drain: bool = True) -> str:
+    def drain(self, worker: str | int, drain: bool = True) -> str:
         """Admin: stop (or resume) giving ``worker`` new work; returns its new state."""
-        reply = self.call(WorkersDrain(worker=worker, drain=drain))
+        target = self._target(worker)
+        reply = self.ask(WorkersDrain(worker=target, drain=drain),
+                         what=f"drain worker {target}")
         return str((reply.detail or {}).get("state", ""))
+
+    def forget_worker(self, worker: str | int) -> str:
+        """Admin: forget a lost or offline worker (its row and retained state go; if it
+        comes back it joins afresh). Returns the id of the forgotten worker."""
+        target = self._target(worker)
+        reply = self.ask(WorkersForget(worker=target), what=f"forget worker {target}")
+        return str((reply.detail or {}).get("worker", target))
+
+    def _target(self, worker: str | int) -> str:
+        """A worker id or name as given, or the id at a listing index (an int)."""
+        if isinstance(worker, bool):
+            raise InvalidRequest("a worker is an id, a name or a listing index")
+        if isinstance(worker, int):
+            return self.resolve_index(worker)
+        return validation.check_worker(worker)
 
     # -- reservations --------------------------------------------------------------------
 
     def reserve(self, worker: str | int | None = None, *, any: dict[str, Any] | None = None,
                 lease_s: float | None = None, image: str | None = None,
-                limits: dict[str, Any] | None = None) -> ReservedWorker:
+                limits: dict[str, Any] | None = None,
+                wait: float | None = None) -> ReservedWorker:
         """Reserve a worker: by id or name, by index in the listing (an int), or ``any``
         one matching requirements (``min_cpus``, ``min_memory_bytes``, ``tags``, ``os``,
         ``arch``, ``executor``, ``image``); neither means any worker.
 
+        ``wait`` (seconds, ``math.inf`` for no limit) keeps trying while the worker is
+        taken or no worker matches, instead of failing at once.
+
         Raises :class:`~client.reservation.Refused` with the coordinator's message when
         the worker is taken, lost, unknown, or you already hold a reservation.
         """
-        if isinstance(worker, bool):
-            raise ClientError("worker must be an id, a name or an index")
-        target = self.resolve_index(worker) if isinstance(worker, int) else worker or None
-        lease = float(lease_s or self.config.client.lease_s)
+        if any:
+            validation.check_requirements(any)
+        lease = validation.check_lease(float(lease_s or self.config.client.lease_s))
+        if image is not None:
+            validation.check_image(image)
+        if wait is not None and (math.isnan(wait) or wait < 0):
+            raise InvalidRequest(f"wait must be 0 or more seconds, not {wait!r}")
+        target = None if worker is None or worker == "" else self._target(worker)
         body = Reserve(worker=target, any=any or None, lease_s=lease, session=self.session,
                        image=image, limits=limits or None)
-        timeout = self.config.bus.request_timeout_s + RESERVE_EXTRA_TIMEOUT_S
-        try:
-            reply: ReserveReply = self.bus.request(self.topics.coord_inbox, body,
-                                                   timeout=timeout).body
-        except RemoteError as err:
-            raise Refused(str(err), err.code) from err
-        except RequestTimeout as err:
-            adopted = self._adopt_after_timeout(target)
-            if adopted is None:
-                raise ClientError(f"the coordinator did not answer the reservation: {err}"
-                                  ) from err
-            reply = adopted
+        deadline = None if wait is None else time.monotonic() + wait
+        retry = WAIT_FIRST_RETRY_S
+        while True:
+            try:
+                reply = self._reserve_once(body, target)
+                break
+            except Refused as err:
+                waitable = err.code in WAITABLE or (err.code == "not_found" and target is None)
+                if deadline is None or not waitable:
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Refused(f"{err} (waited {wait:g}s)", err.code) from err
+                log.info("waiting for a worker: %s", err)
+                if self._closed.wait(min(retry, left)):
+                    raise Unreachable("the session closed while waiting for a worker") from err
+                retry = min(retry * 1.5, WAIT_MAX_RETRY_S)
         handle = ReservedWorker(self, reply, lease)
         with self._lock:
             self._held[handle.id] = handle
@@ -212,20 +345,32 @@ class Grid:
                  handle.lease_s)
         return handle
 
+    def _reserve_once(self, body: Reserve, target: str | None) -> ReserveReply:
+        timeout = self.config.bus.request_timeout_s + RESERVE_EXTRA_TIMEOUT_S
+        try:
+            reply: ReserveReply = self.ask(body, timeout, what="reserve a worker")
+            return reply
+        except CoordinatorDown:
+            raise
+        except Unreachable as err:
+            adopted = self._adopt_after_timeout(target)
+            if adopted is None:
+                raise Unreachable(f"the reservation got no answer: {err}") from err
+            return adopted
+
     def _adopt_after_timeout(self, target: str | None) -> ReserveReply | None:
         """A reserve that timed out may still have succeeded: find it and take its grant."""
         try:
             rows = self.reservations()
-        except (ClientError, BusError):
+        except ClientError:
             return None
         for row in rows:
             if row.get("session") == self.session and row.get("state") in (None, "active") \
                     and (target is None or target in (row.get("worker"), row.get("worker_name"))):
                 try:
-                    reply: ReserveReply = self.bus.request(
-                        self.topics.coord_inbox, Renew(reservation=row["id"])).body
+                    reply: ReserveReply = self.ask(Renew(reservation=row["id"]))
                     return reply
-                except BusError:
+                except ClientError:
                     return None
         return None
 
@@ -235,13 +380,14 @@ class Grid:
         for pos, row in enumerate(rows):
             if (row.index if row.index >= 0 else pos) == index:
                 return row.id
-        raise ClientError(f"no worker #{index}: the listing has "
-                          f"{len(rows)} worker(s)" + (f" (0..{len(rows) - 1})" if rows else ""))
+        raise InvalidRequest(f"no worker #{index}: the listing has "
+                             f"{len(rows)} worker(s)"
+                             + (f" (0..{len(rows) - 1})" if rows else ""))
 
     def reservations(self, *, all: bool = False, active: bool = True) -> list[dict[str, Any]]:
         """Reservations of this principal (admins: everyone's with ``all``)."""
-        reply: ReservationsListReply = self.call(
-            ReservationsList(all=all or None, active=active))
+        reply: ReservationsListReply = self.ask(
+            ReservationsList(all=all or None, active=active), what="list reservations")
         return list(reply.reservations)
 
     @property
@@ -251,6 +397,17 @@ class Grid:
             return list(self._held.values())
 
     # -- inbox routing (bus lanes) -------------------------------------------------------
+
+    def _on_coord_status(self, incoming: Incoming) -> None:
+        body: CoordStatus = incoming.body
+        up = body.state == "up"
+        if up:
+            since = body.started_at
+        elif body.clean:  # published by the coordinator as it stopped
+            since = incoming.message.ts
+        else:  # its last will: composed when it connected; now, unless replayed
+            since = None if incoming.retained else time.time()
+        self._coordinator = CoordinatorState(up=up, clean=body.clean, since=since)
 
     def _hello(self) -> None:
         try:

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -31,13 +32,22 @@ log = logging.getLogger("xcloud")
 Command = Callable[[argparse.Namespace, Config], int]
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """The options every command takes, before the command (``top``) or after it.
+
+    After it they default to SUPPRESS, so that one given before the command is kept.
+    """
     g = p.add_argument_group("common options")
-    g.add_argument("--config", type=Path, help="config file (default $XCLOUD_HOME/config.toml)")
-    g.add_argument("--home", type=Path, help="xcloud home directory (default ~/.xcloud)")
-    g.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883")
-    g.add_argument("--root", help="topic root of the grid (default xcloud)")
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    unset: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    g.add_argument("--config", type=Path, help="config file (default $XCLOUD_HOME/config.toml)",
+                   **unset)
+    g.add_argument("--home", type=Path, help="xcloud home directory (default ~/.xcloud)",
+                   **unset)
+    g.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883", **unset)
+    g.add_argument("--root", help="topic root of the grid (default xcloud)", **unset)
+    g.add_argument("-v", "--verbose", action="count",
+                   help="more logging: -v shows warnings and progress, -vv debug",
+                   **({"default": 0} if top else unset))
 
 
 def _bus_identity(p: argparse.ArgumentParser) -> None:
@@ -46,9 +56,14 @@ def _bus_identity(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from schemas.version import __version__
+
     parser = argparse.ArgumentParser(
         prog="xcloud", description="xcloud: a volunteer / desktop-grid computing platform "
-        "over MQTT. Run `xcloud up` to start a grid on this machine.")
+        "over MQTT. Run `xcloud up` to start a grid on this machine. The common options "
+        "may come before the command or after it.")
+    parser.add_argument("--version", action="version", version=f"xcloud {__version__}")
+    _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("up", help="start broker, coordinator and local workers (Ctrl-C stops)")
@@ -60,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["process", "docker"], default="process",
                    help="executor of the local workers")
     p.add_argument("--db", help="database URL (default sqlite in $XCLOUD_HOME/data)")
+    p.add_argument("--http", type=int, metavar="PORT",
+                   help="dashboard port (default [monitoring] http_port: 0 = any free port)")
+    p.add_argument("--http-host", metavar="ADDR", help="dashboard address (default 127.0.0.1)")
+    p.add_argument("--no-http", action="store_true", help="do not serve the dashboard")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("broker", help="run the embedded MQTT broker alone")
@@ -85,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-anonymous", action="store_true", default=None,
                    help="embedded broker: accept connections without credentials "
                    "(not recommended)")
+    p.add_argument("--http", type=int, metavar="PORT",
+                   help="serve the dashboard, JSON API and /metrics on PORT (0 = any free port)")
+    p.add_argument("--http-host", metavar="ADDR", help="dashboard address (default 127.0.0.1)")
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("worker", help="run a worker agent")
@@ -107,14 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", action="append", help="only workers in this state (repeatable)")
     p.add_argument("--tag", action="append", help="only workers with this tag (repeatable)")
     p.add_argument("--min-cpus", type=int, help="only workers with at least this many cpus")
-    p.add_argument("--min-memory", type=int, help="only workers with at least this many bytes")
+    p.add_argument("--min-memory", type=_size,
+                   help="only workers with at least this much memory (bytes, or 512M, 4G)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_workers)
 
     p = sub.add_parser("show", help="show one worker in detail")
     _common(p)
     _bus_identity(p)
-    p.add_argument("worker", help="worker id or name")
+    p.add_argument("worker", help="worker id, name or listing index (the # of `xcloud workers`)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_show)
 
@@ -128,11 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shell", help="interactive shell: listWorkers, reserveWorker, output, ...",
                        description="The xcloud shell. Interactive on a terminal; with -c or "
                        "from a pipe it runs the commands and exits with the last remote "
-                       "command's status (1 on an error).")
+                       "command's status (1 on an error). With -c each argument is one "
+                       "command (or several, one per line); a `;` is not a separator but "
+                       "part of the remote command line: "
+                       "xcloud shell -c 'reserve any' 'output ls | head -3; echo done'")
     _common(p)
     _bus_identity(p)
-    p.add_argument("-c", dest="script", metavar="COMMANDS",
-                   help='commands separated by ";", e.g. "reserve any; output uname -a"')
+    p.add_argument("-c", dest="script", metavar="COMMAND", nargs="+", action="extend",
+                   help="run these shell commands (one per argument or per line) and exit")
     p.set_defaults(func=cmd_shell)
 
     p = sub.add_parser("run", help="reserve a worker, run one command on it, release it",
@@ -150,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-memory", help="only workers with at least this much memory (4G)")
     p.add_argument("--timeout", type=float, help="kill the command after this many seconds")
     p.add_argument("--lease", type=float, help="reservation lease in seconds (default 30)")
+    p.add_argument("--wait", type=float, nargs="?", const=math.inf, metavar="SECONDS",
+                   help="wait for a free worker (at most SECONDS; no value: no limit) "
+                   "instead of failing when none is free")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...",
                    help="the command to run")
     p.set_defaults(func=cmd_run)
@@ -200,14 +229,29 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("worker", help="worker id or name")
     dr.add_argument("--undo", action="store_true", help="resume giving it work")
     dr.set_defaults(func=cmd_drain)
+    fg = asub.add_parser("forget", help="forget a lost or offline worker (it leaves the "
+                         "listing; if it comes back it joins afresh)")
+    fg.add_argument("worker", help="worker id, name or listing index")
+    fg.set_defaults(func=cmd_forget)
     mx = asub.add_parser("mosquitto-export", parents=[leaf_direct],
-                         help="write a Mosquitto password file and ACL file for our principals")
+                         help="write a Mosquitto password file and ACL file for our "
+                         "principals (readable by the group mosquitto where it exists)")
     mx.add_argument("directory", type=Path)
     mx.set_defaults(func=cmd_mosquitto_export)
     return parser
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    """An argparse type: ``4G``, ``512MiB`` or plain bytes (as ``run`` and the shell)."""
+    from client.shell_syntax import ShellError, parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ShellError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -221,6 +265,9 @@ def _load(args: argparse.Namespace) -> Config:
               "ws_port": getattr(args, "ws_port", None),
               "allow_anonymous": getattr(args, "allow_anonymous", None)}
     coordinator = {"db": getattr(args, "db", None)}
+    http_port = getattr(args, "http", None)
+    monitoring = {"http": True if http_port is not None else None, "http_port": http_port,
+                  "http_host": getattr(args, "http_host", None)}
     worker = {"name": getattr(args, "name", None),
               "description": getattr(args, "description", None),
               "tags": getattr(args, "tags", None), "slots": getattr(args, "slots", None),
@@ -228,14 +275,22 @@ def _load(args: argparse.Namespace) -> Config:
               "state_dir": getattr(args, "state_dir", None),
               "executor": getattr(args, "executor", None)}
     return load_config(args.config, overrides={"bus": bus, "broker": broker,
-                                               "coordinator": coordinator, "worker": worker})
+                                               "coordinator": coordinator, "worker": worker,
+                                               "monitoring": monitoring})
 
 
-def _setup_logging(verbose: int) -> None:
+DAEMONS = ("up", "broker", "coordinator", "worker")
+
+
+def _setup_logging(verbose: int, command: str | None) -> None:
+    """Daemons log warnings; one-shot commands only errors, unless -v (or
+    XCLOUD_LOG_LEVEL): their failure is the one ``xcloud: error:`` line, not a
+    warning or two before it (a reconnect, a refused CONNECT) that says less."""
     level_name = os.environ.get("XCLOUD_LOG_LEVEL", "")
     level = getattr(logging, level_name.upper(), None) if level_name else None
     if not isinstance(level, int):
-        level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+        quiet = logging.WARNING if command in DAEMONS else logging.ERROR
+        level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else quiet
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -272,6 +327,7 @@ def cmd_up(args: argparse.Namespace, config: Config) -> int:
     if args.verbose == 0:
         logging.getLogger().setLevel(logging.INFO)
         logging.getLogger("amqtt").setLevel(logging.WARNING)
+    config.monitoring.http = not args.no_http  # the dashboard comes with `up` by default
     return run_up(config, args.workers, args.executor)
 
 
@@ -290,6 +346,9 @@ def cmd_coordinator(args: argparse.Namespace, config: Config) -> int:
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
     from worker.main import run_worker
 
+    if not args.verbose and not os.environ.get("XCLOUD_LOG_LEVEL"):
+        # The agent's own progress ("worker W online at URL") is what its owner watches for.
+        logging.getLogger("worker").setLevel(logging.INFO)
     return run_worker(config, parent_pid=args.parent_pid)
 
 
@@ -297,8 +356,10 @@ def cmd_workers(args: argparse.Namespace, config: Config) -> int:
     from client.api import Grid
     from client.table import workers_table
 
+    tags = [t for tag in args.tag or [] for t in tag.split(",") if t] or None
+    states = [s for state in args.state or [] for s in state.split(",") if s] or None
     with Grid.connect(config) as grid:
-        rows = grid.workers(state=args.state, tags=args.tag, min_cpus=args.min_cpus,
+        rows = grid.workers(state=states, tags=tags, min_cpus=args.min_cpus,
                             min_memory_bytes=args.min_memory)
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=2))
@@ -311,8 +372,9 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
     from client.api import Grid
     from client.table import worker_detail
 
+    target: str | int = int(args.worker) if args.worker.isdigit() else args.worker
     with Grid.connect(config) as grid:
-        info = grid.worker(args.worker)
+        info = grid.worker(target)
     print(json.dumps(info.__dict__, indent=2) if args.json else worker_detail(info))
     return 0
 
@@ -352,7 +414,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
               "--min-memory)", file=sys.stderr)
         return 2
     return run_once(config, command, worker=args.worker, requirements=requirements,
-                    timeout=args.timeout, lease_s=args.lease)
+                    timeout=args.timeout, lease_s=args.lease, wait=args.wait)
 
 
 def cmd_drain(args: argparse.Namespace, config: Config) -> int:
@@ -362,9 +424,23 @@ def cmd_drain(args: argparse.Namespace, config: Config) -> int:
         raise XcloudError("drain is a request to the running coordinator; --db and "
                           "--direct do not apply to it")
 
+    target: str | int = int(args.worker) if args.worker.isdigit() else args.worker
     with Grid.connect(config) as grid:
-        state = grid.drain(args.worker, drain=not args.undo)
+        state = grid.drain(target, drain=not args.undo)
     print(f"worker {args.worker} is {state}")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace, config: Config) -> int:
+    from client.api import Grid
+
+    if getattr(args, "db", None) or getattr(args, "direct", False):
+        raise XcloudError("forget is a request to the running coordinator; --db and "
+                          "--direct do not apply to it")
+    target: str | int = int(args.worker) if args.worker.isdigit() else args.worker
+    with Grid.connect(config) as grid:
+        wid = grid.forget_worker(target)
+    print(f"worker {wid} forgotten")
     return 0
 
 
@@ -402,11 +478,14 @@ def cmd_principal_revoke(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_mosquitto_export(args: argparse.Namespace, config: Config) -> int:
-    from client.admin import mosquitto_conf_hint
+    from client.admin import mosquitto_conf_hint, share_with_mosquitto
 
     with _admin(args, config) as admin:
         passwd, acl = admin.export_mosquitto(args.directory)
+    note = share_with_mosquitto(passwd, acl)  # the --db path wrote them 0600 too
     print(mosquitto_conf_hint(passwd, acl))
+    if note:
+        print(note)
     return 0
 
 
@@ -418,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `xcloud`, `xcloud admin` or `xcloud admin principal` without an action
         parser.parse_args([*(argv or sys.argv[1:]), "--help"])
         return 2
-    _setup_logging(getattr(args, "verbose", 0))
+    _setup_logging(getattr(args, "verbose", 0) or 0, getattr(args, "command", None))
     try:
         return func(args, _load(args))
     except XcloudError as err:
@@ -426,6 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `xcloud workers | head`: the reader left, as with any tool
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return 128 + 13  # SIGPIPE
 
 
 if __name__ == "__main__":

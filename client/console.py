@@ -153,22 +153,46 @@ class SigintCounter:
             signal.signal(signal.SIGINT, self._previous)
 
 
+# After Ctrl-C, a backlog above this is dropped rather than printed, and so is a chunk
+# that would make it so: the output still in flight when the command was signalled (up
+# to the worker's send window, in chunks of up to 1 MiB) would otherwise keep the
+# terminal busy long after the command ended. Small output (a last message) still shows.
+BEHIND_BYTES = 256 * 1024
+
+
+def human_size(n: int) -> str:
+    value = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} bytes"
+
+
 def follow_output(handle: ReservedWorker, stream: ExecStream, console: Console,
                   *, quiet_interrupts: bool = False) -> ExecResult | None:
     """Copy a running command's output to the console until it ends.
 
     Ctrl-C: SIGINT to the remote command, again: SIGKILL, a third time: stop following
-    (None is returned; the command may still run, see ``ps``).
+    (None is returned; the command may still run, see ``ps``). On the first Ctrl-C the
+    output received but not yet printed is dropped (with a note), and so is any backlog
+    that builds up afterwards: the prompt comes back as soon as the command ends.
     """
     sent = 0
+    dropped = 0  # bytes of output not shown because of Ctrl-C
     with SigintCounter() as sigint, stream:
         while True:
+            if sent and stream.ready_bytes > BEHIND_BYTES:
+                dropped += stream.discard_ready()
             try:
                 chunk = stream.next_chunk(timeout=0.1)
             except StopIteration:
                 break
-            if chunk is not None:
+            if chunk is not None and sigint.count == sent and (
+                    not sent or len(chunk.data) + stream.ready_bytes <= BEHIND_BYTES):
                 console.write_chunk(chunk)
+            elif chunk is not None:  # a Ctrl-C is pending, or a flood after one
+                dropped += len(chunk.data)
             while sigint.count > sent:
                 sent += 1
                 if sent >= 3:
@@ -176,6 +200,8 @@ def follow_output(handle: ReservedWorker, stream: ExecStream, console: Console,
                                 f"`logs {stream.exec_id}`]")
                     return None
                 name = "INT" if sent == 1 else "KILL"
+                skipped = stream.discard_ready() if sent == 1 else 0
+                dropped += skipped
                 try:
                     handle.signal(stream.exec_id, name)
                 except ClientError as err:
@@ -183,5 +209,10 @@ def follow_output(handle: ReservedWorker, stream: ExecStream, console: Console,
                     continue
                 if not quiet_interrupts:
                     hint = " (Ctrl-C again: SIGKILL)" if sent == 1 else " (Ctrl-C again: detach)"
-                    console.dim(f"^C: sent SIG{name} to the remote command{hint}")
+                    note = (f"; {human_size(skipped)} of output received but not shown "
+                            "dropped" if skipped else "")
+                    console.dim(f"^C: sent SIG{name} to the remote command{hint}{note}")
+        if dropped and not quiet_interrupts:
+            console.dim(f"[{human_size(dropped)} of output not shown after ^C; "
+                        f"`logs {stream.exec_id}` has its end]")
         return stream.result

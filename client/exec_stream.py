@@ -111,6 +111,7 @@ class ExecStream:
         self._next_seq: int | None = start_seq
         self._pending: dict[int, OutputChunk] = {}
         self._ready: deque[OutputChunk] = deque()
+        self._ready_bytes = 0
         self._stdout: list[bytes] = []
         self._stderr: list[bytes] = []
         self._exit: dict[str, Any] | None = None
@@ -204,6 +205,7 @@ class ExecStream:
             (self._stderr if chunk.stream == "stderr" else self._stdout).append(chunk.data)
         if self.buffer_chunks:
             self._ready.append(chunk)
+            self._ready_bytes += len(chunk.data)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -211,6 +213,20 @@ class ExecStream:
     def next_seq(self) -> int | None:
         """The first seq not yet received in order (where a resync should start)."""
         return self._next_seq
+
+    @property
+    def ready_bytes(self) -> int:
+        """Bytes received in order and not yet taken by the consumer (its backlog)."""
+        return self._ready_bytes
+
+    def discard_ready(self) -> int:
+        """Drop the chunks received but not yet taken (after Ctrl-C: the user wants the
+        prompt back, not the backlog); the number of bytes dropped."""
+        with self._cond:
+            dropped = self._ready_bytes
+            self._ready.clear()
+            self._ready_bytes = 0
+        return dropped
 
     @property
     def exited(self) -> bool:
@@ -309,7 +325,9 @@ class ExecStream:
         while True:
             with self._cond:
                 if self._ready:
-                    return self._ready.popleft()
+                    chunk = self._ready.popleft()
+                    self._ready_bytes -= len(chunk.data)
+                    return chunk
                 error = self._error
                 finished = error is not None or self.complete or self._closed
                 if not finished:

@@ -25,8 +25,10 @@ from typing import Any, Protocol
 
 from broker.bus import Bus, BusError, RemoteError, RequestTimeout
 from broker.config import Config
-from client.errors import ClientError
+from client import validation
+from client.errors import ClientError, InvalidRequest, Unreachable
 from client.exec_stream import ExecResult, ExecStream, OutputChunk, decode_data
+from schemas.errors import WireError
 from schemas.messages import (
     Body,
     ExecList,
@@ -44,6 +46,9 @@ from schemas.topics import Topics
 
 log = logging.getLogger(__name__)
 
+# What each request to a worker asks for, in words (for refusals).
+_ACTIONS = {"exec.start": "to run the command", "exec.signal": "to signal the command",
+            "exec.list": "to list the commands", "exec.logs": "to send the output"}
 SIGNALS = ("INT", "TERM", "KILL", "HUP", "QUIT", "USR1", "USR2")
 # After exec.exit, how long to keep asking the worker for missing chunks before giving up.
 GIVE_UP_AFTER_EXIT_S = 5.0
@@ -56,6 +61,10 @@ class GridLink(Protocol):
     bus: Bus
     topics: Topics
     config: Config
+
+    def ask(self, body: Any, timeout: float | None = None, *, what: str | None = None
+            ) -> Any:
+        """Ask the coordinator: its reply body; ``Refused``/``ClientError`` otherwise."""
 
     def route_stream(self, stream: ExecStream, handle: ReservedWorker) -> None:
         """Deliver the output and exit of ``stream.exec_id`` to ``stream``."""
@@ -200,13 +209,14 @@ class ReservedWorker:
         """Extend the lease now and take the fresh grant (the keeper does this by itself)."""
         self._check()
         try:
-            reply: ReserveReply = self._grid.bus.request(
-                self._grid.topics.coord_inbox, Renew(reservation=self.id)).body
-        except RemoteError as err:
+            reply: ReserveReply = self._grid.ask(Renew(reservation=self.id),
+                                                 what=f"renew reservation {self.id}")
+        except Refused as err:
             if err.code in ("not_found", "conflict", "forbidden"):
                 self._mark_ended(f"renewal refused: {err}")
                 raise ReservationLost(self.id, self.ended_reason or str(err)) from err
-            raise Refused(f"renew refused: {err}", err.code) from err
+            raise Refused(f"renewing reservation {self.id} was refused: {err}",
+                          err.code) from err
         self._apply(reply)
 
     def on_ended(self, listener: Callable[[ReservedWorker], None]) -> None:
@@ -244,11 +254,11 @@ class ReservedWorker:
             return
         self._keeper.stop()
         try:
-            self._grid.bus.request(self._grid.topics.coord_inbox,
-                                   Release(reservation=self.id))
-        except RemoteError as err:
+            self._grid.ask(Release(reservation=self.id), what=f"release reservation {self.id}")
+        except Refused as err:
             if err.code not in ("not_found", "conflict"):
-                raise Refused(f"release refused: {err}", err.code) from err
+                raise Refused(f"releasing reservation {self.id} was refused: {err}",
+                              err.code) from err
         finally:
             self._mark_ended("released")
 
@@ -258,7 +268,7 @@ class ReservedWorker:
     def __exit__(self, *exc: object) -> None:
         try:
             self.release()
-        except (ClientError, BusError) as err:
+        except ClientError as err:
             log.warning("could not release reservation %s: %s", self.id, err)
 
     # -- requests to the worker --------------------------------------------------------
@@ -279,18 +289,25 @@ class ReservedWorker:
                 with contextlib.suppress(ClientError, BusError):
                     self.renew()
             self._check()  # a refusal because the reservation ended says so
-            raise Refused(f"worker {self.worker_name} refused {body.TYPE}: {err}",
+            action = _ACTIONS.get(body.TYPE, body.TYPE)
+            raise Refused(f"worker {self.worker_name} refused {action}: {err}",
                           err.code) from err
         except RequestTimeout as err:
             self._check()
-            raise ClientError(f"worker {self.worker_name} did not answer {body.TYPE}: "
-                              f"{err}") from err
+            limit = self._grid.config.bus.request_timeout_s if timeout is None else timeout
+            raise Unreachable(f"worker {self.worker_name} did not answer within {limit:g}s "
+                              "(it may be busy, or lost: see `xcloud workers`)") from err
+        except WireError as err:
+            raise InvalidRequest(f"cannot send this to worker {self.worker_name}: "
+                                 f"{err.reason}") from err
+        except BusError as err:
+            raise Unreachable(f"cannot reach worker {self.worker_name}: {err}") from err
 
     def _exec(self, command: str, mode: str, *, timeout: float | None,
               env: dict[str, str] | None, max_output_bytes: int | None,
               keep_output: bool, buffer_chunks: bool) -> tuple[str, ExecStream | None]:
-        if not command.strip():
-            raise ClientError("empty command")
+        validation.check_command(command)
+        validation.check_timeout(timeout)
         exec_id = new_exec_id()
         stream: ExecStream | None = None
         if mode == "output":
@@ -423,7 +440,7 @@ class ReservedWorker:
                 self._grid.bus.send(self._grid.topics.worker_inbox(self.worker),
                                     ExecSignal(grant=self.grant, exec_id=stream.exec_id,
                                                signal="TERM"))
-            except (BusError, ValueError) as err:
+            except (BusError, WireError, ValueError) as err:
                 log.debug("could not stop exec %s: %s", stream.exec_id, err)
 
     def _resync(self, stream: ExecStream) -> None:

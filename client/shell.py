@@ -8,8 +8,13 @@
 Everything after ``output``/``start`` is handed to the worker's ``/bin/sh -c`` untouched
 (pipes, quotes, redirections). Output streams live; Ctrl-C sends SIGINT to the remote
 command (again: SIGKILL; a third time detaches) and the shell stays. The same commands
-run scripted: ``xcloud shell -c "reserve any; output uname -a"`` or from a pipe; the exit
+run scripted: ``xcloud shell -c "reserve any" "output uname -a; uptime"`` (one command
+per argument or per line; ``;`` belongs to the remote command) or from a pipe; the exit
 status is then the last remote command's (1 on an error).
+
+No error ends an interactive session: whatever a command raises is reported and the
+prompt comes back, with the reservation, its background commands and its work directory
+intact. Log lines (warnings) are printed above the prompt, never over it.
 
 This module holds the front ends: the prompt_toolkit session (completion, persistent
 history, a bottom toolbar with connection, reserved worker and lease), the scripted
@@ -42,7 +47,6 @@ from client.console import (
     follow_output,
     use_color,
 )
-from client.errors import ClientError
 from client.reservation import SIGNALS
 from client.shell_commands import Shell
 from client.shell_syntax import (
@@ -54,8 +58,11 @@ from client.shell_syntax import (
     find_command,
     parse_bytes,
     reserve_args,
+    script_commands,
     split_script,
 )
+from client.validation import check_command
+from schemas.errors import XcloudError
 
 if TYPE_CHECKING:
     from prompt_toolkit.completion import CompleteEvent, Completion
@@ -83,6 +90,7 @@ __all__ = [
     "run_once",
     "run_script",
     "run_shell",
+    "script_commands",
     "split_script",
     "use_color",
 ]
@@ -97,12 +105,33 @@ def run_script(shell: Shell, commands: Iterable[str]) -> int:
             shell.execute(command)
     except ShellExit:
         pass
-    except ClientError as err:
+    except XcloudError as err:
         shell.console.error(f"xcloud: error: {err}")
         return 1
     except KeyboardInterrupt:
         return 130
     return shell.last_status or 0
+
+
+def run_line(shell: Shell, line: str) -> bool:
+    """Run one typed line; False when the shell should end (``exit``).
+
+    Nothing a command raises ends the session: errors are reported in one line and the
+    prompt comes back (an unexpected one is a bug, reported as such, traceback at -vv).
+    """
+    try:
+        shell.execute(line)  # typed lines are not split: `;` belongs to the remote shell
+    except ShellExit:
+        return False
+    except XcloudError as err:
+        shell.console.error(f"error: {err}")
+    except KeyboardInterrupt:
+        shell.console.error("interrupted")
+    except Exception as err:  # a bug must not throw the session (and its worker) away
+        log.debug("command %r failed", line, exc_info=True)
+        shell.console.error(f"internal error (a bug; the session goes on): "
+                            f"{type(err).__name__}: {err}")
+    return True
 
 
 def _stdin_lines(stream: IO[str]) -> Iterator[str]:
@@ -162,8 +191,46 @@ def _completer(shell: Shell) -> Any:
     return ShellCompleter()
 
 
+@contextlib.contextmanager
+def logs_above_the_prompt() -> Iterator[None]:
+    """Log lines go above the prompt instead of through it.
+
+    ``patch_stdout`` makes ``sys.stdout``/``sys.stderr`` print above the prompt while it
+    is shown; logging's handlers hold the streams they were made with, so they are
+    pointed at the patched stderr for the session, with a short format. Warnings are
+    shown (a one-shot command shows them only with -v).
+    """
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    root = logging.getLogger()
+    with patch_stdout(raw=True):
+        handlers = [h for h in root.handlers
+                    if isinstance(h, logging.StreamHandler) and not isinstance(
+                        h, logging.FileHandler)]
+        saved = [(h, h.setStream(sys.stderr), h.formatter) for h in handlers]
+        short = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+        for h in handlers:
+            h.setFormatter(short)
+        level = root.level
+        if level > logging.WARNING:
+            root.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            root.setLevel(level)
+            for handler, stream, formatter in saved:
+                if stream is not None:
+                    handler.setStream(stream)
+                handler.setFormatter(formatter)
+
+
 def run_interactive(shell: Shell, config: Config) -> int:
     """The prompt_toolkit front end."""
+    with logs_above_the_prompt():
+        return _prompt_loop(shell, config)
+
+
+def _prompt_loop(shell: Shell, config: Config) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
     from prompt_toolkit.output.color_depth import ColorDepth
@@ -195,14 +262,8 @@ def run_interactive(shell: Shell, config: Config) -> int:
             continue
         except EOFError:
             break
-        try:
-            shell.execute(line)  # typed lines are not split: `;` belongs to the remote shell
-        except ShellExit:
+        if not run_line(shell, line):
             break
-        except ClientError as err:
-            shell.console.error(f"error: {err}")
-        except KeyboardInterrupt:
-            shell.console.error("interrupted")
     return shell.last_status or 0
 
 
@@ -227,12 +288,17 @@ def exit_on_hangup() -> None:
         signal.signal(sig, leave)
 
 
-def run_shell(config: Config, script: str | None = None,
+def run_shell(config: Config, script: str | list[str] | None = None,
               stdin: IO[str] | None = None) -> int:
-    """``xcloud shell``: interactive on a terminal, scripted with ``-c`` or a pipe."""
+    """``xcloud shell``: interactive on a terminal, scripted with ``-c`` or a pipe.
+
+    ``script``: the ``-c`` arguments, each one command or several lines of them.
+    """
     from client.api import Grid
 
     stdin = stdin or sys.stdin
+    if isinstance(script, str):
+        script = [script]
     scripted = script is not None or not stdin.isatty()
     console = Console(sys.stdout, sys.stderr, use_color(config, sys.stdout),
                       remarks_to_err=scripted)
@@ -241,7 +307,7 @@ def run_shell(config: Config, script: str | None = None,
         shell = Shell(grid, console)
         try:
             if script is not None:
-                return run_script(shell, split_script(script))
+                return run_script(shell, script_commands(script))
         except ShellError as err:  # e.g. an unterminated quote
             console.error(f"xcloud: error: {err}")
             return 2
@@ -259,17 +325,19 @@ def run_shell(config: Config, script: str | None = None,
 
 def run_once(config: Config, command: str, *, worker: str | None = None,
              requirements: dict[str, Any] | None = None, timeout: float | None = None,
-             lease_s: float | None = None) -> int:
+             lease_s: float | None = None, wait: float | None = None) -> int:
     """``xcloud run``: reserve, run with live output, release; the remote exit status."""
     from client.api import Grid
 
     console = Console(sys.stdout, sys.stderr, use_color(config, sys.stderr),
                       remarks_to_err=True)
+    check_command(command)  # before a worker is reserved for nothing
     target: str | int | None = int(worker) if worker and worker.isdigit() else worker
     started = time.monotonic()
     exit_on_hangup()
     with Grid.connect(config) as grid, \
-            grid.reserve(target, any=requirements or None, lease_s=lease_s) as handle:
+            grid.reserve(target, any=requirements or None, lease_s=lease_s,
+                         wait=wait) as handle:
         log.info("reserved %s in %.2fs", handle.worker, time.monotonic() - started)
         stream = handle.stream(command, timeout=timeout)
         try:

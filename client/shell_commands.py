@@ -137,6 +137,11 @@ class Shell:
             raise ShellError(f"you already hold {self.reserved.worker_name} (reservation "
                              f"{self.reserved.id}); `release` it first")
         target, req, extra = reserve_args(self._words(rest))
+        if extra.get("wait"):
+            limit = extra["wait"]
+            self.console.dim("waiting for a free worker" + (
+                f" (at most {limit:g}s)" if limit != float("inf") else "")
+                + "; Ctrl-C stops waiting")
         handle = self.grid.reserve(self._resolve(target), any=req or None, **extra)
         self.reserved = handle
         handle.on_ended(self._ended)

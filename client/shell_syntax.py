@@ -7,6 +7,7 @@ parsing, and testable on their own.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +36,10 @@ COMMANDS: tuple[CommandSpec, ...] = (
                 "list the grid's workers; # is the index reserveWorker takes"),
     CommandSpec("reserveWorker", ("reserve",),
                 "reserveWorker N|ID|NAME|any [--tag T] [--min-cpus N] [--min-memory B] "
-                "[--os OS] [--arch ARCH] [--executor E] [--image I] [--lease S]",
-                "reserve a worker: index N of the listing, an id or name, or any match"),
+                "[--os OS] [--arch ARCH] [--executor E] [--image I] [--lease S] "
+                "[--wait [S]]",
+                "reserve a worker: index N of the listing, an id or name, or any match; "
+                "--wait: until one is free"),
     CommandSpec("myWorker", ("mine",), "myWorker", "show the worker you hold"),
     CommandSpec("output", ("run",), "output CMD",
                 "run CMD on your worker and show its output live (Ctrl-C interrupts it)"),
@@ -64,10 +67,13 @@ def find_command(word: str) -> CommandSpec | None:
 
 
 def split_script(text: str) -> list[str]:
-    """Split a script on ``;`` and newlines outside quotes; backslash escapes a char.
+    """Split a script into commands: one per line (newlines outside quotes).
 
-    Only the top level splits: ``output sh -c 'a; b'`` stays one command. Quotes and
-    backslashes are kept as typed, since the remote shell parses them again.
+    ``;`` never separates commands: it belongs to the remote command line, so
+    ``output ls | head -3; echo done`` is one command, as when typed at the prompt.
+    A newline inside quotes stays in the command; a backslash escapes one character.
+    Quotes and backslashes are kept as typed, since the remote shell parses them again.
+    Blank lines and ``#`` comments are skipped.
     """
     parts: list[str] = []
     buf: list[str] = []
@@ -84,7 +90,7 @@ def split_script(text: str) -> list[str]:
                 quote = None
         elif ch in "'\"":
             quote = ch
-        elif ch in ";\n":
+        elif ch == "\n":
             parts.append("".join(buf))
             buf = []
             i += 1
@@ -95,6 +101,11 @@ def split_script(text: str) -> list[str]:
         raise ShellError(f"unterminated {quote} quote")
     parts.append("".join(buf))
     return [p.strip() for p in parts if p.strip() and not p.strip().startswith("#")]
+
+
+def script_commands(scripts: list[str]) -> list[str]:
+    """``xcloud shell -c CMD [CMD ...]``: each argument is one or more lines."""
+    return [command for script in scripts for command in split_script(script)]
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -109,41 +120,59 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * factor)
 
 
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
 def reserve_args(words: list[str]) -> tuple[str | int | None, dict[str, Any], dict[str, Any]]:
-    """``reserveWorker`` arguments -> (target, any-requirements, extra reserve kwargs)."""
+    """``reserveWorker`` arguments -> (target, any-requirements, extra reserve kwargs).
+
+    ``--wait [SECONDS]`` takes an optional value: without one it waits with no limit.
+    """
     target: str | int | None = None
     req: dict[str, Any] = {}
     extra: dict[str, Any] = {}
-    it = iter(words)
-    for word in it:
-        if word.startswith("--"):
-            key, eq, value = word[2:].partition("=")
-            if not eq:
-                try:
-                    value = next(it)
-                except StopIteration:
-                    raise ShellError(f"--{key} needs a value") from None
-            try:
-                if key == "tag" or key == "tags":
-                    req.setdefault("tags", []).extend(t for t in value.split(",") if t)
-                elif key == "min-cpus":
-                    req["min_cpus"] = int(value)
-                elif key == "min-memory":
-                    req["min_memory_bytes"] = parse_bytes(value)
-                elif key in ("os", "arch", "executor"):
-                    req[key] = value
-                elif key == "image":
-                    extra["image"] = value
-                elif key == "lease":
-                    extra["lease_s"] = float(value)
-                else:
-                    raise ShellError(f"unknown option --{key}")
-            except ValueError:
-                raise ShellError(f"bad value for --{key}: {value!r}") from None
-        elif target is None:
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if not word.startswith("--"):
+            if target is not None:
+                raise ShellError(f"unexpected argument {word!r}")
             target = int(word) if word.isdigit() else word
-        else:
-            raise ShellError(f"unexpected argument {word!r}")
+            continue
+        key, eq, value = word[2:].partition("=")
+        if not eq:
+            if key == "wait" and (i >= len(words) or not _is_number(words[i])):
+                extra["wait"] = math.inf
+                continue
+            if i >= len(words):
+                raise ShellError(f"--{key} needs a value")
+            value = words[i]
+            i += 1
+        try:
+            if key in ("tag", "tags"):
+                req.setdefault("tags", []).extend(t for t in value.split(",") if t)
+            elif key == "min-cpus":
+                req["min_cpus"] = int(value)
+            elif key == "min-memory":
+                req["min_memory_bytes"] = parse_bytes(value)
+            elif key in ("os", "arch", "executor"):
+                req[key] = value
+            elif key == "image":
+                extra["image"] = value
+            elif key == "lease":
+                extra["lease_s"] = float(value)
+            elif key == "wait":
+                extra["wait"] = float(value)
+            else:
+                raise ShellError(f"unknown option --{key}")
+        except ValueError:
+            raise ShellError(f"bad value for --{key}: {value!r}") from None
     if target == "any":
         target = None
     if req and target is not None:

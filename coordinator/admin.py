@@ -1,9 +1,11 @@
 """Administration over the bus: what ``xcloud admin`` asks when it has no ``--db``.
 
-Only principals whose role is ``admin`` are served; everyone else gets ``forbidden``.
-The rules themselves live in coordinator/bootstrap.py, shared with the direct-database
-path. A revoke or a rotation also asks the embedded broker (``broker.recheck``) to cut
-the principal's live sessions at once. Replies never outgrow the bus: the principal list
+Only principals whose role is ``admin`` are served; everyone else gets ``forbidden``
+(the request guard checks it, ``broker.request_roles``). The rules themselves live in
+coordinator/bootstrap.py, shared with the direct-database path. A revoke or a rotation
+makes the coordinator forget the principal's cached role at once (its next request is
+refused) and asks the embedded broker (``broker.recheck``) to cut the principal's live
+sessions. Replies never outgrow the bus: the principal list
 is paginated within ``bus.max_payload`` and a Mosquitto export that would not fit is
 refused with ``too_large``.
 """
@@ -56,12 +58,14 @@ class AdminHandlers:
     """The admin requests of docs/protocol.md ("Administration"), on ``Lane.ADMIN``."""
 
     def __init__(self, bus: Bus, store: Store, topics: Topics, *, own_principal: str,
-                 max_payload: int) -> None:
+                 max_payload: int,
+                 principal_changed: Callable[[str], None] | None = None) -> None:
         self.bus = bus
         self.store = store
         self.topics = topics
         self.own_principal = own_principal
         self.max_payload = max_payload
+        self.principal_changed = principal_changed
 
     def register(self) -> None:
         table: dict[str, Callable[[Incoming], Body]] = {
@@ -72,17 +76,7 @@ class AdminHandlers:
             MosquittoExport.TYPE: self.mosquitto_export,
         }
         for mtype, fn in table.items():
-            self.bus.on_inbox(mtype, guarded(self.bus, self._admins_only(fn)), lane=Lane.ADMIN)
-
-    def _admins_only(self, fn: Callable[[Incoming], Body]) -> Callable[[Incoming], Body]:
-        def check(incoming: Incoming) -> Body:
-            sender = incoming.sender or ""
-            principal = self.store.get_principal(sender)
-            if principal is None or principal.revoked or principal.role != "admin":
-                raise Refusal("forbidden", f"{sender} is not an admin")
-            return fn(incoming)
-
-        return check
+            self.bus.on_inbox(mtype, guarded(self.bus, fn), lane=Lane.ADMIN)
 
     def _not_ourselves(self, principal: str, what: str) -> None:
         if principal == self.own_principal:
@@ -91,7 +85,10 @@ class AdminHandlers:
                           "`xcloud admin --db URL` instead")
 
     def _recheck(self, principal: str) -> None:
-        """Ask the embedded broker to re-authenticate ``principal``'s live sessions now."""
+        """Forget ``principal``'s cached role, and ask the embedded broker to
+        re-authenticate its live sessions now."""
+        if self.principal_changed is not None:
+            self.principal_changed(principal)
         try:
             self.bus.publish(self.topics.broker_recheck, BrokerRecheck(principals=[principal]))
         except (BusError, WireError, ValueError) as err:
@@ -108,6 +105,8 @@ class AdminHandlers:
         log.info("%s added principal %s (%s)", incoming.sender, req.principal, req.role)
         if req.replace:
             self._recheck(req.principal)
+        elif self.principal_changed is not None:
+            self.principal_changed(req.principal)
         return PrincipalsToken(principal=req.principal, role=req.role, token=token)
 
     def principals_rotate(self, incoming: Incoming) -> Body:

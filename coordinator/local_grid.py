@@ -5,6 +5,15 @@ processes, provisions their principals, writes the client config so the shell an
 just work here, and tears everything down in order on Ctrl-C or SIGTERM: workers
 first (they publish a clean offline), then the coordinator, then the broker.
 
+One grid per home: before anything else ``run_up`` locks ``$XCLOUD_HOME/up.lock``
+(coordinator/home_lock.py); a second ``xcloud up`` there says which grid holds it and
+exits. A restart keeps the client's credentials: the admin token of config.toml is
+reused while it still authenticates against the grid's database, and only the ``[bus]``
+keys that changed are written, every other key and section kept.
+
+Stopping removes every container the grid's docker workers made: a worker closes its
+sessions when it stops cleanly, and ``stop`` then sweeps by label what a killed one left.
+
 Workers die with ``xcloud up`` even when it is killed: each is started with
 ``--parent-pid`` and asks the kernel itself (PR_SET_PDEATHSIG, worker/main.py) for a
 SIGTERM when its parent goes. Nothing runs in the child between fork and exec
@@ -21,14 +30,18 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from broker.acl import Role
 from broker.config import Config, mask_url, write_config
 from broker.embedded import EmbeddedBroker, check_port_free
 from broker.main import broker_settings
 from coordinator.auth import store_authenticator
 from coordinator.bootstrap import issue_token
+from coordinator.home_lock import HomeLock
 from coordinator.service import Coordinator
 from coordinator.store import Store
 from schemas.topics import valid_principal_id
@@ -68,6 +81,7 @@ class LocalGrid:
         self.coordinator: Coordinator | None = None
         self.workers: list[WorkerProcess] = []
         self._stop = threading.Event()
+        self.home_lock: HomeLock | None = None  # run_up takes it before anything else
 
     @property
     def broker_url(self) -> str:
@@ -83,20 +97,34 @@ class LocalGrid:
         self.store = Store.open(cfg.db_url)
         coord_token = issue_token(self.store, COORDINATOR_PRINCIPAL, "coordinator",
                                   "xcloud up", replace=True)
-        admin_token = issue_token(self.store, ADMIN_PRINCIPAL, "admin", "xcloud up",
-                                  replace=True)
+        admin_token = self._admin_token()
         self.broker = EmbeddedBroker(broker_settings(cfg), store_authenticator(self.store))
         self.broker.start_in_thread()
         cfg.bus.url = self.broker_url
-        write_config(cfg.config_file, {"bus": {
+        if self.home_lock is not None:
+            self.home_lock.describe(broker=self.broker_url)
+        update_client_config(cfg.config_file, {
             "url": self.broker_url, "principal": ADMIN_PRINCIPAL, "token": admin_token,
             "root": cfg.bus.root,
-        }})
+        })
         cfg.bus.principal, cfg.bus.token = COORDINATOR_PRINCIPAL, coord_token
         self.coordinator = Coordinator(cfg, self.store)
         self.coordinator.start()
         for index in range(1, self.n_workers + 1):
             self._spawn(self._provision_worker(index))
+
+    def _admin_token(self) -> str:
+        """The admin token of config.toml while it still authenticates against this
+        grid's database (so open shells reconnect after a restart); else a new one."""
+        assert self.store is not None
+        current = _file_bus_section(self.config.config_file)
+        token = current.get("token")
+        if current.get("principal") == ADMIN_PRINCIPAL and isinstance(token, str) and token:
+            principal = store_authenticator(self.store)(ADMIN_PRINCIPAL, token)
+            if principal is not None and principal.role == Role.ADMIN:
+                log.info("keeping the admin token of %s", self.config.config_file)
+                return token
+        return issue_token(self.store, ADMIN_PRINCIPAL, "admin", "xcloud up", replace=True)
 
     def _provision_worker(self, index: int) -> WorkerProcess:
         assert self.store is not None
@@ -146,6 +174,7 @@ class LocalGrid:
 
     def summary(self) -> str:
         cfg = self.config
+        dashboard = self.coordinator.dashboard if self.coordinator else None
         lines = [
             "xcloud is up",
             f"  broker       {self.broker_url}"
@@ -156,6 +185,8 @@ class LocalGrid:
             f"  workers      {len(self.workers)} x {self.executor}: "
             + ", ".join(w.wid for w in self.workers),
             f"  client       {cfg.config_file} (principal {ADMIN_PRINCIPAL})",
+            *([f"  dashboard    {dashboard.url}  (log in as {ADMIN_PRINCIPAL}, token in "
+               f"{cfg.config_file})"] if dashboard is not None else []),
             f"  logs         {cfg.home / 'logs'}",
             "",
             "In another terminal:  xcloud workers",
@@ -181,6 +212,26 @@ class LocalGrid:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def sweep_containers(self) -> list[str]:
+        """Remove the containers our docker workers left: a worker that stops cleanly
+        removes its own, one that was killed cannot. Found by their state-dir label, so
+        another grid's workers with the same ids are never touched."""
+        if self.executor != "docker" or not self.workers:
+            return []
+        from worker.executors.base import ExecutorError
+        from worker.executors.docker.container import LABEL_STATE_DIR, remove_labelled
+
+        removed: list[str] = []
+        for wp in self.workers:
+            try:
+                removed += remove_labelled({LABEL_STATE_DIR: str(wp.state_dir.resolve())})
+            except ExecutorError as err:
+                log.warning("cannot sweep the containers of worker %s: %s", wp.wid, err)
+        if removed:
+            log.warning("removed %d container(s) the workers left: %s", len(removed),
+                        ", ".join(removed))
+        return removed
+
     def stop(self) -> None:
         self._stop.set()
         for wp in self.workers:
@@ -195,6 +246,7 @@ class LocalGrid:
             except subprocess.TimeoutExpired:
                 wp.process.kill()
                 wp.process.wait()
+        self.sweep_containers()
         if self.coordinator:
             self.coordinator.stop()
         if self.broker:
@@ -203,8 +255,36 @@ class LocalGrid:
             self.store.close()
 
 
+def _file_bus_section(path: Path) -> dict[str, Any]:
+    """The ``[bus]`` table of the config file as written (no environment, no flags)."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    bus = data.get("bus")
+    return bus if isinstance(bus, dict) else {}
+
+
+def update_client_config(path: Path, bus: dict[str, Any]) -> bool:
+    """Set these ``[bus]`` keys in the config file, keeping every other key and section;
+    leave the file untouched when they already hold these values. True if written."""
+    current = _file_bus_section(path)
+    if all(current.get(k) == v for k, v in bus.items()):
+        return False
+    write_config(path, {"bus": {**current, **bus}})
+    return True
+
+
 def run_up(config: Config, workers: int, executor: str) -> int:
+    # First of all: one grid per home (coordinator/home_lock.py). A second `xcloud up`
+    # stops here, having touched nothing of the grid that runs.
+    with HomeLock.acquire(config.home) as home_lock:
+        return _run_locked(config, workers, executor, home_lock)
+
+
+def _run_locked(config: Config, workers: int, executor: str, home_lock: HomeLock) -> int:
     grid = LocalGrid(config, workers, executor)
+    grid.home_lock = home_lock
 
     def on_signal(_signum: int, _frame: object) -> None:
         grid.request_stop()

@@ -36,6 +36,8 @@ def run_coordinator(config: Config, *, embed_broker: bool = False,
         try:
             print(f"coordinator running (broker {mask_url(config.bus.url)}, "
                   f"database {mask_url(config.db_url)})", flush=True)
+            if coordinator.dashboard is not None:
+                print(f"dashboard {coordinator.dashboard.url}", flush=True)
             wait_for_stop(stop or threading.Event())
         finally:
             coordinator.stop()

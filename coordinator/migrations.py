@@ -29,6 +29,7 @@ from peewee import (
     BigIntegerField,
     BooleanField,
     CharField,
+    CompositeKey,
     Database,
     DoubleField,
     IntegerField,
@@ -231,11 +232,84 @@ def _v2_reservations(db: Database) -> None:
     db.create_tables(_v2_models(db), safe=True)
 
 
+def _v3_models(db: Database) -> list[type[Model]]:
+    """Snapshot of the tables version 3 adds: downsampled worker metrics, grid-wide
+    series and the roll-up cursors (coordinator/monitoring, docs/monitoring.md)."""
+
+    def model(name: str, table: str, fields: dict[str, Any], **meta: Any) -> type[Model]:
+        attrs: dict[str, Any] = {**fields, "Meta": _meta(db, table, **meta), "__module__": __name__}
+        return type(name, (Model,), attrs)
+
+    # SQLite: the rows live in their primary key's B-tree (no separate rowid table), which
+    # halves what the largest monitoring table takes on disk. InnoDB clusters by the key.
+    clustered = {"without_rowid": True} if isinstance(db, SqliteDatabase) else {}
+
+    def stat(*names: str, counts: tuple[str, ...] = ()) -> dict[str, Any]:
+        fields: dict[str, Any] = {c: IntegerField(default=0) for c in counts}
+        for name in names:
+            if name.endswith("_sum"):
+                fields[name] = DoubleField(default=0)
+            else:
+                fields[name] = DoubleField(null=True)
+        return fields
+
+    worker_metric = model(
+        "V3WorkerMetric",
+        "xc_worker_metric",
+        {
+            "worker_id": CharField(128),
+            "res": IntegerField(),
+            "ts": BigIntegerField(),
+            "n": IntegerField(default=0),
+            **stat("cpu_min", "cpu_sum", "cpu_max", "mem_min", "mem_sum", "mem_max"),
+            **stat("load_sum", "load_max", counts=("load_n",)),
+            **stat("disk_min"),
+            **stat("rx_sum", "rx_max", "tx_sum", "tx_max", counts=("net_n",)),
+            **stat("gpu_sum", "gpu_max", "gpu_mem_sum", "gpu_mem_max", counts=("gpu_n",)),
+            "run_max": IntegerField(null=True),
+        },
+        primary_key=CompositeKey("worker_id", "res", "ts"),
+        indexes=((("res", "ts"), False),),
+        **clustered,
+    )
+    grid_metric = model(
+        "V3GridMetric",
+        "xc_grid_metric",
+        {
+            "series": CharField(64),
+            "res": IntegerField(),
+            "ts": BigIntegerField(),
+            "n": IntegerField(default=0),
+            "sum": DoubleField(default=0),
+            "min": DoubleField(null=True),
+            "max": DoubleField(null=True),
+        },
+        primary_key=CompositeKey("series", "res", "ts"),
+        indexes=((("res", "ts"), False),),
+        **clustered,
+    )
+    cursor = model(
+        "V3MetricCursor",
+        "xc_metric_cursor",
+        {
+            "name": CharField(64, primary_key=True),
+            "value": DoubleField(),
+            "updated_at": DoubleField(),
+        },
+    )
+    return [worker_metric, grid_metric, cursor]
+
+
+def _v3_metrics(db: Database) -> None:
+    db.create_tables(_v3_models(db), safe=True)
+
+
 Migration = tuple[int, str, Callable[[Database], None]]
 
 MIGRATIONS: list[Migration] = [
     (1, "principals, workers, heartbeat samples, worker events", _v1_initial),
     (2, "reservations, exec audit trail", _v2_reservations),
+    (3, "downsampled worker metrics, grid-wide series, roll-up cursors", _v3_metrics),
 ]
 
 LATEST_VERSION: int = MIGRATIONS[-1][0]

@@ -28,6 +28,7 @@ from peewee import (
     BigIntegerField,
     BooleanField,
     CharField,
+    CompositeKey,
     Database,
     DoubleField,
     IntegerField,
@@ -42,6 +43,7 @@ HASH_MAX = 255
 SHORT_MAX = 64  # os, arch
 RID_MAX = 64  # reservation ids, exec ids
 IMAGE_MAX = 256  # container image references
+SERIES_MAX = 64  # names of grid-wide series and roll-up cursors
 
 
 class JsonTextField(TextField):
@@ -121,7 +123,8 @@ class WorkerSample(BaseModel):
     """Raw heartbeat series, one row per heartbeat.
 
     No foreign key to ``xc_worker`` on purpose: inserts stay cheap and samples outlive a
-    worker's row. Downsampling and retention arrive with the monitoring issue.
+    worker's row. The monitoring roll-up folds them into ``WorkerMetric`` buckets and
+    deletes them after ``monitoring.raw_retention_s`` (docs/monitoring.md).
     """
 
     id = BigAutoField()
@@ -212,6 +215,79 @@ class ExecAudit(BaseModel):
         indexes = ((("reservation_id", "exec_id"), True),)
 
 
+class WorkerMetric(BaseModel):
+    """Downsampled heartbeat metrics: one row per worker, tier resolution and bucket
+    (schema version 3; coordinator/monitoring, docs/monitoring.md).
+
+    ``ts`` is the bucket's start (whole seconds, a multiple of ``res``). Sums and counts
+    rather than averages, so a bucket still open can take more samples: the average is
+    ``*_sum / n`` (``load``, ``net`` and ``gpu`` have their own counts, as heartbeats may
+    lack them). Rates are bytes per second between consecutive heartbeats.
+    """
+
+    worker_id = CharField(ID_MAX)
+    res = IntegerField()
+    ts = BigIntegerField()
+    n = IntegerField(default=0)
+    cpu_min = DoubleField(null=True)
+    cpu_sum = DoubleField(default=0)
+    cpu_max = DoubleField(null=True)
+    mem_min = DoubleField(null=True)
+    mem_sum = DoubleField(default=0)
+    mem_max = DoubleField(null=True)
+    load_n = IntegerField(default=0)
+    load_sum = DoubleField(default=0)
+    load_max = DoubleField(null=True)
+    disk_min = DoubleField(null=True)
+    net_n = IntegerField(default=0)
+    rx_sum = DoubleField(default=0)
+    rx_max = DoubleField(null=True)
+    tx_sum = DoubleField(default=0)
+    tx_max = DoubleField(null=True)
+    gpu_n = IntegerField(default=0)
+    gpu_sum = DoubleField(default=0)
+    gpu_max = DoubleField(null=True)
+    gpu_mem_sum = DoubleField(default=0)
+    gpu_mem_max = DoubleField(null=True)
+    run_max = IntegerField(null=True)
+
+    class Meta:
+        table_name = "xc_worker_metric"
+        primary_key = CompositeKey("worker_id", "res", "ts")
+        indexes = ((("res", "ts"), False),)
+
+
+class GridMetric(BaseModel):
+    """Grid-wide series (workers by state, busy slots, reservations, ...), one row per
+    series, resolution and bucket (schema version 3). ``sum / n`` is the average."""
+
+    series = CharField(SERIES_MAX)
+    res = IntegerField()
+    ts = BigIntegerField()
+    n = IntegerField(default=0)
+    sum = DoubleField(default=0)
+    min = DoubleField(null=True)
+    max = DoubleField(null=True)
+
+    class Meta:
+        table_name = "xc_grid_metric"
+        primary_key = CompositeKey("series", "res", "ts")
+        indexes = ((("res", "ts"), False),)
+
+
+class MetricCursor(BaseModel):
+    """How far the roll-up got (schema version 3): the last raw sample id folded, the end
+    of each tier's complete buckets. Moved with a compare-and-set, so two coordinators on
+    one database never fold the same rows twice."""
+
+    name = CharField(SERIES_MAX, primary_key=True)
+    value = DoubleField()
+    updated_at = DoubleField()
+
+    class Meta:
+        table_name = "xc_metric_cursor"
+
+
 MODELS: list[type[BaseModel]] = [
     SchemaVersion,
     Principal,
@@ -220,6 +296,9 @@ MODELS: list[type[BaseModel]] = [
     WorkerEvent,
     Reservation,
     ExecAudit,
+    WorkerMetric,
+    GridMetric,
+    MetricCursor,
 ]
 
 
@@ -246,6 +325,9 @@ class BoundModels:
     WorkerEvent: type[WorkerEvent]
     Reservation: type[Reservation]
     ExecAudit: type[ExecAudit]
+    WorkerMetric: type[WorkerMetric]
+    GridMetric: type[GridMetric]
+    MetricCursor: type[MetricCursor]
 
     def __init__(self, db: Database) -> None:
         self.database = db

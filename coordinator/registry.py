@@ -4,6 +4,15 @@ Caps and status (retained, QoS 1) are handled one by one; heartbeats (QoS 0, the
 the traffic) are appended to a batch that a writer thread flushes in one transaction
 every ``flush_s`` seconds. Liveness is the HeartbeatMonitor's job; this class reacts to
 its verdicts and to last wills.
+
+A last will only makes a worker *suspect* (docs/state-machines.md, "Last wills and broker
+outages"): it is lost once silent for ``will_confirm_s`` while our own connection stayed
+up, which a broker that is shutting down (it publishes every will, then drops us) never
+lets happen. Wills that may be stale (retained, or replayed from our persistent session
+when we reconnect, as a broker with persistence does with those of its own shutdown) are
+confirmed only by silence past the worker's heartbeat deadline; after a reconnect nobody
+is found lost for ``reconnect_grace_s`` (the workers reconnect with their own back-off).
+A heartbeat from a LOST or OFFLINE worker brings it back ONLINE.
 """
 
 from __future__ import annotations
@@ -14,9 +23,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from broker.bus import Incoming
-from coordinator.errors import CoordinatorError
-from coordinator.liveness import HeartbeatMonitor
+from broker.bus import Incoming, LinkState
+from coordinator.errors import CoordinatorError, InvalidArgument
+from coordinator.liveness import HeartbeatMonitor, Suspicion
 from coordinator.store import Store
 from coordinator.worker_state import WorkerState
 from schemas.messages import CapsRefresh, WorkerCaps, WorkerEvent, WorkerHeartbeat, WorkerStatus
@@ -25,6 +34,7 @@ from schemas.topics import Topics
 log = logging.getLogger(__name__)
 
 BACKLOG_DEFER = 200  # unhandled heartbeats above which a missed deadline is re-checked
+IN_FLIGHT_S = 0.5  # a heartbeat received this soon after a loss may predate it
 
 EventSink = Callable[[WorkerEvent], None]
 StateListener = Callable[[str, WorkerState, WorkerState, str], None]
@@ -50,15 +60,22 @@ class WorkerRegistry:
         clock: Callable[[], float] = time.time,
         is_connected: Callable[[], bool] = lambda: True,
         backlog: Callable[[], int] = lambda: 0,
+        link: Callable[[], LinkState] | None = None,
+        will_confirm_s: float = 1.0,
+        reconnect_grace_s: float = 0.0,
     ) -> None:
         self.store = store
         self.topics = topics
         self.default_interval = default_interval
         self.flush_s = flush_s
+        self.will_confirm_s = will_confirm_s
+        self.reconnect_grace_s = reconnect_grace_s
         self._publish_event = publish_event
         self._request_caps = request_caps
         self._clock = clock
-        self._is_connected = is_connected
+        self._link: Callable[[], LinkState] = link or (
+            lambda: LinkState(is_connected(), 1, 0.0))
+        self._epoch = 0 if link else 1  # the connection our timers were last armed for
         self._backlog = backlog
         self._deferred: dict[str, float] = {}  # wid -> first deadline passed under backlog
         self._timers_loaded = False
@@ -92,12 +109,17 @@ class WorkerRegistry:
         deadlines for the same reason.
         """
         now = self._clock()
+        epoch = self._link().epoch
         if self._timers_loaded:
-            self.monitor.refresh_all(now)
+            # After a reconnect the workers are reconnecting too (with their back-off):
+            # nobody is lost before the grace is over.
+            self.monitor.refresh_all(now, hold_until=now + self.reconnect_grace_s)
+            self._epoch = epoch
             return
         self._timers_loaded = True
         for wid, _last_seen, interval in self.store.live_worker_deadlines():
             self.monitor.track(wid, now, interval or self.default_interval)
+        self._epoch = epoch
 
     def stop(self) -> None:
         self._stop.set()
@@ -130,8 +152,12 @@ class WorkerRegistry:
         now = self._clock()
         with self.state_lock:
             before = self.store.get_worker(wid)
-            record = self.store.upsert_worker_caps(wid, body.to_dict(), now,
-                                                   keep_state=incoming.retained)
+            try:
+                record = self.store.upsert_worker_caps(wid, body.to_dict(), now,
+                                                       keep_state=incoming.retained)
+            except InvalidArgument as err:
+                log.warning("dropped caps of worker %s: %s", wid, err)
+                return
             if before is None:
                 self._emit(wid, record.name, None, record.state, "joined")
             elif before.state != record.state:
@@ -146,9 +172,12 @@ class WorkerRegistry:
         if wid is None:
             return
         now = self._clock()
+        if body.state == "offline" and not body.clean:
+            self._suspect(wid, body.reason or "connection lost", now, incoming)
+            return
         if body.state == "offline":
-            target = WorkerState.OFFLINE if body.clean else WorkerState.LOST
-            reason = body.reason or ("clean shutdown" if body.clean else "connection lost")
+            target = WorkerState.OFFLINE
+            reason = body.reason or "clean shutdown"
             self.monitor.forget(wid)
         else:
             target = WorkerState(body.state)
@@ -163,6 +192,27 @@ class WorkerRegistry:
             interval = (record.heartbeat_interval if record else 0) or self.default_interval
             self.monitor.track(wid, now, interval)
 
+    def _suspect(self, wid: str, reason: str, now: float, incoming: Incoming) -> None:
+        """A last will (the broker says the worker's connection died): suspect it.
+
+        Lost after ``will_confirm_s`` of silence if the will is fresh (received live on
+        our current connection) and that connection stays up; otherwise (retained, or
+        replayed from our persistent session after a reconnect, as a broker with
+        persistence does with the wills of its own shutdown) only past the worker's
+        heartbeat deadline.
+        """
+        record = self.store.get_worker(wid)
+        if record is None or not record.state.is_live:
+            return  # unknown, or already lost or offline: nothing to suspect
+        link = self._link()
+        fresh = (not incoming.retained and link.connected and link.epoch == self._epoch
+                 and incoming.received_at >= link.ready_at)
+        confirm_at = now + self.will_confirm_s if fresh else None
+        interval = record.heartbeat_interval or self.default_interval
+        self.monitor.suspect(wid, Suspicion(now, reason, confirm_at, link.epoch), interval)
+        log.info("worker %s: last will (%s); lost %s unless heard from", wid, reason,
+                 f"in {self.will_confirm_s:.1f}s" if fresh else "at its heartbeat deadline")
+
     def on_heartbeat(self, incoming: Incoming) -> None:
         """Hot path: validate ownership, note liveness, queue the write."""
         body: WorkerHeartbeat = incoming.body
@@ -173,8 +223,12 @@ class WorkerRegistry:
         self.monitor.beat(wid, now, body.interval_s)
         if self._deferred:
             self._deferred.pop(wid, None)
+        # Stamped when paho read it, not when this lane got to it: a heartbeat that
+        # waited in our queue must not look newer than a status that overtook it.
+        received = (now - max(0.0, time.monotonic() - incoming.received_at)
+                    if incoming.received_at else now)
         with self._batch_lock:
-            self._batch.append((wid, body.to_dict(), now))
+            self._batch.append((wid, body.to_dict(), received))
             if len(self._batch) >= 5000:
                 self._flush_event.set()
 
@@ -210,25 +264,40 @@ class WorkerRegistry:
                         log.exception("heartbeat listener failed for %s", wid)
         for wid in result.unknown:
             self._ask_caps(wid, now)
-        for wid in result.inactive:
-            # Heard from a worker we had written off: it is alive after all.
-            record = self.store.get_worker(wid)
-            if record is None or record.state != WorkerState.LOST:
-                continue
-            if record.state_changed_at >= now - self.flush_s * 2 - 0.5:
-                continue  # a heartbeat that was in flight when it was declared lost
-            self._transition(wid, WorkerState.ONLINE, "heartbeat after lost", now, seen=True)
-            self.monitor.track(wid, now, record.heartbeat_interval or self.default_interval)
+        if result.inactive:
+            received: dict[str, float] = {}
+            for wid, _, ts in batch:
+                received[wid] = max(ts, received.get(wid, ts))
+            for wid in result.inactive:
+                self._heard_inactive(wid, received[wid], now)
+
+    def _heard_inactive(self, wid: str, received_at: float, now: float) -> None:
+        """A heartbeat from a worker we had written off (LOST) or that was marked OFFLINE
+        (by an admin, another coordinator, a stale status): it is alive after all."""
+        record = self.store.get_worker(wid)
+        if record is None or record.state not in (WorkerState.LOST, WorkerState.OFFLINE):
+            return
+        if received_at <= record.state_changed_at + IN_FLIGHT_S:
+            return  # sent before it was declared lost or said goodbye; the next one counts
+        self._transition(wid, WorkerState.ONLINE, f"heartbeat after {record.state.value}",
+                         now, seen=True)
+        self.monitor.track(wid, now, record.heartbeat_interval or self.default_interval)
 
     # -- state changes -------------------------------------------------------------------
 
-    def _on_deadline(self, wid: str, silent_for: float) -> None:
+    def _on_deadline(self, wid: str, silent_for: float, suspicion: Suspicion | None) -> None:
         now = self._clock()
         record = self.store.get_worker(wid)
         interval = (record.heartbeat_interval if record else 0) or self.default_interval
-        if not self._is_connected():
-            # We cannot hear anybody: silence says nothing about the worker.
+        link = self._link()
+        if not link.connected or link.epoch != self._epoch:
+            # We cannot hear anybody, or we reconnected and our timers are not re-armed
+            # yet: silence says nothing about the worker.
             self.monitor.track(wid, now, interval)
+            return
+        if (suspicion is not None and suspicion.confirm_at is not None
+                and suspicion.epoch != link.epoch):
+            self.monitor.track(wid, now, interval)  # cut off since its will: no verdict
             return
         if self._backlog() > BACKLOG_DEFER:
             # Its heartbeat may be waiting in our own queue: an overloaded coordinator must
@@ -238,11 +307,14 @@ class WorkerRegistry:
                 recheck = min(0.25, interval / 4)
                 self.monitor.track(wid, now + recheck - self.monitor.factor * interval,
                                    interval)
+                if suspicion is not None:  # keep why it is suspect, decide at the recheck
+                    self.monitor.suspect(wid, Suspicion(suspicion.at, suspicion.reason, None,
+                                                        suspicion.epoch), interval)
                 return
         self._deferred.pop(wid, None)
         self.flush()
-        self._transition(wid, WorkerState.LOST, f"no heartbeat for {silent_for:.1f}s",
-                         self._clock())
+        reason = suspicion.reason if suspicion else f"no heartbeat for {silent_for:.1f}s"
+        self._transition(wid, WorkerState.LOST, reason, self._clock())
 
     def set_state(self, wid: str, state: WorkerState, reason: str) -> None:
         """A state change ordered from outside (admin, tests)."""

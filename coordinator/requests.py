@@ -32,7 +32,8 @@ from schemas.version import __version__
 log = logging.getLogger(__name__)
 
 VERSION = __version__
-SHOW_EVENTS = 20  # latest transitions in workers.show.reply
+SHOW_EVENTS = 20  # latest transitions in workers.show.reply (the schema allows 32)
+REPLY_OVERHEAD = 1024  # bytes of a reply besides its rows (envelope, keys)
 
 
 class RequestHandlers:
@@ -65,7 +66,11 @@ class RequestHandlers:
             state=states, tags=req.tags or [], min_cpus=req.min_cpus,
             min_memory_bytes=req.min_memory_bytes, name=req.name,
         )
-        return WorkersListReply(workers=wire.workers_list(records))
+        rows, more = wire.workers_list(records, self.bus.config.max_payload - REPLY_OVERHEAD)
+        if more:
+            log.info("workers.list for %s cut at %d workers to fit one message",
+                     incoming.sender, len(rows))
+        return WorkersListReply(workers=rows, more=True if more else None)
 
     def workers_show(self, incoming: Incoming) -> Body:
         req: WorkersShow = incoming.body

@@ -4,6 +4,12 @@ A reservation's lease runs out at ``expires_at`` unless renewed; a client whose 
 died (``client.gone``) has ``client_grace_s`` to say ``client.hello`` before its session's
 reservations end. Both deadlines come from the database (wall-clock epoch seconds), so a
 restarted coordinator re-arms them (``ReservationService`` does, on start).
+
+Nothing ends while the coordinator is cut off from the broker: a holder cannot renew and
+a client cannot say hello when nobody hears it, so deadlines that pass during an outage
+wait for the connection, and after a *re*connect for ``resume_grace_s`` more (the clients
+reconnect with their own back-off and then renew). The stored deadlines do not move; the
+timers only hold back (docs/state-machines.md, "Broker outages").
 """
 
 from __future__ import annotations
@@ -15,7 +21,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from broker.bus import LinkState
+
 log = logging.getLogger(__name__)
+
+LINK_POLL_S = 0.1  # how often due deadlines look at a broken link again
 
 TimerKey = tuple[str, ...]
 LEASE = "lease"  # key ("lease", reservation id)
@@ -31,10 +41,16 @@ class DeadlineTimers:
     """
 
     def __init__(self, fire: Callable[[TimerKey], None], *, name: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 link: Callable[[], LinkState] | None = None,
+                 resume_grace_s: float = 0.0) -> None:
         self._fire = fire
         self._name = name
         self._clock = clock
+        self._link = link
+        self._resume_grace_s = max(0.0, resume_grace_s)
+        self._epoch_seen = 0  # the connection whose grace was applied (1: the first)
+        self._not_before = 0.0  # nothing fires before this (a reconnect's grace)
         self._deadlines: dict[TimerKey, float] = {}
         self._heap: list[tuple[float, int, TimerKey]] = []
         self._seq = itertools.count()
@@ -67,6 +83,38 @@ class DeadlineTimers:
         with self._cond:
             return self._deadlines.get(key)
 
+    def held_for(self) -> float:
+        """Seconds the timers hold back due deadlines from now (0: they fire when due).
+
+        ``inf`` while the link is down, the grace left after a reconnect otherwise.
+        """
+        with self._cond:
+            if self._link is not None and not self._link().connected:
+                return float("inf")
+            wait = self._gate(self._clock())
+        return wait or 0.0
+
+    def _gate(self, now: float) -> float | None:
+        """None when due deadlines may fire now, else how long to wait before looking again.
+
+        Called with the lock held, and only when something is due (one cheap look at the
+        link, not one per timer).
+        """
+        if self._link is None:
+            return None
+        state = self._link()
+        if not state.connected:
+            return LINK_POLL_S
+        if state.epoch != self._epoch_seen:
+            if state.epoch > 1:  # a reconnect, not our first connection
+                self._not_before = max(self._not_before, state.since + self._resume_grace_s)
+                log.info("%s: back on the broker; nothing ends for %.1fs", self._name,
+                         max(0.0, self._not_before - now))
+            self._epoch_seen = state.epoch
+        if now < self._not_before:
+            return self._not_before - now
+        return None
+
     def _run(self) -> None:
         while True:
             due: list[TimerKey] = []
@@ -74,6 +122,11 @@ class DeadlineTimers:
                 if self._stopped:
                     return
                 now = self._clock()
+                if self._heap and self._heap[0][0] <= now:
+                    wait = self._gate(now)
+                    if wait is not None:
+                        self._cond.wait(min(max(0.005, wait), 1.0))
+                        continue
                 while self._heap and self._heap[0][0] <= now:
                     at, _, key = heapq.heappop(self._heap)
                     if self._deadlines.get(key) == at:
@@ -98,8 +151,11 @@ class ReservationTimers(DeadlineTimers):
 
     def __init__(self, on_lease_end: Callable[[str], None],
                  on_grace_end: Callable[[str, str], None], *,
-                 clock: Callable[[], float] = time.time) -> None:
-        super().__init__(self._dispatch, name="reservation-timers", clock=clock)
+                 clock: Callable[[], float] = time.time,
+                 link: Callable[[], LinkState] | None = None,
+                 resume_grace_s: float = 0.0) -> None:
+        super().__init__(self._dispatch, name="reservation-timers", clock=clock, link=link,
+                         resume_grace_s=resume_grace_s)
         self._on_lease_end = on_lease_end
         self._on_grace_end = on_grace_end
 

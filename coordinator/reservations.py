@@ -32,8 +32,8 @@ from broker.bus import Bus, BusError, Incoming, Lane, RemoteError, RequestTimeou
 from broker.config import CoordinatorConfig
 from coordinator import matching, wire
 from coordinator.audit import AuditWriter
-from coordinator.errors import NotFound
-from coordinator.handling import Refusal, guarded
+from coordinator.errors import CoordinatorError, NotFound, StoreError
+from coordinator.handling import Refusal, guarded, screened
 from coordinator.keys import GrantKey
 from coordinator.registry import WorkerRegistry
 from coordinator.reservation_state import (
@@ -102,7 +102,9 @@ class ReservationService:
         self.key = key
         self.topics = topics or bus.topics
         self._clock = clock
-        self._timers = ReservationTimers(self._lease_ran_out, self._grace_ran_out, clock=clock)
+        self._timers = ReservationTimers(self._lease_ran_out, self._grace_ran_out, clock=clock,
+                                         link=bus.link_state,
+                                         resume_grace_s=config.reconnect_grace_s)
         self._pool: ThreadPoolExecutor | None = None
         self._started = False
         self._holders: dict[str, tuple[str, str]] = {}
@@ -122,7 +124,7 @@ class ReservationService:
 
     def register(self) -> None:
         self.bus.on_inbox("reserve", self._submit_reserve, lane=Lane.RESERVE)
-        table: dict[str, Callable[[Incoming], Body]] = {
+        table: dict[str, Callable[[Incoming], Body | None]] = {
             "renew": self.renew,
             "release": self.release,
             "reservations.list": self.reservations_list,
@@ -183,15 +185,19 @@ class ReservationService:
 
     # -- handler plumbing --------------------------------------------------------------
 
-    def _guard(self, fn: Callable[[Incoming], Body]) -> Callable[[Incoming], None]:
+    def _guard(self, fn: Callable[[Incoming], Body | None]) -> Callable[[Incoming], None]:
         return guarded(self.bus, fn)
 
     def _submit_reserve(self, incoming: Incoming) -> None:
+        """Admit on the lane (a refused or rate-limited reserve never queues in the pool),
+        then wait on the worker in the pool."""
+        if not screened(self.bus, incoming):
+            return
         pool = self._pool
         try:
             if pool is None:
                 raise RuntimeError("not started")
-            pool.submit(self._guard(self.reserve), incoming)
+            pool.submit(guarded(self.bus, self.reserve, admitted=True), incoming)
         except RuntimeError:
             self.bus.reply_error(incoming, "unavailable", "the coordinator is stopping")
 
@@ -369,8 +375,13 @@ class ReservationService:
 
     # -- audit trail ---------------------------------------------------------------------
 
-    def exec_report(self, incoming: Incoming) -> Body:
-        """Keep a worker's summary of one command; only the reservation's worker may report."""
+    def exec_report(self, incoming: Incoming) -> None:
+        """Keep a worker's summary of one command; only the reservation's worker may report.
+
+        The ``ok`` goes out only once the row is committed (the audit writer's batch): a
+        worker keeps and re-sends a report until then (worker/exec_reports.py), and the
+        store skips a redelivered one, so each report is recorded exactly once.
+        """
         rep: ExecReport = incoming.body
         sender = incoming.sender
         assert sender is not None
@@ -390,8 +401,20 @@ class ReservationService:
             exit_code=rep.exit_code, signal=rep.signal, timed_out=rep.timed_out,
             truncated=rep.truncated, oom_killed=rep.oom_killed,
             output_bytes=rep.output_bytes, error=rep.error,
-        ))
-        return Ok()
+        ), on_written=lambda error: self._acknowledge(incoming, error))
+
+    def _acknowledge(self, incoming: Incoming, error: CoordinatorError | None) -> None:
+        """Answer an ``exec.report`` after its batch was (or failed to be) committed."""
+        try:
+            if error is None:
+                self.bus.reply(incoming, Ok())
+            elif isinstance(error, StoreError):
+                self.bus.reply_error(incoming, "unavailable", "the audit record was not "
+                                     "written (the database is down); send it again")
+            else:
+                self.bus.reply_error(incoming, error.code, error.wire_message())
+        except Exception:
+            log.exception("could not acknowledge exec.report from %s", incoming.sender)
 
     def _holder(self, rid: str) -> tuple[str, str] | None:
         """(worker, client) of a reservation; they never change, so they are cached."""

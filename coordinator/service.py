@@ -10,25 +10,35 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING, Any
 
-from broker.bus import Bus, Lane, Will
+from broker.acl import Role
+from broker.bus import Bus, Incoming, Lane, Will
 from broker.config import Config
 from coordinator.admin import AdminHandlers
+from coordinator.forget import WorkerForgetting
+from coordinator.handling import RequestGuard
 from coordinator.keys import GrantKey, load_or_create_grant_key
+from coordinator.monitoring.service import MonitoringService
 from coordinator.reconcile import SessionReconciler
 from coordinator.registry import WorkerRegistry
 from coordinator.requests import VERSION, RequestHandlers
 from coordinator.reservations import ReservationService
 from coordinator.store import Store
+from schemas.codec import envelope
 from schemas.messages import (
     CapsRefresh,
     CoordStatus,
     WorkerCaps,
     WorkerEvent,
     WorkerHeartbeat,
+    WorkersDrain,
     WorkerStatus,
 )
 from schemas.topics import Topics
+
+if TYPE_CHECKING:
+    from coordinator.http.server import DashboardServer
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +71,34 @@ class Coordinator:
             request_caps=self._request_caps,
             is_connected=self.bus.connected.is_set,
             backlog=lambda: self.bus.backlog(Lane.HEARTBEAT),
+            link=self.bus.link_state,
+            will_confirm_s=config.coordinator.will_confirm_s,
+            reconnect_grace_s=config.coordinator.reconnect_grace_s,
         )
+        # Every request is admitted by this guard first (role table, revocation, rates).
+        self.guard = RequestGuard(store, config.coordinator, anonymous_role=(
+            Role.CLIENT if config.broker.allow_anonymous else None))
+        self.guard.install(self.bus)
         self.requests = RequestHandlers(self.bus, store, self.registry)
         self.admin = AdminHandlers(self.bus, store, self.topics, own_principal=self.principal,
-                                   max_payload=config.bus.max_payload)
+                                   max_payload=config.bus.max_payload,
+                                   principal_changed=self.guard.forget)
         self.grant_key = grant_key or load_or_create_grant_key(config.data_dir)
         self.reservations = ReservationService(self.bus, store, self.registry,
                                                config.coordinator, self.grant_key,
                                                topics=self.topics)
         self.reconciler = SessionReconciler(self.bus, store, self.topics)
         self.registry.heartbeat_listeners.append(self.reconciler.on_heartbeat)
+        # Monitoring (docs/monitoring.md): time series, /metrics, the dashboard.
+        self.monitoring = MonitoringService(
+            config.monitoring, store, heartbeats_total=lambda: self.registry.heartbeats_ingested)
+        self.registry.heartbeat_listeners.append(self.monitoring.running.on_heartbeat)
+        self.dashboard = self._dashboard() if config.monitoring.http else None
 
     def start(self, wait: bool = True) -> None:
+        if self.dashboard is not None:
+            self.dashboard.start()  # first: a taken port fails before anything else runs
+        self.monitoring.start()
         self.registry.start()
         self.reservations.start()  # before the bus: it must see every worker state change
         self.bus.subscribe(self.topics.all_worker_caps, self.registry.on_caps, lane=Lane.REGISTRY,
@@ -83,6 +109,7 @@ class Coordinator:
                            qos=0, lane=Lane.HEARTBEAT, types=(WorkerHeartbeat.TYPE,))
         self.requests.register()
         self.admin.register()
+        WorkerForgetting(self.bus, self.store, self.topics).register()
         self.reservations.register()
         self.bus.on_connected(self.registry.on_bus_connected)
         self.bus.on_connected(self._announce)
@@ -91,6 +118,9 @@ class Coordinator:
                  self.config.bus.url, self.topics.root, self.config.db_url.split("@")[-1])
 
     def stop(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.stop()
+        self.monitoring.stop()
         self.reservations.stop()
         self.bus.stop(publish=[(self.topics.coord_status,
                                 CoordStatus(state="down", clean=True, version=VERSION,
@@ -110,3 +140,19 @@ class Coordinator:
 
     def _request_caps(self, wid: str, body: CapsRefresh) -> None:
         self.bus.send(self.topics.worker_inbox(wid), body)
+
+    def _dashboard(self) -> DashboardServer:
+        from coordinator.http.api import DashboardContext
+        from coordinator.http.server import DashboardServer
+
+        return DashboardServer(DashboardContext(
+            store=self.store, config=self.config.monitoring, monitoring=self.monitoring,
+            drain=self._drain_from_dashboard, flush_audit=self.reservations.audit.flush,
+            grid=self.topics.root, coordinator=self.principal, version=VERSION))
+
+    def _drain_from_dashboard(self, principal: str, wid: str, drain: bool) -> dict[str, Any]:
+        """A drain asked on the dashboard, decided by the ``workers.drain`` handler itself."""
+        incoming = Incoming(topic=self.topics.coord_inbox, sender=principal,
+                            message=envelope(WorkersDrain(worker=wid, drain=drain)))
+        reply = self.requests.workers_drain(incoming)
+        return dict(getattr(reply, "detail", None) or {})

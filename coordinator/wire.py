@@ -9,13 +9,26 @@ here, in one place per reply type: ``workers.list.reply`` (``worker_summary`` +
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterable
 from typing import Any
 
+import fastjsonschema
+
 from coordinator.store import ExecAuditRecord, ReservationRecord, WorkerEventRecord, WorkerRecord
 from coordinator.store.values import as_float
+from schemas.registry import definition_validator
+
+log = logging.getLogger(__name__)
 
 AUDIT_COMMAND_MAX = 1024  # characters of a command in audit.list (keeps replies small)
+EVENT_REASON_MAX = 1024  # characters of an event's reason in workers.show
+# Bounds of worker_summary (envelope.json); stored values are cut to them, so a row written
+# before the bounds existed still makes a valid reply.
+TAGS_MAX = 64
+DESCRIPTION_MAX = 4096
+EXECUTORS_MAX = 8
 
 
 def worker_summary(record: WorkerRecord) -> dict[str, Any]:
@@ -24,7 +37,7 @@ def worker_summary(record: WorkerRecord) -> dict[str, Any]:
         "id": record.id,
         "name": record.name,
         "state": record.state.value,
-        "tags": list(record.tags),
+        "tags": list(record.tags[:TAGS_MAX]),
         "cpus": record.cpus,
         "memory_bytes": record.memory_bytes,
         "os": record.os,
@@ -32,8 +45,8 @@ def worker_summary(record: WorkerRecord) -> dict[str, Any]:
         "slots": record.slots,
         "free_slots": record.free_slots,
         "last_seen": record.last_seen,
-        "description": record.description,
-        "executors": list(record.executors),
+        "description": record.description[:DESCRIPTION_MAX],
+        "executors": list(record.executors[:EXECUTORS_MAX]),
     }
     for key in ("cpu_percent", "load1"):
         value = as_float(record.last_metrics.get(key))
@@ -42,26 +55,59 @@ def worker_summary(record: WorkerRecord) -> dict[str, Any]:
     return wire
 
 
-def workers_list(records: Iterable[WorkerRecord]) -> list[dict[str, Any]]:
-    """The rows of ``workers.list.reply``: summaries numbered in listing order."""
-    return [{**worker_summary(record), "index": index} for index, record in enumerate(records)]
+def workers_list(records: Iterable[WorkerRecord], budget: int) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of ``workers.list.reply``: summaries numbered in listing order, as many as
+    fit in ``budget`` bytes of JSON; the flag says whether some were left out."""
+    rows: list[dict[str, Any]] = []
+    used = 0
+    for index, record in enumerate(records):
+        row = {**worker_summary(record), "index": index}
+        used += len(json.dumps(row, separators=(",", ":"))) + 1
+        if used > budget:
+            return rows, True
+        rows.append(row)
+    return rows, False
 
 
 def worker_detail(record: WorkerRecord, events: Iterable[WorkerEventRecord]) -> dict[str, Any]:
-    """The worker of ``workers.show.reply``: the summary, full caps, metrics and events."""
+    """The worker of ``workers.show.reply``: the summary, full caps, metrics and events.
+
+    The caps and metrics go out only when they have the shape the schemas bound (the
+    worker.caps and worker.heartbeat bodies): what arrives is validated at the edge, but
+    a row written before those bounds existed must not make a reply the bus cannot carry.
+    """
     wire = worker_summary(record)
-    wire["caps"] = record.caps
-    wire["last_metrics"] = record.last_metrics
+    caps = _bounded(record.id, "caps", record.caps, "worker.caps", "caps")
+    if caps is not None:
+        wire["caps"] = caps
+    metrics = _bounded(record.id, "last metrics", record.last_metrics, "worker.heartbeat",
+                       "metrics")
+    if metrics is not None:
+        wire["last_metrics"] = metrics
     wire["events"] = [
         {
             "ts": event.ts,
             "old_state": event.old_state.value if event.old_state else None,
             "new_state": event.new_state.value,
-            "reason": event.reason,
+            "reason": event.reason[:EVENT_REASON_MAX],
         }
         for event in events
     ]
     return wire
+
+
+def _bounded(wid: str, what: str, document: dict[str, Any], schema: str,
+             definition: str) -> dict[str, Any] | None:
+    """``document`` when it conforms to ``{schema}.json#/definitions/{definition}``."""
+    if not document:
+        return None
+    try:
+        definition_validator(schema, definition)(document)
+    except fastjsonschema.JsonSchemaException as err:
+        log.warning("stored %s of worker %s left out of workers.show: %s", what, wid,
+                    getattr(err, "message", err))
+        return None
+    return document
 
 
 def reservation(record: ReservationRecord, worker_name: str | None = None) -> dict[str, Any]:

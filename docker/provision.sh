@@ -35,8 +35,11 @@ for item in $PRINCIPALS; do
     token="$(xcloud admin --direct principal add "$name" --role "$role" --note compose \
         --rotate | tail -n 1)"
     umask 077
-    printf '[bus]\nurl = "%s"\nroot = "%s"\nprincipal = "%s"\ntoken = "%s"\n' \
-        "$BUS_URL" "$ROOT" "$name" "$token" >"$file.tmp"
+    # A worker's identity goes in [worker]: a worker never takes [bus]'s for its own.
+    section=bus
+    if [ "$role" = worker ]; then section=worker; fi
+    printf '[bus]\nurl = "%s"\nroot = "%s"\n[%s]\nprincipal = "%s"\ntoken = "%s"\n' \
+        "$BUS_URL" "$ROOT" "$section" "$name" "$token" >"$file.tmp"
     mv "$file.tmp" "$file"
     echo "provision: $name ($role) created"
 done

@@ -7,6 +7,7 @@ raises one ``WireError`` that says why. Nothing unvalidated gets past it.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +32,14 @@ def _reason(err: fastjsonschema.JsonSchemaException) -> str:
 def _reject_constant(name: str) -> Any:
     """NaN and Infinity are not JSON; they would also slip past every numeric bound."""
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number such as ``1e400`` parses as infinity: refuse it like Infinity."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
 
 
 def new_id() -> str:
@@ -88,7 +97,7 @@ def decode(payload: bytes, *, topic: str | None = None,
         raise WireError("too_large", f"payload of {len(payload)} bytes exceeds {max_payload}",
                         topic=topic)
     try:
-        data = json.loads(payload, parse_constant=_reject_constant)
+        data = json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as err:
         raise WireError("bad_json", f"not JSON: {err}", topic=topic) from err
     except RecursionError as err:

@@ -131,6 +131,7 @@ class WorkerCaps(Body):
     shared: dict[str, Any] | None = None
     heartbeat_s: float | None = None
     agent_version: str | None = None
+    gpus: list[dict[str, Any]] | None = None  # worker/gpus.py: {index, vendor, name, ...}
 
 
 @message
@@ -151,6 +152,7 @@ class WorkerHeartbeat(Body):
     net_sent_bytes: int | None = None
     net_recv_bytes: int | None = None
     running: list[dict[str, str]] = field(default_factory=list)
+    gpus: list[dict[str, Any]] | None = None  # {index, util_percent, memory_used_bytes, ...}
 
 
 @message
@@ -187,6 +189,7 @@ class WorkersList(Body):
 class WorkersListReply(Body):
     TYPE: ClassVar[str] = "workers.list.reply"
     workers: list[dict[str, Any]]
+    more: bool | None = None  # the list was cut to fit one message
 
 
 @message
@@ -209,6 +212,13 @@ class WorkersDrain(Body):
     TYPE: ClassVar[str] = "workers.drain"
     worker: str
     drain: bool
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class WorkersForget(Body):
+    TYPE: ClassVar[str] = "workers.forget"
+    worker: str
 
 
 # -- administration (admins only; coordinator/admin.py) ------------------------------

@@ -67,3 +67,12 @@ def validator(name: str) -> Validator:
     """A compiled validator; raises ``fastjsonschema.JsonSchemaException`` on bad data."""
     compiled: Validator = fastjsonschema.compile(resolved_schema(name))
     return compiled
+
+
+@functools.cache
+def definition_validator(name: str, definition: str) -> Validator:
+    """A compiled validator of ``{name}.json#/definitions/{definition}``: the shape of a
+    document that travels inside messages and is stored (a worker's caps, its metrics)."""
+    schema = _inline({"$ref": f"{name}.json#/definitions/{definition}"}, name)
+    compiled: Validator = fastjsonschema.compile(schema)
+    return compiled

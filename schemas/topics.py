@@ -173,6 +173,19 @@ class Topics:
             return rest[3]
         return None
 
+    def publisher_of(self, topic: str) -> str | None:
+        """Who published a message on ``topic``, as far as the ACL tells: the sender of an
+        inbox topic, the worker of its own presence topics (status, caps, heartbeat, which
+        only it may publish besides the coordinator), else None."""
+        sender = self.sender_of(topic)
+        if sender is not None:
+            return sender
+        rest = self.split(topic)
+        if rest and len(rest) == 3 and rest[0] == "worker" and rest[2] in (
+                "status", "caps", "heartbeat"):
+            return rest[1]
+        return None
+
     def worker_of(self, topic: str) -> str | None:
         """The worker id of a ``{root}/worker/{wid}/...`` topic."""
         rest = self.split(topic)

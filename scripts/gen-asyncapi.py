@@ -20,7 +20,7 @@ for n in names:
                         "payload": {"$ref": f"./json/{n}.json"}}
 P = lambda d: {"description": d}
 # Administration (coordinator/admin.py): admins only, others get error forbidden.
-ADMIN_REQUESTS = ["principals.add","principals.rotate","principals.revoke","principals.list","mosquitto.export"]
+ADMIN_REQUESTS = ["principals.add","principals.rotate","principals.revoke","principals.list","mosquitto.export","workers.forget"]
 ADMIN_REPLIES = ["principals.token","principals.list.reply","mosquitto.export.reply"]
 # File transfers (broker/transfer, docs/transfer.md): any component can be either end.
 XFER = ["xfer.init","xfer.state","xfer.ack","xfer.status","xfer.fin","xfer.abort","xfer.fetch"]

@@ -17,6 +17,7 @@ import pytest
 
 from broker.bus import Bus, BusError, Incoming, Lane, RemoteError, RequestTimeout
 from broker.config import BusConfig
+from schemas.codec import envelope
 from schemas.messages import (
     Error,
     Ping,
@@ -133,7 +134,7 @@ def test_a_handler_may_make_nested_requests(grid: GridHarness) -> None:
         from_self = svc.request(grid.topics.coord_inbox, Ping(), timeout=5)
         svc.reply(incoming, WorkersShowReply(worker={
             "id": "w1", "name": from_worker.body.principal,
-            "state": from_self.body.component}))
+            "state": "online", "description": from_self.body.component}))
 
     def on_ping(incoming: Incoming) -> None:
         svc.reply(incoming, Pong(component="self", principal=incoming.sender))
@@ -142,7 +143,8 @@ def test_a_handler_may_make_nested_requests(grid: GridHarness) -> None:
                   lanes={"workers.show": Lane.REQUESTS, "ping": Lane.ADMIN})
     alice = client(grid)
     reply = alice.request(grid.topics.coord_inbox, WorkersShow(worker="w1"), timeout=10)
-    assert reply.body.worker == {"id": "w1", "name": "w1", "state": "self"}
+    assert reply.body.worker == {"id": "w1", "name": "w1", "state": "online",
+                                 "description": "self"}
 
 
 def test_lanes_keep_order_and_do_not_block_each_other(grid: GridHarness) -> None:
@@ -248,6 +250,90 @@ def test_the_sender_slot_cannot_be_spoofed(grid: GridHarness) -> None:
     assert [(inc.sender, inc.body.name) for inc in seen] == [(CLIENT, "last")]
 
 
+class Inbox:
+    """Every message of the given types arriving in a bus's inbox that no pending request
+    of its own consumed: what others sent it unasked."""
+
+    def __init__(self, bus: Bus, *types: str) -> None:
+        self.got: list[Incoming] = []
+        self._lock = threading.Lock()
+        for mtype in types:
+            bus.on_inbox(mtype, self._record)
+
+    def _record(self, incoming: Incoming) -> None:
+        with self._lock:
+            self.got.append(incoming)
+
+    def of(self, mid: str) -> list[Incoming]:
+        with self._lock:
+            return [inc for inc in self.got if inc.message.re == mid]
+
+
+def test_replies_go_only_to_the_senders_own_inbox(grid: GridHarness) -> None:
+    """Issue 8, item 11: ``reply_to`` cannot aim a reply at another principal's inbox.
+
+    mallory asks with alice's inbox as reply_to: the answer (a result, or an error for an
+    invalid request) comes to mallory's own inbox, and alice hears nothing. A reply_to
+    naming the coordinator's inbox is not answered at all by the coordinator's own bus.
+    """
+    grid.token("mallory", "client")
+    svc = service(grid, {"ping": lambda inc: svc.reply(inc, Pong(component="svc",
+                                                                 principal=inc.sender))})
+    alice = client(grid)
+    mallory = client(grid, "mallory")
+    heard_by_alice = Inbox(alice, "pong", "error")
+    heard_by_mallory = Inbox(mallory, "pong", "error")
+    victim = grid.topics.client_inbox(CLIENT)
+    asks = {
+        "as-alice": envelope(Ping(), reply_to=victim),
+        "as-worker": envelope(Ping(), reply_to=grid.topics.worker_inbox(CLIENT)),
+        "as-coordinator": envelope(Ping(), reply_to=grid.topics.coord_inbox),
+    }
+    for env in asks.values():
+        mallory.send(grid.topics.coord_inbox, env)
+    invalid = raw("workers.list", "invalid-as-alice", victim, min_cpus="x")
+    mallory.publish_bytes(f"{grid.topics.coord_inbox}/mallory", invalid)
+
+    wait_for(lambda: heard_by_mallory.of(asks["as-alice"].id)
+             and heard_by_mallory.of("invalid-as-alice"), 10, message="answers to mallory")
+    answer = heard_by_mallory.of(asks["as-alice"].id)[0]
+    assert answer.topic == f"{grid.topics.client_inbox('mallory')}/{SERVICE}"
+    assert answer.body.principal == "mallory"
+    assert heard_by_mallory.of("invalid-as-alice")[0].body.code == "invalid"
+    # A marker from the service to alice, sent after mallory's asks were answered, comes
+    # in order behind anything the service might have aimed at her.
+    svc.send(victim, envelope(Pong(component="marker"), re="marker"))
+    wait_for(lambda: heard_by_alice.of("marker"), 10, message="marker reached alice")
+    assert [inc.message.re for inc in heard_by_alice.got] == ["marker"], (
+        "a reply was redirected into alice's inbox")
+    # A worker-kind reply_to is answered in mallory's worker-kind inbox, which nobody
+    # reads (she is no worker); the coordinator's inbox gets nothing.
+    assert heard_by_mallory.of(asks["as-worker"].id) == []
+    assert heard_by_mallory.of(asks["as-coordinator"].id) == []
+
+
+def test_a_worker_answers_requests_from_the_coordinator_in_its_inbox(
+        grid: GridHarness) -> None:
+    """The one case where the reply goes to another inbox than the sender's name: the
+    coordinator's own inbox, for the coordinator principal a worker was told about."""
+    topics = grid.topics
+    worker = grid.bus("w1", "worker", inbox=topics.worker_inbox("w1"), start=False)
+    worker.coordinator = SERVICE
+    worker.on_inbox("ping", lambda inc: worker.reply(inc, Pong(component="w1")))
+    worker.start(timeout=5)
+    svc = service(grid, {})
+    assert isinstance(svc.request(topics.worker_inbox("w1"), Ping(), timeout=5).body, Pong)
+    # A client naming the coordinator's inbox as reply_to gets no answer from the worker.
+    alice = client(grid)
+    sneaky = envelope(Ping(), reply_to=topics.coord_inbox)
+    seen = Inbox(svc, "pong")
+    alice.send(topics.worker_inbox("w1"), sneaky)
+    assert isinstance(alice.request(topics.worker_inbox("w1"), Ping(), timeout=5).body, Pong)
+    worker.send(topics.coord_inbox, envelope(Pong(component="marker"), re="marker"))
+    wait_for(lambda: seen.of("marker"), 10, message="marker reached the coordinator inbox")
+    assert seen.of(sneaky.id) == []
+
+
 def test_wrong_credentials_are_refused_naming_the_principal(grid: GridHarness) -> None:
     grid.token(CLIENT, "client")
     cfg = BusConfig(url=grid.url, principal=CLIENT, token="not-the-token", root=grid.root)
@@ -323,7 +409,7 @@ def test_a_nested_json_bomb_in_the_inbox_does_not_kill_the_bus(grid: GridHarness
 
     def on_show(incoming: Incoming) -> None:
         release.wait(10)
-        svc.reply(incoming, WorkersShowReply(worker={"id": "x", "name": "x", "state": "ok"}))
+        svc.reply(incoming, WorkersShowReply(worker={"id": "x", "name": "x", "state": "online"}))
 
     svc = service(grid, {"workers.show": on_show,
                          "ping": lambda inc: svc.reply(inc, Pong(component="svc"))})

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import grp
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,10 +31,17 @@ import psutil
 import pytest
 
 from broker.bus import Bus, BusError
-from broker.config import SECTIONS, BusConfig
+from broker.config import SECTIONS, BusConfig, load_config
 from client.cli import build_parser
 from tests.fixtures.grid import GridHarness
-from tests.fixtures.services import MariaDBServer, free_port, port_open, wait_for
+from tests.fixtures.services import (
+    MariaDBServer,
+    free_port,
+    port_open,
+    require_executable,
+    require_service,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration]
 
@@ -168,6 +179,20 @@ def test_up_runs_a_grid_that_the_cli_sees_and_stops_cleanly(
         assert text.returncode == 0
         assert rows[1]["id"] in text.stdout
         assert_clean_error(xcloud(home, "show", "no-such-worker"), "no-such-worker")
+        # `show` takes the listing index that `reserveWorker` takes; sizes like `4G`
+        # work for `workers --min-memory` as for `run` and the shell (issue 8, item 21).
+        by_index = xcloud(home, "show", "1", "--json")
+        assert by_index.returncode == 0, by_index.stderr
+        assert json.loads(by_index.stdout)["id"] == rows[1]["id"]
+        assert_clean_error(xcloud(home, "show", "7"), "no worker #7", "0..1")
+        small = xcloud(home, "workers", "--min-memory", "1K", "--json")
+        assert small.returncode == 0, small.stderr
+        assert len(json.loads(small.stdout)) == 2
+        huge = xcloud(home, "workers", "--min-memory", "900T", "--json")
+        assert huge.returncode == 0, huge.stderr
+        assert json.loads(huge.stdout) == []
+        assert_clean_error(xcloud(home, "workers", "--state", "foo"),
+                           "unknown state 'foo'; choose online, draining, lost or offline")
 
         workers = children_of(up.pid)
         assert len(workers) >= 2, workers
@@ -511,3 +536,166 @@ def test_workers_against_a_dead_broker_is_a_clear_error(tmp_path: Path) -> None:
     result = xcloud(home, "workers")
     assert_clean_error(result, url)
     assert time.monotonic() - started < 15
+
+
+# ----------------------------------------------------------------------- newcomer's path
+# Issue 8, items 16, 17, 19, 21: what a new user hit following the README.
+
+
+def test_common_options_come_before_or_after_the_command(tmp_path: Path) -> None:
+    before = xcloud(tmp_path / "elsewhere", "--home", str(tmp_path / "a"), "workers")
+    after = xcloud(tmp_path / "elsewhere", "workers", "--home", str(tmp_path / "b"))
+    assert_clean_error(before, str(tmp_path / "a" / "config.toml"))
+    assert_clean_error(after, str(tmp_path / "b" / "config.toml"))
+    both = xcloud(tmp_path / "elsewhere", "--home", str(tmp_path / "a"), "workers",
+                  "--home", str(tmp_path / "b"))  # the later one wins
+    assert_clean_error(both, str(tmp_path / "b" / "config.toml"))
+    version = xcloud(tmp_path, "--version")
+    assert version.returncode == 0
+    assert version.stdout.startswith("xcloud 0."), version.stdout
+
+
+def test_one_shot_commands_print_no_warnings_before_the_error(tmp_path: Path) -> None:
+    """A refused CONNECT used to print a WARNING line, then the error saying the same."""
+    home = tmp_path / "home"
+    db = f"sqlite:///{tmp_path / 'grid.db'}"
+    port = free_port()
+    broker = daemon(home, "broker", "--db", db, "--port", str(port))
+    try:
+        read_until(broker, "broker listening")
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[bus]\nurl = "mqtt://127.0.0.1:{port}"\nprincipal = "admin"\ntoken = "wrong"\n')
+        result = xcloud(home, "workers")
+        line = assert_clean_error(result, "refused principal admin")
+        assert result.stderr.strip().splitlines() == [line], result.stderr
+        verbose = xcloud(home, "-v", "workers")  # -v shows what happened on the way
+        assert "WARNING" in verbose.stderr, verbose.stderr
+    finally:
+        out = stop_daemon(broker)
+    assert "Traceback" not in out, out
+
+
+def test_xcloud_worker_says_when_it_is_online(grid: GridHarness, tmp_path: Path) -> None:
+    grid.start_coordinator()
+    token = grid.token("w-says", "worker")
+    worker = daemon(tmp_path / "home", "worker", "--broker", grid.url, "--root", grid.root,
+                    "--state-dir", str(tmp_path / "state"), "--heartbeat", "0.2",
+                    XCLOUD_BUS_PRINCIPAL="w-says", XCLOUD_BUS_TOKEN=token)
+    shown = ""
+    try:
+        shown = read_until(worker, "online")
+        grid.wait_worker("w-says", "online")
+    finally:
+        shown += stop_daemon(worker)
+    assert f"worker w-says online at {grid.url}" in shown, shown
+    assert "Traceback" not in shown, shown
+
+
+def up_daemon(home: Path, port: int, *args: str) -> subprocess.Popen[str]:
+    proc = daemon(home, "up", "--port", str(port), "--workers", "0", *args)
+    read_until(proc, "Stop with Ctrl-C")
+    return proc
+
+
+def test_a_second_up_on_the_same_home_changes_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    port = free_port()
+    first = up_daemon(home, port)
+    try:
+        config_before = (home / "config.toml").read_bytes()
+        second = xcloud(home, "up", "--port", str(free_port()), "--workers", "0")
+        line = assert_clean_error(second, "a grid already runs in", str(home),
+                                  f"pid {first.pid}", f"mqtt://127.0.0.1:{port}")
+        assert "--home" in line
+        # The first grid is untouched: same client config, its admin token still works.
+        assert (home / "config.toml").read_bytes() == config_before
+        listed = xcloud(home, "admin", "principal", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert first.poll() is None
+    finally:
+        out = stop_daemon(first)
+    assert "Traceback" not in out, out
+    # Once the first one stopped, the home is free again.
+    again = up_daemon(home, free_port())
+    stop_daemon(again)
+
+
+def test_a_restarted_grid_keeps_the_client_config_and_its_sessions(tmp_path: Path) -> None:
+    """`xcloud up` used to issue a new admin token and rewrite [bus] on every start: an
+    open shell could not reconnect, and settings added to config.toml were lost."""
+    from client.api import Grid
+
+    home = tmp_path / "home"
+    port = free_port()
+    up = up_daemon(home, port)
+    path = home / "config.toml"
+    text = path.read_text()
+    assert "[bus]" in text
+    path.write_text(text.replace("[bus]\n", "[bus]\nrequest_timeout_s = 7.5\n")
+                    + '\n[client]\ncolor = "never"\n')
+    edited = path.read_bytes()
+    session = Grid.connect(load_config(env=cli_env(home)))
+    try:
+        assert session.config.bus.request_timeout_s == 7.5
+        assert session.workers() == []
+        stop_daemon(up)
+        wait_for(lambda: not session.connected, 15, message="the grid went away")
+        up = up_daemon(home, port)
+        assert path.read_bytes() == edited, path.read_text()
+        wait_for(lambda: session.connected, 30, interval=0.2,
+                 message="the open session reconnected to the restarted grid")
+        wait_for(lambda: session.coordinator is not None and session.coordinator.up, 15,
+                 message="the coordinator is up")
+        assert session.workers() == []
+    finally:
+        session.close()
+        out = stop_daemon(up)
+    assert "Traceback" not in out, out
+
+
+def test_mosquitto_export_is_readable_by_debians_mosquitto(tmp_path: Path) -> None:
+    """Mosquitto drops to user `mosquitto` before reading its password file and ACL: the
+    export used to write them 0600 for root, and Mosquitto would not start."""
+    binary = require_executable("mosquitto")
+    if os.geteuid() != 0:
+        require_service("root", "Mosquitto drops privileges only when started as root")
+    try:
+        gid = grp.getgrnam("mosquitto").gr_gid
+    except KeyError:
+        require_service("mosquitto group", "Debian's mosquitto package creates it")
+    db = f"sqlite:///{tmp_path / 'grid.db'}"
+    added = xcloud(tmp_path / "home", "admin", "--db", db, "principal", "add", "alice")
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip().splitlines()[-1]
+    shared = Path(tempfile.mkdtemp(prefix="xcloud-mosquitto-"))  # not pytest's 0700 dirs
+    try:
+        shared.chmod(0o755)
+        exported = xcloud(tmp_path / "home", "admin", "--db", db, "mosquitto-export",
+                          str(shared / "auth"))
+        assert exported.returncode == 0, exported.stderr
+        for name in ("passwd", "acl"):
+            info = (shared / "auth" / name).stat()
+            assert info.st_gid == gid, name
+            assert stat.S_IMODE(info.st_mode) == 0o640, name
+        port = free_port()
+        conf = shared / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n"
+                        f"password_file {shared / 'auth' / 'passwd'}\n"
+                        f"acl_file {shared / 'auth' / 'acl'}\npersistence false\n"
+                        "log_dest stderr\n")  # no `user` line: it becomes `mosquitto`
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: port_open("127.0.0.1", port) or proc.poll() is not None, 15,
+                     message="mosquitto listening")
+            assert proc.poll() is None, proc.communicate()[1]
+            bus = Bus(BusConfig(url=f"mqtt://127.0.0.1:{port}", principal="alice",
+                                token=token, reconnect_max_s=1.0))
+            bus.start(timeout=10)
+            bus.stop()
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=10)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -254,15 +254,21 @@ def test_decode_data() -> None:
 
 
 def test_split_script_respects_quotes() -> None:
-    from client.shell import split_script
+    """One command per line; `;` belongs to the remote command (issue 8, item 21)."""
+    from client.shell import script_commands, split_script
 
-    assert split_script("reserve any; output uname -a") == ["reserve any", "output uname -a"]
-    assert split_script("output sh -c 'a; b'; ps") == ["output sh -c 'a; b'", "ps"]
-    assert split_script('output echo "x;y" \\; z') == ['output echo "x;y" \\; z']
-    assert split_script("workers\n# a comment\n\nmine;;") == ["workers", "mine"]
-    assert split_script("output echo \"it's\"; ps") == ["output echo \"it's\"", "ps"]
+    assert split_script("reserve any\noutput uname -a") == ["reserve any", "output uname -a"]
+    assert split_script("reserve any; output uname -a") == ["reserve any; output uname -a"]
+    assert split_script("output ls -al | head -3; echo oops >&2") == [
+        "output ls -al | head -3; echo oops >&2"]
+    assert split_script("output echo 'a\nb'\nps") == ["output echo 'a\nb'", "ps"]
+    assert split_script('output echo "x\ny" \\\n z') == ['output echo "x\ny" \\\n z']
+    assert split_script("workers\n# a comment\n\nmine\n\n") == ["workers", "mine"]
+    assert split_script("output echo \"it's\"\nps") == ["output echo \"it's\"", "ps"]
     with pytest.raises(ClientError, match="unterminated"):
-        split_script("output echo 'oops; ps")
+        split_script("output echo 'oops\nps")
+    assert script_commands(["reserve any", "output a; b\nps"]) == [
+        "reserve any", "output a; b", "ps"]
 
 
 def test_reserve_args() -> None:

@@ -1,26 +1,50 @@
-"""The ``process`` executor on its own: what only this driver does (rlimits, the host work
-dir, task records, markers). What every driver does is in tests/executors/."""
+"""The ``process`` executor on its own: what only this driver does (containment by cgroup
+and the reaper, limits, the host work dir, task records, markers). What every driver
+does is in tests/executors/.
+
+Containment is tested in each mode the machine gives (``mode``: cgroup v1, cgroup v2,
+and ``off``, the fallback of process groups, sessions and markers); a mode the machine
+lacks fails under XCLOUD_REQUIRE_SERVICES=1 (require_service).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import signal
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from broker.config import WorkerConfig
 from tests.executors.harness import marked_processes, run, start
-from tests.fixtures.services import wait_for
+from tests.fixtures.services import require_service, wait_for
 from worker.executors.base import (
     DriverState,
+    ExecutorContext,
     ExecutorError,
     Limits,
     SessionHandle,
     SessionSpec,
 )
+from worker.executors.cgroups import STATE_FILE, detect
 from worker.executors.process import ProcessExecutor
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ["v1", "v2", "off"]
+#: The coordinator's default liveness deadline (heartbeat 5 s x factor 2): commands of a
+#: worker killed with -9 must be gone by the time it is declared lost.
+HEARTBEAT_DEADLINE_S = 10.0
+#: A command that leaves everything the markers and process groups can see: its own
+#: session, no XCLOUD_* variables. Prints its pid.
+ESCAPE = ("env -u XCLOUD_RESERVATION -u XCLOUD_EXEC_ID -u XCLOUD_WORKDIR "
+          "setsid nohup sleep 600 >/dev/null 2>&1 & echo $!")
 
 
 @pytest.fixture(autouse=True)
@@ -30,17 +54,74 @@ def no_leaks(tmp_path: Path) -> Iterator[None]:
              message="a test left processes running")
 
 
+def _required(wanted: str) -> str:
+    if wanted != "off":
+        layout = detect(wanted)
+        if layout.version != int(wanted[1]):
+            require_service(f"cgroup {wanted}", layout.note)
+    return wanted
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    """A containment mode; one this machine cannot give is a missing service."""
+    return _required(request.param)
+
+
+@pytest.fixture(params=MODES[:2])
+def cgroup_mode(request: pytest.FixtureRequest) -> str:
+    """A containment mode with cgroups."""
+    return _required(request.param)
+
+
 @pytest.fixture
-def executor(tmp_path: Path) -> Iterator[ProcessExecutor]:
-    ex = ProcessExecutor(tmp_path / "state", kill_grace_s=1.0)
-    yield ex
-    ex.close()
+def made(tmp_path: Path) -> Iterator[Callable[..., ProcessExecutor]]:
+    """Makes process executors on ``tmp_path/state``; closes them after the test."""
+    executors: list[ProcessExecutor] = []
+
+    def make(cgroups: str = "auto", **kwargs: object) -> ProcessExecutor:
+        ex = ProcessExecutor(tmp_path / "state", kill_grace_s=1.0, cgroups=cgroups,
+                             **kwargs)  # type: ignore[arg-type]
+        executors.append(ex)
+        return ex
+
+    yield make
+    for ex in executors:
+        ex.close()
+
+
+@pytest.fixture
+def executor(made: Callable[..., ProcessExecutor]) -> ProcessExecutor:
+    return made()
 
 
 def open_session(ex: ProcessExecutor, tmp_path: Path, rid: str = "r1",
                  limits: Limits | None = None) -> SessionHandle:
     return ex.open_session(SessionSpec(rid, tmp_path / "sessions" / rid / "work", "alice",
                                        limits=limits or Limits()))
+
+
+def cgroup_limits(ex: ProcessExecutor, rid: str = "r1") -> set[str]:
+    """The limits the session's cgroup enforces (the others are rlimits)."""
+    cgroup = ex.containment.existing(rid)
+    return set(cgroup.limited) if cgroup is not None else set()
+
+
+def gone(pid: int) -> bool:
+    """Has process ``pid`` ended (a zombie has)?"""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def kill_all(pids: list[int], root: Path | None = None) -> None:
+    """Clean up after a test whose processes were not all killed: these pids, and the
+    processes marked with a work dir under ``root``."""
+    victims = [*pids, *(p.pid for p in marked_processes(root))] if root else pids
+    for pid in victims:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
 
 
 def test_work_dir_is_private(executor: ProcessExecutor, tmp_path: Path) -> None:
@@ -69,28 +150,60 @@ def test_a_command_killing_itself_is_reported_as_a_signal(executor: ProcessExecu
     assert (result.exit_code, result.signal) == (None, signal.SIGTERM)
 
 
-def test_memory_limit(executor: ProcessExecutor, tmp_path: Path) -> None:
-    session = open_session(executor, tmp_path, limits=Limits(memory_bytes=300 * 2**20))
-    _result, out = run(executor, session,
-                       "python3 -c 'x = bytearray(600 * 2**20)' 2>&1 | tail -1; "
-                       "python3 -c 'x = bytearray(20 * 2**20); print(\"small ok\")'")
-    assert b"MemoryError" in out.of("stdout")
-    assert b"small ok" in out.of("stdout")
+def test_memory_limit(mode: str, tmp_path: Path, made: Callable[..., ProcessExecutor]
+                      ) -> None:
+    # With a cgroup the limit binds the session as a whole and the OOM killer takes the
+    # hog (reported); without, RLIMIT_AS makes its allocation fail.
+    ex = made(mode)
+    session = open_session(ex, tmp_path, limits=Limits(memory_bytes=300 * 2**20))
+    result, out = run(ex, session,
+                      "python3 -c 'x = bytearray(600 * 2**20); x[::4096] = b\"1\" * "
+                      "(len(x) // 4096)'; echo hog $?; "
+                      "python3 -c 'x = bytearray(20 * 2**20); print(\"small ok\")'")
+    text = out.text() + out.of("stderr").decode()
+    assert "small ok" in text
+    if "memory_bytes" not in cgroup_limits(ex):  # no cgroup, or v2 without the controller
+        assert mode != "v1"
+        assert "MemoryError" in text
+        assert not result.oom_killed
+    else:
+        assert "hog 137" in text  # SIGKILL, from the OOM killer
+        assert result.oom_killed
+    result, _ = run(ex, session, "true")
+    assert not result.oom_killed  # only a kill while the command ran counts
 
 
-def test_pids_limit(executor: ProcessExecutor, tmp_path: Path) -> None:
-    mine = len([p for p in psutil.process_iter() if p.uids().real == os.getuid()])
-    session = open_session(executor, tmp_path, limits=Limits(pids=mine + 5))
-    if os.geteuid() == 0:
+def test_pids_limit(mode: str, tmp_path: Path, made: Callable[..., ProcessExecutor]
+                    ) -> None:
+    ex = made(mode)
+    probe = open_session(ex, tmp_path, "probe", limits=Limits(pids=4321))
+    by_cgroup = "pids" in cgroup_limits(ex, "probe")
+    ex.close_session(probe)
+    if not by_cgroup:  # no cgroup, or v2 without the controller
+        assert mode != "v1"
+        if os.geteuid() != 0:
+            mine = len([p for p in psutil.process_iter() if p.uids().real == os.getuid()])
+            session = open_session(ex, tmp_path, limits=Limits(pids=mine + 5))
+            result, out = run(ex, session,
+                              "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 2 & done; wait")
+            assert b"fork" in out.of("stderr").lower() or result.exit_code != 0
+            return
         # RLIMIT_NPROC does not bind root (the kernel exempts CAP_SYS_RESOURCE), so as
         # root check that the limit is applied to the command, not that forks fail.
-        result, out = run(executor, session, "grep 'Max processes' /proc/self/limits")
+        session = open_session(ex, tmp_path, limits=Limits(pids=4321))
+        result, out = run(ex, session, "grep 'Max processes' /proc/self/limits")
         assert result.exit_code == 0
-        assert out.of("stdout").split()[2:4] == [str(mine + 5).encode()] * 2
+        assert out.of("stdout").split()[2:4] == [b"4321"] * 2
         return
-    result, out = run(executor, session,
-                      "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 2 & done; wait")
-    assert b"fork" in out.of("stderr").lower() or result.exit_code != 0
+    # The session's cgroup binds everyone, root included: 8 processes in all. dash
+    # gives up at the first fork that fails.
+    session = open_session(ex, tmp_path, limits=Limits(pids=8))
+    result, out = run(ex, session,
+                      "for i in $(seq 1 20); do sleep 30 >/dev/null 2>&1 & done; echo all")
+    assert result.exit_code == 2
+    assert b"fork" in out.of("stderr").lower()
+    assert out.text() == ""
+    ex.close_session(session)  # and the sleeps that did start go with the session
 
 
 def test_close_session_kills_escaped_processes_and_removes_the_dir(
@@ -122,15 +235,16 @@ def test_close_session_of_an_unreadable_handle_leaves_the_dir(executor: ProcessE
     assert Path(session.workdir).is_dir()
 
 
-def test_cleanup_orphans_of_a_previous_run(tmp_path: Path) -> None:
+def test_cleanup_orphans_of_a_previous_run(tmp_path: Path,
+                                           made: Callable[..., ProcessExecutor]) -> None:
     state = tmp_path / "state"
-    first = ProcessExecutor(state)
+    first = made()
     session = open_session(first, tmp_path)
     handle, out = start(first, session, "echo ready; sleep 60")
     wait_for(lambda: out.of("stdout") == b"ready\n", message="command did not start")
     assert list((state / "process").glob("*.json"))
     # A new executor on the same state dir (a restarted worker) finds and kills it.
-    second = ProcessExecutor(state)
+    second = made()
     assert second.recover([session]) == [session]
     assert second.cleanup_orphans(keep={"r1"}) >= 1
     result = first.wait(handle, 5)
@@ -148,3 +262,167 @@ def test_missing_workdir(executor: ProcessExecutor, tmp_path: Path) -> None:
                           driver_state=DriverState(ProcessExecutor.STATE_VERSION, {}))
     with pytest.raises(ExecutorError):
         start(executor, ghost, "true")
+
+
+# ------------------------------------------------------------------------ containment
+
+
+def test_the_mode_is_detected_and_logged(mode: str, tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="worker.executors.process")
+    config = WorkerConfig(process_cgroups=mode)
+    ex = ProcessExecutor.create(ExecutorContext(config, tmp_path / "state", "w1"))
+    try:
+        expected = "none" if mode == "off" else f"cgroup {mode}"
+        assert ex.containment.mode == expected
+        line = next(r.getMessage() for r in caplog.records
+                    if r.getMessage().startswith("process executor: "))
+        assert (f"cgroup {mode} under" in line) if mode != "off" else ("no cgroups" in line)
+    finally:
+        ex.close()
+
+
+def test_a_setsid_escapee_without_markers_dies_at_release(
+        cgroup_mode: str, tmp_path: Path, made: Callable[..., ProcessExecutor]) -> None:
+    # (Without cgroups this escape is the documented limit, docs/exec.md.)
+    ex = made(cgroup_mode)
+    session = open_session(ex, tmp_path)
+    result, out = run(ex, session, ESCAPE)
+    assert result.exit_code == 0
+    pid = int(out.text())
+    try:
+        escapee = psutil.Process(pid)
+        wait_for(lambda: escapee.name() == "sleep", message="the escapee did not exec")
+        assert "XCLOUD_EXEC_ID" not in escapee.environ()
+        assert os.getsid(pid) == pid  # it left the task's session
+        assert not gone(pid)
+        ex.close_session(session)
+        assert gone(pid)  # close_session returns once the cgroup is empty
+    finally:
+        kill_all([pid])
+
+
+def test_release_without_cgroups_still_kills_marked_escapees(
+        tmp_path: Path, made: Callable[..., ProcessExecutor]) -> None:
+    ex = made("off")
+    session = open_session(ex, tmp_path)
+    result, out = run(ex, session, "setsid nohup sleep 600 >/dev/null 2>&1 & echo $!")
+    pid = int(out.text())
+    try:
+        assert result.exit_code == 0
+        assert not gone(pid)
+        ex.close_session(session)
+        wait_for(lambda: gone(pid), message="the marked escapee survived its release")
+    finally:
+        kill_all([pid])
+
+
+def _host(tmp_path: Path, mode: str, command: str) -> tuple[subprocess.Popen[bytes],
+                                                                dict[str, object]]:
+    """A process executor in a process of its own (tests/executors/process_host.py)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.executors.process_host", mode,
+         str(tmp_path / "state"), command],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(10)
+        raise AssertionError(f"the host exited {proc.returncode} before its command ran")
+    info: dict[str, object] = json.loads(line)
+    return proc, info
+
+
+#: Background work of every kind: in the task's process group, in a session of its own
+#: (with the markers), and out of both with the markers scrubbed. Prints the three pids.
+BACKGROUND = ("sleep 600 & a=$!; setsid sleep 601 >/dev/null 2>&1 & b=$!; "
+              + ESCAPE.replace("& echo $!", "& c=$!") + "; echo $a $b $c; sleep 602")
+
+
+def test_background_commands_die_with_a_worker_killed_by_sigkill(
+        mode: str, tmp_path: Path) -> None:
+    # The reaper sees the worker's end of its pipe close and kills everything at once,
+    # well within the heartbeat deadline (the worker is not even restarted here).
+    proc, info = _host(tmp_path, mode, BACKGROUND)
+    pids = [int(p) for p in info["pids"]]  # type: ignore[attr-defined]
+    try:
+        assert isinstance(info["reaper"], int)
+        assert not any(gone(p) for p in pids)
+        proc.kill()
+        proc.wait(10)
+        survivors = pids[2:] if mode == "off" else []  # the documented limit
+        wait_for(lambda: all(gone(p) for p in pids if p not in survivors),
+                 timeout=HEARTBEAT_DEADLINE_S, message="a command outlived its worker")
+        wait_for(lambda: gone(int(info["reaper"])),  # type: ignore[call-overload]
+                 message="the reaper did not exit")
+        if mode != "off":
+            assert not [p for p in Path("/sys/fs/cgroup").rglob("xcloud-*")
+                        if p.name.endswith(str(proc.pid)) or f"-{proc.pid}-" in p.name]
+    finally:
+        kill_all(pids, tmp_path)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_a_restart_kills_what_a_run_without_its_reaper_left(
+        mode: str, tmp_path: Path, made: Callable[..., ProcessExecutor]) -> None:
+    # Reaper and worker killed together: the next run finds the previous cgroup tree in
+    # the state dir (or, without cgroups, the task records and markers) and kills it.
+    proc, info = _host(tmp_path, mode, BACKGROUND)
+    pids = [int(p) for p in info["pids"]]  # type: ignore[attr-defined]
+    try:
+        os.kill(int(info["reaper"]), signal.SIGKILL)  # type: ignore[call-overload]
+        proc.kill()
+        proc.wait(10)
+        assert not any(gone(p) for p in pids)
+        if mode != "off":
+            assert json.loads((tmp_path / "state" / STATE_FILE).read_text())["trees"]
+        restarted = made(mode)
+        assert restarted.cleanup_orphans(keep={"r1"}) >= 2
+        survivors = pids[2:] if mode == "off" else []
+        wait_for(lambda: all(gone(p) for p in pids if p not in survivors),
+                 message="the restart left processes of the previous run")
+        if mode != "off":
+            assert json.loads((tmp_path / "state" / STATE_FILE).read_text())["trees"] == []
+    finally:
+        kill_all(pids, tmp_path)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_detection_reads_mountinfo_and_the_own_cgroup(tmp_path: Path) -> None:
+    # Machines this one is not: pure v2, hybrid, read-only, nothing.
+    for name in ("v2", "unified/sub", "freezer/own", "memory/own", "pids/own"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "v2" / "cgroup.controllers").write_text("cpu memory pids\n")
+    pure = f"30 1 0:26 / {tmp_path / 'v2'} rw,nosuid - cgroup2 cgroup2 rw\n"
+    hybrid = (f"31 1 0:27 / {tmp_path / 'unified'} rw - cgroup2 cgroup2 rw\n"
+              f"32 1 0:28 / {tmp_path / 'freezer'} rw - cgroup cgroup rw,freezer\n"
+              f"33 1 0:29 / {tmp_path / 'memory'} rw - cgroup cgroup rw,memory\n"
+              f"34 1 0:30 / {tmp_path / 'pids'} ro - cgroup cgroup rw,pids\n")
+    own = "6:freezer:/own\n4:memory:/own\n3:pids:/own\n0::/sub\n"
+
+    layout = detect("auto", mountinfo=pure, proc_cgroup="0::/\n")
+    assert (layout.version, layout.tracker) == (2, tmp_path / "v2")
+    assert layout.memory == layout.pids == tmp_path / "v2"  # controllers available
+
+    layout = detect("auto", mountinfo=hybrid, proc_cgroup=own)
+    assert (layout.version, layout.tracker) == (1, tmp_path / "freezer" / "own")
+    assert layout.memory == tmp_path / "memory" / "own"
+    assert layout.pids is None  # mounted read-only: pids falls back to an rlimit
+
+    layout = detect("v2", mountinfo=hybrid, proc_cgroup=own)
+    assert (layout.version, layout.tracker) == (2, tmp_path / "unified" / "sub")
+    assert layout.memory is None  # a hybrid's unified hierarchy has no controllers
+
+    assert detect("v1", mountinfo=pure, proc_cgroup="0::/\n").version == 0
+    assert detect("off", mountinfo=pure, proc_cgroup="0::/\n").mode == "none"
+    none = detect("auto", mountinfo="", proc_cgroup="")
+    assert (none.version, none.note) == (0, "no cgroup file system is mounted")
+    assert detect("auto", mountinfo=pure.replace(" rw,nosuid ", " ro,nosuid "),
+                  proc_cgroup="0::/\n").version == 0  # mounted read-only
+    with pytest.raises(ExecutorError, match="process_cgroups"):
+        detect("v3")

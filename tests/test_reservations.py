@@ -301,7 +301,7 @@ def test_unknown_and_lost_workers_are_refused(make_grid: GridFactory) -> None:
 
 @ONE_BROKER
 def test_already_reserved_and_per_principal_limit(make_grid: GridFactory) -> None:
-    grid = make_grid()
+    grid = make_grid(max_reservations_per_principal=1)
     grid.worker("w1")
     grid.worker("w2")
     alice, bob = grid.client("alice"), grid.client("bob")

@@ -198,7 +198,7 @@ def test_caps_refresh_republishes_and_ping_gets_pong(
     tmp_path: Path, broker: MosquittoProcess, watchers: Callable[..., Watcher],
     agents: list[WorkerAgent],
 ) -> None:
-    watcher = watchers("coord")
+    watcher = watchers("coordinator")  # caps.refresh is the coordinator's to send
     start_agent(agents, make_config(tmp_path, broker.url))
     wait_for(lambda: watcher.of(WorkerCaps, "w1"), message="first caps")
     count = len(watcher.of(WorkerCaps, "w1"))
@@ -339,8 +339,9 @@ def test_sigterm_stops_the_worker_cleanly(
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    # the identity given by environment was kept for the next start
-    assert load_identity(tmp_path / "home-wt" / "worker", BusConfig()) == ("wt", "")
+    # the identity given by environment was kept for the next start (once accepted)
+    kept = load_identity(tmp_path / "home-wt" / "worker", BusConfig())
+    assert (kept.wid, kept.token, kept.saved) == ("wt", "", True)
 
 
 def test_agent_survives_a_broker_restart(

@@ -1,4 +1,5 @@
-"""Worker capability document, metrics sampling, Docker probe and identity storage."""
+"""Worker capability document, metrics sampling and Docker probe (identity storage:
+tests/test_worker_identity.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import platform
 import socket
 import socketserver
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,17 +16,15 @@ from typing import Any
 import psutil
 import pytest
 
-from broker.config import BusConfig, WorkerConfig
+from broker.config import WorkerConfig
 from schemas.codec import decode, encode, envelope
 from schemas.errors import WireError
 from schemas.messages import WorkerCaps, WorkerHeartbeat
 from tests.fixtures.services import require_service
 from worker.caps import collect_caps
-from worker.errors import IdentityError
 from worker.executors.base import EngineInfo
 from worker.executors.docker.fingerprint import DEFAULT_SOCKET, docker_capabilities, probe_docker
 from worker.executors.process import ProcessExecutor
-from worker.identity import identity_path, load_identity, save_identity
 from worker.metrics import MetricsSampler
 
 NO_DOCKER: dict[str, Any] = {"available": False, "version": None, "api_version": None, "images": []}
@@ -126,12 +124,12 @@ def test_invalid_config_is_caught_by_the_schema(tmp_path: Path) -> None:
 def test_heartbeat_sample_is_valid(tmp_path: Path) -> None:
     sampler = MetricsSampler("w1", tmp_path)
     sum(range(200_000))  # some CPU between the two readings
-    beat = sampler.sample(7, 0.5, 2, [{"kind": "job", "id": "j1"}])
+    beat = sampler.sample(7, 0.5, 2, [{"kind": "exec", "id": "j1"}])
     assert roundtrip(beat) == beat
     assert beat.seq == 7
     assert beat.interval_s == 0.5
     assert beat.free_slots == 2
-    assert beat.running == [{"kind": "job", "id": "j1"}]
+    assert beat.running == [{"kind": "exec", "id": "j1"}]
     assert 0.0 <= beat.cpu_percent <= 100.0
     assert beat.mem_used_bytes > 0
     assert beat.mem_available_bytes is not None
@@ -252,54 +250,3 @@ def test_docker_probe_of_the_real_engine_matches_the_schema() -> None:
         assert result["version"]
         assert result["api_version"]
         assert all("<none>" not in tag for tag in result["images"])
-
-
-# ------------------------------------------------------------------------ identity
-
-
-def test_missing_identity_tells_how_to_get_one(tmp_path: Path) -> None:
-    with pytest.raises(IdentityError) as info:
-        load_identity(tmp_path, BusConfig())
-    text = str(info.value)
-    assert "xcloud admin principal add NAME --role worker" in text
-    assert "--id NAME --token TOKEN" in text
-    assert "xcloud up" in text
-
-
-def test_explicit_identity_is_saved_and_stable(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    assert load_identity(state, BusConfig(principal="w-lab7", token="s3cret")) == (
-        "w-lab7", "s3cret")
-    path = identity_path(state)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    doc = json.loads(path.read_text())
-    assert doc["wid"] == "w-lab7"
-    assert doc["token"] == "s3cret"
-    created = doc["created_at"]
-    # a restart without flags comes back as the same worker
-    assert load_identity(state, BusConfig()) == ("w-lab7", "s3cret")
-    # explicit id without token reuses the stored token of that id
-    assert load_identity(state, BusConfig(principal="w-lab7")) == ("w-lab7", "s3cret")
-    assert json.loads(path.read_text())["created_at"] == created
-
-
-def test_explicit_identity_wins_over_the_stored_one(tmp_path: Path) -> None:
-    save_identity(tmp_path, "old", "t1")
-    assert load_identity(tmp_path, BusConfig(principal="new", token="t2")) == ("new", "t2")
-    assert load_identity(tmp_path, BusConfig()) == ("new", "t2")
-    assert load_identity(tmp_path, BusConfig(token="t3")) == ("new", "t3")
-    assert load_identity(tmp_path, BusConfig()) == ("new", "t3")
-
-
-def test_bad_identities_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(IdentityError, match="invalid worker id"):
-        load_identity(tmp_path, BusConfig(principal="a/b"))
-    identity_path(tmp_path).write_text("{not json")
-    with pytest.raises(IdentityError, match="not valid JSON"):
-        load_identity(tmp_path, BusConfig())
-    identity_path(tmp_path).write_text('{"token": "x"}')
-    with pytest.raises(IdentityError, match="malformed"):
-        load_identity(tmp_path, BusConfig())
-    # an explicit id repairs a broken file
-    assert load_identity(tmp_path, BusConfig(principal="w1", token="t")) == ("w1", "t")
-    assert load_identity(tmp_path, BusConfig()) == ("w1", "t")

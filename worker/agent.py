@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.bus import Bus, Incoming, Will
+from broker.bus import Bus, Incoming, Lane, Will
 from broker.config import Config
 from schemas.codec import encode, envelope
 from schemas.errors import WireError
@@ -35,8 +35,10 @@ from worker.errors import WorkerError
 from worker.exec_service import ExecService
 from worker.executors import fingerprint, make_executor
 from worker.executors.base import Executor, ExecutorContext
-from worker.identity import load_identity
+from worker.identity import Identity, explicit_bus_identity, load_identity
 from worker.metrics import MetricsSampler
+from worker.request_guard import WorkerRequestGuard
+from worker.settings import effective_settings
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class WorkerAgent:
                               else [config.worker.executor or DEFAULT_EXECUTORS[0]])
         self.remote_exec = remote_exec
         self.exec_service: ExecService | None = None
+        self.guard: WorkerRequestGuard | None = None  # roles and rate limits of the inbox
         self.executor: Executor | None = None
         self.heartbeat_s = float(config.worker.heartbeat_s)
         if self.heartbeat_s <= 0:
@@ -100,6 +103,7 @@ class WorkerAgent:
         self._bus: Bus | None = None
         self._running: RunningProvider = running or self._nothing_running
         self._wid = ""
+        self._identity: Identity | None = None
         self._state = "online"
         self._caps: WorkerCaps | None = None
         self._sampler: MetricsSampler | None = None
@@ -162,7 +166,12 @@ class WorkerAgent:
         """
         if self._started:
             return
-        wid, token = load_identity(self.state_dir, self.config.bus)
+        identity = load_identity(self.state_dir, explicit_bus_identity(self.config))
+        wid, token = identity.wid, identity.token
+        self._identity = identity
+        # name, description, tags, slots: as given, else as the last run saved them
+        self.config = dataclasses.replace(
+            self.config, worker=effective_settings(self.config, self.state_dir))
         self._wid = wid
         self._sampler = MetricsSampler(wid, self.state_dir)
         self._collect_caps()  # fail fast on a bad config, before touching the network
@@ -175,8 +184,10 @@ class WorkerAgent:
         else:
             bus = build_bus(self.config, wid, token)
         self._bus = bus
-        bus.on_inbox(CapsRefresh.TYPE, self._on_caps_refresh)
-        bus.on_inbox(Ping.TYPE, self._on_ping)
+        guard = self.guard = WorkerRequestGuard(bus, self.config.worker)
+        bus.on_inbox(CapsRefresh.TYPE, guard.wrap(self._on_caps_refresh))
+        # Answered on the inbox lane itself: no flood of other requests delays a ping.
+        bus.on_inbox(Ping.TYPE, guard.wrap(self._on_ping), lane=Lane.INBOX)
         if self.remote_exec:
             self._start_exec(bus, wid)
         bus.on_connected(self._on_connected)
@@ -222,7 +233,7 @@ class WorkerAgent:
         self.executor = make_executor(name, ExecutorContext(self.config.worker, self.state_dir,
                                                             wid))
         self.exec_service = ExecService(bus, self.topics, wid, self.config.worker,
-                                        self.executor, self.state_dir)
+                                        self.executor, self.state_dir, guard=self.guard)
         self.exec_service.register()
         if self._running == self._nothing_running:
             self._running = self.exec_service.running
@@ -263,6 +274,13 @@ class WorkerAgent:
         """After every (re)connect: caps, then status, then an immediate heartbeat."""
         if self._stop.is_set():
             return
+        identity = self._identity
+        if identity is not None and not identity.saved:
+            try:  # the broker accepted it: from now on it is this worker's identity
+                identity.save_accepted(self.state_dir)
+                self._identity = dataclasses.replace(identity, saved=True)
+            except WorkerError as err:
+                log.error("cannot save the worker identity: %s", err)
         try:
             self.publish_caps()
         except WorkerError as err:

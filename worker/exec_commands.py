@@ -13,6 +13,7 @@ import re
 import signal as _signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +82,8 @@ class CommandRunner:
     def __init__(self, bus: Bus, topics: Topics, wid: str, config: WorkerConfig,
                  executor: Executor, authorizer: ExecAuthorizer, *,
                  stopping: threading.Event, spawn: Spawn, kill_grace_s: float,
-                 chunk_bytes: int, linger_s: float, report_to_coordinator: bool) -> None:
+                 chunk_bytes: int, linger_s: float,
+                 send_report: Callable[[ExecReport], None] | None) -> None:
         self.bus = bus
         self.topics = topics
         self.wid = wid
@@ -93,7 +95,7 @@ class CommandRunner:
         self.kill_grace_s = kill_grace_s
         self.chunk_bytes = chunk_bytes
         self.linger_s = linger_s
-        self.report_to_coordinator = report_to_coordinator
+        self.send_report = send_report  # None: this worker reports to nobody
 
     def on_start(self, incoming: Incoming) -> None:
         body: ExecStart = incoming.body
@@ -198,17 +200,18 @@ class CommandRunner:
         ex.exit = exit_body
         log.info("exec %s in %s ended: exit %s signal %s%s", ex.exec_id, ex.rid,
                  exit_body.exit_code, exit_body.signal, " (timed out)" if timed_out else "")
-        if self.report_to_coordinator:
-            self._report(ex, exit_body)
+        if self.send_report is not None:
+            self._report(ex, exit_body, self.send_report)
         ex.done.set()
 
-    def _report(self, ex: Command, exit_body: ExecExit) -> None:
+    def _report(self, ex: Command, exit_body: ExecExit,
+                send: Callable[[ExecReport], None]) -> None:
         report = ExecReport(
             reservation=ex.rid, client=ex.client, exec_id=ex.exec_id, command=ex.command,
             started_at=ex.started_at, mode=ex.mode, **exit_body.outcome_fields(),
         )
         try:
-            self.bus.send(self.topics.coord_inbox, report)
+            send(report)  # worker/exec_reports.py: kept until the coordinator acknowledges
         except Exception:
             log.exception("cannot report exec %s to the coordinator", ex.exec_id)
 

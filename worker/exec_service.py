@@ -11,7 +11,10 @@ It owns the protocol; the executor only runs things. On the worker's inbox it ha
   the *sending* principal, be unexpired, and belong to a session open here. Otherwise
   the answer is ``forbidden`` (``detail.reason`` = why) and nothing runs (invariant 2).
 
-Handlers run on one bus lane and only do quick work; each command gets a supervisor
+Every handler sits behind the worker's request guard (worker/request_guard.py: the role
+table and per-principal rate limits), and every ``exec.report`` goes through the report
+outbox (worker/exec_reports.py: kept on disk and re-sent until the coordinator has
+committed it). Handlers run on one bus lane and only do quick work; each command gets a supervisor
 thread (wait, timeout, exit, report) and an output streamer thread (worker.output), and
 closing a reservation runs in a thread of its own, so a slow stop never blocks the lane.
 This module wires the parts together and owns their lifecycle.
@@ -37,15 +40,18 @@ from schemas.messages import (
 from schemas.topics import Topics
 from worker.exec_auth import PIN_FILE, CoordinatorKey, ExecAuthorizer
 from worker.exec_commands import CommandRunner
+from worker.exec_reports import ReportOutbox
 from worker.exec_requests import ExecRequests
 from worker.exec_sessions import Session, SessionTable
 from worker.executors.base import Executor
 from worker.output import CHUNK_BYTES, LINGER_S
+from worker.request_guard import WorkerRequestGuard
 from worker.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
 LANE = Lane.EXEC
+MAX_RUNNING_ITEMS = 256  # schemas/json/worker.heartbeat.json caps `running` at this
 __all__ = ["LANE", "PIN_FILE", "ExecService"]
 
 
@@ -69,6 +75,7 @@ class ExecService:
         kill_grace_s: float = 5.0,
         chunk_bytes: int = CHUNK_BYTES,
         linger_s: float = LINGER_S,
+        guard: WorkerRequestGuard | None = None,
     ) -> None:
         self.bus = bus
         self.topics = topics
@@ -88,12 +95,16 @@ class ExecService:
             self.store, stopping=self._stopping, spawn=self._spawn,
             kill_grace_s=kill_grace_s)
         self.authorizer = ExecAuthorizer(bus, wid, self.key, self.sessions.get)
+        coordinator = worker_config.coordinator_principal or "coordinator"
+        self.reports = (ReportOutbox(bus, topics, self.state_dir, coordinator=coordinator)
+                        if report_to_coordinator else None)
         self.commands = CommandRunner(
             bus, topics, wid, worker_config, executor, self.authorizer,
             stopping=self._stopping, spawn=self._spawn, kill_grace_s=kill_grace_s,
             chunk_bytes=chunk_bytes, linger_s=linger_s,
-            report_to_coordinator=report_to_coordinator)
+            send_report=self.reports.add if self.reports is not None else None)
         self.requests = ExecRequests(bus, topics, executor, self.authorizer)
+        self.guard = guard or WorkerRequestGuard(bus, worker_config)
 
     @property
     def key_ready(self) -> threading.Event:
@@ -117,6 +128,8 @@ class ExecService:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.sessions.recover()
         self.key.load()
+        if self.reports is not None:
+            self.reports.start()
         for message_type, handler in (
             (ReservationOpen.TYPE, self.sessions.on_open),
             (ReservationClose.TYPE, self.sessions.on_close),
@@ -125,34 +138,38 @@ class ExecService:
             (ExecList.TYPE, self.requests.on_list),
             (ExecLogs.TYPE, self.requests.on_logs),
         ):
-            self.bus.on_inbox(message_type, handler, lane=LANE)
+            self.bus.on_inbox(message_type, self.guard.wrap(handler), lane=LANE)
 
     def running(self) -> tuple[list[dict[str, str]], int]:
         """For the heartbeat: open reservations and running commands, and free slots.
 
         A reservation holds a slot (the coordinator gives a worker one holder at a time).
+        At most ``MAX_RUNNING_ITEMS`` (the schema's cap), sessions first: the coordinator
+        reconciles sessions; commands are for people reading the heartbeat.
         """
         sessions = self.sessions.all()
-        items: list[dict[str, str]] = []
+        items: list[dict[str, str]] = [{"kind": "reservation", "id": s.rid} for s in sessions]
         for session in sessions:
-            items.append({"kind": "reservation", "id": session.rid})
             items.extend({"kind": "exec", "id": e.exec_id} for e in session.running())
         free = max(0, int(self.config.slots) - len(sessions))
-        return items, free
+        return items[:MAX_RUNNING_ITEMS], free
 
     def close(self) -> None:
-        """Stop every running command (TERM, KILL after the grace); sessions stay on disk.
-
-        A restarted worker recovers them; the coordinator closes them when their
-        reservations end.
+        """Stop every running command (TERM, KILL after the grace), then close every
+        session (work dirs and containers go): a worker that stops cleanly goes offline,
+        which ends its reservations. (A killed worker's sessions stay on disk: when it
+        restarts it recovers them, and the coordinator closes those that ended.)
         """
         self._stopping.set()
         execs = [e for s in self.sessions.all() for e in s.running()]
         self.commands.stop_all(execs, "the worker is stopping")
+        self.sessions.close_all("the worker is stopping")
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
             thread.join(self.kill_grace_s + 5.0)
+        if self.reports is not None:
+            self.reports.close()  # unacknowledged reports stay on disk for the next run
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -3,9 +3,11 @@
 The coordinator opens a session with ``reservation.open`` (the executor prepares it and
 the record is persisted, see worker/sessions.py) and ends it with
 ``reservation.close`` (its commands are stopped, their exits and reports go out, the
-session directory is removed). A restarted worker recovers the sessions its executor
-can still use and cleans up the rest, including handles it cannot read (a previous
-layout, another driver, an unknown version).
+session directory is removed). A worker that stops cleanly closes all its sessions
+(``close_all``): going offline ends their reservations. A worker that was killed
+recovers, when it restarts, the sessions its executor can still use and cleans up the
+rest, including handles it cannot read (a previous layout, another driver, an unknown
+version); the coordinator closes those whose reservations ended meanwhile.
 """
 
 from __future__ import annotations
@@ -224,6 +226,17 @@ class SessionTable:
             self._closed[session.rid] = time.time()
             while len(self._closed) > KEEP_CLOSED:
                 self._closed.popitem(last=False)
+
+    def close_all(self, reason: str) -> None:
+        """Close every open session (a clean worker stop: the coordinator ends their
+        reservations when the worker goes offline, and nobody would remove what they
+        hold, docker containers included, until this worker runs again)."""
+        for session in self.all():
+            with session.lock:
+                already = session.closing
+                session.closing = True
+            if not already:
+                self.close(session, reason)
 
     def _close_quietly(self, handle: SessionHandle) -> None:
         try:

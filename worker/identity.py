@@ -4,18 +4,25 @@ The worker id *is* the MQTT username because the broker's ACLs key worker topics
 (``{root}/worker/{wid}/...``) on it. It is kept in ``<state_dir>/identity.json``
 (mode 0600, it holds a secret) so a restarted worker comes back as the same worker,
 with the same retained caps/status topics and the same persistent MQTT session.
+
+It comes from the state dir, or from what the worker was given explicitly (flags,
+environment): never from the ``[bus]`` section of a config file, which holds the
+*client's* credentials (``xcloud up`` writes its admin there). A new identity is saved
+only after the broker accepted it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.config import BusConfig
+from broker.config import BusConfig, Config
 from schemas.topics import valid_principal_id
 from worker.errors import IdentityError
 
@@ -87,12 +94,55 @@ def save_identity(state_dir: Path | str, wid: str, token: str) -> Path:
     return path
 
 
-def load_identity(state_dir: Path | str, bus_config: BusConfig) -> tuple[str, str]:
-    """Return ``(wid, token)``: explicit configuration first, else the stored identity.
+@dataclass(frozen=True)
+class Identity:
+    """Who the worker connects as. ``saved`` when ``identity.json`` already holds exactly
+    this; an explicit identity that does not is saved only once the broker accepted it
+    (``save_accepted``), so a mistyped ``--id/--token`` never replaces a working one."""
 
-    An explicit ``bus_config.principal`` (flag, environment or config file) wins and is
-    saved, so the id stays stable when the worker is later started without it. An
-    explicit principal without a token reuses the stored token of the same principal.
+    wid: str
+    token: str = field(repr=False)
+    saved: bool = True
+
+    def save_accepted(self, state_dir: Path | str) -> bool:
+        """Save this identity now that the broker accepted it; False when it already was."""
+        if self.saved:
+            return False
+        save_identity(state_dir, self.wid, self.token)
+        log.info("worker %s: identity saved in %s (the broker accepted it)", self.wid,
+                 identity_path(state_dir))
+        return True
+
+
+def explicit_bus_identity(config: Config) -> BusConfig:
+    """``config.bus`` with only the identity given to the worker explicitly: the flags
+    ``--id/--token``, else ``worker.principal``/``worker.token`` (the worker's own keys: a
+    ``[worker]`` section, ``XCLOUD_WORKER_PRINCIPAL``/``_TOKEN``), else
+    ``XCLOUD_BUS_PRINCIPAL``/``XCLOUD_BUS_TOKEN`` or ``config.bus`` set in code. The
+    ``[bus]`` principal and token of a config file are the client's (``xcloud up``
+    writes its admin there) and never the worker's."""
+    bus = config.bus
+
+    def given(key: str) -> str:
+        return "" if config.origin("bus", key) == "file" else str(getattr(bus, key))
+
+    principal, token = given("principal"), given("token")
+    flagged = config.origin("bus", "principal") == "flags"
+    if config.worker.principal and not flagged:
+        principal, token = config.worker.principal, config.worker.token
+    elif config.worker.token and not principal and config.origin("bus", "token") != "flags":
+        token = config.worker.token
+    return dataclasses.replace(bus, principal=principal, token=token)
+
+
+def load_identity(state_dir: Path | str, bus_config: BusConfig) -> Identity:
+    """The identity to connect as: an explicit ``bus_config.principal`` first (see
+    ``explicit_bus_identity``), else the stored one; IdentityError when there is none.
+
+    Nothing is written here: an explicit identity other than the stored one is returned
+    with ``saved=False`` and saved by the agent once the broker accepted it. An explicit
+    principal without a token reuses the stored token of the same principal; a token
+    alone applies to the stored principal.
     """
     path = identity_path(state_dir)
     principal, token = bus_config.principal, bus_config.token
@@ -101,24 +151,25 @@ def load_identity(state_dir: Path | str, bus_config: BusConfig) -> tuple[str, st
     except IdentityError:
         if not principal:
             raise
-        stored = None  # an explicit identity replaces a broken file
+        stored = None  # an explicit identity replaces a broken file (once accepted)
     if principal:
         if not valid_principal_id(principal):
             raise IdentityError(
                 f"invalid worker id {principal!r}: must be 1-128 chars without / + # or NUL"
             )
-        if not token and stored and stored.get("wid") == principal:
+        same = stored is not None and stored.get("wid") == principal
+        if not token and same:
+            assert stored is not None
             token = str(stored.get("token", ""))
-        if not stored or stored.get("wid") != principal or stored.get("token", "") != token:
-            if stored and stored.get("wid") != principal:
-                log.info("worker id changed from %s to %s (explicit)", stored.get("wid"), principal)
-            save_identity(state_dir, principal, token)
-        return principal, token
+        if stored and not same:
+            log.info("worker id %s given explicitly (the state dir holds %s); it is kept "
+                     "once the broker accepts it", principal, stored.get("wid"))
+        saved = same and stored is not None and stored.get("token", "") == token
+        return Identity(principal, token, saved=saved)
     if stored is None:
         raise IdentityError(f"this worker has no identity yet (no {path}): {_HOW_TO}")
     wid = str(stored["wid"])
     if not valid_principal_id(wid):
         raise IdentityError(f"worker identity {path} holds an invalid id {wid!r}; {_HOW_TO}")
-    if token and token != stored.get("token", ""):
-        save_identity(state_dir, wid, token)
-    return wid, token or str(stored.get("token", ""))
+    stored_token = str(stored.get("token", ""))
+    return Identity(wid, token or stored_token, saved=not token or token == stored_token)

@@ -13,8 +13,9 @@ instances: callers cannot lazily query, and the tables stay free to change):
 - ``engine``: URL parsing, pools, SQLite pragmas, MySQL database creation, the
   ``op`` session decorator and the mapping of database failures to ``StoreError``
   (``StoreBase``, the base of every concept);
-- ``principals``, ``workers``, ``heartbeats``, ``reservations``, ``audit``: one mixin
-  class each (``PrincipalStore``, ...), combined below into ``Store``;
+- ``principals``, ``workers``, ``heartbeats``, ``reservations``, ``audit``, ``metrics``
+  (the stored time series): one mixin class each (``PrincipalStore``, ...), combined
+  below into ``Store``;
 - ``values``: checking and converting values at the boundary.
 The wire format of records (the dicts of the ``*.reply`` messages) is
 ``coordinator.wire``, not here.
@@ -45,6 +46,7 @@ from broker.config import mask_url
 from coordinator.store.audit import AuditStore, ExecAuditRecord
 from coordinator.store.engine import StoreBase
 from coordinator.store.heartbeats import HeartbeatReport, HeartbeatStore
+from coordinator.store.metrics import MetricsStore
 from coordinator.store.principals import PrincipalRecord, PrincipalStore
 from coordinator.store.reservations import ReservationRecord, ReservationStore
 from coordinator.store.workers import (
@@ -68,5 +70,6 @@ __all__ = [
 ]
 
 
-class Store(PrincipalStore, ReservationStore, WorkerStore, HeartbeatStore, AuditStore):
+class Store(PrincipalStore, ReservationStore, WorkerStore, HeartbeatStore, AuditStore,
+            MetricsStore):
     """The coordinator's database. Open with ``Store.open(url)``; close when done."""

@@ -279,6 +279,31 @@ class ReservationStore(WorkerStore):
         return _reservation_record(rows[0]) if rows else None
 
     @op
+    def stale_sessions(self, wid: str, rids: Iterable[str]) -> dict[str, str]:
+        """Of the reservation sessions worker ``wid`` says it holds, those it must not
+        (unknown, ended, or held on another worker), each with the reason to tell it.
+
+        One query whatever the number of ids (the reconciler runs this per heartbeat).
+        """
+        wanted = sorted({rid for rid in rids if isinstance(rid, str)})
+        if not wanted:
+            return {}
+        Reservation = self.models.Reservation
+        query = Reservation.select(Reservation.id, Reservation.worker_id, Reservation.state,
+                                   Reservation.ended_reason).where(Reservation.id.in_(wanted))
+        known = {rid: (worker, state, reason) for rid, worker, state, reason in tuples(query)}
+        stale: dict[str, str] = {}
+        for rid in wanted:
+            found = known.get(rid)
+            if found is None:
+                stale[rid] = "not reserved"
+            elif found[0] != wid:
+                stale[rid] = f"reservation {rid} is not on worker {wid}"
+            elif found[1] == ReservationState.ENDED.value:
+                stale[rid] = found[2] or "ended"
+        return stale
+
+    @op
     def reserved_worker_ids(self) -> set[str]:
         """Ids of the workers held by a live reservation."""
         Reservation = self.models.Reservation

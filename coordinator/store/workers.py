@@ -32,6 +32,11 @@ from coordinator.worker_state import LIVE_STATES, WorkerState, check_transition
 log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_INTERVAL = 5.0  # until the worker's first heartbeat says otherwise
+# A stored capability document is at most this much JSON. The worker.caps schema bounds
+# every part (its largest valid document is about 0.6 MiB, tests/test_schemas.py); this
+# catches documents that reach the store by another path, so none can make a
+# workers.show reply over bus.max_payload.
+CAPS_MAX_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +95,15 @@ def _caps_fields(wid: str, caps: dict[str, Any]) -> dict[str, Any]:
     description = caps.get("description")
     slots = as_int(caps.get("slots"), INT32)
     interval = as_float(caps.get("heartbeat_s"))
+    document = dumps(caps)
+    if len(document) > CAPS_MAX_BYTES:
+        raise InvalidArgument(f"capabilities of {wid!r} are {len(document)} bytes of JSON, "
+                              f"over the limit of {CAPS_MAX_BYTES}")
     fields = {
         "name": checked_text(caps.get("name") or wid, "worker name", ID_MAX),
         "description": description if isinstance(description, str) else "",
         "tags": dumps(tags),
-        "caps": dumps(caps),
+        "caps": document,
         "cpus": max(0, as_int(cpu.get("count"), INT32) or 0),
         "memory_bytes": max(0, as_int(caps.get("memory_bytes")) or 0),
         "os": str(host.get("os") or "")[:SHORT_MAX],

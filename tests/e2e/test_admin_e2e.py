@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker.bus import BusError
 from client.api import Grid
+from client.errors import ClientError
 from tests.fixtures.e2e import E2EGrid
 from tests.fixtures.services import wait_for
 
@@ -35,7 +35,7 @@ def test_revoke_or_rotate_cuts_a_live_session(process_grid: E2EGrid, action: str
         wait_for(lambda: not client.connected, 10,
                  message=f"{principal} still connected after `xcloud admin principal "
                  f"{action}`")
-        with pytest.raises(BusError, match="refused"):
+        with pytest.raises(ClientError, match="refused"):
             Grid.connect(grid.config(principal, token)).close()
     finally:
         client.close()

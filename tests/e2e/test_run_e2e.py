@@ -159,17 +159,86 @@ def test_xcloud_run_exit_status(grid: E2EGrid) -> None:
 
 
 def test_shell_dash_c(grid: E2EGrid) -> None:
+    """-c takes one command per argument (or per line); `;` is the remote shell's."""
     principal, token = grid.add_principal("script")
     env = grid.client_env(principal, token)
-    result = grid.cli("shell", "-c", "reserve any; output echo hi", env=env)
+    result = grid.cli("shell", "-c", "reserve any", "output echo hi", env=env)
     assert result.returncode == 0, result.stderr
     assert "hi\n" in result.stdout
-    result = grid.cli("shell", "-c", "reserve any; output sh -c 'echo a; exit 4'", env=env)
+    result = grid.cli("shell", "-c", "reserve any\noutput sh -c 'echo a; exit 4'", env=env)
     assert result.returncode == 4
     assert "a\n" in result.stdout
+    # The README's own line: a `;` inside the remote command stays there.
+    result = grid.cli("shell", "-c", "reserve any",
+                      "output ls -al | head -3; echo oops >&2", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "total" in result.stdout
+    assert "oops" in result.stderr
+    result = grid.cli("shell", "-c", "reserve any",
+                      "output for i in 1 2 3; do echo $i; done", env=env)
+    assert (result.returncode, result.stdout) == (0, "1\n2\n3\n"), result.stderr
     result = grid.cli("shell", "-c", "output echo never", env=env)
     assert result.returncode == 1
     assert "no worker reserved" in result.stderr
+
+
+def test_run_any_while_the_same_user_holds_a_worker(grid: E2EGrid) -> None:
+    """A shell holding one worker used to make `xcloud run --any` fail: one reservation
+    per principal was the default."""
+    grid.wait_online(2)
+    principal, token = grid.add_principal("busy")
+    with Grid.connect(grid.config(principal, token)) as g, g.reserve() as held:
+        result = grid.cli("run", "--any", "--", "echo both", env=grid.client_env(principal,
+                                                                                 token))
+        assert (result.returncode, result.stdout) == (0, "both\n"), result.stderr
+        assert not held.ended
+
+
+def test_reserve_waits_for_a_free_worker(grid: E2EGrid) -> None:
+    online = grid.wait_online(2)
+    with client(grid, "hog") as hog:
+        first, second = hog.reserve(online[0]), hog.reserve(online[1])
+        principal, token = grid.add_principal("patient")
+        env = grid.client_env(principal, token)
+        refused = grid.cli("run", "--any", "--", "true", env=env)  # no --wait: at once
+        assert refused.returncode == 1
+        assert "no worker" in refused.stderr
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "client.cli", "-v", "run", "--wait", "60", "--any", "--",
+             "echo got-one"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        err_lines: list[str] = []
+
+        def read_err() -> None:
+            assert waiting.stderr is not None
+            err_lines.extend(iter(waiting.stderr.readline, ""))
+
+        reader = threading.Thread(target=read_err, daemon=True)
+        reader.start()
+        try:
+            # It was refused and keeps trying (-v shows it), rather than failing.
+            wait_for(lambda: any("waiting for a worker" in line for line in err_lines),
+                     timeout=30, message="the run waiting for a worker")
+            assert waiting.poll() is None
+            second.release()
+            assert waiting.stdout is not None
+            out = waiting.stdout.read()
+            waiting.wait(60)
+            reader.join(10)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+                waiting.wait(10)
+            for pipe in (waiting.stdout, waiting.stderr):
+                if pipe is not None:
+                    pipe.close()
+        err = "".join(err_lines)
+        assert (waiting.returncode, out) == (0, "got-one\n"), err
+        first.release()
+    with client(grid, "api-wait") as g, g.reserve() as w1, g.reserve() as w2:
+        assert {w1.worker, w2.worker} == set(online)
+        with pytest.raises(Refused, match=r"waited 0\.5s"):
+            g.reserve(wait=0.5)
 
 
 def test_ten_clients_race_for_one_worker(grid: E2EGrid) -> None:

@@ -40,6 +40,7 @@ class Tmux:
         self.socket = socket_path
         self.env = env
         self.session = "xc"
+        self.principal = ""  # who the shell runs as
 
     def _tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["tmux", "-S", str(self.socket), *args], env=self.env,
@@ -96,6 +97,7 @@ def tmux_shell(grid: E2EGrid, tmp_path: Path) -> Iterator[Tmux]:
     env.pop("NO_COLOR", None)
     env["TERM"] = "xterm-256color"
     term = Tmux(tmp_path / "tmux.sock", env)
+    term.principal = principal
     term.start(f"exec {sys.executable} -m client.cli shell")
     try:
         term.wait_text("xcloud>", timeout=30)
@@ -180,3 +182,64 @@ def test_piped_script_has_no_prompt(grid: E2EGrid) -> None:
     assert "one" in result.stdout
     assert "two" in result.stderr
     assert "\x1b[" not in result.stdout  # no colour without a terminal
+
+
+# -- what a newcomer hit (issue 8, items 13, 18, 19) ------------------------------------------
+
+
+@pytest.mark.usefixtures("grid")
+def test_errors_do_not_end_the_session(tmux_shell: Tmux) -> None:
+    """Bad input used to end the shell, releasing the worker, killing background
+    commands and deleting the work directory."""
+    term = tmux_shell
+    for line, words in (("reserveWorker any --min-cpus -1", "must be 0 or more"),
+                        ("reserveWorker 1 --lease 99999999", "out of range"),
+                        ("frobnicate", "unknown command")):
+        term.type(line)
+        term.wait_text("error: ", words, "\nxcloud>", after=f"xcloud> {line}")
+    term.type("reserve any")
+    term.wait_text("reserved ", after="reserve any")
+    term.type("start sleep 600")
+    term.wait_text("started ", after="start sleep 600")
+    term.type("output echo kept > marker")
+    term.wait_text("[exit 0", after="output echo kept > marker")
+    term.type("reserveWorker 0 --min-cpus -1")
+    term.wait_text("error: ", after="reserveWorker 0 --min-cpus -1")
+    term.type("output cat marker; echo still-here")
+    term.wait_text("kept", "still-here", "[exit 0", after="output cat marker; echo still-here")
+    term.type("ps")
+    screen = term.wait_text("sleep 600", after=")> ps\n")
+    assert "running" in screen
+    assert term.alive()
+
+
+@pytest.mark.usefixtures("grid")
+def test_ctrl_c_during_heavy_output_gives_the_prompt_back(tmux_shell: Tmux) -> None:
+    term = tmux_shell
+    term.type("reserve any")
+    term.wait_text("reserved ", after="reserve any")
+    term.type("output yes")
+    term.wait_text("y\ny\ny\ny\n", timeout=30)
+    term.send("C-c")
+    # What piled up was dropped, and said so (the line that says SIGINT was sent may
+    # have scrolled away under the output that was printed before it).
+    term.wait_text("of output not shown after ^C", "[killed by SIGINT", "xcloud (",
+                   timeout=60)
+    term.type("output echo alive-$((2+2))")
+    term.wait_text("alive-4", "[exit 0", after="output echo alive-$((2+2))")
+
+
+def test_log_lines_go_above_the_prompt(grid: E2EGrid, tmux_shell: Tmux) -> None:
+    """A warning (here: the shell's principal is revoked, its connection cut) is printed
+    on its own lines above the prompt, not through it."""
+    term = tmux_shell
+    term.type("help")
+    term.wait_text("COMMAND", after="help")
+    grid.cli("admin", "principal", "revoke", term.principal, check=True)
+    screen = term.wait_text("WARNING", "disconnected", timeout=30)
+    for line in screen.splitlines():
+        assert not ("xcloud>" in line and "WARNING" in line), screen
+    term.type("help exit")  # the prompt still works (and is where it belongs)
+    screen = term.wait_text("leave", after="xcloud> help exit")
+    for line in term.capture().splitlines():
+        assert not ("xcloud>" in line and "WARNING" in line), term.capture()

@@ -10,12 +10,16 @@ Why the pieces look the way they do:
 - The command is prefixed with a one-line prelude that ``cd``s to the directory the
   previous command of the session ended in and installs an EXIT trap writing ``pwd``
   back, so ``cd`` persists between commands while ``$?`` and signals stay untouched.
-- Resource limits are set with ``prlimit(2)`` on the shell *before* it runs anything:
-  the prelude first reads one line from a gate pipe on stdin, which we write only after
-  the limits are in place (no ``preexec_fn``, which is unsafe in a threaded process).
+- The shell is put in its session's cgroup, and given the limits no cgroup enforces
+  with ``prlimit(2)``, *before* it runs anything: the prelude first reads one line from
+  a gate pipe on stdin, which we write only after that (no ``preexec_fn``, which is
+  unsafe in a threaded process). Closing a session kills its cgroup: nothing a command
+  started survives it, ``setsid`` or not (worker/executors/containment.py).
+- A reaper process kills the worker's commands when the worker dies, even by kill -9.
 - Every task is recorded in ``<state_dir>/process/`` and carries ``XCLOUD_*``
-  variables in its environment, so a restarted worker can find and kill what its
-  previous run left behind, including processes that left the process group.
+  variables in its environment, so that, where the machine gives no cgroups, a
+  restarted worker (and the reaper) can still find what its previous run left behind,
+  including processes that left the process group.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import IO, ClassVar
 import psutil
 
 from broker.config import WorkerConfig
+from worker.executors import reaper
 from worker.executors.base import (
     Executor,
     ExecutorCapabilities,
@@ -54,6 +59,8 @@ from worker.executors.base import (
     TaskHandle,
     TaskSpec,
 )
+from worker.executors.cgroups import CgroupError, SessionCgroup
+from worker.executors.containment import Containment
 from worker.sessions import remove_tree, safe_name
 
 log = logging.getLogger(__name__)
@@ -79,13 +86,16 @@ class _Task:
     abandon: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     result: ExitResult | None = None
+    cgroup: SessionCgroup | None = None
+    oom_before: int = 0
 
 
 class ProcessExecutor(Executor):
     """Runs commands as local process groups. ``state_dir`` holds the task records.
 
     Driver state: a session's is ``{"owner", "limits"}`` (the limits it was opened with),
-    a task's ``{"pgid"}``.
+    a task's ``{"pgid"}``. ``cgroups``: the containment mode (``auto``, ``v2``, ``v1``,
+    ``off``; default the config's ``process_cgroups``), see worker/executors/cgroups.py.
     """
 
     name: ClassVar[str] = "process"
@@ -93,7 +103,8 @@ class ProcessExecutor(Executor):
 
     def __init__(self, state_dir: Path | str, *, config: WorkerConfig | None = None,
                  default_limits: Limits | None = None, kill_grace_s: float = 5.0,
-                 read_size: int = READ_SIZE) -> None:
+                 read_size: int = READ_SIZE, cgroups: str | None = None,
+                 worker_id: str = "") -> None:
         self.config = config or WorkerConfig()
         self.state_dir = Path(state_dir)
         self.records_dir = self.state_dir / "process"
@@ -102,13 +113,21 @@ class ProcessExecutor(Executor):
         self.read_size = read_size
         self._lock = threading.Lock()
         self._tasks: dict[tuple[str, str], _Task] = {}
+        self.containment = Containment(self.state_dir, self.records_dir,
+                                       cgroups or self.config.process_cgroups, worker_id)
 
     # -- building and description ------------------------------------------------------
 
     @classmethod
     def create(cls, context: ExecutorContext) -> ProcessExecutor:
-        return cls(context.state_dir, config=context.config,
-                   kill_grace_s=context.kill_grace_s)
+        executor = cls(context.state_dir, config=context.config,
+                       kill_grace_s=context.kill_grace_s, worker_id=context.worker_id)
+        containment = executor.containment
+        # Without cgroups some escapes are possible (docs/exec.md): say so louder.
+        degraded = not containment.layout.version and executor.config.process_cgroups != "off"
+        log.log(logging.WARNING if degraded else logging.INFO, "process executor: %s",
+                containment.describe())
+        return executor
 
     @classmethod
     def fingerprint(cls, config: WorkerConfig) -> ExecutorCapabilities:  # noqa: ARG003
@@ -125,10 +144,12 @@ class ProcessExecutor(Executor):
             (workdir / CWD_FILE).parent.mkdir(mode=0o700, exist_ok=True)
         except OSError as err:
             raise ExecutorError(f"cannot create work dir {workdir}: {err}") from err
-        return SessionHandle(session_id=spec.session_id, executor=self.name,
-                             workdir=str(workdir),
-                             driver_state=self.make_state({"owner": spec.owner,
-                                                           "limits": spec.limits.to_dict()}))
+        handle = SessionHandle(session_id=spec.session_id, executor=self.name,
+                               workdir=str(workdir),
+                               driver_state=self.make_state({"owner": spec.owner,
+                                                             "limits": spec.limits.to_dict()}))
+        self.containment.session(spec.session_id, self._limits(handle))
+        return handle
 
     def _limits(self, session: SessionHandle) -> Limits:
         """The session's limits (ExecutorError for a handle this driver cannot read)."""
@@ -149,15 +170,23 @@ class ProcessExecutor(Executor):
         with self._lock:
             tasks = [t for (sid, _), t in self._tasks.items() if sid == session.session_id]
         running = [t for t in tasks if not t.done.is_set()]
+        cgroup = self.containment.existing(session.session_id)
         for task in running:
             self._killpg(task, _signal.SIGTERM)
+        termed = cgroup.signal(_signal.SIGTERM) if cgroup is not None else 0
         deadline = time.monotonic() + self.kill_grace_s
         for task in running:
             task.done.wait(max(0.0, deadline - time.monotonic()))
+        while termed and cgroup is not None and cgroup.pids_inside() and (
+                time.monotonic() < deadline):
+            time.sleep(0.05)  # the rest of the grace, for what left the process groups
         for task in running:
             if not task.done.is_set():
                 self._killpg(task, _signal.SIGKILL)
-        # Whatever left the process groups (setsid, nohup &) still carries the markers.
+                reaper.kill_sessions([task.proc.pid])
+        # Whatever left the process groups (setsid, nohup &) is still in the cgroup; or,
+        # without one, still carries the markers (unless it scrubbed them).
+        self.containment.drop(session.session_id)
         self._kill_marked(lambda env: env.get("XCLOUD_RESERVATION") == session.session_id
                           and env.get("XCLOUD_WORKDIR") == session.workdir)
         for task in running:
@@ -180,6 +209,7 @@ class ProcessExecutor(Executor):
         old worker), so all are orphans whatever ``keep`` says; ``keep`` only matters for
         sessions (work dirs), which ``recover`` handles.
         """
+        killed = self.containment.cleanup_left()
         with self._lock:
             mine = {t.record for t in self._tasks.values()}
         records = []
@@ -203,7 +233,7 @@ class ProcessExecutor(Executor):
             workdir = env.get("XCLOUD_WORKDIR", "")
             return key in recorded or workdir.startswith(root)
 
-        killed = self._kill_marked(orphan)
+        killed += self._kill_marked(orphan)
         if killed:
             log.warning("killed %d process(es) left over by a previous run", killed)
         return killed
@@ -221,7 +251,16 @@ class ProcessExecutor(Executor):
             old = self._tasks.get(key)
             if old is not None and not old.done.is_set():
                 raise ExecutorError(f"task {spec.task_id} is already running")
-        gated = limits.memory_bytes is not None or limits.pids is not None
+        try:
+            cgroup = self.containment.session(session.session_id, limits)
+        except CgroupError as err:
+            raise ExecutorError(f"cannot prepare the session's cgroup: {err}") from err
+        rlimits = Limits(
+            memory_bytes=None if cgroup and "memory_bytes" in cgroup.limited
+            else limits.memory_bytes,
+            pids=None if cgroup and "pids" in cgroup.limited else limits.pids)
+        gated = cgroup is not None or rlimits.memory_bytes is not None or (
+            rlimits.pids is not None)
         env = self._env(spec, workdir)
         (workdir / CWD_FILE).parent.mkdir(mode=0o700, exist_ok=True)
         script = self._prelude(workdir, gated) + spec.command
@@ -236,15 +275,16 @@ class ProcessExecutor(Executor):
         except OSError as err:
             raise ExecutorError(f"cannot start /bin/sh in {workdir}: {err}") from err
         started = time.monotonic()
+        oom_before = cgroup.oom_kills() if cgroup is not None else 0
         if gated:
-            self._apply_limits(proc, limits)
+            self._apply_limits(proc, rlimits, cgroup)
         handle = TaskHandle(task_id=spec.task_id, executor=self.name,
                             session_id=session.session_id, pid=proc.pid, started_at=started_at,
                             driver_state=self.make_state({"pgid": proc.pid}))
         name = f"{safe_name(session.session_id)}.{safe_name(spec.task_id)}.json"
         record = self.records_dir / name
         task = _Task(handle=handle, proc=proc, workdir=str(workdir), record=record,
-                     started=started)
+                     started=started, cgroup=cgroup, oom_before=oom_before)
         self._write_record(task)
         assert proc.stdout is not None
         assert proc.stderr is not None
@@ -280,6 +320,8 @@ class ProcessExecutor(Executor):
         if task.done.wait(grace_s):
             return task.result
         self._killpg(task, _signal.SIGKILL)
+        if not task.done.is_set():
+            reaper.kill_sessions([task.proc.pid])
         self._kill_marked(lambda env: env.get("XCLOUD_RESERVATION") == handle.session_id
                           and env.get("XCLOUD_EXEC_ID") == handle.task_id
                           and env.get("XCLOUD_WORKDIR") == task.workdir)
@@ -290,11 +332,13 @@ class ProcessExecutor(Executor):
         return task.result
 
     def close(self) -> None:
+        """Stop what still runs, remove this run's cgroups, let the reaper go."""
         with self._lock:
             tasks = list(self._tasks.values())
         for task in tasks:
             if not task.done.is_set():
                 self.stop(task.handle, self.kill_grace_s)
+        self.containment.close()
 
     # -- internals ---------------------------------------------------------------------
 
@@ -334,18 +378,24 @@ class ProcessExecutor(Executor):
             f"trap {shlex.quote(on_exit)} EXIT; "
         )
 
-    def _apply_limits(self, proc: subprocess.Popen[bytes], limits: Limits) -> None:
-        """prlimit the gated shell, then open the gate; on failure it never runs."""
+    def _apply_limits(self, proc: subprocess.Popen[bytes], limits: Limits,
+                      cgroup: SessionCgroup | None) -> None:
+        """Put the gated shell in its cgroup, prlimit it (the limits no cgroup enforces),
+        then open the gate; on failure it never runs."""
         assert proc.stdin is not None
         try:
+            if cgroup is not None:
+                cgroup.attach(proc.pid)
             if limits.memory_bytes is not None:
                 value = int(limits.memory_bytes)
                 resource.prlimit(proc.pid, resource.RLIMIT_AS, (value, value))
             if limits.pids is not None:
                 value = int(limits.pids)
                 resource.prlimit(proc.pid, resource.RLIMIT_NPROC, (value, value))
-            proc.stdin.write(b"go\n")
-        except (OSError, ValueError) as err:
+            # A shell that exited before its gate (a syntax error) ran nothing.
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(b"go\n")
+        except (OSError, ValueError, CgroupError) as err:
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, _signal.SIGKILL)
             proc.wait()
@@ -401,10 +451,15 @@ class ProcessExecutor(Executor):
         duration = time.monotonic() - task.started
         for reader in task.readers:
             reader.join()
+        # The OOM killer struck in the session's cgroup while the task ran (it may have
+        # taken a child of the shell rather than the shell itself).
+        oom = task.cgroup is not None and task.cgroup.oom_kills() > task.oom_before
         if returncode < 0:
-            task.result = ExitResult(exit_code=None, signal=-returncode, duration_s=duration)
+            task.result = ExitResult(exit_code=None, signal=-returncode, duration_s=duration,
+                                     oom_killed=oom)
         else:
-            task.result = ExitResult(exit_code=returncode, duration_s=duration)
+            task.result = ExitResult(exit_code=returncode, duration_s=duration,
+                                     oom_killed=oom)
         task.record.unlink(missing_ok=True)
         task.done.set()
         with self._lock:  # keep the newest finished tasks only: their results were collected

@@ -15,9 +15,11 @@ if TYPE_CHECKING:
         LABEL_EXECUTOR,
         LABEL_OWNER,
         LABEL_SESSION,
+        LABEL_STATE_DIR,
         LABEL_WORKER,
         ContainerParams,
         Containers,
+        remove_labelled,
     )
     from worker.executors.docker.driver import DockerExecutor
     from worker.executors.docker.fingerprint import (
@@ -31,9 +33,11 @@ _HOMES = {
     "LABEL_EXECUTOR": "container",
     "LABEL_OWNER": "container",
     "LABEL_SESSION": "container",
+    "LABEL_STATE_DIR": "container",
     "LABEL_WORKER": "container",
     "ContainerParams": "container",
     "Containers": "container",
+    "remove_labelled": "container",
     "DockerExecutor": "driver",
     "SessionState": "state",
     "TaskState": "state",
@@ -47,6 +51,7 @@ __all__ = [
     "LABEL_EXECUTOR",
     "LABEL_OWNER",
     "LABEL_SESSION",
+    "LABEL_STATE_DIR",
     "LABEL_WORKER",
     "ContainerParams",
     "Containers",
@@ -57,6 +62,7 @@ __all__ = [
     "docker_capabilities",
     "probe_docker",
     "probe_engine",
+    "remove_labelled",
 ]
 
 

@@ -5,7 +5,9 @@ Every session container is hardened the same way (see docs/docker.md): network m
 ``none`` (``host`` only when both the worker owner and the reservation allow a network),
 all capabilities dropped, ``no-new-privileges``, a non-root user, a read-only root file
 system with a size-limited tmpfs on ``/tmp``, and memory (no swap), CPU and pids limits.
-Each is labelled with the worker's id so that a restarted worker finds exactly its own.
+Each is labelled with the worker's id so that a restarted worker finds exactly its own,
+and with its state dir so that whoever started the worker (``xcloud up``) can sweep what
+it left (``remove_labelled``).
 
 The docker SDK is imported on first use, not at import time: the idle agent must stay
 small unless this executor is actually selected.
@@ -36,6 +38,7 @@ LABEL_WORKER = "xcloud.worker"
 LABEL_SESSION = "xcloud.session"
 LABEL_OWNER = "xcloud.owner"
 LABEL_EXECUTOR = "xcloud.executor"
+LABEL_STATE_DIR = "xcloud.state_dir"
 
 WORK = "/work"
 TMPFS_MIN = 16 * 1024 * 1024
@@ -104,9 +107,11 @@ class Containers:
     """
 
     def __init__(self, config: WorkerConfig, worker_id: str,
-                 client: docker.DockerClient | None = None) -> None:
+                 client: docker.DockerClient | None = None,
+                 state_dir: Path | str | None = None) -> None:
         self.config = config
         self.worker_id = worker_id
+        self.state_dir = str(Path(state_dir).resolve()) if state_dir is not None else None
         self._client = client
         self._own_client = client is None
         self._client_lock = threading.Lock()
@@ -142,12 +147,15 @@ class Containers:
         return DEFAULT_USER if uid == 0 else f"{uid}:{gid}"
 
     def labels(self, session_id: str, owner: str) -> dict[str, str]:
-        return {
+        labels = {
             LABEL_WORKER: self.worker_id,
             LABEL_SESSION: session_id,
             LABEL_OWNER: owner,
             LABEL_EXECUTOR: "docker",
         }
+        if self.state_dir is not None:
+            labels[LABEL_STATE_DIR] = self.state_dir
+        return labels
 
     def find(self, session_id: str | None = None) -> list[dict[str, Any]]:
         """Summaries of this worker's containers (of one session when given)."""
@@ -337,3 +345,34 @@ class Containers:
             stderr = (out[1] or b"").decode(errors="replace").strip()
             raise ExecutorError(f"exec {cmd[:3]} exited {code}: {stderr}")
         return stdout
+
+
+def remove_labelled(labels: dict[str, str], client: docker.DockerClient | None = None
+                    ) -> list[str]:
+    """Force-remove every container (running or not) carrying all of ``labels``; their
+    names. For whoever started workers and outlives them (``xcloud up``): what a worker
+    could not remove itself (it was killed) goes at the end. ExecutorError when no
+    engine answers."""
+    own = client is None
+    try:
+        if client is None:
+            import docker
+
+            client = docker.from_env(timeout=60)
+        found = client.api.containers(
+            all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
+    except Exception as err:
+        raise ExecutorError(f"cannot list containers: {err}") from err
+    removed: list[str] = []
+    try:
+        for summary in found:
+            name = ((summary.get("Names") or ["?"])[0]).lstrip("/")
+            try:
+                client.api.remove_container(str(summary["Id"]), force=True)
+                removed.append(name)
+            except Exception as err:  # gone meanwhile, or being removed: not ours to fix
+                log.warning("cannot remove container %s: %s", name, err)
+    finally:
+        if own:
+            client.close()
+    return removed

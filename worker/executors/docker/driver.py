@@ -83,7 +83,8 @@ class DockerExecutor(Executor):
     """Sessions are containers, tasks are execs. Thread-safe.
 
     ``worker_id`` labels every container (``xcloud.worker``) so that a restarted worker
-    finds exactly its own leftovers; ``config`` supplies the image and limit defaults.
+    finds exactly its own leftovers, ``state_dir`` (``xcloud.state_dir``) so that whoever
+    started the worker can sweep them; ``config`` supplies the image and limit defaults.
     ``client`` (a ``docker.DockerClient``) is for tests; by default one is made with
     ``docker.from_env()`` on first use. ``kill_grace_s``: how long close_session lets
     commands handle TERM before the container is removed.
@@ -99,13 +100,14 @@ class DockerExecutor(Executor):
         worker_id: str,
         client: docker.DockerClient | None = None,
         kill_grace_s: float = 5.0,
+        state_dir: Path | str | None = None,
     ) -> None:
         if not worker_id:
             raise ExecutorError("the docker executor needs the worker id (for its labels)")
         self.config = config or WorkerConfig()
         self.worker_id = worker_id
         self.kill_grace_s = kill_grace_s
-        self.containers = Containers(self.config, worker_id, client)
+        self.containers = Containers(self.config, worker_id, client, state_dir)
         self._lock = threading.Lock()  # guards _sessions and _session_locks
         self._sessions: dict[str, _Session] = {}
         self._session_locks: dict[str, threading.Lock] = {}
@@ -116,7 +118,7 @@ class DockerExecutor(Executor):
     @classmethod
     def create(cls, context: ExecutorContext) -> DockerExecutor:
         return cls(context.config, worker_id=context.worker_id,
-                   kill_grace_s=context.kill_grace_s)
+                   kill_grace_s=context.kill_grace_s, state_dir=context.state_dir)
 
     @classmethod
     def fingerprint(cls, config: WorkerConfig) -> ExecutorCapabilities:

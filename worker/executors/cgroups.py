@@ -1,0 +1,457 @@
+"""Control groups for the process executor: every reservation's processes in a cgroup of
+its own, so that they are killed by cgroup (not by the ``XCLOUD_*`` markers a command can
+scrub) and limited by cgroup (memory and pids for the whole session, not rlimits per
+process).
+
+Which mode a worker runs in is decided once, at start (``detect``; ``worker.process_cgroups``
+= ``auto`` | ``v2`` | ``v1`` | ``off``):
+
+- ``v2``: the unified hierarchy (``/sys/fs/cgroup`` itself, or ``/sys/fs/cgroup/unified``
+  on a hybrid machine), where the worker's own cgroup is writable (root, or a delegated
+  subtree). Killing is one write to ``cgroup.kill``; limits (``memory.max``,
+  ``memory.swap.max``, ``pids.max``) need the memory and pids controllers enabled for the
+  worker's cgroup, else rlimits are used.
+- ``v1``: the legacy per-controller hierarchies. Membership is tracked in ``freezer``
+  (else ``pids``, else ``memory``); killing freezes the cgroup, kills its members and
+  thaws it; limits go to ``memory`` (``memory.limit_in_bytes``, and
+  ``memory.memsw.limit_in_bytes`` so no swap) and ``pids`` (``pids.max``).
+- ``none``: no writable cgroup. Process groups, sessions and markers, and the reaper:
+  a command that both calls ``setsid`` and scrubs its environment escapes (docs/exec.md).
+
+``auto`` takes v2 on a pure v2 machine, else v1 when a v1 hierarchy is writable, else
+the unified hierarchy of a hybrid machine, else none.
+
+The layout, below the worker's own cgroup in each hierarchy used::
+
+    <own>/xcloud-<worker>-<pid>-<random>/       one tree per worker run
+        s-<reservation>/                        one cgroup per session (limits here)
+
+A tree is recorded in ``<state_dir>/cgroups.json`` when it is made, so a restarted
+worker kills and removes what a previous run left even if its own cgroup changed; the
+reaper (worker/executors/reaper.py) usually did already.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.executors import reaper
+from worker.executors.base import ExecutorError
+from worker.sessions import safe_name
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "v2", "v1", "off")
+STATE_FILE = "cgroups.json"
+V1_TRACKERS = ("freezer", "pids", "memory")
+MOUNTINFO = "/proc/self/mountinfo"
+PROC_CGROUP = "/proc/self/cgroup"
+
+
+class CgroupError(ExecutorError):
+    """A cgroup could not be made, joined or limited."""
+
+
+# -- detection -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A cgroup hierarchy as mounted here: ``version`` 1 or 2, its mount point, the
+    cgroup path its mount shows as ``/`` and (v1) the controllers bound to it."""
+
+    version: int
+    path: Path
+    root: str = "/"
+    controllers: frozenset[str] = frozenset()
+
+
+def parse_mounts(mountinfo: str) -> list[Mount]:
+    """The cgroup mounts in ``/proc/self/mountinfo`` text."""
+    found: list[Mount] = []
+    for line in mountinfo.splitlines():
+        before, sep, after = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = before.split(), after.split()
+        if len(fields) < 6 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+            continue
+        if "rw" not in fields[5].split(","):
+            continue  # mounted read-only
+        root, point = fields[3], Path(fields[4].replace("\\040", " "))
+        if tail[0] == "cgroup2":
+            found.append(Mount(2, point, root))
+        else:
+            options = set(tail[2].split(","))
+            found.append(Mount(1, point, root, frozenset(options & set(V1_TRACKERS))))
+    return found
+
+
+def parse_own(proc_cgroup: str) -> dict[str, str]:
+    """This process's cgroup per hierarchy: ``"v2"`` -> path, v1 controller -> path."""
+    own: dict[str, str] = {}
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if not controllers:
+            own["v2"] = path
+        for name in controllers.split(","):
+            own[name] = path
+    return own
+
+
+def _own_dir(mount: Mount, path: str) -> Path:
+    """The directory of cgroup ``path`` under ``mount`` (mount roots of a namespace or a
+    bind mount are stripped)."""
+    if mount.root != "/" and (path == mount.root or path.startswith(mount.root + "/")):
+        path = path[len(mount.root):]
+    return mount.path / path.lstrip("/")
+
+
+def _writable(directory: Path) -> bool:
+    return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this worker's cgroups go: ``version`` 0 (none), 1 or 2, and the worker's own
+    cgroup in the tracking hierarchy and in those that limit memory and pids (None when
+    that limit falls back to an rlimit). ``note`` says why, for the logs."""
+
+    version: int = 0
+    tracker: Path | None = None
+    memory: Path | None = None
+    pids: Path | None = None
+    note: str = ""
+
+    @property
+    def mode(self) -> str:
+        return f"cgroup v{self.version}" if self.version else "none"
+
+    def describe(self) -> str:
+        if not self.version:
+            return f"no cgroups ({self.note}): process groups, sessions and markers"
+        limits = [n for n, d in (("memory", self.memory), ("pids", self.pids)) if d]
+        by = f"cgroup limits {'+'.join(limits)}" if limits else "rlimits"
+        return f"cgroup v{self.version} under {self.tracker} ({by}){self.note}"
+
+
+def _v2(mount: Mount, own: dict[str, str]) -> Layout | None:
+    if "v2" not in own:
+        return None
+    directory = _own_dir(mount, own["v2"])
+    if not _writable(directory):
+        return None
+    available = set(reaper._read(str(directory / "cgroup.controllers")).split())
+    # Limits need the controllers delegated to our cgroup; whether they can be enabled
+    # below it is found out when the tree is made (CgroupTree.create).
+    memory = directory if "memory" in available else None
+    pids = directory if "pids" in available else None
+    return Layout(2, directory, memory, pids)
+
+
+def _v1(mounts: list[Mount], own: dict[str, str]) -> Layout | None:
+    dirs: dict[str, Path] = {}
+    for mount in mounts:
+        for name in mount.controllers:
+            if name in own and name not in dirs:
+                directory = _own_dir(mount, own[name])
+                if _writable(directory):
+                    dirs[name] = directory
+    tracker = next((dirs[n] for n in V1_TRACKERS if n in dirs), None)
+    if tracker is None:
+        return None
+    return Layout(1, tracker, dirs.get("memory"), dirs.get("pids"))
+
+
+def detect(mode: str = "auto", *, mountinfo: str | None = None,
+           proc_cgroup: str | None = None) -> Layout:
+    """The layout for ``mode`` on this machine (never raises: none when unusable)."""
+    if mode not in MODES:
+        raise ExecutorError(f"process_cgroups must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "off":
+        return Layout(note="process_cgroups = off")
+    try:
+        mounts = parse_mounts(mountinfo if mountinfo is not None
+                              else Path(MOUNTINFO).read_text())
+        own = parse_own(proc_cgroup if proc_cgroup is not None
+                        else Path(PROC_CGROUP).read_text())
+    except OSError as err:
+        return Layout(note=f"cannot read {err.filename}: {err.strerror}")
+    v2 = [m for m in mounts if m.version == 2]
+    v1 = [m for m in mounts if m.version == 1]
+    pure = [m for m in v2 if not v1]
+    candidates: list[Layout | None] = []
+    if mode in ("auto", "v2"):
+        candidates += [_v2(m, own) for m in pure]
+    if mode in ("auto", "v1"):
+        candidates.append(_v1(v1, own))
+    if mode in ("auto", "v2"):
+        candidates += [_v2(m, own) for m in v2 if m not in pure]
+    for layout in candidates:
+        if layout is not None:
+            return layout
+    if not mounts:
+        return Layout(note="no cgroup file system is mounted")
+    wanted = {"v1": "no writable cgroup v1 hierarchy",
+              "v2": "no writable cgroup v2 hierarchy"}.get(mode, "no writable cgroup")
+    return Layout(note=f"{wanted} (the worker needs root or a delegated cgroup)")
+
+
+# -- one worker run's tree -----------------------------------------------------------
+
+
+@dataclass
+class SessionCgroup:
+    """One session's cgroup: a directory per hierarchy used (the tracker first)."""
+
+    dirs: list[Path]
+    memory: Path | None = None
+    pids: Path | None = None
+    limited: set[str] = field(default_factory=set)  # Limits fields enforced here
+
+    @property
+    def tracker(self) -> Path:
+        return self.dirs[0]
+
+    def set_limits(self, memory_bytes: int | None, pids: int | None) -> None:
+        """Apply the limits this cgroup can enforce (``limited`` says which)."""
+        if memory_bytes is not None and self.memory is not None:
+            value = str(int(memory_bytes))
+            if (self.memory / "memory.max").exists():  # v2
+                _set(self.memory / "memory.max", value)
+                if (self.memory / "memory.swap.max").exists():
+                    _set(self.memory / "memory.swap.max", "0")
+            else:  # v1: memsw may not be below the memory limit, so it goes second
+                _set(self.memory / "memory.limit_in_bytes", value)
+                if (self.memory / "memory.memsw.limit_in_bytes").exists():
+                    _set(self.memory / "memory.memsw.limit_in_bytes", value)
+            self.limited.add("memory_bytes")
+        if pids is not None and self.pids is not None:
+            _set(self.pids / "pids.max", str(max(1, int(pids))))
+            self.limited.add("pids")
+
+    def attach(self, pid: int) -> None:
+        """Move process ``pid`` (and, on v2, all its threads) into this cgroup."""
+        for directory in self.dirs:
+            _set(directory / "cgroup.procs", str(pid))
+
+    def oom_kills(self) -> int:
+        """How many processes the OOM killer took in this cgroup so far."""
+        if self.memory is None:
+            return 0
+        for name in ("memory.events", "memory.oom_control"):
+            for line in reaper._read(str(self.memory / name)).splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and value.strip().isdigit():
+                    return int(value)
+        return 0
+
+    def pids_inside(self) -> list[int]:
+        return reaper.cgroup_pids(str(self.tracker))
+
+    def signal(self, signum: int) -> int:
+        return reaper.signal_cgroup(str(self.tracker), signum)
+
+    def kill(self) -> int:
+        """SIGKILL everything in it until it is empty; how many were found."""
+        return reaper.kill_cgroup(str(self.tracker))
+
+    def remove(self) -> bool:
+        """Kill what is left and remove its directories."""
+        self.kill()
+        ok = True
+        for directory in self.dirs:
+            ok = reaper.remove_cgroup(str(directory)) and ok
+        return ok
+
+
+def _set(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as err:
+        raise CgroupError(f"cannot write {value!r} to {path}: {err.strerror or err}") from err
+
+
+class CgroupTree:
+    """The cgroups of one worker run (see the module docstring). Made by ``create``;
+    ``roots`` are what the reaper and the state file keep."""
+
+    def __init__(self, layout: Layout, worker_id: str = "") -> None:
+        if not layout.version or layout.tracker is None:
+            raise CgroupError(f"no cgroups here: {layout.note}")
+        self.layout = layout
+        self.name = (f"xcloud-{safe_name(worker_id or 'worker')[:40]}-{os.getpid()}-"
+                     f"{uuid.uuid4().hex[:6]}")
+        # The hierarchies used, tracker first, each once (v2: one for everything).
+        parents: list[Path] = []
+        for parent in (layout.tracker, layout.memory, layout.pids):
+            if parent is not None and parent not in parents:
+                parents.append(parent)
+        self.roots = [parent / self.name for parent in parents]
+        self.memory = layout.memory / self.name if layout.memory else None
+        self.pids = layout.pids / self.name if layout.pids else None
+
+    @property
+    def version(self) -> int:
+        return self.layout.version
+
+    def create(self) -> CgroupTree:
+        """Make the tree (CgroupError when the tracker cannot be made; a hierarchy that
+        only limits falls back to rlimits with a warning)."""
+        for root in list(self.roots):
+            try:
+                root.mkdir(mode=0o755)
+            except OSError as err:
+                if root == self.roots[0]:
+                    raise CgroupError(f"cannot make cgroup {root}: {err.strerror}") from err
+                log.warning("cannot make cgroup %s (%s); its limit falls back to an "
+                            "rlimit", root, err.strerror)
+                self.roots.remove(root)
+                self.memory = None if self.memory == root else self.memory
+                self.pids = None if self.pids == root else self.pids
+        if self.version == 2:
+            self._enable_v2_controllers()
+        return self
+
+    def _enable_v2_controllers(self) -> None:
+        """Let the sessions below the tree have memory and pids limits, if the worker's
+        own cgroup can pass them down (it cannot while it holds processes itself and is
+        not the root: the no-internal-processes rule). Else rlimits."""
+        root = self.roots[0]
+        wanted = [c for c, d in (("memory", self.memory), ("pids", self.pids)) if d]
+        if not wanted:
+            return
+        have = set(reaper._read(str(root / "cgroup.controllers")).split())
+        missing = [c for c in wanted if c not in have]
+        if missing:
+            own = root.parent / "cgroup.subtree_control"
+            with contextlib.suppress(OSError):
+                own.write_text(" ".join(f"+{c}" for c in missing))
+            have = set(reaper._read(str(root / "cgroup.controllers")).split())
+        enabled = []
+        for name in wanted:
+            if name in have:
+                try:
+                    (root / "cgroup.subtree_control").write_text(f"+{name}")
+                    enabled.append(name)
+                except OSError as err:
+                    log.debug("cannot enable %s below %s: %s", name, root, err)
+        if "memory" not in enabled:
+            self.memory = None
+        if "pids" not in enabled:
+            self.pids = None
+        if len(enabled) < len(wanted):
+            log.info("cgroup v2: %s not delegated to %s; those limits are rlimits",
+                     ", ".join(c for c in wanted if c not in enabled), root.parent)
+
+    def session(self, session_id: str) -> SessionCgroup:
+        """The cgroup of session ``session_id`` (made when missing)."""
+        name = f"s-{safe_name(session_id)}"
+        dirs = [root / name for root in self.roots]
+        for directory in dirs:
+            try:
+                directory.mkdir(mode=0o755)
+            except FileExistsError:
+                pass
+            except OSError as err:
+                raise CgroupError(f"cannot make cgroup {directory}: {err.strerror}") from err
+        return SessionCgroup(
+            dirs, memory=self.memory / name if self.memory else None,
+            pids=self.pids / name if self.pids else None)
+
+    def existing_session(self, session_id: str) -> SessionCgroup | None:
+        name = f"s-{safe_name(session_id)}"
+        if not (self.roots[0] / name).is_dir():
+            return None
+        return SessionCgroup([root / name for root in self.roots])
+
+    def remove(self) -> bool:
+        """Kill everything in the tree and remove it."""
+        reaper.kill_cgroup(str(self.roots[0]))
+        ok = True
+        for root in self.roots:
+            ok = reaper.remove_cgroup(str(root)) and ok
+        return ok
+
+
+# -- what previous runs left ---------------------------------------------------------
+
+
+def _load(state_dir: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads((state_dir / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        log.warning("unreadable %s: %s", state_dir / STATE_FILE, err)
+        return []
+    trees = data.get("trees") if isinstance(data, dict) else None
+    return [t for t in trees or [] if isinstance(t, dict) and isinstance(t.get("roots"), list)]
+
+
+def _save(state_dir: Path, trees: list[dict[str, Any]]) -> None:
+    path = state_dir / STATE_FILE
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"trees": trees}))
+    os.replace(tmp, path)
+
+
+def record_tree(state_dir: Path, tree: CgroupTree) -> None:
+    """Remember ``tree`` in the state dir (for a restarted worker)."""
+    trees = _load(state_dir)
+    trees.append({"name": tree.name, "roots": [str(r) for r in tree.roots]})
+    try:
+        _save(state_dir, trees)
+    except OSError as err:
+        log.warning("cannot record cgroup tree %s: %s", tree.name, err)
+
+
+def forget_tree(state_dir: Path, tree: CgroupTree) -> None:
+    trees = [t for t in _load(state_dir) if t.get("name") != tree.name]
+    with contextlib.suppress(OSError):
+        _save(state_dir, trees)
+
+
+def remove_left_trees(state_dir: Path, keep: CgroupTree | None = None) -> int:
+    """Kill and remove the trees previous runs recorded in ``state_dir`` (all but
+    ``keep``); how many processes were killed. Only ``xcloud-*`` directories below a
+    cgroup file system are touched, whatever the file says."""
+    killed = 0
+    left: list[dict[str, Any]] = []
+    for tree in _load(state_dir):
+        if keep is not None and tree.get("name") == keep.name:
+            left.append(tree)
+            continue
+        roots = [Path(str(r)) for r in tree["roots"]]
+        if not all(_is_our_cgroup(r) for r in roots):
+            log.warning("ignoring a recorded cgroup tree outside a cgroup file system: %s",
+                        roots)
+            continue
+        if roots and roots[0].is_dir():
+            killed += reaper.kill_cgroup(str(roots[0]))
+        for root in roots:
+            if not reaper.remove_cgroup(str(root)):
+                log.warning("cannot remove cgroup %s", root)
+                left.append(tree)
+                break
+    with contextlib.suppress(OSError):
+        _save(state_dir, left)
+    return killed
+
+
+def _is_our_cgroup(path: Path) -> bool:
+    """Is ``path`` one of our tree roots (by name) and a cgroup (or gone already)?"""
+    if not path.is_absolute() or ".." in path.parts or not path.name.startswith("xcloud-"):
+        return False
+    return not path.exists() or (path / "cgroup.procs").is_file()
