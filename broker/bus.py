@@ -14,12 +14,9 @@ embedded amqtt broker and any MQTT 3.1.1 broker (Mosquitto, EMQX, ...).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import logging
 import queue
 import random
-import socket
 import ssl
 import threading
 import time
@@ -28,145 +25,47 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
-from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from broker.bus_types import (
+    BusError,
+    Handler,
+    Incoming,
+    Lane,
+    MessageTooLarge,
+    RawHandler,
+    RemoteError,
+    RequestTimeout,
+    Will,
+)
 from broker.config import BusConfig
+from broker.link import (
+    CLIENT_ID_CONTEXT,
+    LinkState,
+    backoff_delay,
+    parse_broker_url,
+    private_client_id,
+    set_nodelay,
+)
+from broker.reply_routing import answer_inbox
 from schemas.codec import Envelope, decode, encode, envelope, error_for
-from schemas.errors import WireError, XcloudError
+from schemas.errors import WireError
 from schemas.messages import Body, Error
 from schemas.topics import Topics
+
+__all__ = [
+    "CLIENT_ID_CONTEXT", "Bus", "BusError", "Handler", "Incoming", "Lane", "LinkState",
+    "MessageTooLarge", "RawHandler", "RemoteError", "RequestTimeout", "Will",
+    "backoff_delay", "parse_broker_url", "private_client_id",
+]
 
 log = logging.getLogger(__name__)
 
 MATCH_CACHE_MAX = 100_000  # topics remembered by the subscription matcher
-
-
-class Lane(StrEnum):
-    """The bus's handler threads: one thread and one queue per lane, order kept within a
-    lane. An enum, so that a misspelt lane fails at once instead of silently starting a
-    thread of its own."""
-
-    DEFAULT = "default"
-    INBOX = "inbox"  # the inbox dispatcher itself (cheap handlers may run on it)
-    CONNECT = "connect"  # on-(re)connect hooks
-    REGISTRY = "registry"  # worker caps and status
-    HEARTBEAT = "heartbeat"  # heartbeat ingest
-    REQUESTS = "requests"  # quick coordinator requests
-    ADMIN = "admin"  # principal administration
-    RESERVATIONS = "reservations"  # reservation protocol
-    RESERVE = "reserve"  # reserve requests that wait on a worker
-    EXEC = "exec"  # remote command protocol (worker and client sides)
-    EVENTS = "events"  # event watchers
-    TRANSFER = "transfer"  # data transfers
-    JOBS = "jobs"  # batch jobs
-
-
-class BusError(XcloudError):
-    """The broker could not be reached, refused us, or a request failed."""
-
-
-class RequestTimeout(BusError):
-    """No reply arrived in time (the peer is down, busy, or refused our message)."""
-
-
-class MessageTooLarge(BusError):
-    """A message over ``bus.max_payload``: refused before it reaches the broker."""
-
-    code = "too_large"
-
-    def __init__(self, size: int, limit: int, topic: str) -> None:
-        super().__init__(f"a message of {size} bytes to {topic} is over the bus limit of "
-                         f"{limit} bytes (bus.max_payload)")
-        self.size = size
-        self.limit = limit
-        self.topic = topic
-
-
-class RemoteError(BusError):
-    """The peer answered a request with an ``error`` message."""
-
-    def __init__(self, error: Error, request_type: str) -> None:
-        super().__init__(error.message)
-        self.code = error.code
-        self.error = error
-        self.request_type = request_type
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """A validated message as a handler sees it."""
-
-    topic: str
-    message: Envelope[Any]
-    sender: str | None  # authenticated sender (inbox topics only)
-    retained: bool = False
-    received_at: float = 0.0  # time.monotonic() when paho read it (0: unknown)
-
-    @property
-    def body(self) -> Any:
-        return self.message.body
-
-
-Handler = Callable[[Incoming], None]
-RawHandler = Callable[[str, bytes, bool], None]
-
-
-@dataclass(frozen=True)
-class LinkState:
-    """Where our connection to the broker stands (``Bus.link_state``).
-
-    ``epoch`` counts the connections that became ready (0: never connected); ``since``
-    (wall clock) and ``ready_at`` (``time.monotonic()``, the clock of
-    ``Incoming.received_at``) say when the current one did. Services that must not act on
-    what they could not hear compare epochs: a changed epoch means we were cut off in
-    between. A message received before ``ready_at`` came from an earlier connection, or
-    was queued for our persistent session while we were away.
-    """
-
-    connected: bool
-    epoch: int
-    since: float
-    ready_at: float = 0.0
-
-
-CLIENT_ID_CONTEXT = b"xcloud mqtt client id v1\0"
-
-
-def private_client_id(name: str, token: str) -> str:
-    """``name`` plus a keyed hash of ``token``: stable across restarts, secret to others.
-
-    A persistent session needs a stable client id, and on Mosquitto whoever connects with
-    a client id takes that session over (kicking its owner and publishing its last will).
-    A predictable id such as ``worker-<wid>`` would let any principal do that; this one
-    can only be computed by whoever holds the token (docs/security.md, "Client ids").
-    """
-    if not token:
-        return name  # anonymous: nothing secret to derive it from
-    digest = hmac.new(token.encode(), CLIENT_ID_CONTEXT + name.encode(), hashlib.sha256)
-    return f"{name}-{digest.hexdigest()[:32]}"
-
-
-def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> float:
-    """Seconds before reconnect ``attempt`` (0-based): doubling from ``low`` up to
-    ``high``, then scaled by a random factor in [0.5, 1] so that the components of a grid
-    do not all reconnect at the same instant after a broker restart."""
-    low = max(0.05, low)
-    base = min(max(low, high), low * 2.0 ** min(attempt, 32))
-    return base * rng.uniform(0.5, 1.0)
-
-
-@dataclass(frozen=True)
-class Will:
-    topic: str
-    body: Body
-    qos: int = 1
-    retain: bool = True
 
 
 @dataclass
@@ -186,18 +85,6 @@ class _Lane:
         default_factory=queue.Queue
     )
     thread: threading.Thread | None = None
-
-
-def parse_broker_url(url: str) -> tuple[str, str, int, bool]:
-    """``mqtt://host:port``, ``mqtts://``, ``ws://``, ``wss://`` -> (transport, host, port, tls)."""
-    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-    scheme = parsed.scheme.lower()
-    defaults = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883, "ws": 80, "wss": 443}
-    if scheme not in defaults or not parsed.hostname:
-        raise BusError(f"bad broker URL {url!r}: expected mqtt://host:port (or mqtts/ws/wss)")
-    transport = "websockets" if scheme in ("ws", "wss") else "tcp"
-    return transport, parsed.hostname, parsed.port or defaults[scheme], scheme in (
-        "mqtts", "ssl", "wss")
 
 
 class Bus:
@@ -522,34 +409,8 @@ class Bus:
 
     def _answer_inbox(self, sender: str | None, reply_to: str | None,
                       what: str | None) -> str | None:
-        if not reply_to:
-            return None
-        if not sender:
-            log.warning("not answering %s: its topic names no authenticated sender", what)
-            return None
-        rest = self.topics.split(reply_to)
-        if rest == ["coord", "inbox"]:
-            if sender == self.principal or (
-                    self.inbox != self.topics.coord_inbox
-                    and self.coordinator in (None, sender)):
-                return reply_to
-            log.warning("not answering %s from %s: its reply_to is the coordinator's inbox",
-                        what, sender)
-            return None
-        if rest is not None and len(rest) == 3 and rest[0] in ("client", "worker") and (
-                rest[2] == "inbox"):
-            try:
-                own = (self.topics.client_inbox(sender) if rest[0] == "client"
-                       else self.topics.worker_inbox(sender))
-            except ValueError:
-                return None
-            if own != reply_to:
-                log.warning("%s from %s asked for its answer in %s; answering in its own "
-                            "inbox %s", what, sender, reply_to[:200], own)
-            return own
-        log.warning("not answering %s from %s: reply_to %r is not an inbox", what, sender,
-                    reply_to[:200])
-        return None
+        return answer_inbox(self.topics, sender, reply_to, what, own_principal=self.principal,
+                            own_inbox=self.inbox, coordinator=self.coordinator)
 
     def reply_error(self, request: Incoming, code: str, message: str,
                     detail: dict[str, Any] | None = None) -> None:
@@ -565,7 +426,7 @@ class Bus:
             return
         self._last_refusal = None
         self._attempt = 0  # the next disconnect starts the back-off afresh
-        _set_nodelay(client)
+        set_nodelay(client)
         with self._lock:
             subs = list(self._subs.values())
         if self._first_connect.is_set():
@@ -744,14 +605,6 @@ class Bus:
         else:
             self._lane(lane).queue.put((_Subscription("", 0, lane, handler=handler),
                                         _Prevalidated(incoming)))
-
-
-def _set_nodelay(client: mqtt.Client) -> None:
-    """Disable Nagle: small QoS 1 messages otherwise wait ~40 ms on delayed ACKs."""
-    sock = client.socket()
-    raw: Any = getattr(sock, "_socket", sock)  # websockets wrap the real socket
-    with contextlib.suppress(OSError, AttributeError):
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _Prevalidated:

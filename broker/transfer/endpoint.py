@@ -33,8 +33,9 @@ from broker.transfer.errors import (
     TransferStalled,
     wire_code,
 )
+from broker.transfer.inbound import sender_inbox
 from broker.transfer.ranges import ByteRanges
-from broker.transfer.receiver import Receiver, sender_inbox
+from broker.transfer.receiver import Receiver
 from broker.transfer.segments import (
     bitmap_to_ranges,
     new_tid,

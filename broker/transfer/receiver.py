@@ -12,18 +12,24 @@ most ``max_gaps`` ranges, whatever the file size.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker.transfer.errors import TransferAborted, TransferError, TransferRefused, wire_code
+from broker.transfer.inbound import (
+    DropLog,
+    Inbound,
+    Key,
+    ReceiveStats,
+    complete_state,
+    same_file,
+    sender_inbox,
+)
 from broker.transfer.ranges import ByteRanges
 from broker.transfer.segments import (
     crc32,
@@ -35,7 +41,6 @@ from broker.transfer.settings import TransferSettings
 from broker.transfer.state import TransferPhase, TransferRecord, fsync_dir
 from broker.transfer.storage import Offer, Sink
 from schemas.messages import Ok
-from schemas.topics import Topics
 from schemas.transfer_messages import XferAbort, XferAck, XferFin, XferInit, XferState
 
 if TYPE_CHECKING:
@@ -43,66 +48,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str]  # (peer, tid)
 READ_CHUNK = 1 << 20  # hash catch-up reads
 CATCH_UP_STEP = 64 << 20  # hashed from disk per segment event at most (the rest at fin)
 SWEEP_S = 30.0  # how often idle transfers and aged-out finished ones are looked for
-DROP_LOG_S = 5.0  # at most one "dropped segments" warning per this many seconds
-
-
-@dataclass
-class ReceiveStats:
-    """Counts of one incoming transfer (tests and benchmarks read them)."""
-
-    received: int = 0  # segments written
-    duplicates: int = 0  # segments already held (replays, resends)
-    acks: int = 0
-
-
-class Inbound:
-    """One incoming transfer at run time: its record, sink, file and hash state."""
-
-    def __init__(self, record: TransferRecord, sink: Sink, path: Path) -> None:
-        self.record = record
-        self.sink = sink
-        self.path = path
-        self.have = record.ranges()
-        self.fd: int | None = None
-        self.hasher = hashlib.sha256()
-        self.hashed_to = 0
-        self.unsynced = 0  # segments written since the last acknowledgement
-        self.ack_due: float | None = None  # when the timer sends the pending ack
-        self.touched = time.monotonic()
-        self.stats = ReceiveStats()
-        self.finished = threading.Event()  # complete, failed or aborted (local waiters)
-        self.error: TransferError | None = None
-
-    @property
-    def key(self) -> Key:
-        return self.record.key
-
-    def done_bytes(self) -> int:
-        return self.have.total()
-
-
-class _DropLog:
-    """Counts dropped segments by reason and logs them rate-limited (a hostile or
-    confused sender must not flood the log)."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self._pending: Counter[str] = Counter()
-        self._last = 0.0
-
-    def drop(self, reason: str, topic: str) -> None:
-        self.counts[reason] += 1
-        self._pending[reason] += 1
-        now = time.monotonic()
-        if now - self._last >= DROP_LOG_S:
-            summary = ", ".join(f"{n} {r}" for r, n in sorted(self._pending.items()))
-            log.warning("dropped transfer segments (%s); latest on %.200s", summary, topic)
-            self._pending.clear()
-            self._last = now
 
 
 class Receiver:
@@ -123,7 +71,7 @@ class Receiver:
         self._active: dict[Key, Inbound] = {}
         self._done: OrderedDict[Key, tuple[TransferRecord, Sink, float]] = OrderedDict()
         self._stats: OrderedDict[Key, ReceiveStats] = OrderedDict()
-        self._drops = _DropLog()
+        self._drops = DropLog()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._next_sweep = time.monotonic() + SWEEP_S
@@ -353,17 +301,17 @@ class Receiver:
         with self._lock:
             t = self._active.get(key)
             if t is not None:
-                if not _same_file(t.record, body):
+                if not same_file(t.record, body):
                     raise TransferRefused("conflict", f"transfer {body.tid} already offers "
                                           "another file")
                 self._flush_quietly(t)
                 return self._state(t)
             done = self._done.get(key)
             if done is not None:
-                if not _same_file(done[0], body):
+                if not same_file(done[0], body):
                     raise TransferRefused("conflict", f"transfer {body.tid} is finished and "
                                           "was another file")
-                return _complete_state(done[0])
+                return complete_state(done[0])
             if self.sink is None:
                 raise TransferRefused("unsupported", f"{self.bus.principal or 'this side'} "
                                       "does not accept uploads")
@@ -381,7 +329,7 @@ class Receiver:
                 record.ref = admission.ref
                 record.have = [[0, record.size]] if record.size else []
                 self._save_done(record, self.sink)
-                return _complete_state(record)
+                return complete_state(record)
             t = self._open_new(record, self.sink)
             return self._state(t)
 
@@ -438,7 +386,7 @@ class Receiver:
                 self._flush_quietly(t)
                 state = self._state(t)
             elif key in self._done:
-                state = _complete_state(self._done[key][0])
+                state = complete_state(self._done[key][0])
             else:
                 self.bus.reply_error(incoming, "not_found",
                                      f"no transfer {incoming.body.tid} from you here")
@@ -462,7 +410,7 @@ class Receiver:
             if (done[0].size, done[0].sha256) != (body.size, body.sha256):
                 raise TransferRefused("conflict", "fin names another file than the "
                                       "finished transfer")
-            return _complete_state(done[0])
+            return complete_state(done[0])
         t = self._active.get(key)
         if t is None:
             raise TransferRefused("not_found", f"no transfer {body.tid} from you here")
@@ -472,7 +420,7 @@ class Receiver:
             self._flush_quietly(t)
             return self._state(t)
         self._finish(t)
-        return _complete_state(t.record)
+        return complete_state(t.record)
 
     def on_abort(self, incoming: Incoming) -> bool:
         """Abort an incoming transfer; False when there is none (maybe an outgoing one)."""
@@ -664,25 +612,3 @@ class Receiver:
             with self._lock:
                 done = t.have.total()
             callback(done, t.record.size)
-
-
-def sender_inbox(topics: Topics, incoming: Incoming, sender: str) -> str:
-    """Where messages for ``sender`` go: its own base inbox (its reply_to) or the
-    coordinator's; anything else would let it aim our acknowledgements at a third party."""
-    reply_to = incoming.message.reply_to
-    if reply_to and topics.is_inbox(reply_to):
-        rest = topics.split(reply_to) or []
-        if rest == ["coord", "inbox"] or (len(rest) == 3 and rest[1] == sender):
-            return reply_to
-    raise TransferRefused("invalid", "reply_to must be the sender's own inbox")
-
-
-def _same_file(record: TransferRecord, body: XferInit) -> bool:
-    return (record.name, record.size, record.sha256, record.segment_size,
-            record.purpose) == (body.name, body.size, body.sha256, body.segment_size,
-                                dict(body.purpose))
-
-
-def _complete_state(record: TransferRecord) -> XferState:
-    return XferState(tid=record.tid, state="complete", size=record.size, ref=record.ref)
-
