@@ -21,6 +21,7 @@ from broker.config import WorkerConfig
 from schemas.messages import WorkerCaps
 from worker.executors.base import ExecutorCapabilities
 from worker.executors.docker.fingerprint import probe_docker
+from worker.gpus import detect_gpus
 
 log = logging.getLogger(__name__)
 
@@ -147,4 +148,5 @@ def collect_caps(
         },
         heartbeat_s=cfg.heartbeat_s,
         agent_version=agent_version[:64],
+        gpus=[gpu.to_wire() for gpu in detect_gpus()] or None,
     )

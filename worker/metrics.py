@@ -16,6 +16,7 @@ import psutil
 
 from schemas.messages import WorkerHeartbeat
 from worker.caps import existing_dir
+from worker.gpus import sample_gpus
 
 log = logging.getLogger(__name__)
 
@@ -87,4 +88,5 @@ class MetricsSampler:
             net_recv_bytes=recv,
             free_slots=max(0, free_slots),
             running=list(running or []),
+            gpus=[use.to_wire() for use in sample_gpus()] or None,
         )
