@@ -26,7 +26,7 @@ from bench.common import (
     write_json,
 )
 
-BENCHMARKS = ("broker_rtt", "heartbeat_ingest", "liveness_scale", "worker_idle")
+BENCHMARKS = ("broker_rtt", "heartbeat_ingest", "liveness_scale", "worker_idle", "transfer")
 
 
 def main(argv: list[str] | None = None) -> int:
