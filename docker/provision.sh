@@ -36,10 +36,13 @@ for item in $PRINCIPALS; do
         --rotate | tail -n 1)"
     umask 077
     # A worker's identity goes in [worker]: a worker never takes [bus]'s for its own.
-    section=bus
-    if [ "$role" = worker ]; then section=worker; fi
-    printf '[bus]\nurl = "%s"\nroot = "%s"\n[%s]\nprincipal = "%s"\ntoken = "%s"\n' \
-        "$BUS_URL" "$ROOT" "$section" "$name" "$token" >"$file.tmp"
+    if [ "$role" = worker ]; then
+        printf '[bus]\nurl = "%s"\nroot = "%s"\n\n[worker]\nprincipal = "%s"\ntoken = "%s"\n' \
+            "$BUS_URL" "$ROOT" "$name" "$token" >"$file.tmp"
+    else
+        printf '[bus]\nurl = "%s"\nroot = "%s"\nprincipal = "%s"\ntoken = "%s"\n' \
+            "$BUS_URL" "$ROOT" "$name" "$token" >"$file.tmp"
+    fi
     mv "$file.tmp" "$file"
     echo "provision: $name ($role) created"
 done

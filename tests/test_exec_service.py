@@ -459,7 +459,9 @@ def test_output_arrives_while_the_command_runs(grid: Grid) -> None:
 @docker_on_mosquitto
 def test_ctrl_c_interrupts(grid: Grid) -> None:
     rid = grid.open()
-    started = grid.start(rid, "echo ready; sleep 30")
+    # ``exec``: with "echo ready; sleep 30" an INT that lands while bash forks sleep is
+    # swallowed by the child before it execs (bash defers it), and sleep runs its 30 s.
+    started = grid.start(rid, "echo ready; exec sleep 30")
     run = grid.alice.run_of(started.exec_id)
     wait_for(lambda: run.data() == b"ready\n", message="command did not start")
     t0 = time.monotonic()

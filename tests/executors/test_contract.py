@@ -283,7 +283,9 @@ def test_wait_covers_background_children_holding_the_pipe(driver: Driver) -> Non
 def test_ctrl_c_interrupts_the_whole_pipeline(driver: Driver) -> None:
     ex = driver.executor
     session = driver.open()
-    handle, out = start(ex, session, "echo ready; sleep 30 | cat")
+    # "ready" comes from the pipeline's first stage once forked, so the INT cannot land
+    # while bash forks it (a child that has not exec'd yet swallows it: a bash race)
+    handle, out = start(ex, session, "sh -c 'echo ready; exec sleep 30' | cat")
     wait_for(lambda: out.of("stdout") == b"ready\n", message="command did not start")
     ex.signal(handle, signal.SIGINT)
     result = ex.wait(handle, 5)
