@@ -99,6 +99,14 @@ class CoordinatorConfig:
     rate_limit_burst: int = 200
     report_rate_per_s: float = 200.0  # exec.report per worker
     report_burst: int = 2000
+    # Data objects (docs/data.md). Quota: bytes of distinct objects a principal's names
+    # hold plus its unfinished uploads; admins get data_admin_quota_bytes (0 = no limit).
+    data_quota_bytes: int = 10 * 1024**3
+    data_admin_quota_bytes: int = 0
+    data_gc_s: float = 300.0  # garbage collection pass: expired names, unreferenced objects
+    # A partial upload file no transfer record names (a crash between the two) is
+    # deleted by the pass once this old; records themselves idle out in the engine.
+    data_partial_grace_s: float = 3600.0
 
 
 @dataclass

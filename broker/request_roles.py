@@ -66,6 +66,12 @@ COORDINATOR_INBOX: Mapping[str, RequestRule] = MappingProxyType({
     "principals.list": RequestRule(ADMINS),
     "mosquitto.export": RequestRule(ADMINS),
     "workers.forget": RequestRule(ADMINS),
+    # Data objects (docs/data.md); the bytes themselves move with xfer.*.
+    "data.list": RequestRule(PEOPLE),
+    "data.show": RequestRule(PEOPLE),
+    "data.rm": RequestRule(PEOPLE),
+    "data.pin": RequestRule(PEOPLE),
+    "data.share": RequestRule(PEOPLE),
 })
 """Requests into ``{root}/coord/inbox/{sender}``; the role is the sender's in the store."""
 

@@ -27,10 +27,11 @@ import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.bus import Bus, BusError, Incoming, Lane, Will
 from broker.config import Config, load_config
+from broker.transfer import TransferEndpoint
 from client import validation
 from client.errors import (
     ClientError,
@@ -65,6 +66,9 @@ from schemas.messages import (
     WorkersShowReply,
 )
 from schemas.topics import Topics
+
+if TYPE_CHECKING:
+    from client.data import DataStore
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +167,10 @@ class Grid:
         self.bus.on_inbox(ExecExit.TYPE, self._on_exec_exit, lane=Lane.EXEC)
         self.bus.on_inbox(ReservationEnded.TYPE, self._on_reservation_ended,
                           lane=Lane.RESERVATIONS)
+        # File transfers (docs/transfer.md): created before the bus starts, as the engine
+        # requires; ``grid.data`` (client/data.py) and copies to a reserved worker use it.
+        self._transfers = TransferEndpoint(self.bus)
+        self._data: DataStore | None = None
 
     @classmethod
     def connect(cls, config: Config | None = None) -> Grid:
@@ -187,7 +195,23 @@ class Grid:
                 log.warning("could not release reservation %s: %s", handle.id, err)
         gone = (self.topics.inbox_for(self.topics.coord_inbox, self.principal),
                 ClientGone(session=self.session), 1, False)
+        self._transfers.close()
         self.bus.stop(publish=[gone])
+
+    @property
+    def transfers(self) -> TransferEndpoint:
+        """This session's transfer endpoint (uploads to and downloads from its peers)."""
+        return self._transfers
+
+    @property
+    def data(self) -> DataStore:
+        """The coordinator's data objects: ``grid.data.put(path)``, ``get``, ``ls`` ...
+        (client/data.py, docs/data.md)."""
+        if self._data is None:
+            from client.data import DataStore
+
+            self._data = DataStore(self)
+        return self._data
 
     @property
     def connected(self) -> bool:

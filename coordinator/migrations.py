@@ -304,12 +304,69 @@ def _v3_metrics(db: Database) -> None:
     db.create_tables(_v3_models(db), safe=True)
 
 
+def _v4_models(db: Database) -> list[type[Model]]:
+    """Snapshot of the tables version 4 adds: content-addressed data objects, their
+    names and references, and the records of incoming transfers (docs/data.md)."""
+
+    def model(name: str, table: str, fields: dict[str, Any], **meta: Any) -> type[Model]:
+        attrs: dict[str, Any] = {**fields, "Meta": _meta(db, table, **meta), "__module__": __name__}
+        return type(name, (Model,), attrs)
+
+    data_object = model("V4DataObject", "xc_data_object", {
+        "sha256": CharField(64, primary_key=True),
+        "size": BigIntegerField(),
+        "created_at": DoubleField(),
+        "last_used_at": DoubleField(),
+    })
+    data_entry = model("V4DataEntry", "xc_data_entry", {
+        "id": CharField(64, primary_key=True),
+        "owner": CharField(128),
+        "name": CharField(255),
+        "sha256": CharField(64, index=True),
+        "size": BigIntegerField(),
+        "access": CharField(16, default="private"),
+        "share": _MediumText(default="[]"),
+        "created_at": DoubleField(),
+        "last_used_at": DoubleField(),
+        "expires_at": DoubleField(null=True, index=True),
+    }, indexes=((("owner", "name"), True),))
+    data_ref = model("V4DataRef", "xc_data_ref", {
+        "sha256": CharField(64),
+        "kind": CharField(16),
+        "ref_id": CharField(128),
+        "owner": CharField(128),
+        "created_at": DoubleField(),
+    }, primary_key=CompositeKey("sha256", "kind", "ref_id"))
+    transfer = model("V4Transfer", "xc_transfer", {
+        "peer": CharField(128),
+        "tid": CharField(64),
+        "peer_inbox": CharField(512),
+        "direction": CharField(16),
+        "name": CharField(255),
+        "size": BigIntegerField(),
+        "sha256": CharField(64),
+        "segment_size": IntegerField(),
+        "purpose": _MediumText(),
+        "have": _MediumText(default="[]"),
+        "phase": CharField(16, index=True),
+        "ref": _MediumText(null=True),
+        "created_at": DoubleField(),
+        "updated_at": DoubleField(),
+    }, primary_key=CompositeKey("peer", "tid"))
+    return [data_object, data_entry, data_ref, transfer]
+
+
+def _v4_data(db: Database) -> None:
+    db.create_tables(_v4_models(db), safe=True)
+
+
 Migration = tuple[int, str, Callable[[Database], None]]
 
 MIGRATIONS: list[Migration] = [
     (1, "principals, workers, heartbeat samples, worker events", _v1_initial),
     (2, "reservations, exec audit trail", _v2_reservations),
     (3, "downsampled worker metrics, grid-wide series, roll-up cursors", _v3_metrics),
+    (4, "data objects, their names and references, incoming transfers", _v4_data),
 ]
 
 LATEST_VERSION: int = MIGRATIONS[-1][0]

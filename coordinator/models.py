@@ -44,6 +44,9 @@ SHORT_MAX = 64  # os, arch
 RID_MAX = 64  # reservation ids, exec ids
 IMAGE_MAX = 256  # container image references
 SERIES_MAX = 64  # names of grid-wide series and roll-up cursors
+SHA256_LEN = 64  # content addresses (hex)
+DATA_NAME_MAX = 255  # data object names (xfer.init.json name)
+TOPIC_MAX = 512  # a peer's inbox topic
 
 
 class JsonTextField(TextField):
@@ -288,6 +291,86 @@ class MetricCursor(BaseModel):
         table_name = "xc_metric_cursor"
 
 
+class DataObject(BaseModel):
+    """The bytes of one content-addressed data object (schema version 4; docs/data.md).
+
+    Keyed by the SHA-256 of the content; the bytes live on disk under
+    ``<data_dir>/objects/ab/cd/<sha256>``, never here. An object is kept while a name
+    (``DataEntry``) or a reference (``DataRef``) points at it.
+    """
+
+    sha256 = CharField(SHA256_LEN, primary_key=True)
+    size = BigIntegerField()
+    created_at = DoubleField()
+    last_used_at = DoubleField()
+
+    class Meta:
+        table_name = "xc_data_object"
+
+
+class DataEntry(BaseModel):
+    """A name a principal gave to a data object, with its access rights (version 4).
+
+    Names are unique per owner; hashes are global. ``share`` is a JSON list of principal
+    ids (access ``shared``); ``expires_at`` lets garbage collection drop the name.
+    """
+
+    id = CharField(RID_MAX, primary_key=True)
+    owner = CharField(ID_MAX)
+    name = CharField(DATA_NAME_MAX)
+    sha256 = CharField(SHA256_LEN, index=True)
+    size = BigIntegerField()
+    access = CharField(STATE_MAX, default="private")
+    share = JsonTextField(default="[]")
+    created_at = DoubleField()
+    last_used_at = DoubleField()
+    expires_at = DoubleField(null=True, index=True)
+
+    class Meta:
+        table_name = "xc_data_entry"
+        indexes = ((("owner", "name"), True),)
+
+
+class DataRef(BaseModel):
+    """Something that keeps a data object alive (version 4): a pin (``ref_id`` = the
+    principal), and later jobs and apps (``kind`` says which)."""
+
+    sha256 = CharField(SHA256_LEN)
+    kind = CharField(STATE_MAX)
+    ref_id = CharField(ID_MAX)
+    owner = CharField(ID_MAX)
+    created_at = DoubleField()
+
+    class Meta:
+        table_name = "xc_data_ref"
+        primary_key = CompositeKey("sha256", "kind", "ref_id")
+
+
+class TransferRow(BaseModel):
+    """The coordinator's record of one incoming transfer (version 4): the engine's
+    ``TransferRecord`` (broker/transfer/state.py), keyed by ``(peer, tid)``. ``have``
+    is updated alone on every acknowledgement (one cheap UPDATE)."""
+
+    peer = CharField(ID_MAX)
+    tid = CharField(RID_MAX)
+    peer_inbox = CharField(TOPIC_MAX)
+    direction = CharField(STATE_MAX)
+    name = CharField(DATA_NAME_MAX)
+    size = BigIntegerField()
+    sha256 = CharField(SHA256_LEN)
+    segment_size = IntegerField()
+    purpose = JsonTextField()
+    have = JsonTextField(default="[]")
+    phase = CharField(STATE_MAX, index=True)
+    ref = JsonTextField(null=True)
+    created_at = DoubleField()
+    updated_at = DoubleField()
+
+    class Meta:
+        table_name = "xc_transfer"
+        primary_key = CompositeKey("peer", "tid")
+
+
 MODELS: list[type[BaseModel]] = [
     SchemaVersion,
     Principal,
@@ -299,6 +382,10 @@ MODELS: list[type[BaseModel]] = [
     WorkerMetric,
     GridMetric,
     MetricCursor,
+    DataObject,
+    DataEntry,
+    DataRef,
+    TransferRow,
 ]
 
 
@@ -328,6 +415,10 @@ class BoundModels:
     WorkerMetric: type[WorkerMetric]
     GridMetric: type[GridMetric]
     MetricCursor: type[MetricCursor]
+    DataObject: type[DataObject]
+    DataEntry: type[DataEntry]
+    DataRef: type[DataRef]
+    TransferRow: type[TransferRow]
 
     def __init__(self, db: Database) -> None:
         self.database = db

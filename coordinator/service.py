@@ -16,6 +16,7 @@ from broker.acl import Role
 from broker.bus import Bus, Incoming, Lane, Will
 from broker.config import Config
 from coordinator.admin import AdminHandlers
+from coordinator.data_service import DataService
 from coordinator.forget import WorkerForgetting
 from coordinator.handling import RequestGuard
 from coordinator.keys import GrantKey, load_or_create_grant_key
@@ -79,6 +80,9 @@ class Coordinator:
         self.guard = RequestGuard(store, config.coordinator, anonymous_role=(
             Role.CLIENT if config.broker.allow_anonymous else None))
         self.guard.install(self.bus)
+        # Data objects over the transfer protocol (docs/data.md): its endpoint must exist
+        # before the bus starts.
+        self.data = DataService(self.bus, store, config, self.guard)
         self.requests = RequestHandlers(self.bus, store, self.registry)
         self.admin = AdminHandlers(self.bus, store, self.topics, own_principal=self.principal,
                                    max_payload=config.bus.max_payload,
@@ -111,6 +115,8 @@ class Coordinator:
         self.admin.register()
         WorkerForgetting(self.bus, self.store, self.topics).register()
         self.reservations.register()
+        self.data.register()
+        self.data.start()
         self.bus.on_connected(self.registry.on_bus_connected)
         self.bus.on_connected(self._announce)
         self.bus.start(wait=wait)
@@ -122,6 +128,7 @@ class Coordinator:
             self.dashboard.stop()
         self.monitoring.stop()
         self.reservations.stop()
+        self.data.stop()
         self.bus.stop(publish=[(self.topics.coord_status,
                                 CoordStatus(state="down", clean=True, version=VERSION,
                                             principal=self.principal), 1, True)])

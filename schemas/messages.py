@@ -530,4 +530,5 @@ class AuditListReply(Body):
     records: list[dict[str, Any]]
 
 
+import schemas.data_messages  # noqa: E402  (registers the data.* message types)
 import schemas.transfer_messages  # noqa: E402,F401  (registers the xfer.* message types)

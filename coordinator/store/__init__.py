@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from broker.config import mask_url
 from coordinator.store.audit import AuditStore, ExecAuditRecord
+from coordinator.store.data import DataObjectRecord, DataRecord, DataStore
 from coordinator.store.engine import StoreBase
 from coordinator.store.heartbeats import HeartbeatReport, HeartbeatStore
 from coordinator.store.metrics import MetricsStore
@@ -58,6 +59,8 @@ from coordinator.store.workers import (
 
 __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL",
+    "DataObjectRecord",
+    "DataRecord",
     "ExecAuditRecord",
     "HeartbeatReport",
     "PrincipalRecord",
@@ -71,5 +74,5 @@ __all__ = [
 
 
 class Store(PrincipalStore, ReservationStore, WorkerStore, HeartbeatStore, AuditStore,
-            MetricsStore):
+            MetricsStore, DataStore):
     """The coordinator's database. Open with ``Store.open(url)``; close when done."""
