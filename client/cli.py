@@ -183,6 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the command to run")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("cp", help="copy files to or from a reserved worker's work directory",
+                       description="Copy a file or directory (recursively) between here and "
+                       "a worker's work directory; one side is WORKER:PATH (WORKER: an id, "
+                       "a name or a listing index; empty: the one reservation you hold). A "
+                       "reservation you hold on that worker (in `xcloud shell` or a program) "
+                       "is used and kept; otherwise the worker is reserved for the copy "
+                       "alone, as `xcloud run` does. Examples: xcloud cp ./in.dat w1:in.dat; "
+                       "xcloud cp w1:out ./out")
+    _common(p)
+    _bus_identity(p)
+    p.add_argument("src", metavar="SRC", help="local path, or WORKER:PATH")
+    p.add_argument("dst", metavar="DST", help="local path, or WORKER:PATH")
+    p.add_argument("--lease", type=float, help="lease of a reservation made for the copy")
+    p.add_argument("--wait", type=float, nargs="?", const=math.inf, metavar="SECONDS",
+                   help="wait for the worker to be free (at most SECONDS; no value: no limit)")
+    p.set_defaults(func=cmd_cp)
+
     p = sub.add_parser(
         "admin", help="administration: principals, drain, Mosquitto export",
         description="Admin requests to the running coordinator, as an admin principal "
@@ -238,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "principals (readable by the group mosquitto where it exists)")
     mx.add_argument("directory", type=Path)
     mx.set_defaults(func=cmd_mosquitto_export)
+
+    from client.data_cli import add_data_parser  # `xcloud data ...` (docs/data.md)
+
+    add_data_parser(sub, _common)
     return parser
 
 
@@ -415,6 +436,12 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         return 2
     return run_once(config, command, worker=args.worker, requirements=requirements,
                     timeout=args.timeout, lease_s=args.lease, wait=args.wait)
+
+
+def cmd_cp(args: argparse.Namespace, config: Config) -> int:
+    from client.file_copy import run_cp
+
+    return run_cp(config, args.src, args.dst, wait=args.wait, lease_s=args.lease)
 
 
 def cmd_drain(args: argparse.Namespace, config: Config) -> int:

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.bus import Bus, BusError, RemoteError, RequestTimeout
 from broker.config import Config
@@ -43,6 +43,11 @@ from schemas.messages import (
     ReserveReply,
 )
 from schemas.topics import Topics
+
+if TYPE_CHECKING:
+    import os
+
+    from client.file_copy import CopyResult
 
 log = logging.getLogger(__name__)
 
@@ -412,6 +417,24 @@ class ReservedWorker:
     def interrupt(self, exec_id: str) -> None:
         """What Ctrl-C does: SIGINT to the command's process group."""
         self.signal(exec_id, "INT")
+
+    # -- files (client/file_copy.py) -------------------------------------------------------
+
+    def put(self, local: str | os.PathLike[str], remote: str | None = None, *,
+            progress: Callable[[int, int], None] | None = None) -> CopyResult:
+        """Copy a local file or directory into the work directory (default: its own
+        name there). The worker keeps it until the reservation ends."""
+        from client.file_copy import put
+
+        return put(self, local, remote, progress=progress)
+
+    def get(self, remote: str, local: str | os.PathLike[str] | None = None, *,
+            progress: Callable[[int, int], None] | None = None) -> CopyResult:
+        """Copy a file or directory of the work directory here (default: its own name
+        in the current directory)."""
+        from client.file_copy import get
+
+        return get(self, remote, local, progress=progress)
 
     # -- stream bookkeeping --------------------------------------------------------------
 

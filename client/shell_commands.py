@@ -7,6 +7,7 @@ state the prompt, toolbar and completer show (reserved worker, last listing, exe
 
 from __future__ import annotations
 
+import os
 import shlex
 import threading
 from collections.abc import Callable
@@ -257,6 +258,43 @@ class Shell:
         exec_id = self._exec_id(words[0])
         self._holding().kill(exec_id, sig)
         self.console.print(f"sent SIG{sig.upper().removeprefix('SIG')} to {exec_id}")
+
+    def cmd_put(self, rest: str) -> None:
+        from client.file_copy import ProgressBar, put
+
+        words = self._words(rest)
+        if not 1 <= len(words) <= 2:
+            raise ShellError("usage: put LOCAL [REMOTE]")
+        handle = self._holding()
+        bar = ProgressBar(os.path.basename(words[0].rstrip("/")) or words[0],
+                          self.console.err)
+        try:
+            result = put(handle, os.path.expanduser(words[0]),
+                         words[1] if len(words) == 2 else None, progress=bar)
+        finally:
+            bar.finish()
+        kind = "directory" if result.directory else "file"
+        self.console.print(f"put {kind} {result.local} → {handle.worker_name}:{result.remote} "
+                           f"({result.size} bytes, {result.rate / (1 << 20):.1f} MiB/s)")
+
+    def cmd_get(self, rest: str) -> None:
+        from client.file_copy import ProgressBar, get
+
+        words = self._words(rest)
+        if not 1 <= len(words) <= 2:
+            raise ShellError("usage: get REMOTE [LOCAL]")
+        handle = self._holding()
+        bar = ProgressBar(os.path.basename(words[0].rstrip("/")) or words[0],
+                          self.console.err)
+        try:
+            result = get(handle, words[0],
+                         os.path.expanduser(words[1]) if len(words) == 2 else None,
+                         progress=bar)
+        finally:
+            bar.finish()
+        kind = "directory" if result.directory else "file"
+        self.console.print(f"got {kind} {handle.worker_name}:{result.remote} → {result.local} "
+                           f"({result.size} bytes, {result.rate / (1 << 20):.1f} MiB/s)")
 
     def cmd_release(self, _rest: str) -> None:
         if self.reserved is None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from broker.bus import Bus, Incoming, Lane, Will
 from broker.config import Config
+from broker.transfer import TransferEndpoint
 from schemas.codec import encode, envelope
 from schemas.errors import WireError
 from schemas.messages import CapsRefresh, Ok, Ping, Pong, WorkerCaps, WorkerStatus
@@ -35,6 +36,7 @@ from worker.errors import WorkerError
 from worker.exec_service import ExecService
 from worker.executors import fingerprint, make_executor
 from worker.executors.base import Executor, ExecutorContext
+from worker.file_transfers import WorkdirFiles
 from worker.identity import Identity, explicit_bus_identity, load_identity
 from worker.metrics import MetricsSampler
 from worker.request_guard import WorkerRequestGuard
@@ -94,6 +96,8 @@ class WorkerAgent:
                               else [config.worker.executor or DEFAULT_EXECUTORS[0]])
         self.remote_exec = remote_exec
         self.exec_service: ExecService | None = None
+        # Files on a reservation (put/get, xcloud cp): worker/file_transfers.py.
+        self.transfers: TransferEndpoint | None = None
         self.guard: WorkerRequestGuard | None = None  # roles and rate limits of the inbox
         self.executor: Executor | None = None
         self.heartbeat_s = float(config.worker.heartbeat_s)
@@ -203,6 +207,8 @@ class WorkerAgent:
             self._stop.set()
             self._wake.set()
             self._heartbeat_thread.join(5)
+            if self.transfers is not None:
+                self.transfers.close()
             bus.stop()
             self.stopped.set()
             raise
@@ -218,6 +224,8 @@ class WorkerAgent:
             threading.current_thread()
         ):
             self._heartbeat_thread.join(5)
+        if self.transfers is not None:
+            self.transfers.close()  # unfinished uploads stay resumable
         if self.exec_service is not None:
             self.exec_service.close()  # last exits and reports still go out
         bye = WorkerStatus(wid=self.wid, state="offline", clean=True, reason=reason)
@@ -235,6 +243,10 @@ class WorkerAgent:
         self.exec_service = ExecService(bus, self.topics, wid, self.config.worker,
                                         self.executor, self.state_dir, guard=self.guard)
         self.exec_service.register()
+        # Before bus.start(): the endpoint registers its handlers and subscription.
+        files = WorkdirFiles(wid, self.exec_service.key, self.exec_service.session,
+                             self.exec_service.store, guard=self.guard)
+        self.transfers = TransferEndpoint(bus, sink=files, source=files)
         if self._running == self._nothing_running:
             self._running = self.exec_service.running
 
