@@ -49,6 +49,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.2",
+            "pytest-xdist>=3.5",
             "ruff>=0.4",
             "mypy>=1.10",
             "types-PyYAML",

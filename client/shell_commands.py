@@ -85,8 +85,10 @@ class Shell:
         getattr(self, f"cmd_{spec.name.lower()}")(rest.strip())
 
     def _words(self, rest: str) -> list[str]:
+        """A local verb's arguments, split as a shell would (a ``# comment`` ends them,
+        as it ends a remote command line)."""
         try:
-            return shlex.split(rest)
+            return shlex.split(rest, comments=True)
         except ValueError as err:
             raise ShellError(str(err)) from None
 
@@ -303,3 +305,108 @@ class Shell:
         handle.release()
         self.console.print(f"released {handle.worker_name} (reservation {handle.id})")
 
+
+    # -- data objects (docs/data.md; no worker needed) ------------------------------------
+
+    def cmd_data(self, rest: str) -> None:
+        """``data put FILE [NAME]``, ``get KEY [PATH]``, ``ls``, ``show KEY``, ``rm KEY``,
+        ``pin KEY``, ``unpin KEY``: ``grid.data`` (client/data.py) at the prompt."""
+        words = self._words(rest)
+        usage = ("usage: data put FILE [NAME] | get KEY [PATH] | ls | show KEY | rm KEY | "
+                 "pin KEY | unpin KEY")
+        if not words:
+            raise ShellError(usage)
+        verb, args = words[0].lower(), words[1:]
+        arity = {"put": (1, 2), "get": (1, 2), "ls": (0, 0), "show": (1, 1), "rm": (1, 1),
+                 "pin": (1, 1), "unpin": (1, 1)}
+        if verb not in arity:
+            raise ShellError(f"unknown data verb {words[0]!r}; {usage}")
+        low, high = arity[verb]
+        if not low <= len(args) <= high:
+            raise ShellError(usage)
+        getattr(self, f"_data_{verb}")(args)
+
+    def _data_put(self, args: list[str]) -> None:
+        from client.file_copy import ProgressBar
+
+        path = os.path.expanduser(args[0])
+        bar = ProgressBar(os.path.basename(path) or path, self.console.err)
+        try:
+            ref = self.grid.data.put(path, name=args[1] if len(args) == 2 else None,
+                                     progress=bar)
+        finally:
+            bar.finish()
+        self.console.print(f"stored {ref.name}: {ref.sha256}  {ref.size} bytes")
+
+    def _data_get(self, args: list[str]) -> None:
+        from client.file_copy import ProgressBar
+
+        bar = ProgressBar(args[0], self.console.err)
+        try:
+            dest = self.grid.data.get(args[0], os.path.expanduser(args[1])
+                                      if len(args) == 2 else None, progress=bar)
+        finally:
+            bar.finish()
+        self.console.print(f"fetched {args[0]} → {dest}")
+
+    def _data_ls(self, _args: list[str]) -> None:
+        from client.table import human_bytes
+
+        refs = self.grid.data.ls()
+        if not refs:
+            self.console.print("no data (store some with `data put FILE`)")
+            return
+        self.console.print(render(
+            ["HASH", "SIZE", "ACCESS", "USED", "NAME"],
+            [[r.sha256[:12], human_bytes(r.size) if r.size else "0B",
+              r.access + ("*" if r.pinned else ""), ago(r.last_used_at), r.name]
+             for r in refs]))
+
+    def _data_show(self, args: list[str]) -> None:
+        ref = self.grid.data.show(args[0])
+        lines = [f"{'name:':<10}{ref.name}", f"{'owner:':<10}{ref.owner}",
+                 f"{'sha256:':<10}{ref.sha256}", f"{'size:':<10}{ref.size}",
+                 f"{'access:':<10}{ref.access}" + (f" ({', '.join(ref.share)})"
+                                                   if ref.share else ""),
+                 f"{'pinned:':<10}{'yes' if ref.pinned else 'no'}"]
+        lines += [f"{'kept by:':<10}{row.get('kind')} {row.get('ref')}" for row in ref.refs]
+        self.console.print("\n".join(lines))
+
+    def _data_rm(self, args: list[str]) -> None:
+        removed = self.grid.data.rm(args[0])
+        self.console.print(f"removed {removed} name(s)")
+
+    def _data_pin(self, args: list[str]) -> None:
+        self.grid.data.pin(args[0])
+        self.console.print(f"pinned {args[0]}")
+
+    def _data_unpin(self, args: list[str]) -> None:
+        self.grid.data.unpin(args[0])
+        self.console.print(f"unpinned {args[0]}")
+
+    # -- batch jobs (docs/jobs.md; no worker needed): client/shell_jobs.py ------------------
+
+    def cmd_submit(self, rest: str) -> None:
+        from client import shell_jobs
+
+        shell_jobs.submit(self.grid.jobs, self.console, rest)
+
+    def cmd_jobs(self, rest: str) -> None:
+        from client import shell_jobs
+
+        shell_jobs.jobs(self.grid.jobs, self.console, self._words(rest))
+
+    def cmd_wait(self, rest: str) -> None:
+        from client import shell_jobs
+
+        shell_jobs.wait(self.grid.jobs, self.console, self._words(rest))
+
+    def cmd_results(self, rest: str) -> None:
+        from client import shell_jobs
+
+        shell_jobs.results(self.grid.jobs, self.console, self._words(rest))
+
+    def cmd_cancel(self, rest: str) -> None:
+        from client import shell_jobs
+
+        shell_jobs.cancel(self.grid.jobs, self.console, self._words(rest))
