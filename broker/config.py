@@ -148,6 +148,10 @@ class WorkerConfig:
     docker_pids: int = 256
     docker_allow_image_override: bool = True  # honour the reservation's image
     docker_user: str = "1000:1000"  # "" = the worker's own uid:gid (1000:1000 if root)
+    # Batch jobs (worker/job_runner.py, docs/jobs.md): the input cache and output caps.
+    cache_dir: str = ""  # empty = <state_dir>/cache
+    cache_bytes: int = 10 * 1024**3  # the input cache's size cap (LRU eviction beyond)
+    job_output_bytes: int = 64 * 1024 * 1024  # stdout, and stderr, kept per attempt
 
 
 @dataclass
@@ -180,6 +184,20 @@ class MonitoringConfig:
 
 
 @dataclass
+class JobsConfig:
+    """Batch jobs at the coordinator (docs/jobs.md): the scheduler and its deadlines."""
+
+    assign_ack_s: float = 10.0  # a job.assign not acknowledged (ok) this long: lease_expired
+    lease_s: float = 300.0  # the attempt lease told to the worker in job.assign
+    pass_s: float = 1.0  # the scheduler's periodic pass (also runs on every event)
+    candidates_per_slot: int = 4  # queued jobs looked at per free slot in one pass
+    assign_threads: int = 16  # job.assign requests waiting on workers at once
+    missed_heartbeats: int = 2  # heartbeats an attempt may be missing from before it is lost
+    max_kills: int = 16  # job.kill per worker per kill_resend_s (reconciliation)
+    kill_resend_s: float = 10.0  # one job.kill per unknown attempt per this interval
+
+
+@dataclass
 class Config:
     """All sections; components read the ones they need."""
 
@@ -190,6 +208,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     #: Where each setting load_config set came from: "section.key" -> "file",
     #: "environment" or "flags" (a setting made in code has none). The worker reads it:
     #: the [bus] identity in a config file is the client's, never the worker's.
@@ -216,7 +235,7 @@ class Config:
         return Path(self.worker.state_dir or self.home / "worker").expanduser()
 
 
-SECTIONS = ("bus", "broker", "coordinator", "worker", "client", "monitoring")
+SECTIONS = ("bus", "broker", "coordinator", "worker", "client", "monitoring", "jobs")
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:

@@ -72,6 +72,20 @@ COORDINATOR_INBOX: Mapping[str, RequestRule] = MappingProxyType({
     "data.rm": RequestRule(PEOPLE),
     "data.pin": RequestRule(PEOPLE),
     "data.share": RequestRule(PEOPLE),
+    # Applications (docs/data.md, "Applications").
+    "apps.add": RequestRule(PEOPLE),
+    "apps.list": RequestRule(PEOPLE),
+    "apps.show": RequestRule(PEOPLE),
+    "apps.rm": RequestRule(PEOPLE),
+    # Batch jobs (docs/jobs.md): owners' requests; workers' attempt reports.
+    "jobs.submit": RequestRule(PEOPLE),
+    "jobs.list": RequestRule(PEOPLE),
+    "jobs.show": RequestRule(PEOPLE),
+    "jobs.cancel": RequestRule(PEOPLE),
+    "jobs.hold": RequestRule(PEOPLE),
+    "jobs.release": RequestRule(PEOPLE),
+    "attempt.started": RequestRule(WORKERS, Limit.REPORTS),
+    "attempt.report": RequestRule(WORKERS, Limit.REPORTS),
 })
 """Requests into ``{root}/coord/inbox/{sender}``; the role is the sender's in the store."""
 
@@ -84,6 +98,8 @@ WORKER_INBOX: Mapping[str, RequestRule] = MappingProxyType({
     "exec.signal": RequestRule(PEOPLE),
     "exec.list": RequestRule(PEOPLE),
     "exec.logs": RequestRule(PEOPLE),
+    "job.assign": RequestRule(COORDINATOR, Limit.NONE),
+    "job.kill": RequestRule(COORDINATOR, Limit.NONE),
 })
 """Requests into ``{root}/worker/{wid}/inbox/{sender}`` (exec.* also need a valid grant)."""
 

@@ -13,7 +13,9 @@ a partial file has no row, and a row is written only after its bytes are in plac
 ``name`` (the requester's own, or ``owner``'s), and is served when the requester may read
 it: its owner, a principal it is shared with, anyone for public data, any admin. Workers
 fetch by hash only what the work they serve refers to, public or not
-(``may_worker_read``; until jobs exist nothing does).
+(``may_worker_read``: the stdin and inputs of their live job attempts, wired to
+``Store.worker_may_read`` by the coordinator). Workers upload a job's results under
+the job owner's name with the attempt as ``grant`` (``DataSink.attempt_grant``).
 
 Every method runs on the bus's transfer lane. ``lock`` is shared with garbage collection
 (coordinator/data_service.py), so an object is never deleted between a dedupe that found
@@ -48,6 +50,9 @@ from coordinator.store.data import valid_sha256
 log = logging.getLogger(__name__)
 
 RoleOf = Callable[[str], Role | None]
+AttemptGrant = Callable[[str, str], tuple[str, str] | None]
+"""(attempt id, worker id) -> (job id, owner) while the attempt is live on that worker
+(``Store.attempt_grant``); None otherwise."""
 RateOf = Callable[[str], float]
 """Takes a token of the principal's request bucket: 0 when granted, else the wait in s."""
 NAME_MAX = 255
@@ -128,12 +133,19 @@ def may_worker_read(wid: str, sha256: str) -> bool:
     """May worker ``wid`` fetch the object ``sha256``?
 
     The hook of issue 9, item 7: a worker may read only data that a job assigned to it,
-    or the reservation it serves, refers to. Jobs do not exist yet and reservations
-    refer to no data, so today nothing qualifies and workers are refused (even public
-    data). The jobs issue replaces this with a lookup of the worker's assignments.
+    or the reservation it serves, refers to. This default refuses everything (even
+    public data); the coordinator replaces it with ``Store.worker_may_read`` (the stdin
+    and inputs of the attempts live on that worker; coordinator/service.py).
     """
     del wid, sha256
     return False
+
+
+def no_attempt_grant(aid: str, wid: str) -> tuple[str, str] | None:
+    """The default of ``DataSink.attempt_grant``: workers upload nothing (the coordinator
+    wires ``Store.attempt_grant`` in, coordinator/service.py)."""
+    del aid, wid
+    return None
 
 
 class DataSink:
@@ -150,6 +162,8 @@ class DataSink:
         self.lock = lock or threading.Lock()
         self._clock = clock
         self.rate = rate
+        # Batch jobs (docs/jobs.md): a worker uploads results for its live attempts.
+        self.attempt_grant: AttemptGrant = no_attempt_grant
 
     # -- admission ------------------------------------------------------------------------
 
@@ -174,6 +188,8 @@ class DataSink:
 
     def _role(self, peer: str) -> Role | None:
         role = self.role_of(peer)
+        if role is Role.WORKER:
+            return role  # admitted by its attempt's grant (_worker_placement)
         if role not in (Role.CLIENT, Role.ADMIN):
             raise TransferRefused("forbidden", f"{peer} may not upload data: only clients "
                                   "and admins store data objects")
@@ -185,7 +201,9 @@ class DataSink:
             raise TransferRefused("unsupported", "the coordinator stores data objects only "
                                   f"(purpose kind data, not {purpose.get('kind')!r})")
         owner = str(purpose.get("owner") or peer)
-        if owner != peer and role is not Role.ADMIN:
+        if role is Role.WORKER:
+            self._worker_grant(peer, owner, purpose)
+        elif owner != peer and role is not Role.ADMIN:
             raise TransferRefused("forbidden", f"{peer} may store data under its own name "
                                   f"only, not {owner}'s")
         name = str(purpose.get("name") or name)
@@ -199,6 +217,22 @@ class DataSink:
         expires_at = None if expires is None else self._clock() + float(expires)
         owner_role = role if owner == peer else (self.role_of(owner) or Role.CLIENT)
         return Placement(owner, name, access, share, expires_at, owner_role)
+
+    def _worker_grant(self, wid: str, owner: str, purpose: dict[str, Any]) -> None:
+        """A worker stores a job's results: ``grant`` names an attempt live on it whose
+        job's owner is ``owner``, and the name is ``<job id>/stdout``, ``/stderr`` or
+        ``/outputs/<name>`` (the owner's quota applies)."""
+        aid = purpose.get("grant")
+        grant = self.attempt_grant(str(aid), wid) if isinstance(aid, str) and aid else None
+        if grant is None or grant[1] != owner:
+            raise TransferRefused("forbidden", f"{wid} may store data only for an attempt "
+                                  "it runs now, under that job's owner")
+        name = str(purpose.get("name") or "")
+        job = grant[0]
+        if name not in (f"{job}/stdout", f"{job}/stderr") and not name.startswith(
+                f"{job}/outputs/"):
+            raise TransferRefused("forbidden", f"a worker names job results {job}/stdout, "
+                                  f"{job}/stderr or {job}/outputs/NAME, not {name!r}")
 
     def _holds(self, owner: str, sha256: str) -> bool:
         return any(e.owner == owner for e in self.store.data_entries(sha256))

@@ -360,6 +360,106 @@ def _v4_data(db: Database) -> None:
     db.create_tables(_v4_models(db), safe=True)
 
 
+def _v5_models(db: Database) -> list[type[Model]]:
+    """Snapshot of the table version 5 adds: registered applications (docs/data.md,
+    "Applications"); the data they name are kept by ``xc_data_ref`` rows of kind app."""
+    attrs: dict[str, Any] = {
+        "id": CharField(64, primary_key=True),
+        "owner": CharField(128),
+        "name": CharField(128),
+        "version": CharField(64),
+        "kind": CharField(16),
+        "spec": _MediumText(),
+        "access": CharField(16, default="private"),
+        "share": _MediumText(default="[]"),
+        "created_at": DoubleField(),
+        "Meta": _meta(db, "xc_app", indexes=((("owner", "name", "version"), True),)),
+        "__module__": __name__,
+    }
+    return [type("V5App", (Model,), attrs)]
+
+
+def _v5_apps(db: Database) -> None:
+    db.create_tables(_v5_models(db), safe=True)
+
+
+def _v6_models(db: Database) -> list[type[Model]]:
+    """Snapshot of the tables version 6 adds: batch jobs, their attempts and the results
+    the attempts reported (docs/jobs.md)."""
+
+    def model(name: str, table: str, fields: dict[str, Any], **meta: Any) -> type[Model]:
+        attrs: dict[str, Any] = {**fields, "Meta": _meta(db, table, **meta), "__module__": __name__}
+        return type(name, (Model,), attrs)
+
+    job = model("V6Job", "xc_job", {
+        "id": CharField(64, primary_key=True),
+        "batch": CharField(64, index=True),
+        "owner": CharField(128),
+        "name": CharField(255, default=""),
+        "state": CharField(16),
+        "rank": IntegerField(default=0),
+        "submitted_at": DoubleField(),
+        "spec": _MediumText(),
+        "cpus": IntegerField(default=1),
+        "memory_bytes": BigIntegerField(default=0),
+        "gpus": IntegerField(default=0),
+        "replicas": IntegerField(default=1),
+        "quorum": IntegerField(default=1),
+        "after": _MediumText(default="[]"),
+        "max_system_retries": IntegerField(default=3),
+        "max_retries": IntegerField(default=0),
+        "system_failures": IntegerField(default=0),
+        "job_failures": IntegerField(default=0),
+        "attempts": IntegerField(default=0),
+        "current_attempt": CharField(64, null=True),
+        "worker": CharField(128, null=True),
+        "exit_code": IntegerField(null=True),
+        "started_at": DoubleField(null=True),
+        "ended_at": DoubleField(null=True),
+        "hold_reason": CharField(1024, null=True),
+        "hold_code": CharField(16, null=True),
+        "hold_detail": _MediumText(null=True),
+        "updated_at": DoubleField(),
+    }, indexes=((("state", "rank", "submitted_at", "id"), False),
+                (("owner", "submitted_at", "id"), False)))
+    attempt = model("V6Attempt", "xc_attempt", {
+        "id": CharField(64, primary_key=True),
+        "job_id": CharField(64, index=True),
+        "worker_id": CharField(128),
+        "owner": CharField(128),
+        "kind": CharField(16),
+        "live": BooleanField(default=True),
+        "assigned_at": DoubleField(),
+        "acked_at": DoubleField(null=True),
+        "started_at": DoubleField(null=True),
+        "ended_at": DoubleField(null=True),
+        "exit_code": IntegerField(null=True),
+        "error": _MediumText(null=True),
+        "cpus": IntegerField(default=1),
+        "memory_bytes": BigIntegerField(default=0),
+        "missing": IntegerField(default=0),
+    }, indexes=((("live", "worker_id"), False),))
+    result = model("V6JobResult", "xc_job_result", {
+        "attempt_id": CharField(64, primary_key=True),
+        "job_id": CharField(64, index=True),
+        "worker_id": CharField(128),
+        "kind": CharField(16),
+        "counted": BooleanField(),
+        "outcome": _MediumText(),
+        "stdout": _MediumText(null=True),
+        "stderr": _MediumText(null=True),
+        "outputs": _MediumText(default="[]"),
+        "started_at": DoubleField(null=True),
+        "ended_at": DoubleField(null=True),
+        "recorded_at": DoubleField(),
+    })
+    return [job, attempt, result]
+
+
+def _v6_jobs(db: Database) -> None:
+    db.create_tables(_v6_models(db), safe=True)
+
+
 Migration = tuple[int, str, Callable[[Database], None]]
 
 MIGRATIONS: list[Migration] = [
@@ -367,6 +467,8 @@ MIGRATIONS: list[Migration] = [
     (2, "reservations, exec audit trail", _v2_reservations),
     (3, "downsampled worker metrics, grid-wide series, roll-up cursors", _v3_metrics),
     (4, "data objects, their names and references, incoming transfers", _v4_data),
+    (5, "applications", _v5_apps),
+    (6, "batch jobs, attempts, results", _v6_jobs),
 ]
 
 LATEST_VERSION: int = MIGRATIONS[-1][0]

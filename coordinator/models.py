@@ -47,6 +47,8 @@ SERIES_MAX = 64  # names of grid-wide series and roll-up cursors
 SHA256_LEN = 64  # content addresses (hex)
 DATA_NAME_MAX = 255  # data object names (xfer.init.json name)
 TOPIC_MAX = 512  # a peer's inbox topic
+APP_NAME_MAX = 128  # application names
+APP_VERSION_MAX = 64  # application versions
 
 
 class JsonTextField(TextField):
@@ -371,6 +373,122 @@ class TransferRow(BaseModel):
         primary_key = CompositeKey("peer", "tid")
 
 
+class App(BaseModel):
+    """A registered application version (docs/data.md, "Applications"): per-platform
+    binaries, a Docker image, a ``docker save`` archive or a plain command. ``spec`` is
+    JSON (``binaries``: platform -> {sha256, size}; ``image``; ``sha256``/``size``;
+    ``command``); the data objects it names are kept by ``DataRef`` rows of kind ``app``
+    (``ref_id`` = this id). Unique per (owner, name, version)."""
+
+    id = CharField(RID_MAX, primary_key=True)
+    owner = CharField(ID_MAX)
+    name = CharField(APP_NAME_MAX)
+    version = CharField(APP_VERSION_MAX)
+    kind = CharField(STATE_MAX)
+    spec = JsonTextField()
+    access = CharField(STATE_MAX, default="private")
+    share = JsonTextField(default="[]")
+    created_at = DoubleField()
+
+    class Meta:
+        table_name = "xc_app"
+        indexes = ((("owner", "name", "version"), True),)
+
+
+class Job(BaseModel):
+    """A batch job (version 6; docs/jobs.md): what to run (``spec``, the JobSpec as JSON)
+    and where it stands. ``rank`` is ``-priority`` so that the scheduler's queue query
+    (``state = queued ORDER BY rank, submitted_at, id``) walks one ascending index on
+    both backends. ``current_attempt`` is the fencing token: only that attempt may report.
+    ``replicas``/``quorum``/``gpus``/``after`` leave room for issue 11 (unused yet)."""
+
+    id = CharField(RID_MAX, primary_key=True)
+    batch = CharField(RID_MAX, index=True)
+    owner = CharField(ID_MAX)
+    name = CharField(DATA_NAME_MAX, default="")
+    state = CharField(STATE_MAX)
+    rank = IntegerField(default=0)
+    submitted_at = DoubleField()
+    spec = JsonTextField()
+    cpus = IntegerField(default=1)
+    memory_bytes = BigIntegerField(default=0)
+    gpus = IntegerField(default=0)
+    replicas = IntegerField(default=1)
+    quorum = IntegerField(default=1)
+    after = JsonTextField(default="[]")
+    max_system_retries = IntegerField(default=3)
+    max_retries = IntegerField(default=0)
+    system_failures = IntegerField(default=0)
+    job_failures = IntegerField(default=0)
+    attempts = IntegerField(default=0)
+    current_attempt = CharField(RID_MAX, null=True)
+    worker = CharField(ID_MAX, null=True)
+    exit_code = IntegerField(null=True)
+    started_at = DoubleField(null=True)
+    ended_at = DoubleField(null=True)
+    hold_reason = CharField(1024, null=True)
+    hold_code = CharField(STATE_MAX, null=True)
+    hold_detail = MediumTextField(null=True)
+    updated_at = DoubleField()
+
+    class Meta:
+        table_name = "xc_job"
+        indexes = (
+            (("state", "rank", "submitted_at", "id"), False),  # the scheduler's queue
+            (("owner", "submitted_at", "id"), False),  # jobs.list
+        )
+
+
+class Attempt(BaseModel):
+    """One try of a job on one worker (version 6). ``kind`` is its state while it lives
+    (assigned, running) and how it ended after (coordinator/job_state.py). ``acked_at``:
+    when the worker acknowledged job.assign; ``missing``: heartbeats in a row that did not
+    list it."""
+
+    id = CharField(RID_MAX, primary_key=True)
+    job_id = CharField(RID_MAX, index=True)
+    worker_id = CharField(ID_MAX)
+    owner = CharField(ID_MAX)
+    kind = CharField(STATE_MAX)
+    live = BooleanField(default=True)
+    assigned_at = DoubleField()
+    acked_at = DoubleField(null=True)
+    started_at = DoubleField(null=True)
+    ended_at = DoubleField(null=True)
+    exit_code = IntegerField(null=True)
+    error = MediumTextField(null=True)
+    cpus = IntegerField(default=1)
+    memory_bytes = BigIntegerField(default=0)
+    missing = IntegerField(default=0)
+
+    class Meta:
+        table_name = "xc_attempt"
+        indexes = ((("live", "worker_id"), False),)
+
+
+class JobResult(BaseModel):
+    """The report of one attempt (version 6), recorded once: the primary key is the
+    attempt id, so a re-sent report inserts nothing. ``counted`` is False for a stale
+    attempt's report (recorded, ignored). ``stdout``/``stderr``/``outputs`` are JSON data
+    refs; the objects are kept by ``xc_data_ref`` rows of kind job."""
+
+    attempt_id = CharField(RID_MAX, primary_key=True)
+    job_id = CharField(RID_MAX, index=True)
+    worker_id = CharField(ID_MAX)
+    kind = CharField(STATE_MAX)
+    counted = BooleanField()
+    outcome = JsonTextField()
+    stdout = JsonTextField(null=True)
+    stderr = JsonTextField(null=True)
+    outputs = JsonTextField(default="[]")
+    started_at = DoubleField(null=True)
+    ended_at = DoubleField(null=True)
+    recorded_at = DoubleField()
+
+    class Meta:
+        table_name = "xc_job_result"
+
+
 MODELS: list[type[BaseModel]] = [
     SchemaVersion,
     Principal,
@@ -386,6 +504,10 @@ MODELS: list[type[BaseModel]] = [
     DataEntry,
     DataRef,
     TransferRow,
+    App,
+    Job,
+    Attempt,
+    JobResult,
 ]
 
 
@@ -419,6 +541,10 @@ class BoundModels:
     DataEntry: type[DataEntry]
     DataRef: type[DataRef]
     TransferRow: type[TransferRow]
+    App: type[App]
+    Job: type[Job]
+    Attempt: type[Attempt]
+    JobResult: type[JobResult]
 
     def __init__(self, db: Database) -> None:
         self.database = db

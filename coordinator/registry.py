@@ -90,6 +90,11 @@ class WorkerRegistry:
         self.state_lock = threading.Lock()  # serialises state changes across lanes
         self.state_listeners: list[StateListener] = []
         self.heartbeat_listeners: list[HeartbeatListener] = []
+        # (wid, attempt ids) of each worker's latest heartbeat that carries ``attempts``
+        # (batch jobs: coordinator/scheduler.py reconciles them).
+        self.attempt_listeners: list[Callable[[str, list[str]], None]] = []
+        # wid after each capability document written (a join, new slots): the scheduler.
+        self.caps_listeners: list[Callable[[str], None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -165,6 +170,11 @@ class WorkerRegistry:
         self._asked_caps.pop(wid, None)
         if record.state in (WorkerState.ONLINE, WorkerState.DRAINING):
             self.monitor.track(wid, now, body.heartbeat_s or self.default_interval)
+        for caps_listener in self.caps_listeners:
+            try:
+                caps_listener(wid)
+            except Exception:
+                log.exception("caps listener failed for %s", wid)
 
     def on_status(self, incoming: Incoming) -> None:
         body: WorkerStatus = incoming.body
@@ -262,6 +272,15 @@ class WorkerRegistry:
                         listener(wid, running)
                     except Exception:
                         log.exception("heartbeat listener failed for %s", wid)
+        if self.attempt_listeners:
+            attempts = {wid: body["attempts"] for wid, body, _ in batch
+                        if isinstance(body.get("attempts"), list)}
+            for wid, listed in attempts.items():
+                for attempt_listener in self.attempt_listeners:
+                    try:
+                        attempt_listener(wid, listed)
+                    except Exception:
+                        log.exception("attempt listener failed for %s", wid)
         for wid in result.unknown:
             self._ask_caps(wid, now)
         if result.inactive:

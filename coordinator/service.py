@@ -16,15 +16,18 @@ from broker.acl import Role
 from broker.bus import Bus, Incoming, Lane, Will
 from broker.config import Config
 from coordinator.admin import AdminHandlers
+from coordinator.app_requests import AppRequests
 from coordinator.data_service import DataService
 from coordinator.forget import WorkerForgetting
 from coordinator.handling import RequestGuard
+from coordinator.job_requests import JobRequests
 from coordinator.keys import GrantKey, load_or_create_grant_key
 from coordinator.monitoring.service import MonitoringService
 from coordinator.reconcile import SessionReconciler
 from coordinator.registry import WorkerRegistry
 from coordinator.requests import VERSION, RequestHandlers
 from coordinator.reservations import ReservationService
+from coordinator.scheduler import JobScheduler
 from coordinator.store import Store
 from schemas.codec import envelope
 from schemas.messages import (
@@ -83,6 +86,8 @@ class Coordinator:
         # Data objects over the transfer protocol (docs/data.md): its endpoint must exist
         # before the bus starts.
         self.data = DataService(self.bus, store, config, self.guard)
+        # Applications (docs/data.md, "Applications"): their files are data objects.
+        self.apps = AppRequests(self.bus, store, self.guard, self.data.source)
         self.requests = RequestHandlers(self.bus, store, self.registry)
         self.admin = AdminHandlers(self.bus, store, self.topics, own_principal=self.principal,
                                    max_payload=config.bus.max_payload,
@@ -98,6 +103,13 @@ class Coordinator:
             config.monitoring, store, heartbeats_total=lambda: self.registry.heartbeats_ingested)
         self.registry.heartbeat_listeners.append(self.monitoring.running.on_heartbeat)
         self.dashboard = self._dashboard() if config.monitoring.http else None
+        # Batch jobs (docs/jobs.md): the scheduler, the requests, and the data rights of
+        # workers (they read their attempts' inputs and store their results).
+        self.scheduler = JobScheduler(self.bus, store, self.registry, config.jobs, self.topics)
+        self.jobs = JobRequests(self.bus, store, self.guard, self.scheduler,
+                                max_payload=config.bus.max_payload)
+        self.data.source.worker_may_read = store.worker_may_read
+        self.data.sink.attempt_grant = store.attempt_grant
 
     def start(self, wait: bool = True) -> None:
         if self.dashboard is not None:
@@ -105,6 +117,7 @@ class Coordinator:
         self.monitoring.start()
         self.registry.start()
         self.reservations.start()  # before the bus: it must see every worker state change
+        self.scheduler.start()  # likewise
         self.bus.subscribe(self.topics.all_worker_caps, self.registry.on_caps, lane=Lane.REGISTRY,
                            types=(WorkerCaps.TYPE,))
         self.bus.subscribe(self.topics.all_worker_status, self.registry.on_status,
@@ -116,6 +129,8 @@ class Coordinator:
         WorkerForgetting(self.bus, self.store, self.topics).register()
         self.reservations.register()
         self.data.register()
+        self.jobs.register()
+        self.apps.register()
         self.data.start()
         self.bus.on_connected(self.registry.on_bus_connected)
         self.bus.on_connected(self._announce)
@@ -128,11 +143,13 @@ class Coordinator:
             self.dashboard.stop()
         self.monitoring.stop()
         self.reservations.stop()
+        self.scheduler.stop()
         self.data.stop()
         self.bus.stop(publish=[(self.topics.coord_status,
                                 CoordStatus(state="down", clean=True, version=VERSION,
                                             principal=self.principal), 1, True)])
         self.reservations.join()
+        self.scheduler.join()
         self.registry.stop()
 
     def _announce(self) -> None:

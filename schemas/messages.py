@@ -153,6 +153,7 @@ class WorkerHeartbeat(Body):
     net_recv_bytes: int | None = None
     running: list[dict[str, str]] = field(default_factory=list)
     gpus: list[dict[str, Any]] | None = None  # {index, util_percent, memory_used_bytes, ...}
+    attempts: list[str] | None = None  # job attempts held (assigned or running)
 
 
 @message
@@ -530,5 +531,7 @@ class AuditListReply(Body):
     records: list[dict[str, Any]]
 
 
+import schemas.app_messages  # noqa: E402  (registers the apps.* message types)
 import schemas.data_messages  # noqa: E402  (registers the data.* message types)
+import schemas.job_messages  # noqa: E402  (registers the jobs.*, job.*, attempt.* types)
 import schemas.transfer_messages  # noqa: E402,F401  (registers the xfer.* message types)

@@ -27,6 +27,14 @@ XFER = ["xfer.init","xfer.state","xfer.ack","xfer.status","xfer.fin","xfer.abort
 # Data objects (coordinator/data_service.py, docs/data.md): clients and admins.
 DATA_REQUESTS = ["data.list","data.show","data.rm","data.pin","data.share"]
 DATA_REPLIES = ["data.list.reply","data.show.reply"]
+# Applications (coordinator/app_requests.py, docs/data.md "Applications"): clients and admins.
+APP_REQUESTS = ["apps.add","apps.list","apps.show","apps.rm"]
+APP_REPLIES = ["apps.list.reply","apps.show.reply"]
+# Batch jobs (coordinator/job_requests.py, scheduler.py; docs/jobs.md).
+JOB_REQUESTS = ["jobs.submit","jobs.list","jobs.show","jobs.cancel","jobs.hold","jobs.release"]
+JOB_REPLIES = ["jobs.submitted","jobs.list.reply","jobs.show.reply"]
+JOB_WORKER_REQUESTS = ["job.assign","job.kill"]
+ATTEMPT_REPORTS = ["attempt.started","attempt.report"]
 # Segments are the one non-JSON payload: raw bytes, metadata in the topic.
 messages["xfer_segment"] = {"name": "xfer.segment", "title": "xfer.segment",
     "summary": "One segment of a file: the raw bytes (no envelope, no JSON). The topic carries the sender, tid, byte offset (decimal, a multiple of the transfer's segment_size) and the CRC-32 of the bytes (8 lowercase hex digits). Length = min(segment_size, size - offset). QoS 1, never retained. The receiver drops (and logs) anything that does not match a transfer it knows from that sender.",
@@ -36,14 +44,14 @@ channels = {
   "coordStatus": ("{root}/coord/status", "Coordinator presence (retained; its last will says down). QoS 1.", ["coord.status"], {}),
   "coordPubkey": ("{root}/coord/pubkey", "The coordinator's Ed25519 grant-verification key (retained). QoS 1.", ["coord.pubkey"], {}),
   "coordInbox": ("{root}/coord/inbox/{sender}", "Requests and reports to the coordinator. `sender` is the publisher's principal id, enforced by the broker ACL. QoS 1.",
-      ["ping","workers.list","workers.show","workers.drain","reserve","renew","release","reservations.list","client.hello","client.gone","exec.report","audit.list",*ADMIN_REQUESTS,*XFER,*DATA_REQUESTS,"ok","error","exec.started"], {"sender": "principal id of the publisher"}),
+      ["ping","workers.list","workers.show","workers.drain","reserve","renew","release","reservations.list","client.hello","client.gone","exec.report","audit.list",*ADMIN_REQUESTS,*XFER,*DATA_REQUESTS,*APP_REQUESTS,*JOB_REQUESTS,*ATTEMPT_REPORTS,"ok","error","exec.started"], {"sender": "principal id of the publisher"}),
   "workerStatus": ("{root}/worker/{wid}/status", "Worker presence (retained; last will = offline, clean=false). QoS 1.", ["worker.status"], {"wid": "worker id (= its principal id)"}),
   "workerCaps": ("{root}/worker/{wid}/caps", "Worker capability document (retained). QoS 1.", ["worker.caps"], {"wid": "worker id"}),
   "workerHeartbeat": ("{root}/worker/{wid}/heartbeat", "Live metrics every heartbeat interval. QoS 0, not retained.", ["worker.heartbeat"], {"wid": "worker id"}),
   "workerInbox": ("{root}/worker/{wid}/inbox/{sender}", "Messages to a worker: from the coordinator (caps.refresh, reservation.open/close, ping) and from the grant holder (exec.*). QoS 1.",
-      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs",*XFER,"ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
+      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs",*XFER,*JOB_WORKER_REQUESTS,"ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
   "clientInbox": ("{root}/client/{cid}/inbox/{sender}", "Replies, exec output streams and notifications to a client. QoS 1.",
-      ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","audit.list.reply",*ADMIN_REPLIES,*XFER,*DATA_REPLIES,"ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
+      ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","audit.list.reply",*ADMIN_REPLIES,*XFER,*DATA_REPLIES,*APP_REPLIES,*JOB_REPLIES,"job.event","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
   "brokerRecheck": ("{root}/broker/recheck", "Coordinator/admin -> embedded broker: re-authenticate these principals' live sessions and cut those that no longer pass (after a revoke). Only coordinator and admin principals may publish. QoS 1.", ["broker.recheck"], {}),
   "workerEvents": ("{root}/event/worker/{wid}", "Worker state changes for watchers. QoS 0.", ["event.worker"], {"wid": "worker id"}),
   "coordXfer": ("{root}/coord/xfer/{sender}/{tid}/{offset}/{crc32}", "File segments to the coordinator (uploads; docs/transfer.md). Raw bytes. A principal publishes only under its own id; only the coordinator subscribes.", ["xfer.segment"], XFER_PARAMS),
@@ -89,6 +97,19 @@ op("publishCoordPubkey", "send", "coordPubkey", ["coord.pubkey"], "The coordinat
 op("sendDataRequest", "send", "coordInbox", DATA_REQUESTS,
    "A client lists, shows, removes, pins or shares its data objects (docs/data.md); the bytes move with xfer.* (purpose kind data).",
    ("clientInbox", [*DATA_REPLIES,"ok","error"]))
+op("sendJobRequest", "send", "coordInbox", JOB_REQUESTS,
+   "A client submits, lists, shows, cancels, holds or releases batch jobs (docs/jobs.md).",
+   ("clientInbox", [*JOB_REPLIES,"ok","error"]))
+op("notifyJobEvent", "send", "clientInbox", ["job.event"], "The coordinator tells a job's owner of each state change of its job.")
+op("assignJob", "send", "workerInbox", JOB_WORKER_REQUESTS,
+   "The coordinator assigns an attempt to a worker (its ok is the acknowledgement) or kills one.",
+   ("coordInbox", ["ok","error"]))
+op("reportAttempt", "send", "coordInbox", ATTEMPT_REPORTS,
+   "A worker says an attempt started, and how it ended (re-sent until ok; only the attempt's worker may).",
+   ("workerInbox", ["ok","error"]))
+op("sendAppRequest", "send", "coordInbox", APP_REQUESTS,
+   "A client registers, lists, shows or removes applications (docs/data.md, Applications); their binaries and image archives are data objects.",
+   ("clientInbox", [*APP_REPLIES,"ok","error"]))
 op("offerTransfer", "send", "coordInbox", ["xfer.init","xfer.status","xfer.fin","xfer.abort"],
    "The sender of a file (here a client or worker uploading to the coordinator; the same towards a worker or a client) offers it, asks for the receiver's ranges, finishes or aborts.",
    ("clientInbox", ["xfer.state","ok","error"]))

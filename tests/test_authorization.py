@@ -105,6 +105,18 @@ def coordinator_request(mtype: str, role: Role, rid: str) -> Body:
         "data.rm": {"key": "nope"},
         "data.pin": {"key": "nope"},
         "data.share": {"key": "nope", "access": "public"},
+        "apps.add": {"name": "nope", "kind": "command", "command": "true"},
+        "apps.list": {},
+        "apps.show": {"name": "nope"},
+        "apps.rm": {"name": "nope", "all": True},
+        "jobs.submit": {"jobs": [{"command": "true", "requirements": {"tags": ["nope"]}}]},
+        "jobs.list": {},
+        "jobs.show": {"job": "j-0000000000000000"},
+        "jobs.cancel": {"jobs": ["j-0000000000000000"]},
+        "jobs.hold": {"jobs": ["j-0000000000000000"]},
+        "jobs.release": {"jobs": ["j-0000000000000000"]},
+        "attempt.started": {"attempt": "a-0000000000000000"},
+        "attempt.report": {"attempt": "a-0000000000000000", "kind": "success"},
     }
     assert mtype in bodies, f"no test request for {mtype}: add one here"
     return make(mtype, **bodies[mtype])
@@ -207,6 +219,10 @@ def worker_request(mtype: str, grant: str, exec_id: str,
         "exec.signal": {"grant": grant, "exec_id": exec_id, "signal": "TERM"},
         "exec.list": {"grant": grant},
         "exec.logs": {"grant": grant, "exec_id": exec_id},
+        "job.assign": {"attempt": "a-0000000000000000", "job": "j-0000000000000000",
+                       "owner": "nobody", "spec": {"command": "true"}, "inputs": [],
+                       "lease_s": 60.0},
+        "job.kill": {"attempt": "a-0000000000000000", "reason": "test"},
     }
     assert mtype in bodies, f"no test request for {mtype}: add one here"
     return make(mtype, **bodies[mtype])

@@ -425,6 +425,7 @@ ENVELOPE_FILE = "envelope.json"
 ID_DEFINITIONS = frozenset({
     "message_id", "principal_id", "worker_id", "client_id", "worker_ref", "reservation_id",
     "exec_id", "session_id", "key_id", "data_id", "xfer_id", "sha256",
+    "job_id", "attempt_id", "batch_id",
 })
 IDENTIFIER_NAMES: dict[str, frozenset[str]] = {
     "wid": frozenset({"worker_id"}),
@@ -438,7 +439,10 @@ IDENTIFIER_NAMES: dict[str, frozenset[str]] = {
     "client": frozenset({"client_id"}),
     "owner": frozenset({"principal_id"}),
     "share": frozenset({"principal_id"}),
-    "after": frozenset({"principal_id"}),
+    "after": frozenset({"principal_id", "job_id"}),
+    "job": frozenset({"job_id"}),
+    "attempt": frozenset({"attempt_id"}),
+    "batch": frozenset({"batch_id"}),
     "cursor": frozenset({"principal_id"}),
     "tid": frozenset({"xfer_id"}),
     "kid": frozenset({"key_id"}),
@@ -449,6 +453,7 @@ IDENTIFIER_NAMES: dict[str, frozenset[str]] = {
 DOCUMENTS = frozenset({
     ("reserve.reply", "reservation"), ("reservation.open", "reservation"),
     ("workers.show.reply", "worker"), ("principals.list.reply", "principals"),
+    ("jobs.show.reply", "job"),
 })
 NOT_IDENTIFIERS = {
     ("audit.list.reply", "records[].id"): "the audit row's number",

@@ -43,10 +43,12 @@ Adding a concept (say, jobs):
 from __future__ import annotations
 
 from broker.config import mask_url
+from coordinator.store.apps import AppRecord, AppStore
 from coordinator.store.audit import AuditStore, ExecAuditRecord
 from coordinator.store.data import DataObjectRecord, DataRecord, DataStore
 from coordinator.store.engine import StoreBase
 from coordinator.store.heartbeats import HeartbeatReport, HeartbeatStore
+from coordinator.store.jobs import AttemptRecord, JobChange, JobRecord, JobStore
 from coordinator.store.metrics import MetricsStore
 from coordinator.store.principals import PrincipalRecord, PrincipalStore
 from coordinator.store.reservations import ReservationRecord, ReservationStore
@@ -59,10 +61,14 @@ from coordinator.store.workers import (
 
 __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL",
+    "AppRecord",
+    "AttemptRecord",
     "DataObjectRecord",
     "DataRecord",
     "ExecAuditRecord",
     "HeartbeatReport",
+    "JobChange",
+    "JobRecord",
     "PrincipalRecord",
     "ReservationRecord",
     "Store",
@@ -74,5 +80,5 @@ __all__ = [
 
 
 class Store(PrincipalStore, ReservationStore, WorkerStore, HeartbeatStore, AuditStore,
-            MetricsStore, DataStore):
+            MetricsStore, DataStore, AppStore, JobStore):
     """The coordinator's database. Open with ``Store.open(url)``; close when done."""

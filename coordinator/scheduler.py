@@ -1,0 +1,365 @@
+"""The batch scheduler: queued jobs to free workers, attempts to their end (docs/jobs.md).
+
+One thread runs a *pass* every ``jobs.pass_s`` seconds and whenever something may have
+freed or added work (a submit, a release, an attempt's end, a worker's state change):
+
+1. live attempts of workers found lost or gone offline end ``worker_lost``;
+2. assignments no worker acknowledged within ``jobs.assign_ack_s`` end
+   ``lease_expired`` (and the worker is told ``job.kill``: no ghost tasks);
+3. free capacity is counted per online, non-draining, non-reserved worker from its
+   caps (slots; cpus and memory per slot) minus its live attempts;
+4. only the head of the queue is read: ``free slots x candidates_per_slot`` jobs in
+   priority then submission order (one index walk; a few pages at most when the head
+   matches no free worker), so a pass stays cheap with 100,000 jobs queued;
+5. each job goes to the matching worker with the most free slots: a new attempt (its id
+   is the fencing token) is committed, then ``job.assign`` is sent from a small pool that
+   waits for the worker's ok (its acknowledgement).
+
+Heartbeats are reconciled both ways (``on_attempts``): an acknowledged attempt missing
+from ``jobs.missed_heartbeats`` heartbeats in a row ends ``lease_expired``; an attempt a
+worker lists that is not live there is killed (``job.kill``, at most ``max_kills`` per
+worker per ``kill_resend_s``, each at most once per ``kill_resend_s``). A heartbeat costs
+one indexed query of that worker's live attempts, never work in the queue's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from broker.bus import Bus, BusError, RemoteError, RequestTimeout
+from broker.config import JobsConfig
+from broker.rate_limit import TokenBuckets
+from coordinator import matching
+from coordinator.errors import CoordinatorError
+from coordinator.job_state import AttemptKind
+from coordinator.registry import WorkerRegistry
+from coordinator.store import Store, WorkerRecord
+from coordinator.store.jobs import AttemptRecord, JobChange, JobRecord
+from coordinator.worker_state import WorkerState
+from schemas.job_messages import JobAssign, JobEvent, JobKill
+from schemas.messages import Ok
+from schemas.topics import Topics
+
+log = logging.getLogger(__name__)
+
+MAX_PAGES = 4  # queue pages read in one pass when the head matches no free worker
+RECONCILE_GRACE_S = 1.0  # an attempt acknowledged this recently may predate a heartbeat
+SENT_MAX = 10_000
+
+
+class Capacity:
+    """What one worker can still take in this pass."""
+
+    def __init__(self, worker: WorkerRecord, usage: tuple[int, int, int]) -> None:
+        self.worker = worker
+        slots = max(worker.slots, 1)
+        self.cpus_per_slot = max(worker.cpus, 1) / slots
+        self.memory_per_slot = worker.memory_bytes / slots if worker.memory_bytes else 0.0
+        count, cpus, memory = usage
+        self.free = slots - max(count, self._slots_for(cpus, memory) if count else 0)
+
+    def _slots_for(self, cpus: int, memory: int) -> int:
+        by_cpu = math.ceil(cpus / self.cpus_per_slot - 1e-9)
+        by_mem = (math.ceil(memory / self.memory_per_slot - 1e-9)
+                  if self.memory_per_slot else 0)
+        return max(1, by_cpu, by_mem)
+
+    def slots_for(self, job: JobRecord) -> int:
+        return self._slots_for(job.cpus, job.memory_bytes)
+
+
+def requirement_mismatch(worker: WorkerRecord, spec: dict[str, Any]) -> str | None:
+    """Why ``worker`` cannot run a job with this spec's requirements, or None."""
+    req = dict(spec.get("requirements") or {})
+    wanted = req.pop("worker", None)
+    if wanted and wanted not in (worker.id, worker.name):
+        return f"the job asks for worker {wanted}"
+    image = req.get("image")
+    docker = worker.caps.get("docker")
+    if image and not (isinstance(docker, dict) and isinstance(docker.get("images"), list)):
+        req.pop("image")  # the worker lists no images: its docker pulls what it lacks
+    return matching.mismatch(worker, req, image)
+
+
+class JobScheduler:
+    """See the module docstring. ``start`` after the store is open and before the bus
+    connects; ``stop`` before the bus stops, ``join`` after."""
+
+    def __init__(self, bus: Bus, store: Store, registry: WorkerRegistry, config: JobsConfig,
+                 topics: Topics, *, clock: Callable[[], float] = time.time) -> None:
+        self.bus = bus
+        self.store = store
+        self.registry = registry
+        self.config = config
+        self.topics = topics
+        self._clock = clock
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._gone: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._kills = TokenBuckets(config.max_kills / max(config.kill_resend_s, 1e-3),
+                                   config.max_kills, clock=clock)
+        self._killed: dict[tuple[str, str], float] = {}
+        self.passes = 0
+        self.last_pass_s = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.registry.state_listeners.append(self.on_worker_state)
+        self.registry.attempt_listeners.append(self.on_attempts)
+        self.registry.caps_listeners.append(self.on_caps)
+        self._pool = ThreadPoolExecutor(max(1, self.config.assign_threads),
+                                        thread_name_prefix="job-assign")
+        self._recover()
+        self._thread = threading.Thread(target=self._loop, name="job-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self.on_worker_state in self.registry.state_listeners:
+            self.registry.state_listeners.remove(self.on_worker_state)
+        if self.on_attempts in self.registry.attempt_listeners:
+            self.registry.attempt_listeners.remove(self.on_attempts)
+        if self.on_caps in self.registry.caps_listeners:
+            self.registry.caps_listeners.remove(self.on_caps)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def join(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def poke(self) -> None:
+        """Run a pass soon (something may have changed)."""
+        self._wake.set()
+
+    def _recover(self) -> None:
+        """Attempts of workers that are gone (a previous coordinator's) end at once."""
+        for attempt in self.store.live_attempts():
+            worker = self.store.get_worker(attempt.worker_id)
+            if worker is None or not worker.state.is_live:
+                self._gone.put(attempt.worker_id)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.config.pass_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            started = time.monotonic()
+            try:
+                self.run_pass()
+            except CoordinatorError as err:
+                log.error("scheduler pass failed: %s", err)
+            except Exception:
+                log.exception("scheduler pass failed")
+            self.passes += 1
+            self.last_pass_s = time.monotonic() - started
+
+    # -- events ---------------------------------------------------------------------------
+
+    def announce(self, changes: Iterable[JobChange]) -> None:
+        """Tell each job's owner (only the owner) of its job's state change."""
+        for change in changes:
+            event = JobEvent(job=change.job, state=change.state.value, at=change.at,
+                             attempt=change.attempt, worker=change.worker,
+                             exit_code=change.exit_code, reason=change.reason[:1024] or None)
+            try:
+                self.bus.send(self.topics.client_inbox(change.owner), event)
+            except BusError as err:
+                log.warning("job.event for %s not sent: %s", change.job, err)
+
+    def kill(self, aid: str, wid: str, reason: str) -> None:
+        if not wid:
+            return
+        try:
+            self.bus.send(self.topics.worker_inbox(wid),
+                          JobKill(attempt=aid, reason=reason[:1024]))
+        except BusError as err:
+            log.warning("job.kill %s to %s not sent: %s", aid, wid, err)
+
+    def end(self, attempt: AttemptRecord, kind: AttemptKind, error: str) -> None:
+        changes = self.store.end_attempt(attempt.id, kind, error=error, now=self._clock())
+        if changes:
+            log.info("attempt %s of job %s on %s: %s (%s) -> job %s", attempt.id,
+                     attempt.job_id, attempt.worker_id, kind.value, error,
+                     changes[0].state.value)
+        self.announce(changes)
+        self.poke()
+
+    def on_worker_state(self, wid: str, _old: WorkerState, new: WorkerState,
+                        _reason: str) -> None:
+        """Registry listener: a lost or offline worker's attempts end at the next pass
+        (run now); any change may free or remove capacity."""
+        if new in (WorkerState.LOST, WorkerState.OFFLINE):
+            self._gone.put(wid)
+        self.poke()
+
+    def on_caps(self, _wid: str) -> None:
+        """Registry listener: a worker joined or changed its capabilities (slots)."""
+        self.poke()
+
+    def on_attempts(self, wid: str, listed: list[str]) -> None:
+        """Registry listener: one worker's latest heartbeat ``attempts``."""
+        now = self._clock()
+        missing, unknown = self.store.note_heartbeat(
+            wid, listed[:64], acked_before=now - RECONCILE_GRACE_S, now=now)
+        limit = max(1, self.config.missed_heartbeats)
+        for aid, count in missing:
+            if count >= limit:
+                attempt = self.store.get_attempt(aid)
+                if attempt is not None:
+                    self.end(attempt, AttemptKind.LEASE_EXPIRED,
+                             f"worker {wid} stopped reporting it ({count} heartbeats)")
+        for aid in unknown:
+            if now - self._killed.get((wid, aid), -1e9) < self.config.kill_resend_s:
+                continue
+            if self._kills.take(wid) > 0:
+                break
+            self._killed[(wid, aid)] = now
+            log.info("worker %s runs attempt %s that is not current there: killing it",
+                     wid, aid)
+            self.kill(aid, wid, "not a current attempt of this worker")
+        if len(self._killed) > SENT_MAX:
+            self._killed = {k: t for k, t in self._killed.items()
+                            if now - t < self.config.kill_resend_s}
+
+    # -- the pass -------------------------------------------------------------------------
+
+    def run_pass(self) -> int:
+        """One pass (see the module docstring); returns the number of jobs assigned."""
+        now = self._clock()
+        gone: set[str] = set()
+        while not self._gone.empty():
+            gone.add(self._gone.get_nowait())
+        for wid in sorted(gone):
+            worker = self.store.get_worker(wid)
+            if worker is not None and worker.state.is_live:
+                continue  # back already
+            for attempt in self.store.live_attempts(wid):
+                self.end(attempt, AttemptKind.WORKER_LOST, f"worker {wid} is "
+                         f"{worker.state.value if worker else 'gone'}")
+        deadline = now - self.config.assign_ack_s
+        for attempt in self.store.unacknowledged_before(deadline):
+            self.end(attempt, AttemptKind.LEASE_EXPIRED, f"worker {attempt.worker_id} did "
+                     f"not acknowledge it within {self.config.assign_ack_s:g}s")
+            self.kill(attempt.id, attempt.worker_id, "not acknowledged in time")
+        return self._match()
+
+    def _capacities(self) -> list[Capacity]:
+        reserved = self.store.reserved_worker_ids()
+        usage = self.store.attempt_usage()
+        caps = [Capacity(w, usage.get(w.id, (0, 0, 0)))
+                for w in self.store.list_workers(state=WorkerState.ONLINE)
+                if w.id not in reserved]
+        return [c for c in caps if c.free > 0]
+
+    def _match(self) -> int:
+        if not self.store.queued_jobs(1):
+            return 0  # nothing queued: the workers need not be read
+        free = self._capacities()
+        total = sum(c.free for c in free)
+        assigned = 0
+        page = max(1, total * max(1, self.config.candidates_per_slot))
+        offset = 0
+        for _ in range(MAX_PAGES):
+            if total <= 0:
+                break
+            jobs = self.store.queued_jobs(page, offset)
+            skipped = 0
+            for job in jobs:
+                if total <= 0:
+                    break
+                target = self._place(job, free)
+                if target is None:
+                    skipped += 1
+                    continue
+                if self._assign(job, target):
+                    need = target.slots_for(job)
+                    target.free -= need
+                    total -= need
+                    assigned += 1
+                    free = [c for c in free if c.free > 0]
+            if len(jobs) < page or total <= 0:
+                break
+            offset += skipped  # assigned jobs left the queue; skip the unplaceable ones
+        return assigned
+
+    @staticmethod
+    def _place(job: JobRecord, free: list[Capacity]) -> Capacity | None:
+        best: Capacity | None = None
+        for cap in free:
+            need = cap.slots_for(job)
+            if need > cap.free or need > max(cap.worker.slots, 1):
+                continue
+            if requirement_mismatch(cap.worker, job.spec) is not None:
+                continue
+            if best is None or cap.free > best.free:
+                best = cap
+        return best
+
+    def _assign(self, job: JobRecord, target: Capacity) -> bool:
+        wid = target.worker.id
+        made = self.store.assign_job(job.id, wid, now=self._clock())
+        if made is None:
+            return False
+        attempt, change = made
+        self.announce([change])
+        hashes = [i["sha256"] for i in job.spec.get("inputs") or ()]
+        stdin = job.spec.get("stdin")
+        sizes = self.store.object_sizes([*hashes, *([stdin] if stdin else [])])
+        body = JobAssign(
+            attempt=attempt.id, job=job.id, owner=job.owner, spec=job.spec,
+            inputs=[{"name": i["name"], "sha256": i["sha256"], "size": sizes.get(i["sha256"], 0)}
+                    for i in job.spec.get("inputs") or ()],
+            stdin={"sha256": stdin, "size": sizes.get(stdin, 0)} if stdin else None,
+            lease_s=self.config.lease_s)
+        pool = self._pool
+        if pool is None:
+            return True  # stopping: the ack deadline requeues it
+        with contextlib.suppress(RuntimeError):  # shutting down: the deadline requeues it
+            pool.submit(self._send_assign, attempt, body)
+        return True
+
+    def _send_assign(self, attempt: AttemptRecord, body: JobAssign) -> None:
+        wid = attempt.worker_id
+        try:
+            reply = self.bus.request(self.topics.worker_inbox(wid), body,
+                                     timeout=self.config.assign_ack_s)
+        except RequestTimeout:
+            self.end(attempt, AttemptKind.LEASE_EXPIRED,
+                     f"worker {wid} did not acknowledge it within "
+                     f"{self.config.assign_ack_s:g}s")
+            self.kill(attempt.id, wid, "not acknowledged in time")
+            return
+        except RemoteError as err:
+            self.end(attempt, AttemptKind.LEASE_EXPIRED, f"worker {wid} refused it: {err}")
+            return
+        except BusError as err:
+            log.warning("job.assign %s to %s not sent: %s", attempt.id, wid, err)
+            return  # the ack deadline requeues it
+        except Exception:
+            log.exception("job.assign %s to %s failed", attempt.id, wid)
+            return
+        if isinstance(reply.body, Ok):
+            try:
+                self.store.acknowledge_attempt(attempt.id, now=self._clock())
+            except CoordinatorError as err:
+                log.error("acknowledgement of %s not recorded: %s", attempt.id, err)

@@ -1,0 +1,580 @@
+"""Batch jobs, their attempts and their results (docs/jobs.md).
+
+Three tables (version 6): ``xc_job`` (what to run, where it stands), ``xc_attempt`` (one
+try on one worker; its id is the fencing token) and ``xc_job_result`` (one row per
+reported attempt: the primary key is the attempt id, so a re-sent report is recorded
+once). Every state change is a conditional update on the transition tables of
+``coordinator.job_state`` inside one transaction, so racing movers (a report and a lost
+worker, a cancel and a completion) cannot both win and every job ends in exactly one
+terminal state. Methods that change jobs return the ``JobChange``s they made, which the
+coordinator turns into ``job.event`` messages for the owners.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from peewee import IntegrityError, fn
+
+from coordinator.errors import InvalidArgument, NotFound
+from coordinator.job_state import (
+    ATTEMPT_MACHINE,
+    JOB_MACHINE,
+    AttemptKind,
+    JobState,
+    verdict,
+)
+from coordinator.store.engine import StoreBase, op
+from coordinator.store.values import chunks, dicts, dumps, loads, now_or, tuples
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_RETRIES = 3
+DEFAULT_RETRIES = 0
+ERROR_MAX = 4096
+HOLD_REASON_MAX = 1024
+
+
+def new_id(prefix: str) -> str:
+    """``j-``, ``a-`` or ``b-`` followed by 16 random hex digits."""
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    id: str
+    batch: str
+    owner: str
+    name: str
+    state: JobState
+    priority: int
+    submitted_at: float
+    spec: dict[str, Any]
+    cpus: int
+    memory_bytes: int
+    max_system_retries: int
+    max_retries: int
+    system_failures: int
+    job_failures: int
+    attempts: int
+    current_attempt: str | None
+    worker: str | None
+    exit_code: int | None
+    started_at: float | None
+    ended_at: float | None
+    hold_reason: str | None
+    hold_code: str | None
+    hold_detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    id: str
+    job_id: str
+    worker_id: str
+    owner: str
+    kind: AttemptKind
+    assigned_at: float
+    acked_at: float | None
+    started_at: float | None
+    ended_at: float | None
+    exit_code: int | None
+    error: str | None
+    missing: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRecord:
+    attempt_id: str
+    job_id: str
+    kind: str
+    counted: bool
+    outcome: dict[str, Any]
+    stdout: dict[str, Any] | None
+    stderr: dict[str, Any] | None
+    outputs: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class JobChange:
+    """One committed job state change, for the owner's ``job.event``."""
+
+    job: str
+    owner: str
+    state: JobState
+    at: float
+    attempt: str | None = None
+    worker: str | None = None
+    exit_code: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportOutcome:
+    """What an ``attempt.report`` did: ``recorded`` (new row), ``counted`` (it decided
+    the job), and the job changes to announce."""
+
+    recorded: bool
+    counted: bool
+    changes: tuple[JobChange, ...] = ()
+
+
+def _job(row: dict[str, Any]) -> JobRecord:
+    return JobRecord(
+        id=row["id"], batch=row["batch"], owner=row["owner"], name=row["name"] or "",
+        state=JobState(row["state"]), priority=-int(row["rank"]),
+        submitted_at=row["submitted_at"], spec=loads(row["spec"], {}), cpus=row["cpus"],
+        memory_bytes=row["memory_bytes"], max_system_retries=row["max_system_retries"],
+        max_retries=row["max_retries"], system_failures=row["system_failures"],
+        job_failures=row["job_failures"], attempts=row["attempts"],
+        current_attempt=row["current_attempt"], worker=row["worker"],
+        exit_code=row["exit_code"], started_at=row["started_at"], ended_at=row["ended_at"],
+        hold_reason=row["hold_reason"], hold_code=row["hold_code"],
+        hold_detail=row["hold_detail"])
+
+
+def _attempt(row: dict[str, Any]) -> AttemptRecord:
+    return AttemptRecord(
+        id=row["id"], job_id=row["job_id"], worker_id=row["worker_id"], owner=row["owner"],
+        kind=AttemptKind(row["kind"]), assigned_at=row["assigned_at"],
+        acked_at=row["acked_at"], started_at=row["started_at"], ended_at=row["ended_at"],
+        exit_code=row["exit_code"], error=row["error"], missing=row["missing"])
+
+
+def _input_hashes(spec: dict[str, Any]) -> set[str]:
+    hashes = {i["sha256"] for i in spec.get("inputs") or () if isinstance(i, dict)
+              and isinstance(i.get("sha256"), str)}
+    if isinstance(spec.get("stdin"), str):
+        hashes.add(spec["stdin"])
+    return hashes
+
+
+def spec_columns(spec: dict[str, Any]) -> dict[str, Any]:
+    """The columns a JobSpec fills (defaults of docs/jobs.md)."""
+    resources = spec.get("resources") or {}
+    name = spec.get("name")
+    return {
+        "name": name if isinstance(name, str) else "",
+        "rank": -int(spec.get("priority") or 0),
+        "cpus": int(resources.get("cpus") or 1),
+        "memory_bytes": int(resources.get("memory_bytes") or 0),
+        "max_system_retries": int(spec.get("max_system_retries", DEFAULT_SYSTEM_RETRIES)),
+        "max_retries": int(spec.get("max_retries", DEFAULT_RETRIES)),
+    }
+
+
+class JobStore(StoreBase):
+    """Jobs, attempts and results (see the module docstring)."""
+
+    # -- submit and read ------------------------------------------------------------------
+
+    @op
+    def submit_jobs(self, owner: str, specs: Sequence[dict[str, Any]], *,
+                    now: float | None = None) -> tuple[str, list[str]]:
+        """Insert ``specs`` as one batch of queued jobs, committed before returning."""
+        if not specs:
+            raise InvalidArgument("a submit needs at least one job")
+        t = now_or(now)
+        batch = new_id("b")
+        rows = []
+        for spec in specs:
+            rows.append({"id": new_id("j"), "batch": batch, "owner": owner,
+                         "state": JobState.QUEUED.value, "submitted_at": t,
+                         "spec": dumps(spec), "updated_at": t, **spec_columns(spec)})
+        Job, Obj, Ref = self.models.Job, self.models.DataObject, self.models.DataRef
+        wanted = {jid: _input_hashes(spec) for jid, spec in zip(
+            [r["id"] for r in rows], specs, strict=True)}
+        with self.db.atomic():
+            for part in chunks(rows, 100):
+                Job.insert_many(list(part)).execute()
+            # Inputs stay alive while their jobs exist (refs of kind job).
+            held: set[str] = set()
+            for hashes in chunks(sorted(set().union(*wanted.values())), 500):
+                held.update(sha for (sha,) in tuples(
+                    Obj.select(Obj.sha256).where(Obj.sha256.in_(list(hashes)))))
+            refs = [{"sha256": sha, "kind": "job", "ref_id": jid, "owner": owner,
+                     "created_at": t} for jid, hashes in wanted.items()
+                    for sha in sorted(hashes & held)]
+            for part in chunks(refs, 200):
+                Ref.insert_many(list(part)).execute()
+        return batch, [r["id"] for r in rows]
+
+    @op
+    def get_job(self, jid: str) -> JobRecord | None:
+        Job = self.models.Job
+        rows = dicts(Job.select().where(Job.id == jid))
+        return _job(rows[0]) if rows else None
+
+    @op
+    def list_jobs(self, *, owner: str | None, state: str | None = None,
+                  batch: str | None = None, after: str | None = None,
+                  limit: int = 100) -> tuple[list[JobRecord], bool]:
+        """A page of jobs in submission order after the cursor job ``after``; and whether
+        more follow."""
+        Job = self.models.Job
+        query = Job.select()
+        if owner is not None:
+            query = query.where(Job.owner == owner)
+        if state is not None:
+            query = query.where(Job.state == state)
+        if batch is not None:
+            query = query.where(Job.batch == batch)
+        if after is not None:
+            cursor = tuples(Job.select(Job.submitted_at).where(Job.id == after))
+            if cursor:
+                at = cursor[0][0]
+                query = query.where((Job.submitted_at > at)
+                                    | ((Job.submitted_at == at) & (Job.id > after)))
+        rows = dicts(query.order_by(Job.submitted_at, Job.id).limit(limit + 1))
+        return [_job(r) for r in rows[:limit]], len(rows) > limit
+
+    @op
+    def job_attempts(self, jid: str, limit: int = 200) -> tuple[list[AttemptRecord], bool]:
+        """The job's last ``limit`` attempts, oldest first; and whether older ones exist."""
+        Attempt = self.models.Attempt
+        rows = dicts(Attempt.select().where(Attempt.job_id == jid)
+                     .order_by(Attempt.assigned_at.desc(), Attempt.id.desc()).limit(limit + 1))
+        return [_attempt(r) for r in reversed(rows[:limit])], len(rows) > limit
+
+    @op
+    def get_attempt(self, aid: str) -> AttemptRecord | None:
+        Attempt = self.models.Attempt
+        rows = dicts(Attempt.select().where(Attempt.id == aid))
+        return _attempt(rows[0]) if rows else None
+
+    @op
+    def job_result(self, jid: str) -> ResultRecord | None:
+        """The counted result of the job, if any."""
+        Result = self.models.JobResult
+        rows = dicts(Result.select().where((Result.job_id == jid) & (Result.counted == True)))  # noqa: E712
+        if not rows:
+            return None
+        r = rows[0]
+        return ResultRecord(r["attempt_id"], r["job_id"], r["kind"], True,
+                            loads(r["outcome"], {}), loads(r["stdout"], None),
+                            loads(r["stderr"], None), loads(r["outputs"], []))
+
+    @op
+    def result_count(self, jid: str) -> tuple[int, int]:
+        """(counted, all) result rows of the job."""
+        Result = self.models.JobResult
+        rows = tuples(Result.select(Result.counted).where(Result.job_id == jid))
+        return sum(1 for (c,) in rows if c), len(rows)
+
+    # -- scheduling -----------------------------------------------------------------------
+
+    @op
+    def queued_jobs(self, limit: int, offset: int = 0) -> list[JobRecord]:
+        """The head of the queue: priority, then submission (one index walk)."""
+        Job = self.models.Job
+        query = (Job.select().where(Job.state == JobState.QUEUED.value)
+                 .order_by(Job.rank, Job.submitted_at, Job.id).limit(limit).offset(offset))
+        return [_job(r) for r in dicts(query)]
+
+    @op
+    def attempt_usage(self) -> dict[str, tuple[int, int, int]]:
+        """Per worker: (live attempts, their cpus, their memory bytes)."""
+        Attempt = self.models.Attempt
+        query = (Attempt.select(Attempt.worker_id, fn.COUNT(Attempt.id), fn.SUM(Attempt.cpus),
+                                fn.SUM(Attempt.memory_bytes))
+                 .where(Attempt.live == True).group_by(Attempt.worker_id))  # noqa: E712
+        return {w: (int(n), int(c or 0), int(m or 0)) for w, n, c, m in tuples(query)}
+
+    @op
+    def assign_job(self, jid: str, wid: str, *, now: float | None = None
+                   ) -> tuple[AttemptRecord, JobChange] | None:
+        """queued -> running with a new attempt on ``wid``; None if it was not queued."""
+        t = now_or(now)
+        Job, Attempt = self.models.Job, self.models.Attempt
+        aid = new_id("a")
+        with self.db.atomic():
+            rows = dicts(self._for_update(Job.select().where(Job.id == jid)))
+            if not rows or rows[0]["state"] != JobState.QUEUED.value:
+                return None
+            job = _job(rows[0])
+            moved = Job.update(state=JobState.RUNNING.value, current_attempt=aid, worker=wid,
+                               attempts=Job.attempts + 1, started_at=t, updated_at=t).where(
+                (Job.id == jid) & (Job.state == JobState.QUEUED.value)).execute()
+            if not moved:
+                return None
+            Attempt.insert(id=aid, job_id=jid, worker_id=wid, owner=job.owner,
+                           kind=AttemptKind.ASSIGNED.value, live=True, assigned_at=t,
+                           cpus=job.cpus, memory_bytes=job.memory_bytes).execute()
+        record = AttemptRecord(aid, jid, wid, job.owner, AttemptKind.ASSIGNED, t, None, None,
+                               None, None, None)
+        return record, JobChange(jid, job.owner, JobState.RUNNING, t, aid, wid)
+
+    @op
+    def acknowledge_attempt(self, aid: str, *, started: bool = False,
+                            now: float | None = None) -> bool:
+        """The worker persisted the assignment (or started it): assigned -> running."""
+        t = now_or(now)
+        Attempt = self.models.Attempt
+        fields: dict[str, Any] = {"kind": AttemptKind.RUNNING.value, "missing": 0}
+        if started:
+            fields["started_at"] = t
+        with self.db.atomic():
+            changed = Attempt.update(acked_at=t, **fields).where(
+                (Attempt.id == aid) & (Attempt.live == True)  # noqa: E712
+                & Attempt.acked_at.is_null()).execute()
+            if started and not changed:
+                changed = Attempt.update(started_at=t).where(
+                    (Attempt.id == aid) & (Attempt.live == True)  # noqa: E712
+                    & Attempt.started_at.is_null()).execute()
+        return bool(changed)
+
+    @op
+    def live_attempts(self, wid: str | None = None) -> list[AttemptRecord]:
+        Attempt = self.models.Attempt
+        query = Attempt.select().where(Attempt.live == True)  # noqa: E712
+        if wid is not None:
+            query = query.where(Attempt.worker_id == wid)
+        return [_attempt(r) for r in dicts(query.order_by(Attempt.assigned_at))]
+
+    @op
+    def unacknowledged_before(self, deadline: float) -> list[AttemptRecord]:
+        """Live attempts assigned before ``deadline`` that no worker acknowledged."""
+        Attempt = self.models.Attempt
+        query = Attempt.select().where((Attempt.live == True)  # noqa: E712
+                                       & Attempt.acked_at.is_null()
+                                       & (Attempt.assigned_at < deadline))
+        return [_attempt(r) for r in dicts(query)]
+
+    @op
+    def note_heartbeat(self, wid: str, listed: Iterable[str], *, acked_before: float,
+                       now: float | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+        """Reconcile a heartbeat's ``attempts`` with the live attempts on ``wid``.
+
+        Returns ([(attempt, times missing)] of acknowledged live attempts the heartbeat
+        did not list (acknowledged before ``acked_before``), [listed ids that are not live
+        on this worker]). Listed live attempts have their count reset; a listed attempt
+        whose ok never arrived (a coordinator restart lost it) counts as acknowledged.
+        """
+        t = now_or(now)
+        listed_set = set(listed)
+        Attempt = self.models.Attempt
+        # A read first: most heartbeats change nothing and must not take the write lock.
+        live = tuples(Attempt.select(Attempt.id, Attempt.acked_at, Attempt.missing).where(
+            (Attempt.live == True) & (Attempt.worker_id == wid)))  # noqa: E712
+        missing: list[tuple[str, int]] = []
+        seen: list[str] = []
+        unacked: list[str] = []
+        for aid, acked_at, count in live:
+            if aid in listed_set:
+                if count:
+                    seen.append(aid)
+                if acked_at is None:
+                    unacked.append(aid)
+            elif acked_at is not None and acked_at < acked_before:
+                missing.append((aid, count + 1))
+        unknown = sorted(listed_set - {aid for aid, _, _ in live})
+        if not (seen or unacked or missing):
+            return missing, unknown
+        with self.db.atomic():
+            if seen:
+                Attempt.update(missing=0).where(Attempt.id.in_(seen)).execute()
+            if unacked:
+                Attempt.update(acked_at=t, kind=AttemptKind.RUNNING.value).where(
+                    Attempt.id.in_(unacked) & Attempt.acked_at.is_null()).execute()
+            for aid, count in missing:
+                Attempt.update(missing=count).where(
+                    (Attempt.id == aid) & (Attempt.live == True)).execute()  # noqa: E712
+        return missing, unknown
+
+    @op
+    def object_sizes(self, hashes: Sequence[str]) -> dict[str, int]:
+        """Sizes of the data objects held among ``hashes``."""
+        Obj = self.models.DataObject
+        sizes: dict[str, int] = {}
+        for part in chunks(sorted(set(hashes)), 500):
+            for sha, size in tuples(Obj.select(Obj.sha256, Obj.size)
+                                    .where(Obj.sha256.in_(list(part)))):
+                sizes[sha] = int(size)
+        return sizes
+
+    # -- endings --------------------------------------------------------------------------
+
+    @op
+    def end_attempt(self, aid: str, kind: AttemptKind, *, error: str | None = None,
+                    now: float | None = None) -> list[JobChange]:
+        """End a live attempt from the coordinator's side (lost worker, lease expired,
+        killed); its job follows its retry budgets. Nothing if it had ended already."""
+        with self.db.atomic():
+            return self._end(aid, kind, now_or(now), None, error)
+
+    def _end(self, aid: str, kind: AttemptKind, t: float, exit_code: int | None,
+             error: str | None) -> list[JobChange]:
+        Job, Attempt = self.models.Job, self.models.Attempt
+        rows = dicts(self._for_update(Attempt.select().where(Attempt.id == aid)))
+        if not rows or not rows[0]["live"]:
+            return []
+        attempt = _attempt(rows[0])
+        ATTEMPT_MACHINE.check(aid, attempt.kind, kind)
+        Attempt.update(kind=kind.value, live=False, ended_at=t, exit_code=exit_code,
+                       error=(error or None) and error[:ERROR_MAX]).where(
+            (Attempt.id == aid) & (Attempt.live == True)).execute()  # noqa: E712
+        jobs = dicts(self._for_update(Job.select().where(Job.id == attempt.job_id)))
+        if not jobs:
+            return []
+        job = _job(jobs[0])
+        if job.current_attempt != aid or job.state is not JobState.RUNNING:
+            return []  # the job moved on (cancelled, held): this attempt decides nothing
+        stop = frozenset(int(c) for c in job.spec.get("stop_exit_codes") or ())
+        v = verdict(kind, exit_code, system_failures=job.system_failures,
+                    job_failures=job.job_failures, max_system_retries=job.max_system_retries,
+                    max_retries=job.max_retries, stop_exit_codes=stop)
+        JOB_MACHINE.check(job.id, job.state, v.state)
+        fields: dict[str, Any] = {"state": v.state.value, "updated_at": t,
+                                  "exit_code": exit_code}
+        if v.spent == "system":
+            fields["system_failures"] = Job.system_failures + 1
+        elif v.spent == "job":
+            fields["job_failures"] = Job.job_failures + 1
+        if v.state is JobState.QUEUED:
+            fields.update(current_attempt=None, worker=None)
+        else:
+            fields["ended_at"] = t
+        Job.update(**fields).where((Job.id == job.id)
+                                   & (Job.state == JobState.RUNNING.value)).execute()
+        return [JobChange(job.id, job.owner, v.state, t, aid, attempt.worker_id, exit_code,
+                          v.reason or kind.value)]
+
+    @op
+    def record_report(self, aid: str, wid: str, kind: AttemptKind, *,
+                      outcome: dict[str, Any], stdout: dict[str, Any] | None,
+                      stderr: dict[str, Any] | None, outputs: list[dict[str, Any]],
+                      started_at: float | None, ended_at: float | None,
+                      now: float | None = None) -> ReportOutcome:
+        """Record an attempt's report once and, if the attempt is its job's current
+        one, end it and decide the job, all in one transaction (durable before ok).
+
+        ``NotFound`` for an unknown attempt, or one that is not ``wid``'s (nothing is
+        written then). A duplicate changes nothing; a stale attempt's report is recorded
+        (kind stale, not counted).
+        """
+        t = now_or(now)
+        Attempt, Result = self.models.Attempt, self.models.JobResult
+        try:
+            with self.db.atomic():
+                rows = dicts(self._for_update(Attempt.select().where(Attempt.id == aid)))
+                if not rows:
+                    raise NotFound(f"no attempt {aid}")
+                attempt = _attempt(rows[0])
+                if attempt.worker_id != wid:
+                    raise NotFound(f"no attempt {aid} on worker {wid}")
+                if Result.get_or_none(Result.attempt_id == aid) is not None:
+                    return ReportOutcome(recorded=False, counted=False)
+                changes = self._end(aid, kind, t, outcome.get("exit_code"),
+                                    outcome.get("error")) if attempt.kind.live else []
+                counted = bool(changes)
+                Result.insert(
+                    attempt_id=aid, job_id=attempt.job_id, worker_id=wid,
+                    kind=kind.value if counted else AttemptKind.STALE.value,
+                    counted=counted, outcome=dumps({**outcome, "kind": kind.value}),
+                    stdout=dumps(stdout) if stdout else None,
+                    stderr=dumps(stderr) if stderr else None, outputs=dumps(outputs),
+                    started_at=started_at, ended_at=ended_at, recorded_at=t).execute()
+                if counted:
+                    self._keep_results(attempt.job_id, attempt.owner, stdout, stderr,
+                                       outputs, t)
+                return ReportOutcome(recorded=True, counted=counted, changes=tuple(changes))
+        except IntegrityError:
+            return ReportOutcome(recorded=False, counted=False)  # a racing duplicate
+
+    def _keep_results(self, jid: str, owner: str, stdout: dict[str, Any] | None,
+                      stderr: dict[str, Any] | None, outputs: list[dict[str, Any]],
+                      t: float) -> None:
+        """``xc_data_ref`` rows of kind job keep the result objects from collection."""
+        Obj, Ref = self.models.DataObject, self.models.DataRef
+        hashes = {ref["sha256"] for ref in [stdout, stderr, *outputs]
+                  if isinstance(ref, dict) and isinstance(ref.get("sha256"), str)}
+        for sha in sorted(hashes):
+            if Obj.get_or_none(Obj.sha256 == sha) is None:
+                continue
+            if Ref.get_or_none((Ref.sha256 == sha) & (Ref.kind == "job")
+                               & (Ref.ref_id == jid)) is None:
+                Ref.insert(sha256=sha, kind="job", ref_id=jid, owner=owner,
+                           created_at=t).execute()
+
+    # -- owners' requests -----------------------------------------------------------------
+
+    @op
+    def change_jobs(self, ids: Sequence[str], target: JobState, *, requester: str,
+                    admin: bool, reason: str = "", now: float | None = None
+                    ) -> tuple[list[JobChange], list[tuple[str, str]], dict[str, int]]:
+        """Cancel, hold or release (``target`` cancelled, held or queued) the jobs the
+        requester may change (its own; any for an admin). Returns the changes, the
+        (attempt, worker) pairs to kill, and counts {changed, unchanged, unknown}.
+        A job of another owner counts as unknown: nothing tells it exists."""
+        t = now_or(now)
+        Job, Attempt = self.models.Job, self.models.Attempt
+        changes: list[JobChange] = []
+        kills: list[tuple[str, str]] = []
+        counts = {"changed": 0, "unchanged": 0, "unknown": 0}
+        sources = JOB_MACHINE.sources_of(target)
+        if target is JobState.QUEUED:
+            sources = frozenset({JobState.HELD})  # release: held jobs only
+        for jid in dict.fromkeys(ids):
+            with self.db.atomic():
+                rows = dicts(self._for_update(Job.select().where(Job.id == jid)))
+                if not rows or (rows[0]["owner"] != requester and not admin):
+                    counts["unknown"] += 1
+                    continue
+                job = _job(rows[0])
+                if job.state not in sources:
+                    counts["unchanged"] += 1
+                    continue
+                fields: dict[str, Any] = {"state": target.value, "updated_at": t}
+                if target is JobState.HELD:
+                    fields.update(hold_reason=(reason or "held by its owner")[:HOLD_REASON_MAX],
+                                  hold_code="admin" if admin and job.owner != requester
+                                  else "user", hold_detail=f"held by {requester}")
+                elif target is JobState.QUEUED:
+                    fields.update(hold_reason=None, hold_code=None, hold_detail=None)
+                if target is JobState.CANCELLED:
+                    fields["ended_at"] = t
+                if job.current_attempt and job.state is JobState.RUNNING:
+                    Attempt.update(kind=AttemptKind.CANCELLED.value, live=False, ended_at=t,
+                                   error=f"job {target.value} by {requester}").where(
+                        (Attempt.id == job.current_attempt)
+                        & (Attempt.live == True)).execute()  # noqa: E712
+                    kills.append((job.current_attempt, job.worker or ""))
+                    if target is not JobState.CANCELLED:
+                        fields.update(current_attempt=None, worker=None)
+                Job.update(**fields).where((Job.id == jid)
+                                           & (Job.state == job.state.value)).execute()
+                counts["changed"] += 1
+                changes.append(JobChange(jid, job.owner, target, t, reason=reason or
+                                         f"{target.value} by {requester}"))
+        return changes, kills, counts
+
+    # -- data rights ----------------------------------------------------------------------
+
+    @op
+    def worker_may_read(self, wid: str, sha256: str) -> bool:
+        """Is ``sha256`` the stdin or an input of a job live on worker ``wid``?"""
+        Job, Attempt = self.models.Job, self.models.Attempt
+        query = (Job.select(Job.spec).join(Attempt, on=(Attempt.job_id == Job.id))
+                 .where((Attempt.live == True) & (Attempt.worker_id == wid)))  # noqa: E712
+        for (text,) in tuples(query):
+            spec = loads(text, {})
+            if spec.get("stdin") == sha256:
+                return True
+            if any(isinstance(i, dict) and i.get("sha256") == sha256
+                   for i in spec.get("inputs") or ()):
+                return True
+        return False
+
+    @op
+    def attempt_grant(self, aid: str, wid: str) -> tuple[str, str] | None:
+        """(job id, owner) of ``aid`` when it is live on ``wid``, else None: a worker
+        may upload results for its current attempts only."""
+        Attempt = self.models.Attempt
+        rows = tuples(Attempt.select(Attempt.job_id, Attempt.owner).where(
+            (Attempt.id == aid) & (Attempt.worker_id == wid)
+            & (Attempt.live == True)))  # noqa: E712
+        return (rows[0][0], rows[0][1]) if rows else None

@@ -1,0 +1,167 @@
+"""Typed views of the batch-job messages (``jobs.*``, ``job.*``, ``attempt.*``; docs/jobs.md).
+
+Registered in ``schemas.messages.REGISTRY`` like every other message type (schemas/messages.py
+imports this module at its end). A job's spec (``JobSpec``) and the documents replies carry stay
+plain dicts whose fields the schemas bound (schemas/json/jobs.submit.json#/definitions/job_spec,
+jobs.list.reply.json#/definitions/job_summary, jobs.show.reply.json#/definitions/...).
+Ids: job ``j-<16 hex>``, attempt ``a-<16 hex>`` (the fencing token), batch ``b-<16 hex>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from schemas.messages import Body, message
+from schemas.outcome import Outcome
+
+JOB_STATES = ("queued", "running", "held", "completed", "failed", "cancelled")
+TERMINAL_JOB_STATES = frozenset({"completed", "failed", "cancelled"})
+ATTEMPT_KINDS = ("assigned", "running", "success", "exit_nonzero", "worker_lost",
+                 "lease_expired", "wall_clock", "oom", "input_failed", "cancelled", "stale")
+REPORTED_KINDS = frozenset({"success", "exit_nonzero", "wall_clock", "oom", "input_failed",
+                            "cancelled"})  # what a worker may say in attempt.report
+SYSTEM_FAILURES = frozenset({"worker_lost", "lease_expired", "input_failed"})
+JOB_FAILURES = frozenset({"exit_nonzero", "wall_clock", "oom"})
+HOLD_CODES = ("user", "unmatchable", "input", "dependency", "admin")
+MAX_JOBS_PER_REQUEST = 500
+
+
+# -- client -> coordinator -------------------------------------------------------------
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsSubmit(Body):
+    TYPE: ClassVar[str] = "jobs.submit"
+    jobs: list[dict[str, Any]]  # JobSpec documents
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsSubmitted(Body):
+    TYPE: ClassVar[str] = "jobs.submitted"
+    batch: str
+    ids: list[str]
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsList(Body):
+    TYPE: ClassVar[str] = "jobs.list"
+    state: str | None = None
+    batch: str | None = None
+    owner: str | None = None
+    limit: int | None = None
+    after: str | None = None
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsListReply(Body):
+    TYPE: ClassVar[str] = "jobs.list.reply"
+    jobs: list[dict[str, Any]]
+    more: bool
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsShow(Body):
+    TYPE: ClassVar[str] = "jobs.show"
+    job: str
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsShowReply(Body):
+    TYPE: ClassVar[str] = "jobs.show.reply"
+    job: dict[str, Any]
+    attempts: list[dict[str, Any]]
+    more_attempts: bool | None = None
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsCancel(Body):
+    TYPE: ClassVar[str] = "jobs.cancel"
+    jobs: list[str]
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsHold(Body):
+    TYPE: ClassVar[str] = "jobs.hold"
+    jobs: list[str]
+    reason: str | None = None
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsRelease(Body):
+    TYPE: ClassVar[str] = "jobs.release"
+    jobs: list[str]
+
+
+# -- coordinator -> owner --------------------------------------------------------------
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobEvent(Body):
+    TYPE: ClassVar[str] = "job.event"
+    job: str
+    state: str
+    at: float
+    attempt: str | None = None
+    worker: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+
+
+# -- coordinator -> worker -------------------------------------------------------------
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobAssign(Body):
+    TYPE: ClassVar[str] = "job.assign"
+    attempt: str
+    job: str
+    owner: str
+    spec: dict[str, Any]
+    inputs: list[dict[str, Any]]  # [{name, sha256, size}]
+    lease_s: float
+    stdin: dict[str, Any] | None = None  # {sha256, size} when spec names stdin
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobKill(Body):
+    TYPE: ClassVar[str] = "job.kill"
+    attempt: str
+    reason: str | None = None
+
+
+# -- worker -> coordinator -------------------------------------------------------------
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class AttemptStarted(Body):
+    TYPE: ClassVar[str] = "attempt.started"
+    attempt: str
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class AttemptReport(Body, Outcome):
+    """How an attempt ended; its exit facts come from ``Outcome``."""
+
+    TYPE: ClassVar[str] = "attempt.report"
+    attempt: str
+    kind: str
+    stdout: dict[str, Any] | None = None  # {sha256, size}
+    stderr: dict[str, Any] | None = None
+    outputs: list[dict[str, Any]] | None = None  # [{name, sha256, size}]
+    started_at: float | None = None
+    ended_at: float | None = None
