@@ -68,7 +68,11 @@ from schemas.messages import (
 from schemas.topics import Topics
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from client.apps import AppStore
     from client.data import DataStore
+    from client.jobs import JobExecutor, JobFuture, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +175,10 @@ class Grid:
         # requires; ``grid.data`` (client/data.py) and copies to a reserved worker use it.
         self._transfers = TransferEndpoint(self.bus)
         self._data: DataStore | None = None
+        # Batch jobs (client/jobs.py): job.event from the coordinator completes futures.
+        self._jobs: JobStore | None = None
+        self.bus.on_inbox("job.event", self._on_job_event, lane=Lane.JOBS)
+        self._apps: AppStore | None = None
 
     @classmethod
     def connect(cls, config: Config | None = None) -> Grid:
@@ -188,6 +196,8 @@ class Grid:
     def close(self) -> None:
         """Release what this session holds, say goodbye, and disconnect."""
         self._closed.set()
+        if self._jobs is not None:
+            self._jobs.close()  # pending job futures fail; the poll thread ends
         for handle in self.held:
             try:
                 handle.release()
@@ -212,6 +222,45 @@ class Grid:
 
             self._data = DataStore(self)
         return self._data
+
+    @property
+    def apps(self) -> AppStore:
+        """The coordinator's applications: ``grid.apps.add(name, binaries=...)``, ``ls``,
+        ``show``, ``rm`` (client/apps.py, docs/data.md "Applications")."""
+        if self._apps is None:
+            from client.apps import AppStore
+
+            self._apps = AppStore(self)
+        return self._apps
+
+    @property
+    def jobs(self) -> JobStore:
+        """Batch jobs: ``grid.jobs.ls()``, ``show``, ``wait``, ``cancel`` ...
+        (client/jobs.py, docs/jobs.md)."""
+        with self._lock:
+            if self._jobs is None:
+                from client.jobs import JobStore
+
+                self._jobs = JobStore(self)
+            return self._jobs
+
+    def submit(self, command: str | Sequence[Any], *args: Any, **options: Any) -> JobFuture:
+        """Run a shell command (a string, or an argv list) as a grid job; returns a
+        ``concurrent.futures.Future`` of its ``JobResult`` (options: client/jobs.py)."""
+        return self.jobs.submit(command, *args, **options)
+
+    def executor(self, **defaults: Any) -> JobExecutor:
+        """A ``concurrent.futures.Executor`` running shell commands as grid jobs."""
+        from client.jobs import JobExecutor
+
+        return JobExecutor(self.jobs, **defaults)
+
+    def _on_job_event(self, incoming: Incoming) -> None:
+        if incoming.sender != self.config.client.coordinator_principal:
+            return
+        jobs = self._jobs
+        if jobs is not None:
+            jobs.on_event(incoming)
 
     @property
     def connected(self) -> bool:

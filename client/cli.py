@@ -259,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     from client.data_cli import add_data_parser  # `xcloud data ...` (docs/data.md)
 
     add_data_parser(sub, _common)
+
+    from client.apps_cli import add_app_parser  # `xcloud app ...` (docs/data.md)
+
+    add_app_parser(sub, _common)
+
+    from client.jobs_cli import add_jobs_parsers  # `xcloud submit`, `jobs` ... (docs/jobs.md)
+
+    add_jobs_parsers(sub, _common)
     return parser
 
 

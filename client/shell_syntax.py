@@ -51,6 +51,18 @@ COMMANDS: tuple[CommandSpec, ...] = (
                 "copy a local file or directory into your worker's work directory"),
     CommandSpec("get", (), "get REMOTE [LOCAL]",
                 "copy a file or directory of your worker's work directory here"),
+    CommandSpec("data", (), "data put|get|ls|show|rm|pin|unpin ...",
+                "the coordinator's data objects, no worker needed: put FILE [NAME], "
+                "get KEY [PATH], ls, show KEY, rm KEY, pin KEY, unpin KEY (KEY: a name, "
+                "a hash or a prefix of 8+ hex digits)"),
+    CommandSpec("submit", (), "submit [--count N] [--input NAME=PATH ...] [--output GLOB ...] "
+                "[--wall 10m] [--memory 1G] [--cpus N] [--env K=V ...] -- CMD",
+                "submit CMD as batch job(s), no worker needed (docs/jobs.md)"),
+    CommandSpec("jobs", (), "jobs [STATE]", "your batch jobs (like condor_q)"),
+    CommandSpec("wait", (), "wait ID... | --all", "wait for batch jobs to end"),
+    CommandSpec("results", (), "results ID [DIR]",
+                "write a job's stdout, stderr and outputs into DIR (default ./ID)"),
+    CommandSpec("cancel", (), "cancel ID...", "cancel batch jobs (running ones are killed)"),
     CommandSpec("release", ("releaseWorker",), "release", "give your worker back"),
     CommandSpec("help", ("?",), "help [COMMAND]", "this list, or one command's usage"),
     CommandSpec("exit", ("quit",), "exit", "leave (releases your worker)"),

@@ -25,7 +25,7 @@ from typing import Any
 
 from broker.bus import Bus, Incoming, Lane, Will
 from broker.config import Config
-from broker.transfer import TransferEndpoint
+from broker.transfer import Peer, TransferEndpoint
 from schemas.codec import encode, envelope
 from schemas.errors import WireError
 from schemas.messages import CapsRefresh, Ok, Ping, Pong, WorkerCaps, WorkerStatus
@@ -38,6 +38,8 @@ from worker.executors import fingerprint, make_executor
 from worker.executors.base import Executor, ExecutorContext
 from worker.file_transfers import WorkdirFiles
 from worker.identity import Identity, explicit_bus_identity, load_identity
+from worker.input_cache import InputCache
+from worker.job_runner import JobRunner
 from worker.metrics import MetricsSampler
 from worker.request_guard import WorkerRequestGuard
 from worker.settings import effective_settings
@@ -100,6 +102,11 @@ class WorkerAgent:
         self.transfers: TransferEndpoint | None = None
         self.guard: WorkerRequestGuard | None = None  # roles and rate limits of the inbox
         self.executor: Executor | None = None
+        # Batch jobs (worker/job_runner.py) and their input cache (worker/input_cache.py).
+        self.jobs: JobRunner | None = None
+        self.cache: InputCache | None = None
+        self._job_executors: dict[str, Executor] = {}
+        self._job_executors_lock = threading.Lock()
         self.heartbeat_s = float(config.worker.heartbeat_s)
         if self.heartbeat_s <= 0:
             raise WorkerError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
@@ -207,6 +214,8 @@ class WorkerAgent:
             self._stop.set()
             self._wake.set()
             self._heartbeat_thread.join(5)
+            if self.jobs is not None:
+                self.jobs.close()
             if self.transfers is not None:
                 self.transfers.close()
             bus.stop()
@@ -224,6 +233,8 @@ class WorkerAgent:
             threading.current_thread()
         ):
             self._heartbeat_thread.join(5)
+        if self.jobs is not None:
+            self.jobs.close()  # running jobs stop; finished ones' reports stay on disk
         if self.transfers is not None:
             self.transfers.close()  # unfinished uploads stay resumable
         if self.exec_service is not None:
@@ -232,6 +243,9 @@ class WorkerAgent:
         self.bus.stop(publish=[(self.topics.worker_status(self.wid), bye, 1, True)])
         if self.executor is not None:
             self.executor.close()
+        for extra in self._job_executors.values():
+            if extra is not self.executor:
+                extra.close()
         self.stopped.set()
         log.info("worker %s stopped (%s)", self.wid, reason)
 
@@ -249,6 +263,52 @@ class WorkerAgent:
         self.transfers = TransferEndpoint(bus, sink=files, source=files)
         if self._running == self._nothing_running:
             self._running = self.exec_service.running
+        self._start_jobs(bus, wid)
+
+    def _start_jobs(self, bus: Bus, wid: str) -> None:
+        """Batch jobs: the input cache and the job runner (docs/jobs.md)."""
+        assert self.transfers is not None
+        assert self.exec_service is not None
+        cfg = self.config.worker
+        transfers = self.transfers
+
+        def fetch(sha256: str, dest: Path) -> None:
+            peer = Peer.coordinator(self.topics, cfg.coordinator_principal or "coordinator")
+            transfers.download(peer, {"kind": "data", "sha256": sha256}, dest,
+                               expected_sha256=sha256)
+
+        self.cache = InputCache(Path(cfg.cache_dir) if cfg.cache_dir
+                                else self.state_dir / "cache", cfg.cache_bytes, fetch)
+        exec_service = self.exec_service
+        self.jobs = JobRunner(
+            bus, self.topics, wid, cfg, self.state_dir, executor_for=self._job_executor,
+            executors=self.executors, transfers=transfers, cache=self.cache,
+            guard=self.guard, used_slots=lambda: len(exec_service.sessions.all()),
+            caps_changed=self._caps_changed)
+        self.jobs.register()
+        base, jobs = self._running, self.jobs
+
+        def running() -> tuple[list[dict[str, str]], int]:
+            items, free = base()
+            return items, max(0, free - jobs.running_count())
+
+        self._running = running
+
+    def _caps_changed(self) -> None:
+        if self.connected and not self._stop.is_set():
+            self.publish_caps()
+
+    def _job_executor(self, name: str) -> Executor:
+        """The driver ``name`` for jobs: the reservations' one, or built on first use."""
+        if self.executor is not None and name == self.executors[0]:
+            return self.executor
+        with self._job_executors_lock:
+            found = self._job_executors.get(name)
+            if found is None:
+                found = make_executor(name, ExecutorContext(self.config.worker,
+                                                            self.state_dir, self.wid))
+                self._job_executors[name] = found
+            return found
 
     def drain(self, draining: bool = True) -> None:
         """Draining: finish current work, accept nothing new; False returns to online."""
@@ -266,6 +326,11 @@ class WorkerAgent:
         offered = [fingerprint(name, self.config.worker) for name in self.executors]
         caps = collect_caps(self._wid, self.config.worker, self.state_dir, offered,
                             AGENT_VERSION)
+        if self.cache is not None:  # what the input cache holds, most recently used first
+            shared = dict(caps.shared or {})
+            data = list(shared.get("data") or [])
+            data += [f"sha256:{h}" for h in self.cache.summary(256 - len(data))]
+            caps = dataclasses.replace(caps, shared={**shared, "data": data})
         try:
             encode(envelope(caps))
         except WireError as err:
@@ -339,7 +404,9 @@ class WorkerAgent:
     def _send_heartbeat(self) -> None:
         assert self._sampler is not None
         running, free = self._running()
-        beat = self._sampler.sample(self._seq + 1, self.heartbeat_s, free, running)
+        attempts = self.jobs.attempt_ids() if self.jobs is not None else None
+        beat = self._sampler.sample(self._seq + 1, self.heartbeat_s, free, running,
+                                    attempts=attempts)
         self.bus.publish(self.topics.worker_heartbeat(self.wid), beat, qos=0, retain=False)
         self._seq += 1
 

@@ -58,6 +58,7 @@ class MetricsSampler:
         interval_s: float,
         free_slots: int,
         running: list[dict[str, str]] | None = None,
+        attempts: list[str] | None = None,
     ) -> WorkerHeartbeat:
         mem = psutil.virtual_memory()
         load1 = load5 = load15 = None
@@ -89,4 +90,5 @@ class MetricsSampler:
             free_slots=max(0, free_slots),
             running=list(running or []),
             gpus=[use.to_wire() for use in sample_gpus()] or None,
+            attempts=list(attempts) if attempts is not None else None,
         )

@@ -1,0 +1,285 @@
+"""The worker's job runner (worker/job_runner.py) against a stand-in coordinator.
+
+A real broker (amqtt and Mosquitto), a real WorkerAgent with the process executor, and a
+bus of the ``coordinator`` principal that plays the coordinator's part of the contract
+(docs/jobs.md): it serves input data by SHA-256 (a transfer endpoint over a directory),
+receives the results the worker uploads, answers ``attempt.started`` and
+``attempt.report`` and records them, and sends ``job.assign`` / ``job.kill``. The end to
+end tests with the real coordinator are in tests/test_jobs_e2e.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from broker.bus import Bus, Incoming, Lane, RemoteError
+from broker.transfer import SourceFile, TransferEndpoint, TransferRefused
+from schemas.job_messages import AttemptReport, AttemptStarted, JobAssign, JobKill
+from schemas.messages import Ok, WorkerHeartbeat
+from tests.fixtures.grid import COORDINATOR, GridHarness, WorkerHandle
+from tests.fixtures.services import wait_for
+from tests.fixtures.transfer import DirSink
+from worker.job_attempts import AttemptRecord, AttemptStore
+
+_ids = itertools.count(1)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+class HashSource:
+    """Data objects by SHA-256 in one directory (the coordinator's DataSource, reduced)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.fetches: list[str] = []
+
+    def put(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        (self.root / sha).write_bytes(data)
+        return sha
+
+    def open_fetch(self, requester: str, source: dict[str, Any]) -> SourceFile:  # noqa: ARG002
+        sha = str(source.get("sha256", ""))
+        path = self.root / sha
+        if not path.is_file():
+            raise TransferRefused("not_found", f"no data {sha[:12]}")
+        self.fetches.append(sha)
+        return SourceFile(path, path.stat().st_size, sha, sha)
+
+
+@dataclass
+class StandIn:
+    """The coordinator's side, recorded."""
+
+    bus: Bus
+    source: HashSource
+    sink: DirSink
+    wid: str
+    started: list[str] = field(default_factory=list)
+    reports: list[AttemptReport] = field(default_factory=list)
+    refuse_reports: int = 0  # answer the first N reports `unavailable`
+    beats: list[WorkerHeartbeat] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_started(self, incoming: Incoming) -> None:
+        self.started.append(incoming.body.attempt)
+        self.bus.reply(incoming, Ok())
+
+    def on_report(self, incoming: Incoming) -> None:
+        with self.lock:
+            if self.refuse_reports > 0:
+                self.refuse_reports -= 1
+                self.bus.reply_error(incoming, "unavailable", "not now")
+                return
+            self.reports.append(incoming.body)
+        self.bus.reply(incoming, Ok())
+
+    def on_beat(self, incoming: Incoming) -> None:
+        self.beats.append(incoming.body)
+
+    def assign(self, command: str, **spec: Any) -> str:
+        attempt = new_id("a")
+        inputs = [{"name": n, "sha256": s, "size": 1} for n, s in
+                  (spec.pop("inputs", None) or {}).items()]
+        stdin = spec.pop("stdin", None)
+        body = JobAssign(attempt=attempt, job=new_id("j"), owner="alice",
+                         spec={"command": command, **spec}, inputs=inputs, lease_s=30,
+                         stdin={"sha256": stdin, "size": 1} if stdin else None)
+        reply = self.bus.request(self.worker_inbox, body, timeout=10)
+        assert isinstance(reply.body, Ok)
+        return attempt
+
+    @property
+    def worker_inbox(self) -> str:
+        return self.bus.topics.worker_inbox(self.wid)
+
+    def report(self, attempt: str, timeout: float = 20) -> AttemptReport:
+        def found() -> AttemptReport | None:
+            with self.lock:
+                return next((r for r in self.reports if r.attempt == attempt), None)
+
+        wait_for(lambda: found() is not None, timeout=timeout, message=f"report of {attempt}")
+        result = found()
+        assert result is not None
+        return result
+
+    def data(self, ref: dict[str, Any] | None) -> bytes:
+        assert ref is not None
+        held = self.sink.held[ref["sha256"]]
+        return Path(held["path"]).read_bytes()
+
+
+@pytest.fixture
+def standin(grid: GridHarness, tmp_path: Path) -> Iterator[tuple[StandIn, WorkerHandle]]:
+    topics = grid.topics
+    bus = grid.bus(COORDINATOR, "coordinator", inbox=topics.coord_inbox, start=False)
+    (tmp_path / "objects").mkdir()
+    source = HashSource(tmp_path / "objects")
+    sink = DirSink(tmp_path / "received")
+    endpoint = TransferEndpoint(bus, sink=sink, source=source)
+    wid = f"w{next(_ids)}"
+    coord = StandIn(bus, source, sink, wid)
+    bus.on_inbox(AttemptStarted.TYPE, coord.on_started, lane=Lane.JOBS)
+    bus.on_inbox(AttemptReport.TYPE, coord.on_report, lane=Lane.JOBS)
+    bus.subscribe(topics.worker_heartbeat(wid), coord.on_beat, lane=Lane.HEARTBEAT)
+    bus.start(timeout=5)
+    worker = grid.start_worker(wid, slots=4, wait_online=False)
+    try:
+        yield coord, worker
+    finally:
+        if worker.agent is not None:
+            worker.agent.stop()
+        endpoint.close()
+
+
+def test_job_runs_with_inputs_stdin_outputs_and_env(
+        standin: tuple[StandIn, WorkerHandle]) -> None:
+    coord, worker = standin
+    data = b"line one\nline two\n" * 1000
+    sha = coord.source.put(data)
+    stdin = coord.source.put(b"from stdin\n")
+    attempt = coord.assign(
+        'mkdir -p out && wc -l < in/data.txt > out/count.txt && cat && '
+        'echo "$XCLOUD_JOB_INDEX $XCLOUD_ATTEMPT_ID $GREETING" && echo oops >&2 && exit 3',
+        inputs={"in/data.txt": sha}, stdin=stdin, outputs=["out/*.txt", "nothing*", "*"],
+        env={"GREETING": "hi"}, index=7)
+    report = coord.report(attempt)
+    assert report.kind == "exit_nonzero"
+    assert report.exit_code == 3
+    assert coord.data(report.stdout) == f"from stdin\n7 {attempt} hi\n".encode()
+    assert coord.data(report.stderr) == b"oops\n"
+    assert [o["name"] for o in report.outputs or []] == ["out/count.txt"]
+    assert coord.data((report.outputs or [])[0]) == b"2000\n"
+    assert attempt in coord.started
+    agent = worker.agent
+    assert agent is not None
+    assert agent.cache is not None
+    assert agent.cache.fetches == 2  # the input and stdin
+    fetched = len(coord.source.fetches)
+    # the same input again: served from the worker's cache, not fetched
+    again = coord.assign("cat data.txt | wc -c", inputs={"data.txt": sha})
+    second = coord.report(again)
+    assert second.kind == "success"
+    assert coord.data(second.stdout).strip() == str(len(data)).encode()
+    assert len(coord.source.fetches) == fetched
+    assert agent.cache.fetches == 2
+    assert agent.cache.hits == 1
+    assert f"sha256:{sha}" in (agent._collect_caps().shared or {}).get("data", [])
+    # acknowledged attempts leave nothing on disk
+    wait_for(lambda: not any((worker.state_dir / "jobs").iterdir()), timeout=10,
+             message="attempt dirs removed")
+
+
+def test_missing_input_is_input_failed(standin: tuple[StandIn, WorkerHandle]) -> None:
+    coord, _ = standin
+    attempt = coord.assign("true", inputs={"x": "0" * 64})
+    report = coord.report(attempt)
+    assert report.kind == "input_failed"
+    assert "0000" in (report.error or "")
+
+
+def test_wall_clock_and_kill(standin: tuple[StandIn, WorkerHandle]) -> None:
+    coord, _ = standin
+    slow = coord.assign("sleep 30", wall_s=1)
+    report = coord.report(slow)
+    assert report.kind == "wall_clock"
+    assert report.timed_out
+    marker = f"60.{os.getpid()}{next(_ids)}"  # a sleep no other test runs
+    victim = coord.assign(f"echo started; exec sleep {marker}")
+    wait_for(lambda: any(victim in (b.attempts or []) for b in coord.beats), timeout=10,
+             message="the attempt in a heartbeat")
+    wait_for(lambda: victim in coord.started, timeout=10, message="attempt.started")
+    pids = [p.pid for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [])[-2:] == ["sleep", marker]]
+    assert pids
+    reply = coord.bus.request(coord.worker_inbox, JobKill(attempt=victim, reason="user"),
+                              timeout=10)
+    assert isinstance(reply.body, Ok)
+    killed = coord.report(victim)
+    assert killed.kind == "cancelled"
+    assert coord.data(killed.stdout) == b"started\n"
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+                   for pid in pids)
+
+
+def test_report_is_resent_until_acknowledged(standin: tuple[StandIn, WorkerHandle]) -> None:
+    coord, worker = standin
+    coord.refuse_reports = 1
+    attempt = coord.assign("echo once")
+    report = coord.report(attempt, timeout=30)  # the first send was refused: a resend
+    assert report.kind == "success"
+    assert len([r for r in coord.reports if r.attempt == attempt]) == 1
+    wait_for(lambda: not (worker.state_dir / "jobs" / attempt).exists(), timeout=10,
+             message="attempt dir removed")
+
+
+def test_only_the_coordinator_assigns(grid: GridHarness,
+                                      standin: tuple[StandIn, WorkerHandle]) -> None:
+    coord, worker = standin
+    mallory = grid.bus("mallory", "client", inbox=grid.topics.client_inbox("mallory"))
+    body = JobAssign(attempt=new_id("a"), job=new_id("j"), owner="mallory",
+                     spec={"command": "touch /tmp/pwned"}, inputs=[], lease_s=30)
+    with pytest.raises(RemoteError) as err:
+        mallory.request(coord.worker_inbox, body, timeout=10)
+    assert err.value.code == "forbidden"
+    assert not (worker.state_dir / "jobs" / body.attempt).exists()
+
+
+def test_restart_resends_reports_and_drops_interrupted_attempts(
+        grid: GridHarness, standin: tuple[StandIn, WorkerHandle]) -> None:
+    coord, worker = standin
+    coord.refuse_reports = 10**6  # the coordinator is "busy": nothing is acknowledged
+    attempt = coord.assign("echo kept")
+    record = worker.state_dir / "jobs" / attempt / "attempt.json"
+    wait_for(lambda: record.exists() and '"phase": "reported"' in record.read_text(),
+             timeout=20, message="the report on disk")
+    assert worker.agent is not None
+    worker.agent.stop()
+    # an attempt a killed worker was running: its record says so, nothing runs it now
+    lost = AttemptRecord(attempt=new_id("a"), job=new_id("j"), owner="alice",
+                         spec={"command": "true"}, inputs=[], phase="running")
+    AttemptStore(worker.state_dir).save(lost)
+    coord.refuse_reports = 0
+    again = grid.start_worker(coord.wid, slots=4, wait_online=False)
+    try:
+        report = coord.report(attempt)
+        assert report.kind == "success"
+        assert coord.data(report.stdout) == b"kept\n"
+        assert not (worker.state_dir / "jobs" / lost.attempt).exists()
+        wait_for(lambda: any(b.attempts == [] for b in coord.beats[-3:]), timeout=10,
+                 message="a heartbeat listing no attempt")
+        assert all(lost.attempt not in (b.attempts or []) for b in coord.beats)
+    finally:
+        assert again.agent is not None
+        again.agent.stop()
+
+
+def test_an_attempt_never_runs_twice(standin: tuple[StandIn, WorkerHandle]) -> None:
+    coord, worker = standin
+    body = JobAssign(attempt=new_id("a"), job=new_id("j"), owner="alice",
+                     spec={"command": "echo ran"}, inputs=[],
+                     lease_s=30)
+    first = coord.bus.request(coord.worker_inbox, body, timeout=10)
+    again = coord.bus.request(coord.worker_inbox, body, timeout=10)  # while it runs
+    assert isinstance(first.body, Ok)
+    assert isinstance(again.body, Ok)
+    assert coord.report(body.attempt).kind == "success"
+    wait_for(lambda: not (worker.state_dir / "jobs" / body.attempt).exists(), timeout=10,
+             message="the attempt done")
+    with pytest.raises(RemoteError) as err:  # a late redelivery
+        coord.bus.request(coord.worker_inbox, body, timeout=10)
+    assert err.value.code == "conflict"
+    assert len([r for r in coord.reports if r.attempt == body.attempt]) == 1

@@ -1,0 +1,258 @@
+"""The worker's job attempts on disk, and their reports kept until the coordinator has them.
+
+Every attempt the coordinator assigns here gets a directory ``<state_dir>/jobs/<attempt>/``
+holding ``attempt.json`` (the ``AttemptRecord``, written atomically *before* the worker
+answers ``job.assign`` with ``ok``: the answer is the acknowledgement), ``work/`` (the
+job's work directory), ``stdout``/``stderr`` and ``outputs/`` (collected after the run).
+The record's ``phase`` says how far the attempt got:
+
+- ``assigned``: accepted, inputs being fetched;
+- ``running``: the command was started;
+- ``finished``: the command ended; its result (``result``) is known, the files are being
+  uploaded (resumed after a worker restart);
+- ``reported``: the ``attempt.report`` (``report``) waits for the coordinator's ``ok``.
+
+``ReportSender`` sends every ``reported`` attempt's report (on the worker's own thread,
+with ``Bus.request_async``) at once, at every (re)connect, and again after ``RESEND_S``
+(doubling up to ``RESEND_MAX_S``) until the coordinator answers ``ok`` (it does so only
+once the result row is committed, and answers a duplicate ``ok`` too); then the attempt's
+directory goes. A coordinator or broker that is down costs a delay, never a result. A
+report refused for good (``forbidden``, ``invalid``, ``not_found``) is dropped, logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.bus import Bus, BusError
+from schemas.codec import Envelope
+from schemas.errors import WireError
+from schemas.job_messages import AttemptReport
+from schemas.messages import Error
+from schemas.topics import Topics
+from worker.sessions import remove_tree
+
+log = logging.getLogger(__name__)
+
+DIR = "jobs"
+RECORD = "attempt.json"
+RESEND_S = 5.0
+RESEND_MAX_S = 60.0
+TICK_S = 0.5
+RETRY_CODES = frozenset({"unavailable", "internal", "timeout", "rate_limited", "busy"})
+PHASES = ("assigned", "running", "finished", "reported")
+
+
+@dataclass
+class AttemptRecord:
+    """One attempt as persisted (see the module docstring)."""
+
+    attempt: str
+    job: str
+    owner: str
+    spec: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    stdin: dict[str, Any] | None = None
+    executor: str = "process"
+    phase: str = "assigned"
+    assigned_at: float = 0.0
+    started_at: float | None = None
+    ended_at: float | None = None
+    handle: dict[str, Any] | None = None  # the executor session's handle
+    result: dict[str, Any] | None = None  # kind + Outcome fields, once finished
+    report: dict[str, Any] | None = None  # the attempt.report body, once built
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> AttemptRecord:
+        if not isinstance(data, dict):
+            raise ValueError("not an attempt record")
+        names = set(cls.__dataclass_fields__)
+        record = cls(**{k: v for k, v in data.items() if k in names})
+        if record.phase not in PHASES or not record.attempt or not record.job:
+            raise ValueError(f"attempt record in unknown phase {record.phase!r}")
+        return record
+
+
+class AttemptStore:
+    """``<state_dir>/jobs/``: one directory per attempt."""
+
+    def __init__(self, state_dir: Path | str) -> None:
+        self.root = Path(state_dir) / DIR
+
+    def path(self, attempt: str) -> Path:
+        return self.root / attempt
+
+    def workdir(self, attempt: str) -> Path:
+        return self.path(attempt) / "work"
+
+    def save(self, record: AttemptRecord) -> None:
+        """Write the record atomically (0600 in a 0700 directory); OSError if not."""
+        directory = self.path(record.attempt)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = directory / f".{RECORD}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record.to_dict(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, directory / RECORD)
+
+    def load_all(self) -> list[AttemptRecord]:
+        """Every readable record (unreadable directories are removed, logged)."""
+        records: list[AttemptRecord] = []
+        if not self.root.is_dir():
+            return records
+        for directory in sorted(self.root.iterdir()):
+            if not directory.is_dir() or directory.is_symlink():
+                log.warning("removing a stray entry in %s: %s", self.root, directory.name)
+                with contextlib.suppress(OSError):
+                    directory.unlink()
+                continue
+            try:
+                records.append(AttemptRecord.from_dict(
+                    json.loads((directory / RECORD).read_text())))
+            except (OSError, ValueError, TypeError) as err:
+                log.warning("removing attempt dir without a usable record %s: %s",
+                            directory.name, err)
+                remove_tree(directory)
+        return records
+
+    def remove(self, attempt: str) -> None:
+        remove_tree(self.path(attempt))
+
+
+@dataclass
+class _Pending:
+    record: AttemptRecord
+    next_at: float = 0.0
+    tries: int = 0
+    future: Future[Envelope[Any]] | None = field(default=None, repr=False)
+
+
+class ReportSender:
+    """Attempt reports re-sent until the coordinator acknowledges them (module docstring).
+
+    ``on_done(attempt)`` runs once an attempt's report was acknowledged or refused for
+    good, after its directory was removed.
+    """
+
+    def __init__(self, bus: Bus, topics: Topics, store: AttemptStore, *,
+                 on_done: Callable[[str], None] | None = None,
+                 resend_s: float = RESEND_S, resend_max_s: float = RESEND_MAX_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.bus = bus
+        self.topics = topics
+        self.store = store
+        self.on_done = on_done
+        self.resend_s = resend_s
+        self.resend_max_s = resend_max_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.acknowledged = 0
+
+    def start(self) -> None:
+        self.bus.on_connected(self._send_all_now)
+        self._thread = threading.Thread(target=self._run, name="job-reports", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop sending (what waits stays on disk for the next run)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def pending(self) -> list[str]:
+        with self._lock:
+            return list(self._pending)
+
+    def add(self, record: AttemptRecord) -> None:
+        """Send ``record.report`` (already persisted) now and until acknowledged."""
+        with self._lock:
+            self._pending[record.attempt] = _Pending(record)
+        self._wake.set()
+
+    def _send_all_now(self) -> None:
+        with self._lock:
+            for entry in self._pending.values():
+                entry.next_at = 0.0
+                entry.future = None
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            with self._lock:
+                entries = list(self._pending.values())
+            for entry in entries:
+                self._step(entry)
+
+    def _step(self, entry: _Pending) -> None:
+        future = entry.future
+        if future is not None and future.done():
+            entry.future = None
+            try:
+                reply = future.result()
+            except Exception as err:  # the bus dropped it (disconnect, stop)
+                log.debug("attempt.report %s: %s", entry.record.attempt, err)
+                return
+            body = reply.body
+            if isinstance(body, Error) and body.code in RETRY_CODES:
+                retry = (body.detail or {}).get("retry_after_s")
+                if body.code == "rate_limited" and isinstance(retry, (int, float)):
+                    entry.next_at = self._clock() + float(retry)
+                return
+            if isinstance(body, Error):
+                log.warning("the coordinator refused the report of attempt %s for good "
+                            "(%s: %s); dropped", entry.record.attempt, body.code, body.message)
+            else:
+                self.acknowledged += 1
+                log.info("attempt %s reported (%s)", entry.record.attempt,
+                         (entry.record.report or {}).get("kind"))
+            self._finish(entry)
+            return
+        if self._clock() < entry.next_at or not self.bus.connected.is_set():
+            return  # (an unanswered send is sent again when next_at passes)
+        if future is not None and not future.done():
+            future.cancel()
+        entry.tries += 1
+        entry.next_at = self._clock() + min(self.resend_max_s,
+                                            self.resend_s * 2 ** (entry.tries - 1))
+        try:
+            report = AttemptReport.from_dict(dict(entry.record.report or {}))
+            entry.future = self.bus.request_async(self.topics.coord_inbox, report)
+        except (WireError, ValueError, TypeError) as err:
+            log.error("attempt %s has an unsendable report (%s); dropped",
+                      entry.record.attempt, err)
+            self._finish(entry)
+        except (BusError, RuntimeError) as err:
+            log.warning("cannot send attempt.report %s now (%s); will retry",
+                        entry.record.attempt, err)
+
+    def _finish(self, entry: _Pending) -> None:
+        with self._lock:
+            self._pending.pop(entry.record.attempt, None)
+        with contextlib.suppress(OSError):
+            self.store.remove(entry.record.attempt)
+        if self.on_done is not None:
+            self.on_done(entry.record.attempt)

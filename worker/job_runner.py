@@ -1,0 +1,541 @@
+"""JobRunner: the worker's side of batch jobs (docs/jobs.md, "Running jobs (worker)").
+
+On the worker's inbox, from the coordinator principal only (and behind the worker's
+request guard):
+
+- ``job.assign``: the attempt is persisted (worker/job_attempts.py) and only THEN
+  answered ``ok`` (that answer is the acknowledgement the coordinator waits for); a
+  repeated assign of a known attempt is answered ``ok`` again. Refused when the worker
+  is stopping, has no free slot, or lacks the executor the job asks for.
+- ``job.kill``: the attempt's command is stopped (TERM, KILL after the grace); the
+  attempt ends ``cancelled``. An unknown or finished attempt is answered ``ok`` too.
+
+Each attempt then runs in a thread of its own: inputs (and stdin) from the input cache
+into a fresh work dir, ``sh -c COMMAND`` in an executor session of its own (process or
+docker, the registry's drivers; ``XCLOUD_JOB_ID``, ``XCLOUD_JOB_INDEX``,
+``XCLOUD_ATTEMPT_ID`` in its environment; the spec's cpus and memory as the session's
+limits; ``wall_s`` enforced here), stdout and stderr to capped files, ``attempt.started``
+once it runs; at its end the outputs are collected, stdout/stderr/outputs uploaded as the
+job owner's data objects (purpose ``{kind: data, owner, name: <job>/stdout | <job>/stderr
+| <job>/outputs/<name>, grant: <attempt>}``), retried until the coordinator takes them,
+and the ``attempt.report`` is kept on disk and re-sent until acknowledged. So a job that
+runs while the coordinator or the broker is down finishes, and its result is delivered
+once they are back.
+
+A worker killed mid-job finds its records when it restarts: attempts whose results were
+known (uploading or reporting) carry on; attempts that were assigned or running are
+cleaned up (their processes and containers are gone or killed by the executors' orphan
+cleanup) and NOT reported: the worker may not claim ``worker_lost``; they simply stop
+being listed in the heartbeat's ``attempts``, and the coordinator's reconciliation ends
+them (worker_lost) and requeues the job.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import re
+import shlex
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.bus import Bus, BusError, Incoming, Lane
+from broker.config import WorkerConfig
+from broker.transfer import Peer, TransferEndpoint, TransferError, TransferRefused
+from schemas.job_messages import AttemptStarted, JobAssign, JobKill
+from schemas.messages import Ok
+from schemas.outcome import ERROR_MAX
+from schemas.topics import Topics
+from worker.exec_auth import from_coordinator
+from worker.executors.base import (
+    Executor,
+    ExecutorError,
+    ExitResult,
+    Limits,
+    SessionHandle,
+    SessionSpec,
+    TaskSpec,
+)
+from worker.input_cache import CacheError, InputCache
+from worker.job_attempts import AttemptRecord, AttemptStore, ReportSender
+from worker.job_files import STDIN_NAME, Captures, JobFileError, collect_outputs, place
+from worker.request_guard import WorkerRequestGuard
+
+log = logging.getLogger(__name__)
+
+LANE = Lane.JOBS
+MAX_LISTED = 64  # worker.heartbeat.json caps `attempts` at this
+UPLOAD_RETRY_S = 2.0
+UPLOAD_RETRY_MAX_S = 30.0
+DATA_NAME_MAX = 255
+REFUSED_FOR_GOOD = frozenset({"forbidden", "invalid", "not_found", "quota_exceeded",
+                              "too_large", "conflict", "hash_mismatch"})
+_ATTEMPT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+KEEP_ENDED = 4096  # ended attempt ids remembered (a late duplicate job.assign is refused)
+CAPS_S = 10.0  # the caps (with the cache's summary) are republished at most this often
+
+ExecutorFor = Callable[[str], Executor]
+
+
+@dataclass
+class Attempt:
+    """One attempt at run time (its record is on disk)."""
+
+    record: AttemptRecord
+    handle: SessionHandle | None = None
+    task: Any = None  # the executor's TaskHandle while running
+    kill_reason: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def id(self) -> str:
+        return self.record.attempt
+
+    @property
+    def holds_slot(self) -> bool:
+        return self.record.phase in ("assigned", "running")
+
+
+class JobRunner:
+    """The attempts of one worker (see the module docstring)."""
+
+    def __init__(self, bus: Bus, topics: Topics, wid: str, config: WorkerConfig,
+                 state_dir: Path | str, *, executor_for: ExecutorFor, executors: list[str],
+                 transfers: TransferEndpoint, cache: InputCache,
+                 guard: WorkerRequestGuard | None = None,
+                 used_slots: Callable[[], int] = lambda: 0,
+                 caps_changed: Callable[[], None] | None = None,
+                 kill_grace_s: float = 5.0) -> None:
+        self.bus = bus
+        self.topics = topics
+        self.wid = wid
+        self.config = config
+        self.coordinator = config.coordinator_principal or "coordinator"
+        self.peer = Peer.coordinator(topics, self.coordinator)
+        self.store = AttemptStore(state_dir)
+        self.executor_for = executor_for
+        self.executors = list(executors)
+        self.transfers = transfers
+        self.cache = cache
+        self.guard = guard or WorkerRequestGuard(bus, config)
+        self.used_slots = used_slots  # slots other work holds (reservations)
+        self.kill_grace_s = kill_grace_s
+        self.caps_changed = caps_changed  # republishes the caps (the cache's summary)
+        self._caps_fetches = 0
+        self._caps_at = 0.0
+        self.output_cap = int(config.job_output_bytes)
+        self.reports = ReportSender(bus, topics, self.store, on_done=self._forget)
+        self._lock = threading.Lock()
+        self._attempts: dict[str, Attempt] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()  # attempts done here lately
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._registered = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def register(self) -> None:
+        """Recover what a previous run left, then put the handlers on the bus (before
+        ``bus.start()``)."""
+        if self._registered:
+            return
+        self._registered = True
+        self.store.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._recover()
+        self.reports.start()
+        self.bus.on_inbox(JobAssign.TYPE, self.guard.wrap(self.on_assign), lane=LANE)
+        self.bus.on_inbox(JobKill.TYPE, self.guard.wrap(self.on_kill), lane=LANE)
+
+    def close(self) -> None:
+        """A clean stop: running commands are stopped and their attempts forgotten (the
+        coordinator requeues them: they leave the heartbeat); finished attempts keep
+        their uploads and reports on disk for the next run."""
+        self._stopping.set()
+        for attempt in self.all():
+            if attempt.holds_slot:
+                self._kill(attempt, "the worker is stopping")
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(self.kill_grace_s + 10.0)
+        self.reports.close()
+
+    def all(self) -> list[Attempt]:
+        with self._lock:
+            return list(self._attempts.values())
+
+    def attempt_ids(self) -> list[str]:
+        """For the heartbeat: every attempt not yet acknowledged, oldest first."""
+        return [a.id for a in self.all()][:MAX_LISTED]
+
+    def running_count(self) -> int:
+        """Attempts holding a slot (assigned or running)."""
+        return sum(1 for a in self.all() if a.holds_slot)
+
+    def running_items(self) -> list[dict[str, str]]:
+        return [{"kind": "job", "id": a.id} for a in self.all() if a.holds_slot]
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def on_assign(self, incoming: Incoming) -> None:
+        if not from_coordinator(self.bus, self.coordinator, incoming):
+            return
+        body: JobAssign = incoming.body
+        with self._lock:
+            known = body.attempt in self._attempts
+            ended = body.attempt in self._ended
+        if known:
+            self.bus.reply(incoming, Ok(detail={"attempt": body.attempt, "existing": True}))
+            return
+        if ended:  # a late duplicate (a redelivery): an attempt never runs twice
+            self.bus.reply_error(incoming, "conflict",
+                                 f"attempt {body.attempt} already ran on {self.wid}")
+            return
+        if self._stopping.is_set():
+            self.bus.reply_error(incoming, "unavailable", f"worker {self.wid} is stopping")
+            return
+        if not _ATTEMPT_ID.match(body.attempt):  # it names a directory here
+            self.bus.reply_error(incoming, "invalid", f"bad attempt id {body.attempt!r}")
+            return
+        spec = dict(body.spec)
+        executor = str((spec.get("requirements") or {}).get("executor") or self.executors[0])
+        if executor not in self.executors:
+            self.bus.reply_error(incoming, "unsupported",
+                                 f"worker {self.wid} has no {executor} executor")
+            return
+        if self.running_count() + self.used_slots() >= max(1, int(self.config.slots)):
+            self.bus.reply_error(incoming, "busy", f"worker {self.wid} has no free slot")
+            return
+        record = AttemptRecord(attempt=body.attempt, job=body.job, owner=body.owner,
+                               spec=spec, inputs=list(body.inputs), stdin=body.stdin,
+                               executor=executor, assigned_at=time.time())
+        try:
+            self.store.save(record)
+        except OSError as err:
+            log.error("cannot persist attempt %s: %s", body.attempt, err)
+            self.store.remove(body.attempt)
+            self.bus.reply_error(incoming, "internal", f"cannot persist the attempt: {err}")
+            return
+        attempt = Attempt(record)
+        with self._lock:
+            self._attempts[attempt.id] = attempt
+        self.bus.reply(incoming, Ok(detail={"attempt": attempt.id}))
+        log.info("attempt %s of job %s (owner %s) accepted", attempt.id, record.job,
+                 record.owner)
+        self._spawn(lambda: self._run(attempt), f"attempt-{attempt.id}")
+
+    def on_kill(self, incoming: Incoming) -> None:
+        if not from_coordinator(self.bus, self.coordinator, incoming):
+            return
+        body: JobKill = incoming.body
+        with self._lock:
+            attempt = self._attempts.get(body.attempt)
+        if attempt is None or not attempt.holds_slot:
+            self.bus.reply(incoming, Ok(detail={"attempt": body.attempt, "known": False}))
+            return
+        reason = body.reason or "killed by the coordinator"
+        self._spawn(lambda: self._kill(attempt, reason), f"kill-{attempt.id}")
+        self.bus.reply(incoming, Ok(detail={"attempt": attempt.id}))
+
+    def _kill(self, attempt: Attempt, reason: str) -> None:
+        with attempt.lock:
+            if attempt.kill_reason is None:
+                attempt.kill_reason = reason
+            task = attempt.task
+        if task is None:
+            return  # not started: the runner sees kill_reason before it starts
+        log.info("stopping attempt %s: %s", attempt.id, reason)
+        try:
+            self.executor_for(attempt.record.executor).stop(task, self.kill_grace_s)
+        except ExecutorError as err:
+            log.warning("cannot stop attempt %s: %s", attempt.id, err)
+
+    # -- one attempt -------------------------------------------------------------------
+
+    def _run(self, attempt: Attempt) -> None:
+        try:
+            result, captures = self._execute(attempt)
+        except Exception as err:  # never leave an attempt without an end
+            log.exception("attempt %s failed", attempt.id)
+            result, captures = {"kind": "input_failed",
+                                "error": f"worker error: {err}"[:ERROR_MAX]}, None
+        record = attempt.record
+        if captures is None and self._stopping.is_set():
+            self._drop(attempt)
+            return
+        if attempt.kill_reason is not None and self._stopping.is_set():
+            self._drop(attempt)  # stopped by the worker's own stop: the coordinator requeues
+            return
+        record.result = result
+        record.ended_at = record.ended_at or time.time()
+        record.phase = "finished"
+        self._save(record)
+        self._advertise_cache()
+        self._deliver(attempt)
+
+    def _advertise_cache(self) -> None:
+        """Republish the caps when the cache fetched something (at most every CAPS_S)."""
+        with self._lock:
+            now = time.monotonic()
+            due = (self.caps_changed is not None and self.cache.fetches != self._caps_fetches
+                   and now - self._caps_at >= CAPS_S)
+            if due:
+                self._caps_fetches, self._caps_at = self.cache.fetches, now
+        if due and self.caps_changed is not None:
+            try:
+                self.caps_changed()
+            except Exception as err:
+                log.debug("cannot republish the caps: %s", err)
+
+    def _execute(self, attempt: Attempt) -> tuple[dict[str, Any], Captures | None]:
+        """Fetch inputs, run, collect outputs; returns (result, captures)."""
+        record = attempt.record
+        spec = record.spec
+        executor = self.executor_for(record.executor)
+        workdir = self.store.workdir(record.attempt)
+        resources = spec.get("resources") or {}
+        requirements = spec.get("requirements") or {}
+        limits = Limits(cpus=float(resources["cpus"]) if resources.get("cpus") else None,
+                        memory_bytes=resources.get("memory_bytes"))
+        handle = executor.open_session(SessionSpec(
+            session_id=record.attempt, workdir=workdir, owner=record.owner, limits=limits,
+            image=requirements.get("image")))
+        attempt.handle = handle
+        record.handle = handle.to_dict()
+        self._save(record)
+        try:
+            return self._in_session(attempt, executor, handle, workdir)
+        finally:
+            try:
+                executor.close_session(handle)
+            except Exception:
+                log.exception("closing the session of attempt %s failed", attempt.id)
+
+    def _in_session(self, attempt: Attempt, executor: Executor, handle: SessionHandle,
+                    workdir: Path) -> tuple[dict[str, Any], Captures | None]:
+        record = attempt.record
+        spec = record.spec
+        command = str(spec["command"])
+        try:
+            for item in record.inputs:
+                with self.cache.use(str(item["sha256"])) as source:
+                    place(source, workdir, str(item["name"]))
+            if record.stdin:
+                with self.cache.use(str(record.stdin["sha256"])) as source:
+                    place(source, workdir, STDIN_NAME)
+                command = f"exec <{shlex.quote(STDIN_NAME)}\n{command}"
+        except (CacheError, JobFileError, OSError) as err:
+            return {"kind": "input_failed", "error": str(err)[:ERROR_MAX]}, None
+        env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+        env.update({"XCLOUD_JOB_ID": record.job, "XCLOUD_ATTEMPT_ID": record.attempt,
+                    "XCLOUD_JOB_INDEX": str(int(spec.get("index") or 0))})
+        captures = Captures(self.store.path(record.attempt), self.output_cap)
+        wall = float(spec["wall_s"]) if spec.get("wall_s") else None
+        with attempt.lock:
+            if attempt.kill_reason is not None:
+                captures.close()
+                return {"kind": "cancelled", "error": attempt.kill_reason[:ERROR_MAX]}, captures
+            try:
+                task = executor.start(TaskSpec(task_id=record.attempt, command=command,
+                                               session=handle, env=env), captures.feed)
+            except ExecutorError as err:
+                captures.close()
+                return {"kind": "input_failed",
+                        "error": f"cannot start the command: {err}"[:ERROR_MAX]}, None
+            attempt.task = task
+        record.started_at = task.started_at or time.time()
+        record.phase = "running"
+        self._save(record)
+        self._notify_started(record.attempt)
+        timed_out = False
+        result = executor.wait(task, wall)
+        if result is None:
+            timed_out = True
+            log.info("attempt %s passed its wall clock (%ss); stopping it", attempt.id, wall)
+            result = executor.stop(task, self.kill_grace_s)
+        if result is None:
+            result = ExitResult(exit_code=None, error="the command did not stop")
+        record.ended_at = time.time()
+        captures.close()
+        return self._result(attempt, result, timed_out, captures, workdir), captures
+
+    def _result(self, attempt: Attempt, result: ExitResult, timed_out: bool,
+                captures: Captures, workdir: Path) -> dict[str, Any]:
+        record = attempt.record
+        if attempt.kill_reason is not None:
+            kind = "cancelled"
+        elif timed_out or result.timed_out:
+            kind = "wall_clock"
+        elif result.oom_killed:
+            kind = "oom"
+        elif result.exit_code == 0 and not result.error:
+            kind = "success"
+        else:
+            kind = "exit_nonzero"
+        problems: list[str] = []
+        outputs: list[dict[str, Any]] = []
+        if kind != "cancelled":
+            collected, problems = collect_outputs(
+                workdir, [str(p) for p in record.spec.get("outputs") or []],
+                self.store.path(record.attempt) / "outputs")
+            room = DATA_NAME_MAX - len(f"{record.job}/outputs/")
+            for item in collected:
+                if len(item.name) > min(room, 255):
+                    problems.append(f"output {item.name[:64]!r}…: name too long")
+                    continue
+                outputs.append({"name": item.name, "path": str(item.path)})
+        error = result.error or attempt.kill_reason
+        if timed_out:
+            error = error or f"wall clock of {record.spec.get('wall_s')} s exceeded"
+        if problems:
+            error = "; ".join([*([error] if error else []), *problems])
+        out: dict[str, Any] = {
+            "kind": kind, "exit_code": result.exit_code, "signal": result.signal,
+            "duration_s": max(0.0, float(result.duration_s)),
+            "timed_out": timed_out or result.timed_out, "oom_killed": result.oom_killed,
+            "truncated": captures.truncated, "output_bytes": captures.total,
+            "error": error[:ERROR_MAX] if error else None, "outputs": outputs,
+        }
+        return out
+
+    # -- delivery ----------------------------------------------------------------------
+
+    def _deliver(self, attempt: Attempt) -> None:
+        """Upload stdout, stderr and outputs (until the coordinator takes them), then
+        build the report, persist it and hand it to the sender."""
+        record = attempt.record
+        result = dict(record.result or {})
+        directory = self.store.path(record.attempt)
+        delay = UPLOAD_RETRY_S
+        refused: list[str] = []
+        while True:
+            refused.clear()
+            try:
+                refs = {stream: self._upload(record, directory / stream,
+                                             f"{record.job}/{stream}", refused)
+                        for stream in ("stdout", "stderr")}
+                files = []
+                for item in result.get("outputs") or []:
+                    ref = self._upload(record, Path(item["path"]),
+                                       f"{record.job}/outputs/{item['name']}", refused)
+                    if ref is not None:
+                        files.append({"name": item["name"], **ref})
+                break
+            except (TransferError, BusError) as err:  # the coordinator or broker is away
+                if self._stopping.wait(delay):
+                    log.info("attempt %s: uploads resume at the next start", attempt.id)
+                    return
+                log.warning("attempt %s: cannot upload its results yet (%s); retrying",
+                            attempt.id, err)
+                delay = min(UPLOAD_RETRY_MAX_S, delay * 2)
+        if refused:
+            error = "; ".join([*([result["error"]] if result.get("error") else []),
+                               *refused])
+            result["error"] = error[:ERROR_MAX]
+        fields = {k: v for k, v in result.items()
+                  if k not in ("kind", "outputs") and v is not None}
+        record.report = {"attempt": record.attempt, "kind": result["kind"], **fields,
+                         "stdout": refs["stdout"], "stderr": refs["stderr"],
+                         "outputs": files, "started_at": record.started_at,
+                         "ended_at": record.ended_at}
+        record.report = {k: v for k, v in record.report.items()
+                         if v is not None or k in ("stdout", "stderr")}
+        record.phase = "reported"
+        self._save(record)
+        self.reports.add(record)
+
+    def _upload(self, record: AttemptRecord, path: Path, name: str,
+                refused: list[str]) -> dict[str, Any] | None:
+        """One file as the owner's data object; None for a missing or empty file, and
+        for one the coordinator refuses for good (the attempt is no longer current, the
+        owner's quota is full, ...: noted in ``refused``). Other TransferErrors (the
+        coordinator or the broker away) propagate: the caller retries."""
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return None
+        if size == 0:
+            return None
+        purpose = {"kind": "data", "owner": record.owner, "name": name[:DATA_NAME_MAX],
+                   "grant": record.attempt}
+        tid = hashlib.sha256(f"{record.attempt}\0{name}".encode()).hexdigest()[:32]
+        try:
+            result = self.transfers.upload(self.peer, path, purpose=purpose,
+                                           name=name[:DATA_NAME_MAX], tid=tid)
+        except TransferRefused as err:
+            if err.code not in REFUSED_FOR_GOOD:
+                raise
+            log.warning("attempt %s: the coordinator refused %s (%s: %s)", record.attempt,
+                        name, err.code, err)
+            refused.append(f"{name.rpartition('/')[2] or name} not kept: {err}")
+            return None
+        return {"sha256": result.sha256, "size": result.size}
+
+    def _notify_started(self, attempt_id: str) -> None:
+        """``attempt.started``: best effort (the heartbeat's ``attempts`` says it too)."""
+        try:
+            self.bus.request_async(self.topics.coord_inbox, AttemptStarted(attempt=attempt_id))
+        except Exception as err:
+            log.debug("attempt.started %s not sent: %s", attempt_id, err)
+
+    # -- recovery and bookkeeping ------------------------------------------------------
+
+    def _recover(self) -> None:
+        for record in self.store.load_all():
+            if record.phase in ("assigned", "running"):
+                log.warning("attempt %s of job %s was %s when the worker stopped; the "
+                            "coordinator requeues it", record.attempt, record.job,
+                            record.phase)
+                self._close_left_session(record)
+                self.store.remove(record.attempt)
+                continue
+            attempt = Attempt(record)
+            with self._lock:
+                self._attempts[attempt.id] = attempt
+            if record.phase == "finished":
+                log.info("attempt %s: resuming the upload of its results", attempt.id)
+                self._spawn(functools.partial(self._deliver, attempt), f"deliver-{attempt.id}")
+            else:
+                self.reports.add(record)
+
+    def _close_left_session(self, record: AttemptRecord) -> None:
+        if not record.handle:
+            return
+        try:
+            handle = SessionHandle.from_dict(record.handle)
+            self.executor_for(record.executor).close_session(handle)
+        except Exception as err:
+            log.warning("cannot clean the session of attempt %s: %s", record.attempt, err)
+
+    def _drop(self, attempt: Attempt) -> None:
+        self.store.remove(attempt.id)
+        self._forget(attempt.id)
+
+    def _forget(self, attempt_id: str) -> None:
+        with self._lock:
+            attempt = self._attempts.pop(attempt_id, None)
+            self._ended[attempt_id] = None
+            while len(self._ended) > KEEP_ENDED:
+                self._ended.popitem(last=False)
+        if attempt is not None:
+            attempt.done.set()
+
+    def _save(self, record: AttemptRecord) -> None:
+        try:
+            self.store.save(record)
+        except OSError as err:
+            log.error("cannot persist attempt %s: %s", record.attempt, err)
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
