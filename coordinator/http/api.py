@@ -1,7 +1,7 @@
 """The dashboard's JSON API (``/api/...``); every route but login needs an identity.
 
 What each role sees: everybody logged in sees the grid (workers, their metrics and
-history, grid-wide series); a client sees its own reservations and audit records and,
+history, grid-wide series); a client sees its own reservations, jobs and audit records and,
 in the workers table, only *that* a worker is reserved unless it holds it; an admin sees
 everything and may drain or resume a worker (the same rule as ``workers.drain``).
 Store calls run on the server's thread pool, never on its event loop.
@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -21,7 +22,7 @@ from aiohttp import web
 from broker.config import MonitoringConfig
 from coordinator import wire
 from coordinator.errors import CoordinatorError, NotFound
-from coordinator.http import views
+from coordinator.http import jobs_views, views
 from coordinator.http.auth import (
     COOKIE,
     Authenticator,
@@ -30,6 +31,7 @@ from coordinator.http.auth import (
     Sessions,
 )
 from coordinator.monitoring.grid_series import SERIES
+from coordinator.monitoring.job_queries import jobs_page
 from coordinator.monitoring.service import MonitoringService
 from coordinator.monitoring.tiers import GRID_RES, MAX_POINTS, pick_resolution
 from coordinator.reservation_state import LIVE_STATES
@@ -44,6 +46,7 @@ EVENTS_SHOWN = 200
 LIST_MAX = 500
 BODY_MAX = 4096
 COMPRESS_OVER = 2048  # bytes of JSON worth compressing
+ID_SHOWN_MAX = 128  # longer "ids" are not ids: refused before any query
 
 Blocking = Callable[..., Awaitable[Any]]
 Drain = Callable[[str, str, bool], dict[str, Any]]
@@ -61,6 +64,7 @@ class DashboardContext:
     grid: str  # the topic root, shown in the page title
     coordinator: str
     version: str
+    object_path: Callable[[str], Path] | None = None  # a data object's file (previews)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -112,6 +116,8 @@ class DashboardAPI:
             web.post("/api/workers/{wid}/drain", self.drain),
             web.get("/api/reservations", self.reservations),
             web.get("/api/audit", self.audit),
+            web.get("/api/jobs", self.jobs),
+            web.get("/api/jobs/{jid}", self.job),
         ]
 
     # ---- session
@@ -302,6 +308,55 @@ class DashboardAPI:
             return [wire.audit_entry(r) for r in records]
 
         return json_response({"records": await self.blocking(read), "now": self._clock()})
+
+    # ---- batch jobs (same audience rule as reservations)
+
+    async def jobs(self, request: web.Request) -> web.StreamResponse:
+        who = identity_of(request)
+        mine_only = not who.is_admin or request.query.get("mine") == "1"
+        try:
+            states = jobs_views.parse_states(request.query.get("state"))
+        except ValueError as err:
+            return error(400, str(err))
+        try:
+            limit = max(1, min(LIST_MAX, int(request.query.get("limit", "100"))))
+        except ValueError:
+            return error(400, "limit must be a whole number")
+        before = request.query.get("before") or None
+        if before is not None and len(before) > ID_SHOWN_MAX:
+            return error(400, "before must be a job id")
+
+        def read() -> dict[str, Any]:
+            store = self.ctx.store
+            records, more = jobs_page(store, owner=who.principal if mine_only else None,
+                                      states=states, before=before, limit=limit)
+            names = store.worker_names(r.worker for r in records if r.worker)
+            return {"jobs": [jobs_views.job_row(r, names) for r in records], "more": more}
+
+        data = await self.blocking(read)
+        return json_response({**data, "all": not mine_only, "now": self._clock()})
+
+    async def job(self, request: web.Request) -> web.StreamResponse:
+        who = identity_of(request)
+        jid = request.match_info["jid"]
+        if len(jid) > ID_SHOWN_MAX:
+            return error(404, "no such job")
+
+        def read() -> dict[str, Any] | None:
+            store = self.ctx.store
+            record = store.get_job(jid)
+            if record is None or (record.owner != who.principal and not who.is_admin):
+                return None  # somebody else's job: nothing tells it exists
+            attempts, older = store.job_attempts(record.id)
+            result = store.job_result(record.id) if record.state.terminal else None
+            names = store.worker_names([a.worker_id for a in attempts])
+            return jobs_views.job_detail(record, attempts, older, result, names,
+                                         self.ctx.object_path)
+
+        detail = await self.blocking(read)
+        if detail is None:
+            return error(404, f"no job {jid!r}")
+        return json_response(detail)
 
 
 def _range(request: web.Request) -> int | None:

@@ -8,8 +8,8 @@ would put the grid's bus (and a principal's broker credentials) in every page.
 
 One ``LiveFeed`` per dashboard: every ``tick_s`` it reads, once for all subscribers, the
 workers whose row changed since the previous tick (heard from, state moved), the
-grid-wide snapshot and a digest of the reservations, and queues the same ``tick`` event
-to every open page. Its cost grows with the grid's activity, not with the number of
+grid-wide snapshot and digests of the reservations and of the jobs, and queues the same
+``tick`` event to every open page. Its cost grows with the grid's activity, not with the number of
 pages; a page that cannot keep up (a full queue) is dropped and reconnects.
 """
 
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from coordinator.monitoring.grid_series import GridSampler, RunningWork
+from coordinator.monitoring.job_queries import jobs_digest
 from coordinator.monitoring.rollup import gpu_usage
 from coordinator.store import Store
 from coordinator.store.values import loads
@@ -85,6 +86,7 @@ class LiveFeed:
         self._since: float | None = None
         self._known: dict[str, dict[str, Any]] = {}
         self._digest: tuple[Any, ...] = ()
+        self._jobs_digest: tuple[Any, ...] | None = None
         self.subscribers: set[asyncio.Queue[str | None]] = set()
         self.ticks = 0
 
@@ -102,6 +104,7 @@ class LiveFeed:
             await asyncio.sleep(self.tick_s)
             if not self.subscribers:
                 self._since = None  # the next watcher starts from a fresh read
+                self._jobs_digest = None
                 continue
             try:
                 message = await run_blocking(self.build_tick)
@@ -140,9 +143,14 @@ class LiveFeed:
         digest = self.store.reservation_digest()
         reservations_changed = digest != self._digest
         self._digest = digest
+        # Jobs: pages refetch their own (audience-filtered) lists when anything moved.
+        jobs = jobs_digest(self.store)
+        jobs_changed = self._jobs_digest is not None and jobs != self._jobs_digest
+        self._jobs_digest = jobs
         self.ticks += 1
         return json.dumps({"now": now, "workers": changed, "grid": self.sampler.snapshot(),
-                           "reservations_changed": reservations_changed},
+                           "reservations_changed": reservations_changed,
+                           "jobs_changed": jobs_changed},
                           separators=(",", ":"), allow_nan=False, default=str)
 
 

@@ -6,10 +6,8 @@ it, and the dashboard's overview shows it. Its sources are a list of functions, 
 returning ``{series name: value}``; the set of names is fixed by the code (bounded), and
 ``SERIES`` declares them for the API.
 
-Jobs do not exist yet. When they come, their module adds one source
-(``sampler.sources.append(jobs_source)``) and its names to ``SERIES``:
-``jobs_queued``, ``jobs_running`` and ``jobs_completed_per_min`` are the names the
-dashboard's overview will chart (docs/monitoring.md).
+Batch jobs add one source (``coordinator.monitoring.job_metrics.JobSeries.source``,
+appended by ``MonitoringService``) and its names (``JOB_SERIES``) to ``SERIES``.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from coordinator.monitoring.job_metrics import JOB_SERIES
 from coordinator.store import Store
 from coordinator.worker_state import LIVE_STATES, WorkerState
 
@@ -36,6 +35,7 @@ SERIES: list[str] = [
     "reservations",
     "exec_sessions",
     "heartbeats_per_s",
+    *JOB_SERIES,
 ]
 
 

@@ -185,9 +185,13 @@ class _ProcessMetrics(Collector):
         return []
 
 
-def coordinator_registry(collector: GridCollector) -> tuple[CollectorRegistry, ExecDurations]:
-    """A registry for one coordinator's ``/metrics``, and its exec-duration histogram."""
+def coordinator_registry(collector: GridCollector, *more: Collector
+                         ) -> tuple[CollectorRegistry, ExecDurations]:
+    """A registry for one coordinator's ``/metrics`` (the grid, then ``more`` collectors:
+    the jobs'), and its exec-duration histogram."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    for extra in more:
+        registry.register(extra)
     registry.register(_ProcessMetrics())
     return registry, ExecDurations(registry)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from broker.config import MonitoringConfig
 from coordinator.errors import CoordinatorError
 from coordinator.monitoring.grid_series import GridSampler, RunningWork
+from coordinator.monitoring.job_metrics import JobCollector, JobSeries
 from coordinator.monitoring.prometheus import GridCollector, coordinator_registry
 from coordinator.monitoring.rollup import PassReport, Rollup
 from coordinator.monitoring.tiers import GRID_RES, parse_tiers
@@ -40,11 +41,14 @@ class MonitoringService:
         self.heartbeats_total = heartbeats_total
         self.sampler = GridSampler(store, heartbeats_total=heartbeats_total,
                                    running=self.running, clock=clock)
+        self.jobs = JobSeries(store, clock)
+        self.sampler.sources.append(self.jobs.source)
         self.rollup = Rollup(store, raw_retention_s=config.raw_retention_s, tiers=self.tiers)
         self.collector = GridCollector(store, self.sampler, self.running,
                                        heartbeats_total=heartbeats_total,
                                        per_worker=config.per_worker_metrics)
-        self.registry, self.exec_durations = coordinator_registry(self.collector)
+        self.registry, self.exec_durations = coordinator_registry(
+            self.collector, JobCollector(store, self.jobs))
         self.last_pass: PassReport | None = None
         self._audit_after: int | None = None
         self._pass_lock = threading.Lock()

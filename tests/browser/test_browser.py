@@ -222,3 +222,63 @@ def test_a_killed_worker_shows_as_lost_without_a_reload(grid: GridHarness, brows
     assert browser.execute_script("return window.__sameDocument") is True
     assert row_state(browser, "bw1") == "online"
     shot(browser, shots, "05-lost")
+
+
+def test_a_submitted_job_appears_live_and_shows_its_output(grid: GridHarness, browser: Any,
+                                                          shots: Path) -> None:
+    from tests.job_actors import JobClient
+
+    base = dashboard_url(grid)
+    browser.get(base + "/#/jobs")
+    wait_for(lambda: visible(browser, "#jobs-table"), 10, message="the Jobs view")
+    browser.execute_script("window.__sameDocument = true")
+    grid.add_principals(("carol", "client"))
+    carol = JobClient(grid, "carol")
+    try:
+        (jid,) = carol.submit({"command": "echo dashboard-says-hello; echo oops >&2",
+                               "name": "hello-page"})
+    finally:
+        carol.bus.stop()
+
+    def job_state() -> str | None:
+        state: str | None = browser.execute_script(
+            "const r = document.querySelector(`tr[data-job=\"${arguments[0]}\"]`);"
+            "return r ? r.dataset.state : null;", jid)
+        return state
+
+    wait_for(lambda: job_state() is not None, 10, message="the job listed without a reload")
+    wait_for(lambda: job_state() == "completed", 30, message="the job completed on the page")
+    assert browser.execute_script("return window.__sameDocument") is True
+    assert grid.store.get_job(jid).state.value == "completed"  # type: ignore[union-attr]
+    shot(browser, shots, "06-jobs")
+    # Filtered like the workers table.
+    box = browser.find_element("id", "jobs-filter")
+    box.send_keys("hello-page")
+    wait_for(lambda: browser.execute_script(
+        "return [...document.querySelectorAll('tr[data-job]')].map(r => r.dataset.job)")
+        == [jid], 5, message="filtered to the job")
+    box.send_keys("-nothing")
+    wait_for(lambda: browser.find_elements("css selector", "tr[data-job]") == [], 5,
+             message="filtered to nothing")
+    box.clear()
+    browser.execute_script("arguments[0].dispatchEvent(new Event('input'))", box)
+    browser.find_element("css selector", f"tr[data-job=\"{jid}\"] a").click()
+    wait_for(lambda: browser.execute_script(
+        "return document.getElementById('job-stdout').textContent") ==
+        "dashboard-says-hello\n", 10, message="the stdout preview")
+    assert browser.execute_script(
+        "return document.getElementById('job-stderr').textContent") == "oops\n"
+    kinds = browser.execute_script(
+        "return [...document.querySelectorAll('#attempts-table tr[data-attempt]')]"
+        ".map(r => r.dataset.kind)")
+    assert kinds == ["success"]
+    shot(browser, shots, "07-job")
+    # The overview counts jobs and charts them.
+    browser.get(base + "/#/")
+    wait_for(lambda: visible(browser, "[data-card=jobs_running]"), 10, message="job cards")
+    assert browser.execute_script(
+        "return document.querySelector('[data-card=jobs_queued] .value').textContent") == "0"
+    wait_for(lambda: browser.find_elements(
+        "css selector", "[data-series=jobs_completed_per_min] canvas"), 10,
+        message="the completed-per-minute sparkline")
+    shot(browser, shots, "08-overview-jobs")

@@ -1,5 +1,5 @@
 // The xcloud dashboard: one page, no build step. Views are chosen by the URL's hash
-// (#/, #/workers, #/worker/ID, #/reservations, #/audit); data comes from /api/...
+// (#/, #/workers, #/worker/ID, #/jobs, #/job/ID, #/reservations, #/audit); data comes from /api/...
 // and live updates from the server-sent events of /api/events (docs/monitoring.md).
 "use strict";
 
@@ -8,6 +8,8 @@
     me: null, view: null, workers: new Map(), loadingWorkers: false, sort: { key: "name", dir: 1 },
     filter: "", stateFilter: "", source: null, worker: null, range: 3600,
     charts: {}, chartData: {}, sparks: {}, sparkData: null, grid: {},
+    jobs: [], jobsMore: false, loadingJobs: false, jobSort: { key: "submitted_at", dir: -1 },
+    jobFilter: "", job: null, jobDetail: null,
   };
   const $ = (sel) => document.querySelector(sel);
   const el = (tag, attrs, ...kids) => {
@@ -87,6 +89,11 @@
     $("#top").hidden = false;
     $("#grid-name").textContent = "grid " + S.me.grid;
     $("#who").textContent = S.me.principal + " (" + S.me.role + ")";
+    $("#jobs-mine-label").hidden = S.me.role !== "admin";
+    const jobStates = $("#jobs-state");
+    if (jobStates.options.length === 2) {
+      for (const st of ["queued", "running", "held", "completed", "failed", "cancelled"]) jobStates.append(el("option", { value: st }, st));
+    }
     connectLive();
     route();
   }
@@ -117,6 +124,10 @@
       if (tick.workers.some((w) => !S.workers.has(w.id))) loadWorkers(); else renderWorkers();
     }
     if (S.view === "worker") liveWorker(tick);
+    if (tick.jobs_changed) {
+      if (S.view === "jobs") loadJobs();
+      if (S.view === "job" && S.job) loadJob(S.job);
+    }
     if (tick.reservations_changed) {
       if (S.view === "reservations") loadReservations();
       if (S.view === "workers") loadWorkers();
@@ -133,12 +144,15 @@
     document.body.dataset.view = view;
     for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== "view-" + view;
     for (const a of document.querySelectorAll("nav a")) {
-      a.classList.toggle("active", a.dataset.nav === view || (view === "worker" && a.dataset.nav === "workers"));
+      a.classList.toggle("active", a.dataset.nav === view || (view === "worker" && a.dataset.nav === "workers") ||
+        (view === "job" && a.dataset.nav === "jobs"));
     }
     destroyCharts();
     if (view === "overview") loadOverview();
     else if (view === "workers") loadWorkers();
     else if (view === "worker") loadWorker(decodeURIComponent(parts.slice(1).join("/")));
+    else if (view === "jobs") loadJobs();
+    else if (view === "job") loadJob(decodeURIComponent(parts.slice(1).join("/")));
     else if (view === "reservations") loadReservations();
     else if (view === "audit") loadAudit();
   }
@@ -150,11 +164,15 @@
     ["slots_busy", "slots busy", (g) => (g.slots_busy ?? 0) + " / " + (g.slots_total ?? 0)],
     ["reservations", "reservations"], ["exec_sessions", "commands running"],
     ["heartbeats_per_s", "heartbeats / s", (g) => num(g.heartbeats_per_s, 1)],
-    // Jobs (queued, running, completed per minute) join here when the grid has jobs.
+    ["jobs_queued", "jobs queued"], ["jobs_running", "jobs running"], ["jobs_held", "jobs held"],
+    ["jobs_completed_per_min", "jobs completed / min", (g) => num(g.jobs_completed_per_min, 1)],
+    ["jobs_failed_per_min", "jobs failed / min", (g) => num(g.jobs_failed_per_min, 1)],
   ];
   const SPARKS = [["workers_online", "Workers online"], ["slots_busy", "Slots busy"],
     ["reservations", "Reservations"], ["exec_sessions", "Commands running"],
-    ["heartbeats_per_s", "Heartbeats / s"]];
+    ["heartbeats_per_s", "Heartbeats / s"], ["jobs_queued", "Jobs queued"],
+    ["jobs_running", "Jobs running"], ["jobs_completed_per_min", "Jobs completed / min"],
+    ["jobs_failed_per_min", "Jobs failed / min"]];
 
   async function loadOverview() {
     const data = await api("/api/overview");
@@ -338,6 +356,121 @@
     S.charts = {}; S.sparks = {}; S.chartData = {};
   }
 
+  // ---- jobs (clients see their own, admins everybody's: the server decides)
+  async function loadJobs() {
+    if (S.loadingJobs) return;
+    S.loadingJobs = true;
+    const params = new URLSearchParams({ limit: "200" });
+    const state = $("#jobs-state").value;
+    if (state) params.set("state", state);
+    if ($("#jobs-mine").checked) params.set("mine", "1");
+    let data;
+    try { data = await api("/api/jobs?" + params); } finally { S.loadingJobs = false; }
+    if (S.view !== "jobs") return;
+    S.jobs = data.jobs; S.jobsMore = data.more;
+    renderJobs();
+  }
+  async function moreJobs() {
+    if (!S.jobs.length) return;
+    const params = new URLSearchParams({ limit: "200", before: S.jobs[S.jobs.length - 1].id });
+    const state = $("#jobs-state").value;
+    if (state) params.set("state", state);
+    if ($("#jobs-mine").checked) params.set("mine", "1");
+    const data = await api("/api/jobs?" + params);
+    const known = new Set(S.jobs.map((j) => j.id));
+    S.jobs = S.jobs.concat(data.jobs.filter((j) => !known.has(j.id)));
+    S.jobsMore = data.more;
+    renderJobs();
+  }
+  function jobDuration(j) {
+    if (!j.started_at) return null;
+    return (j.ended_at || Date.now() / 1000) - j.started_at;
+  }
+  function jobSortValue(j, key) {
+    const v = key === "duration" ? jobDuration(j) : key === "worker" ? (j.worker_name || j.worker) : j[key];
+    return v === undefined || v === null ? -Infinity : v;
+  }
+  function renderJobs() {
+    const f = S.jobFilter.toLowerCase();
+    const rows = S.jobs.filter((j) => !f || [j.id, j.name, j.owner, j.state, j.command, j.worker, j.worker_name, j.batch]
+      .join(" ").toLowerCase().includes(f));
+    const { key, dir } = S.jobSort;
+    rows.sort((a, b) => {
+      const x = jobSortValue(a, key), y = jobSortValue(b, key);
+      return x < y ? -dir : x > y ? dir : a.id < b.id ? -dir : a.id > b.id ? dir : 0;
+    });
+    $("#jobs-count").textContent = rows.length + " of " + S.jobs.length + (S.jobsMore ? "+" : "");
+    $("#jobs-more").hidden = !S.jobsMore;
+    for (const th of document.querySelectorAll("#jobs-table th")) {
+      th.classList.toggle("sorted-asc", th.dataset.sort === key && dir > 0);
+      th.classList.toggle("sorted-desc", th.dataset.sort === key && dir < 0);
+    }
+    $("#jobs-table tbody").replaceChildren(...rows.map(jobRow));
+  }
+  function jobRow(j) {
+    const link = el("a", { href: "#/job/" + encodeURIComponent(j.id) }, j.name || j.id);
+    const name = j.name ? el("td", {}, link, " ", el("span", { class: "muted" }, j.id)) : el("td", {}, link);
+    const d = jobDuration(j);
+    return el("tr", { "data-job": j.id, "data-state": j.state },
+      name, el("td", {}, j.owner), el("td", {}, el("span", { class: "badge " + j.state }, j.state)),
+      el("td", { class: "cmd" }, j.command), el("td", {}, j.worker ? (j.worker_name || j.worker) : ""),
+      el("td", {}, j.attempts), el("td", {}, j.exit_code ?? ""), el("td", { title: when(j.submitted_at) }, ago(j.submitted_at)),
+      el("td", {}, d === null ? "–" : num(d, 1) + " s"));
+  }
+
+  async function loadJob(jid) {
+    S.job = jid;
+    let d;
+    try { d = await api("/api/jobs/" + encodeURIComponent(jid)); }
+    catch (e) { $("#job-name").textContent = jid; $("#job-summary").textContent = e.message; return; }
+    if (S.job !== jid || S.view !== "job") return;
+    S.jobDetail = d;
+    $("#job-name").textContent = d.name ? d.name + " (" + d.id + ")" : d.id;
+    const badge = $("#job-state");
+    badge.textContent = d.state; badge.className = "badge " + d.state;
+    $("#job-summary").textContent = ["owner " + d.owner, "batch " + d.batch, "priority " + d.priority,
+      d.cpus + " CPU(s)", d.memory_bytes ? bytes(d.memory_bytes) : "", "submitted " + when(d.submitted_at),
+      d.ended_at ? "ended " + when(d.ended_at) : "", d.hold_reason ? "held: " + d.hold_reason : "",
+      "retries " + d.job_failures + "/" + d.max_retries + ", system " + d.system_failures + "/" + d.max_system_retries,
+    ].filter(Boolean).join(" · ");
+    $("#job-command").textContent = d.command;
+    const start = d.submitted_at, end = Math.max(d.ended_at || Date.now() / 1000, start + 1);
+    const span = end - start;
+    const pos = (t) => Math.max(0, Math.min(100, ((t - start) / span) * 100));
+    $("#attempts-table tbody").replaceChildren(...d.attempts_list.map((a) => {
+      const bar = el("span", { class: "timeline" });
+      const began = a.started_at || a.acked_at || a.assigned_at;
+      const wait = el("i", { class: "wait" });
+      wait.style.left = pos(a.assigned_at) + "%"; wait.style.width = Math.max(0.5, pos(began) - pos(a.assigned_at)) + "%";
+      const run = el("i", { class: a.kind === "success" ? "success" : a.live ? "" : "failed" });
+      run.style.left = pos(began) + "%"; run.style.width = Math.max(0.5, pos(a.ended_at || end) - pos(began)) + "%";
+      bar.append(wait, run);
+      return el("tr", { "data-attempt": a.id, "data-kind": a.kind },
+        el("td", {}, a.id), el("td", {}, el("a", { href: "#/worker/" + encodeURIComponent(a.worker) }, a.worker_name || a.worker)),
+        el("td", {}, el("span", { class: "badge" }, a.kind)), el("td", {}, bar),
+        clock(a.assigned_at), clock(a.acked_at), clock(a.started_at), clock(a.ended_at), el("td", {}, a.exit_code ?? ""), el("td", { class: "cmd" }, a.error || ""));
+    }));
+    const r = d.result;
+    $("#job-result").hidden = !r;
+    if (r) {
+      $("#job-result-summary").textContent = [r.kind, "exit " + (r.exit_code ?? "?"),
+        r.duration_s !== undefined && r.duration_s !== null ? num(r.duration_s, 2) + " s" : "", r.error ? "error: " + r.error : ""]
+        .filter(Boolean).join(" · ");
+      showOutput("stdout", r.stdout_preview);
+      showOutput("stderr", r.stderr_preview);
+    }
+  }
+  function clock(ts) {
+    return el("td", { title: when(ts) }, ts ? new Date(ts * 1000).toLocaleTimeString() : "–");
+  }
+  function showOutput(which, p) {
+    const box = $("#job-" + which), note = $("#job-" + which + "-note");
+    box.textContent = p ? p.text : "";
+    box.dataset.loaded = p ? "1" : "0";
+    note.textContent = !p ? "(none)" : p.missing ? "(no longer stored)" :
+      p.truncated ? "(first " + bytes(p.shown) + " of " + bytes(p.size) + ")" : "(" + bytes(p.size) + ")";
+  }
+
   // ---- reservations and audit
   async function loadReservations() {
     const all = $("#res-all").checked;
@@ -361,6 +494,7 @@
   window.xcloud = {
     chartData: (key) => S.chartData[key] ? S.chartData[key].cols : null,
     workers: () => [...S.workers.values()],
+    jobs: () => S.jobs.slice(),
   };
   document.addEventListener("DOMContentLoaded", async () => {
     $("#login-form").addEventListener("submit", login);
@@ -368,6 +502,17 @@
     $("#workers-filter").addEventListener("input", (e) => { S.filter = e.target.value; renderWorkers(); });
     $("#workers-state").addEventListener("change", (e) => { S.stateFilter = e.target.value; renderWorkers(); });
     $("#res-all").addEventListener("change", loadReservations);
+    $("#jobs-filter").addEventListener("input", (e) => { S.jobFilter = e.target.value; renderJobs(); });
+    $("#jobs-state").addEventListener("change", loadJobs);
+    $("#jobs-mine").addEventListener("change", loadJobs);
+    $("#jobs-more").addEventListener("click", moreJobs);
+    for (const th of document.querySelectorAll("#jobs-table th[data-sort]")) {
+      th.addEventListener("click", () => {
+        const key = th.dataset.sort;
+        S.jobSort = { key, dir: S.jobSort.key === key ? -S.jobSort.dir : 1 };
+        renderJobs();
+      });
+    }
     for (const th of document.querySelectorAll("#workers-table th[data-sort]")) {
       th.addEventListener("click", () => {
         const key = th.dataset.sort;
