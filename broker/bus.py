@@ -223,10 +223,16 @@ class Bus:
                     continue  # logged; the rest still goes out
                 with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(2.0)
+        network = self._client._thread  # paho's network thread (None: never started)
         try:
             self._client.disconnect()
         finally:
-            self._client.loop_stop()
+            # paho race: after disconnect() its thread may end on its own and clear
+            # ``_thread`` between loop_stop's check and its join (AttributeError)
+            with contextlib.suppress(AttributeError):
+                self._client.loop_stop()
+            if network is not None and network is not threading.current_thread():
+                network.join(5)
         with self._lock:
             lanes = list(self._lanes.values())
             for fut in self._pending.values():

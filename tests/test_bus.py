@@ -446,3 +446,25 @@ def test_a_misspelt_lane_fails_instead_of_starting_a_thread() -> None:
     with pytest.raises(ValueError, match="typo"):
         bus.subscribe("xcloud/x", lambda _incoming: None, lane="typo")  # type: ignore[arg-type]
     assert threading.active_count() == threads
+
+
+def test_stop_survives_paho_ending_its_thread_during_loop_stop(
+        grid: GridHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """paho's network thread may end on its own after disconnect() and clear its ``_thread``
+    between loop_stop's check and its join (AttributeError on None.join, seen in CI during a
+    coordinator's stop): the bus still stops, lanes and pending requests included."""
+    alice = client(grid)
+    network = alice._client._thread
+    assert network is not None
+
+    def racing_loop_stop() -> Any:
+        network.join(5)  # the thread ended by itself, as after disconnect()
+        alice._client._thread = None
+        raise AttributeError("'NoneType' object has no attribute 'join'")
+
+    monkeypatch.setattr(alice._client, "loop_stop", racing_loop_stop)
+    pending = alice.request_async(grid.topics.worker_inbox("ghost"), Ping())
+    alice.stop()
+    assert not network.is_alive()
+    with pytest.raises(BusError, match="bus stopped"):
+        pending.result(1)
