@@ -80,6 +80,8 @@ def measure(xgrid: XcloudGrid, work: Path, src: Path, sha256: str, tree: Path,
             if got.sha256 != sha256 or back.stat().st_size != size:
                 raise RuntimeError("the file came back different")
             back.unlink()
+            if "docker executor" in xgrid.label:
+                out.update(measure_docker_cp(w.id, src, work))
             t0 = time.perf_counter()
             w.put(tree, "tree")
             out["put_dir_mb_s"] = tree_bytes / MB / (time.perf_counter() - t0)
@@ -87,6 +89,36 @@ def measure(xgrid: XcloudGrid, work: Path, src: Path, sha256: str, tree: Path,
             w.get("tree", work / "tree-back")
             out["get_dir_mb_s"] = tree_bytes / MB / (time.perf_counter() - t0)
     return out
+
+
+def measure_docker_cp(session_id: str, src: Path, work: Path) -> dict[str, float]:
+    """``docker cp`` of the same file into and out of the reservation's container: what a
+    user with the docker CLI on the worker's machine would do instead of ``put``/``get``."""
+    import subprocess
+
+    import docker
+    from worker.executors.docker.container import LABEL_SESSION
+
+    engine = docker.from_env()
+    try:
+        found = engine.containers.list(filters={"label": f"{LABEL_SESSION}={session_id}"})
+    finally:
+        engine.close()
+    if not found:
+        raise RuntimeError(f"no container for reservation {session_id}")
+    name = found[0].name
+    size = src.stat().st_size
+    t0 = time.perf_counter()
+    subprocess.run(["docker", "cp", str(src), f"{name}:/work/cp-bench.bin"], check=True,
+                   capture_output=True)
+    up = size / MB / (time.perf_counter() - t0)
+    back = work / "cp-back.bin"
+    t0 = time.perf_counter()
+    subprocess.run(["docker", "cp", f"{name}:/work/cp-bench.bin", str(back)], check=True,
+                   capture_output=True)
+    down = size / MB / (time.perf_counter() - t0)
+    back.unlink()
+    return {"docker_cp_in_mb_s": up, "docker_cp_out_mb_s": down}
 
 
 def run(quick: bool = False, size_mb: int | None = None,
@@ -139,6 +171,10 @@ def markdown(result: dict[str, Any]) -> str:
         rows.append([f"xcloud put/get, {res['label']}", fmt(res["put_mb_s"]),
                      fmt(res["get_mb_s"]), fmt(res["put_dir_mb_s"]),
                      fmt(res["get_dir_mb_s"])])
+    for res in result["results"].values():
+        if "docker_cp_in_mb_s" in res:
+            rows.append(["docker cp (same container)", fmt(res["docker_cp_in_mb_s"]),
+                         fmt(res["docker_cp_out_mb_s"]), "–", "–"])
     for name, err in result["errors"].items():
         rows.append([f"{name}: {err.splitlines()[0][:80]}", "–", "–", "–", "–"])
     scp = result.get("scp") or {}
