@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
@@ -235,9 +235,12 @@ class Bus:
                 network.join(5)
         with self._lock:
             lanes = list(self._lanes.values())
-            for fut in self._pending.values():
-                fut.set_exception(BusError("bus stopped"))
+            pending = list(self._pending.values())
             self._pending.clear()
+        for fut in pending:
+            if not fut.done():  # a cancelled one stays cancelled
+                with contextlib.suppress(InvalidStateError):
+                    fut.set_exception(BusError("bus stopped"))
         for lane in lanes:
             lane.queue.put(None)
         for lane in lanes:
@@ -367,6 +370,9 @@ class Bus:
         fut: Future[Envelope[Any]] = Future()
         with self._lock:
             self._pending[env.id] = fut
+        # a caller that cancels (or a reply that settles it) forgets it here
+        mid = env.id
+        fut.add_done_callback(lambda _f: self._forget_pending(mid))
         try:
             self.send(base_inbox, env)
         except BaseException:
@@ -374,6 +380,10 @@ class Bus:
                 self._pending.pop(env.id, None)
             raise
         return fut
+
+    def _forget_pending(self, mid: str) -> None:
+        with self._lock:
+            self._pending.pop(mid, None)
 
     def reply(self, request: Incoming, body: Body, *, qos: int = 1) -> None:
         """Answer a request in its sender's own inbox (``reply_inbox``); nothing when it

@@ -468,3 +468,21 @@ def test_stop_survives_paho_ending_its_thread_during_loop_stop(
     assert not network.is_alive()
     with pytest.raises(BusError, match="bus stopped"):
         pending.result(1)
+
+
+def test_stop_after_a_cancelled_request_and_no_pending_leak(grid: GridHarness) -> None:
+    """A caller may cancel a request it gave up on (the job runner does before re-sending a
+    report): the bus forgets it at once, and stop() still stops (it raised
+    InvalidStateError on the cancelled future and left its lanes running)."""
+    alice = client(grid)
+    ghost = grid.topics.worker_inbox("ghost")  # nobody answers
+    cancelled = alice.request_async(ghost, Ping())
+    assert cancelled.cancel()
+    assert not alice._pending, "a cancelled request stays in the pending table"
+    waiting = alice.request_async(ghost, Ping())
+    alice.stop()
+    assert cancelled.cancelled()
+    with pytest.raises(BusError, match="bus stopped"):
+        waiting.result(1)
+    assert not [t for t in threading.enumerate()
+                if t.name.startswith(f"bus-{alice.client_id}")], "lanes left running"
