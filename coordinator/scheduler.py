@@ -50,6 +50,7 @@ from schemas.topics import Topics
 
 log = logging.getLogger(__name__)
 
+REFUSED_BACKOFF_S = 30.0  # a worker that answered busy waits for its next heartbeat, at most this
 MAX_PAGES = 4  # queue pages read in one pass when the head matches no free worker
 RECONCILE_GRACE_S = 1.0  # an attempt acknowledged this recently may predate a heartbeat
 SENT_MAX = 10_000
@@ -109,6 +110,7 @@ class JobScheduler:
         self._kills = TokenBuckets(config.max_kills / max(config.kill_resend_s, 1e-3),
                                    config.max_kills, clock=clock)
         self._killed: dict[tuple[str, str], float] = {}
+        self._refused: dict[str, float] = {}  # wid -> when it answered busy
         self.passes = 0
         self.last_pass_s = 0.0
 
@@ -219,6 +221,7 @@ class JobScheduler:
     def on_attempts(self, wid: str, listed: list[str]) -> None:
         """Registry listener: one worker's latest heartbeat ``attempts``."""
         now = self._clock()
+        self._refused.pop(wid, None)  # what it runs is known again: offer it work
         missing, unknown = self.store.note_heartbeat(
             wid, listed[:64], acked_before=now - RECONCILE_GRACE_S, now=now)
         limit = max(1, self.config.missed_heartbeats)
@@ -266,9 +269,12 @@ class JobScheduler:
     def _capacities(self) -> list[Capacity]:
         reserved = self.store.reserved_worker_ids()
         usage = self.store.attempt_usage()
+        now = self._clock()
+        refused = {wid for wid, at in self._refused.items()
+                   if now - at < REFUSED_BACKOFF_S}
         caps = [Capacity(w, usage.get(w.id, (0, 0, 0)))
                 for w in self.store.list_workers(state=WorkerState.ONLINE)
-                if w.id not in reserved]
+                if w.id not in reserved and w.id not in refused]
         return [c for c in caps if c.free > 0]
 
     def _match(self) -> int:
@@ -350,6 +356,17 @@ class JobScheduler:
             self.kill(attempt.id, wid, "not acknowledged in time")
             return
         except RemoteError as err:
+            if err.code == "busy":
+                # Our count of its free slots was wrong (it still runs an attempt we
+                # wrote off, e.g. after a false loss): not the job's failure, nor a
+                # system failure to charge; offer the worker nothing until it heartbeats.
+                self._refused[wid] = self._clock()
+                changes = self.store.end_attempt(
+                    attempt.id, AttemptKind.LEASE_EXPIRED, now=self._clock(), spend=False,
+                    error=f"worker {wid} had no free slot: {err}")
+                self.announce(changes)
+                self.poke()
+                return
             self.end(attempt, AttemptKind.LEASE_EXPIRED, f"worker {wid} refused it: {err}")
             return
         except BusError as err:

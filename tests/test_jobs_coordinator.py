@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.bus import Incoming
 from broker.transfer import Offer, TransferRefused
 from coordinator.job_state import (
     ATTEMPT_MACHINE,
@@ -25,6 +26,7 @@ from coordinator.job_state import (
 from coordinator.store import AttemptRecord, JobRecord
 from schemas.job_messages import (
     AttemptReport,
+    JobAssign,
     JobsCancel,
     JobsHold,
     JobsList,
@@ -553,3 +555,62 @@ def test_listing_pages_with_a_cursor_and_admins_see_all(grid: GridHarness) -> No
     refused = alice.request(JobsList(owner="boss"))
     assert isinstance(refused, Error)
     assert refused.code == "forbidden"
+
+
+class BusyWorker(JobWorker):
+    """Acknowledges its first assignment, then holds that slot: refuses `busy` as
+    worker/job_runner.py does when running_count() + used_slots() >= slots (until
+    ``accept``)."""
+
+    accept = False
+    accept_count = 0
+
+    def _on_assign(self, incoming: Incoming) -> None:
+        body: JobAssign = incoming.body
+        with self._lock:
+            self.assigns.append(body)
+            first = len(self.assigns) == 1
+        if first or self.accept:
+            self.accept_count += not first
+            self.bus.reply(incoming, Ok())
+        else:
+            self.bus.reply_error(incoming, "busy", f"worker {self.wid} has no free slot")
+
+
+@pytest.mark.parametrize("broker_kind", ["mosquitto"], indirect=True)
+def test_busy_refusals_do_not_fail_the_job(grid: GridHarness) -> None:
+    start_jobs_coordinator(grid)
+    alice = JobClient(grid, "alice")
+    w1 = BusyWorker(grid, "w1")
+    w1.join(slots=1)
+    (jid,) = alice.submit({"command": "sleep 5", "max_system_retries": 3})
+    (first,) = w1.assigned(1)
+    wait_for(lambda: (a := grid.store.get_attempt(first.attempt)) is not None
+             and a.acked_at is not None, 10, message="acknowledged")
+    w1.started(first.attempt)
+    w1.crash()  # declared lost (as a delayed heartbeat does), the attempt still held
+    wait_for(lambda: (a := grid.store.get_attempt(first.attempt)) is not None
+             and a.ended_at is not None, 10, message="ended worker_lost")
+    w1.join(slots=1)  # back online, still holding the attempt
+    w1.heartbeat_attempts(1, [first.attempt])
+    # The job waits for the slot (queued), one system failure spent (the loss); once the
+    # held attempt's (stale) report is in and the slot is free, it runs on w1. (It was
+    # refused `busy` three times within milliseconds, each a system failure, and failed.)
+    wait_for(lambda: len(w1.assigns) >= 2, 10, message="re-offered to w1")
+    w1.report_attempt(first.attempt, "success", exit_code=0)
+    w1.accept = True
+    w1.heartbeat_attempts(2, [])
+
+    def settled() -> str | None:
+        record = grid.store.get_job(jid)
+        assert record is not None
+        return record.state.value if record.state.value in ("failed", "running") \
+            and (record.state.value == "failed" or w1.accept_count) else None
+
+    state = wait_for(settled, 10, message="the job runs again or fails")
+    record = grid.store.get_job(jid)
+    assert record is not None
+    assert state == "running", (
+        f"{state} after {record.system_failures} system failures, "
+        f"{len(w1.assigns) - 2} of them `busy` refusals")
+    assert record.system_failures == 1

@@ -24,8 +24,10 @@ from coordinator.errors import InvalidArgument, NotFound
 from coordinator.job_state import (
     ATTEMPT_MACHINE,
     JOB_MACHINE,
+    SYSTEM_FAILURES,
     AttemptKind,
     JobState,
+    Verdict,
     verdict,
 )
 from coordinator.store.engine import StoreBase, op
@@ -400,14 +402,18 @@ class JobStore(StoreBase):
 
     @op
     def end_attempt(self, aid: str, kind: AttemptKind, *, error: str | None = None,
-                    now: float | None = None) -> list[JobChange]:
+                    now: float | None = None, spend: bool = True) -> list[JobChange]:
         """End a live attempt from the coordinator's side (lost worker, lease expired,
-        killed); its job follows its retry budgets. Nothing if it had ended already."""
+        killed); its job follows its retry budgets. Nothing if it had ended already.
+
+        ``spend=False`` for a system failure that was the coordinator's own mistake (it
+        offered a worker a slot the worker did not have): the job is queued again and no
+        budget is spent."""
         with self.db.atomic():
-            return self._end(aid, kind, now_or(now), None, error)
+            return self._end(aid, kind, now_or(now), None, error, spend=spend)
 
     def _end(self, aid: str, kind: AttemptKind, t: float, exit_code: int | None,
-             error: str | None) -> list[JobChange]:
+             error: str | None, *, spend: bool = True) -> list[JobChange]:
         Job, Attempt = self.models.Job, self.models.Attempt
         rows = dicts(self._for_update(Attempt.select().where(Attempt.id == aid)))
         if not rows or not rows[0]["live"]:
@@ -424,9 +430,13 @@ class JobStore(StoreBase):
         if job.current_attempt != aid or job.state is not JobState.RUNNING:
             return []  # the job moved on (cancelled, held): this attempt decides nothing
         stop = frozenset(int(c) for c in job.spec.get("stop_exit_codes") or ())
-        v = verdict(kind, exit_code, system_failures=job.system_failures,
-                    job_failures=job.job_failures, max_system_retries=job.max_system_retries,
-                    max_retries=job.max_retries, stop_exit_codes=stop)
+        if not spend and kind in SYSTEM_FAILURES:
+            v = Verdict(JobState.QUEUED, None, f"{kind.value}: offered again (not counted)")
+        else:
+            v = verdict(kind, exit_code, system_failures=job.system_failures,
+                        job_failures=job.job_failures,
+                        max_system_retries=job.max_system_retries,
+                        max_retries=job.max_retries, stop_exit_codes=stop)
         JOB_MACHINE.check(job.id, job.state, v.state)
         fields: dict[str, Any] = {"state": v.state.value, "updated_at": t,
                                   "exit_code": exit_code}
