@@ -100,6 +100,8 @@ WORKER_INBOX: Mapping[str, RequestRule] = MappingProxyType({
     "exec.logs": RequestRule(PEOPLE),
     "job.assign": RequestRule(COORDINATOR, Limit.NONE),
     "job.kill": RequestRule(COORDINATOR, Limit.NONE),
+    # A job's owner follows its running attempt's output (the worker checks the owner).
+    "job.follow": RequestRule(PEOPLE),
 })
 """Requests into ``{root}/worker/{wid}/inbox/{sender}`` (exec.* also need a valid grant)."""
 

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from client.data import DataRef, is_sha256
 from client.errors import ClientError, InvalidRequest
+from client.job_follow import FollowRouter
+from client.job_follow import follow as follow_job
 from client.reservation import Refused
 from schemas.job_messages import (
     MAX_JOBS_PER_REQUEST,
@@ -228,6 +230,7 @@ class JobStore:
         self._uploaded: dict[tuple[str, int, int], DataRef] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._follows: FollowRouter | None = None  # job.output routing (client/job_follow.py)
 
     # -- submitting --------------------------------------------------------------------
 
@@ -462,6 +465,16 @@ class JobStore:
 
     def release(self, jobs: Sequence[str]) -> dict[str, Any]:
         return self._each(JobsRelease, jobs, "release jobs")
+
+    def follow(self, job: str) -> Iterator[tuple[str, bytes]]:
+        """``job``'s output as (stream, bytes) while it runs (from the worker running it),
+        then what is left from its stored results; ends when the job has ended. Stopping
+        the iteration stops only the following (client/job_follow.py)."""
+        with self._lock:
+            if self._follows is None:
+                self._follows = FollowRouter(self.grid)
+            router = self._follows
+        return follow_job(self, router, job)
 
     def wait(self, jobs: Iterable[str], timeout: float | None = None) -> list[JobResult]:
         """Block until every job in ``jobs`` ended; their results, in order.

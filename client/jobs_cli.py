@@ -2,8 +2,9 @@
 ``hold``, ``release`` (docs/jobs.md, "Using jobs").
 
 client/cli.py calls ``add_jobs_parsers``; what runs the commands imports the client API
-inside, so ``xcloud --help`` stays quick. ``xcloud logs ID -f`` waits for the job to end
-and then prints its output: live streaming of a running job's output is not there yet.
+inside, so ``xcloud --help`` stays quick. ``xcloud logs ID -f`` prints a running job's
+output as it comes (``grid.jobs.follow``: stdout to stdout, stderr to stderr), then the
+rest once it ended; Ctrl-C stops the following, never the job.
 """
 
 from __future__ import annotations
@@ -92,10 +93,11 @@ def add_jobs_parsers(sub: Any, common: AddOptions) -> None:
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(func=cmd_job_show)
 
-    p = verb("logs", "print a finished job's stdout and stderr")
+    p = verb("logs", "print a job's stdout and stderr (-f: live while it runs)")
     p.add_argument("job", metavar="ID")
     p.add_argument("-f", "--follow", action="store_true",
-                   help="wait for the job to end first (live output: not yet)")
+                   help="print the output while the job runs, until it ends (Ctrl-C stops "
+                        "following, not the job)")
     p.set_defaults(func=cmd_logs)
 
     p = verb("wait", "wait for jobs to end; exit 0 when all completed with exit 0")
@@ -285,7 +287,7 @@ def _finished(grid: Any, job: str, follow: bool) -> JobResult:
         return result
     if not follow:
         raise InvalidRequest(f"job {job} is {result.state}: its output is there once it "
-                             "ends (-f waits for that; live output is not supported yet)")
+                             "ends (-f prints it live)")
     ended: JobResult = grid.jobs.wait([job])[0]
     return ended
 
@@ -294,11 +296,27 @@ def cmd_logs(args: argparse.Namespace, config: Config) -> int:
     from client.api import Grid
 
     with Grid.connect(config) as grid:
+        if args.follow:
+            return _follow(grid, args.job)
         result = _finished(grid, args.job, args.follow)
         sys.stdout.buffer.write(result.stdout)
         sys.stdout.flush()
         sys.stderr.buffer.write(result.stderr)
         sys.stderr.flush()
+    return 0
+
+
+def _follow(grid: Any, job: str) -> int:
+    """``logs -f``: live output; Ctrl-C stops the following only (exit 130)."""
+    try:
+        for stream, data in grid.jobs.follow(job):
+            out = sys.stderr if stream == "stderr" else sys.stdout
+            out.buffer.write(data)
+            out.flush()
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(f"\nstopped following job {job} (it goes on)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -165,3 +165,32 @@ class AttemptReport(Body, Outcome):
     outputs: list[dict[str, Any]] | None = None  # [{name, sha256, size}]
     started_at: float | None = None
     ended_at: float | None = None
+
+
+# -- owner <-> worker: live output of a running attempt (docs/jobs.md, "Following") -------
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobFollow(Body):
+    TYPE: ClassVar[str] = "job.follow"
+    attempt: str
+    follow: str  # the follower's id for this stream (its job.output carry it)
+    stdout_offset: int | None = None
+    stderr_offset: int | None = None
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobOutput(Body):
+    TYPE: ClassVar[str] = "job.output"
+    attempt: str
+    follow: str
+    seq: int
+    stream: str
+    offset: int
+    data: str  # base64 of at most 64 KiB
+    eof: bool | None = None
+    kind: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None

@@ -35,6 +35,7 @@ JOB_REQUESTS = ["jobs.submit","jobs.list","jobs.show","jobs.cancel","jobs.hold",
 JOB_REPLIES = ["jobs.submitted","jobs.list.reply","jobs.show.reply"]
 JOB_WORKER_REQUESTS = ["job.assign","job.kill"]
 ATTEMPT_REPORTS = ["attempt.started","attempt.report"]
+JOB_FOLLOW = ["job.follow"]  # a job's owner follows its running attempt (worker/job_follow.py)
 # Segments are the one non-JSON payload: raw bytes, metadata in the topic.
 messages["xfer_segment"] = {"name": "xfer.segment", "title": "xfer.segment",
     "summary": "One segment of a file: the raw bytes (no envelope, no JSON). The topic carries the sender, tid, byte offset (decimal, a multiple of the transfer's segment_size) and the CRC-32 of the bytes (8 lowercase hex digits). Length = min(segment_size, size - offset). QoS 1, never retained. The receiver drops (and logs) anything that does not match a transfer it knows from that sender.",
@@ -49,9 +50,9 @@ channels = {
   "workerCaps": ("{root}/worker/{wid}/caps", "Worker capability document (retained). QoS 1.", ["worker.caps"], {"wid": "worker id"}),
   "workerHeartbeat": ("{root}/worker/{wid}/heartbeat", "Live metrics every heartbeat interval. QoS 0, not retained.", ["worker.heartbeat"], {"wid": "worker id"}),
   "workerInbox": ("{root}/worker/{wid}/inbox/{sender}", "Messages to a worker: from the coordinator (caps.refresh, reservation.open/close, ping) and from the grant holder (exec.*). QoS 1.",
-      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs",*XFER,*JOB_WORKER_REQUESTS,"ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
+      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs",*XFER,*JOB_WORKER_REQUESTS,*JOB_FOLLOW,"ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
   "clientInbox": ("{root}/client/{cid}/inbox/{sender}", "Replies, exec output streams and notifications to a client. QoS 1.",
-      ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","audit.list.reply",*ADMIN_REPLIES,*XFER,*DATA_REPLIES,*APP_REPLIES,*JOB_REPLIES,"job.event","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
+      ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","audit.list.reply",*ADMIN_REPLIES,*XFER,*DATA_REPLIES,*APP_REPLIES,*JOB_REPLIES,"job.event","job.output","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
   "brokerRecheck": ("{root}/broker/recheck", "Coordinator/admin -> embedded broker: re-authenticate these principals' live sessions and cut those that no longer pass (after a revoke). Only coordinator and admin principals may publish. QoS 1.", ["broker.recheck"], {}),
   "workerEvents": ("{root}/event/worker/{wid}", "Worker state changes for watchers. QoS 0.", ["event.worker"], {"wid": "worker id"}),
   "coordXfer": ("{root}/coord/xfer/{sender}/{tid}/{offset}/{crc32}", "File segments to the coordinator (uploads; docs/transfer.md). Raw bytes. A principal publishes only under its own id; only the coordinator subscribes.", ["xfer.segment"], XFER_PARAMS),
@@ -101,6 +102,10 @@ op("sendJobRequest", "send", "coordInbox", JOB_REQUESTS,
    "A client submits, lists, shows, cancels, holds or releases batch jobs (docs/jobs.md).",
    ("clientInbox", [*JOB_REPLIES,"ok","error"]))
 op("notifyJobEvent", "send", "clientInbox", ["job.event"], "The coordinator tells a job's owner of each state change of its job.")
+op("followJob", "send", "workerInbox", JOB_FOLLOW,
+   "A job's owner asks the worker running its attempt for the attempt's output so far and live (only the owner; a few followers per attempt).",
+   ("clientInbox", ["ok","error"]))
+op("streamJobOutput", "send", "clientInbox", ["job.output"], "A worker streams a followed attempt's stdout and stderr (offsets per stream), then a last message with eof.")
 op("assignJob", "send", "workerInbox", JOB_WORKER_REQUESTS,
    "The coordinator assigns an attempt to a worker (its ok is the acknowledgement) or kills one.",
    ("coordInbox", ["ok","error"]))

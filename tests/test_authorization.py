@@ -223,6 +223,7 @@ def worker_request(mtype: str, grant: str, exec_id: str,
                        "owner": "nobody", "spec": {"command": "true"}, "inputs": [],
                        "lease_s": 60.0},
         "job.kill": {"attempt": "a-0000000000000000", "reason": "test"},
+        "job.follow": {"attempt": "a-0000000000000000", "follow": "f-test"},  # not_found
     }
     assert mtype in bodies, f"no test request for {mtype}: add one here"
     return make(mtype, **bodies[mtype])

@@ -91,6 +91,7 @@ class Capture:
             chunk = data[:room]
             self._fh.write(chunk)
             self.written += len(chunk)
+            self._fh.flush()  # followers read the file while the command runs (job_follow)
 
     def close(self) -> None:
         with self._lock:

@@ -10,6 +10,8 @@ request guard):
 - ``job.kill``: the attempt's command is stopped (TERM, KILL after the grace); the
   attempt ends ``cancelled``. An unknown or finished attempt is answered ``ok`` too.
 
+And ``job.follow`` from the job's owner: the attempt's output, live (worker/job_follow.py).
+
 Each attempt then runs in a thread of its own: inputs (and stdin) from the input cache
 into a fresh work dir, ``sh -c COMMAND`` in an executor session of its own (process or
 docker, the registry's drivers; ``XCLOUD_JOB_ID``, ``XCLOUD_JOB_INDEX``,
@@ -48,7 +50,7 @@ from typing import Any
 from broker.bus import Bus, BusError, Incoming, Lane
 from broker.config import WorkerConfig
 from broker.transfer import Peer, TransferEndpoint, TransferError, TransferRefused
-from schemas.job_messages import AttemptStarted, JobAssign, JobKill
+from schemas.job_messages import AttemptStarted, JobAssign, JobFollow, JobKill
 from schemas.messages import Ok
 from schemas.outcome import ERROR_MAX
 from schemas.topics import Topics
@@ -65,6 +67,7 @@ from worker.executors.base import (
 from worker.input_cache import CacheError, InputCache
 from worker.job_attempts import AttemptRecord, AttemptStore, ReportSender
 from worker.job_files import STDIN_NAME, Captures, JobFileError, collect_outputs, place
+from worker.job_follow import JobFollows
 from worker.request_guard import WorkerRequestGuard
 
 log = logging.getLogger(__name__)
@@ -138,6 +141,8 @@ class JobRunner:
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._registered = False
+        # job.follow: the owner reads a running attempt's output live (worker/job_follow.py)
+        self.follows = JobFollows(bus, self._attempt, self.store.path)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -152,6 +157,7 @@ class JobRunner:
         self.reports.start()
         self.bus.on_inbox(JobAssign.TYPE, self.guard.wrap(self.on_assign), lane=LANE)
         self.bus.on_inbox(JobKill.TYPE, self.guard.wrap(self.on_kill), lane=LANE)
+        self.bus.on_inbox(JobFollow.TYPE, self.guard.wrap(self.follows.on_follow), lane=LANE)
 
     def close(self) -> None:
         """A clean stop: running commands are stopped and their attempts forgotten (the
@@ -165,11 +171,16 @@ class JobRunner:
             threads = list(self._threads)
         for thread in threads:
             thread.join(self.kill_grace_s + 10.0)
+        self.follows.close()
         self.reports.close()
 
     def all(self) -> list[Attempt]:
         with self._lock:
             return list(self._attempts.values())
+
+    def _attempt(self, attempt_id: str) -> Attempt | None:
+        with self._lock:
+            return self._attempts.get(attempt_id)
 
     def attempt_ids(self) -> list[str]:
         """For the heartbeat: every attempt not yet acknowledged, oldest first."""
