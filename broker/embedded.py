@@ -77,6 +77,7 @@ T = TypeVar("T")
 
 _NOISY_LOGGERS = ("amqtt", "transitions", "websockets")
 _CALL_TIMEOUT_S = 30.0
+SHUTDOWN_S = 5.0  # amqtt shutdown bound (stop() closes anyway after it)
 
 
 @dataclass
@@ -367,12 +368,18 @@ class EmbeddedBroker:
         try:
             if recheck is not None:
                 await recheck.close()
-            await broker.shutdown()
+            # amqtt's shutdown waits on its client handlers; one stuck on a slow or
+            # half-closed connection must not hold the whole stop
+            await asyncio.wait_for(broker.shutdown(), SHUTDOWN_S)
+        except TimeoutError:
+            log.warning("the embedded broker did not shut down within %g s; closing anyway",
+                        SHUTDOWN_S)
         except Exception:
             log.exception("error while shutting down the embedded broker")
         finally:
             if self._executor is not None:
-                self._executor.shutdown(wait=True, cancel_futures=True)
+                # an authentication still running (a slow store) is not waited for
+                self._executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = None
             self._runtime = None
             self._broker_loop = None

@@ -38,6 +38,7 @@ from typing import Any
 from broker.acl import Role
 from broker.config import Config, mask_url, write_config
 from broker.embedded import EmbeddedBroker, check_port_free
+from broker.errors import BrokerError
 from broker.main import broker_settings
 from coordinator.auth import store_authenticator
 from coordinator.bootstrap import issue_token
@@ -250,7 +251,12 @@ class LocalGrid:
         if self.coordinator:
             self.coordinator.stop()
         if self.broker:
-            self.broker.stop_in_thread()
+            try:
+                self.broker.stop_in_thread()
+            except BrokerError as err:
+                # Everything it served has stopped; its daemon thread ends with the
+                # process. Not a reason to fail the grid's stop (and skip the store).
+                log.warning("%s; leaving it to end with the process", err)
         if self.store:
             self.store.close()
 
