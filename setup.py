@@ -62,6 +62,8 @@ setup(
         # GPU detection through NVML (worker/gpus.py); without it workers parse
         # nvidia-smi's output instead.
         "gpu": ["nvidia-ml-py"],
+        # The systems bench/jobs.py runs beside xcloud's batch jobs.
+        "bench": ["celery[redis]>=5.3", "dask[distributed]>=2024.1"],
     },
     entry_points={
         "console_scripts": [

@@ -26,7 +26,8 @@ from bench.common import (
     write_json,
 )
 
-BENCHMARKS = ("broker_rtt", "heartbeat_ingest", "liveness_scale", "worker_idle", "transfer")
+BENCHMARKS = ("broker_rtt", "heartbeat_ingest", "liveness_scale", "worker_idle", "transfer",
+              "jobs")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,642 @@
+"""Batch jobs: xcloud beside Celery (Redis, RabbitMQ) and Dask, side by side in one run.
+
+Every system runs N jobs (2,000; 200 with ``--quick``) whose work is the ``true``
+command, on 4 slots in all, and is timed from the first submit to the last result:
+
+- **xcloud**, as real separate processes, through Mosquitto (``xcloud coordinator`` and
+  two ``xcloud worker --slots 2`` beside a Mosquitto with the password and ACL files of
+  ``broker.mosquitto``) and through the embedded broker (``xcloud up --workers 2`` with
+  ``XCLOUD_WORKER_SLOTS=2``: amqtt and the coordinator in one process, the workers its
+  children); process executor. The client sends ``jobs.submit`` requests of 500 specs
+  (``command: true``) and the run ends when every job's terminal ``job.event`` came back
+  (a listing per batch every 2 s backs up any missed event). Coordinator CPU per job is
+  that process's CPU time (psutil) over the run divided by N (with ``xcloud up`` it
+  includes the embedded broker).
+- **submit → running** on the idle pool: 50 single jobs one after another, from the
+  client's call to the ``job.event`` "running" (the attempt is committed and
+  ``job.assign`` is on its way), and to the attempt's ``started_at`` (the worker's clock
+  when the command ran; same machine).
+- **100,000 queued**: on the Mosquitto grid, 100,000 low-priority jobs (priority -10,
+  another owner) are written straight into the coordinator's SQLite database, then the
+  N jobs (priority 0) are timed again; afterwards the coordinator is stopped and one
+  scheduler pass (``JobScheduler.run_pass`` on that database, workers still online in
+  it, assignments not sent) is timed with free slots and without.
+- **Celery 5** with Redis (127.0.0.1:6379, every key under a random prefix, removed
+  afterwards) and with RabbitMQ (amqp://guest@127.0.0.1:5672//, a queue of its own,
+  deleted afterwards, result backend ``rpc://``): two worker processes with
+  ``--concurrency 2`` (prefork), no gossip, mingle or heartbeat; the task runs
+  ``subprocess.run(["true"])``; ``.delay`` N times, then ``.get()`` of every result.
+- **Dask** ``LocalCluster(n_workers=2, threads_per_worker=2, processes=True)``,
+  ``client.map`` of the same subprocess, then ``gather``.
+
+Nothing is asserted: the targets (jobs/s ≥ 1.0× Celery and Dask in the same run on both
+brokers, submit → running p50 ≤ 10 ms, no collapse with 100,000 queued) are reported as
+met or missed.
+
+    python -m bench.jobs [--quick] [--only xcloud-mosquitto,xcloud-up,celery-redis,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import math
+import multiprocessing as mp
+import os
+import sqlite3
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, cast
+
+import psutil
+
+from bench.common import (
+    LOCALHOST,
+    Identity,
+    LoadMonitor,
+    MosquittoBroker,
+    cli,
+    die_with_parent,
+    fmt,
+    free_port,
+    latency_ms,
+    machine_line,
+    md_table,
+    port_open,
+    ratio,
+    scratch_dir,
+    unique_root,
+    wait_until,
+)
+from bench.exec_rtt import PY, REPO, XcloudGrid, child_env, spawn, stop_process
+
+VARIANTS = ("xcloud-mosquitto", "xcloud-up", "celery-redis", "celery-rabbitmq", "dask")
+FULL = {"jobs": 2000, "latency": 50}
+QUICK = {"jobs": 200, "latency": 50}
+BATCH = 500
+QUEUED = 100_000
+SLOTS = 2
+WORKERS = 2
+REDIS_URL = os.environ.get("XCLOUD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("XCLOUD_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+TASK_NAME = "xcloud_bench.run_true"
+RUN_TIMEOUT_S = 600.0
+
+
+def run_true(_index: int = 0) -> int:
+    """The work of one job for Celery and Dask: the ``true`` command in a subprocess."""
+    return subprocess.run(["true"], check=False).returncode
+
+
+# ----------------------------------------------------------------------------- xcloud grids
+
+
+class SplitGrid2(XcloudGrid):
+    """Mosquitto, ``xcloud coordinator`` and two ``xcloud worker --slots 2``."""
+
+    label = "xcloud, Mosquitto"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.dir = workdir / f"mosquitto-{uuid.uuid4().hex[:6]}"
+        self.db_file = self.dir / "xcloud.db"
+        self.broker: MosquittoBroker | None = None
+        self.root = unique_root("jobs")
+
+    def _principal(self, pid: str, role: str, db: str) -> Identity:
+        out = subprocess.run(
+            [PY, "-m", "client.cli", "admin", "principal", "add", pid, "--role", role,
+             "--db", db], cwd=REPO, env=child_env(XCLOUD_HOME=str(self.dir / "home")),
+            capture_output=True, text=True, timeout=60, check=True)
+        return Identity(pid, role, out.stdout.strip().splitlines()[-1].strip())
+
+    def start(self) -> SplitGrid2:
+        from broker.config import BusConfig, Config
+
+        self.dir.mkdir(parents=True)
+        home = self.dir / "home"
+        db = f"sqlite:///{self.db_file}"
+        wids = [f"bench-w{i + 1}" for i in range(WORKERS)]
+        people = [("coordinator", "coordinator"), ("bench-client", "client")]
+        ids = {i.id: i for i in (self._principal(p, r, db)
+                                 for p, r in people + [(w, "worker") for w in wids])}
+        self.broker = MosquittoBroker(ids, self.root, self.dir).start()
+        url = self.broker.url
+        coord = ids["coordinator"]
+        self.logs.append(self.dir / "coordinator.log")
+        self.procs["coordinator"] = spawn(
+            [PY, "-m", "client.cli", "coordinator", "--broker", url, "--root", self.root,
+             "--db", db],
+            child_env(XCLOUD_HOME=str(home), XCLOUD_BUS_PRINCIPAL=coord.id,
+                      XCLOUD_BUS_TOKEN=coord.token), self.logs[-1])
+        for wid in wids:
+            self.logs.append(self.dir / f"{wid}.log")
+            self.procs[wid] = spawn(
+                [PY, "-m", "client.cli", "worker", "--broker", url, "--root", self.root,
+                 "--state-dir", str(self.dir / wid), "--name", wid, "--executor", "process",
+                 "--slots", str(SLOTS)],
+                child_env(XCLOUD_HOME=str(home), XCLOUD_BUS_PRINCIPAL=wid,
+                          XCLOUD_BUS_TOKEN=ids[wid].token), self.logs[-1])
+        cfg = Config()
+        cfg.home = home
+        client = ids["bench-client"]
+        cfg.bus = BusConfig(url=url, principal=client.id, token=client.token, root=self.root)
+        self.config = cfg
+        return self
+
+    def coordinator_pid(self) -> int:
+        return self.procs["coordinator"].pid
+
+    def stop_coordinator(self) -> None:
+        """Stop the coordinator first: the workers stay "online" in its database."""
+        stop_process(self.procs.get("coordinator"), 40)
+
+    def stop(self) -> None:
+        self.stop_coordinator()
+        for name, proc in self.procs.items():
+            if name != "coordinator":
+                stop_process(proc, 40)
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+
+
+class UpGrid2(XcloudGrid):
+    """``xcloud up --workers 2`` with ``XCLOUD_WORKER_SLOTS=2`` (embedded amqtt)."""
+
+    label = "xcloud, embedded broker (`xcloud up`)"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.home = workdir / f"up-{uuid.uuid4().hex[:6]}"
+
+    def start(self, timeout: float = 90.0) -> UpGrid2:
+        from broker.config import load_config
+
+        env = child_env(XCLOUD_HOME=str(self.home), XCLOUD_WORKER_SLOTS=str(SLOTS))
+        log_file = self.home / "up.log"
+        self.logs = [log_file]
+        for attempt in range(3):
+            port = free_port()
+            proc = spawn([PY, "-m", "client.cli", "up", "--port", str(port), "--workers",
+                          str(WORKERS), "--executor", "process", "--no-http"], env, log_file)
+            self.procs = {"up": proc}
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                if (self.home / "config.toml").exists() and port_open(LOCALHOST, port):
+                    cfg = load_config(env={"XCLOUD_HOME": str(self.home)})
+                    if cfg.bus.principal and cfg.bus.url.endswith(f":{port}"):
+                        self.config = cfg
+                        break
+                time.sleep(0.05)
+            if self.config is not None:
+                return self
+            stop_process(proc)
+            if attempt == 2:
+                break
+        raise RuntimeError(f"xcloud up did not start:\n{self.diagnostics()}")
+
+    def coordinator_pid(self) -> int:
+        return self.procs["up"].pid
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop_process(proc, 40)
+
+
+# ----------------------------------------------------------------------------- xcloud runs
+
+
+class EventLog:
+    """``job.event`` arrivals in this client: (job, state) -> monotonic time."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.seen: dict[tuple[str, str], float] = {}
+        self.ended: set[str] = set()
+
+    def hook(self, grid: Any) -> None:
+        store = grid.jobs
+        original = store.on_event
+
+        def on_event(incoming: Any) -> None:
+            now = time.monotonic()
+            body = incoming.body
+            with self.cond:
+                self.seen.setdefault((body.job, body.state), now)
+                if body.state in TERMINAL:
+                    self.ended.add(body.job)
+                self.cond.notify_all()
+            original(incoming)
+
+        store.on_event = on_event
+
+    def wait(self, key: tuple[str, str], timeout: float) -> float:
+        with self.cond:
+            if not self.cond.wait_for(lambda: key in self.seen, timeout):
+                raise TimeoutError(f"no job.event {key[1]} for {key[0]} in {timeout:g} s")
+            return self.seen[key]
+
+
+def wait_workers(grid: Any, count: int, timeout: float = 90.0) -> None:
+    from broker.bus import BusError
+    from client.errors import ClientError
+
+    def online() -> bool:
+        try:
+            return len(grid.workers(state=["online"])) >= count
+        except (BusError, ClientError):
+            return False
+
+    wait_until(online, timeout, 0.2, f"{count} online workers")
+
+
+def submit(grid: Any, specs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """``jobs.submit`` in requests of BATCH specs: (job ids, batch ids)."""
+    from schemas.job_messages import JobsSubmit
+
+    ids: list[str] = []
+    batches: list[str] = []
+    for start in range(0, len(specs), BATCH):
+        reply = grid.ask(JobsSubmit(jobs=specs[start:start + BATCH]), what="submit jobs")
+        ids += list(reply.ids)
+        batches.append(str(reply.batch))
+    return ids, batches
+
+
+def throughput(grid: Any, events: EventLog, n: int, coord_pid: int, priority: int = 0
+               ) -> dict[str, Any]:
+    """N ``true`` jobs, first submit to last terminal event; coordinator CPU per job."""
+    coord = psutil.Process(coord_pid)
+    cpu0 = sum(coord.cpu_times()[:2])
+    specs = [{"command": "true", "priority": priority, "name": f"t{i}"} for i in range(n)]
+    started = time.monotonic()
+    ids, batches = submit(grid, specs)
+    submitted = time.monotonic() - started
+    wanted = set(ids)
+    polled: dict[str, float] = {}  # job -> when a listing first showed it ended
+    states: dict[str, str] = {}
+    deadline = started + RUN_TIMEOUT_S
+    while True:
+        with events.cond:
+            events.cond.wait_for(lambda: wanted <= events.ended, 2.0)
+            missing = wanted - events.ended - polled.keys()
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(missing)} of {n} jobs not ended in {RUN_TIMEOUT_S:g} s")
+        for batch in batches:  # backstop for a missed (or not yet arrived) event
+            listing = grid.jobs.ls(batch=batch)
+            now = time.monotonic()
+            for job in listing:
+                if job["state"] in TERMINAL and job["id"] in missing:
+                    polled[str(job["id"])] = now
+                    states[str(job["id"])] = str(job["state"])
+    with events.cond:
+        seen = {j: min(events.seen.get((j, s), math.inf) for s in TERMINAL) for j in wanted}
+    # each job ended when its terminal event came or a listing showed it, whichever first
+    last = max(min(seen[j], polled.get(j, math.inf)) for j in wanted)
+    elapsed = last - started
+    cpu = sum(coord.cpu_times()[:2]) - cpu0
+    completed = sum(1 for j in ids if (j, "completed") in events.seen
+                    or states.get(j) == "completed")
+    return {"n": n, "seconds": elapsed, "jobs_per_s": n / elapsed, "submit_s": submitted,
+            "completed": completed, "events_missing": sum(1 for j in wanted
+                                                          if seen[j] == math.inf),
+            "coordinator_cpu_ms_per_job": cpu * 1000.0 / n}
+
+
+def submit_latency(grid: Any, events: EventLog, runs: int) -> dict[str, Any]:
+    """Single jobs on the idle pool: to job.event running, and to the command's start."""
+    to_running: list[float] = []
+    to_started: list[float] = []
+    for i in range(runs + 3):  # 3 warm-up jobs
+        wall0 = time.time()
+        t0 = time.monotonic()
+        (job,), _ = submit(grid, [{"command": "true", "name": f"lat{i}"}])
+        running = events.wait((job, "running"), 30.0)
+        with events.cond:
+            events.cond.wait_for(lambda j=job: j in events.ended, 30.0)  # type: ignore[misc]
+        if i < 3:
+            continue
+        to_running.append(running - t0)
+        attempts = grid.jobs.show(job).attempts or []
+        started_at = attempts[-1].get("started_at") if attempts else None
+        if started_at:
+            to_started.append(float(started_at) - wall0)
+    return {"to_running_ms": latency_ms(to_running), "to_started_ms": latency_ms(to_started)}
+
+
+def fill_queue(db_file: Path, count: int) -> float:
+    """``count`` queued low-priority jobs of another owner, written straight into SQLite."""
+    now = time.time()
+    rows = [(f"j-bulk{i:011x}", 10, now + i * 1e-3) for i in range(count)]
+    t0 = time.monotonic()
+    conn = sqlite3.connect(db_file, timeout=60)
+    try:
+        with conn:
+            conn.executemany(
+                "INSERT INTO xc_job (id, batch, owner, name, state, rank, submitted_at, spec, "
+                "updated_at, cpus, memory_bytes, gpus, replicas, quorum, after, "
+                "max_system_retries, max_retries, system_failures, job_failures, attempts) "
+                "VALUES (?, 'b-bulk', 'bench-bulk', '', 'queued', ?, ?, "
+                f"'{{\"command\":\"true\"}}', {now}, 1, 0, 0, 1, 1, '[]', 3, 0, 0, 0, 0)", rows)
+    finally:
+        conn.close()
+    return time.monotonic() - t0
+
+
+class _QuietBus:
+    """Stands in for the bus in an offline pass: events and assignments go nowhere."""
+
+    def send(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+
+def scheduler_pass(db_file: Path, root: str, passes: int = 5) -> dict[str, Any]:
+    """Time ``JobScheduler.run_pass`` on the grid's database (its coordinator stopped)."""
+    from broker.config import JobsConfig
+    from coordinator.job_state import AttemptKind
+    from coordinator.scheduler import JobScheduler
+    from coordinator.store import Store
+    from schemas.topics import Topics
+
+    with contextlib.closing(sqlite3.connect(db_file, timeout=60)) as conn, conn:
+        states = dict(conn.execute("SELECT id, state FROM xc_worker").fetchall())
+        conn.execute("UPDATE xc_worker SET state = 'online'")  # as while the grid ran
+    store = Store.open(f"sqlite:///{db_file}")
+    try:
+        for attempt in store.live_attempts():  # free every slot (bulk jobs ran at the end)
+            store.end_attempt(attempt.id, AttemptKind.WORKER_LOST, error="bench: freed",
+                              now=time.time())
+        sched = JobScheduler(cast(Any, _QuietBus()), store, cast(Any, None), JobsConfig(),
+                             Topics(root))
+        with contextlib.closing(sqlite3.connect(db_file, timeout=60)) as conn:
+            queued = conn.execute("SELECT COUNT(*) FROM xc_job WHERE state = 'queued'"
+                                  ).fetchone()[0]
+        t0 = time.monotonic()
+        assigned = sched.run_pass()  # free slots: reads the head, commits attempts
+        busy = time.monotonic() - t0
+        idle: list[float] = []
+        for _ in range(passes):  # no free slot left: nothing to read
+            t0 = time.monotonic()
+            sched.run_pass()
+            idle.append(time.monotonic() - t0)
+    finally:
+        store.close()
+    return {"queued": queued, "assigned": assigned, "worker_states_at_stop": states,
+            "busy_pass_ms": busy * 1000.0, "idle_pass_ms": latency_ms(idle)["p50"]}
+
+
+def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int) -> dict[str, Any]:
+    from client.api import Grid
+
+    xgrid: SplitGrid2 | UpGrid2 = SplitGrid2(workdir) if kind == "mosquitto" \
+        else UpGrid2(workdir)
+    out: dict[str, Any] = {"label": xgrid.label}
+    try:
+        with xgrid:
+            with Grid.connect(xgrid.config) as grid:
+                events = EventLog()
+                events.hook(grid)
+                wait_workers(grid, WORKERS)
+                out["latency"] = submit_latency(grid, events, latency_runs)
+                out["run"] = throughput(grid, events, n, xgrid.coordinator_pid())
+                if isinstance(xgrid, SplitGrid2):
+                    out["fill_s"] = fill_queue(xgrid.db_file, QUEUED)
+                    out["queued_run"] = throughput(grid, events, n, xgrid.coordinator_pid())
+            if isinstance(xgrid, SplitGrid2):
+                xgrid.stop_coordinator()
+                out["pass"] = scheduler_pass(xgrid.db_file, xgrid.root)
+    except Exception as err:
+        out["error"] = f"{type(err).__name__}: {err}"
+        out["diagnostics"] = xgrid.diagnostics()[-4000:]
+    return out
+
+
+# ----------------------------------------------------------------------------- Celery
+
+
+def _celery_app(broker: str, backend: str, queue: str, prefix: str) -> Any:
+    Celery = importlib.import_module("celery").Celery
+
+    app = Celery("xcloud_bench", broker=broker, backend=backend)
+    opts = {"global_keyprefix": prefix} if broker.startswith("redis") else {}
+    app.conf.update(task_default_queue=queue, broker_transport_options=opts,
+                    result_backend_transport_options=opts, worker_prefetch_multiplier=4,
+                    task_acks_late=False, result_expires=600, worker_hijack_root_logger=False,
+                    broker_connection_retry_on_startup=True)
+    app.task(name=TASK_NAME)(run_true)
+    return app
+
+
+def _celery_worker(broker: str, backend: str, queue: str, prefix: str, name: str) -> None:
+    die_with_parent()
+    devnull = os.open(os.devnull, os.O_WRONLY)  # its banner would mix with the report
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    app = _celery_app(broker, backend, queue, prefix)
+    app.worker_main(argv=["worker", "--concurrency", "2", "--pool", "prefork", "-Q", queue,
+                          "-n", name, "--without-gossip", "--without-mingle",
+                          "--without-heartbeat", "--loglevel", "WARNING"])
+
+
+def _celery_cleanup(broker: str, queue: str, prefix: str) -> None:
+    if broker.startswith("redis"):
+        redis: Any = importlib.import_module("redis")
+        client = redis.Redis.from_url(broker)
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        return
+    Connection = importlib.import_module("kombu").Connection
+
+    with Connection(broker) as conn, contextlib.suppress(Exception):
+        conn.default_channel.queue_delete(queue)
+
+
+def run_celery(broker: str, backend: str, n: int) -> dict[str, Any]:
+    ResultSet = importlib.import_module("celery.result").ResultSet
+
+    tag = uuid.uuid4().hex[:8]
+    queue, prefix = f"xcloud-bench-{tag}", f"xcloud-bench-{tag}:"
+    app = _celery_app(broker, backend, queue, prefix)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_celery_worker, daemon=False,
+                         args=(broker, backend, queue, prefix, f"w{i}-{tag}@%h"))
+             for i in range(WORKERS)]
+    out: dict[str, Any] = {"workers": f"{WORKERS} worker processes × --concurrency 2 (prefork)"}
+    try:
+        for proc in procs:
+            proc.start()
+        task = app.tasks[TASK_NAME]
+
+        def ready() -> bool:
+            replies = app.control.ping(timeout=0.5, destination=None) or []
+            return sum(1 for r in replies for k in r if k.endswith(tag) or tag in k) >= WORKERS
+
+        wait_until(ready, 60, 0.5, "Celery workers")
+        ResultSet([task.delay(i) for i in range(20)]).get(timeout=60)  # warm-up
+        started = time.monotonic()
+        results = ResultSet([task.delay(i) for i in range(n)])
+        codes = results.get(timeout=RUN_TIMEOUT_S)  # join_native: one subscription
+        elapsed = time.monotonic() - started
+        out.update(n=n, seconds=elapsed, jobs_per_s=n / elapsed,
+                   ok=sum(1 for c in codes if c == 0))
+    except Exception as err:
+        out["error"] = f"{type(err).__name__}: {err}"
+    finally:
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                with contextlib.suppress(OSError):
+                    os.kill(proc.pid, 15)
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        with contextlib.suppress(Exception):
+            _celery_cleanup(broker, queue, prefix)
+    return out
+
+
+# ----------------------------------------------------------------------------- Dask
+
+
+def run_dask(n: int) -> dict[str, Any]:
+    distributed: Any = importlib.import_module("dask.distributed")
+    Client, LocalCluster = distributed.Client, distributed.LocalCluster
+
+    out: dict[str, Any] = {"workers": "LocalCluster(n_workers=2, threads_per_worker=2, "
+                                      "processes=True)"}
+    try:
+        with LocalCluster(n_workers=WORKERS, threads_per_worker=SLOTS, processes=True,
+                          dashboard_address=":0", silence_logs=logging.WARNING
+                          ) as cluster, Client(cluster) as client:
+            client.gather(client.map(run_true, range(20), pure=False))  # warm-up
+            started = time.monotonic()
+            codes = client.gather(client.map(run_true, range(n), pure=False))
+            elapsed = time.monotonic() - started
+            out.update(n=n, seconds=elapsed, jobs_per_s=n / elapsed,
+                       ok=sum(1 for c in codes if c == 0))
+    except Exception as err:
+        out["error"] = f"{type(err).__name__}: {err}"
+    return out
+
+
+# ----------------------------------------------------------------------------- run / report
+
+
+def run(quick: bool = False, only: str | None = None) -> dict[str, Any]:
+    sizes = QUICK if quick else FULL
+    n = sizes["jobs"]
+    names = [v.strip() for v in only.split(",")] if only else list(VARIANTS)
+    result: dict[str, Any] = {"jobs": n, "quick": quick, "variants": {}}
+    with scratch_dir("xcloud-bench-jobs-") as tmp:
+        for name in names:
+            t0 = time.monotonic()
+            load = LoadMonitor().start()
+            if name == "xcloud-mosquitto":
+                row = run_xcloud("mosquitto", tmp, n, sizes["latency"])
+            elif name == "xcloud-up":
+                row = run_xcloud("up", tmp, n, sizes["latency"])
+            elif name == "celery-redis":
+                row = run_celery(REDIS_URL, REDIS_URL, n)
+            elif name == "celery-rabbitmq":
+                row = run_celery(AMQP_URL, "rpc://", n)
+            elif name == "dask":
+                row = run_dask(n)
+            else:
+                raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+            row["elapsed_s"] = round(time.monotonic() - t0, 1)
+            row["others_pct"] = round(load.stop()["others_pct"], 1)
+            result["variants"][name] = row
+    return result
+
+
+def _rate(row: dict[str, Any] | None) -> float | None:
+    if not row or "error" in row:
+        return None
+    inner = row.get("run", row)
+    value = inner.get("jobs_per_s")
+    return float(value) if value else None
+
+
+def markdown(result: dict[str, Any]) -> str:
+    v = result["variants"]
+    n = result["jobs"]
+    lines = [f"### Batch jobs: {n:,} × `true` on 4 slots, submit → last result", ""]
+    if "machine" in result:
+        lines += [f"Machine: {machine_line(result['machine'])}", ""]
+    labels = {"xcloud-mosquitto": "xcloud, Mosquitto (2 workers × 2 slots)",
+              "xcloud-up": "xcloud, embedded broker (`xcloud up`, 2 × 2)",
+              "celery-redis": "Celery + Redis (2 procs × concurrency 2)",
+              "celery-rabbitmq": "Celery + RabbitMQ, rpc:// results (2 × 2)",
+              "dask": "Dask LocalCluster (2 workers × 2 threads)"}
+    rows = []
+    for name, row in v.items():
+        inner = row.get("run", row)
+        cpu = inner.get("coordinator_cpu_ms_per_job")
+        rows.append([labels.get(name, name),
+                     fmt(inner.get("jobs_per_s")) if "error" not in row else "error",
+                     fmt(inner.get("seconds"), 2),
+                     fmt(cpu, 2) if cpu is not None else "–",
+                     f"{fmt(row.get('others_pct'))} %"])
+    lines += [md_table(["system", "jobs/s", "seconds", "coordinator CPU ms/job",
+                        "other load"], rows), ""]
+    rows = []
+    for name in ("xcloud-mosquitto", "xcloud-up"):
+        if name not in v or "error" in v[name]:
+            continue
+        x = _rate(v[name])
+        rows.append([labels[name], ratio(x, _rate(v.get("celery-redis"))),
+                     ratio(x, _rate(v.get("celery-rabbitmq"))), ratio(x, _rate(v.get("dask")))])
+    if rows:
+        lines += ["Ratios (same run; target ≥ 1.0×):", "",
+                  md_table(["xcloud", "÷ Celery+Redis", "÷ Celery+RabbitMQ", "÷ Dask"], rows),
+                  ""]
+    rows = []
+    for name in ("xcloud-mosquitto", "xcloud-up"):
+        lat = v.get(name, {}).get("latency")
+        if lat:
+            r, s = lat["to_running_ms"], lat["to_started_ms"]
+            rows.append([labels[name], fmt(r["p50"], 1), fmt(r["p99"], 1), fmt(s["p50"], 1),
+                         fmt(s["p99"], 1)])
+    if rows:
+        lines += ["Submit → running on the idle pool (ms; 50 single jobs; target p50 ≤ 10):",
+                  "", md_table(["xcloud", "→ event running p50", "p99",
+                                "→ command started p50", "p99"], rows), ""]
+    mq = v.get("xcloud-mosquitto", {})
+    if "queued_run" in mq:
+        q, base = mq["queued_run"], mq["run"]
+        p = mq.get("pass", {})
+        lines += [f"With {QUEUED:,} low-priority jobs queued (Mosquitto): "
+                  f"{fmt(q['jobs_per_s'])} jobs/s ({ratio(q['jobs_per_s'], base['jobs_per_s'])}"
+                  f" of the empty-queue rate), coordinator CPU "
+                  f"{fmt(q['coordinator_cpu_ms_per_job'], 2)} ms/job; one scheduler pass "
+                  f"over {fmt(p.get('queued'))} queued jobs: {fmt(p.get('busy_pass_ms'), 1)} ms "
+                  f"assigning {p.get('assigned', '–')} jobs, "
+                  f"{fmt(p.get('idle_pass_ms'), 2)} ms with no free slot.", ""]
+    for name, row in v.items():
+        if "error" in row:
+            lines += [f"- {name}: {row['error']}"]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", help=f"comma-separated subset of {', '.join(VARIANTS)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli("jobs", (__doc__ or "jobs").split("\n\n")[0], run, markdown, add_args, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
