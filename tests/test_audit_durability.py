@@ -11,11 +11,6 @@ killed with SIGKILL; broker, database and worker are the grid harness's.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +23,6 @@ from broker.bus import Bus, Incoming
 from schemas.grants import public_key_to_text, sign_grant
 from schemas.messages import (
     CoordPubkey,
-    CoordStatus,
     ExecReport,
     ExecStart,
     ExecStarted,
@@ -37,7 +31,8 @@ from schemas.messages import (
     Reserve,
     ReserveReply,
 )
-from tests.fixtures.grid import COORDINATOR, REPO, GridHarness, WorkerHandle
+from tests.fixtures.coordinator_process import CoordinatorProcess
+from tests.fixtures.grid import COORDINATOR, GridHarness, WorkerHandle
 from tests.fixtures.services import wait_for
 
 pytestmark = [pytest.mark.integration]
@@ -45,63 +40,9 @@ pytestmark = [pytest.mark.integration]
 COMMANDS = 20
 
 
-class CoordinatorProcess:
-    """``xcloud coordinator`` on the grid's broker and database, in a child process."""
-
-    def __init__(self, grid: GridHarness) -> None:
-        self.grid = grid
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = grid.tmp_path / "coordinator.log"
-        self.env = grid.subprocess_env(
-            XCLOUD_HOME=str(grid.tmp_path / "coordinator-home"),
-            XCLOUD_BUS_URL=grid.url, XCLOUD_BUS_ROOT=grid.root,
-            XCLOUD_BUS_PRINCIPAL=COORDINATOR,
-            XCLOUD_BUS_TOKEN=grid.token(COORDINATOR, "coordinator"),
-            XCLOUD_COORDINATOR_DB=grid.db_url,
-            XCLOUD_COORDINATOR_DATA_DIR=str(grid.tmp_path / "data"),
-            XCLOUD_COORDINATOR_DEFAULT_HEARTBEAT_S="0.2",
-        )
-
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None
-        watcher = self.grid.watcher
-        before = max((s.started_at or 0.0 for _, s in watcher.of(CoordStatus)), default=0.0)
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "client.cli", "coordinator"], cwd=REPO, env=self.env,
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                start_new_session=True)
-
-        def up() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the coordinator exited:\n{self.log.read_text()}")
-            return any(s.state == "up" and (s.started_at or 0.0) > before
-                       for _, s in watcher.of(CoordStatus))
-
-        wait_for(up, timeout=30, message="the coordinator process did not come up")
-
-    def kill(self) -> None:
-        """SIGKILL: no flush, no goodbye."""
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-
 @pytest.fixture
 def coordinator_process(grid: GridHarness) -> Iterator[CoordinatorProcess]:
-    process = CoordinatorProcess(grid)
+    process = CoordinatorProcess(grid, XCLOUD_COORDINATOR_DEFAULT_HEARTBEAT_S="0.2")
     try:
         yield process
     finally:

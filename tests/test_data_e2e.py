@@ -5,11 +5,9 @@ coordinator killed mid-upload, hostile requests, garbage collection, paging, the
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -27,8 +25,9 @@ from client.api import Grid
 from client.data import DataRef
 from client.reservation import Refused
 from schemas.data_messages import DataList, DataListReply
-from schemas.messages import CoordStatus, Error
+from schemas.messages import Error
 from tests.fixtures.backends import BOTH_DBS
+from tests.fixtures.coordinator_process import CoordinatorProcess
 from tests.fixtures.grid import COORDINATOR, REPO, GridHarness
 from tests.fixtures.services import wait_for
 from tests.fixtures.transfer import close_endpoint, endpoint, gated, make_file
@@ -290,56 +289,6 @@ def test_garbage_collection_frees_unreferenced_expired_objects(
 
 
 # ------------------------------------------------------------- a coordinator process
-
-
-class CoordinatorProcess:
-    """``xcloud coordinator`` on the grid's broker, database and data directory."""
-
-    def __init__(self, grid: GridHarness) -> None:
-        self.grid = grid
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = grid.tmp_path / "coordinator.log"
-        self.env = grid.subprocess_env(
-            XCLOUD_HOME=str(grid.tmp_path / "coordinator-home"),
-            XCLOUD_BUS_URL=grid.url, XCLOUD_BUS_ROOT=grid.root,
-            XCLOUD_BUS_PRINCIPAL=COORDINATOR,
-            XCLOUD_BUS_TOKEN=grid.token(COORDINATOR, "coordinator"),
-            XCLOUD_COORDINATOR_DB=grid.db_url,
-            XCLOUD_COORDINATOR_DATA_DIR=str(grid.tmp_path / "data"))
-
-    def start(self) -> None:
-        watcher = self.grid.watcher
-        before = max((s.started_at or 0.0 for _, s in watcher.of(CoordStatus)), default=0.0)
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "client.cli", "coordinator"], cwd=REPO, env=self.env,
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                start_new_session=True)
-
-        def up() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the coordinator exited:\n{self.log.read_text()}")
-            return any(s.state == "up" and (s.started_at or 0.0) > before
-                       for _, s in watcher.of(CoordStatus))
-
-        wait_for(up, timeout=30, message="the coordinator process came up")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.kill()
 
 
 @pytest.fixture

@@ -32,10 +32,10 @@ import pytest
 from coordinator.store import AttemptRecord
 from schemas.job_messages import TERMINAL_JOB_STATES
 from tests.fixtures.backends import BrokerHandle
+from tests.fixtures.coordinator_process import CoordinatorProcess
 from tests.fixtures.grid import HEARTBEAT_S, LIVENESS_FACTOR, GridHarness, WorkerHandle
 from tests.fixtures.services import wait_for
 from tests.job_actors import JobClient, start_jobs_coordinator
-from tests.test_data_e2e import CoordinatorProcess
 
 log = logging.getLogger(__name__)
 

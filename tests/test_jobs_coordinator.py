@@ -38,10 +38,10 @@ from schemas.job_messages import (
 )
 from schemas.messages import Error, Ok
 from tests.fixtures.backends import BOTH_DBS
+from tests.fixtures.coordinator_process import CoordinatorProcess
 from tests.fixtures.grid import LIVENESS_FACTOR, GridHarness
 from tests.fixtures.services import wait_for
 from tests.job_actors import JobClient, JobWorker, start_jobs_coordinator
-from tests.test_data_e2e import CoordinatorProcess
 
 pytestmark = [pytest.mark.integration]
 
