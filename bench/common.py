@@ -703,26 +703,6 @@ def heartbeat_payload(wid: str, seq: int, interval_s: float, *, validate: bool =
     return encode(envelope(beat), validate=validate)
 
 
-def _patch_match_cache() -> None:
-    """What-if: ``Bus._match`` remembers topic → subscription (paho's
-    ``topic_matches_sub`` builds a new MQTTMatcher tree for every call)."""
-    from broker.bus import Bus
-
-    original = Bus._match
-
-    def _match(self: Any, topic: str) -> Any:
-        cache = self.__dict__.setdefault("_bench_match_cache", {})
-        sub = cache.get(topic)
-        if sub is not None and self._subs.get(sub.topic_filter) is sub:
-            return sub
-        sub = original(self, topic)
-        if sub is not None and len(cache) < 100_000:
-            cache[topic] = sub
-        return sub
-
-    Bus._match = _match  # type: ignore[method-assign]
-
-
 def _patch_body_fields() -> None:
     """What-if: ``Body.to_dict``/``from_dict`` use field names cached per class instead
     of calling ``dataclasses.fields()`` for every message."""
@@ -756,7 +736,6 @@ def _patch_switch_interval() -> None:
 
 
 PATCHES: dict[str, Callable[[], None]] = {
-    "match-cache": _patch_match_cache,
     "body-fields": _patch_body_fields,
     "switch-interval": _patch_switch_interval,
 }

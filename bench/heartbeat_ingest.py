@@ -551,7 +551,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "Mosquitto's own default, 1000, drops QoS 0 heartbeats in a burst)")
     parser.add_argument("--what-if", help="also run each config with these coordinator "
                         "monkeypatches (measuring a suggested change): "
-                        "match-cache, body-fields, switch-interval")
+                        "body-fields, switch-interval")
     parser.add_argument("--profile-dir", type=Path,
                         help="keep py-spy's raw (collapsed) stacks in this directory")
 

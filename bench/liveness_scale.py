@@ -398,7 +398,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="simulated workers")
     parser.add_argument("--victims", type=int, help="workers to silence")
     parser.add_argument("--what-if", help="also run each config with these coordinator "
-                        "monkeypatches: match-cache, body-fields, switch-interval")
+                        "monkeypatches: body-fields, switch-interval")
 
 
 def main(argv: list[str] | None = None) -> int:

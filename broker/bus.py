@@ -52,6 +52,7 @@ from broker.link import (
     set_nodelay,
 )
 from broker.reply_routing import answer_inbox
+from broker.subscriptions import Subscription, SubscriptionTable
 from schemas.codec import Envelope, decode, encode, envelope, error_for
 from schemas.errors import WireError
 from schemas.messages import Body, Error
@@ -65,23 +66,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MATCH_CACHE_MAX = 100_000  # topics remembered by the subscription matcher
-
-
-@dataclass
-class _Subscription:
-    topic_filter: str
-    qos: int
-    lane: Lane
-    handler: Handler | None = None
-    raw_handler: RawHandler | None = None
-    types: frozenset[str] | None = None  # accepted message types (None: any)
-
-
 @dataclass
 class _Lane:
     name: Lane
-    queue: queue.Queue[tuple[_Subscription, Any] | None] = field(
+    queue: queue.Queue[tuple[Subscription, Any] | None] = field(
         default_factory=queue.Queue
     )
     thread: threading.Thread | None = None
@@ -145,8 +133,7 @@ class Bus:
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
-        self._subs: dict[str, _Subscription] = {}
-        self._match_cache: dict[str, _Subscription] = {}
+        self._subs = SubscriptionTable()
         self._lanes: dict[Lane, _Lane] = {}
         self._pending: dict[str, Future[Envelope[Any]]] = {}
         self._inbox_handlers: dict[str, tuple[Handler, Lane]] = {}
@@ -177,7 +164,7 @@ class Bus:
         self._started = True
         if self.inbox:
             self._subscribe_internal(
-                _Subscription(f"{self.inbox}/+", 1, Lane.INBOX, handler=self._dispatch_inbox)
+                Subscription(f"{self.inbox}/+", 1, Lane.INBOX, handler=self._dispatch_inbox)
             )
         try:
             self._client.connect_async(self._host, self._port, keepalive=self.config.keepalive)
@@ -285,14 +272,14 @@ class Bus:
         With ``types`` only those message types reach the handler; a valid message of
         another type on that topic (a heartbeat on a caps topic, say) is dropped.
         """
-        self._subscribe_internal(_Subscription(
+        self._subscribe_internal(Subscription(
             topic_filter, qos, Lane(lane), handler=handler,
             types=frozenset(types) if types else None))
 
     def subscribe_raw(self, topic_filter: str, handler: RawHandler, *, qos: int = 1,
                       lane: Lane = Lane.DEFAULT) -> None:
         """Deliver undecoded payloads (for tools and benchmarks that measure the wire)."""
-        self._subscribe_internal(_Subscription(topic_filter, qos, Lane(lane),
+        self._subscribe_internal(Subscription(topic_filter, qos, Lane(lane),
                                                raw_handler=handler))
 
     def on_inbox(self, message_type: str, handler: Handler, *,
@@ -302,16 +289,17 @@ class Bus:
             raise BusError("this bus has no inbox")
         self._inbox_handlers[message_type] = (handler, Lane(lane))
 
+    def topic_filters(self) -> list[str]:
+        """What this bus subscribes to (its inbox included)."""
+        return [sub.topic_filter for sub in self._subs.all()]
+
     def unsubscribe(self, topic_filter: str) -> None:
-        with self._lock:
-            self._subs.pop(topic_filter, None)
-            self._match_cache.clear()
+        self._subs.remove(topic_filter)
         self._client.unsubscribe(topic_filter)
 
-    def _subscribe_internal(self, sub: _Subscription) -> None:
+    def _subscribe_internal(self, sub: Subscription) -> None:
+        self._subs.add(sub)
         with self._lock:
-            self._subs[sub.topic_filter] = sub
-            self._match_cache.clear()
             self._lane(sub.lane)
         if self.connected.is_set():
             self._client.subscribe(sub.topic_filter, sub.qos)
@@ -443,8 +431,7 @@ class Bus:
         self._last_refusal = None
         self._attempt = 0  # the next disconnect starts the back-off afresh
         set_nodelay(client)
-        with self._lock:
-            subs = list(self._subs.values())
+        subs = self._subs.all()
         if self._first_connect.is_set():
             self.reconnects += 1
             log.info("reconnected to %s", self.config.url)
@@ -465,7 +452,7 @@ class Bus:
         self.connected.set()
         if self._connect_hooks:
             lane = self._lane(Lane.CONNECT)
-            lane.queue.put((_Subscription("", 0, Lane.CONNECT), _HOOK_MARKER))
+            lane.queue.put((Subscription("", 0, Lane.CONNECT), _HOOK_MARKER))
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any,
                        reason: ReasonCode, _properties: Any) -> None:
@@ -501,7 +488,7 @@ class Bus:
                 return
             if self._complete_reply(msg):
                 return
-        sub = self._match(msg.topic)
+        sub = self._subs.match(msg.topic)
         if sub is None:
             return
         self._lanes[sub.lane].queue.put((sub, msg))
@@ -524,25 +511,6 @@ class Bus:
         if not fut.done():
             fut.set_result(env)
         return True
-
-    def _match(self, topic: str) -> _Subscription | None:
-        """The subscription a topic belongs to. Cached per topic: paho's matcher builds
-        a tree on every call, which was a fifth of the coordinator's heartbeat cost."""
-        cached = self._match_cache.get(topic)
-        if cached is not None:
-            return cached
-        with self._lock:
-            sub = self._subs.get(topic)
-            if sub is None:
-                for candidate in self._subs.values():
-                    if mqtt.topic_matches_sub(candidate.topic_filter, topic):
-                        sub = candidate
-                        break
-            if sub is not None:
-                if len(self._match_cache) >= MATCH_CACHE_MAX:
-                    self._match_cache.clear()
-                self._match_cache[topic] = sub
-        return sub
 
     # -- lanes -------------------------------------------------------------------------
 
@@ -579,7 +547,7 @@ class Bus:
             except Exception:
                 log.exception("handler for %s failed", getattr(msg, "topic", "?"))
 
-    def _deliver(self, sub: _Subscription, msg: mqtt.MQTTMessage) -> None:
+    def _deliver(self, sub: Subscription, msg: mqtt.MQTTMessage) -> None:
         sender = self.topics.sender_of(msg.topic)
         try:
             env = decode(bytes(msg.payload), topic=msg.topic,
@@ -619,7 +587,7 @@ class Bus:
         if lane is Lane.INBOX:
             handler(incoming)
         else:
-            self._lane(lane).queue.put((_Subscription("", 0, lane, handler=handler),
+            self._lane(lane).queue.put((Subscription("", 0, lane, handler=handler),
                                         _Prevalidated(incoming)))
 
 
