@@ -2,7 +2,7 @@
 
 Most tests run on SQLite with both brokers; the liveness and restart tests also run on
 MariaDB. Liveness is short here (heartbeat 0.2 s, factor 2: a silent worker is lost
-after 0.4 s); the assertions use generous timeouts and only *measure* how long things
+after 0.6 s); the assertions use generous timeouts and only *measure* how long things
 took (``-s`` prints the ``MEASURE`` lines).
 """
 

@@ -73,7 +73,7 @@ def running_attempt(client: object, job: str) -> tuple[str, str]:
 
 def test_follow_is_live_complete_and_owner_only(grid: GridHarness, tmp_path: Path) -> None:
     # Principals first: adding one later reloads the broker's credentials, which can stall
-    # a loaded machine for longer than the tests' 0.4 s heartbeat tolerance.
+    # a loaded machine for longer than the tests' 0.6 s heartbeat tolerance.
     grid.add_principals((ALICE, "client"), ("bob", "client"))
     start_jobs_coordinator(grid)
     worker = agent(grid, "w1")
