@@ -23,8 +23,15 @@ _MAX_ITERATIONS = 1_000_000  # refuse absurd iteration counts in stored hashes (
 
 
 def new_token() -> str:
-    """A fresh random token: 32 bytes of entropy, URL-safe (fits MQTT passwords, shells)."""
-    return secrets.token_urlsafe(32)
+    """A fresh random token: 32 bytes of entropy, URL-safe (fits MQTT passwords, shells).
+
+    Never one that starts with ``-``: ``xcloud worker --token -Xy…`` would be taken for an
+    option (one token in 64 did, and the README's worker command then failed).
+    """
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 def _derive(token: str, salt: bytes, iterations: int) -> bytes:

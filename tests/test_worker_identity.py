@@ -23,6 +23,7 @@ import pytest
 
 from broker.bus import BusError
 from broker.config import BusConfig, Config, load_config
+from coordinator.store import WorkerRecord
 from tests.fixtures.grid import REPO, GridHarness
 from tests.fixtures.services import wait_for
 from worker.agent import WorkerAgent
@@ -206,6 +207,17 @@ def _worker_cli(grid: GridHarness, home: Path, state: Path, *args: str
         log.close()
 
 
+def _wait_online(grid: GridHarness, home: Path, proc: subprocess.Popen[bytes]
+                 ) -> WorkerRecord:
+    """lab-pc online; otherwise fail with what the worker printed (and whether it ran)."""
+    try:
+        return grid.wait_worker("lab-pc", "online", timeout=20)
+    except AssertionError as err:
+        log = (home / "worker.log").read_text(errors="replace")[-3000:]
+        raise AssertionError(f"{err}\nworker exit code {proc.poll()}; its log:\n{log}"
+                             ) from None
+
+
 def test_the_readme_add_a_worker_steps_on_the_xcloud_up_machine(
         grid: GridHarness, tmp_path: Path) -> None:
     # The machine where `xcloud up` runs: config.toml holds the admin's credentials.
@@ -221,7 +233,7 @@ def test_the_readme_add_a_worker_steps_on_the_xcloud_up_machine(
                        "--tags", "fast,ssd", "--slots", "2",
                        "--description", "lab PC under the desk")
     try:
-        record = grid.wait_worker("lab-pc", "online", timeout=20)
+        record = _wait_online(grid, home, proc)
         assert (record.tags, record.slots, record.description) == (
             ["fast", "ssd"], 2, "lab PC under the desk")
         proc.terminate()
@@ -230,7 +242,7 @@ def test_the_readme_add_a_worker_steps_on_the_xcloud_up_machine(
         # "The worker keeps its identity in its state directory, so later starts need
         # no token": started again without flags, it is lab-pc, with what it offered.
         proc = _worker_cli(grid, home, state)
-        record = grid.wait_worker("lab-pc", "online", timeout=20)
+        record = _wait_online(grid, home, proc)
         assert (record.tags, record.slots, record.description) == (
             ["fast", "ssd"], 2, "lab PC under the desk")
         assert grid.worker_record("admin") is None
