@@ -17,12 +17,15 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from client.errors import ClientError
 from schemas.outcome import Outcome
@@ -123,6 +126,8 @@ class ExecStream:
         self.last_progress = time.monotonic()
         self._exit_at: float | None = None
         self._last_stall_call = 0.0
+        #: The command's stdin when it was started with one (``ReservedWorker.stream``).
+        self.stdin: StdinSender | None = None
 
     # -- producer side (any thread) ---------------------------------------------------
 
@@ -395,3 +400,155 @@ class ExecStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: Raw bytes per ``exec.stdin`` piece, and pieces unacknowledged at most (the schema's).
+STDIN_PIECE_BYTES = 32 * 1024
+STDIN_WINDOW = 8
+
+
+class StdinSender:
+    """A remote command's stdin: ``write(data)`` and ``close()``, like a pipe's.
+
+    Input goes out in numbered pieces of at most ``STDIN_PIECE_BYTES``; at most ``window``
+    of them wait for the worker's acknowledgement, which comes once a piece is written
+    to the command, so ``write`` blocks while the command does not read (a pipe's
+    back-pressure) and neither the broker nor the worker ever holds more than the window.
+    When the command stops taking input (it exited, closed its stdin: ``head -c 10``),
+    ``closed`` becomes True and later writes are dropped quietly, as ``ssh`` does.
+
+    Pure logic: ``send(seq, data, eof)`` puts a piece on the wire and returns a future of
+    its reply; ``read_ack(reply)`` makes ``(acked, closed)`` of it (raising ClientError
+    for a refusal); ``check()`` raises when waiting makes no sense any more (the
+    reservation ended). A piece unanswered for ``resend_s`` is sent again (same seq: the
+    worker takes it once).
+    """
+
+    def __init__(self, exec_id: str, send: Callable[[int, bytes, bool], Future[Any]],
+                 read_ack: Callable[[Any], tuple[int, bool]], *,
+                 check: Callable[[], None] = lambda: None, resend_s: float = 10.0,
+                 window: int = STDIN_WINDOW, piece_bytes: int = STDIN_PIECE_BYTES) -> None:
+        self.exec_id = exec_id
+        self._send = send
+        self._read_ack = read_ack
+        self._check = check
+        self.resend_s = resend_s
+        self.window = window
+        self.piece_bytes = piece_bytes
+        self._lock = threading.Lock()  # one writer at a time
+        self._seq = 0
+        self._acked = -1
+        self._remote_closed = False
+        self._eof_sent = False
+        # (seq, data, eof, futures, last sent) of pieces not yet acknowledged
+        self._outstanding: deque[tuple[int, bytes, bool, list[Future[Any]], float]] = deque()
+        self.bytes_sent = 0
+
+    @property
+    def closed(self) -> bool:
+        """No more input goes out: ``close()`` was called or the command takes none."""
+        return self._remote_closed or self._eof_sent
+
+    def write(self, data: bytes | str) -> int:
+        """Send ``data`` (str as UTF-8); blocks while the window is full. The count taken
+        (all of it, also when it is dropped because the command takes no more input)."""
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        with self._lock:
+            if self._eof_sent:
+                raise ValueError("write to a closed stdin")
+            for start in range(0, len(raw), self.piece_bytes):
+                if self._remote_closed:
+                    break
+                self._put(raw[start:start + self.piece_bytes], eof=False)
+        return len(raw)
+
+    def close(self, timeout: float | None = None) -> None:
+        """End of input (the command reads EOF); waits until the worker has it all."""
+        with self._lock:
+            if not self._eof_sent:
+                if not self._remote_closed:
+                    self._put(b"", eof=True)
+                self._eof_sent = True
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._outstanding and not self._remote_closed:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                self._settle_oldest()
+
+    def __enter__(self) -> StdinSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _put(self, piece: bytes, *, eof: bool) -> None:
+        while len(self._outstanding) >= self.window and not self._remote_closed:
+            self._settle_oldest()
+        if self._remote_closed:
+            return
+        seq = self._seq
+        self._seq += 1
+        fut = self._send(seq, piece, eof)
+        self._outstanding.append((seq, piece, eof, [fut], time.monotonic()))
+        self.bytes_sent += len(piece)
+
+    def _settle_oldest(self) -> None:
+        """Wait (a slice) for the oldest piece's answer; resend it when overdue."""
+        seq, piece, eof, futures, sent = self._outstanding[0]
+        done = [f for f in futures if f.done()]
+        if not done:
+            self._check()
+            left = sent + self.resend_s - time.monotonic()
+            try:
+                if not futures:  # answered "not yet written" only: resend when overdue
+                    time.sleep(min(0.5, max(0.0, left)))
+                    raise FutureTimeout
+                futures[0].result(min(0.5, max(0.0, left)))
+                done = [futures[0]]
+            except FutureTimeout:
+                if time.monotonic() - sent >= self.resend_s:
+                    log.info("exec %s: stdin piece %d unanswered; sending it again",
+                             self.exec_id, seq)
+                    futures.append(self._send(seq, piece, eof))
+                    self._outstanding[0] = (seq, piece, eof, futures, time.monotonic())
+                return
+        for fut in done:
+            futures.remove(fut)
+            acked, closed = self._read_ack(fut.result())
+            self._acked = max(self._acked, acked)
+            self._remote_closed = self._remote_closed or closed
+        while self._outstanding and (self._outstanding[0][0] <= self._acked
+                                     or self._remote_closed):
+            for fut in self._outstanding.popleft()[3]:
+                fut.cancel()
+
+
+def feed_in_background(sender: StdinSender, source: int | IO[bytes], name: str, *,
+                       read_bytes: int = 256 * 1024,
+                       on_end: Callable[[], None] | None = None) -> threading.Thread:
+    """Copy ``source`` (a file descriptor or a binary file) into ``sender`` on a daemon
+    thread until its end, then close the input; it stops early, quietly, when the
+    command takes no more. A daemon: a source nobody closes must not keep us alive."""
+
+    def read() -> bytes:
+        if isinstance(source, int):
+            return os.read(source, read_bytes)
+        return source.read(read_bytes)
+
+    def feed() -> None:
+        try:
+            while not sender.closed:
+                data = read()
+                if not data:
+                    break
+                sender.write(data)
+            sender.close()
+        except (OSError, ClientError) as err:  # the command's exit tells the user
+            log.info("input of %s stopped: %s", sender.exec_id, err)
+        finally:
+            if on_end is not None:
+                on_end()
+
+    thread = threading.Thread(target=feed, name=name, daemon=True)
+    thread.start()
+    return thread

@@ -14,6 +14,7 @@ handle ended and every waiter gets :class:`ReservationLost`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import threading
@@ -27,10 +28,12 @@ from broker.bus import Bus, BusError, RemoteError, RequestTimeout
 from broker.config import Config
 from client import validation
 from client.errors import ClientError, InvalidRequest, Unreachable
-from client.exec_stream import ExecResult, ExecStream, OutputChunk, decode_data
+from client.exec_stream import ExecResult, ExecStream, OutputChunk, StdinSender, decode_data
 from schemas.errors import WireError
+from schemas.exec_messages import ExecStdin, ExecStdinAck
 from schemas.messages import (
     Body,
+    Error,
     ExecList,
     ExecListReply,
     ExecLogs,
@@ -53,7 +56,8 @@ log = logging.getLogger(__name__)
 
 # What each request to a worker asks for, in words (for refusals).
 _ACTIONS = {"exec.start": "to run the command", "exec.signal": "to signal the command",
-            "exec.list": "to list the commands", "exec.logs": "to send the output"}
+            "exec.list": "to list the commands", "exec.logs": "to send the output",
+            "exec.stdin": "to take the command's input"}
 SIGNALS = ("INT", "TERM", "KILL", "HUP", "QUIT", "USR1", "USR2")
 # After exec.exit, how long to keep asking the worker for missing chunks before giving up.
 GIVE_UP_AFTER_EXIT_S = 5.0
@@ -310,7 +314,8 @@ class ReservedWorker:
 
     def _exec(self, command: str, mode: str, *, timeout: float | None,
               env: dict[str, str] | None, max_output_bytes: int | None,
-              keep_output: bool, buffer_chunks: bool) -> tuple[str, ExecStream | None]:
+              keep_output: bool, buffer_chunks: bool,
+              stdin: bool = False) -> tuple[str, ExecStream | None]:
         validation.check_command(command)
         validation.check_timeout(timeout)
         exec_id = new_exec_id()
@@ -324,40 +329,51 @@ class ReservedWorker:
         try:
             started: ExecStarted = self._request(ExecStart(
                 grant=self.grant, exec_id=exec_id, command=command, mode=mode,
-                timeout_s=timeout, max_output_bytes=max_output_bytes, env=env or None))
+                timeout_s=timeout, max_output_bytes=max_output_bytes, env=env or None,
+                stdin=stdin or None))
         except BaseException:
             if stream is not None:
                 self._detach(stream)
             raise
+        if stdin and stream is not None:
+            stream.stdin = self._stdin_sender(exec_id)
         log.debug("exec %s started on %s (pid %s): %s", exec_id, self.worker, started.pid,
                   command)
         return exec_id, stream
 
     def run(self, command: str, timeout: float | None = None,
             env: dict[str, str] | None = None, *,
-            max_output_bytes: int | None = None) -> ExecResult:
+            max_output_bytes: int | None = None,
+            input: bytes | str | None = None) -> ExecResult:
         """Run ``command`` with ``/bin/sh -c`` in the reservation's work dir; wait for it.
 
         ``timeout`` (seconds) is enforced by the worker (the result says ``timed_out``).
+        ``input`` (bytes, or str as UTF-8) is the command's stdin, as with
+        ``subprocess.run``; without it the command reads EOF.
         """
         _, stream = self._exec(command, "output", timeout=timeout, env=env,
                                max_output_bytes=max_output_bytes, keep_output=True,
-                               buffer_chunks=False)
+                               buffer_chunks=False, stdin=input is not None)
         assert stream is not None
         with stream:
+            if stream.stdin is not None and input is not None:
+                with stream.stdin:
+                    stream.stdin.write(input)
             return stream.wait()
 
     def stream(self, command: str, timeout: float | None = None,
                env: dict[str, str] | None = None, *, max_output_bytes: int | None = None,
-               keep_output: bool = False) -> ExecStream:
+               keep_output: bool = False, stdin: bool = False) -> ExecStream:
         """Run ``command`` and iterate its output chunks as they arrive, in order.
 
         After the iteration ``.result`` holds the exit (and the output too with
         ``keep_output``). Closing the stream before the command ended stops it (TERM).
+        With ``stdin``, ``.stdin`` is the command's input (``write(data)``, ``close()``;
+        write from another thread than the one iterating when both may block).
         """
         _, stream = self._exec(command, "output", timeout=timeout, env=env,
                                max_output_bytes=max_output_bytes, keep_output=keep_output,
-                               buffer_chunks=True)
+                               buffer_chunks=True, stdin=stdin)
         assert stream is not None
         return stream
 
@@ -417,6 +433,33 @@ class ReservedWorker:
     def interrupt(self, exec_id: str) -> None:
         """What Ctrl-C does: SIGINT to the command's process group."""
         self.signal(exec_id, "INT")
+
+    def _stdin_sender(self, exec_id: str) -> StdinSender:
+        """The stdin of ``exec_id``: pieces as ``exec.stdin`` requests, answers as credit."""
+        inbox = self._grid.topics.worker_inbox(self.worker)
+
+        def send(seq: int, data: bytes, eof: bool) -> Any:
+            self._check()
+            try:
+                return self._grid.bus.request_async(inbox, ExecStdin(
+                    grant=self.grant, exec_id=exec_id, seq=seq,
+                    data=base64.b64encode(data).decode("ascii"), eof=eof or None))
+            except BusError as err:
+                raise Unreachable(f"cannot reach worker {self.worker_name}: {err}") from err
+
+        def read_ack(reply: Any) -> tuple[int, bool]:
+            body = reply.body
+            if isinstance(body, ExecStdinAck):
+                return body.acked, body.closed
+            if isinstance(body, Error) and body.code == "not_found":
+                return -1, True  # the command is gone: nobody reads any more
+            self._check()
+            code = body.code if isinstance(body, Error) else "internal"
+            raise Refused(f"worker {self.worker_name} refused to take the command's input: "
+                          f"{getattr(body, 'message', body)}", code)
+
+        return StdinSender(exec_id, send, read_ack, check=self._check,
+                           resend_s=self._grid.config.bus.request_timeout_s)
 
     # -- files (client/file_copy.py) -------------------------------------------------------
 

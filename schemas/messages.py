@@ -533,5 +533,6 @@ class AuditListReply(Body):
 
 import schemas.app_messages  # noqa: E402  (registers the apps.* message types)
 import schemas.data_messages  # noqa: E402  (registers the data.* message types)
+import schemas.exec_messages  # noqa: E402  (registers exec.stdin and its ack)
 import schemas.job_messages  # noqa: E402  (registers the jobs.*, job.*, attempt.* types)
 import schemas.transfer_messages  # noqa: E402,F401  (registers the xfer.* message types)

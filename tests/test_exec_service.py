@@ -578,9 +578,6 @@ def test_bad_requests_are_refused(grid: Grid) -> None:
     reply = grid.start(rid, "true", env={"BAD NAME": "x"})
     assert isinstance(reply, Error)
     assert reply.code == "invalid"
-    reply = grid.start(rid, "true", stdin=True)
-    assert isinstance(reply, Error)
-    assert reply.code == "unsupported"
     reply = grid.alice.request(ExecSignal(grant=grid.grant(rid), exec_id="nope", signal="INT"))
     assert isinstance(reply, Error)
     assert reply.code == "not_found"

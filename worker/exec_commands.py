@@ -23,6 +23,7 @@ from schemas.messages import ExecExit, ExecReport, ExecStart, ExecStarted
 from schemas.outcome import ERROR_MAX
 from schemas.topics import Topics
 from worker.exec_auth import ExecAuthorizer
+from worker.exec_requests import StdinFeed
 from worker.exec_sessions import Session, Spawn
 from worker.executors.base import (
     Executor,
@@ -56,6 +57,7 @@ class Command:
     started_at: float
     exit: ExecExit | None = None
     stop_reason: str | None = None
+    stdin: StdinFeed | None = None  # started with stdin: true
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -110,8 +112,9 @@ class CommandRunner:
         if bad:
             self.bus.reply_error(incoming, "invalid", f"invalid environment variable {bad[0]!r}")
             return
-        if body.stdin:
-            self.bus.reply_error(incoming, "unsupported", "commands get no stdin")
+        if body.stdin and not self.executor.capabilities().stdin:
+            self.bus.reply_error(incoming, "unsupported",
+                                 f"the {self.executor.name} executor gives commands no stdin")
             return
         timeout = _timeout(body.timeout_s, self.config.exec_timeout_s)
         launched = self._launch(session, body, client, env, timeout)
@@ -154,15 +157,19 @@ class CommandRunner:
                 return "conflict", (f"{MAX_RUNNING_PER_SESSION} commands are already "
                                     "running in this reservation")
             spec = TaskSpec(task_id=body.exec_id, command=body.command,
-                            session=session.handle, env=env, timeout_s=timeout)
+                            session=session.handle, env=env, timeout_s=timeout,
+                            stdin=bool(body.stdin))
             try:
                 handle = self.executor.start(spec, streamer.feed)
+                sink = self.executor.task_input(handle) if spec.stdin else None
             except ExecutorError as err:
                 return "internal", f"cannot start the command: {err}"
             ex = Command(exec_id=body.exec_id, rid=session.rid, client=client,
                          command=body.command, mode=body.mode, handle=handle,
                          streamer=streamer, timeout_s=timeout,
-                         started_at=handle.started_at or time.time())
+                         started_at=handle.started_at or time.time(),
+                         stdin=None if sink is None else StdinFeed(body.exec_id, sink,
+                                                                   self.spawn))
             session.used.add(body.exec_id)
             session.execs[body.exec_id] = ex
             _prune(session)
@@ -182,6 +189,8 @@ class CommandRunner:
         except Exception as err:
             log.exception("supervising exec %s failed", ex.exec_id)
             result = ExitResult(exit_code=None, error=f"internal error: {err}")
+        if ex.stdin is not None:
+            ex.stdin.stop()  # pieces still held are answered "closed"
         streamer = ex.streamer
         streamer.close_input()
         error = result.error or ex.stop_reason

@@ -6,10 +6,11 @@ It owns the protocol; the executor only runs things. On the worker's inbox it ha
   open (and persist) or close (stop commands, remove the work dir) a session
   (worker/exec_sessions.py);
 - ``exec.start`` (worker/exec_commands.py) and ``exec.signal`` / ``exec.list`` /
-  ``exec.logs`` (worker/exec_requests.py) from clients, each under a grant checked by
-  worker/exec_auth.py: it must verify with the coordinator's key, name this worker and
-  the *sending* principal, be unexpired, and belong to a session open here. Otherwise
-  the answer is ``forbidden`` (``detail.reason`` = why) and nothing runs (invariant 2).
+  ``exec.logs`` / ``exec.stdin`` (worker/exec_requests.py) from clients, each under a
+  grant checked by worker/exec_auth.py: it must verify with the coordinator's key, name
+  this worker and the *sending* principal, be unexpired, and belong to a session open
+  here. Otherwise the answer is ``forbidden`` (``detail.reason`` = why) and nothing runs
+  (invariant 2).
 
 Every handler sits behind the worker's request guard (worker/request_guard.py: the role
 table and per-principal rate limits), and every ``exec.report`` goes through the report
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from broker.bus import Bus, Lane
 from broker.config import WorkerConfig
+from schemas.exec_messages import ExecStdin
 from schemas.messages import (
     ExecList,
     ExecLogs,
@@ -137,6 +139,7 @@ class ExecService:
             (ExecSignal.TYPE, self.requests.on_signal),
             (ExecList.TYPE, self.requests.on_list),
             (ExecLogs.TYPE, self.requests.on_logs),
+            (ExecStdin.TYPE, self.requests.on_stdin),
         ):
             self.bus.on_inbox(message_type, self.guard.wrap(handler), lane=LANE)
 

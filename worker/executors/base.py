@@ -24,7 +24,11 @@ driver does not recover it, and ``close_session`` cleans up what it can find wit
 from __future__ import annotations
 
 import abc
+import contextlib
+import errno
+import select
 import signal as _signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +213,61 @@ class TaskHandle:
                 "started_at": self.started_at, "driver_state": self.driver_state.to_dict()}
 
 
+class TaskInput(abc.ABC):
+    """The write end of a task's stdin (``TaskSpec.stdin``), for one writer thread.
+
+    Writes never block longer than their ``timeout``, so the exec layer can stop a
+    writer whose command no longer reads.
+    """
+
+    @abc.abstractmethod
+    def write(self, data: bytes | memoryview, timeout: float) -> int:
+        """Write some of ``data`` (waiting at most ``timeout`` for room); the count
+        written, 0 when there was no room. BrokenPipeError when nobody reads any more."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """End of input: the task reads EOF (idempotent)."""
+
+
+class PolledInput(TaskInput):
+    """A ``TaskInput`` over a file descriptor: poll for room, then one non-blocking
+    write; each driver says how to write and how to end the input."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @abc.abstractmethod
+    def _send(self, data: bytes | memoryview) -> int:
+        """One write that never blocks (BlockingIOError when there is no room)."""
+
+    @abc.abstractmethod
+    def _end(self) -> None:
+        """End the input (the task reads EOF); OSError is ignored."""
+
+    def write(self, data: bytes | memoryview, timeout: float) -> int:
+        with self._lock:
+            if self._closed:
+                raise BrokenPipeError(errno.EPIPE, "stdin is closed")
+            poller = select.poll()
+            poller.register(self._fd, select.POLLOUT)
+            if not poller.poll(max(0, int(timeout * 1000))):
+                return 0
+            try:
+                return self._send(data)
+            except BlockingIOError:
+                return 0
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                with contextlib.suppress(OSError):
+                    self._end()
+
+
 def read_state(handle: SessionHandle | TaskHandle, driver: str, version: int) -> dict[str, Any]:
     """The data of ``driver``'s state in ``handle`` when written in layout ``version``;
     ExecutorError otherwise (another driver's handle, an older or newer layout)."""
@@ -316,3 +375,8 @@ class Executor(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most drivers hold nothing
         """Release the driver's own resources (clients, threads)."""
+
+    def task_input(self, handle: TaskHandle) -> TaskInput | None:  # noqa: ARG002
+        """The stdin of a task started with ``TaskSpec.stdin`` (None: this driver or
+        task takes no input; ``capabilities().stdin`` says whether the driver does)."""
+        return None

@@ -34,6 +34,7 @@ from worker.executors.base import (
     SessionHandle,
     SessionSpec,
     TaskHandle,
+    TaskInput,
     TaskSpec,
 )
 from worker.executors.docker import reconcile
@@ -41,7 +42,9 @@ from worker.executors.docker.container import WORK, Containers
 from worker.executors.docker.fingerprint import docker_capabilities
 from worker.executors.docker.state import STATE_VERSION, SessionState, TaskState
 from worker.executors.docker.task import (
+    SocketInput,
     Task,
+    attached_output,
     exit_result,
     pump,
     task_env,
@@ -280,7 +283,7 @@ class DockerExecutor(Executor):
             try:
                 if not cid:
                     raise docker.errors.NotFound("no container")
-                created = api.exec_create(cid, cmd, stdout=True, stderr=True, stdin=False,
+                created = api.exec_create(cid, cmd, stdout=True, stderr=True, stdin=spec.stdin,
                                           user=self.user, workdir=WORK, environment=env)
                 return cid, str(created["Id"])
             except docker.errors.APIError as err:
@@ -311,7 +314,13 @@ class DockerExecutor(Executor):
             try:
                 # Started here, not in the reader thread: once start() returns the
                 # process exists, so a signal() right after it finds it.
-                task.stream = self.client.api.exec_start(exec_id, stream=True, demux=True)
+                if spec.stdin:  # one connection both ways: output in, input out
+                    conn = self.client.api.exec_start(exec_id, socket=True)
+                    task.stdin = SocketInput(conn)
+                    task.stream = attached_output(conn)
+                else:
+                    task.stream = self.client.api.exec_start(exec_id, stream=True,
+                                                             demux=True)
             except Exception as err:
                 raise ExecutorError(f"cannot start the command: {err}") from err
             handle.pid = wait_started(self.containers, exec_id)
@@ -349,6 +358,9 @@ class DockerExecutor(Executor):
         if task is None:
             raise ExecutorError(f"unknown task {handle.task_id} (session {handle.session_id})")
         return task
+
+    def task_input(self, handle: TaskHandle) -> TaskInput | None:
+        return self._task(handle).stdin
 
     def wait(self, handle: TaskHandle, timeout: float | None = None) -> ExitResult | None:
         task = self._task(handle)

@@ -12,13 +12,22 @@ from __future__ import annotations
 import logging
 import re
 import signal as _signal
+import socket as _socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from worker.executors.base import ExecutorError, ExitResult, OutputSink, TaskHandle, TaskSpec
+from worker.executors.base import (
+    ExecutorError,
+    ExitResult,
+    OutputSink,
+    PolledInput,
+    TaskHandle,
+    TaskSpec,
+)
 from worker.executors.docker.container import Containers
 from worker.executors.docker.wrapper import POSTMORTEM_SCRIPT, oom_count
 
@@ -41,6 +50,7 @@ class Task:
     result: ExitResult | None = None
     signals: set[int] = field(default_factory=set)  # sent by the driver
     thread: threading.Thread | None = None
+    stdin: SocketInput | None = None  # TaskSpec.stdin: the exec's attached connection
 
 
 def task_env(spec: TaskSpec) -> dict[str, str]:
@@ -174,3 +184,29 @@ def exit_result(containers: Containers, task: Task, *, workdir: str, closing: bo
         return ExitResult(exit_code=None, signal=code - 128, duration_s=duration,
                           error=error)
     return ExitResult(exit_code=code, duration_s=duration, error=error)
+
+
+class SocketInput(PolledInput):
+    """The stdin of an exec started with ``socket=True``: the engine's hijacked
+    connection, whose read side the output pump reads. Writes never block (poll, then
+    ``MSG_DONTWAIT``); closing shuts the write side down, which the engine passes on as
+    EOF to the command."""
+
+    def __init__(self, conn: Any) -> None:
+        self._sock: _socket.socket = getattr(conn, "_sock", conn)
+        super().__init__(self._sock.fileno())
+
+    def _send(self, data: bytes | memoryview) -> int:
+        return self._sock.send(data, _socket.MSG_DONTWAIT)
+
+    def _end(self) -> None:
+        self._sock.shutdown(_socket.SHUT_WR)
+
+
+def attached_output(conn: Any) -> Iterator[tuple[bytes | None, bytes | None]]:
+    """(stdout, stderr) pieces of an exec started with ``socket=True``, as the engine
+    multiplexes them (what ``exec_start(stream=True, demux=True)`` yields)."""
+    from docker.utils.socket import demux_adaptor, frames_iter
+
+    for stream_id, data in frames_iter(conn, False):
+        yield demux_adaptor(stream_id, data)

@@ -1,0 +1,41 @@
+"""Typed views of the stdin messages of remote commands (``exec.stdin``; docs/exec.md).
+
+Registered in ``schemas.messages.REGISTRY`` like every other message type
+(schemas/messages.py imports this module at its end).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from schemas.messages import Body, message
+
+#: Raw bytes one ``exec.stdin`` carries at most (base64 makes 43,692 characters of it).
+STDIN_CHUNK_BYTES = 32 * 1024
+#: Pieces a client may have sent and not yet seen acknowledged.
+STDIN_WINDOW = 8
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class ExecStdin(Body):
+    """The next piece of a command's stdin: ``data`` is base64; ``eof`` closes it after."""
+
+    TYPE: ClassVar[str] = "exec.stdin"
+    grant: str
+    exec_id: str
+    seq: int
+    data: str
+    eof: bool | None = None
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class ExecStdinAck(Body):
+    """Every piece up to ``acked`` is written to the command; ``closed``: send no more."""
+
+    TYPE: ClassVar[str] = "exec.stdin.ack"
+    exec_id: str
+    acked: int
+    closed: bool
