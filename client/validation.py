@@ -96,6 +96,10 @@ def check_requirements(requirements: dict[str, Any]) -> None:
             _count(value, "the minimum number of cpus")
         elif key == "min_memory_bytes":
             _count(value, "the minimum memory")
+        elif key in ("gpus", "gpu_memory_bytes"):  # docs/gpus.md
+            top = props[key].get("maximum")
+            if _count(value, f"the {key}") > (top if top is not None else value):
+                raise InvalidRequest(f"{key} is at most {top}, not {value}")
         elif key == "tags":
             _tags(value, props["tags"])
         elif key == "executor":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordinator import gpu_capacity
 from coordinator.handling import Refusal
 from coordinator.reservation_state import WorkerNotReservable
 from coordinator.store import Store, WorkerRecord
@@ -80,7 +81,7 @@ def mismatch(worker: WorkerRecord, req: dict[str, Any], image: str | None) -> st
         images = docker.get("images") if isinstance(docker, dict) else None
         if not isinstance(images, list) or wanted_image not in images:
             return f"it does not have image {wanted_image}"
-    return None
+    return gpu_capacity.gpu_mismatch(worker.caps, gpu_capacity.requirements_ask(req))
 
 
 def describe(req: dict[str, Any], image: str | None) -> str:

@@ -279,6 +279,25 @@ def test_cleanup_orphans_and_recover(executor: DockerExecutor, workdir: Path,
             docker_engine.api.remove_container(cid, force=True)
 
 
+def test_workers_sharing_an_id_keep_their_own_containers(
+        executor: DockerExecutor, workdir: Path, tmp_path: Path,
+        docker_engine: docker.DockerClient) -> None:
+    """Two workers with one id on one engine (two grids, or two test runs side by side):
+    each one's orphan clean-up removes only the containers of its own state dir."""
+    first = DockerExecutor(executor.config, worker_id=WORKER_ID, state_dir=tmp_path / "a")
+    second = DockerExecutor(executor.config, worker_id=WORKER_ID, state_dir=tmp_path / "b")
+    mine = first.open_session(SessionSpec("sess-twin", workdir, "carol"))
+    try:
+        assert second.cleanup_orphans(set()) == 0
+        assert containers(docker_engine, "sess-twin") == [container_of(mine)]
+        result, out = run(first, mine, "echo still here")
+        assert (result.exit_code, out.text()) == (0, "still here\n")
+    finally:
+        first.close_session(mine)
+        first.close()
+        second.close()
+
+
 def test_refusals(executor: DockerExecutor, workdir: Path) -> None:
     with pytest.raises(ExecutorError, match="not on this worker"):
         executor.open_session(SessionSpec("sess-x", workdir, "eve", image="xcloud-nope:1"))

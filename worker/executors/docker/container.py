@@ -81,6 +81,7 @@ class ContainerParams:
     pids: int
     user: str
     owner: str
+    gpus: tuple[str, ...] = ()  # device ids for an NVIDIA device request (docs/gpus.md)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,9 +95,22 @@ class ContainerParams:
             return cls(image=str(data["image"]), network=str(data["network"]),
                        memory_bytes=int(data["memory_bytes"]), cpus=float(data["cpus"]),
                        pids=int(data["pids"]), user=str(data["user"]),
-                       owner=str(data["owner"]))
+                       owner=str(data["owner"]),
+                       gpus=tuple(str(g) for g in data.get("gpus") or ()))
         except (KeyError, TypeError, ValueError):
             return None
+
+
+def gpu_request(device_ids: tuple[str, ...]) -> dict[str, Any]:
+    """The host-config arguments that hand these GPUs to a container (NVIDIA's container
+    toolkit maps them); nothing for none. The session spec's ``gpu_devices``
+    (worker/job_gpus.py ``GpuSessionSpec``) names them."""
+    if not device_ids:
+        return {}
+    from docker.types import DeviceRequest
+
+    return {"device_requests": [DeviceRequest(driver="nvidia", device_ids=list(device_ids),
+                                              capabilities=[["gpu"]])]}
 
 
 class Containers:
@@ -158,8 +172,13 @@ class Containers:
         return labels
 
     def find(self, session_id: str | None = None) -> list[dict[str, Any]]:
-        """Summaries of this worker's containers (of one session when given)."""
+        """Summaries of this worker's containers (of one session when given). With a
+        state dir, only those it labelled: two grids' workers may share an id and an
+        engine (a test grid beside a real one), and must not take each other's
+        containers for orphans."""
         labels = [f"{LABEL_WORKER}={self.worker_id}"]
+        if self.state_dir is not None:
+            labels.append(f"{LABEL_STATE_DIR}={self.state_dir}")
         if session_id is not None:
             labels.append(f"{LABEL_SESSION}={session_id}")
         try:
@@ -190,7 +209,8 @@ class Containers:
         pids = min(int(limits.pids or cfg.docker_pids), int(cfg.docker_pids))
         return ContainerParams(image=image, network="host" if spec.network else "none",
                                memory_bytes=memory, cpus=cpus, pids=pids, user=self.user,
-                               owner=spec.owner)
+                               owner=spec.owner,
+                               gpus=tuple(getattr(spec, "gpu_devices", None) or ()))
 
     @staticmethod
     def prepare_workdir(workdir: Path, user: str) -> str:
@@ -248,6 +268,7 @@ class Containers:
             nano_cpus=int(params.cpus * 1e9),
             pids_limit=params.pids,
             init=False,
+            **gpu_request(params.gpus),
         )
         name = f"xcloud-{safe_name(self.worker_id)}-{safe_name(session_id)}"[:200]
         kwargs: dict[str, Any] = {
