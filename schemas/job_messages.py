@@ -43,6 +43,7 @@ class JobsSubmitted(Body):
     TYPE: ClassVar[str] = "jobs.submitted"
     batch: str
     ids: list[str]
+    warnings: list[dict[str, str]] | None = None  # jobs no known worker could run
 
 
 @message
@@ -100,6 +101,33 @@ class JobsHold(Body):
 class JobsRelease(Body):
     TYPE: ClassVar[str] = "jobs.release"
     jobs: list[str]
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsWhy(Body):
+    TYPE: ClassVar[str] = "jobs.why"
+    job: str
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsWhyReply(Body):
+    """Why a job is not running (coordinator/job_why.py); the parts a queued job has are
+    None otherwise."""
+
+    TYPE: ClassVar[str] = "jobs.why.reply"
+    job: str
+    state: str
+    verdict: str
+    worker: str | None = None
+    hold_code: str | None = None
+    hold_reason: str | None = None
+    workers: dict[str, int] | None = None
+    requirements: list[dict[str, Any]] | None = None
+    matching: dict[str, int] | None = None
+    ahead: int | None = None
+    ahead_more: bool | None = None
 
 
 # -- coordinator -> owner --------------------------------------------------------------
