@@ -157,8 +157,9 @@ class Acl:
     workers' inboxes under its own id, and reads its own inbox and the coordinator's
     status and public key; a client or admin ``C`` publishes into the coordinator's and
     workers' inboxes under its own id and reads its own inbox, worker status/caps,
-    coordinator status/pubkey and events (an admin also reads heartbeats, and may ask
-    the broker to re-check principals on ``R/broker/recheck``, as the coordinator may).
+    coordinator status/pubkey and events (an admin also reads heartbeats and every
+    job's events on ``R/events/jobs``, and may ask the broker to re-check principals on
+    ``R/broker/recheck``, as the coordinator may).
     File transfer segments (docs/transfer.md) follow the inbox rule: a principal
     publishes them under its own id only, ``R/coord/xfer/{id}/#`` and, like its inbox
     rights, ``R/client/+/xfer/{W}/#`` (worker) or ``R/worker/+/xfer/{C}/#`` (client),
@@ -239,6 +240,8 @@ class Acl:
                        f"{r}/coord/xfer/{pid}/#", f"{r}/worker/+/xfer/{pid}/#"]
             if role == Role.ADMIN:
                 subscribe.append(f"{r}/worker/+/heartbeat")
+                # Every job's events (coordinator/scheduler.py announce): admins only.
+                subscribe.append(Topics(r).admin_job_events)
                 # Revocation must reach live connections (broker.revocation). The broker
                 # re-checks against its own authenticator, so this right can only cut
                 # principals that really are revoked.

@@ -174,6 +174,13 @@ def _completer(shell: Shell) -> Any:
                               "--executor", "--image", "--lease"]
                 for pos, w in enumerate(shell.listing):
                     candidates += [str(w.index if w.index >= 0 else pos), w.id, w.name]
+            elif spec.name == "job" and position == 1:
+                candidates = ["show"]
+            elif spec.name in ("job", "wait", "results", "cancel", "hold", "release"):
+                candidates = list(reversed(shell.job_ids))  # batch jobs submitted here
+                candidates += ["--reason"] if spec.name == "hold" else []
+            elif spec.name == "logs" and position == 1:
+                candidates = list(reversed(shell.execs)) + list(reversed(shell.job_ids))
             elif spec.name in ("logs", "kill") and position == 1:
                 candidates = list(reversed(shell.execs))
             elif spec.name == "kill" and position == 2:
@@ -325,8 +332,12 @@ def run_shell(config: Config, script: str | list[str] | None = None,
 
 def run_once(config: Config, command: str, *, worker: str | None = None,
              requirements: dict[str, Any] | None = None, timeout: float | None = None,
-             lease_s: float | None = None, wait: float | None = None) -> int:
-    """``xcloud run``: reserve, run with live output, release; the remote exit status."""
+             lease_s: float | None = None, wait: float | None = None,
+             stdin_fd: int | None = None) -> int:
+    """``xcloud run``: reserve, run with live output, release; the remote exit status.
+
+    ``stdin_fd``: a file descriptor whose bytes flow to the command's stdin until its end
+    (``echo hi | xcloud run -- cat``, as with ssh); None: the command reads EOF."""
     from client.api import Grid
 
     console = Console(sys.stdout, sys.stderr, use_color(config, sys.stderr),
@@ -339,7 +350,12 @@ def run_once(config: Config, command: str, *, worker: str | None = None,
             grid.reserve(target, any=requirements or None, lease_s=lease_s,
                          wait=wait) as handle:
         log.info("reserved %s in %.2fs", handle.worker, time.monotonic() - started)
-        stream = handle.stream(command, timeout=timeout)
+        stream = handle.stream(command, timeout=timeout, stdin=stdin_fd is not None)
+        if stdin_fd is not None:
+            from client.exec_stream import feed_in_background
+
+            assert stream.stdin is not None
+            feed_in_background(stream.stdin, stdin_fd, "stdin-pump")
         try:
             result = follow_output(handle, stream, console)
         except BrokenPipeError:

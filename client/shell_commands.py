@@ -15,8 +15,15 @@ from typing import TYPE_CHECKING
 
 from client.console import Console, SigintCounter, describe_exit, follow_output
 from client.errors import ClientError
-from client.exec_stream import ExecResult, ExecStream
-from client.shell_syntax import COMMANDS, ShellError, ShellExit, find_command, reserve_args
+from client.exec_stream import ExecResult, ExecStream, feed_in_background
+from client.shell_syntax import (
+    COMMANDS,
+    ShellError,
+    ShellExit,
+    find_command,
+    reserve_args,
+    split_local_input,
+)
 from client.table import ago, render, workers_table
 
 if TYPE_CHECKING:
@@ -33,6 +40,7 @@ class Shell:
         self.reserved: ReservedWorker | None = None
         self.listing: list[WorkerInfo] = []
         self.execs: list[str] = []
+        self.job_ids: list[str] = []  # batch jobs submitted here, newest last (completion)
         self.last_status: int | None = None
         self.notices: list[str] = []
         self._notice_lock = threading.Lock()
@@ -181,7 +189,16 @@ class Shell:
         if not rest:
             raise ShellError("usage: output CMD")
         handle = self._holding()
-        stream = handle.stream(rest)
+        command, local = split_local_input(rest)
+        source = os.path.expanduser(local) if local is not None else None
+        if source is not None and os.path.isfile(source):
+            stream = handle.stream(command, stdin=True)  # `< FILE` of a file here
+            assert stream.stdin is not None
+            local_file = open(source, "rb")  # noqa: SIM115 - the feeding thread closes it
+            feed_in_background(stream.stdin, local_file, f"stdin-{stream.exec_id}",
+                               on_end=local_file.close)
+        else:  # no `<`, or a file only the worker has: its shell redirects
+            stream = handle.stream(rest)
         self.execs.append(stream.exec_id)
         result = follow_output(handle, stream, self.console)
         if result is None:
@@ -227,6 +244,11 @@ class Shell:
         ids = [w for w in words if w not in ("-f", "--follow")]
         if len(ids) != 1:
             raise ShellError("usage: logs ID [-f]")
+        from client import shell_jobs
+
+        if shell_jobs.is_job_id(ids[0]):  # a batch job's (j-...), no worker needed
+            shell_jobs.logs(self.grid.jobs, self.console, words)
+            return
         handle = self._holding()
         chunks = handle.logs(self._exec_id(ids[0]), follow=follow)
         if isinstance(chunks, ExecStream):
@@ -298,7 +320,12 @@ class Shell:
         self.console.print(f"got {kind} {handle.worker_name}:{result.remote} → {result.local} "
                            f"({result.size} bytes, {result.rate / (1 << 20):.1f} MiB/s)")
 
-    def cmd_release(self, _rest: str) -> None:
+    def cmd_release(self, rest: str) -> None:
+        if self._words(rest):  # `release ID...`: held batch jobs (client/shell_jobs.py)
+            from client import shell_jobs
+
+            shell_jobs.release(self.grid.jobs, self.console, self._words(rest))
+            return
         if self.reserved is None:
             raise ShellError("no worker reserved")
         handle, self.reserved = self.reserved, None
@@ -389,7 +416,8 @@ class Shell:
     def cmd_submit(self, rest: str) -> None:
         from client import shell_jobs
 
-        shell_jobs.submit(self.grid.jobs, self.console, rest)
+        ids = shell_jobs.submit(self.grid.jobs, self.console, rest)
+        self.job_ids = (self.job_ids + ids)[-100:]
 
     def cmd_jobs(self, rest: str) -> None:
         from client import shell_jobs
@@ -410,3 +438,18 @@ class Shell:
         from client import shell_jobs
 
         shell_jobs.cancel(self.grid.jobs, self.console, self._words(rest))
+
+    def cmd_job(self, rest: str) -> None:
+        from client import shell_jobs
+
+        shell_jobs.show(self.grid.jobs, self.console, self._words(rest))
+
+    def cmd_hold(self, rest: str) -> None:
+        from client import shell_jobs
+
+        shell_jobs.hold(self.grid.jobs, self.console, self._words(rest))
+
+    def cmd_why(self, rest: str) -> None:
+        from client import shell_jobs
+
+        shell_jobs.why(self.grid.jobs, self.console, self._words(rest))

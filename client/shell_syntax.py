@@ -45,7 +45,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
                 "run CMD on your worker and show its output live (Ctrl-C interrupts it)"),
     CommandSpec("start", ("bg",), "start CMD", "run CMD in the background; prints its id"),
     CommandSpec("ps", (), "ps", "commands started on your worker"),
-    CommandSpec("logs", (), "logs ID [-f]", "output kept for a command; -f follows it"),
+    CommandSpec("logs", (), "logs ID [-f]",
+                "output kept for a command, or a batch job's (ID j-...); -f follows it"),
     CommandSpec("kill", (), "kill ID [SIGNAL]", "signal a command (default TERM)"),
     CommandSpec("put", (), "put LOCAL [REMOTE]",
                 "copy a local file or directory into your worker's work directory"),
@@ -58,12 +59,21 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("submit", (), "submit [--count N] [--input NAME=PATH ...] [--output GLOB ...] "
                 "[--wall 10m] [--memory 1G] [--cpus N] [--env K=V ...] -- CMD",
                 "submit CMD as batch job(s), no worker needed (docs/jobs.md)"),
-    CommandSpec("jobs", (), "jobs [STATE]", "your batch jobs (like condor_q)"),
+    CommandSpec("jobs", (), "jobs [STATE] | jobs --watch [--all]",
+                "your batch jobs (like condor_q); --watch: their events live until Ctrl-C "
+                "(--all: everyone's, admins)"),
     CommandSpec("wait", (), "wait ID... | --all", "wait for batch jobs to end"),
     CommandSpec("results", (), "results ID [DIR]",
                 "write a job's stdout, stderr and outputs into DIR (default ./ID)"),
     CommandSpec("cancel", (), "cancel ID...", "cancel batch jobs (running ones are killed)"),
-    CommandSpec("release", ("releaseWorker",), "release", "give your worker back"),
+    CommandSpec("job", (), "job show ID",
+                "a batch job, its attempts and their timeline (as `xcloud job show`)"),
+    CommandSpec("hold", (), "hold ID... [--reason R]",
+                "hold batch jobs (running ones are stopped and wait)"),
+    CommandSpec("why", (), "why ID",
+                "why a batch job is not running (its requirements against the workers)"),
+    CommandSpec("release", ("releaseWorker",), "release [ID...]",
+                "give your worker back; with job ids: release held batch jobs"),
     CommandSpec("help", ("?",), "help [COMMAND]", "this list, or one command's usage"),
     CommandSpec("exit", ("quit",), "exit", "leave (releases your worker)"),
 )
@@ -194,3 +204,31 @@ def reserve_args(words: list[str]) -> tuple[str | int | None, dict[str, Any], di
     if req and target is not None:
         raise ShellError("give either a worker or requirements (--tag, --min-cpus, ...)")
     return target, req, extra
+
+
+_TRAILING_INPUT = re.compile(
+    r"^(?P<cmd>.*?[^<>&0-9\s])\s*(?<![<>&])<(?![<&(>])\s*"
+    r"""(?P<path>"[^"]*"|'[^']*'|\S+)\s*$""", re.DOTALL)
+
+
+def split_local_input(line: str) -> tuple[str, str | None]:
+    """``CMD < FILE`` -> (CMD, FILE); (line, None) without a trailing ``< FILE``.
+
+    Only a last ``<`` outside quotes counts (not ``<<``, ``<&``, ``2<``, ``<(``), with one
+    word after it (quotes allowed: ``< 'my file'``). Whether FILE is read here or by the
+    remote shell is the caller's choice (``output`` reads it here when it exists here).
+    """
+    import shlex
+
+    m = _TRAILING_INPUT.match(line)
+    if not m:
+        return line, None
+    cmd, path = m.group("cmd"), m.group("path")
+    try:
+        shlex.split(cmd)  # a `<` inside quotes leaves the command's quotes unbalanced
+        words = shlex.split(path)
+    except ValueError:
+        return line, None
+    if len(words) != 1:
+        return line, None
+    return cmd.strip(), words[0]

@@ -103,6 +103,12 @@ class Topics:
     def all_events(self) -> str:
         return f"{self.root}/event/#"
 
+    @property
+    def admin_job_events(self) -> str:
+        """Every job's ``job.event``, published once per event by the coordinator; only
+        admins may read it (broker.acl), unlike ``event/#`` (docs/security.md)."""
+        return f"{self.root}/events/jobs"
+
     # -- transfers (docs/transfer.md) ---------------------------------------
     # A component's transfer base sits beside its inbox: segments for it arrive on
     # ``{base}/{sender}/{tid}/{offset}/{crc32}``, and the ACL lets a principal publish
