@@ -358,6 +358,9 @@ class _QuietBus:
     def send(self, *_args: Any, **_kwargs: Any) -> None:
         return None
 
+    def publish(self, *_args: Any, **_kwargs: Any) -> None:  # the admins' job events feed
+        return None
+
 
 def scheduler_pass(db_file: Path, root: str, passes: int = 5) -> dict[str, Any]:
     """Time ``JobScheduler.run_pass`` on the grid's database (its coordinator stopped)."""

@@ -152,6 +152,7 @@ class WorkerConfig:
     cache_dir: str = ""  # empty = <state_dir>/cache
     cache_bytes: int = 10 * 1024**3  # the input cache's size cap (LRU eviction beyond)
     job_output_bytes: int = 64 * 1024 * 1024  # stdout, and stderr, kept per attempt
+    job_queue: int = 2  # attempts accepted beyond the slots, waiting for one (prefetch)
 
 
 @dataclass
@@ -195,6 +196,9 @@ class JobsConfig:
     missed_heartbeats: int = 2  # heartbeats an attempt may be missing from before it is lost
     max_kills: int = 16  # job.kill per worker per kill_resend_s (reconciliation)
     kill_resend_s: float = 10.0  # one job.kill per unknown attempt per this interval
+    prefetch: int = 0  # attempts a full worker may hold waiting for a slot (0 = none)
+    steal_after_s: float = 1.0  # such an attempt moves to an idle worker after this
+    unmatchable_hold_s: float = 600.0  # queued this long and no known worker fits: held (0: never)
 
 
 @dataclass

@@ -84,6 +84,7 @@ COORDINATOR_INBOX: Mapping[str, RequestRule] = MappingProxyType({
     "jobs.cancel": RequestRule(PEOPLE),
     "jobs.hold": RequestRule(PEOPLE),
     "jobs.release": RequestRule(PEOPLE),
+    "jobs.why": RequestRule(PEOPLE),
     "attempt.started": RequestRule(WORKERS, Limit.REPORTS),
     "attempt.report": RequestRule(WORKERS, Limit.REPORTS),
 })
@@ -98,6 +99,8 @@ WORKER_INBOX: Mapping[str, RequestRule] = MappingProxyType({
     "exec.signal": RequestRule(PEOPLE),
     "exec.list": RequestRule(PEOPLE),
     "exec.logs": RequestRule(PEOPLE),
+    # Flow-controlled by its window (8 pieces per command), so not rate-limited.
+    "exec.stdin": RequestRule(PEOPLE, Limit.NONE),
     "job.assign": RequestRule(COORDINATOR, Limit.NONE),
     "job.kill": RequestRule(COORDINATOR, Limit.NONE),
     # A job's owner follows its running attempt's output (the worker checks the owner).

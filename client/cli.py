@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", action="append", help="only workers with this tag (repeatable)")
     p.add_argument("--min-cpus", type=int, help="only workers with at least this many cpus")
     p.add_argument("--min-memory", help="only workers with at least this much memory (4G)")
+    p.add_argument("--gpus", type=int, metavar="N", help="only workers with N GPUs (that "
+                   "match --gpu-memory and --gpu-name)")
+    p.add_argument("--gpu-memory", help="only GPUs with at least this much memory (40G)")
+    p.add_argument("--gpu-name", help="only GPUs whose name contains this (any case)")
     p.add_argument("--timeout", type=float, help="kill the command after this many seconds")
     p.add_argument("--lease", type=float, help="reservation lease in seconds (default 30)")
     p.add_argument("--wait", type=float, nargs="?", const=math.inf, metavar="SECONDS",
@@ -267,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     from client.jobs_cli import add_jobs_parsers  # `xcloud submit`, `jobs` ... (docs/jobs.md)
 
     add_jobs_parsers(sub, _common)
+
+    from client.why_cli import add_why_parser  # `xcloud why ID` (docs/jobs.md)
+
+    add_why_parser(sub, _common)
     return parser
 
 
@@ -432,18 +440,27 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         requirements["tags"] = [t for tag in args.tag for t in tag.split(",") if t]
     if args.min_cpus is not None:
         requirements["min_cpus"] = args.min_cpus
-    if args.min_memory is not None:
+    for key, value in (("gpus", args.gpus), ("gpu_name", args.gpu_name)):
+        if value:
+            requirements[key] = value
+    for flag, key, text in (("--min-memory", "min_memory_bytes", args.min_memory),
+                            ("--gpu-memory", "gpu_memory_bytes", args.gpu_memory)):
+        if text is None:
+            continue
         try:
-            requirements["min_memory_bytes"] = parse_bytes(args.min_memory)
+            requirements[key] = parse_bytes(text)
         except ShellError as err:
-            print(f"xcloud run: error: --min-memory: {err}", file=sys.stderr)
+            print(f"xcloud run: error: {flag}: {err}", file=sys.stderr)
             return 2
     if args.worker and requirements:
         print("xcloud run: error: give either --worker or requirements (--tag, --min-cpus, "
               "--min-memory)", file=sys.stderr)
         return 2
+    # Piped input flows to the command, as with ssh; from a terminal it reads EOF.
+    piped = sys.stdin is not None and not sys.stdin.isatty()
     return run_once(config, command, worker=args.worker, requirements=requirements,
-                    timeout=args.timeout, lease_s=args.lease, wait=args.wait)
+                    timeout=args.timeout, lease_s=args.lease, wait=args.wait,
+                    stdin_fd=sys.stdin.fileno() if piped else None)
 
 
 def cmd_cp(args: argparse.Namespace, config: Config) -> int:

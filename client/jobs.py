@@ -38,6 +38,7 @@ from client.data import DataRef, is_sha256
 from client.errors import ClientError, InvalidRequest
 from client.job_follow import FollowRouter
 from client.job_follow import follow as follow_job
+from client.job_watch import JobWatch, WatchRouter
 from client.reservation import Refused
 from schemas.job_messages import (
     MAX_JOBS_PER_REQUEST,
@@ -52,6 +53,8 @@ from schemas.job_messages import (
     JobsShowReply,
     JobsSubmit,
     JobsSubmitted,
+    JobsWhy,
+    JobsWhyReply,
 )
 
 if TYPE_CHECKING:
@@ -231,6 +234,8 @@ class JobStore:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._follows: FollowRouter | None = None  # job.output routing (client/job_follow.py)
+        self._watches: WatchRouter | None = None  # job.event to watches (client/job_watch.py)
+        self.last_warnings: list[dict[str, str]] = []  # the last submit's (jobs.submitted)
 
     # -- submitting --------------------------------------------------------------------
 
@@ -244,8 +249,12 @@ class JobStore:
              priority: int | None = None, labels: Mapping[str, str] | None = None,
              tags: Sequence[str] = (), executor: str | None = None,
              image: str | None = None, worker: str | None = None,
-             name: str | None = None, index: int | None = None) -> dict[str, Any]:
-        """A JobSpec document (local input files are uploaded now)."""
+             name: str | None = None, index: int | None = None, gpus: int | None = None,
+             gpu_memory: str | int | None = None,
+             gpu_name: str | None = None) -> dict[str, Any]:
+        """A JobSpec document (local input files are uploaded now). ``gpus``: GPUs the
+        job needs, each with at least ``gpu_memory`` and a name containing ``gpu_name``
+        (docs/gpus.md)."""
         spec: dict[str, Any] = {"command": command_line(command, args)}
         if env:
             spec["env"] = {str(k): str(v) for k, v in env.items()}
@@ -258,11 +267,15 @@ class JobStore:
             spec["outputs"] = [str(o) for o in outputs]
         resources = {k: v for k, v in (
             ("cpus", cpus), ("memory_bytes", None if memory is None else parse_size(memory)),
-            ("disk_bytes", None if disk is None else parse_size(disk))) if v is not None}
+            ("disk_bytes", None if disk is None else parse_size(disk)),
+            ("gpus", gpus or None),
+            ("gpu_memory_bytes", None if gpu_memory is None else parse_size(gpu_memory)),
+        ) if v is not None}
         if resources:
             spec["resources"] = resources
         requirements: dict[str, Any] = {k: v for k, v in (
-            ("executor", executor), ("image", image), ("worker", worker)) if v}
+            ("executor", executor), ("image", image), ("worker", worker),
+            ("gpu_name", gpu_name)) if v}
         if tags:
             requirements["tags"] = list(tags)
         if requirements:
@@ -301,9 +314,14 @@ class JobStore:
     def submit_specs(self, specs: Sequence[dict[str, Any]]) -> list[JobFuture]:
         """Submit JobSpec documents (in requests of at most 500); one future each."""
         futures: list[JobFuture] = []
+        warnings: list[dict[str, str]] = []
         for start in range(0, len(specs), MAX_JOBS_PER_REQUEST):
             chunk = list(specs[start:start + MAX_JOBS_PER_REQUEST])
             reply: JobsSubmitted = self.grid.ask(JobsSubmit(jobs=chunk), what="submit jobs")
+            warnings.extend(reply.warnings or ())
+            for warning in reply.warnings or ():
+                log.warning("job %s %s", warning.get("job"), warning.get("message"))
+            self.last_warnings = warnings
             with self._lock:
                 self._batch.update(dict.fromkeys(reply.ids, reply.batch))
             futures.extend(self._track(job) for job in reply.ids)
@@ -348,6 +366,9 @@ class JobStore:
     def on_event(self, incoming: Incoming) -> None:
         """``job.event`` from the coordinator (the Grid routes it here)."""
         body: JobEvent = incoming.body
+        watches = self._watches
+        if watches is not None:
+            watches.on_inbox(incoming)
         if body.state in TERMINAL_JOB_STATES:
             with self._lock:
                 if body.job in self._futures:
@@ -425,6 +446,11 @@ class JobStore:
         reply: JobsShowReply = self.grid.ask(JobsShow(job=job), what=f"show job {job}")
         return reply
 
+    def why(self, job: str) -> dict[str, Any]:
+        """Why ``job`` is not running: the ``jobs.why.reply`` fields (docs/jobs.md)."""
+        reply: JobsWhyReply = self.grid.ask(JobsWhy(job=job), what=f"explain job {job}")
+        return reply.to_dict()
+
     def result(self, job: str) -> JobResult:
         return JobResult.from_show(self.show(job), self.grid)
 
@@ -475,6 +501,17 @@ class JobStore:
                 self._follows = FollowRouter(self.grid)
             router = self._follows
         return follow_job(self, router, job)
+
+    def watch(self, all: bool = False) -> JobWatch:
+        """Job state changes as they happen: an iterator of ``JobEvent`` (job, state,
+        at, attempt, worker, exit_code, reason) until ``close()`` (also a context
+        manager). Your own jobs' events; ``all=True`` (admins only): every job's, from
+        the admins' feed (client/job_watch.py)."""
+        with self._lock:
+            if self._watches is None:
+                self._watches = WatchRouter(self)
+            router = self._watches
+        return router.open(everyone=all)
 
     def wait(self, jobs: Iterable[str], timeout: float | None = None) -> list[JobResult]:
         """Block until every job in ``jobs`` ended; their results, in order.

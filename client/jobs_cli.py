@@ -55,6 +55,11 @@ def add_jobs_parsers(sub: Any, common: AddOptions) -> None:
                    help="an environment variable (repeatable)")
     p.add_argument("--cpus", type=int, help="cpus the job needs (default 1)")
     p.add_argument("--memory", help="memory limit, e.g. 512M, 4G")
+    p.add_argument("--gpus", type=int, metavar="N", help="GPUs the job needs (0-16, default 0)")
+    p.add_argument("--gpu-memory", metavar="SIZE",
+                   help="only GPUs with at least this much memory, e.g. 40G")
+    p.add_argument("--gpu-name", metavar="TEXT",
+                   help="only GPUs whose name contains TEXT (any case), e.g. H100")
     p.add_argument("--wall", help="wall-clock limit, e.g. 90s, 10m, 1h")
     p.add_argument("--retries", type=int, help="retries of the job's own failures (default 0)")
     p.add_argument("--system-retries", type=int,
@@ -82,6 +87,10 @@ def add_jobs_parsers(sub: Any, common: AddOptions) -> None:
     p.add_argument("--owner", help="admins: this principal's jobs")
     p.add_argument("--limit", type=int, default=1000, help="at most this many (1000)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", action="store_true",
+                   help="print job events live, one line each, until Ctrl-C")
+    p.add_argument("--all", action="store_true",
+                   help="with --watch, admins: every principal's jobs")
     p.set_defaults(func=cmd_jobs)
 
     p = verb("job", "one job: xcloud job show ID")
@@ -116,6 +125,8 @@ def add_jobs_parsers(sub: Any, common: AddOptions) -> None:
                        ("release", "release held jobs")):
         p = verb(name, help)
         p.add_argument("jobs", nargs="+", metavar="ID")
+        if name == "hold":
+            p.add_argument("--reason", help="why (shown in `xcloud jobs` and `job show`)")
         p.set_defaults(func=cmd_control, action=name)
 
 
@@ -182,7 +193,8 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
         "stop_exit_codes": args.stop_exit_code, "priority": args.priority,
         "labels": _pairs(args.label, "--label"), "tags": args.tag,
         "executor": args.executor, "image": args.image, "worker": args.worker,
-        "name": args.name}
+        "name": args.name, "gpus": args.gpus, "gpu_memory": args.gpu_memory,
+        "gpu_name": args.gpu_name}
     with Grid.connect(config) as grid:
         base = grid.jobs.spec(command, env=env, **options)  # uploads the inputs once
         specs: list[dict[str, Any]] = []
@@ -201,6 +213,9 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
             for job in ids:
                 print(job)
         print(f"submitted {len(ids)} job(s)", file=sys.stderr)
+        for warning in grid.jobs.last_warnings:
+            print(f"warning: job {warning.get('job')} {warning.get('message')}",
+                  file=sys.stderr)
         if not args.wait:
             return 0
         results = [f.result() for f in futures]
@@ -228,8 +243,14 @@ def jobs_table(items: list[dict[str, Any]]) -> str:
 
 def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
     from client.api import Grid
+    from client.errors import InvalidRequest
 
+    if args.all and not args.watch:
+        raise InvalidRequest("--all goes with --watch (to list everyone's jobs, an admin "
+                             "runs `xcloud jobs` alone)")
     with Grid.connect(config) as grid:
+        if args.watch:
+            return _watch(grid, everyone=args.all, as_json=args.json)
         items = grid.jobs.ls(state=args.state, batch=args.batch, owner=args.owner,
                              limit=args.limit)
     if args.json:
@@ -244,15 +265,42 @@ def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _watch(grid: Any, *, everyone: bool, as_json: bool) -> int:
+    """``jobs --watch``: one line (or JSON object) per event until Ctrl-C (exit 130)."""
+    import dataclasses
+
+    from client.job_watch import event_line
+
+    watch = grid.jobs.watch(all=everyone)
+    print("watching " + ("every job's" if everyone else "your jobs'")
+          + " events; Ctrl-C stops", file=sys.stderr)
+    try:
+        for event in watch:
+            print(json.dumps(dataclasses.asdict(event)) if as_json else event_line(event),
+                  flush=True)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        watch.close()
+    return 0
+
+
 def cmd_job_show(args: argparse.Namespace, config: Config) -> int:
     from client.api import Grid
-    from client.table import render
 
     with Grid.connect(config) as grid:
         reply = grid.jobs.show(args.job)
     if args.json:
         print(json.dumps({"job": reply.job, "attempts": reply.attempts}, indent=2))
         return 0
+    print(job_detail(reply))
+    return 0
+
+
+def job_detail(reply: Any) -> str:
+    """``job show``'s text (the CLI's and the shell's): the job, then its attempts."""
+    from client.table import render
+
     job = reply.job
     spec = job.get("spec") or {}
     results = job.get("results") or {}
@@ -266,16 +314,15 @@ def cmd_job_show(args: argparse.Namespace, config: Config) -> int:
     if results.get("outputs"):
         lines.append("outputs   " + ", ".join(f"{o['name']} ({o['size']} B)"
                                              for o in results["outputs"]))
-    print("\n".join(lines))
     if reply.attempts:
         rows = [[str(a["id"]), str(a.get("worker") or "-"), str(a["kind"]),
                  _when(a.get("assigned_at")), _when(a.get("started_at")),
                  _when(a.get("ended_at")),
                  "-" if a.get("exit_code") is None else str(a["exit_code"]),
                  str(a.get("error") or "")[:60]] for a in reply.attempts]
-        print("\n" + render(["ATTEMPT", "WORKER", "OUTCOME", "ASSIGNED", "STARTED", "ENDED",
-                             "EXIT", "ERROR"], rows))
-    return 0
+        lines += ["", render(["ATTEMPT", "WORKER", "OUTCOME", "ASSIGNED", "STARTED", "ENDED",
+                              "EXIT", "ERROR"], rows)]
+    return "\n".join(lines)
 
 
 def _finished(grid: Any, job: str, follow: bool) -> JobResult:
@@ -365,7 +412,10 @@ def cmd_control(args: argparse.Namespace, config: Config) -> int:
     with Grid.connect(config) as grid:
         store = grid.jobs
         call = {"cancel": store.cancel, "hold": store.hold, "release": store.release}
-        detail = call[args.action](list(args.jobs))
+        if args.action == "hold" and args.reason:
+            detail = store.hold(list(args.jobs), reason=args.reason)
+        else:
+            detail = call[args.action](list(args.jobs))
     extra = ", ".join(f"{k} {v}" for k, v in sorted(detail.items()))
     print(f"{args.action}: {len(args.jobs)} job(s)" + (f" ({extra})" if extra else ""))
     return 0

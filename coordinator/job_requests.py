@@ -19,12 +19,15 @@ from typing import Any
 
 from broker.acl import Role
 from broker.bus import Bus, Incoming, Lane
+from coordinator.errors import NotFound
 from coordinator.handling import Refusal, RequestGuard, guarded
 from coordinator.job_state import REPORTABLE, AttemptKind, JobState
+from coordinator.job_unmatchable import submit_warnings
+from coordinator.job_why import explain
 from coordinator.scheduler import JobScheduler
 from coordinator.store import Store
 from coordinator.store.data import valid_sha256
-from coordinator.store.jobs import AttemptRecord, JobRecord, ResultRecord
+from coordinator.store.job_records import AttemptRecord, JobRecord, ResultRecord
 from schemas.job_messages import (
     AttemptReport,
     AttemptStarted,
@@ -37,6 +40,8 @@ from schemas.job_messages import (
     JobsShowReply,
     JobsSubmit,
     JobsSubmitted,
+    JobsWhy,
+    JobsWhyReply,
 )
 from schemas.messages import Body, Ok
 from schemas.outcome import OUTCOME_FIELDS
@@ -105,6 +110,7 @@ class JobRequests:
             "jobs.cancel": self.jobs_cancel,
             "jobs.hold": self.jobs_hold,
             "jobs.release": self.jobs_release,
+            "jobs.why": self.jobs_why,
             "attempt.started": self.attempt_started,
             "attempt.report": self.attempt_report,
         }
@@ -128,7 +134,8 @@ class JobRequests:
         batch, ids = self.store.submit_jobs(owner, req.jobs)
         log.info("batch %s: %s submitted %d job(s)", batch, owner, len(ids))
         self.scheduler.poke()
-        return JobsSubmitted(batch=batch, ids=ids)
+        warnings = submit_warnings(self.store, ids, req.jobs)
+        return JobsSubmitted(batch=batch, ids=ids, warnings=warnings or None)
 
     def _check_data(self, owner: str, specs: list[dict[str, Any]]) -> None:
         """Every stdin and input must be a data object the owner may read."""
@@ -211,6 +218,13 @@ class JobRequests:
         req: JobsRelease = incoming.body
         return self._change(incoming, req.jobs, JobState.QUEUED, "released")
 
+    def jobs_why(self, incoming: Incoming) -> Body:
+        """Why the job is not running (coordinator/job_why.py): bounded, read-only."""
+        req: JobsWhy = incoming.body
+        sender = incoming.sender
+        assert sender is not None
+        return JobsWhyReply(**explain(self.store, self._own_job(req.job, sender)))
+
     # -- workers ----------------------------------------------------------------------------
 
     def _worker_attempt(self, aid: str, wid: str) -> AttemptRecord:
@@ -232,7 +246,7 @@ class JobRequests:
         req: AttemptReport = incoming.body
         wid = incoming.sender
         assert wid is not None
-        self._worker_attempt(req.attempt, wid)
+        # (record_report checks the attempt is the sender's: NotFound, nothing written)
         try:
             kind = AttemptKind(req.kind)
         except ValueError:
@@ -244,9 +258,15 @@ class JobRequests:
             raise Refusal("invalid", "a result's sha256 is not 64 lowercase hex digits")
         outcome = {name: getattr(req, name) for name in OUTCOME_FIELDS
                    if getattr(req, name) is not None}
-        result = self.store.record_report(
-            req.attempt, wid, kind, outcome=outcome, stdout=req.stdout, stderr=req.stderr,
-            outputs=list(req.outputs or ()), started_at=req.started_at, ended_at=req.ended_at)
+        try:
+            result = self.store.record_report(
+                req.attempt, wid, kind, outcome=outcome, stdout=req.stdout,
+                stderr=req.stderr, outputs=list(req.outputs or ()),
+                started_at=req.started_at, ended_at=req.ended_at)
+        except NotFound:
+            log.warning("worker %s spoke of attempt %s, which is not its own", wid,
+                        req.attempt)
+            raise Refusal("not_found", f"no attempt {req.attempt} on worker {wid}") from None
         if result.changes:
             log.info("attempt %s on %s: %s -> job %s", req.attempt, wid, kind.value,
                      result.changes[0].state.value)

@@ -37,12 +37,14 @@ from typing import Any
 from broker.bus import Bus, BusError, RemoteError, RequestTimeout
 from broker.config import JobsConfig
 from broker.rate_limit import TokenBuckets
-from coordinator import matching
+from coordinator import gpu_capacity, job_matching
 from coordinator.errors import CoordinatorError
+from coordinator.job_prefetch import prefetch_pass, steal_pass
 from coordinator.job_state import AttemptKind
+from coordinator.job_unmatchable import UnmatchableCheck
 from coordinator.registry import WorkerRegistry
 from coordinator.store import Store, WorkerRecord
-from coordinator.store.jobs import AttemptRecord, JobChange, JobRecord
+from coordinator.store.job_records import AttemptRecord, JobChange, JobRecord
 from coordinator.worker_state import WorkerState
 from schemas.job_messages import JobAssign, JobEvent, JobKill
 from schemas.messages import Ok
@@ -59,8 +61,10 @@ SENT_MAX = 10_000
 class Capacity:
     """What one worker can still take in this pass."""
 
-    def __init__(self, worker: WorkerRecord, usage: tuple[int, int, int]) -> None:
+    def __init__(self, worker: WorkerRecord, usage: tuple[int, int, int],
+                 gpus_held: int = 0) -> None:
         self.worker = worker
+        self.gpus_held = gpus_held  # GPUs its live attempts (and this pass) hold
         slots = max(worker.slots, 1)
         self.cpus_per_slot = max(worker.cpus, 1) / slots
         self.memory_per_slot = worker.memory_bytes / slots if worker.memory_bytes else 0.0
@@ -76,18 +80,24 @@ class Capacity:
     def slots_for(self, job: JobRecord) -> int:
         return self._slots_for(job.cpus, job.memory_bytes)
 
+    def fits_gpus(self, job: JobRecord) -> bool:
+        """Whether enough of its GPUs that meet the job's asks are free (docs/gpus.md)."""
+        ask = gpu_capacity.job_ask(job.spec)
+        return not ask.count or gpu_capacity.free_gpus(
+            self.worker.caps, ask, self.gpus_held) >= ask.count
+
+    def take(self, job: JobRecord) -> int:
+        """Count ``job`` as assigned here in this pass; returns the slots it took."""
+        need = self.slots_for(job)
+        self.free -= need
+        self.gpus_held += gpu_capacity.job_ask(job.spec).count
+        return need
+
 
 def requirement_mismatch(worker: WorkerRecord, spec: dict[str, Any]) -> str | None:
-    """Why ``worker`` cannot run a job with this spec's requirements, or None."""
-    req = dict(spec.get("requirements") or {})
-    wanted = req.pop("worker", None)
-    if wanted and wanted not in (worker.id, worker.name):
-        return f"the job asks for worker {wanted}"
-    image = req.get("image")
-    docker = worker.caps.get("docker")
-    if image and not (isinstance(docker, dict) and isinstance(docker.get("images"), list)):
-        req.pop("image")  # the worker lists no images: its docker pulls what it lacks
-    return matching.mismatch(worker, req, image)
+    """Why ``worker`` cannot run a job with this spec's requirements, or None (the
+    per-requirement predicates of coordinator/job_matching.py, shared with jobs.why)."""
+    return job_matching.requirement_mismatch(worker, spec)
 
 
 class JobScheduler:
@@ -113,6 +123,10 @@ class JobScheduler:
         self._refused: dict[str, float] = {}  # wid -> when it answered busy
         self.passes = 0
         self.last_pass_s = 0.0
+        self._expiry_due = 0.0  # when a pass next looks for unacknowledged assignments
+        self._pass_caps: list[Capacity] = []
+        self.unmatchable = UnmatchableCheck(  # holds jobs no known worker can run
+            store, lambda: self.config.unmatchable_hold_s, self.announce)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -178,13 +192,15 @@ class JobScheduler:
     # -- events ---------------------------------------------------------------------------
 
     def announce(self, changes: Iterable[JobChange]) -> None:
-        """Tell each job's owner (only the owner) of its job's state change."""
+        """Tell each job's owner of its job's state change, and the admins' feed (one
+        publish, qos 0: a live view; docs/security.md)."""
         for change in changes:
             event = JobEvent(job=change.job, state=change.state.value, at=change.at,
                              attempt=change.attempt, worker=change.worker,
                              exit_code=change.exit_code, reason=change.reason[:1024] or None)
             try:
                 self.bus.send(self.topics.client_inbox(change.owner), event)
+                self.bus.publish(self.topics.admin_job_events, event, qos=0)
             except BusError as err:
                 log.warning("job.event for %s not sent: %s", change.job, err)
 
@@ -259,12 +275,19 @@ class JobScheduler:
             for attempt in self.store.live_attempts(wid):
                 self.end(attempt, AttemptKind.WORKER_LOST, f"worker {wid} is "
                          f"{worker.state.value if worker else 'gone'}")
-        deadline = now - self.config.assign_ack_s
-        for attempt in self.store.unacknowledged_before(deadline):
-            self.end(attempt, AttemptKind.LEASE_EXPIRED, f"worker {attempt.worker_id} did "
-                     f"not acknowledge it within {self.config.assign_ack_s:g}s")
-            self.kill(attempt.id, attempt.worker_id, "not acknowledged in time")
-        return self._match()
+        periodic = now >= self._expiry_due  # at most once per pass_s: coarse deadlines
+        if periodic:
+            self._expiry_due = now + min(self.config.pass_s, self.config.assign_ack_s)
+            deadline = now - self.config.assign_ack_s
+            for attempt in self.store.unacknowledged_before(deadline):
+                self.end(attempt, AttemptKind.LEASE_EXPIRED, f"worker {attempt.worker_id} "
+                         f"did not acknowledge it within {self.config.assign_ack_s:g}s")
+                self.kill(attempt.id, attempt.worker_id, "not acknowledged in time")
+        assigned = self._match()
+        if periodic:
+            self._steal()
+            self.unmatchable.run(now)
+        return assigned
 
     def _capacities(self) -> list[Capacity]:
         reserved = self.store.reserved_worker_ids()
@@ -272,13 +295,17 @@ class JobScheduler:
         now = self._clock()
         refused = {wid for wid, at in self._refused.items()
                    if now - at < REFUSED_BACKOFF_S}
-        caps = [Capacity(w, usage.get(w.id, (0, 0, 0)))
-                for w in self.store.list_workers(state=WorkerState.ONLINE)
-                if w.id not in reserved and w.id not in refused]
+        workers = [w for w in self.store.schedulable_workers()
+                   if w.id not in reserved and w.id not in refused]
+        gpus_held = (self.store.attempt_gpu_usage()
+                     if any(gpu_capacity.caps_gpus(w.caps) for w in workers) else {})
+        caps = [Capacity(w, usage.get(w.id, (0, 0, 0)), gpus_held.get(w.id, 0))
+                for w in workers]
+        self._pass_caps = caps  # all of them, full ones too: for prefetch_pass
         return [c for c in caps if c.free > 0]
 
     def _match(self) -> int:
-        if not self.store.queued_jobs(1):
+        if not self.store.has_queued():
             return 0  # nothing queued: the workers need not be read
         free = self._capacities()
         total = sum(c.free for c in free)
@@ -298,15 +325,33 @@ class JobScheduler:
                     skipped += 1
                     continue
                 if self._assign(job, target):
-                    need = target.slots_for(job)
-                    target.free -= need
+                    need = target.take(job)
                     total -= need
                     assigned += 1
                     free = [c for c in free if c.free > 0]
             if len(jobs) < page or total <= 0:
                 break
             offset += skipped  # assigned jobs left the queue; skip the unplaceable ones
+        if total <= 0 and self.config.prefetch > 0:  # every slot taken: jobs still wait
+            assigned += prefetch_pass(self, self._pass_caps)
         return assigned
+
+    # -- for coordinator/job_prefetch.py ---------------------------------------------------
+
+    def now(self) -> float:
+        return self._clock()
+
+    def assign(self, job: JobRecord, target: Capacity) -> bool:
+        """Assign ``job`` to ``target``'s worker (commit, event, ``job.assign``)."""
+        return self._assign(job, target)
+
+    def _steal(self) -> None:
+        """Free slots the pass left empty take back attempts waiting elsewhere."""
+        if self.config.prefetch <= 0:
+            return
+        idle = self._capacities()
+        if idle:
+            steal_pass(self, idle)
 
     @staticmethod
     def _place(job: JobRecord, free: list[Capacity]) -> Capacity | None:
@@ -314,6 +359,8 @@ class JobScheduler:
         for cap in free:
             need = cap.slots_for(job)
             if need > cap.free or need > max(cap.worker.slots, 1):
+                continue
+            if not cap.fits_gpus(job):
                 continue
             if requirement_mismatch(cap.worker, job.spec) is not None:
                 continue

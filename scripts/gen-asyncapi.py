@@ -31,8 +31,8 @@ DATA_REPLIES = ["data.list.reply","data.show.reply"]
 APP_REQUESTS = ["apps.add","apps.list","apps.show","apps.rm"]
 APP_REPLIES = ["apps.list.reply","apps.show.reply"]
 # Batch jobs (coordinator/job_requests.py, scheduler.py; docs/jobs.md).
-JOB_REQUESTS = ["jobs.submit","jobs.list","jobs.show","jobs.cancel","jobs.hold","jobs.release"]
-JOB_REPLIES = ["jobs.submitted","jobs.list.reply","jobs.show.reply"]
+JOB_REQUESTS = ["jobs.submit","jobs.list","jobs.show","jobs.cancel","jobs.hold","jobs.release","jobs.why"]
+JOB_REPLIES = ["jobs.submitted","jobs.list.reply","jobs.show.reply","jobs.why.reply"]
 JOB_WORKER_REQUESTS = ["job.assign","job.kill"]
 ATTEMPT_REPORTS = ["attempt.started","attempt.report"]
 JOB_FOLLOW = ["job.follow"]  # a job's owner follows its running attempt (worker/job_follow.py)
@@ -50,11 +50,12 @@ channels = {
   "workerCaps": ("{root}/worker/{wid}/caps", "Worker capability document (retained). QoS 1.", ["worker.caps"], {"wid": "worker id"}),
   "workerHeartbeat": ("{root}/worker/{wid}/heartbeat", "Live metrics every heartbeat interval. QoS 0, not retained.", ["worker.heartbeat"], {"wid": "worker id"}),
   "workerInbox": ("{root}/worker/{wid}/inbox/{sender}", "Messages to a worker: from the coordinator (caps.refresh, reservation.open/close, ping) and from the grant holder (exec.*). QoS 1.",
-      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs",*XFER,*JOB_WORKER_REQUESTS,*JOB_FOLLOW,"ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
+      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","exec.stdin",*XFER,*JOB_WORKER_REQUESTS,*JOB_FOLLOW,"ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
   "clientInbox": ("{root}/client/{cid}/inbox/{sender}", "Replies, exec output streams and notifications to a client. QoS 1.",
-      ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","audit.list.reply",*ADMIN_REPLIES,*XFER,*DATA_REPLIES,*APP_REPLIES,*JOB_REPLIES,"job.event","job.output","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
+      ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","exec.stdin.ack","audit.list.reply",*ADMIN_REPLIES,*XFER,*DATA_REPLIES,*APP_REPLIES,*JOB_REPLIES,"job.event","job.output","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
   "brokerRecheck": ("{root}/broker/recheck", "Coordinator/admin -> embedded broker: re-authenticate these principals' live sessions and cut those that no longer pass (after a revoke). Only coordinator and admin principals may publish. QoS 1.", ["broker.recheck"], {}),
   "workerEvents": ("{root}/event/worker/{wid}", "Worker state changes for watchers. QoS 0.", ["event.worker"], {"wid": "worker id"}),
+  "adminJobEvents": ("{root}/events/jobs", "Every job's state changes, once each (the admins' feed: `xcloud jobs --watch --all`). Only the coordinator publishes, only admins subscribe (broker ACL). QoS 0.", ["job.event"], {}),
   "coordXfer": ("{root}/coord/xfer/{sender}/{tid}/{offset}/{crc32}", "File segments to the coordinator (uploads; docs/transfer.md). Raw bytes. A principal publishes only under its own id; only the coordinator subscribes.", ["xfer.segment"], XFER_PARAMS),
   "workerXfer": ("{root}/worker/{wid}/xfer/{sender}/{tid}/{offset}/{crc32}", "File segments to a worker (its downloads from the coordinator, a client's put). Raw bytes. Only that worker subscribes.", ["xfer.segment"], {"wid": "worker id", **XFER_PARAMS}),
   "clientXfer": ("{root}/client/{cid}/xfer/{sender}/{tid}/{offset}/{crc32}", "File segments to a client (its downloads from the coordinator or a reserved worker). Raw bytes. Only that client subscribes.", ["xfer.segment"], {"cid": "client principal id", **XFER_PARAMS}),
@@ -88,9 +89,9 @@ op("reportExec", "send", "coordInbox", ["exec.report"], "A worker reports a fini
 op("publishWorkerPresence", "send", "workerStatus", ["worker.status"], "A worker publishes its presence.")
 op("publishWorkerCaps", "send", "workerCaps", ["worker.caps"], "A worker publishes its capabilities.")
 op("publishHeartbeat", "send", "workerHeartbeat", ["worker.heartbeat"], "A worker publishes live metrics.")
-op("sendWorkerRequest", "send", "workerInbox", ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs"],
+op("sendWorkerRequest", "send", "workerInbox", ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","exec.stdin"],
    "The coordinator or the grant holder sends a request to a worker.",
-   ("clientInbox", ["exec.started","exec.list.reply","exec.logs.reply","pong","ok","error"]))
+   ("clientInbox", ["exec.started","exec.list.reply","exec.logs.reply","exec.stdin.ack","pong","ok","error"]))
 op("streamExecOutput", "send", "clientInbox", ["exec.output","exec.exit"], "A worker streams a command's output and exit to the client.")
 op("notifyReservationEnded", "send", "clientInbox", ["reservation.ended"], "The coordinator tells a holder that its reservation ended.")
 op("publishCoordStatus", "send", "coordStatus", ["coord.status"], "The coordinator publishes its presence.")
@@ -126,6 +127,7 @@ op("streamSegmentsToCoordinator", "send", "coordXfer", ["xfer.segment"], "A send
 op("streamSegmentsToWorker", "send", "workerXfer", ["xfer.segment"], "The coordinator or a grant holder streams segments to a worker.")
 op("streamSegmentsToClient", "send", "clientXfer", ["xfer.segment"], "The coordinator or a reserved worker streams segments to a client.")
 op("publishWorkerEvent", "send", "workerEvents", ["event.worker"], "The coordinator announces worker state changes.")
+op("publishAdminJobEvent", "send", "adminJobEvents", ["job.event"], "The coordinator publishes each job state change once on the admins' feed (docs/security.md).")
 doc = {
   "asyncapi": "3.0.0",
   "info": {"title": "xcloud wire protocol", "version": "1.0.0",

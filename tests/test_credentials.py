@@ -26,7 +26,7 @@ def test_new_token_is_random_and_long() -> None:
 def test_new_token_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
     # `xcloud worker --token -Xy…` is an argparse error: such a token is drawn again.
     drawn = iter(["-" + "a" * 42, "-" + "b" * 42, "c" * 43])
-    monkeypatch.setattr("broker.credentials.secrets.token_urlsafe", lambda n: next(drawn))
+    monkeypatch.setattr("broker.credentials.secrets.token_urlsafe", lambda _n: next(drawn))
     assert new_token() == "c" * 43
 
 

@@ -28,7 +28,7 @@ from coordinator.monitoring.job_queries import (
     jobs_page,
 )
 from coordinator.store import Store
-from coordinator.store.jobs import JobRecord
+from coordinator.store.job_records import JobRecord
 from schemas.messages import Ok
 from tests.browser.support import Http, bearer, dashboard_grid, dashboard_url
 from tests.fixtures.backends import BOTH_DBS

@@ -128,7 +128,7 @@ def standin(grid: GridHarness, tmp_path: Path) -> Iterator[tuple[StandIn, Worker
     bus = grid.bus(COORDINATOR, "coordinator", inbox=topics.coord_inbox, start=False)
     (tmp_path / "objects").mkdir()
     source = HashSource(tmp_path / "objects")
-    sink = DirSink(tmp_path / "received")
+    sink = DirSink(tmp_path / "received", by_content=True)  # every stdout is "stdout"
     endpoint = TransferEndpoint(bus, sink=sink, source=source)
     wid = f"w{next(_ids)}"
     coord = StandIn(bus, source, sink, wid)
@@ -163,7 +163,12 @@ def test_job_runs_with_inputs_stdin_outputs_and_env(
     assert coord.data(report.stderr) == b"oops\n"
     assert [o["name"] for o in report.outputs or []] == ["out/count.txt"]
     assert coord.data((report.outputs or [])[0]) == b"2000\n"
-    assert attempt in coord.started
+    # It ended within STARTED_AFTER_S: no attempt.started, its start is in the report
+    # (a command that runs longer sends one: test_kill_... waits for it).
+    assert attempt not in coord.started
+    assert report.started_at is not None
+    assert report.ended_at is not None
+    assert report.ended_at >= report.started_at
     agent = worker.agent
     assert agent is not None
     assert agent.cache is not None
@@ -283,3 +288,19 @@ def test_an_attempt_never_runs_twice(standin: tuple[StandIn, WorkerHandle]) -> N
         coord.bus.request(coord.worker_inbox, body, timeout=10)
     assert err.value.code == "conflict"
     assert len([r for r in coord.reports if r.attempt == body.attempt]) == 1
+
+
+def test_concurrent_attempts_each_get_their_own_output(
+        standin: tuple[StandIn, WorkerHandle]) -> None:
+    """Attempts that start and end together (on the executor's reused threads, the slot
+    gate's waiting line included) report exactly their own stdout and stderr."""
+    coord, _worker = standin
+    for round_ in range(5):
+        attempts = [coord.assign(f'echo "out $XCLOUD_ATTEMPT_ID"; sleep 0.0{i}; '
+                                 f'echo "err $XCLOUD_ATTEMPT_ID" >&2')
+                    for i in range(6)]  # 4 slots + 2 waiting ([worker] job_queue)
+        for attempt in attempts:
+            report = coord.report(attempt)
+            assert report.kind == "success", (round_, report)
+            assert coord.data(report.stdout) == f"out {attempt}\n".encode()
+            assert coord.data(report.stderr) == f"err {attempt}\n".encode()

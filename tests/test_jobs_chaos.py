@@ -127,9 +127,10 @@ def live_attempt(grid: GridHarness, jid: str) -> AttemptRecord | None:
 
 
 def running_attempt(grid: GridHarness, jid: str) -> AttemptRecord | None:
-    """The job's live attempt once its command runs (``attempt.started`` recorded)."""
+    """The job's live attempt once its worker acknowledged it (and starts it at once:
+    ``attempt.started`` comes only after 0.25 s of running, a short job sends none)."""
     attempt = live_attempt(grid, jid)
-    return attempt if attempt is not None and attempt.started_at is not None else None
+    return attempt if attempt is not None and attempt.acked_at is not None else None
 
 
 def start_workers(grid: GridHarness, names: list[str], slots: int) -> list[WorkerHandle]:
@@ -179,8 +180,8 @@ def run_worker_kill_trials(grid: GridHarness, trials: int, seed: int) -> dict[st
                            timeout=20, interval=0.01,
                            message=f"round {trial}: {target} running")
         victim = next(h for h in pool if h.wid == attempt.worker_id)
-        assert attempt.started_at is not None
-        remaining = max(sleeps) - (time.time() - attempt.started_at)
+        assert attempt.acked_at is not None
+        remaining = max(sleeps) - (time.time() - attempt.acked_at)
         time.sleep(rng.uniform(0.0, max(remaining, 0.0)))  # the random moment (see top)
         victim.signal(signal.SIGKILL)
         killed_at = time.time()

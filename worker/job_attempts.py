@@ -98,16 +98,24 @@ class AttemptStore:
     def workdir(self, attempt: str) -> Path:
         return self.path(attempt) / "work"
 
-    def save(self, record: AttemptRecord) -> None:
-        """Write the record atomically (0600 in a 0700 directory); OSError if not."""
+    def save(self, record: AttemptRecord, *, durable: bool = False) -> None:
+        """Write the record atomically (0600 in a 0700 directory); OSError if not.
+
+        ``durable`` also fsyncs it, for the records whose loss in a power cut would break
+        a promise: the acceptance (its ``ok`` is the acknowledgement) and the report (the
+        outcome). The phases between are only written through: a process crash keeps them
+        (the rename is atomic), and a power cut that loses one leaves an earlier phase,
+        which a restart treats as unfinished (the coordinator requeues the job).
+        """
         directory = self.path(record.attempt)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = directory / f".{RECORD}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(record.to_dict(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, directory / RECORD)
 
     def load_all(self) -> list[AttemptRecord]:

@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from schemas.outcome import ERROR_MAX
 from worker.errors import WorkerError
+from worker.executors.base import ExitResult
 
 log = logging.getLogger(__name__)
 
 MAX_OUTPUTS = 256
+DATA_NAME_MAX = 255  # a data object's name: "<job>/outputs/<name>" must fit
 STDIN_NAME = ".xcloud-stdin"  # in the work dir; the command reads it as its stdin
 PRIVATE = ".xcloud"  # stdin and the executors' own files (.xcloud/): never outputs
 
@@ -189,3 +192,43 @@ def outputs_wire(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The report's ``outputs``: name, sha256, size of each uploaded file."""
     return [{"name": f["name"], "sha256": f["sha256"], "size": int(f["size"])}
             for f in files if f.get("sha256")]
+
+
+def attempt_outcome(*, job: str, spec: dict[str, Any], result: ExitResult, timed_out: bool,
+                    kill_reason: str | None, captures: Captures, workdir: Path,
+                    outputs_dir: Path) -> dict[str, Any]:
+    """How an attempt ended, for its report: the kind, the exit facts, and the outputs
+    collected out of ``workdir`` into ``outputs_dir`` (none for a cancelled attempt)."""
+    if kill_reason is not None:
+        kind = "cancelled"
+    elif timed_out or result.timed_out:
+        kind = "wall_clock"
+    elif result.oom_killed:
+        kind = "oom"
+    elif result.exit_code == 0 and not result.error:
+        kind = "success"
+    else:
+        kind = "exit_nonzero"
+    problems: list[str] = []
+    outputs: list[dict[str, Any]] = []
+    if kind != "cancelled":
+        collected, problems = collect_outputs(
+            workdir, [str(p) for p in spec.get("outputs") or []], outputs_dir)
+        room = DATA_NAME_MAX - len(f"{job}/outputs/")
+        for item in collected:
+            if len(item.name) > min(room, 255):
+                problems.append(f"output {item.name[:64]!r}…: name too long")
+                continue
+            outputs.append({"name": item.name, "path": str(item.path)})
+    error = result.error or kill_reason
+    if timed_out:
+        error = error or f"wall clock of {spec.get('wall_s')} s exceeded"
+    if problems:
+        error = "; ".join([*([error] if error else []), *problems])
+    return {
+        "kind": kind, "exit_code": result.exit_code, "signal": result.signal,
+        "duration_s": max(0.0, float(result.duration_s)),
+        "timed_out": timed_out or result.timed_out, "oom_killed": result.oom_killed,
+        "truncated": captures.truncated, "output_bytes": captures.total,
+        "error": error[:ERROR_MAX] if error else None, "outputs": outputs,
+    }

@@ -61,14 +61,23 @@ from worker.executors.base import (
     ExitResult,
     Limits,
     SessionHandle,
-    SessionSpec,
     TaskSpec,
 )
 from worker.input_cache import CacheError, InputCache
 from worker.job_attempts import AttemptRecord, AttemptStore, ReportSender
-from worker.job_files import STDIN_NAME, Captures, JobFileError, collect_outputs, place
+from worker.job_files import (
+    DATA_NAME_MAX,
+    STDIN_NAME,
+    Captures,
+    JobFileError,
+    attempt_outcome,
+    place,
+)
 from worker.job_follow import JobFollows
+from worker.job_gpus import GpuAllocator, GpuAsk, GpuSessionSpec, device_ids, gpu_env
+from worker.job_slots import SlotLine
 from worker.request_guard import WorkerRequestGuard
+from worker.thread_reuse import ThreadReuse
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +85,11 @@ LANE = Lane.JOBS
 MAX_LISTED = 64  # worker.heartbeat.json caps `attempts` at this
 UPLOAD_RETRY_S = 2.0
 UPLOAD_RETRY_MAX_S = 30.0
-DATA_NAME_MAX = 255
 REFUSED_FOR_GOOD = frozenset({"forbidden", "invalid", "not_found", "quota_exceeded",
                               "too_large", "conflict", "hash_mismatch"})
 _ATTEMPT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 KEEP_ENDED = 4096  # ended attempt ids remembered (a late duplicate job.assign is refused)
+STARTED_AFTER_S = 0.25  # attempt.started only for commands that run longer than this
 CAPS_S = 10.0  # the caps (with the cache's summary) are republished at most this often
 
 ExecutorFor = Callable[[str], Executor]
@@ -115,7 +124,7 @@ class JobRunner:
                  guard: WorkerRequestGuard | None = None,
                  used_slots: Callable[[], int] = lambda: 0,
                  caps_changed: Callable[[], None] | None = None,
-                 kill_grace_s: float = 5.0) -> None:
+                 kill_grace_s: float = 5.0, gpus: GpuAllocator | None = None) -> None:
         self.bus = bus
         self.topics = topics
         self.wid = wid
@@ -138,11 +147,20 @@ class JobRunner:
         self._lock = threading.Lock()
         self._attempts: dict[str, Attempt] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()  # attempts done here lately
-        self._threads: list[threading.Thread] = []
+        # Attempts, closes and kills run on reused threads (worker/thread_reuse.py);
+        # ``close`` waits for the calls under way.
+        self._threads = ThreadReuse("jobs")
+        self._calls = 0
+        self._calls_done = threading.Condition(threading.Lock())
         self._stopping = threading.Event()
+        # Attempts beyond the slots wait their turn here (worker/job_slots.py).
+        self.line = SlotLine(lambda: int(self.config.slots), self.used_slots)
         self._registered = False
         # job.follow: the owner reads a running attempt's output live (worker/job_follow.py)
         self.follows = JobFollows(bus, self._attempt, self.store.path)
+        # GPUs: which devices each attempt holds (worker/job_gpus.py, docs/gpus.md)
+        self.gpus = gpus or GpuAllocator()
+        self.gpus.holder_live = self._holds_gpus
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -167,16 +185,24 @@ class JobRunner:
         for attempt in self.all():
             if attempt.holds_slot:
                 self._kill(attempt, "the worker is stopping")
-        with self._lock:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join(self.kill_grace_s + 10.0)
+        with self._calls_done:
+            self._calls_done.wait_for(lambda: self._calls == 0, self.kill_grace_s + 10.0)
+        self._threads.close()
         self.follows.close()
         self.reports.close()
 
     def all(self) -> list[Attempt]:
         with self._lock:
             return list(self._attempts.values())
+
+    def _holds_gpus(self, attempt_id: str) -> bool:
+        """Whether an attempt still holds its GPUs: until it stops holding a slot (one
+        being accepted, not yet listed, does)."""
+        with self._lock:
+            attempt = self._attempts.get(attempt_id)
+            if attempt is None:
+                return attempt_id not in self._ended
+            return attempt.holds_slot
 
     def _attempt(self, attempt_id: str) -> Attempt | None:
         with self._lock:
@@ -221,17 +247,26 @@ class JobRunner:
             self.bus.reply_error(incoming, "unsupported",
                                  f"worker {self.wid} has no {executor} executor")
             return
-        if self.running_count() + self.used_slots() >= max(1, int(self.config.slots)):
+        used = self.used_slots()  # a reservation's slots: never queue behind those
+        room = max(1, int(self.config.slots)) + (
+            max(0, int(self.config.job_queue)) if not used else 0)
+        if self.running_count() + used >= room:
             self.bus.reply_error(incoming, "busy", f"worker {self.wid} has no free slot")
+            return
+        gpu_ask = GpuAsk.of(spec)
+        if self.gpus.take(body.attempt, gpu_ask) is None:
+            self.bus.reply_error(incoming, "busy", f"worker {self.wid} has no "
+                                 f"{gpu_ask.count} free GPU(s) that match")
             return
         record = AttemptRecord(attempt=body.attempt, job=body.job, owner=body.owner,
                                spec=spec, inputs=list(body.inputs), stdin=body.stdin,
                                executor=executor, assigned_at=time.time())
         try:
-            self.store.save(record)
+            self.store.save(record, durable=True)
         except OSError as err:
             log.error("cannot persist attempt %s: %s", body.attempt, err)
             self.store.remove(body.attempt)
+            self.gpus.release(body.attempt)
             self.bus.reply_error(incoming, "internal", f"cannot persist the attempt: {err}")
             return
         attempt = Attempt(record)
@@ -261,6 +296,7 @@ class JobRunner:
                 attempt.kill_reason = reason
             task = attempt.task
         if task is None:
+            self.line.wake()  # it may be waiting for a slot: let it see kill_reason
             return  # not started: the runner sees kill_reason before it starts
         log.info("stopping attempt %s: %s", attempt.id, reason)
         try:
@@ -271,12 +307,20 @@ class JobRunner:
     # -- one attempt -------------------------------------------------------------------
 
     def _run(self, attempt: Attempt) -> None:
-        try:
-            result, captures = self._execute(attempt)
-        except Exception as err:  # never leave an attempt without an end
-            log.exception("attempt %s failed", attempt.id)
-            result, captures = {"kind": "input_failed",
-                                "error": f"worker error: {err}"[:ERROR_MAX]}, None
+        if not self.line.take(attempt.id, lambda: attempt.kill_reason is not None
+                              or self._stopping.is_set()):  # killed or stopping meanwhile
+            result: dict[str, Any] = {"kind": "cancelled",
+                                      "error": (attempt.kill_reason or "")[:ERROR_MAX]}
+            captures: Captures | None = None
+        else:
+            try:
+                result, captures = self._execute(attempt)
+            except Exception as err:  # never leave an attempt without an end
+                log.exception("attempt %s failed", attempt.id)
+                result, captures = {"kind": "input_failed",
+                                    "error": f"worker error: {err}"[:ERROR_MAX]}, None
+            finally:
+                self.line.free()
         record = attempt.record
         if captures is None and self._stopping.is_set():
             self._drop(attempt)
@@ -315,19 +359,32 @@ class JobRunner:
         requirements = spec.get("requirements") or {}
         limits = Limits(cpus=float(resources["cpus"]) if resources.get("cpus") else None,
                         memory_bytes=resources.get("memory_bytes"))
-        handle = executor.open_session(SessionSpec(
+        handle = executor.open_session(GpuSessionSpec(
             session_id=record.attempt, workdir=workdir, owner=record.owner, limits=limits,
-            image=requirements.get("image")))
+            image=requirements.get("image"),
+            gpu_devices=tuple(device_ids(self.gpus.held(record.attempt)))))
         attempt.handle = handle
         record.handle = handle.to_dict()
         self._save(record)
         try:
             return self._in_session(attempt, executor, handle, workdir)
         finally:
-            try:
-                executor.close_session(handle)
-            except Exception:
-                log.exception("closing the session of attempt %s failed", attempt.id)
+            # The outputs are out of the work dir by now: the session (leftover processes,
+            # cgroup, work dir) is closed beside the delivery, not before it, which takes
+            # the close off the path from a command's end to its report. While the worker
+            # stops it is closed here, before the attempt is dropped.
+            close = functools.partial(self._close_session, executor, handle, attempt.id)
+            if self._stopping.is_set():
+                close()
+            else:
+                self._spawn(close, f"close-{attempt.id}")
+
+    @staticmethod
+    def _close_session(executor: Executor, handle: SessionHandle, attempt_id: str) -> None:
+        try:
+            executor.close_session(handle)
+        except Exception:
+            log.exception("closing the session of attempt %s failed", attempt_id)
 
     def _in_session(self, attempt: Attempt, executor: Executor, handle: SessionHandle,
                     workdir: Path) -> tuple[dict[str, Any], Captures | None]:
@@ -347,6 +404,8 @@ class JobRunner:
         env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
         env.update({"XCLOUD_JOB_ID": record.job, "XCLOUD_ATTEMPT_ID": record.attempt,
                     "XCLOUD_JOB_INDEX": str(int(spec.get("index") or 0))})
+        if record.executor == "process":  # docker: the container's device request
+            env.update(gpu_env(self.gpus.held(record.attempt)))
         captures = Captures(self.store.path(record.attempt), self.output_cap)
         wall = float(spec["wall_s"]) if spec.get("wall_s") else None
         with attempt.lock:
@@ -364,9 +423,15 @@ class JobRunner:
         record.started_at = task.started_at or time.time()
         record.phase = "running"
         self._save(record)
-        self._notify_started(record.attempt)
+        # attempt.started only for a command still running after a moment: a short job's
+        # start comes with its report (started_at), one request and commit fewer per job.
+        quick = STARTED_AFTER_S if wall is None else min(wall, STARTED_AFTER_S)
+        result = executor.wait(task, quick)
+        if result is None:
+            self._notify_started(record.attempt)
+            if wall is None or wall > quick:
+                result = executor.wait(task, None if wall is None else wall - quick)
         timed_out = False
-        result = executor.wait(task, wall)
         if result is None:
             timed_out = True
             log.info("attempt %s passed its wall clock (%ss); stopping it", attempt.id, wall)
@@ -375,46 +440,11 @@ class JobRunner:
             result = ExitResult(exit_code=None, error="the command did not stop")
         record.ended_at = time.time()
         captures.close()
-        return self._result(attempt, result, timed_out, captures, workdir), captures
-
-    def _result(self, attempt: Attempt, result: ExitResult, timed_out: bool,
-                captures: Captures, workdir: Path) -> dict[str, Any]:
         record = attempt.record
-        if attempt.kill_reason is not None:
-            kind = "cancelled"
-        elif timed_out or result.timed_out:
-            kind = "wall_clock"
-        elif result.oom_killed:
-            kind = "oom"
-        elif result.exit_code == 0 and not result.error:
-            kind = "success"
-        else:
-            kind = "exit_nonzero"
-        problems: list[str] = []
-        outputs: list[dict[str, Any]] = []
-        if kind != "cancelled":
-            collected, problems = collect_outputs(
-                workdir, [str(p) for p in record.spec.get("outputs") or []],
-                self.store.path(record.attempt) / "outputs")
-            room = DATA_NAME_MAX - len(f"{record.job}/outputs/")
-            for item in collected:
-                if len(item.name) > min(room, 255):
-                    problems.append(f"output {item.name[:64]!r}…: name too long")
-                    continue
-                outputs.append({"name": item.name, "path": str(item.path)})
-        error = result.error or attempt.kill_reason
-        if timed_out:
-            error = error or f"wall clock of {record.spec.get('wall_s')} s exceeded"
-        if problems:
-            error = "; ".join([*([error] if error else []), *problems])
-        out: dict[str, Any] = {
-            "kind": kind, "exit_code": result.exit_code, "signal": result.signal,
-            "duration_s": max(0.0, float(result.duration_s)),
-            "timed_out": timed_out or result.timed_out, "oom_killed": result.oom_killed,
-            "truncated": captures.truncated, "output_bytes": captures.total,
-            "error": error[:ERROR_MAX] if error else None, "outputs": outputs,
-        }
-        return out
+        return attempt_outcome(
+            job=record.job, spec=record.spec, result=result, timed_out=timed_out,
+            kill_reason=attempt.kill_reason, captures=captures, workdir=workdir,
+            outputs_dir=self.store.path(record.attempt) / "outputs"), captures
 
     # -- delivery ----------------------------------------------------------------------
 
@@ -459,7 +489,7 @@ class JobRunner:
         record.report = {k: v for k, v in record.report.items()
                          if v is not None or k in ("stdout", "stderr")}
         record.phase = "reported"
-        self._save(record)
+        self._save(record, durable=True)
         self.reports.add(record)
 
     def _upload(self, record: AttemptRecord, path: Path, name: str,
@@ -538,15 +568,21 @@ class JobRunner:
         if attempt is not None:
             attempt.done.set()
 
-    def _save(self, record: AttemptRecord) -> None:
+    def _save(self, record: AttemptRecord, *, durable: bool = False) -> None:
         try:
-            self.store.save(record)
+            self.store.save(record, durable=durable)
         except OSError as err:
             log.error("cannot persist attempt %s: %s", record.attempt, err)
 
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()]
-            self._threads.append(thread)
-        thread.start()
+    def _spawn(self, target: Callable[[], None], name: str) -> None:  # noqa: ARG002
+        with self._calls_done:
+            self._calls += 1
+        self._threads.run(self._tracked, target)
+
+    def _tracked(self, target: Callable[[], None]) -> None:
+        try:
+            target()
+        finally:
+            with self._calls_done:
+                self._calls -= 1
+                self._calls_done.notify_all()

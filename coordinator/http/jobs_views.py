@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.job_state import JobState
-from coordinator.store.jobs import AttemptRecord, JobRecord, ResultRecord
+from coordinator.store.job_records import AttemptRecord, JobRecord, ResultRecord
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from peewee import Case, fn
 from coordinator.job_state import TERMINAL, JobState
 from coordinator.store import Store
 from coordinator.store.engine import op
-from coordinator.store.jobs import JobRecord, _job
+from coordinator.store.job_records import JobRecord, _job
 from coordinator.store.values import dicts, tuples
 
 JobsDigest = tuple[tuple[Any, ...], ...]

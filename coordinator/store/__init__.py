@@ -48,7 +48,8 @@ from coordinator.store.audit import AuditStore, ExecAuditRecord
 from coordinator.store.data import DataObjectRecord, DataRecord, DataStore
 from coordinator.store.engine import StoreBase
 from coordinator.store.heartbeats import HeartbeatReport, HeartbeatStore
-from coordinator.store.jobs import AttemptRecord, JobChange, JobRecord, JobStore
+from coordinator.store.job_records import AttemptRecord, JobChange, JobRecord
+from coordinator.store.jobs import JobStore
 from coordinator.store.metrics import MetricsStore
 from coordinator.store.principals import PrincipalRecord, PrincipalStore
 from coordinator.store.reservations import ReservationRecord, ReservationStore

@@ -13,9 +13,7 @@ coordinator turns into ``job.event`` messages for the owners.
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from peewee import IntegrityError, fn
@@ -31,143 +29,23 @@ from coordinator.job_state import (
     verdict,
 )
 from coordinator.store.engine import StoreBase, op
+from coordinator.store.job_records import (
+    ERROR_MAX,
+    HOLD_REASON_MAX,
+    AttemptRecord,
+    JobChange,
+    JobRecord,
+    ReportOutcome,
+    ResultRecord,
+    _attempt,
+    _input_hashes,
+    _job,
+    new_id,
+    spec_columns,
+)
 from coordinator.store.values import chunks, dicts, dumps, loads, now_or, tuples
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SYSTEM_RETRIES = 3
-DEFAULT_RETRIES = 0
-ERROR_MAX = 4096
-HOLD_REASON_MAX = 1024
-
-
-def new_id(prefix: str) -> str:
-    """``j-``, ``a-`` or ``b-`` followed by 16 random hex digits."""
-    return f"{prefix}-{secrets.token_hex(8)}"
-
-
-@dataclass(frozen=True, slots=True)
-class JobRecord:
-    id: str
-    batch: str
-    owner: str
-    name: str
-    state: JobState
-    priority: int
-    submitted_at: float
-    spec: dict[str, Any]
-    cpus: int
-    memory_bytes: int
-    max_system_retries: int
-    max_retries: int
-    system_failures: int
-    job_failures: int
-    attempts: int
-    current_attempt: str | None
-    worker: str | None
-    exit_code: int | None
-    started_at: float | None
-    ended_at: float | None
-    hold_reason: str | None
-    hold_code: str | None
-    hold_detail: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptRecord:
-    id: str
-    job_id: str
-    worker_id: str
-    owner: str
-    kind: AttemptKind
-    assigned_at: float
-    acked_at: float | None
-    started_at: float | None
-    ended_at: float | None
-    exit_code: int | None
-    error: str | None
-    missing: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class ResultRecord:
-    attempt_id: str
-    job_id: str
-    kind: str
-    counted: bool
-    outcome: dict[str, Any]
-    stdout: dict[str, Any] | None
-    stderr: dict[str, Any] | None
-    outputs: list[dict[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class JobChange:
-    """One committed job state change, for the owner's ``job.event``."""
-
-    job: str
-    owner: str
-    state: JobState
-    at: float
-    attempt: str | None = None
-    worker: str | None = None
-    exit_code: int | None = None
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ReportOutcome:
-    """What an ``attempt.report`` did: ``recorded`` (new row), ``counted`` (it decided
-    the job), and the job changes to announce."""
-
-    recorded: bool
-    counted: bool
-    changes: tuple[JobChange, ...] = ()
-
-
-def _job(row: dict[str, Any]) -> JobRecord:
-    return JobRecord(
-        id=row["id"], batch=row["batch"], owner=row["owner"], name=row["name"] or "",
-        state=JobState(row["state"]), priority=-int(row["rank"]),
-        submitted_at=row["submitted_at"], spec=loads(row["spec"], {}), cpus=row["cpus"],
-        memory_bytes=row["memory_bytes"], max_system_retries=row["max_system_retries"],
-        max_retries=row["max_retries"], system_failures=row["system_failures"],
-        job_failures=row["job_failures"], attempts=row["attempts"],
-        current_attempt=row["current_attempt"], worker=row["worker"],
-        exit_code=row["exit_code"], started_at=row["started_at"], ended_at=row["ended_at"],
-        hold_reason=row["hold_reason"], hold_code=row["hold_code"],
-        hold_detail=row["hold_detail"])
-
-
-def _attempt(row: dict[str, Any]) -> AttemptRecord:
-    return AttemptRecord(
-        id=row["id"], job_id=row["job_id"], worker_id=row["worker_id"], owner=row["owner"],
-        kind=AttemptKind(row["kind"]), assigned_at=row["assigned_at"],
-        acked_at=row["acked_at"], started_at=row["started_at"], ended_at=row["ended_at"],
-        exit_code=row["exit_code"], error=row["error"], missing=row["missing"])
-
-
-def _input_hashes(spec: dict[str, Any]) -> set[str]:
-    hashes = {i["sha256"] for i in spec.get("inputs") or () if isinstance(i, dict)
-              and isinstance(i.get("sha256"), str)}
-    if isinstance(spec.get("stdin"), str):
-        hashes.add(spec["stdin"])
-    return hashes
-
-
-def spec_columns(spec: dict[str, Any]) -> dict[str, Any]:
-    """The columns a JobSpec fills (defaults of docs/jobs.md)."""
-    resources = spec.get("resources") or {}
-    name = spec.get("name")
-    return {
-        "name": name if isinstance(name, str) else "",
-        "rank": -int(spec.get("priority") or 0),
-        "cpus": int(resources.get("cpus") or 1),
-        "memory_bytes": int(resources.get("memory_bytes") or 0),
-        "max_system_retries": int(spec.get("max_system_retries", DEFAULT_SYSTEM_RETRIES)),
-        "max_retries": int(spec.get("max_retries", DEFAULT_RETRIES)),
-    }
-
 
 class JobStore(StoreBase):
     """Jobs, attempts and results (see the module docstring)."""
@@ -270,42 +148,105 @@ class JobStore(StoreBase):
     # -- scheduling -----------------------------------------------------------------------
 
     @op
+    def has_queued(self) -> bool:
+        """Whether any job is queued (one index probe, no row decoded)."""
+        return bool(self._sql.tuples("SELECT 1 FROM {job} WHERE {state} = {?} LIMIT 1",
+                                     JobState.QUEUED.value))
+
+    @op
     def queued_jobs(self, limit: int, offset: int = 0) -> list[JobRecord]:
         """The head of the queue: priority, then submission (one index walk)."""
-        Job = self.models.Job
-        query = (Job.select().where(Job.state == JobState.QUEUED.value)
-                 .order_by(Job.rank, Job.submitted_at, Job.id).limit(limit).offset(offset))
-        return [_job(r) for r in dicts(query)]
+        rows = self._sql.rows(
+            "SELECT * FROM {job} WHERE {state} = {?} ORDER BY {rank}, {submitted_at}, {id} "
+            "LIMIT {?} OFFSET {?}", JobState.QUEUED.value, int(limit), int(offset))
+        return [_job(r) for r in rows]
 
     @op
     def attempt_usage(self) -> dict[str, tuple[int, int, int]]:
         """Per worker: (live attempts, their cpus, their memory bytes)."""
-        Attempt = self.models.Attempt
-        query = (Attempt.select(Attempt.worker_id, fn.COUNT(Attempt.id), fn.SUM(Attempt.cpus),
-                                fn.SUM(Attempt.memory_bytes))
-                 .where(Attempt.live == True).group_by(Attempt.worker_id))  # noqa: E712
-        return {w: (int(n), int(c or 0), int(m or 0)) for w, n, c, m in tuples(query)}
+        rows = self._sql.tuples(
+            "SELECT {worker_id}, COUNT({id}), SUM({cpus}), SUM({memory_bytes}) "
+            "FROM {attempt} WHERE {live} = {?} GROUP BY {worker_id}", True)
+        return {w: (int(n), int(c or 0), int(m or 0)) for w, n, c, m in rows}
+
+    @op
+    def attempt_gpu_usage(self) -> dict[str, int]:
+        """Per worker: the GPUs its live attempts hold (their jobs' ``gpus``; only
+        workers holding some are listed). One grouped join over the live attempts."""
+        Attempt, Job = self.models.Attempt, self.models.Job
+        query = (Attempt.select(Attempt.worker_id, fn.SUM(Job.gpus))
+                 .join(Job, on=(Attempt.job_id == Job.id))
+                 .where((Attempt.live == True) & (Job.gpus > 0))  # noqa: E712
+                 .group_by(Attempt.worker_id))
+        return {w: int(n or 0) for w, n in tuples(query) if n}
+
+    @op
+    def jobs_ahead(self, job: JobRecord, limit: int) -> int:
+        """Queued jobs before ``job`` in the scheduler's order (priority, submission,
+        id): one walk of the queue index, at most ``limit`` + 1 rows counted."""
+        rank = -job.priority
+        rows = self._sql.tuples(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM {job} WHERE {state} = {?} AND "
+            "({rank} < {?} OR ({rank} = {?} AND ({submitted_at} < {?} OR "
+            "({submitted_at} = {?} AND {id} < {?})))) LIMIT {?}) AS ahead",
+            JobState.QUEUED.value, rank, rank, job.submitted_at, job.submitted_at, job.id,
+            limit + 1)
+        return int(rows[0][0]) if rows else 0
+
+    @op
+    def queued_before(self, submitted_before: float, after: tuple[int, float, str] | None,
+                      limit: int) -> list[JobRecord]:
+        """Queued jobs submitted before ``submitted_before``, in queue order after the
+        ``after`` position (rank, submitted_at, id), at most ``limit``."""
+        where = "{state} = {?} AND {submitted_at} <= {?}"
+        params: list[Any] = [JobState.QUEUED.value, submitted_before]
+        if after is not None:
+            rank, at, jid = after
+            where += (" AND ({rank} > {?} OR ({rank} = {?} AND ({submitted_at} > {?} OR "
+                      "({submitted_at} = {?} AND {id} > {?}))))")
+            params += [rank, rank, at, at, jid]
+        rows = self._sql.rows("SELECT * FROM {job} WHERE " + where +
+                              " ORDER BY {rank}, {submitted_at}, {id} LIMIT {?}",
+                              *params, limit)
+        return [_job(r) for r in rows]
+
+    @op
+    def hold_queued(self, jid: str, *, code: str, reason: str, detail: str,
+                    now: float | None = None) -> bool:
+        """Hold a job the coordinator itself judged (``code``), if it is still queued: a
+        conditional update, so a racing assignment, cancel or hold wins."""
+        with self.db.atomic():
+            return bool(self._sql.run(
+                "UPDATE {job} SET {state} = {?}, {hold_code} = {?}, {hold_reason} = {?}, "
+                "{hold_detail} = {?}, {updated_at} = {?} WHERE {id} = {?} AND {state} = {?}",
+                JobState.HELD.value, code, reason[:HOLD_REASON_MAX], detail, now_or(now),
+                jid, JobState.QUEUED.value))
 
     @op
     def assign_job(self, jid: str, wid: str, *, now: float | None = None
                    ) -> tuple[AttemptRecord, JobChange] | None:
         """queued -> running with a new attempt on ``wid``; None if it was not queued."""
         t = now_or(now)
-        Job, Attempt = self.models.Job, self.models.Attempt
+        sql = self._sql
         aid = new_id("a")
+        queued = JobState.QUEUED.value
         with self.db.atomic():
-            rows = dicts(self._for_update(Job.select().where(Job.id == jid)))
-            if not rows or rows[0]["state"] != JobState.QUEUED.value:
+            rows = sql.rows("SELECT * FROM {job} WHERE {id} = {?}{lock}", jid)
+            if not rows or rows[0]["state"] != queued:
                 return None
             job = _job(rows[0])
-            moved = Job.update(state=JobState.RUNNING.value, current_attempt=aid, worker=wid,
-                               attempts=Job.attempts + 1, started_at=t, updated_at=t).where(
-                (Job.id == jid) & (Job.state == JobState.QUEUED.value)).execute()
+            moved = sql.run(
+                "UPDATE {job} SET {state} = {?}, {current_attempt} = {?}, {worker} = {?}, "
+                "{attempts} = {attempts} + 1, {started_at} = {?}, {updated_at} = {?} "
+                "WHERE {id} = {?} AND {state} = {?}",
+                JobState.RUNNING.value, aid, wid, t, t, jid, queued)
             if not moved:
                 return None
-            Attempt.insert(id=aid, job_id=jid, worker_id=wid, owner=job.owner,
-                           kind=AttemptKind.ASSIGNED.value, live=True, assigned_at=t,
-                           cpus=job.cpus, memory_bytes=job.memory_bytes).execute()
+            sql.run("INSERT INTO {attempt} ({id}, {job_id}, {worker_id}, {owner}, {kind}, "
+                    "{live}, {assigned_at}, {cpus}, {memory_bytes}, {missing}) "
+                    "VALUES ({?}, {?}, {?}, {?}, {?}, {?}, {?}, {?}, {?}, {?})",
+                    aid, jid, wid, job.owner, AttemptKind.ASSIGNED.value, True, t, job.cpus,
+                    job.memory_bytes, 0)
         record = AttemptRecord(aid, jid, wid, job.owner, AttemptKind.ASSIGNED, t, None, None,
                                None, None, None)
         return record, JobChange(jid, job.owner, JobState.RUNNING, t, aid, wid)
@@ -315,18 +256,18 @@ class JobStore(StoreBase):
                             now: float | None = None) -> bool:
         """The worker persisted the assignment (or started it): assigned -> running."""
         t = now_or(now)
-        Attempt = self.models.Attempt
-        fields: dict[str, Any] = {"kind": AttemptKind.RUNNING.value, "missing": 0}
-        if started:
-            fields["started_at"] = t
+        sql = self._sql
         with self.db.atomic():
-            changed = Attempt.update(acked_at=t, **fields).where(
-                (Attempt.id == aid) & (Attempt.live == True)  # noqa: E712
-                & Attempt.acked_at.is_null()).execute()
+            changed = sql.run(
+                "UPDATE {attempt} SET {acked_at} = {?}, {kind} = {?}, {missing} = 0, "
+                "{started_at} = COALESCE({?}, {started_at}) "
+                "WHERE {id} = {?} AND {live} = {?} AND {acked_at} IS NULL",
+                t, AttemptKind.RUNNING.value, t if started else None, aid, True)
             if started and not changed:
-                changed = Attempt.update(started_at=t).where(
-                    (Attempt.id == aid) & (Attempt.live == True)  # noqa: E712
-                    & Attempt.started_at.is_null()).execute()
+                changed = sql.run(
+                    "UPDATE {attempt} SET {started_at} = {?} "
+                    "WHERE {id} = {?} AND {live} = {?} AND {started_at} IS NULL",
+                    t, aid, True)
         return bool(changed)
 
     @op
@@ -345,6 +286,17 @@ class JobStore(StoreBase):
                                        & Attempt.acked_at.is_null()
                                        & (Attempt.assigned_at < deadline))
         return [_attempt(r) for r in dicts(query)]
+
+    @op
+    def waiting_before(self, deadline: float) -> list[AttemptRecord]:
+        """Live acknowledged attempts assigned before ``deadline`` whose command has not
+        been seen starting: those a full worker holds waiting for a slot (prefetch)."""
+        Attempt = self.models.Attempt
+        query = Attempt.select().where((Attempt.live == True)  # noqa: E712
+                                       & Attempt.acked_at.is_null(False)
+                                       & Attempt.started_at.is_null()
+                                       & (Attempt.assigned_at < deadline))
+        return [_attempt(r) for r in dicts(query.order_by(Attempt.assigned_at.desc()))]
 
     @op
     def note_heartbeat(self, wid: str, listed: Iterable[str], *, acked_before: float,
@@ -413,17 +365,22 @@ class JobStore(StoreBase):
             return self._end(aid, kind, now_or(now), None, error, spend=spend)
 
     def _end(self, aid: str, kind: AttemptKind, t: float, exit_code: int | None,
-             error: str | None, *, spend: bool = True) -> list[JobChange]:
-        Job, Attempt = self.models.Job, self.models.Attempt
-        rows = dicts(self._for_update(Attempt.select().where(Attempt.id == aid)))
+             error: str | None, *, spend: bool = True,
+             locked: dict[str, Any] | None = None) -> list[JobChange]:
+        """``locked``: the attempt's row when the caller has already read it for update
+        in this transaction (one query fewer on a report)."""
+        sql = self._sql
+        rows = [locked] if locked is not None else sql.rows(
+            "SELECT * FROM {attempt} WHERE {id} = {?}{lock}", aid)
         if not rows or not rows[0]["live"]:
             return []
         attempt = _attempt(rows[0])
         ATTEMPT_MACHINE.check(aid, attempt.kind, kind)
-        Attempt.update(kind=kind.value, live=False, ended_at=t, exit_code=exit_code,
-                       error=(error or None) and error[:ERROR_MAX]).where(
-            (Attempt.id == aid) & (Attempt.live == True)).execute()  # noqa: E712
-        jobs = dicts(self._for_update(Job.select().where(Job.id == attempt.job_id)))
+        sql.run("UPDATE {attempt} SET {kind} = {?}, {live} = {?}, {ended_at} = {?}, "
+                "{exit_code} = {?}, {error} = {?} WHERE {id} = {?} AND {live} = {?}",
+                kind.value, False, t, exit_code, (error or None) and error[:ERROR_MAX], aid,
+                True)
+        jobs = sql.rows("SELECT * FROM {job} WHERE {id} = {?}{lock}", attempt.job_id)
         if not jobs:
             return []
         job = _job(jobs[0])
@@ -438,18 +395,19 @@ class JobStore(StoreBase):
                         max_system_retries=job.max_system_retries,
                         max_retries=job.max_retries, stop_exit_codes=stop)
         JOB_MACHINE.check(job.id, job.state, v.state)
-        fields: dict[str, Any] = {"state": v.state.value, "updated_at": t,
-                                  "exit_code": exit_code}
+        sets = "{state} = {?}, {updated_at} = {?}, {exit_code} = {?}"
+        params: list[Any] = [v.state.value, t, exit_code]
         if v.spent == "system":
-            fields["system_failures"] = Job.system_failures + 1
+            sets += ", {system_failures} = {system_failures} + 1"
         elif v.spent == "job":
-            fields["job_failures"] = Job.job_failures + 1
+            sets += ", {job_failures} = {job_failures} + 1"
         if v.state is JobState.QUEUED:
-            fields.update(current_attempt=None, worker=None)
+            sets += ", {current_attempt} = NULL, {worker} = NULL"
         else:
-            fields["ended_at"] = t
-        Job.update(**fields).where((Job.id == job.id)
-                                   & (Job.state == JobState.RUNNING.value)).execute()
+            sets += ", {ended_at} = {?}"
+            params.append(t)
+        sql.run("UPDATE {job} SET " + sets + " WHERE {id} = {?} AND {state} = {?}",
+                *params, job.id, JobState.RUNNING.value)
         return [JobChange(job.id, job.owner, v.state, t, aid, attempt.worker_id, exit_code,
                           v.reason or kind.value)]
 
@@ -467,27 +425,31 @@ class JobStore(StoreBase):
         (kind stale, not counted).
         """
         t = now_or(now)
-        Attempt, Result = self.models.Attempt, self.models.JobResult
+        sql = self._sql
         try:
             with self.db.atomic():
-                rows = dicts(self._for_update(Attempt.select().where(Attempt.id == aid)))
+                rows = sql.rows("SELECT * FROM {attempt} WHERE {id} = {?}{lock}", aid)
                 if not rows:
                     raise NotFound(f"no attempt {aid}")
                 attempt = _attempt(rows[0])
                 if attempt.worker_id != wid:
                     raise NotFound(f"no attempt {aid} on worker {wid}")
-                if Result.get_or_none(Result.attempt_id == aid) is not None:
-                    return ReportOutcome(recorded=False, counted=False)
+                # A duplicate needs no lookup: a recorded report ended its attempt (or
+                # found it ended), so nothing below changes, and the result row's
+                # primary key refuses it (IntegrityError, rolled back, answered below).
                 changes = self._end(aid, kind, t, outcome.get("exit_code"),
-                                    outcome.get("error")) if attempt.kind.live else []
+                                    outcome.get("error"),
+                                    locked=rows[0]) if attempt.kind.live else []
                 counted = bool(changes)
-                Result.insert(
-                    attempt_id=aid, job_id=attempt.job_id, worker_id=wid,
-                    kind=kind.value if counted else AttemptKind.STALE.value,
-                    counted=counted, outcome=dumps({**outcome, "kind": kind.value}),
-                    stdout=dumps(stdout) if stdout else None,
-                    stderr=dumps(stderr) if stderr else None, outputs=dumps(outputs),
-                    started_at=started_at, ended_at=ended_at, recorded_at=t).execute()
+                sql.run("INSERT INTO {result} ({attempt_id}, {job_id}, {worker_id}, {kind}, "
+                        "{counted}, {outcome}, {stdout}, {stderr}, {outputs}, {started_at}, "
+                        "{ended_at}, {recorded_at}) VALUES ({?}, {?}, {?}, {?}, {?}, {?}, "
+                        "{?}, {?}, {?}, {?}, {?}, {?})",
+                        aid, attempt.job_id, wid,
+                        kind.value if counted else AttemptKind.STALE.value, counted,
+                        dumps({**outcome, "kind": kind.value}),
+                        dumps(stdout) if stdout else None, dumps(stderr) if stderr else None,
+                        dumps(outputs), started_at, ended_at, t)
                 if counted:
                     self._keep_results(attempt.job_id, attempt.owner, stdout, stderr,
                                        outputs, t)

@@ -306,10 +306,8 @@ class ReservationStore(WorkerStore):
     @op
     def reserved_worker_ids(self) -> set[str]:
         """Ids of the workers held by a live reservation."""
-        Reservation = self.models.Reservation
-        query = Reservation.select(Reservation.active_worker).where(
-            Reservation.active_worker.is_null(False))
-        return {wid for (wid,) in tuples(query)}
+        return {wid for (wid,) in self._sql.tuples(
+            "SELECT {active_worker} FROM {reservations} WHERE {active_worker} IS NOT NULL")}
 
     @op
     def mark_client_gone(

@@ -7,6 +7,7 @@ leaves a ``WorkerEventRecord``. Heartbeats update the same rows (``store.heartbe
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ def _caps_fields(wid: str, caps: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _worker_record(row: dict[str, Any]) -> WorkerRecord:
+def _worker_record(row: dict[str, Any], *, caps_decoded: bool = False) -> WorkerRecord:
     return WorkerRecord(
         id=row["id"],
         name=row["name"],
@@ -125,7 +126,7 @@ def _worker_record(row: dict[str, Any]) -> WorkerRecord:
         state_changed_at=row["state_changed_at"],
         description=row["description"],
         tags=loads(row["tags"], []),
-        caps=loads(row["caps"], {}),
+        caps=row["caps"] if caps_decoded else loads(row["caps"], {}),
         cpus=row["cpus"],
         memory_bytes=row["memory_bytes"],
         os=row["os"],
@@ -241,6 +242,39 @@ class WorkerStore(StoreBase):
             return self._transition(wid, WorkerState(row["state"]), new, reason, now)
 
     # ---- queries
+
+    @op
+    def schedulable_workers(self) -> list[WorkerRecord]:
+        """Online workers, as the job scheduler reads them in every pass: without their
+        last metrics, and with each capability document decoded once per change (one
+        may be 640 kB of JSON; a pass over 1,000 workers would otherwise decode them
+        all every time)."""
+        rows = self._sql.rows(
+            "SELECT {id}, {name}, {state}, {state_reason}, {state_changed_at}, "
+            "{description}, {tags}, {caps}, {cpus}, {memory_bytes}, {os}, {arch}, "
+            "{executors}, {slots}, {free_slots}, {heartbeat_interval}, {first_seen}, "
+            "{last_seen}, {last_heartbeat_at}, {heartbeat_seq} FROM {workers} "
+            "WHERE {state} = {?} ORDER BY {first_seen}, {id}", WorkerState.ONLINE.value)
+        cache = self._caps_cache
+        records = []
+        for row in rows:
+            raw = row["caps"] or "{}"
+            known = cache.get(row["id"])
+            if known is None or known[0] != raw:
+                known = (raw, loads(raw, {}))
+                cache[row["id"]] = known
+            row["caps"] = known[1]
+            row["last_metrics"] = "{}"
+            records.append(_worker_record(row, caps_decoded=True))
+        if len(cache) > 2 * len(rows) + 64:  # forget workers gone offline long ago
+            seen = {row["id"] for row in rows}
+            for wid in [w for w in cache if w not in seen]:
+                del cache[wid]
+        return records
+
+    @functools.cached_property
+    def _caps_cache(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        return {}
 
     @op
     def list_workers(

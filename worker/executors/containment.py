@@ -148,10 +148,18 @@ class Containment:
             return known
         return tree.existing_session(session_id)
 
-    def drop(self, session_id: str) -> None:
-        """Kill what is left in the session's cgroup and remove it."""
+    def drop(self, session_id: str) -> bool:
+        """Kill what is left in the session's cgroup and remove it.
+
+        True when the session had a cgroup and it is gone: a cgroup that still holds a
+        process cannot be removed, so nothing of the session survives anywhere.
+        """
         cgroup = self.existing(session_id)
         with self._lock:
             self._sessions.pop(session_id, None)
-        if cgroup is not None and not cgroup.remove():
+        if cgroup is None:
+            return False
+        if not cgroup.remove():
             log.warning("cannot remove cgroup %s", cgroup.tracker)
+            return False
+        return True

@@ -54,14 +54,17 @@ from worker.executors.base import (
     ExitResult,
     Limits,
     OutputSink,
+    PolledInput,
     SessionHandle,
     SessionSpec,
     TaskHandle,
+    TaskInput,
     TaskSpec,
 )
 from worker.executors.cgroups import CgroupError, SessionCgroup
 from worker.executors.containment import Containment
 from worker.sessions import remove_tree, safe_name
+from worker.thread_reuse import ThreadReuse
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +85,13 @@ class _Task:
     workdir: str
     record: Path
     started: float  # monotonic
-    readers: list[threading.Thread] = field(default_factory=list)
+    readers: list[threading.Event] = field(default_factory=list)  # set when a pipe ends
     abandon: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     result: ExitResult | None = None
     cgroup: SessionCgroup | None = None
     oom_before: int = 0
+    stdin: PipeInput | None = None  # TaskSpec.stdin: the write end of the shell's stdin
 
 
 class ProcessExecutor(Executor):
@@ -113,6 +117,7 @@ class ProcessExecutor(Executor):
         self.read_size = read_size
         self._lock = threading.Lock()
         self._tasks: dict[tuple[str, str], _Task] = {}
+        self._threads = ThreadReuse("exec-io")
         self.containment = Containment(self.state_dir, self.records_dir,
                                        cgroups or self.config.process_cgroups, worker_id)
 
@@ -132,7 +137,7 @@ class ProcessExecutor(Executor):
     @classmethod
     def fingerprint(cls, config: WorkerConfig) -> ExecutorCapabilities:  # noqa: ARG003
         return ExecutorCapabilities(name=cls.name, isolation="none", security_boundary=False,
-                                    limits=frozenset({"memory_bytes", "pids"}))
+                                    limits=frozenset({"memory_bytes", "pids"}), stdin=True)
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -185,10 +190,12 @@ class ProcessExecutor(Executor):
                 self._killpg(task, _signal.SIGKILL)
                 reaper.kill_sessions([task.proc.pid])
         # Whatever left the process groups (setsid, nohup &) is still in the cgroup; or,
-        # without one, still carries the markers (unless it scrubbed them).
-        self.containment.drop(session.session_id)
-        self._kill_marked(lambda env: env.get("XCLOUD_RESERVATION") == session.session_id
-                          and env.get("XCLOUD_WORKDIR") == session.workdir)
+        # without one, still carries the markers (unless it scrubbed them). A removed
+        # cgroup proves nothing is left: the scan of every process's environment (the
+        # dearest step of a short job's end) is only for sessions without one.
+        if not self.containment.drop(session.session_id):
+            self._kill_marked(lambda env: env.get("XCLOUD_RESERVATION") == session.session_id
+                              and env.get("XCLOUD_WORKDIR") == session.workdir)
         for task in running:
             if not task.done.wait(self.kill_grace_s):
                 task.abandon.set()  # a pipe still held open by a process we cannot see
@@ -263,12 +270,12 @@ class ProcessExecutor(Executor):
             rlimits.pids is not None)
         env = self._env(spec, workdir)
         (workdir / CWD_FILE).parent.mkdir(mode=0o700, exist_ok=True)
-        script = self._prelude(workdir, gated) + spec.command
+        script = self._prelude(workdir, gated, stdin=spec.stdin) + spec.command
         started_at = time.time()
         try:
             proc = subprocess.Popen(
                 ["/bin/sh", "-c", script], cwd=workdir, env=env,
-                stdin=subprocess.PIPE if gated else subprocess.DEVNULL,
+                stdin=subprocess.PIPE if gated or spec.stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 start_new_session=True, close_fds=True, bufsize=0,
             )
@@ -277,7 +284,7 @@ class ProcessExecutor(Executor):
         started = time.monotonic()
         oom_before = cgroup.oom_kills() if cgroup is not None else 0
         if gated:
-            self._apply_limits(proc, rlimits, cgroup)
+            self._apply_limits(proc, rlimits, cgroup, keep_stdin=spec.stdin)
         handle = TaskHandle(task_id=spec.task_id, executor=self.name,
                             session_id=session.session_id, pid=proc.pid, started_at=started_at,
                             driver_state=self.make_state({"pgid": proc.pid}))
@@ -285,22 +292,26 @@ class ProcessExecutor(Executor):
         record = self.records_dir / name
         task = _Task(handle=handle, proc=proc, workdir=str(workdir), record=record,
                      started=started, cgroup=cgroup, oom_before=oom_before)
+        if spec.stdin and proc.stdin is not None:  # after the gate: the rest is the user's
+            task.stdin = PipeInput(proc.stdin)
         self._write_record(task)
         assert proc.stdout is not None
         assert proc.stderr is not None
-        for stream, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-            reader = threading.Thread(target=self._read, args=(task, stream, pipe, on_output),
-                                      name=f"exec-{spec.task_id}-{stream}", daemon=True)
-            task.readers.append(reader)
+        pipes = (("stdout", proc.stdout), ("stderr", proc.stderr))
+        task.readers = [threading.Event() for _ in pipes]
         with self._lock:
             self._tasks[key] = task
-        for reader in task.readers:
-            reader.start()
-        threading.Thread(target=self._watch, args=(task,), name=f"exec-{spec.task_id}-wait",
-                         daemon=True).start()
+        # On reused threads: a Thread.start() per pipe and exit cost a scheduler round
+        # trip each on a loaded machine, on the path from a request to the command.
+        for (stream, pipe), ended in zip(pipes, task.readers):
+            self._threads.run(self._read, task, stream, pipe, on_output, ended)
+        self._threads.run(self._watch, task)
         log.debug("started task %s of session %s as pgid %d", spec.task_id,
                   session.session_id, proc.pid)
         return handle
+
+    def task_input(self, handle: TaskHandle) -> TaskInput | None:
+        return self._task(handle).stdin
 
     def wait(self, handle: TaskHandle, timeout: float | None = None) -> ExitResult | None:
         task = self._task(handle)
@@ -339,6 +350,7 @@ class ProcessExecutor(Executor):
             if not task.done.is_set():
                 self.stop(task.handle, self.kill_grace_s)
         self.containment.close()
+        self._threads.close()
 
     # -- internals ---------------------------------------------------------------------
 
@@ -366,10 +378,13 @@ class ProcessExecutor(Executor):
         return env
 
     @staticmethod
-    def _prelude(workdir: Path, gated: bool) -> str:
-        """One line, so the user's line numbers in shell error messages stay right."""
+    def _prelude(workdir: Path, gated: bool, *, stdin: bool = False) -> str:
+        """One line, so the user's line numbers in shell error messages stay right. With
+        ``stdin`` the gate line is all the prelude reads of it (``read`` takes one byte at
+        a time from a pipe): what follows is the command's input."""
         cwd_file = shlex.quote(str(workdir / CWD_FILE))
-        gate = "IFS= read -r __xc || exit 126; exec </dev/null; unset __xc; " if gated else ""
+        keep = "" if stdin else "exec </dev/null; "
+        gate = f"IFS= read -r __xc || exit 126; {keep}unset __xc; " if gated else ""
         on_exit = f"__xc=$?; pwd > {cwd_file} 2>/dev/null; exit $__xc"
         return (
             f"{gate}"
@@ -379,7 +394,7 @@ class ProcessExecutor(Executor):
         )
 
     def _apply_limits(self, proc: subprocess.Popen[bytes], limits: Limits,
-                      cgroup: SessionCgroup | None) -> None:
+                      cgroup: SessionCgroup | None, *, keep_stdin: bool = False) -> None:
         """Put the gated shell in its cgroup, prlimit it (the limits no cgroup enforces),
         then open the gate; on failure it never runs."""
         assert proc.stdin is not None
@@ -396,13 +411,15 @@ class ProcessExecutor(Executor):
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.write(b"go\n")
         except (OSError, ValueError, CgroupError) as err:
+            keep_stdin = False
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, _signal.SIGKILL)
             proc.wait()
             raise ExecutorError(f"cannot apply resource limits: {err}") from err
         finally:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
+            if not keep_stdin:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
 
     def _write_record(self, task: _Task) -> None:
         data = {"session_id": task.handle.session_id, "task_id": task.handle.task_id,
@@ -416,8 +433,15 @@ class ProcessExecutor(Executor):
         except OSError as err:  # the markers in the environment still find it later
             log.warning("cannot record task %s: %s", task.handle.task_id, err)
 
-    def _read(self, task: _Task, stream: str, pipe: IO[bytes], sink: OutputSink) -> None:
+    def _read(self, task: _Task, stream: str, pipe: IO[bytes], sink: OutputSink,
+              ended: threading.Event) -> None:
         """Pump one pipe into ``sink`` until EOF (or until the task is abandoned)."""
+        try:
+            self._pump(task, stream, pipe, sink)
+        finally:
+            ended.set()
+
+    def _pump(self, task: _Task, stream: str, pipe: IO[bytes], sink: OutputSink) -> None:
         fd = pipe.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
@@ -449,8 +473,8 @@ class ProcessExecutor(Executor):
         """Reap the shell, wait for both pipes to drain, then publish the result."""
         returncode = task.proc.wait()
         duration = time.monotonic() - task.started
-        for reader in task.readers:
-            reader.join()
+        for ended in task.readers:
+            ended.wait()
         # The OOM killer struck in the session's cgroup while the task ran (it may have
         # taken a child of the shell rather than the shell itself).
         oom = task.cgroup is not None and task.cgroup.oom_kills() > task.oom_before
@@ -535,3 +559,18 @@ def _marked_processes(match: Callable[[dict[str, str]], bool]) -> Iterable[psuti
             continue
         if "XCLOUD_EXEC_ID" in env and match(env):
             yield proc
+
+
+class PipeInput(PolledInput):
+    """A task's stdin pipe, written without blocking (poll for room, then write)."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        super().__init__(pipe.fileno())
+        self._pipe = pipe
+        os.set_blocking(self._fd, False)
+
+    def _send(self, data: bytes | memoryview) -> int:
+        return os.write(self._fd, data)
+
+    def _end(self) -> None:
+        self._pipe.close()
