@@ -87,6 +87,9 @@ class Tourist:
 
     def run(self, line: str) -> None:
         args = [self.substitute(w) for w in shlex.split(line, comments=True)]
+        if "|" in args and args[0] != "xcloud":
+            self.pipe(line, args)
+            return
         assert args[0] in ("xcloud", "bash"), line
         if args[0] == "bash":
             assert args[1] == "scripts/up", line  # the fixture's `xcloud up`
@@ -104,6 +107,20 @@ class Tourist:
         assert "error" not in result.stderr.lower(), f"$ {line}\n{out}"
         if args[1:4] == ["admin", "principal", "add"]:
             self.token = result.stdout.strip().splitlines()[-1]
+
+    def pipe(self, line: str, args: list[str]) -> None:
+        """``LOCAL COMMAND | xcloud ...``: the local command's output is xcloud's stdin."""
+        bar = args.index("|")
+        local, remote = args[:bar], args[bar + 1:]
+        assert remote[0] == "xcloud", line
+        fed = subprocess.run(local, cwd=REPO, capture_output=True, check=True, timeout=60)
+        result = subprocess.run([sys.executable, "-m", "client.cli", *remote[1:]], cwd=REPO,
+                                env=self.grid.env, input=fed.stdout, capture_output=True,
+                                timeout=120)
+        out = (result.stdout + result.stderr).decode(errors="replace")
+        assert result.returncode == 0, f"$ {line}\n{out}"
+        assert "Traceback" not in out, f"$ {line}\n{out}"
+        assert result.stdout.strip(), f"$ {line}: no output\n{out}"
 
     def start_worker(self, args: list[str]) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "client.cli", *args], cwd=REPO,
