@@ -33,17 +33,14 @@ Nothing is asserted: the targets (jobs/s ≥ 1.0× Celery and Dask in the same r
 brokers, submit → running p50 ≤ 10 ms, no collapse with 100,000 queued) are reported as
 met or missed.
 
-    python -m bench.jobs [--quick] [--only xcloud-mosquitto,xcloud-up,celery-redis,...]
+    python -m bench.jobs [--quick] [--only xcloud-mosquitto,xcloud-prefetch,xcloud-up,...]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import logging
 import math
-import multiprocessing as mp
 import os
 import sqlite3
 import subprocess
@@ -61,7 +58,6 @@ from bench.common import (
     LoadMonitor,
     MosquittoBroker,
     cli,
-    die_with_parent,
     fmt,
     free_port,
     latency_ms,
@@ -74,8 +70,10 @@ from bench.common import (
     wait_until,
 )
 from bench.exec_rtt import PY, REPO, XcloudGrid, child_env, spawn, stop_process
+from bench.job_peers import run_celery, run_dask
 
-VARIANTS = ("xcloud-mosquitto", "xcloud-up", "celery-redis", "celery-rabbitmq", "dask")
+VARIANTS = ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up", "celery-redis",
+            "celery-rabbitmq", "dask")
 FULL = {"jobs": 2000, "latency": 50}
 QUICK = {"jobs": 200, "latency": 50}
 BATCH = 500
@@ -85,13 +83,7 @@ WORKERS = 2
 REDIS_URL = os.environ.get("XCLOUD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("XCLOUD_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
-TASK_NAME = "xcloud_bench.run_true"
 RUN_TIMEOUT_S = 600.0
-
-
-def run_true(_index: int = 0) -> int:
-    """The work of one job for Celery and Dask: the ``true`` command in a subprocess."""
-    return subprocess.run(["true"], check=False).returncode
 
 
 # ----------------------------------------------------------------------------- xcloud grids
@@ -102,8 +94,11 @@ class SplitGrid2(XcloudGrid):
 
     label = "xcloud, Mosquitto"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, prefetch: int = 0) -> None:
         super().__init__(workdir)
+        self.prefetch = prefetch  # [jobs] prefetch of its coordinator (docs/jobs.md)
+        if prefetch:
+            self.label = f"xcloud, Mosquitto, prefetch {prefetch}"
         self.dir = workdir / f"mosquitto-{uuid.uuid4().hex[:6]}"
         self.db_file = self.dir / "xcloud.db"
         self.broker: MosquittoBroker | None = None
@@ -134,7 +129,8 @@ class SplitGrid2(XcloudGrid):
             [PY, "-m", "client.cli", "coordinator", "--broker", url, "--root", self.root,
              "--db", db],
             child_env(XCLOUD_HOME=str(home), XCLOUD_BUS_PRINCIPAL=coord.id,
-                      XCLOUD_BUS_TOKEN=coord.token), self.logs[-1])
+                      XCLOUD_BUS_TOKEN=coord.token,
+                      XCLOUD_JOBS_PREFETCH=str(self.prefetch)), self.logs[-1])
         for wid in wids:
             self.logs.append(self.dir / f"{wid}.log")
             self.procs[wid] = spawn(
@@ -400,8 +396,9 @@ def scheduler_pass(db_file: Path, root: str, passes: int = 5) -> dict[str, Any]:
 def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int) -> dict[str, Any]:
     from client.api import Grid
 
-    xgrid: SplitGrid2 | UpGrid2 = SplitGrid2(workdir) if kind == "mosquitto" \
-        else UpGrid2(workdir)
+    xgrid: SplitGrid2 | UpGrid2 = (
+        SplitGrid2(workdir) if kind == "mosquitto" else
+        SplitGrid2(workdir, prefetch=1) if kind == "prefetch" else UpGrid2(workdir))
     out: dict[str, Any] = {"label": xgrid.label}
     try:
         with xgrid:
@@ -411,125 +408,15 @@ def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int) -> dict[str,
                 wait_workers(grid, WORKERS)
                 out["latency"] = submit_latency(grid, events, latency_runs)
                 out["run"] = throughput(grid, events, n, xgrid.coordinator_pid())
-                if isinstance(xgrid, SplitGrid2):
+                if isinstance(xgrid, SplitGrid2) and not xgrid.prefetch:
                     out["fill_s"] = fill_queue(xgrid.db_file, QUEUED)
                     out["queued_run"] = throughput(grid, events, n, xgrid.coordinator_pid())
-            if isinstance(xgrid, SplitGrid2):
+            if isinstance(xgrid, SplitGrid2) and not xgrid.prefetch:
                 xgrid.stop_coordinator()
                 out["pass"] = scheduler_pass(xgrid.db_file, xgrid.root)
     except Exception as err:
         out["error"] = f"{type(err).__name__}: {err}"
         out["diagnostics"] = xgrid.diagnostics()[-4000:]
-    return out
-
-
-# ----------------------------------------------------------------------------- Celery
-
-
-def _celery_app(broker: str, backend: str, queue: str, prefix: str) -> Any:
-    Celery = importlib.import_module("celery").Celery
-
-    app = Celery("xcloud_bench", broker=broker, backend=backend)
-    opts = {"global_keyprefix": prefix} if broker.startswith("redis") else {}
-    app.conf.update(task_default_queue=queue, broker_transport_options=opts,
-                    result_backend_transport_options=opts, worker_prefetch_multiplier=4,
-                    task_acks_late=False, result_expires=600, worker_hijack_root_logger=False,
-                    broker_connection_retry_on_startup=True)
-    app.task(name=TASK_NAME)(run_true)
-    return app
-
-
-def _celery_worker(broker: str, backend: str, queue: str, prefix: str, name: str) -> None:
-    die_with_parent()
-    devnull = os.open(os.devnull, os.O_WRONLY)  # its banner would mix with the report
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    app = _celery_app(broker, backend, queue, prefix)
-    app.worker_main(argv=["worker", "--concurrency", "2", "--pool", "prefork", "-Q", queue,
-                          "-n", name, "--without-gossip", "--without-mingle",
-                          "--without-heartbeat", "--loglevel", "WARNING"])
-
-
-def _celery_cleanup(broker: str, queue: str, prefix: str) -> None:
-    if broker.startswith("redis"):
-        redis: Any = importlib.import_module("redis")
-        client = redis.Redis.from_url(broker)
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        return
-    Connection = importlib.import_module("kombu").Connection
-
-    with Connection(broker) as conn, contextlib.suppress(Exception):
-        conn.default_channel.queue_delete(queue)
-
-
-def run_celery(broker: str, backend: str, n: int) -> dict[str, Any]:
-    ResultSet = importlib.import_module("celery.result").ResultSet
-
-    tag = uuid.uuid4().hex[:8]
-    queue, prefix = f"xcloud-bench-{tag}", f"xcloud-bench-{tag}:"
-    app = _celery_app(broker, backend, queue, prefix)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_celery_worker, daemon=False,
-                         args=(broker, backend, queue, prefix, f"w{i}-{tag}@%h"))
-             for i in range(WORKERS)]
-    out: dict[str, Any] = {"workers": f"{WORKERS} worker processes × --concurrency 2 (prefork)"}
-    try:
-        for proc in procs:
-            proc.start()
-        task = app.tasks[TASK_NAME]
-
-        def ready() -> bool:
-            replies = app.control.ping(timeout=0.5, destination=None) or []
-            return sum(1 for r in replies for k in r if k.endswith(tag) or tag in k) >= WORKERS
-
-        wait_until(ready, 60, 0.5, "Celery workers")
-        ResultSet([task.delay(i) for i in range(20)]).get(timeout=60)  # warm-up
-        started = time.monotonic()
-        results = ResultSet([task.delay(i) for i in range(n)])
-        codes = results.get(timeout=RUN_TIMEOUT_S)  # join_native: one subscription
-        elapsed = time.monotonic() - started
-        out.update(n=n, seconds=elapsed, jobs_per_s=n / elapsed,
-                   ok=sum(1 for c in codes if c == 0))
-    except Exception as err:
-        out["error"] = f"{type(err).__name__}: {err}"
-    finally:
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                with contextlib.suppress(OSError):
-                    os.kill(proc.pid, 15)
-        for proc in procs:
-            proc.join(30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-        with contextlib.suppress(Exception):
-            _celery_cleanup(broker, queue, prefix)
-    return out
-
-
-# ----------------------------------------------------------------------------- Dask
-
-
-def run_dask(n: int) -> dict[str, Any]:
-    distributed: Any = importlib.import_module("dask.distributed")
-    Client, LocalCluster = distributed.Client, distributed.LocalCluster
-
-    out: dict[str, Any] = {"workers": "LocalCluster(n_workers=2, threads_per_worker=2, "
-                                      "processes=True)"}
-    try:
-        with LocalCluster(n_workers=WORKERS, threads_per_worker=SLOTS, processes=True,
-                          dashboard_address=":0", silence_logs=logging.WARNING
-                          ) as cluster, Client(cluster) as client:
-            client.gather(client.map(run_true, range(20), pure=False))  # warm-up
-            started = time.monotonic()
-            codes = client.gather(client.map(run_true, range(n), pure=False))
-            elapsed = time.monotonic() - started
-            out.update(n=n, seconds=elapsed, jobs_per_s=n / elapsed,
-                       ok=sum(1 for c in codes if c == 0))
-    except Exception as err:
-        out["error"] = f"{type(err).__name__}: {err}"
     return out
 
 
@@ -547,6 +434,8 @@ def run(quick: bool = False, only: str | None = None) -> dict[str, Any]:
             load = LoadMonitor().start()
             if name == "xcloud-mosquitto":
                 row = run_xcloud("mosquitto", tmp, n, sizes["latency"])
+            elif name == "xcloud-prefetch":
+                row = run_xcloud("prefetch", tmp, n, sizes["latency"])
             elif name == "xcloud-up":
                 row = run_xcloud("up", tmp, n, sizes["latency"])
             elif name == "celery-redis":
@@ -578,6 +467,7 @@ def markdown(result: dict[str, Any]) -> str:
     if "machine" in result:
         lines += [f"Machine: {machine_line(result['machine'])}", ""]
     labels = {"xcloud-mosquitto": "xcloud, Mosquitto (2 workers × 2 slots)",
+              "xcloud-prefetch": "xcloud, Mosquitto, `[jobs] prefetch = 1` (2 × 2)",
               "xcloud-up": "xcloud, embedded broker (`xcloud up`, 2 × 2)",
               "celery-redis": "Celery + Redis (2 procs × concurrency 2)",
               "celery-rabbitmq": "Celery + RabbitMQ, rpc:// results (2 × 2)",
@@ -594,7 +484,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [md_table(["system", "jobs/s", "seconds", "coordinator CPU ms/job",
                         "other load"], rows), ""]
     rows = []
-    for name in ("xcloud-mosquitto", "xcloud-up"):
+    for name in ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up"):
         if name not in v or "error" in v[name]:
             continue
         x = _rate(v[name])
@@ -605,7 +495,7 @@ def markdown(result: dict[str, Any]) -> str:
                   md_table(["xcloud", "÷ Celery+Redis", "÷ Celery+RabbitMQ", "÷ Dask"], rows),
                   ""]
     rows = []
-    for name in ("xcloud-mosquitto", "xcloud-up"):
+    for name in ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up"):
         lat = v.get(name, {}).get("latency")
         if lat:
             r, s = lat["to_running_ms"], lat["to_started_ms"]
