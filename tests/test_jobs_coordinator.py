@@ -614,3 +614,16 @@ def test_busy_refusals_do_not_fail_the_job(grid: GridHarness) -> None:
         f"{state} after {record.system_failures} system failures, "
         f"{len(w1.assigns) - 2} of them `busy` refusals")
     assert record.system_failures == 1
+
+
+def test_a_report_gives_a_short_attempt_its_start(grid: GridHarness) -> None:
+    """A command that ends within 0.25 s sends no attempt.started: the report's
+    started_at becomes the attempt's (job show's timeline, the dashboard)."""
+    start_jobs_coordinator(grid)
+    alice = JobClient(grid, "alice")
+    w1 = worker(grid, "w1")
+    alice.submit({"command": "true"})
+    (assign,) = w1.assigned()
+    assert isinstance(w1.report_attempt(assign.attempt, "success", exit_code=0,
+                                        started_at=1.5, ended_at=2.0), Ok)
+    assert attempt_of(grid, assign.attempt).started_at == 1.5

@@ -366,9 +366,11 @@ class JobStore(StoreBase):
 
     def _end(self, aid: str, kind: AttemptKind, t: float, exit_code: int | None,
              error: str | None, *, spend: bool = True,
-             locked: dict[str, Any] | None = None) -> list[JobChange]:
+             locked: dict[str, Any] | None = None,
+             started_at: float | None = None) -> list[JobChange]:
         """``locked``: the attempt's row when the caller has already read it for update
-        in this transaction (one query fewer on a report)."""
+        in this transaction (one query fewer on a report). ``started_at``: when the
+        worker says the command started (a short job sends no attempt.started)."""
         sql = self._sql
         rows = [locked] if locked is not None else sql.rows(
             "SELECT * FROM {attempt} WHERE {id} = {?}{lock}", aid)
@@ -377,9 +379,10 @@ class JobStore(StoreBase):
         attempt = _attempt(rows[0])
         ATTEMPT_MACHINE.check(aid, attempt.kind, kind)
         sql.run("UPDATE {attempt} SET {kind} = {?}, {live} = {?}, {ended_at} = {?}, "
-                "{exit_code} = {?}, {error} = {?} WHERE {id} = {?} AND {live} = {?}",
-                kind.value, False, t, exit_code, (error or None) and error[:ERROR_MAX], aid,
-                True)
+                "{exit_code} = {?}, {error} = {?}, {started_at} = COALESCE({started_at}, {?}) "
+                "WHERE {id} = {?} AND {live} = {?}",
+                kind.value, False, t, exit_code, (error or None) and error[:ERROR_MAX],
+                started_at, aid, True)
         jobs = sql.rows("SELECT * FROM {job} WHERE {id} = {?}{lock}", attempt.job_id)
         if not jobs:
             return []
@@ -438,8 +441,8 @@ class JobStore(StoreBase):
                 # found it ended), so nothing below changes, and the result row's
                 # primary key refuses it (IntegrityError, rolled back, answered below).
                 changes = self._end(aid, kind, t, outcome.get("exit_code"),
-                                    outcome.get("error"),
-                                    locked=rows[0]) if attempt.kind.live else []
+                                    outcome.get("error"), locked=rows[0],
+                                    started_at=started_at) if attempt.kind.live else []
                 counted = bool(changes)
                 sql.run("INSERT INTO {result} ({attempt_id}, {job_id}, {worker_id}, {kind}, "
                         "{counted}, {outcome}, {stdout}, {stderr}, {outputs}, {started_at}, "
