@@ -106,9 +106,24 @@ def target(grid: GridHarness, caplog: pytest.LogCaptureFixture) -> Target:
     good.join(tags=["good"])
     other = grid.fake_worker("w-other")
     other.join(tags=["other"])
+    settle(grid)
     attacker = grid.bus(ATTACKER, "client", inbox=grid.topics.client_inbox(ATTACKER))
     return Target(grid, coordinator, good, other, attacker, Replies(attacker),
                   Replies(good.bus), caplog)
+
+
+def settle(grid: GridHarness) -> None:
+    """Until the database stops moving: a join returns once the worker is online, and its
+    status message may land just after (last_seen), which a test's "before" must include."""
+    last = db_snapshot(grid.store)
+
+    def still() -> bool:
+        nonlocal last
+        now = db_snapshot(grid.store)
+        same, last = now == last, now
+        return same
+
+    wait_for(still, 10, interval=0.3, message="the joins settled in the database")
 
 
 def assert_still_serving(t: Target, before: dict[str, list[str]]) -> None:

@@ -176,7 +176,7 @@ class ExecService:
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
-        with self._lock:
+        with self._lock:  # started before it is listed: close() joins only started ones
             self._threads = [t for t in self._threads if t.is_alive()]
+            thread.start()
             self._threads.append(thread)
-        thread.start()
