@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from client.errors import ClientError
+from schemas.exec_messages import STDIN_CHUNK_BYTES, STDIN_WINDOW
 from schemas.outcome import Outcome
 
 log = logging.getLogger(__name__)
@@ -403,8 +404,7 @@ class ExecStream:
 
 
 #: Raw bytes per ``exec.stdin`` piece, and pieces unacknowledged at most (the schema's).
-STDIN_PIECE_BYTES = 32 * 1024
-STDIN_WINDOW = 8
+STDIN_PIECE_BYTES = STDIN_CHUNK_BYTES  # the schema's bound on one piece
 
 
 class StdinSender:

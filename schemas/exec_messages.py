@@ -11,10 +11,11 @@ from typing import ClassVar
 
 from schemas.messages import Body, message
 
-#: Raw bytes one ``exec.stdin`` carries at most (base64 makes 43,692 characters of it).
-STDIN_CHUNK_BYTES = 32 * 1024
+#: Raw bytes one ``exec.stdin`` carries at most (base64 makes 1,398,104 characters of it):
+#: the cost of input is per piece, so pieces are large (docs/exec.md, "Measured").
+STDIN_CHUNK_BYTES = 1024 * 1024
 #: Pieces a client may have sent and not yet seen acknowledged.
-STDIN_WINDOW = 8
+STDIN_WINDOW = 4
 
 
 @message
