@@ -166,7 +166,7 @@ class Tourist:
                 term.type(command)
                 if "Ctrl-C" in command.partition("#")[2]:
                     remote = shlex.split(command, comments=True)[1:]
-                    wait_for(lambda remote=remote: _running(remote), 30,  # type: ignore[misc]
+                    wait_for(lambda remote=remote: _running(remote, self.grid.home.resolve()), 30,  # type: ignore[misc]
                              message=f"{remote} running on the worker")
                     term.send("C-c")
                 screen = term.wait_text("\nxcloud", after=f"> {command}", timeout=60)
@@ -179,12 +179,14 @@ class Tourist:
             term.kill()
 
 
-def _running(argv: list[str]) -> bool:
-    """Is a process with this command line running on this machine (process workers)?"""
-    for proc in psutil.process_iter(["cmdline"]):
+def _running(argv: list[str], under: Path) -> bool:
+    """Is a process with this command line running in a work dir of this grid (process
+    workers)? Other tests run the same commands (`sleep 60`) beside this one."""
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
         with contextlib.suppress(psutil.Error):
             if (proc.info["cmdline"] or [])[-len(argv):] == argv and \
-                    os.path.basename(proc.info["cmdline"][0]) == argv[0]:
+                    os.path.basename(proc.info["cmdline"][0]) == argv[0] and \
+                    str(proc.info["cwd"] or "").startswith(str(under)):
                 return True
     return False
 
