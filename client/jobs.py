@@ -205,14 +205,24 @@ class JobFuture(cf.Future[JobResult]):
         super().__init__()
         self.job = job
         self._store = store
+        self.cancelling = False  # a cancel is on its way: the job's end is not a result
 
     def cancel(self) -> bool:
+        """Cancel the job on the grid; True when it was cancelled (False when it had
+        ended already, or the grid refused). The job.event of the cancel may come back
+        before the reply: meanwhile the future is kept from taking it as a result."""
         if self.done():
             return False
+        self.cancelling = True
         try:
-            self._store.cancel([self.job])
+            counts = self._store.cancel([self.job])
         except ClientError as err:
             log.warning("cannot cancel job %s: %s", self.job, err)
+            self.cancelling = False
+            return False
+        if not counts.get("changed"):  # it had ended: its result stands
+            self.cancelling = False
+            self._store.complete_soon(self.job)
             return False
         return super().cancel()
 
@@ -251,11 +261,20 @@ class JobStore:
              image: str | None = None, worker: str | None = None,
              name: str | None = None, index: int | None = None, gpus: int | None = None,
              gpu_memory: str | int | None = None,
-             gpu_name: str | None = None) -> dict[str, Any]:
+             gpu_name: str | None = None,
+             after: Sequence[JobFuture | str] = (),
+             after_policy: str | None = None) -> dict[str, Any]:
         """A JobSpec document (local input files are uploaded now). ``gpus``: GPUs the
         job needs, each with at least ``gpu_memory`` and a name containing ``gpu_name``
-        (docs/gpus.md)."""
+        (docs/gpus.md). ``after``: jobs (futures or ids) that must complete first;
+        ``after_policy``: hold (default) or cancel this job if one of them fails
+        (docs/jobs.md, "Dependencies")."""
         spec: dict[str, Any] = {"command": command_line(command, args)}
+        if after:
+            spec["after"] = list(dict.fromkeys(
+                p.job if isinstance(p, JobFuture) else str(p) for p in after))
+        if after_policy is not None:
+            spec["after_policy"] = after_policy
         if env:
             spec["env"] = {str(k): str(v) for k, v in env.items()}
         if stdin is not None:
@@ -363,6 +382,13 @@ class JobStore:
         self._wake.set()
         return fut
 
+    def complete_soon(self, job: str) -> None:
+        """Look at ``job``'s end now (a cancel found it ended: its event may be past)."""
+        with self._lock:
+            if job in self._futures:
+                self._ended.add(job)
+        self._wake.set()
+
     def on_event(self, incoming: Incoming) -> None:
         """``job.event`` from the coordinator (the Grid routes it here)."""
         body: JobEvent = incoming.body
@@ -430,7 +456,7 @@ class JobStore:
     def _complete(self, job: str) -> None:
         with self._lock:
             fut = self._futures.get(job)
-        if fut is None or fut.done():
+        if fut is None or fut.done() or fut.cancelling:
             return
         result = self.result(job)
         if result.state not in TERMINAL_JOB_STATES:

@@ -75,6 +75,10 @@ def add_jobs_parsers(sub: Any, common: AddOptions) -> None:
     p.add_argument("--image", help="docker image (docker executor)")
     p.add_argument("--worker", help="run on this worker only")
     p.add_argument("--name", help="the job's name")
+    p.add_argument("--after", action="append", default=[], metavar="ID[,ID...]",
+                   help="run only after these jobs completed (repeatable)")
+    p.add_argument("--after-policy", choices=["hold", "cancel"],
+                   help="if a job in --after fails: hold this one (default) or cancel it")
     p.add_argument("--wait", action="store_true", help="wait for the jobs to end")
     p.add_argument("--json", action="store_true", help="print the ids as JSON")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
@@ -194,7 +198,9 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
         "labels": _pairs(args.label, "--label"), "tags": args.tag,
         "executor": args.executor, "image": args.image, "worker": args.worker,
         "name": args.name, "gpus": args.gpus, "gpu_memory": args.gpu_memory,
-        "gpu_name": args.gpu_name}
+        "gpu_name": args.gpu_name,
+        "after": [j.strip() for item in args.after for j in item.split(",") if j.strip()],
+        "after_policy": args.after_policy}
     with Grid.connect(config) as grid:
         base = grid.jobs.spec(command, env=env, **options)  # uploads the inputs once
         specs: list[dict[str, Any]] = []

@@ -62,6 +62,8 @@ def job_summary(job: JobRecord) -> dict[str, Any]:
         "hold_reason": job.hold_reason}
     if job.worker:
         item["worker"] = job.worker
+    if job.state is JobState.QUEUED and job.waiting:  # after: the HOLD column says why
+        item["hold_reason"] = f"waiting for {job.waiting} parent job(s)"
     return item
 
 
@@ -131,7 +133,10 @@ class JobRequests:
             names = [i["name"] for i in spec.get("inputs") or ()]
             if len(names) != len(set(names)):
                 raise Refusal("invalid", f"job {index}: two inputs have the same name")
-        batch, ids = self.store.submit_jobs(owner, req.jobs)
+        try:
+            batch, ids = self.store.submit_jobs(owner, req.jobs, admin=self._is_admin(owner))
+        except NotFound as e:  # a job in after: missing or someone else's
+            raise Refusal("not_found", str(e)) from None
         log.info("batch %s: %s submitted %d job(s)", batch, owner, len(ids))
         self.scheduler.poke()
         warnings = submit_warnings(self.store, ids, req.jobs)

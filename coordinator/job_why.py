@@ -74,11 +74,14 @@ def explain(store: Store, job: JobRecord) -> dict[str, Any]:
     matching = [w for w in online if job_matching.never_fits(w, job.spec) is None]
     counts = _slot_counts(store, job, matching)
     ahead, more = jobs_ahead(store, job)
+    verdict = _verdict(len(known), online, rows, counts, ahead, more)
+    if job.waiting:  # after: not schedulable before its parents completed
+        verdict = f"waiting for {job.waiting} parent job(s) to complete (after)"
     reply.update(
         workers={"known": len(known), "online": len(online)},
         requirements=[row for _, row in rows],
         matching=counts, ahead=ahead, ahead_more=more or None,
-        verdict=_verdict(len(known), online, rows, counts, ahead, more)[:REASON_MAX])
+        verdict=verdict[:REASON_MAX])
     return reply
 
 

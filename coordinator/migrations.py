@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from peewee import (
+    SQL,
     BigAutoField,
     BigIntegerField,
     BooleanField,
@@ -460,6 +461,39 @@ def _v6_jobs(db: Database) -> None:
     db.create_tables(_v6_models(db), safe=True)
 
 
+def _v7_job_deps(db: Database) -> None:
+    """Job dependencies (docs/jobs.md, "Dependencies"): ``xc_job.waiting`` counts the
+    parents not completed yet (the queue index leads with it, so the scheduler skips
+    waiting jobs in the same index walk) and ``xc_job_edge`` finds a parent's children."""
+    from playhouse.migrate import MySQLMigrator, SqliteMigrator
+    from playhouse.migrate import migrate as run_migration
+
+    migrator: Any = (MySQLMigrator(db) if isinstance(db, MySQLDatabase)
+                     else SqliteMigrator(db))
+    columns = {c.name for c in db.get_columns("xc_job")}
+    indexes = {i.name for i in db.get_indexes("xc_job")}
+    ops = []
+    if "waiting" not in columns:
+        # A database-side default too: rows inserted without the column wait for nothing.
+        ops.append(migrator.add_column("xc_job", "waiting", IntegerField(
+            default=0, constraints=[SQL("DEFAULT 0")])))
+    if "xc_job_state_rank_submitted_at_id" in indexes:
+        ops.append(migrator.drop_index("xc_job", "xc_job_state_rank_submitted_at_id"))
+    if "xc_job_state_waiting_rank_submitted_at_id" not in indexes:
+        ops.append(migrator.add_index(
+            "xc_job", ("state", "waiting", "rank", "submitted_at", "id"), False))
+    run_migration(*ops)
+    if isinstance(db, MySQLDatabase):  # its NOT NULL step (MODIFY) dropped the default
+        db.execute_sql("ALTER TABLE `xc_job` ALTER COLUMN `waiting` SET DEFAULT 0")
+    attrs: dict[str, Any] = {
+        "parent": CharField(64),
+        "child": CharField(64),
+        "Meta": _meta(db, "xc_job_edge", primary_key=CompositeKey("parent", "child")),
+        "__module__": __name__,
+    }
+    db.create_tables([type("V7JobEdge", (Model,), attrs)], safe=True)
+
+
 Migration = tuple[int, str, Callable[[Database], None]]
 
 MIGRATIONS: list[Migration] = [
@@ -469,6 +503,7 @@ MIGRATIONS: list[Migration] = [
     (4, "data objects, their names and references, incoming transfers", _v4_data),
     (5, "applications", _v5_apps),
     (6, "batch jobs, attempts, results", _v6_jobs),
+    (7, "job dependencies: waiting parents, job edges", _v7_job_deps),
 ]
 
 LATEST_VERSION: int = MIGRATIONS[-1][0]

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import TypeVar, cast
 
 from peewee import (
+    SQL,
     BigAutoField,
     BigIntegerField,
     BooleanField,
@@ -398,9 +399,10 @@ class App(BaseModel):
 class Job(BaseModel):
     """A batch job (version 6; docs/jobs.md): what to run (``spec``, the JobSpec as JSON)
     and where it stands. ``rank`` is ``-priority`` so that the scheduler's queue query
-    (``state = queued ORDER BY rank, submitted_at, id``) walks one ascending index on
-    both backends. ``current_attempt`` is the fencing token: only that attempt may report.
-    ``replicas``/``quorum``/``gpus``/``after`` leave room for issue 11 (unused yet)."""
+    (``state = queued AND waiting = 0 ORDER BY rank, submitted_at, id``) walks one
+    ascending index on both backends. ``current_attempt`` is the fencing token: only that
+    attempt may report. ``gpus`` and ``after``/``waiting`` (version 7: dependencies) are
+    used; ``replicas``/``quorum`` leave room for issue 11's replication (unused yet)."""
 
     id = CharField(RID_MAX, primary_key=True)
     batch = CharField(RID_MAX, index=True)
@@ -430,11 +432,13 @@ class Job(BaseModel):
     hold_code = CharField(STATE_MAX, null=True)
     hold_detail = MediumTextField(null=True)
     updated_at = DoubleField()
+    # Parents (after) not completed yet (version 7): 0 is schedulable.
+    waiting = IntegerField(default=0, constraints=[SQL("DEFAULT 0")])
 
     class Meta:
         table_name = "xc_job"
         indexes = (
-            (("state", "rank", "submitted_at", "id"), False),  # the scheduler's queue
+            (("state", "waiting", "rank", "submitted_at", "id"), False),  # the scheduler's queue
             (("owner", "submitted_at", "id"), False),  # jobs.list
         )
 
@@ -489,6 +493,18 @@ class JobResult(BaseModel):
         table_name = "xc_job_result"
 
 
+class JobEdge(BaseModel):
+    """``child`` runs after ``parent`` completes (version 7; docs/jobs.md, "Dependencies"):
+    the primary key's prefix finds a parent's children when it ends."""
+
+    parent = CharField(RID_MAX)
+    child = CharField(RID_MAX)
+
+    class Meta:
+        table_name = "xc_job_edge"
+        primary_key = CompositeKey("parent", "child")
+
+
 MODELS: list[type[BaseModel]] = [
     SchemaVersion,
     Principal,
@@ -508,6 +524,7 @@ MODELS: list[type[BaseModel]] = [
     Job,
     Attempt,
     JobResult,
+    JobEdge,
 ]
 
 
@@ -545,6 +562,7 @@ class BoundModels:
     Job: type[Job]
     Attempt: type[Attempt]
     JobResult: type[JobResult]
+    JobEdge: type[JobEdge]
 
     def __init__(self, db: Database) -> None:
         self.database = db

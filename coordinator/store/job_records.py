@@ -51,6 +51,7 @@ class JobRecord:
     hold_code: str | None
     hold_detail: str | None
     gpus: int = 0  # resources.gpus (docs/gpus.md)
+    waiting: int = 0  # parents (after) not completed yet: queued but not schedulable
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,8 @@ def _job(row: dict[str, Any]) -> JobRecord:
         current_attempt=row["current_attempt"], worker=row["worker"],
         exit_code=row["exit_code"], started_at=row["started_at"], ended_at=row["ended_at"],
         hold_reason=row["hold_reason"], hold_code=row["hold_code"],
-        hold_detail=row["hold_detail"], gpus=int(row.get("gpus") or 0))
+        hold_detail=row["hold_detail"], gpus=int(row.get("gpus") or 0),
+        waiting=int(row.get("waiting") or 0))
 
 
 def _attempt(row: dict[str, Any]) -> AttemptRecord:

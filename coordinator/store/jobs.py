@@ -18,6 +18,7 @@ from typing import Any
 
 from peewee import IntegrityError, fn
 
+from coordinator import job_deps
 from coordinator.errors import InvalidArgument, NotFound
 from coordinator.job_state import (
     ATTEMPT_MACHINE,
@@ -54,8 +55,11 @@ class JobStore(StoreBase):
 
     @op
     def submit_jobs(self, owner: str, specs: Sequence[dict[str, Any]], *,
-                    now: float | None = None) -> tuple[str, list[str]]:
-        """Insert ``specs`` as one batch of queued jobs, committed before returning."""
+                    now: float | None = None, admin: bool = False) -> tuple[str, list[str]]:
+        """Insert ``specs`` as one batch of queued jobs, committed before returning.
+
+        ``NotFound`` when a spec's ``after`` names a job that is not there or not the
+        owner's (an ``admin`` may name anyone's); see ``coordinator.job_deps``."""
         if not specs:
             raise InvalidArgument("a submit needs at least one job")
         t = now_or(now)
@@ -68,9 +72,25 @@ class JobStore(StoreBase):
         Job, Obj, Ref = self.models.Job, self.models.DataObject, self.models.DataRef
         wanted = {jid: _input_hashes(spec) for jid, spec in zip(
             [r["id"] for r in rows], specs, strict=True)}
+        parents = {r["id"]: job_deps.parents_of(spec) for r, spec in zip(rows, specs, strict=True)
+                   if spec.get("after")}
         with self.db.atomic():
+            edges: list[dict[str, str]] = []
+            if parents:
+                states = job_deps.parent_states(
+                    self._sql, sorted(set().union(*parents.values())), owner=owner,
+                    admin=admin)
+                for row, spec in zip(rows, specs, strict=True):
+                    if row["id"] in parents:
+                        columns, pending = job_deps.submit_columns(spec, states, t)
+                        row.update(columns, after=dumps(parents[row["id"]]))
+                        edges += [{"parent": p, "child": row["id"]} for p in pending]
+                # insert_many wants the same columns in every row
+                rows = [{**job_deps.COLUMN_DEFAULTS, **row} for row in rows]
             for part in chunks(rows, 100):
                 Job.insert_many(list(part)).execute()
+            for part in chunks(edges, 200):
+                self.models.JobEdge.insert_many(list(part)).execute()
             # Inputs stay alive while their jobs exist (refs of kind job).
             held: set[str] = set()
             for hashes in chunks(sorted(set().union(*wanted.values())), 500):
@@ -150,14 +170,16 @@ class JobStore(StoreBase):
     @op
     def has_queued(self) -> bool:
         """Whether any job is queued (one index probe, no row decoded)."""
-        return bool(self._sql.tuples("SELECT 1 FROM {job} WHERE {state} = {?} LIMIT 1",
+        return bool(self._sql.tuples("SELECT 1 FROM {job} WHERE {state} = {?} AND {waiting} = 0 "
+                                     "LIMIT 1",
                                      JobState.QUEUED.value))
 
     @op
     def queued_jobs(self, limit: int, offset: int = 0) -> list[JobRecord]:
         """The head of the queue: priority, then submission (one index walk)."""
         rows = self._sql.rows(
-            "SELECT * FROM {job} WHERE {state} = {?} ORDER BY {rank}, {submitted_at}, {id} "
+            "SELECT * FROM {job} WHERE {state} = {?} AND {waiting} = 0 "
+            "ORDER BY {rank}, {submitted_at}, {id} "
             "LIMIT {?} OFFSET {?}", JobState.QUEUED.value, int(limit), int(offset))
         return [_job(r) for r in rows]
 
@@ -186,7 +208,8 @@ class JobStore(StoreBase):
         id): one walk of the queue index, at most ``limit`` + 1 rows counted."""
         rank = -job.priority
         rows = self._sql.tuples(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM {job} WHERE {state} = {?} AND "
+            "SELECT COUNT(*) FROM (SELECT 1 FROM {job} WHERE {state} = {?} AND {waiting} = 0 "
+            "AND "
             "({rank} < {?} OR ({rank} = {?} AND ({submitted_at} < {?} OR "
             "({submitted_at} = {?} AND {id} < {?})))) LIMIT {?}) AS ahead",
             JobState.QUEUED.value, rank, rank, job.submitted_at, job.submitted_at, job.id,
@@ -198,7 +221,7 @@ class JobStore(StoreBase):
                       limit: int) -> list[JobRecord]:
         """Queued jobs submitted before ``submitted_before``, in queue order after the
         ``after`` position (rank, submitted_at, id), at most ``limit``."""
-        where = "{state} = {?} AND {submitted_at} <= {?}"
+        where = "{state} = {?} AND {waiting} = 0 AND {submitted_at} <= {?}"
         params: list[Any] = [JobState.QUEUED.value, submitted_before]
         if after is not None:
             rank, at, jid = after
@@ -238,7 +261,7 @@ class JobStore(StoreBase):
             moved = sql.run(
                 "UPDATE {job} SET {state} = {?}, {current_attempt} = {?}, {worker} = {?}, "
                 "{attempts} = {attempts} + 1, {started_at} = {?}, {updated_at} = {?} "
-                "WHERE {id} = {?} AND {state} = {?}",
+                "WHERE {id} = {?} AND {state} = {?} AND {waiting} = 0",
                 JobState.RUNNING.value, aid, wid, t, t, jid, queued)
             if not moved:
                 return None
@@ -411,8 +434,11 @@ class JobStore(StoreBase):
             params.append(t)
         sql.run("UPDATE {job} SET " + sets + " WHERE {id} = {?} AND {state} = {?}",
                 *params, job.id, JobState.RUNNING.value)
-        return [JobChange(job.id, job.owner, v.state, t, aid, attempt.worker_id, exit_code,
-                          v.reason or kind.value)]
+        change = JobChange(job.id, job.owner, v.state, t, aid, attempt.worker_id, exit_code,
+                           v.reason or kind.value)
+        if v.state in (JobState.COMPLETED, JobState.FAILED):
+            return [change, *job_deps.settle_children(sql, self.models, job.id, v.state, t)]
+        return [change]
 
     @op
     def record_report(self, aid: str, wid: str, kind: AttemptKind, *,
@@ -525,6 +551,8 @@ class JobStore(StoreBase):
                 counts["changed"] += 1
                 changes.append(JobChange(jid, job.owner, target, t, reason=reason or
                                          f"{target.value} by {requester}"))
+                if target is JobState.CANCELLED:
+                    changes += job_deps.settle_children(self._sql, self.models, jid, target, t)
         return changes, kills, counts
 
     # -- data rights ----------------------------------------------------------------------
