@@ -103,8 +103,9 @@ WORKER_INBOX: Mapping[str, RequestRule] = MappingProxyType({
     "exec.stdin": RequestRule(PEOPLE, Limit.NONE),
     "job.assign": RequestRule(COORDINATOR, Limit.NONE),
     "job.kill": RequestRule(COORDINATOR, Limit.NONE),
-    # A job's owner follows its running attempt's output (the worker checks the owner).
-    "job.follow": RequestRule(PEOPLE),
+    # A job's owner follows its running attempt's output (the worker checks the owner);
+    # the coordinator too, to relay it to the dashboard (coordinator/http/job_output.py).
+    "job.follow": RequestRule(PEOPLE | COORDINATOR),
 })
 """Requests into ``{root}/worker/{wid}/inbox/{sender}`` (exec.* also need a valid grant)."""
 

@@ -173,7 +173,7 @@ class Coordinator:
             store=self.store, config=self.config.monitoring, monitoring=self.monitoring,
             drain=self._drain_from_dashboard, flush_audit=self.reservations.audit.flush,
             grid=self.topics.root, coordinator=self.principal, version=VERSION,
-            object_path=self.data.files.object_path))
+            object_path=self.data.files.object_path, bus=self.bus))
 
     def _drain_from_dashboard(self, principal: str, wid: str, drain: bool) -> dict[str, Any]:
         """A drain asked on the dashboard, decided by the ``workers.drain`` handler itself."""

@@ -192,7 +192,8 @@ class _Bus:
 
 
 def _follows(tmp_path: Path, phase: str, *, poll_s: float = 0.01,
-             follow_s: float = 60.0) -> tuple[JobFollows, _Bus, Attempt]:
+             follow_s: float = 60.0, coordinator: str | None = None,
+             coordinator_follow_s: float = 60.0) -> tuple[JobFollows, _Bus, Attempt]:
     directory = tmp_path / "a-1"
     directory.mkdir()
     (directory / "stdout").write_bytes(b"0123456789" * 100_000)  # 1,000,000 bytes
@@ -201,7 +202,8 @@ def _follows(tmp_path: Path, phase: str, *, poll_s: float = 0.01,
                                     spec={"command": "true"}, inputs=[], phase=phase))
     bus = _Bus()
     follows = JobFollows(bus, lambda a: attempt if a == "a-1" else None,  # type: ignore[arg-type]
-                         lambda a: tmp_path / a, poll_s=poll_s, follow_s=follow_s)
+                         lambda a: tmp_path / a, poll_s=poll_s, follow_s=follow_s,
+                         coordinator=coordinator, coordinator_follow_s=coordinator_follow_s)
     return follows, bus, attempt
 
 
@@ -258,6 +260,24 @@ def test_worker_follow_ends_at_its_time_limit(tmp_path: Path) -> None:
     assert last.eof
     assert last.kind is None
     assert "ask again" in (last.reason or "")
+
+
+def test_worker_follow_lets_the_coordinator_relay_and_nobody_else(tmp_path: Path) -> None:
+    """The coordinator principal may follow any attempt (it relays the output to the
+    job's dashboard page), for a short while each time; other non-owners, an admin
+    included, are refused."""
+    follows, bus, _attempt = _follows(tmp_path, "running", coordinator="coord-1",
+                                      coordinator_follow_s=0.0)
+    _ask(follows, "mallory")
+    _ask(follows, "admin")
+    assert bus.replies == [("error", "forbidden"), ("error", "forbidden")]
+    _ask(follows, "coord-1")
+    assert isinstance(bus.replies[-1], Ok)
+    # its follow ends at the coordinator's (short) limit, not the owner's hour
+    wait_for(lambda: follows.active() == 0, message="the coordinator's follow ended")
+    follows.close()
+    assert bus.sent[-1].eof
+    assert bus.sent[-1].kind is None
 
 
 @ONE_BROKER

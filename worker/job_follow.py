@@ -4,7 +4,10 @@ docs/jobs.md, "Following a running job").
 The attempt's stdout and stderr go to capped files (worker/job_files.py, flushed on each
 write). A follower asks the worker running the attempt with ``job.follow`` {attempt,
 follow, stdout_offset?, stderr_offset?}; only the job's owner may (the assignment carries
-``owner``; an admin is refused like any other principal: the output is the owner's). The
+``owner``; an admin is refused like any other principal: the output is the owner's), and
+the coordinator principal, which relays it to the job's dashboard page
+(coordinator/http/job_output.py): its follows end after ``COORDINATOR_FOLLOW_S`` (it asks
+again while a page still watches), so a relay whose last viewer left stops soon. The
 request is answered ``ok`` and a thread of its own then reads both files from the given
 offsets and sends what is there, then what comes, as ``job.output`` {attempt, follow, seq,
 stream, offset, data (base64, at most ``CHUNK_BYTES``)} into the follower's inbox, until
@@ -47,6 +50,7 @@ MAX_FOLLOWS = 32
 BURST_CHUNKS = 4  # per poll: at most 4 x 64 KiB every poll_s per follower
 POLL_S = 0.2
 FOLLOW_S = 3600.0
+COORDINATOR_FOLLOW_S = 60.0
 PUBLISH_TIMEOUT_S = 30.0
 STREAMS = ("stdout", "stderr")
 RUNNING = frozenset({"assigned", "running"})
@@ -60,6 +64,7 @@ class _Follow:
     attempt: str
     inbox: str
     offsets: dict[str, int]
+    follow_s: float = FOLLOW_S
     seq: int = 0
     files: dict[str, IO[bytes]] = field(default_factory=dict)
 
@@ -70,7 +75,8 @@ class JobFollows:
     def __init__(self, bus: Bus, lookup: AttemptLookup, directory: Callable[[str], Path],
                  *, follow_s: float = FOLLOW_S, poll_s: float = POLL_S,
                  max_per_attempt: int = MAX_PER_ATTEMPT,
-                 max_follows: int = MAX_FOLLOWS) -> None:
+                 max_follows: int = MAX_FOLLOWS, coordinator: str | None = None,
+                 coordinator_follow_s: float = COORDINATOR_FOLLOW_S) -> None:
         self.bus = bus
         self.lookup = lookup  # attempt id -> the runner's Attempt (None: not here)
         self.directory = directory  # attempt id -> its directory (stdout, stderr files)
@@ -78,6 +84,8 @@ class JobFollows:
         self.poll_s = poll_s
         self.max_per_attempt = max_per_attempt
         self.max_follows = max_follows
+        self.coordinator = coordinator  # may follow any attempt (it relays to the dashboard)
+        self.coordinator_follow_s = coordinator_follow_s
         self._lock = threading.Lock()
         self._active: dict[str, int] = {}  # attempt -> followers now
         self._threads: list[threading.Thread] = []
@@ -109,7 +117,8 @@ class JobFollows:
                                  f"attempt {body.attempt} does not run here (any more): its "
                                  "output is in the job's results once it ends")
             return
-        if sender != attempt.record.owner:
+        relaying = bool(self.coordinator) and sender == self.coordinator
+        if sender != attempt.record.owner and not relaying:
             self.bus.reply_error(incoming, "forbidden",
                                  f"only the job's owner may follow attempt {body.attempt}",
                                  {"reason": "not_owner"})
@@ -133,7 +142,9 @@ class JobFollows:
             return
         follow = _Follow(follow=body.follow, attempt=body.attempt, inbox=inbox,
                          offsets={"stdout": int(body.stdout_offset or 0),
-                                  "stderr": int(body.stderr_offset or 0)})
+                                  "stderr": int(body.stderr_offset or 0)},
+                         follow_s=min(self.follow_s, self.coordinator_follow_s) if relaying
+                         else self.follow_s)
         self.bus.reply(incoming, Ok(detail={"attempt": body.attempt, "follow": body.follow}))
         log.info("%s follows attempt %s", sender, body.attempt)
         thread = threading.Thread(target=self._run, args=(follow, attempt),
@@ -161,7 +172,7 @@ class JobFollows:
                     self._active.pop(follow.attempt, None)
 
     def _stream(self, follow: _Follow, attempt: Attempt) -> None:
-        deadline = time.monotonic() + self.follow_s
+        deadline = time.monotonic() + follow.follow_s
         while True:
             ended = attempt.record.phase not in RUNNING or attempt.done.is_set()
             if not ended and (time.monotonic() >= deadline or self._stopping.is_set()):

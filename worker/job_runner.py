@@ -10,7 +10,8 @@ request guard):
 - ``job.kill``: the attempt's command is stopped (TERM, KILL after the grace); the
   attempt ends ``cancelled``. An unknown or finished attempt is answered ``ok`` too.
 
-And ``job.follow`` from the job's owner: the attempt's output, live (worker/job_follow.py).
+And ``job.follow`` from the job's owner (or the coordinator, for the dashboard): the
+attempt's output, live (worker/job_follow.py).
 
 Each attempt then runs in a thread of its own: inputs (and stdin) from the input cache
 into a fresh work dir, ``sh -c COMMAND`` in an executor session of its own (process or
@@ -156,8 +157,9 @@ class JobRunner:
         # Attempts beyond the slots wait their turn here (worker/job_slots.py).
         self.line = SlotLine(lambda: int(self.config.slots), self.used_slots)
         self._registered = False
-        # job.follow: the owner reads a running attempt's output live (worker/job_follow.py)
-        self.follows = JobFollows(bus, self._attempt, self.store.path)
+        # job.follow: the owner (or the coordinator) reads an attempt's output live
+        self.follows = JobFollows(bus, self._attempt, self.store.path,
+                                  coordinator=self.coordinator)
         # GPUs: which devices each attempt holds (worker/job_gpus.py, docs/gpus.md)
         self.gpus = gpus or GpuAllocator()
         self.gpus.holder_live = self._holds_gpus

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from broker.bus import Bus
 from broker.config import MonitoringConfig
 from coordinator import wire
 from coordinator.errors import CoordinatorError, NotFound
@@ -65,6 +66,7 @@ class DashboardContext:
     coordinator: str
     version: str
     object_path: Callable[[str], Path] | None = None  # a data object's file (previews)
+    bus: Bus | None = None  # the coordinator's bus: relays running jobs' output (job_output)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -7,8 +7,10 @@ every stream and joins every thread.
 
 Routes: ``/`` and ``/static/...`` (the page and its files: public, they hold no data),
 ``/api/...`` (``coordinator.http.api``; a session or a bearer token), ``/api/events``
-(server-sent events, ``coordinator.http.live``) and ``/metrics`` (Prometheus; a token
-unless ``[monitoring] metrics_public``). The listener binds 127.0.0.1 unless configured.
+(server-sent events, ``coordinator.http.live``), ``/api/jobs/ID/output`` (a running
+job's output, relayed from its worker: ``coordinator.http.job_output``) and
+``/metrics`` (Prometheus; a token unless ``[monitoring] metrics_public``). The listener
+binds 127.0.0.1 unless configured.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.errors import CoordinatorError
-from coordinator.http.api import IDENTITY, DashboardAPI, DashboardContext, error, identity_of
+from coordinator.http.api import (
+    ID_SHOWN_MAX,
+    IDENTITY,
+    DashboardAPI,
+    DashboardContext,
+    error,
+    identity_of,
+)
 from coordinator.http.auth import (
     COOKIE,
     CSRF_HEADER,
@@ -38,6 +47,7 @@ from coordinator.http.auth import (
     Sessions,
     csrf_ok,
 )
+from coordinator.http.job_output import JobOutputRelay
 from coordinator.http.live import LiveFeed
 
 log = logging.getLogger(__name__)
@@ -104,6 +114,9 @@ class DashboardServer:
         self.feed = LiveFeed(ctx.store, ctx.monitoring.sampler, ctx.monitoring.running,
                              ctx.config.live_tick_s)
         self.api = DashboardAPI(ctx, self.sessions, self.auth, self._blocking)
+        # a running job's live output, relayed from its worker (None: no bus given)
+        self.job_output = (JobOutputRelay(ctx.bus, ctx.store, self._blocking)
+                           if ctx.bus is not None else None)
         self.port = 0
         self._pool: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,6 +161,7 @@ class DashboardServer:
                               client_max_size=64 * 1024)
         app.add_routes([web.get("/", self._index), web.get("/static/{name:.+}", self._file),
                         web.get("/api/events", self._events), web.get("/metrics", self._metrics),
+                        web.get("/api/jobs/{jid}/output", self._job_output),
                         *self.api.routes()])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=2.0)
@@ -159,6 +173,8 @@ class DashboardServer:
         sockets = getattr(server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else self.config.http_port
         self._feed_task = asyncio.get_running_loop().create_task(self.feed.run(self._blocking))
+        if self.job_output is not None:
+            self.job_output.start(asyncio.get_running_loop())
 
     def _serve(self) -> None:
         assert self._loop is not None
@@ -190,6 +206,8 @@ class DashboardServer:
         for queue in list(self.feed.subscribers):
             queue.put_nowait(None) if not queue.full() else None
         self.feed.subscribers.clear()
+        if self.job_output is not None:
+            await self.job_output.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -305,6 +323,13 @@ class DashboardServer:
             self.feed.unsubscribe(queue)
             self._streams.discard(response)
         return response
+
+    async def _job_output(self, request: web.Request) -> web.StreamResponse:
+        who = identity_of(request)
+        jid = request.match_info["jid"]
+        if self.job_output is None or len(jid) > ID_SHOWN_MAX:
+            return error(404, f"no live output for job {jid[:ID_SHOWN_MAX]!r}")
+        return await self.job_output.stream(request, who.principal, who.is_admin, jid)
 
     async def _still_allowed(self, who: Identity) -> bool:
         if who.session is not None and self.sessions.get(who.session.sid) is None:

@@ -148,6 +148,7 @@
         (view === "job" && a.dataset.nav === "jobs"));
     }
     destroyCharts();
+    if (view !== "job") stopFollow();
     if (view === "overview") loadOverview();
     else if (view === "workers") loadWorkers();
     else if (view === "worker") loadWorker(decodeURIComponent(parts.slice(1).join("/")));
@@ -450,6 +451,7 @@
         el("td", {}, el("span", { class: "badge" }, a.kind)), el("td", {}, bar),
         clock(a.assigned_at), clock(a.acked_at), clock(a.started_at), clock(a.ended_at), el("td", {}, a.exit_code ?? ""), el("td", { class: "cmd" }, a.error || ""));
     }));
+    followJob(d);
     const r = d.result;
     $("#job-result").hidden = !r;
     if (r) {
@@ -459,6 +461,47 @@
       showOutput("stdout", r.stdout_preview);
       showOutput("stderr", r.stderr_preview);
     }
+  }
+  // A running job's stdout and stderr as they come (/api/jobs/ID/output, server-sent
+  // events). Text goes in with textContent only: job output never becomes HTML.
+  const LIVE_KEEP = 256 * 1024;  // characters of each stream the page holds
+  function followJob(d) {
+    const key = d.id + "/" + d.current_attempt;
+    if (S.outKey === key) return;  // following (or followed to its end) this attempt
+    if (S.outJob !== d.id) stopFollow();
+    if (d.state !== "running") return;
+    if (S.outSource) S.outSource.close();  // a new attempt of this job
+    S.outJob = d.id; S.outKey = key;
+    delete $("#job-live").dataset.ended;
+    $("#job-live").hidden = false;
+    $("#job-live-state").textContent = "(following)";
+    const source = new EventSource("/api/jobs/" + encodeURIComponent(d.id) + "/output");
+    S.outSource = source;
+    const put = (stream, text, replace) => {
+      const box = $("#job-live-" + stream);
+      const all = (replace ? "" : box.textContent) + text;
+      box.textContent = all.length > LIVE_KEEP ? all.slice(all.length - LIVE_KEEP) : all;
+    };
+    source.addEventListener("snapshot", (e) => {
+      const m = JSON.parse(e.data);
+      put("stdout", m.stdout, true); put("stderr", m.stderr, true);
+    });
+    source.addEventListener("output", (e) => { const m = JSON.parse(e.data); put(m.stream, m.text, false); });
+    source.addEventListener("end", (e) => {
+      const m = JSON.parse(e.data);
+      $("#job-live-state").textContent = "(" + m.line + ")";
+      $("#job-live").dataset.ended = "1";
+      source.close();
+      if (S.outSource === source) S.outSource = null;
+      if (S.view === "job" && S.job === d.id) loadJob(d.id);
+    });
+  }
+  function stopFollow() {
+    if (S.outSource) S.outSource.close();
+    S.outSource = null; S.outJob = null; S.outKey = null;
+    const live = $("#job-live");
+    live.hidden = true; delete live.dataset.ended;
+    $("#job-live-stdout").textContent = ""; $("#job-live-stderr").textContent = "";
   }
   function clock(ts) {
     return el("td", { title: when(ts) }, ts ? new Date(ts * 1000).toLocaleTimeString() : "–");
