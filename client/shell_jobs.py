@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from client.jobs import JobStore
 
 SUBMIT_USAGE = ("submit [--count N] [--input NAME=PATH|SHA256 ...] [--output GLOB ...] "
-                "[--wall 10m] [--memory 1G] [--cpus N] [--env K=V ...] -- CMD")
+                "[--wall 10m] [--memory 1G] [--cpus N] [--env K=V ...] "
+                "[--after ID[,ID...]] [--after-policy hold|cancel] -- CMD")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +44,8 @@ def _submit_parser() -> _Parser:
     p.add_argument("--wall")
     p.add_argument("--memory")
     p.add_argument("--cpus", type=int)
+    p.add_argument("--after", action="append", default=[])
+    p.add_argument("--after-policy", choices=["hold", "cancel"])
     p.add_argument("command", nargs=argparse.REMAINDER)
     return p
 
@@ -69,7 +72,10 @@ def submit(store: JobStore, console: Console, rest: str) -> list[str]:
     command = command.strip()
     base = store.spec(command, inputs=_inputs(args.input), outputs=args.output,
                       env=_pairs(args.env, "--env"), wall=args.wall, memory=args.memory,
-                      cpus=args.cpus)
+                      cpus=args.cpus,
+                      after=[j.strip() for item in args.after for j in item.split(",")
+                             if j.strip()],
+                      after_policy=args.after_policy)
     futures = store.submit_specs([dict(base, index=i) for i in range(args.count)])
     ids = [f.job for f in futures]
     console.print("\n".join(ids) if len(ids) <= 20 else

@@ -57,7 +57,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
                 "get KEY [PATH], ls, show KEY, rm KEY, pin KEY, unpin KEY (KEY: a name, "
                 "a hash or a prefix of 8+ hex digits)"),
     CommandSpec("submit", (), "submit [--count N] [--input NAME=PATH ...] [--output GLOB ...] "
-                "[--wall 10m] [--memory 1G] [--cpus N] [--env K=V ...] -- CMD",
+                "[--wall 10m] [--memory 1G] [--cpus N] [--env K=V ...] "
+                "[--after ID,...] [--after-policy hold|cancel] -- CMD",
                 "submit CMD as batch job(s), no worker needed (docs/jobs.md)"),
     CommandSpec("jobs", (), "jobs [STATE] | jobs --watch [--all]",
                 "your batch jobs (like condor_q); --watch: their events live until Ctrl-C "

@@ -164,3 +164,24 @@ def test_hold_release_errors_help_and_completion(grid: GridHarness) -> None:
     assert one in complete("release ")
     assert two in complete("logs ")
     assert "--reason" in complete(f"hold {one} ")
+
+
+def test_submit_after_waits_for_its_parent(grid: GridHarness) -> None:
+    start_jobs_coordinator(grid)
+    agent(grid, "w1", slots=2)
+    shell, out, err = _shell(grid)
+    gate = grid.tmp_path / "parent-gate"
+    parent = _submitted(shell, f"submit -- while [ ! -e {gate} ]; do sleep 0.05; done")
+    child = _submitted(shell, f"submit --after {parent} --after-policy cancel -- echo child")
+    # the child waits (queued, never assigned) while its parent runs
+    wait_for(lambda: shell.grid.jobs.show(parent).job["state"] == "running", 20,
+             message="the parent running")
+    shown = shell.grid.jobs.show(child)
+    assert shown.job["state"] == "queued"
+    assert not shown.attempts
+    gate.touch()
+    assert run_line(shell, f"wait {child}")
+    assert f"{child}  completed  exit 0" in out.getvalue()
+    assert run_line(shell, "submit --after-policy sometimes -- true") is True
+    assert "invalid choice" in err.getvalue()
+    assert "Traceback" not in err.getvalue()
