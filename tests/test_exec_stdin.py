@@ -28,7 +28,7 @@ from client.exec_stream import StdinSender
 from client.shell import run_line
 from client.shell_commands import Shell
 from client.shell_syntax import split_local_input
-from schemas.exec_messages import ExecStdin, ExecStdinAck
+from schemas.exec_messages import STDIN_WINDOW, ExecStdin, ExecStdinAck
 from schemas.messages import Error, ExecStarted
 from tests.fixtures.grid import REPO, GridHarness
 from tests.fixtures.services import wait_for
@@ -165,22 +165,29 @@ def test_resent_and_early_pieces(exec_grid: Grid) -> None:
     assert beyond.closed
 
 
+def fed_through(exec_grid: Grid, rid: str, exec_id: str, run: Any, data: bytes) -> bytes:
+    """Send ``data`` then EOF to a running ``cat``; what it wrote once it finished."""
+    sender = stdin_of(exec_grid, rid, exec_id)
+    sender.write(data)
+    sender.close()
+    wait_for(run.complete, timeout=15, message="cat did not finish")
+    return bytes(run.data())
+
+
 def test_input_survives_the_limits_gate(exec_grid: Grid) -> None:
     """With limits the process driver's shell first reads its gate line from the same
     pipe: the input after it must reach the command whole."""
     rid = exec_grid.open(limits={"memory_bytes": 1 << 30, "pids": 4096})
     exec_id, run = start_reading(exec_grid, rid, "cat")
-    sender = stdin_of(exec_grid, rid, exec_id)
-    sender.write(b"first line\nsecond\n")
-    sender.close()
-    wait_for(run.complete, timeout=15, message="cat did not finish")
-    assert run.data() == b"first line\nsecond\n"
+    assert fed_through(exec_grid, rid, exec_id, run, b"first line\nsecond\n") == (
+        b"first line\nsecond\n")
 
 
 def test_window_is_enforced(exec_grid: Grid) -> None:
     rid = exec_grid.open()
     exec_id, _ = start_reading(exec_grid, rid, "sleep 30")
-    reply = raw_stdin(exec_grid, rid, exec_id, 8, b"x").result(10).body
+    # nothing acknowledged yet: seq 0 .. STDIN_WINDOW - 1 may be in flight, no further
+    reply = raw_stdin(exec_grid, rid, exec_id, STDIN_WINDOW, b"x").result(10).body
     assert isinstance(reply, Error)
     assert reply.code == "conflict"
 
@@ -194,11 +201,7 @@ def test_someone_elses_stdin_changes_nothing(exec_grid: Grid) -> None:
                           client=exec_grid.mallory, grant=grant).result(10).body
         assert isinstance(reply, Error)
         assert reply.code == "forbidden"
-    sender = stdin_of(exec_grid, rid, exec_id)
-    sender.write(b"mine")
-    sender.close()
-    wait_for(run.complete, timeout=15, message="cat did not finish")
-    assert run.data() == b"mine"
+    assert fed_through(exec_grid, rid, exec_id, run, b"mine") == b"mine"
 
 
 def test_stdin_needs_a_command_started_with_it(exec_grid: Grid) -> None:

@@ -24,9 +24,10 @@ from schemas.codec import encode, envelope
 from schemas.job_messages import JobFollow, JobOutput
 from schemas.messages import Ok
 from tests.fixtures.grid import GridHarness, WorkerHandle
-from tests.fixtures.services import BUSYBOX_IMAGE, wait_for
+from tests.fixtures.services import wait_for
 from tests.job_actors import start_jobs_coordinator
 from tests.test_jobs_e2e import ALICE, alice
+from tests.test_jobs_e2e import agent as e2e_agent
 from worker.job_attempts import AttemptRecord
 from worker.job_follow import BURST_CHUNKS, CHUNK_BYTES, JobFollows
 from worker.job_runner import Attempt
@@ -38,20 +39,7 @@ def agent(grid: GridHarness, name: str, executor: str = "process") -> WorkerHand
     """A WorkerAgent in this process (docker: busybox). Its heartbeat is 1 s (lost after
     2 s of silence), not the grid's 0.2 s: these tests are about output, and a loaded
     machine must not get the worker declared lost mid-job (a retry changes the output)."""
-    from worker.agent import WorkerAgent
-
-    grid.token(name, "worker")
-    cfg = grid.config_for(name, "worker")
-    cfg.worker.heartbeat_s = 1.0
-    cfg.worker.slots = 2
-    cfg.worker.executor = executor
-    cfg.worker.docker_image = BUSYBOX_IMAGE
-    handle = WorkerHandle(name, grid.tmp_path / "workers" / name)
-    handle.agent = WorkerAgent(cfg, state_dir=handle.state_dir)
-    grid.workers.append(handle)
-    handle.agent.start(timeout=5)
-    grid.wait_worker(name, "online", timeout=15)
-    return handle
+    return e2e_agent(grid, name, executor=executor, heartbeat_s=1.0)
 
 
 def gated(gate: Path) -> str:

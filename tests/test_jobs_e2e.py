@@ -28,13 +28,13 @@ ONE_BROKER = pytest.mark.parametrize("broker_kind", ["mosquitto"], indirect=True
 
 
 def agent(grid: GridHarness, name: str, *, executor: str = "process",
-          slots: int = 2) -> WorkerHandle:
+          slots: int = 2, heartbeat_s: float = HEARTBEAT_S) -> WorkerHandle:
     """A WorkerAgent in this process with the given executor (docker: busybox)."""
     from worker.agent import WorkerAgent
 
     grid.token(name, "worker")
     cfg = grid.config_for(name, "worker")
-    cfg.worker.heartbeat_s = HEARTBEAT_S
+    cfg.worker.heartbeat_s = heartbeat_s
     cfg.worker.slots = slots
     cfg.worker.executor = executor
     cfg.worker.docker_image = BUSYBOX_IMAGE

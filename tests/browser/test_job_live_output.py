@@ -38,9 +38,22 @@ def page_text(page: Any, element: str) -> str:
     return text
 
 
+def running_job(grid: GridHarness, name: str, command: str) -> str:
+    """carol's job ``name`` running ``command``, once it runs; its id."""
+    from tests.job_actors import JobClient
+
+    carol = JobClient(grid, "carol")
+    try:
+        (jid,) = carol.submit({"command": command, "name": name})
+    finally:
+        carol.bus.stop()
+    wait_for(lambda: (job := grid.store.get_job(jid)) is not None
+             and job.state.value == "running", 30, message="the job running")
+    return jid
+
+
 def test_a_running_jobs_output_shows_live_then_its_final_state(
         grid: GridHarness, browser: Any, tmp_path: Path) -> None:  # noqa: F811
-    from tests.job_actors import JobClient
 
     gate = tmp_path / "gate"
     base = dashboard_url(grid)
@@ -56,18 +69,10 @@ def test_a_running_jobs_output_shows_live_then_its_final_state(
              10, message="logged in")
     assert not page_text(browser, "login-error")
 
-    carol = JobClient(grid, "carol")
-    try:
-        (jid,) = carol.submit({
-            "command": ("echo first-line '<script>window.__pwned=1</script><b>bold</b>'; "
-                        "echo err-line >&2; "
-                        f"n=0; while [ ! -e {gate} ]; do sleep 0.1; n=$((n+1)); "
-                        "[ $n -gt 600 ] && exit 3; done; echo second-line"),
-            "name": "live-page"})
-    finally:
-        carol.bus.stop()
-    wait_for(lambda: (job := grid.store.get_job(jid)) is not None
-             and job.state.value == "running", 30, message="the job running")
+    jid = running_job(grid, "live-page", (
+        "echo first-line '<script>window.__pwned=1</script><b>bold</b>'; echo err-line >&2; "
+        f"n=0; while [ ! -e {gate} ]; do sleep 0.1; n=$((n+1)); "
+        "[ $n -gt 600 ] && exit 3; done; echo second-line"))
     browser.get(base + f"/#/job/{jid}")
     wait_for(lambda: "first-line" in page_text(browser, "job-live-stdout"), 20,
              message="the first line, live")
@@ -121,18 +126,10 @@ def test_a_running_jobs_output_shows_live_then_its_final_state(
 def test_a_lost_worker_ends_the_live_output_with_a_clear_line(
         grid: GridHarness, browser: Any) -> None:  # noqa: F811
     """Runs after the test above (same page session); kills the grid's only worker."""
-    from tests.job_actors import JobClient
 
     base = dashboard_url(grid)
-    carol = JobClient(grid, "carol")
-    try:
-        (jid,) = carol.submit({
-            "command": ("echo before-the-loss; n=0; while [ $n -lt 200 ]; do sleep 0.1; "
-                        "n=$((n+1)); done"), "name": "live-victim"})
-    finally:
-        carol.bus.stop()
-    wait_for(lambda: (job := grid.store.get_job(jid)) is not None
-             and job.state.value == "running", 30, message="the job running")
+    jid = running_job(grid, "live-victim", (
+        "echo before-the-loss; n=0; while [ $n -lt 200 ]; do sleep 0.1; n=$((n+1)); done"))
     browser.get(base + f"/#/job/{jid}")
     wait_for(lambda: "before-the-loss" in page_text(browser, "job-live-stdout"), 20,
              message="the first line, live")
