@@ -7,8 +7,10 @@ One run measures, side by side, on this machine:
    the returned result). The grid runs as real separate processes, as ``xcloud up``
    wires it:
 
-   - ``amqtt``: ``python -m client.cli up --workers 1`` (embedded amqtt broker and
-     coordinator in one process, the worker a child process; process executor);
+   - ``amqtt``: ``python -m client.cli up --workers 1`` (embedded amqtt broker in a
+     process of its own, the coordinator in up's, the worker a child process; process
+     executor); ``amqtt-thread`` (opt in): the same with ``broker.own_process = false``
+     (broker and coordinator share one process, as before);
    - ``mosquitto``: Mosquitto on its own (``set_tcp_nodelay true``, password and ACL
      files from ``broker.mosquitto``), ``python -m client.cli coordinator`` and
      ``python -m client.cli worker``, principals made with ``xcloud admin principal add``;
@@ -91,8 +93,11 @@ from bench.common import (
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 IMAGE = "xcloud-busybox:latest"
-VARIANTS = ("amqtt", "mosquitto", "docker", "ssh", "docker-exec", "local", "amqtt-own")
-DEFAULT_VARIANTS = VARIANTS[:-1]  # amqtt-own (the broker in a process of its own): opt in
+VARIANTS = ("amqtt", "mosquitto", "docker", "ssh", "docker-exec", "local", "amqtt-own",
+            "amqtt-thread")
+# Opt in: amqtt-own (`xcloud broker` beside `xcloud coordinator`) and amqtt-thread
+# (`xcloud up` with broker.own_process = false: broker and coordinator in one process).
+DEFAULT_VARIANTS = VARIANTS[:-2]
 WARMUP = 10
 FULL = {"runs": 300, "mb": 100, "reps": 3}
 QUICK = {"runs": 50, "mb": 20, "reps": 2}
@@ -297,17 +302,22 @@ class XcloudGrid:
 class UpGrid(XcloudGrid):
     """``xcloud up --workers 1``: embedded amqtt broker + coordinator, one worker child."""
 
-    def __init__(self, workdir: Path, executor: str = "process", image: str = IMAGE) -> None:
+    def __init__(self, workdir: Path, executor: str = "process", image: str = IMAGE,
+                 broker_thread: bool = False) -> None:
         super().__init__(workdir)
         self.executor = executor
         self.image = image
-        self.label = "amqtt (xcloud up)" + (", docker executor" if executor == "docker" else "")
+        self.broker_thread = broker_thread  # broker.own_process = false
+        self.label = ("amqtt (xcloud up" + (", broker in a thread" if broker_thread else "")
+                      + ")" + (", docker executor" if executor == "docker" else ""))
         self.home = workdir / f"up-{executor}-{uuid.uuid4().hex[:6]}"
 
     def start(self, timeout: float = 90.0) -> UpGrid:
         from broker.config import load_config
 
         extra = {"XCLOUD_HOME": str(self.home)}
+        if self.broker_thread:
+            extra["XCLOUD_BROKER_OWN_PROCESS"] = "false"
         if self.executor == "docker":
             extra["XCLOUD_WORKER_DOCKER_IMAGE"] = self.image
         log_file = self.home / "up.log"
@@ -335,9 +345,9 @@ class UpGrid(XcloudGrid):
 
         def worker_child() -> int | None:
             with contextlib.suppress(psutil.Error):
-                kids = psutil.Process(self.procs["up"].pid).children()
-                if kids:
-                    return int(kids[0].pid)
+                for kid in psutil.Process(self.procs["up"].pid).children():
+                    if "worker" in kid.cmdline():  # not the broker's process
+                        return int(kid.pid)
             return None
 
         wpid = wait_until(worker_child, 30, 0.05, "the worker process")
@@ -798,6 +808,8 @@ def run(quick: bool = False, runs: int | None = None, mb: float | None = None,
             ("amqtt", lambda: run_grid(UpGrid(tmp), n, size, k, host_file)),
             ("mosquitto", lambda: run_grid(SplitGrid(tmp), n, size, k, host_file)),
             ("amqtt-own", lambda: run_grid(SplitGrid(tmp, "amqtt"), n, size, k, host_file)),
+            ("amqtt-thread", lambda: run_grid(UpGrid(tmp, broker_thread=True), n, size, k,
+                                              host_file)),
             ("docker", lambda: run_grid(UpGrid(tmp, "docker", image), n, size, k, None)),
         ]
         for name, step in steps:
@@ -840,6 +852,8 @@ def markdown(result: dict[str, Any]) -> str:
     dex_p50 = _p50(res, "docker-exec", "cli_true")
     rtt_rows = [
         ("amqtt", "run_true", "xcloud, embedded amqtt (`xcloud up`), process executor"),
+        ("amqtt-thread", "run_true", "xcloud, `xcloud up` with the broker in a thread "
+         "(broker.own_process = false), process executor"),
         ("mosquitto", "run_true", "xcloud, Mosquitto, process executor"),
         ("amqtt-own", "run_true", "xcloud, amqtt in its own process (`xcloud broker`), "
          "process executor"),

@@ -72,8 +72,8 @@ from bench.common import (
 from bench.exec_rtt import PY, REPO, XcloudGrid, child_env, spawn, stop_process
 from bench.job_peers import run_celery, run_dask
 
-VARIANTS = ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up", "celery-redis",
-            "celery-rabbitmq", "dask")
+VARIANTS = ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up", "xcloud-up-thread",
+            "celery-redis", "celery-rabbitmq", "dask")
 FULL = {"jobs": 2000, "latency": 50}
 QUICK = {"jobs": 200, "latency": 50}
 BATCH = 500
@@ -168,14 +168,19 @@ class UpGrid2(XcloudGrid):
 
     label = "xcloud, embedded broker (`xcloud up`)"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, broker_thread: bool = False) -> None:
         super().__init__(workdir)
         self.home = workdir / f"up-{uuid.uuid4().hex[:6]}"
+        self.broker_thread = broker_thread  # broker.own_process = false
+        if broker_thread:
+            self.label = "xcloud, embedded broker in a thread of `xcloud up`"
 
     def start(self, timeout: float = 90.0) -> UpGrid2:
         from broker.config import load_config
 
-        env = child_env(XCLOUD_HOME=str(self.home), XCLOUD_WORKER_SLOTS=str(SLOTS))
+        env = child_env(XCLOUD_HOME=str(self.home), XCLOUD_WORKER_SLOTS=str(SLOTS),
+                        **({"XCLOUD_BROKER_OWN_PROCESS": "false"} if self.broker_thread
+                           else {}))
         log_file = self.home / "up.log"
         self.logs = [log_file]
         for attempt in range(3):
@@ -398,7 +403,8 @@ def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int) -> dict[str,
 
     xgrid: SplitGrid2 | UpGrid2 = (
         SplitGrid2(workdir) if kind == "mosquitto" else
-        SplitGrid2(workdir, prefetch=1) if kind == "prefetch" else UpGrid2(workdir))
+        SplitGrid2(workdir, prefetch=1) if kind == "prefetch" else
+        UpGrid2(workdir, broker_thread=kind == "up-thread"))
     out: dict[str, Any] = {"label": xgrid.label}
     try:
         with xgrid:
@@ -438,6 +444,8 @@ def run(quick: bool = False, only: str | None = None) -> dict[str, Any]:
                 row = run_xcloud("prefetch", tmp, n, sizes["latency"])
             elif name == "xcloud-up":
                 row = run_xcloud("up", tmp, n, sizes["latency"])
+            elif name == "xcloud-up-thread":
+                row = run_xcloud("up-thread", tmp, n, sizes["latency"])
             elif name == "celery-redis":
                 row = run_celery(REDIS_URL, REDIS_URL, n)
             elif name == "celery-rabbitmq":
@@ -469,6 +477,7 @@ def markdown(result: dict[str, Any]) -> str:
     labels = {"xcloud-mosquitto": "xcloud, Mosquitto (2 workers × 2 slots)",
               "xcloud-prefetch": "xcloud, Mosquitto, `[jobs] prefetch = 1` (2 × 2)",
               "xcloud-up": "xcloud, embedded broker (`xcloud up`, 2 × 2)",
+              "xcloud-up-thread": "xcloud, `xcloud up`, broker in a thread (2 × 2)",
               "celery-redis": "Celery + Redis (2 procs × concurrency 2)",
               "celery-rabbitmq": "Celery + RabbitMQ, rpc:// results (2 × 2)",
               "dask": "Dask LocalCluster (2 workers × 2 threads)"}
@@ -484,7 +493,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [md_table(["system", "jobs/s", "seconds", "coordinator CPU ms/job",
                         "other load"], rows), ""]
     rows = []
-    for name in ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up"):
+    for name in ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up", "xcloud-up-thread"):
         if name not in v or "error" in v[name]:
             continue
         x = _rate(v[name])
@@ -495,7 +504,7 @@ def markdown(result: dict[str, Any]) -> str:
                   md_table(["xcloud", "÷ Celery+Redis", "÷ Celery+RabbitMQ", "÷ Dask"], rows),
                   ""]
     rows = []
-    for name in ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up"):
+    for name in ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up", "xcloud-up-thread"):
         lat = v.get(name, {}).get("latency")
         if lat:
             r, s = lat["to_running_ms"], lat["to_started_ms"]

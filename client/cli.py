@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="database holding the principals (default sqlite in home)")
     p.add_argument("--allow-anonymous", action="store_true", default=None,
                    help="accept connections without credentials (not recommended)")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # xcloud up's own
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("coordinator", help="run the coordinator daemon")
@@ -368,10 +369,10 @@ def cmd_up(args: argparse.Namespace, config: Config) -> int:
     return run_up(config, args.workers, args.executor)
 
 
-def cmd_broker(_args: argparse.Namespace, config: Config) -> int:
+def cmd_broker(args: argparse.Namespace, config: Config) -> int:
     from broker.main import run_broker
 
-    return run_broker(config)
+    return run_broker(config, parent_pid=getattr(args, "parent_pid", None))
 
 
 def cmd_coordinator(args: argparse.Namespace, config: Config) -> int:

@@ -1,9 +1,11 @@
 """``xcloud up``: a whole grid on one machine with one command.
 
-Starts the embedded broker and the coordinator in this process, N workers as child
-processes, provisions their principals, writes the client config so the shell and CLI
-just work here, and tears everything down in order on Ctrl-C or SIGTERM: workers
-first (they publish a clean offline), then the coordinator, then the broker.
+Starts the embedded broker (in a process of its own by default, ``broker.own_process``:
+coordinator/broker_process.py; else a thread of this one), the coordinator in this
+process, N workers as child processes, provisions their principals, writes the client
+config so the shell and CLI just work here, and tears everything down in order on
+Ctrl-C or SIGTERM: workers first (they publish a clean offline), then the coordinator,
+then the broker.
 
 One grid per home: before anything else ``run_up`` locks ``$XCLOUD_HOME/up.lock``
 (coordinator/home_lock.py); a second ``xcloud up`` there says which grid holds it and
@@ -14,8 +16,8 @@ keys that changed are written, every other key and section kept.
 Stopping removes every container the grid's docker workers made: a worker closes its
 sessions when it stops cleanly, and ``stop`` then sweeps by label what a killed one left.
 
-Workers die with ``xcloud up`` even when it is killed: each is started with
-``--parent-pid`` and asks the kernel itself (PR_SET_PDEATHSIG, worker/main.py) for a
+Workers and the broker die with ``xcloud up`` even when it is killed: each is started with
+``--parent-pid`` and asks the kernel itself (PR_SET_PDEATHSIG, broker/parent_death.py) for a
 SIGTERM when its parent goes. Nothing runs in the child between fork and exec
 (``preexec_fn`` is unsafe while threads run, and the broker's and the bus's do).
 """
@@ -42,6 +44,7 @@ from broker.errors import BrokerError
 from broker.main import broker_settings
 from coordinator.auth import store_authenticator
 from coordinator.bootstrap import issue_token
+from coordinator.broker_process import BrokerProcess
 from coordinator.home_lock import HomeLock
 from coordinator.service import Coordinator
 from coordinator.store import Store
@@ -78,15 +81,29 @@ class LocalGrid:
         self.n_workers = workers
         self.executor = executor
         self.store: Store | None = None
-        self.broker: EmbeddedBroker | None = None
+        self.broker: EmbeddedBroker | None = None  # broker.own_process false
+        self.broker_process: BrokerProcess | None = None  # broker.own_process true
         self.coordinator: Coordinator | None = None
         self.workers: list[WorkerProcess] = []
         self._stop = threading.Event()
+        self._broker_restarts: list[float] = []
         self.home_lock: HomeLock | None = None  # run_up takes it before anything else
 
     @property
     def broker_url(self) -> str:
-        return f"mqtt://{self.config.broker.host}:{self.broker.port if self.broker else 0}"
+        return f"mqtt://{self.config.broker.host}:{self.broker_port}"
+
+    @property
+    def broker_port(self) -> int:
+        if self.broker_process is not None:
+            return self.broker_process.port
+        return self.broker.port if self.broker else 0
+
+    @property
+    def broker_ws_port(self) -> int:
+        if self.broker_process is not None:
+            return self.broker_process.ws_port
+        return (self.broker.ws_port or 0) if self.broker else 0
 
     def start(self) -> None:
         cfg = self.config
@@ -99,8 +116,12 @@ class LocalGrid:
         coord_token = issue_token(self.store, COORDINATOR_PRINCIPAL, "coordinator",
                                   "xcloud up", replace=True)
         admin_token = self._admin_token()
-        self.broker = EmbeddedBroker(broker_settings(cfg), store_authenticator(self.store))
-        self.broker.start_in_thread()
+        if cfg.broker.own_process:
+            self.broker_process = BrokerProcess(cfg, cfg.home / "logs" / "broker.log")
+            self.broker_process.start()
+        else:
+            self.broker = EmbeddedBroker(broker_settings(cfg), store_authenticator(self.store))
+            self.broker.start_in_thread()
         cfg.bus.url = self.broker_url
         if self.home_lock is not None:
             self.home_lock.describe(broker=self.broker_url)
@@ -179,8 +200,10 @@ class LocalGrid:
         lines = [
             "xcloud is up",
             f"  broker       {self.broker_url}"
-            + (f"  (websocket ws://{cfg.broker.host}:{self.broker.ws_port})"
-               if self.broker and self.broker.ws_port else ""),
+            + (f"  (websocket ws://{cfg.broker.host}:{self.broker_ws_port})"
+               if self.broker_ws_port else "")
+            + (f"  (own process, log {self.broker_process.log_file})"
+               if self.broker_process else ""),
             f"  coordinator  principal {COORDINATOR_PRINCIPAL}, "
             f"database {mask_url(cfg.db_url)}",
             f"  workers      {len(self.workers)} x {self.executor}: "
@@ -196,9 +219,11 @@ class LocalGrid:
         return "\n".join(lines)
 
     def supervise(self) -> None:
-        """Block until asked to stop, restarting workers that die (at most 3 a minute)."""
+        """Block until asked to stop, restarting the broker process and workers that
+        die (each at most 3 times a minute)."""
         while not self._stop.wait(0.5):
             now = time.time()
+            self._keep_broker(now)
             for wp in self.workers:
                 if wp.process is None or wp.process.poll() is None:
                     continue
@@ -209,6 +234,24 @@ class LocalGrid:
                             wp.process.returncode)
                 wp.restarts.append(now)
                 self._spawn(wp)
+
+    def _keep_broker(self, now: float) -> None:
+        """A broker process that died is started again on the same port: the coordinator
+        and the workers reconnect to it as they would after any broker restart."""
+        bp = self.broker_process
+        if bp is None or bp.alive():
+            return
+        self._broker_restarts = [t for t in self._broker_restarts if now - t < 60]
+        if len(self._broker_restarts) >= 3:
+            return
+        log.warning("the broker exited with %s; restarting",
+                    bp.process.returncode if bp.process else None)
+        self._broker_restarts.append(now)
+        self.config.broker.port = bp.port
+        try:
+            bp.start()
+        except BrokerError as err:
+            log.error("cannot restart the broker: %s", err)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -250,6 +293,8 @@ class LocalGrid:
         self.sweep_containers()
         if self.coordinator:
             self.coordinator.stop()
+        if self.broker_process:
+            self.broker_process.stop()
         if self.broker:
             try:
                 self.broker.stop_in_thread()

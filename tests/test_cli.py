@@ -505,6 +505,8 @@ def test_up_killed_takes_its_workers_along(tmp_path: Path) -> None:
         wait_for(online, 30, interval=0.2, message="a worker online")
         workers = children_of(up.pid)
         assert any("--parent-pid" in p.cmdline() for p in workers), workers
+        # The broker runs in a process of its own (broker.own_process) and goes too.
+        assert any(is_broker(p) for p in workers), workers
         up.kill()
         up.wait(10)
         wait_for(lambda: all(gone(p) for p in workers), 20,
@@ -519,6 +521,92 @@ def test_up_killed_takes_its_workers_along(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------- client errors
+
+
+def is_broker(proc: psutil.Process) -> bool:
+    """``xcloud broker`` (a worker's command line has ``--broker URL``, not this)."""
+    with contextlib.suppress(psutil.Error):
+        cmd = proc.cmdline()
+        return "client.cli" in cmd and cmd[cmd.index("client.cli") + 1:][:1] == ["broker"]
+    return False
+
+
+def test_a_broker_whose_parent_is_gone_does_not_start(tmp_path: Path) -> None:
+    gone_child = subprocess.Popen(["true"])
+    gone_child.wait()
+    result = xcloud(tmp_path / "home", "broker", "--port", "0", "--parent-pid",
+                    str(gone_child.pid))
+    assert result.returncode == 1
+    assert f"parent process {gone_child.pid} is gone" in result.stderr
+    assert "broker listening" not in result.stdout
+
+
+def up_grid(home: Path, *, workers: int = 1, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*XCLOUD, "up", "--port", str(free_port()), "--workers", str(workers), "--no-http"],
+        cwd=REPO, env=cli_env(home, XCLOUD_WORKER_HEARTBEAT_S="0.5", **env),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        start_new_session=True)
+
+
+def worker_states(home: Path) -> list[str] | None:
+    result = xcloud(home, "workers", "--json")
+    if result.returncode != 0:
+        return None
+    return [r["state"] for r in json.loads(result.stdout)]
+
+
+def stop_up(up: subprocess.Popen[bytes], children: list[psutil.Process]) -> None:
+    if up.poll() is None:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait(10)
+    for proc in children:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def test_up_restarts_its_broker_process_and_the_grid_comes_back(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    up = up_grid(home)
+    children: list[psutil.Process] = []
+    try:
+        wait_for(lambda: worker_states(home) == ["online"], 30, interval=0.2,
+                 message="a worker online")
+        children = children_of(up.pid)
+        brokers = [p for p in children if is_broker(p)]
+        assert len(brokers) == 1, children
+        brokers[0].kill()
+        wait_for(lambda: gone(brokers[0]), 10, message="the broker did not die")
+        # A new broker process on the same port; the coordinator and the worker
+        # reconnect, and the CLI (same config) sees the worker again.
+        wait_for(lambda: [p for p in children_of(up.pid)
+                          if is_broker(p) and p.pid != brokers[0].pid], 20,
+                 interval=0.2, message="no new broker process")
+        wait_for(lambda: worker_states(home) == ["online"], 60, interval=0.3,
+                 message="the worker online again after the broker's restart")
+        children = children_of(up.pid)
+    finally:
+        stop_up(up, children)
+    assert up.returncode == 0
+
+
+def test_up_with_the_broker_in_its_own_thread(tmp_path: Path) -> None:
+    """``broker.own_process = false``: the embedded broker as a thread of ``xcloud up``."""
+    home = tmp_path / "home"
+    up = up_grid(home, XCLOUD_BROKER_OWN_PROCESS="false")
+    children: list[psutil.Process] = []
+    try:
+        wait_for(lambda: worker_states(home) == ["online"], 30, interval=0.2,
+                 message="a worker online")
+        children = children_of(up.pid)
+        assert not [p for p in children if is_broker(p)], children
+    finally:
+        stop_up(up, children)
+    assert up.returncode == 0
 
 
 def test_workers_without_configuration_is_a_clear_error(tmp_path: Path) -> None:

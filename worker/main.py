@@ -12,16 +12,14 @@ its threads run.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+from broker import parent_death
 from broker.config import Config
 from worker.agent import WorkerAgent
 from worker.errors import WorkerError
@@ -30,7 +28,6 @@ log = logging.getLogger(__name__)
 
 WARN_EVERY_S = 10.0
 POLL_S = 0.5
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class ParentGone(WorkerError):
@@ -38,20 +35,8 @@ class ParentGone(WorkerError):
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """Ask for SIGTERM when the parent dies; raise ParentGone if it already has.
-
-    The check comes after the prctl: a parent that died before it would not signal us,
-    and then we are someone else's child (``getppid`` changed).
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-                log.warning("prctl(PR_SET_PDEATHSIG) failed: %s",
-                            os.strerror(ctypes.get_errno()))
-        except (OSError, AttributeError) as err:
-            log.warning("cannot ask to die with the parent: %s", err)
-    if os.getppid() != parent_pid:
+    """Ask for SIGTERM when the parent dies; raise ParentGone if it already has."""
+    if not parent_death.die_with_parent(parent_pid):
         raise ParentGone(f"parent process {parent_pid} is gone; not starting")
 
 
