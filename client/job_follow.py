@@ -118,11 +118,13 @@ def _follow_attempt(store: JobStore, router: FollowRouter, job: str, attempt: st
     grid = store.grid
     fid = uuid.uuid4().hex
     chunks = router.open(fid, worker)
+    streaming = False  # the worker streams to us until an eof, or until we say stop
     try:
         body = JobFollow(attempt=attempt, follow=fid, stdout_offset=offsets["stdout"],
                          stderr_offset=offsets["stderr"])
         try:
             grid.bus.request(grid.topics.worker_inbox(worker), body)
+            streaming = True
         except RemoteError as err:
             if err.code in GONE:
                 return False
@@ -145,9 +147,22 @@ def _follow_attempt(store: JobStore, router: FollowRouter, job: str, attempt: st
                 offsets[out.stream] = out.offset + len(data)
                 yield out.stream, data[skip:]
             if out.eof:
+                streaming = False
                 return out.kind is not None
     finally:
         router.close(fid)
+        if streaming and not grid._closed.is_set():
+            _stop(grid, worker, attempt, fid)
+
+
+def _stop(grid: Grid, worker: str, attempt: str, fid: str) -> None:
+    """Tell the worker we left (Ctrl-C, a quiet attempt): it stops sending at once.
+    Fire and forget: this runs while the caller unwinds."""
+    try:
+        grid.bus.send(grid.topics.worker_inbox(worker),
+                      JobFollow(attempt=attempt, follow=fid, stop=True))
+    except BusError as err:
+        log.debug("could not stop follow %s: %s", fid, err)
 
 
 def _decode(text: str) -> bytes:

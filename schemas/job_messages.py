@@ -206,6 +206,7 @@ class JobFollow(Body):
     follow: str  # the follower's id for this stream (its job.output carry it)
     stdout_offset: int | None = None
     stderr_offset: int | None = None
+    stop: bool | None = None  # end this follow (the follower left): nothing more is sent
 
 
 @message

@@ -118,6 +118,35 @@ def test_follow_is_live_complete_and_owner_only(grid: GridHarness, tmp_path: Pat
 
 
 @ONE_BROKER
+def test_a_follower_that_leaves_stops_the_workers_stream(grid: GridHarness,
+                                                         tmp_path: Path) -> None:
+    """Closing the follow (Ctrl-C in `xcloud logs -f`) tells the worker at once: its
+    follow ends while the job still runs, not an hour later."""
+    grid.add_principals((ALICE, "client"))
+    start_jobs_coordinator(grid)
+    worker = agent(grid, "w1")
+    assert worker.agent is not None
+    assert worker.agent.jobs is not None
+    follows = worker.agent.jobs.follows
+    client = alice(grid)
+    gate = tmp_path / "gate"
+    job = client.submit(gated(gate), wall=60).job
+    stream = client.jobs.follow(job)
+    first = b""
+    while b"first\n" not in first:
+        name, data = next(stream)
+        first += data if name == "stdout" else b""
+    attempt, _wid = running_attempt(client, job)
+    assert follows.active(attempt) == 1
+    stream.close()  # the follower leaves
+    wait_for(lambda: follows.active(attempt) == 0, timeout=10,
+             message="the worker's follow ended when its follower left")
+    assert client.jobs.show(job).job["state"] == "running"  # the job goes on
+    gate.touch()
+    assert client.jobs.future(job).result(timeout=60).ok
+
+
+@ONE_BROKER
 def test_cli_logs_follow(grid: GridHarness, tmp_path: Path) -> None:
     token = grid.token(ALICE, "client")
     start_jobs_coordinator(grid)
@@ -266,6 +295,30 @@ def test_worker_follow_lets_the_coordinator_relay_and_nobody_else(tmp_path: Path
     follows.close()
     assert bus.sent[-1].eof
     assert bus.sent[-1].kind is None
+
+
+def test_worker_follow_stops_when_its_own_follower_says_so(tmp_path: Path) -> None:
+    follows, bus, _attempt = _follows(tmp_path, "running", poll_s=30.0)
+    _ask(follows, ALICE)
+    assert isinstance(bus.replies[-1], Ok)
+    wait_for(lambda: len(bus.sent) >= BURST_CHUNKS, message="the first burst")
+
+    def stop(sender: str, follow: str = "f1") -> None:
+        follows.on_follow(SimpleNamespace(  # type: ignore[arg-type]
+            sender=sender, body=JobFollow(attempt="a-1", follow=follow, stop=True)))
+
+    stop("mallory")  # not hers: nothing stops
+    assert bus.replies[-1] == ("error", "not_found")
+    stop(ALICE, "f2")  # no such follow
+    assert bus.replies[-1] == ("error", "not_found")
+    assert follows.active() == 1
+    sent = len(bus.sent)
+    stop(ALICE)
+    assert isinstance(bus.replies[-1], Ok)
+    # at once, not at the next 30 s poll, and with nothing more sent: nobody reads it
+    wait_for(lambda: follows.active() == 0, timeout=5, message="the follow stopped")
+    assert len(bus.sent) == sent
+    follows.close()
 
 
 @ONE_BROKER

@@ -13,7 +13,10 @@ offsets and sends what is there, then what comes, as ``job.output`` {attempt, fo
 stream, offset, data (base64, at most ``CHUNK_BYTES``)} into the follower's inbox, until
 the attempt ends: then the rest of the files, and a last message with ``eof`` and the
 outcome (``kind``, ``exit_code``). A follow also ends after ``follow_s`` (eof without a
-kind: the follower asks again, from its offsets, if it still wants to).
+kind: the follower asks again, from its offsets, if it still wants to). A follower that
+leaves says so: ``job.follow`` with ``stop`` and the same follow id ends that follow at
+once (only for its sender), so an interrupted ``xcloud job logs -f`` or a closed dashboard
+page stops the stream instead of it running on into an inbox nobody reads.
 
 Bounded: at most ``MAX_PER_ATTEMPT`` followers per attempt and ``MAX_FOLLOWS`` per worker
 (``busy`` beyond), the request draws from the sender's request bucket (the worker's
@@ -67,6 +70,8 @@ class _Follow:
     follow_s: float = FOLLOW_S
     seq: int = 0
     files: dict[str, IO[bytes]] = field(default_factory=dict)
+    sender: str = ""
+    stopped: threading.Event = field(default_factory=threading.Event)
 
 
 class JobFollows:
@@ -88,6 +93,7 @@ class JobFollows:
         self.coordinator_follow_s = coordinator_follow_s
         self._lock = threading.Lock()
         self._active: dict[str, int] = {}  # attempt -> followers now
+        self._follows: dict[str, _Follow] = {}  # follow id -> the live follow
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
 
@@ -103,6 +109,8 @@ class JobFollows:
         self._stopping.set()
         with self._lock:
             threads = list(self._threads)
+            for follow in self._follows.values():
+                follow.stopped.set()
         for thread in threads:
             thread.join(PUBLISH_TIMEOUT_S + 1.0)
 
@@ -111,6 +119,9 @@ class JobFollows:
     def on_follow(self, incoming: Incoming) -> None:
         body: JobFollow = incoming.body
         sender = incoming.sender or ""
+        if body.stop:
+            self._stop_one(incoming, body, sender)
+            return
         attempt = self.lookup(body.attempt)
         if attempt is None:
             self.bus.reply_error(incoming, "not_found",
@@ -144,7 +155,7 @@ class JobFollows:
                          offsets={"stdout": int(body.stdout_offset or 0),
                                   "stderr": int(body.stderr_offset or 0)},
                          follow_s=min(self.follow_s, self.coordinator_follow_s) if relaying
-                         else self.follow_s)
+                         else self.follow_s, sender=sender)
         self.bus.reply(incoming, Ok(detail={"attempt": body.attempt, "follow": body.follow}))
         log.info("%s follows attempt %s", sender, body.attempt)
         thread = threading.Thread(target=self._run, args=(follow, attempt),
@@ -152,7 +163,23 @@ class JobFollows:
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
+            self._follows[body.follow] = follow
         thread.start()
+
+    def _stop_one(self, incoming: Incoming, body: JobFollow, sender: str) -> None:
+        """End the sender's own follow ``body.follow`` (another's id is not found)."""
+        with self._lock:
+            follow = self._follows.get(body.follow)
+            if follow is not None and (follow.sender != sender
+                                       or follow.attempt != body.attempt):
+                follow = None
+        if follow is None:
+            self.bus.reply_error(incoming, "not_found",
+                                 f"no follow {body.follow} of yours on attempt {body.attempt}")
+            return
+        follow.stopped.set()
+        self.bus.reply(incoming, Ok(detail={"attempt": body.attempt, "follow": body.follow,
+                                            "stopped": True}))
 
     # -- one follow ----------------------------------------------------------------------
 
@@ -165,6 +192,8 @@ class JobFollows:
             for fh in follow.files.values():
                 fh.close()
             with self._lock:
+                if self._follows.get(follow.follow) is follow:
+                    del self._follows[follow.follow]
                 left = self._active.get(follow.attempt, 1) - 1
                 if left > 0:
                     self._active[follow.attempt] = left
@@ -174,6 +203,10 @@ class JobFollows:
     def _stream(self, follow: _Follow, attempt: Attempt) -> None:
         deadline = time.monotonic() + follow.follow_s
         while True:
+            if follow.stopped.is_set() and not self._stopping.is_set():
+                log.info("follow %s of attempt %s stopped by its follower", follow.follow,
+                         follow.attempt)
+                return  # the follower left: it reads nothing more
             ended = attempt.record.phase not in RUNNING or attempt.done.is_set()
             if not ended and (time.monotonic() >= deadline or self._stopping.is_set()):
                 self._send(follow, "stdout", b"", eof=True,
@@ -188,7 +221,7 @@ class JobFollows:
                            kind=str(result["kind"]) if result.get("kind") else None,
                            exit_code=result.get("exit_code"))
                 return
-            self._stopping.wait(self.poll_s)
+            follow.stopped.wait(self.poll_s)  # set by a stop, and by close()
 
     def _send_some(self, follow: _Follow, *, drain: bool) -> bool:
         """Send new bytes of both files: at most BURST_CHUNKS, or everything (``drain``).

@@ -11,8 +11,9 @@ outcome when the attempt ends.
 Bounded, never amplified: one follow per job shared by every viewer of that job (at most
 ``MAX_VIEWERS`` of them), at most ``MAX_RELAYS`` jobs followed at once; each relay keeps
 the last ``KEEP_CHARS`` of each stream (a new viewer gets that, then what comes). The
-relay stops when its last viewer leaves (the worker's follow of the coordinator then ends
-within its short ``follow_s``: worker/job_follow.py). A worker that goes silent is
+relay stops when its last viewer leaves and tells the worker so (``job.follow`` with
+``stop``; failing that, the worker's follow of the coordinator ends within its short
+``follow_s``: worker/job_follow.py). A worker that goes silent is
 looked at in the store every ``QUIET_S``: a lost worker or an ended attempt ends the
 stream with a line saying so. ``job.output`` arrives on the bus's inbox lane and is
 handed to the server's event loop; nothing here runs on the MQTT network thread.
@@ -214,7 +215,18 @@ class JobOutputRelay:
     def _leave(self, relay: _Relay, queue: asyncio.Queue[str | None]) -> None:
         relay.viewers.discard(queue)
         if not relay.viewers:  # the last viewer left: stop following
+            if relay.ended is None and relay.follow:
+                self._stop_follow(relay)
             self._finish(relay, None)
+
+    def _stop_follow(self, relay: _Relay) -> None:
+        """Tell the worker at once (``job.follow`` stop), rather than let its follow of
+        us run out its ``follow_s``: nobody reads what it would send."""
+        try:
+            self.bus.send(self.bus.topics.worker_inbox(relay.worker),
+                          JobFollow(attempt=relay.attempt, follow=relay.follow, stop=True))
+        except BusError as err:
+            log.debug("could not stop the follow of job %s: %s", relay.job, err)
 
     def _finish(self, relay: _Relay, end: dict[str, Any] | None) -> None:
         if end is not None and relay.ended is None:
