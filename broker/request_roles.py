@@ -101,6 +101,8 @@ WORKER_INBOX: Mapping[str, RequestRule] = MappingProxyType({
     "exec.logs": RequestRule(PEOPLE),
     # Flow-controlled by its window (8 pieces per command), so not rate-limited.
     "exec.stdin": RequestRule(PEOPLE, Limit.NONE),
+    # A window being dragged: the client coalesces, so a burst stays small.
+    "exec.resize": RequestRule(PEOPLE, Limit.NONE),
     "job.assign": RequestRule(COORDINATOR, Limit.NONE),
     "job.kill": RequestRule(COORDINATOR, Limit.NONE),
     # A job's owner follows its running attempt's output (the worker checks the owner);

@@ -17,19 +17,25 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from broker.config import Config, load_config
+from client.admin_cli import cmd_drain
 from schemas.errors import XcloudError
-
-if TYPE_CHECKING:
-    from client.admin import PrincipalAdmin
 
 log = logging.getLogger("xcloud")
 
 Command = Callable[[argparse.Namespace, Config], int]
+
+
+def _lease_and_wait(p: argparse.ArgumentParser) -> None:
+    """``--lease`` and ``--wait`` of the commands that reserve a worker for themselves."""
+    p.add_argument("--lease", type=float, help="reservation lease in seconds (default 30)")
+    p.add_argument("--wait", type=float, nargs="?", const=math.inf, metavar="SECONDS",
+                   help="wait for a free worker (at most SECONDS; no value: no limit) "
+                   "instead of failing when none is free")
 
 
 def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
@@ -147,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bus_identity(p)
     p.add_argument("worker", help="worker id or name")
     p.add_argument("--undo", action="store_true", help="resume giving it work")
-    p.set_defaults(func=cmd_drain)
+    p.set_defaults(func=cmd_drain)  # client/admin_cli.py, as `xcloud admin drain`
 
     p = sub.add_parser("shell", help="interactive shell: listWorkers, reserveWorker, output, ...",
                        description="The xcloud shell. Interactive on a terminal; with -c or "
@@ -180,13 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", help="only GPUs with at least this much memory (40G)")
     p.add_argument("--gpu-name", help="only GPUs whose name contains this (any case)")
     p.add_argument("--timeout", type=float, help="kill the command after this many seconds")
-    p.add_argument("--lease", type=float, help="reservation lease in seconds (default 30)")
-    p.add_argument("--wait", type=float, nargs="?", const=math.inf, metavar="SECONDS",
-                   help="wait for a free worker (at most SECONDS; no value: no limit) "
-                   "instead of failing when none is free")
+    _lease_and_wait(p)
+    p.add_argument("-t", "--tty", action="store_true",
+                   help="run the command on a terminal, like ssh -t (vim, top, python)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...",
                    help="the command to run")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("attach", help="open a terminal (your login shell) on a worker",
+                       description="A shell on a pseudo-terminal of WORKER, like ssh: raw "
+                       "keys (Ctrl-C, Ctrl-Z, Ctrl-D go to the remote side), window size "
+                       "followed, exit status = the shell's. A reservation you hold on "
+                       "WORKER (no WORKER: the one you hold) is used and kept; otherwise "
+                       "WORKER (no WORKER: any) is reserved for the terminal and released "
+                       "when it closes. docs/exec.md, \"Terminal\".")
+    _common(p)
+    _bus_identity(p)
+    p.add_argument("worker", nargs="?", help="worker id, name or listing index")
+    p.add_argument("--tag", action="append", help="only workers with this tag (repeatable)")
+    _lease_and_wait(p)
+    p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("cp", help="copy files to or from a reserved worker's work directory",
                        description="Copy a file or directory (recursively) between here and "
@@ -205,61 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait for the worker to be free (at most SECONDS; no value: no limit)")
     p.set_defaults(func=cmd_cp)
 
-    p = sub.add_parser(
-        "admin", help="administration: principals, drain, Mosquitto export",
-        description="Admin requests to the running coordinator, as an admin principal "
-        "(`xcloud up` configures one). With --db URL (or --direct) the principal commands "
-        "and mosquitto-export work on the coordinator's database itself instead: for "
-        "bootstrap, before any coordinator runs.")
-    _common(p)
-    _bus_identity(p)
-    db_help = ("work on this database directly (bootstrap, no coordinator needed): "
-               "sqlite:///path.db or mysql://user:pass@host/db")
-    direct_help = ("work directly on the configured database (coordinator.db, "
-                   "XCLOUD_COORDINATOR_DB, else the SQLite in $XCLOUD_HOME/data)")
-    p.add_argument("--db", help=db_help)
-    p.add_argument("--direct", action="store_true", help=direct_help)
-    # The same options after the action; SUPPRESS keeps a value given before it.
-    leaf_direct = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    leaf_direct.add_argument("--db", help=db_help)
-    leaf_direct.add_argument("--direct", action="store_true", help=direct_help)
-    asub = p.add_subparsers(dest="admin_command", metavar="ADMIN_COMMAND")
-    pp = asub.add_parser("principal", help="manage principals (users, workers, services)")
-    psub = pp.add_subparsers(dest="principal_command", metavar="ACTION")
-    a = psub.add_parser("add", parents=[leaf_direct],
-                        help="create a principal and print its token once")
-    a.add_argument("id", help="principal id (its MQTT user name)")
-    a.add_argument("--role", default="client",
-                   choices=["client", "worker", "admin", "coordinator"])
-    a.add_argument("--note", default="", help="free text (at most 1024 characters)")
-    a.add_argument("--rotate", action="store_true",
-                   help="replace the token of an existing one (or create it)")
-    a.set_defaults(func=cmd_principal_add)
-    ro = psub.add_parser("rotate", parents=[leaf_direct],
-                         help="give a principal a new token (printed once); the old one "
-                         "stops working")
-    ro.add_argument("id")
-    ro.set_defaults(func=cmd_principal_rotate)
-    ls = psub.add_parser("list", parents=[leaf_direct], help="list principals")
-    ls.add_argument("--all", action="store_true", help="include revoked ones")
-    ls.set_defaults(func=cmd_principal_list)
-    rv = psub.add_parser("revoke", parents=[leaf_direct],
-                         help="revoke a principal (its token stops working)")
-    rv.add_argument("id")
-    rv.set_defaults(func=cmd_principal_revoke)
-    dr = asub.add_parser("drain", help="give a worker no new work (--undo: resume)")
-    dr.add_argument("worker", help="worker id or name")
-    dr.add_argument("--undo", action="store_true", help="resume giving it work")
-    dr.set_defaults(func=cmd_drain)
-    fg = asub.add_parser("forget", help="forget a lost or offline worker (it leaves the "
-                         "listing; if it comes back it joins afresh)")
-    fg.add_argument("worker", help="worker id, name or listing index")
-    fg.set_defaults(func=cmd_forget)
-    mx = asub.add_parser("mosquitto-export", parents=[leaf_direct],
-                         help="write a Mosquitto password file and ACL file for our "
-                         "principals (readable by the group mosquitto where it exists)")
-    mx.add_argument("directory", type=Path)
-    mx.set_defaults(func=cmd_mosquitto_export)
+    from client.admin_cli import add_admin_parser  # `xcloud admin ...` (docs/security.md)
+
+    add_admin_parser(sub, _common, _bus_identity)
 
     from client.data_cli import add_data_parser  # `xcloud data ...` (docs/data.md)
 
@@ -276,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     from client.why_cli import add_why_parser  # `xcloud why ID` (docs/jobs.md)
 
     add_why_parser(sub, _common)
+
     return parser
 
 
@@ -330,28 +298,6 @@ def _setup_logging(verbose: int, command: str | None) -> None:
         quiet = logging.WARNING if command in DAEMONS else logging.ERROR
         level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else quiet
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-@contextlib.contextmanager
-def _admin(args: argparse.Namespace, config: Config) -> Iterator[PrincipalAdmin]:
-    """Over the bus as an admin, or on the database itself with --db / --direct."""
-    if getattr(args, "db", None) or getattr(args, "direct", False):
-        from coordinator.bootstrap import DirectAdmin
-
-        with DirectAdmin.open(config.db_url, config.bus.root) as direct:
-            yield direct
-        return
-    from client.admin import Admin
-    from client.api import Grid
-    from client.errors import NotConfigured
-
-    try:
-        grid = Grid.connect(config)
-    except NotConfigured as err:
-        raise NotConfigured(f"{err}; or, before any coordinator runs, give --db URL to work "
-                            "on its database directly") from None
-    with grid:
-        yield Admin(grid)
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -457,6 +403,11 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         print("xcloud run: error: give either --worker or requirements (--tag, --min-cpus, "
               "--min-memory)", file=sys.stderr)
         return 2
+    if args.tty:  # client/terminal.py: raw keys in, terminal bytes out
+        from client.terminal import attach
+
+        return attach(config, args.worker, requirements=requirements, lease_s=args.lease,
+                      wait=args.wait, command=command, reserve=True, timeout=args.timeout)
     # Piped input flows to the command, as with ssh; from a terminal it reads EOF.
     piped = sys.stdin is not None and not sys.stdin.isatty()
     return run_once(config, command, worker=args.worker, requirements=requirements,
@@ -464,82 +415,18 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
                     stdin_fd=sys.stdin.fileno() if piped else None)
 
 
+def cmd_attach(args: argparse.Namespace, config: Config) -> int:
+    from client.terminal import attach
+
+    tags = [t for tag in args.tag or () for t in tag.split(",") if t]
+    return attach(config, args.worker, requirements={"tags": tags} if tags else None,
+                  lease_s=args.lease, wait=args.wait)
+
+
 def cmd_cp(args: argparse.Namespace, config: Config) -> int:
     from client.file_copy import run_cp
 
     return run_cp(config, args.src, args.dst, wait=args.wait, lease_s=args.lease)
-
-
-def cmd_drain(args: argparse.Namespace, config: Config) -> int:
-    from client.api import Grid
-
-    if getattr(args, "db", None) or getattr(args, "direct", False):
-        raise XcloudError("drain is a request to the running coordinator; --db and "
-                          "--direct do not apply to it")
-
-    target: str | int = int(args.worker) if args.worker.isdigit() else args.worker
-    with Grid.connect(config) as grid:
-        state = grid.drain(target, drain=not args.undo)
-    print(f"worker {args.worker} is {state}")
-    return 0
-
-
-def cmd_forget(args: argparse.Namespace, config: Config) -> int:
-    from client.api import Grid
-
-    if getattr(args, "db", None) or getattr(args, "direct", False):
-        raise XcloudError("forget is a request to the running coordinator; --db and "
-                          "--direct do not apply to it")
-    target: str | int = int(args.worker) if args.worker.isdigit() else args.worker
-    with Grid.connect(config) as grid:
-        wid = grid.forget_worker(target)
-    print(f"worker {wid} forgotten")
-    return 0
-
-
-def cmd_principal_add(args: argparse.Namespace, config: Config) -> int:
-    with _admin(args, config) as admin:
-        token = admin.add_principal(args.id, args.role, args.note, replace=args.rotate)
-    print(f"principal {args.id} ({args.role}) created. Its token, shown only once:")
-    print(token)
-    return 0
-
-
-def cmd_principal_rotate(args: argparse.Namespace, config: Config) -> int:
-    with _admin(args, config) as admin:
-        token = admin.rotate(args.id)
-    print(f"principal {args.id} has a new token (the old one no longer works), shown "
-          "only once:")
-    print(token)
-    return 0
-
-
-def cmd_principal_list(args: argparse.Namespace, config: Config) -> int:
-    from client.admin import principals_table
-
-    with _admin(args, config) as admin:
-        rows = list(admin.principals(include_revoked=args.all))
-    print(principals_table(rows))
-    return 0
-
-
-def cmd_principal_revoke(args: argparse.Namespace, config: Config) -> int:
-    with _admin(args, config) as admin:
-        admin.revoke(args.id)
-    print(f"principal {args.id} revoked")
-    return 0
-
-
-def cmd_mosquitto_export(args: argparse.Namespace, config: Config) -> int:
-    from client.admin import mosquitto_conf_hint, share_with_mosquitto
-
-    with _admin(args, config) as admin:
-        passwd, acl = admin.export_mosquitto(args.directory)
-    note = share_with_mosquitto(passwd, acl)  # the --db path wrote them 0600 too
-    print(mosquitto_conf_hint(passwd, acl))
-    if note:
-        print(note)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from client import validation
 from client.errors import ClientError, InvalidRequest, Unreachable
 from client.exec_stream import ExecResult, ExecStream, OutputChunk, StdinSender, decode_data
 from schemas.errors import WireError
-from schemas.exec_messages import ExecStdin, ExecStdinAck
+from schemas.exec_messages import ExecResize, ExecStdin, ExecStdinAck
 from schemas.messages import (
     Body,
     Error,
@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 # What each request to a worker asks for, in words (for refusals).
 _ACTIONS = {"exec.start": "to run the command", "exec.signal": "to signal the command",
             "exec.list": "to list the commands", "exec.logs": "to send the output",
-            "exec.stdin": "to take the command's input"}
+            "exec.stdin": "to take the command's input",
+            "exec.resize": "to resize the terminal"}
 SIGNALS = ("INT", "TERM", "KILL", "HUP", "QUIT", "USR1", "USR2")
 # After exec.exit, how long to keep asking the worker for missing chunks before giving up.
 GIVE_UP_AFTER_EXIT_S = 5.0
@@ -314,9 +315,10 @@ class ReservedWorker:
 
     def _exec(self, command: str, mode: str, *, timeout: float | None,
               env: dict[str, str] | None, max_output_bytes: int | None,
-              keep_output: bool, buffer_chunks: bool,
-              stdin: bool = False) -> tuple[str, ExecStream | None]:
-        validation.check_command(command)
+              keep_output: bool, buffer_chunks: bool, stdin: bool = False,
+              tty: dict[str, Any] | None = None) -> tuple[str, ExecStream | None]:
+        if command or tty is None:  # with a tty, no command is the login shell
+            validation.check_command(command)
         validation.check_timeout(timeout)
         exec_id = new_exec_id()
         stream: ExecStream | None = None
@@ -330,12 +332,12 @@ class ReservedWorker:
             started: ExecStarted = self._request(ExecStart(
                 grant=self.grant, exec_id=exec_id, command=command, mode=mode,
                 timeout_s=timeout, max_output_bytes=max_output_bytes, env=env or None,
-                stdin=stdin or None))
+                stdin=stdin or None, tty=tty))
         except BaseException:
             if stream is not None:
                 self._detach(stream)
             raise
-        if stdin and stream is not None:
+        if (stdin or tty is not None) and stream is not None:
             stream.stdin = self._stdin_sender(exec_id)
         log.debug("exec %s started on %s (pid %s): %s", exec_id, self.worker, started.pid,
                   command)
@@ -376,6 +378,40 @@ class ReservedWorker:
                                buffer_chunks=True, stdin=stdin)
         assert stream is not None
         return stream
+
+    def terminal(self, command: str = "", *, rows: int = 24, cols: int = 80,
+                 term: str | None = None, timeout: float | None = None,
+                 env: dict[str, str] | None = None) -> ExecStream:
+        """Run ``command`` (empty: the worker user's login shell) on a pseudo-terminal of
+        ``rows`` x ``cols``: iterate its output (stdout and stderr merged, raw terminal
+        bytes), type into ``.stdin`` (``write``; ``b"\\x03"`` is a Ctrl-C there), and
+        ``resize(exec_id, rows, cols)`` when the window changes. client/terminal.py
+        drives one from a local terminal (``xcloud attach``)."""
+        tty: dict[str, Any] = {"rows": max(1, min(1000, rows)), "cols": max(1, min(1000, cols))}
+        if term:
+            tty["term"] = term
+        _, stream = self._exec(command, "output", timeout=timeout, env=env,
+                               max_output_bytes=None, keep_output=False,
+                               buffer_chunks=True, tty=tty)
+        assert stream is not None
+        return stream
+
+    @property
+    def connected(self) -> bool:
+        """Is this client connected to the broker right now?"""
+        return self._grid.bus.connected.is_set()
+
+    def resize(self, exec_id: str, rows: int, cols: int) -> Any:
+        """Tell a command started by ``terminal`` its new window size; returns at once
+        (a future of the worker's answer: a resize is never worth waiting for)."""
+        self._check()
+        try:
+            return self._grid.bus.request_async(
+                self._grid.topics.worker_inbox(self.worker),
+                ExecResize(grant=self.grant, exec_id=exec_id, rows=max(1, min(1000, rows)),
+                           cols=max(1, min(1000, cols))))
+        except BusError as err:
+            raise Unreachable(f"cannot reach worker {self.worker_name}: {err}") from err
 
     def start(self, command: str, timeout: float | None = None,
               env: dict[str, str] | None = None, *,

@@ -209,6 +209,16 @@ class Shell:
             self.console.dim("[output truncated]")
         self.console.dim(describe_exit(result))
 
+    def cmd_term(self, rest: str) -> None:
+        """A remote terminal (client/terminal.py); whatever happens to it, the shell and
+        its reservation stay (a lost reservation says so at the next command)."""
+        from client.terminal import run_terminal
+
+        handle = self._holding()
+        self.console.end_line()
+        self.last_status = run_terminal(handle, rest)
+        self.console.dim(f"[terminal closed: exit {self.last_status}]")
+
     def cmd_start(self, rest: str) -> None:
         if not rest:
             raise ShellError("usage: start CMD")

@@ -43,6 +43,9 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("myWorker", ("mine",), "myWorker", "show the worker you hold"),
     CommandSpec("output", ("run",), "output CMD",
                 "run CMD on your worker and show its output live (Ctrl-C interrupts it)"),
+    CommandSpec("term", ("attach",), "term [CMD]",
+                "a terminal on your worker: your login shell there (or CMD, like ssh -t); "
+                "its exit brings you back here"),
     CommandSpec("start", ("bg",), "start CMD", "run CMD in the background; prints its id"),
     CommandSpec("ps", (), "ps", "commands started on your worker"),
     CommandSpec("logs", (), "logs ID [-f]",

@@ -1,4 +1,5 @@
-"""Typed views of the stdin messages of remote commands (``exec.stdin``; docs/exec.md).
+"""Typed views of the stdin and terminal messages of remote commands (``exec.stdin``,
+``exec.resize``; docs/exec.md).
 
 Registered in ``schemas.messages.REGISTRY`` like every other message type
 (schemas/messages.py imports this module at its end).
@@ -29,6 +30,18 @@ class ExecStdin(Body):
     seq: int
     data: str
     eof: bool | None = None
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class ExecResize(Body):
+    """The client's terminal changed size: set it on the command's pty (SIGWINCH there)."""
+
+    TYPE: ClassVar[str] = "exec.resize"
+    grant: str
+    exec_id: str
+    rows: int
+    cols: int
 
 
 @message

@@ -420,6 +420,7 @@ class ExecStart(Body):
     max_output_bytes: int | None = None
     env: dict[str, str] | None = None
     stdin: bool | None = None
+    tty: dict[str, Any] | None = None  # {rows, cols, term?}: on a pseudo-terminal
 
 
 @message

@@ -50,7 +50,7 @@ channels = {
   "workerCaps": ("{root}/worker/{wid}/caps", "Worker capability document (retained). QoS 1.", ["worker.caps"], {"wid": "worker id"}),
   "workerHeartbeat": ("{root}/worker/{wid}/heartbeat", "Live metrics every heartbeat interval. QoS 0, not retained.", ["worker.heartbeat"], {"wid": "worker id"}),
   "workerInbox": ("{root}/worker/{wid}/inbox/{sender}", "Messages to a worker: from the coordinator (caps.refresh, reservation.open/close, ping) and from the grant holder (exec.*). QoS 1.",
-      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","exec.stdin",*XFER,*JOB_WORKER_REQUESTS,*JOB_FOLLOW,"ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
+      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","exec.stdin","exec.resize",*XFER,*JOB_WORKER_REQUESTS,*JOB_FOLLOW,"ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
   "clientInbox": ("{root}/client/{cid}/inbox/{sender}", "Replies, exec output streams and notifications to a client. QoS 1.",
       ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","exec.stdin.ack","audit.list.reply",*ADMIN_REPLIES,*XFER,*DATA_REPLIES,*APP_REPLIES,*JOB_REPLIES,"job.event","job.output","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
   "brokerRecheck": ("{root}/broker/recheck", "Coordinator/admin -> embedded broker: re-authenticate these principals' live sessions and cut those that no longer pass (after a revoke). Only coordinator and admin principals may publish. QoS 1.", ["broker.recheck"], {}),
@@ -89,7 +89,7 @@ op("reportExec", "send", "coordInbox", ["exec.report"], "A worker reports a fini
 op("publishWorkerPresence", "send", "workerStatus", ["worker.status"], "A worker publishes its presence.")
 op("publishWorkerCaps", "send", "workerCaps", ["worker.caps"], "A worker publishes its capabilities.")
 op("publishHeartbeat", "send", "workerHeartbeat", ["worker.heartbeat"], "A worker publishes live metrics.")
-op("sendWorkerRequest", "send", "workerInbox", ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","exec.stdin"],
+op("sendWorkerRequest", "send", "workerInbox", ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","exec.stdin","exec.resize"],
    "The coordinator or the grant holder sends a request to a worker.",
    ("clientInbox", ["exec.started","exec.list.reply","exec.logs.reply","exec.stdin.ack","pong","ok","error"]))
 op("streamExecOutput", "send", "clientInbox", ["exec.output","exec.exit"], "A worker streams a command's output and exit to the client.")

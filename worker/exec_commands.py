@@ -31,8 +31,10 @@ from worker.executors.base import (
     ExitResult,
     TaskHandle,
     TaskSpec,
+    TtySize,
 )
 from worker.output import OutputStreamer
+from worker.terminal import TTY_LINGER_S
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ class Command:
     started_at: float
     exit: ExecExit | None = None
     stop_reason: str | None = None
-    stdin: StdinFeed | None = None  # started with stdin: true
+    stdin: StdinFeed | None = None  # started with stdin: true (or a tty)
+    tty: bool = False  # on a pseudo-terminal (worker/terminal.py)
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -116,6 +119,13 @@ class CommandRunner:
             self.bus.reply_error(incoming, "unsupported",
                                  f"the {self.executor.name} executor gives commands no stdin")
             return
+        if body.tty is not None and not self.executor.capabilities().tty:
+            self.bus.reply_error(incoming, "unsupported", f"the {self.executor.name} "
+                                 "executor gives commands no terminal")
+            return
+        if not body.command.strip() and body.tty is None:  # no command: a tty's login shell
+            self.bus.reply_error(incoming, "invalid", "empty command")
+            return
         timeout = _timeout(body.timeout_s, self.config.exec_timeout_s)
         launched = self._launch(session, body, client, env, timeout)
         if not isinstance(launched, Command):
@@ -137,11 +147,13 @@ class CommandRunner:
                 timeout: float | None) -> Command | tuple[str, str]:
         """Start the command under the session's lock (a close cannot slip in between);
         returns the command, or (error code, message)."""
+        tty = None if body.tty is None else TtySize.from_wire(body.tty)
         streamer = OutputStreamer(
             body.exec_id, self.bus.send, send_bytes=self._send_bytes,
             max_bytes=_output_cap(body.max_output_bytes, self.config.max_output_bytes),
             ring_bytes=self.config.log_ring_bytes,
-            chunk_bytes=self.chunk_bytes, linger_s=self.linger_s,
+            chunk_bytes=self.chunk_bytes,
+            linger_s=self.linger_s if tty is None else TTY_LINGER_S,
         )
         if body.mode == "output":
             streamer.add_target(self.topics.client_inbox(client))
@@ -158,18 +170,20 @@ class CommandRunner:
                                     "running in this reservation")
             spec = TaskSpec(task_id=body.exec_id, command=body.command,
                             session=session.handle, env=env, timeout_s=timeout,
-                            stdin=bool(body.stdin))
+                            stdin=bool(body.stdin) or tty is not None, tty=tty)
             try:
                 handle = self.executor.start(spec, streamer.feed)
                 sink = self.executor.task_input(handle) if spec.stdin else None
             except ExecutorError as err:
                 return "internal", f"cannot start the command: {err}"
             ex = Command(exec_id=body.exec_id, rid=session.rid, client=client,
-                         command=body.command, mode=body.mode, handle=handle,
+                         command=body.command or "(login shell)",  # ps, the audit
+                         mode=body.mode, handle=handle,
                          streamer=streamer, timeout_s=timeout,
                          started_at=handle.started_at or time.time(),
                          stdin=None if sink is None else StdinFeed(body.exec_id, sink,
-                                                                   self.spawn))
+                                                                   self.spawn),
+                         tty=tty is not None)
             session.used.add(body.exec_id)
             session.execs[body.exec_id] = ex
             _prune(session)

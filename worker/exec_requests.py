@@ -23,7 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.bus import Bus, Incoming
-from schemas.exec_messages import STDIN_CHUNK_BYTES, STDIN_WINDOW, ExecStdin, ExecStdinAck
+from schemas.exec_messages import (
+    STDIN_CHUNK_BYTES,
+    STDIN_WINDOW,
+    ExecResize,
+    ExecStdin,
+    ExecStdinAck,
+)
 from schemas.messages import (
     ExecList,
     ExecListReply,
@@ -135,6 +141,26 @@ class ExecRequests:
         if refusal is not None:
             self.bus.reply_error(incoming, "conflict", refusal)
 
+    def on_resize(self, incoming: Incoming) -> None:
+        """The client's terminal changed size: set it on the command's pty."""
+        body: ExecResize = incoming.body
+        ex = self.authorizer.authorized_exec(incoming, body.grant, body.exec_id)
+        if ex is None:
+            return
+        if not ex.tty:
+            self.bus.reply_error(incoming, "invalid",
+                                 f"exec {ex.exec_id} was not started with a tty")
+            return
+        if ex.exit is not None:  # a resize racing the exit is not an error
+            self.bus.reply(incoming, Ok(detail={"exec_id": ex.exec_id, "state": "exited"}))
+            return
+        try:  # one ioctl (process) or one engine call (docker): quick
+            self.executor.resize(ex.handle, body.rows, body.cols)
+        except ExecutorError as err:
+            self.bus.reply_error(incoming, "conflict", f"cannot resize {ex.exec_id}: {err}")
+            return
+        self.bus.reply(incoming, Ok(detail={"exec_id": ex.exec_id, "state": "running"}))
+
 
 @dataclass
 class _Piece:
@@ -182,6 +208,14 @@ class StdinFeed:
                 return (f"stdin piece {seq} is beyond the window: at most {self.window} "
                         f"may wait for their acknowledgement (acked {self._written})")
             else:
+                if data and not eof and seq == self._next and not (self._queue or self._early):
+                    n = self._write_now(data)
+                    if n == len(data):
+                        self._next += 1
+                        self._written = seq
+                        now = self.ack()
+                    data = data[n:]  # the rest, if any, goes the writer thread's way
+            if now is None:
                 self._early[seq] = _Piece(seq, data, eof, answer)
                 while self._next in self._early:
                     self._queue.append(self._early.pop(self._next))
@@ -193,6 +227,17 @@ class StdinFeed:
         if now is not None:
             answer(now)
         return None
+
+    def _write_now(self, data: bytes) -> int:
+        """One non-blocking write of the next piece in order on the caller's thread (a
+        keystroke then costs no hop to the writer thread): the count taken. Under
+        ``_cond``, only while nothing is queued (the writer thread is idle)."""
+        try:
+            n = self.sink.write(data, 0.0)
+        except OSError:
+            return 0  # the writer thread meets the same error and ends the input
+        self.bytes_written += n
+        return n
 
     def stop(self) -> None:
         """The command is over: stop writing, answer what is held, close the pipe."""

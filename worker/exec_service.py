@@ -30,7 +30,7 @@ from pathlib import Path
 
 from broker.bus import Bus, Lane
 from broker.config import WorkerConfig
-from schemas.exec_messages import ExecStdin
+from schemas.exec_messages import ExecResize, ExecStdin
 from schemas.messages import (
     ExecList,
     ExecLogs,
@@ -140,6 +140,7 @@ class ExecService:
             (ExecList.TYPE, self.requests.on_list),
             (ExecLogs.TYPE, self.requests.on_logs),
             (ExecStdin.TYPE, self.requests.on_stdin),
+            (ExecResize.TYPE, self.requests.on_resize),
         ):
             self.bus.on_inbox(message_type, self.guard.wrap(handler), lane=LANE)
 

@@ -104,6 +104,7 @@ class ExecutorCapabilities:
     security_boundary: bool
     limits: frozenset[str] = frozenset()
     stdin: bool = False
+    tty: bool = False  # runs commands on a pseudo-terminal (TaskSpec.tty)
     network: bool = False
     default_image: str | None = None
     image_override: bool = False
@@ -189,6 +190,22 @@ class SessionSpec:
 
 
 @dataclass(frozen=True)
+class TtySize:
+    """A terminal's window size and type (``exec.start``'s ``tty`` object)."""
+
+    rows: int = 24
+    cols: int = 80
+    term: str = "xterm-256color"
+
+    @classmethod
+    def from_wire(cls, data: dict[str, object]) -> TtySize:
+        rows, cols, term = data.get("rows"), data.get("cols"), data.get("term")
+        return cls(rows=rows if isinstance(rows, int) else 24,
+                   cols=cols if isinstance(cols, int) else 80,
+                   term=term if isinstance(term, str) and term else "xterm-256color")
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     task_id: str  # the exec id
     command: str  # a shell command line, run with /bin/sh -c
@@ -196,6 +213,7 @@ class TaskSpec:
     env: dict[str, str] = field(default_factory=dict)
     timeout_s: float | None = None
     stdin: bool = False
+    tty: TtySize | None = None  # run on a pseudo-terminal (stdin implied; docs/exec.md)
 
 
 @dataclass
@@ -380,3 +398,8 @@ class Executor(abc.ABC):
         """The stdin of a task started with ``TaskSpec.stdin`` (None: this driver or
         task takes no input; ``capabilities().stdin`` says whether the driver does)."""
         return None
+
+    def resize(self, handle: TaskHandle, rows: int, cols: int) -> None:  # noqa: ARG002
+        """Set the window size of a task started with ``TaskSpec.tty`` (its foreground
+        process group gets SIGWINCH); ExecutorError when it has no terminal."""
+        raise ExecutorError(f"the {self.name} executor gives commands no terminal")

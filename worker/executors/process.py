@@ -64,6 +64,7 @@ from worker.executors.base import (
 from worker.executors.cgroups import CgroupError, SessionCgroup
 from worker.executors.containment import Containment
 from worker.sessions import remove_tree, safe_name
+from worker.terminal import DRAIN_S, PtyInput, attach_prelude, login_shell, open_pty, pump_pty
 from worker.thread_reuse import ThreadReuse
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ class _Task:
     result: ExitResult | None = None
     cgroup: SessionCgroup | None = None
     oom_before: int = 0
-    stdin: PipeInput | None = None  # TaskSpec.stdin: the write end of the shell's stdin
+    stdin: PolledInput | None = None  # TaskSpec.stdin: the shell's stdin (or its pty)
+    pty: PtyInput | None = None  # TaskSpec.tty: the master of its terminal
 
 
 class ProcessExecutor(Executor):
@@ -137,7 +139,8 @@ class ProcessExecutor(Executor):
     @classmethod
     def fingerprint(cls, config: WorkerConfig) -> ExecutorCapabilities:  # noqa: ARG003
         return ExecutorCapabilities(name=cls.name, isolation="none", security_boundary=False,
-                                    limits=frozenset({"memory_bytes", "pids"}), stdin=True)
+                                    limits=frozenset({"memory_bytes", "pids"}), stdin=True,
+                                    tty=True)
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -270,21 +273,37 @@ class ProcessExecutor(Executor):
             rlimits.pids is not None)
         env = self._env(spec, workdir)
         (workdir / CWD_FILE).parent.mkdir(mode=0o700, exist_ok=True)
-        script = self._prelude(workdir, gated, stdin=spec.stdin) + spec.command
+        # With a tty (worker/terminal.py) the shell's first act makes the pty its own.
+        master, slave, path = open_pty(spec.tty) if spec.tty else (-1, -1, "")
+        piped = spec.stdin and not spec.tty
+        script = (self._prelude(workdir, gated, stdin=piped)
+                  + (attach_prelude(path) if spec.tty else "")
+                  + (spec.command or login_shell()))
+        out: int = slave if spec.tty else subprocess.PIPE
         started_at = time.time()
         try:
             proc = subprocess.Popen(
                 ["/bin/sh", "-c", script], cwd=workdir, env=env,
-                stdin=subprocess.PIPE if gated or spec.stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, close_fds=True, bufsize=0,
+                stdin=subprocess.PIPE if gated or piped else (
+                    slave if spec.tty else subprocess.DEVNULL),
+                stdout=out, stderr=out, start_new_session=True, close_fds=True, bufsize=0,
             )
         except OSError as err:
+            if spec.tty:
+                os.close(master)
             raise ExecutorError(f"cannot start /bin/sh in {workdir}: {err}") from err
+        finally:
+            if spec.tty:
+                os.close(slave)  # the shell holds it: EIO on the master once all are gone
         started = time.monotonic()
         oom_before = cgroup.oom_kills() if cgroup is not None else 0
         if gated:
-            self._apply_limits(proc, rlimits, cgroup, keep_stdin=spec.stdin)
+            try:
+                self._apply_limits(proc, rlimits, cgroup, keep_stdin=piped)
+            except ExecutorError:
+                if spec.tty:
+                    os.close(master)
+                raise
         handle = TaskHandle(task_id=spec.task_id, executor=self.name,
                             session_id=session.session_id, pid=proc.pid, started_at=started_at,
                             driver_state=self.make_state({"pgid": proc.pid}))
@@ -292,19 +311,26 @@ class ProcessExecutor(Executor):
         record = self.records_dir / name
         task = _Task(handle=handle, proc=proc, workdir=str(workdir), record=record,
                      started=started, cgroup=cgroup, oom_before=oom_before)
-        if spec.stdin and proc.stdin is not None:  # after the gate: the rest is the user's
+        if piped and proc.stdin is not None:  # after the gate: the rest is the user's
             task.stdin = PipeInput(proc.stdin)
+        if spec.tty:
+            task.stdin = task.pty = PtyInput(master)
         self._write_record(task)
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        pipes = (("stdout", proc.stdout), ("stderr", proc.stderr))
-        task.readers = [threading.Event() for _ in pipes]
         with self._lock:
             self._tasks[key] = task
         # On reused threads: a Thread.start() per pipe and exit cost a scheduler round
         # trip each on a loaded machine, on the path from a request to the command.
-        for (stream, pipe), ended in zip(pipes, task.readers):
-            self._threads.run(self._read, task, stream, pipe, on_output, ended)
+        if spec.tty:
+            task.readers = [threading.Event()]
+            self._threads.run(pump_pty, master, on_output, task.abandon, spec.task_id,
+                              task.readers[0])
+        else:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            pipes = (("stdout", proc.stdout), ("stderr", proc.stderr))
+            task.readers = [threading.Event() for _ in pipes]
+            for (stream, pipe), ended in zip(pipes, task.readers):
+                self._threads.run(self._read, task, stream, pipe, on_output, ended)
         self._threads.run(self._watch, task)
         log.debug("started task %s of session %s as pgid %d", spec.task_id,
                   session.session_id, proc.pid)
@@ -312,6 +338,12 @@ class ProcessExecutor(Executor):
 
     def task_input(self, handle: TaskHandle) -> TaskInput | None:
         return self._task(handle).stdin
+
+    def resize(self, handle: TaskHandle, rows: int, cols: int) -> None:
+        pty = self._task(handle).pty
+        if pty is None:
+            raise ExecutorError(f"task {handle.task_id} has no terminal")
+        pty.resize(rows, cols)
 
     def wait(self, handle: TaskHandle, timeout: float | None = None) -> ExitResult | None:
         task = self._task(handle)
@@ -367,7 +399,7 @@ class ProcessExecutor(Executor):
             "PATH": DEFAULT_PATH,
             "HOME": str(workdir),
             "LANG": os.environ.get("LANG") or "C.UTF-8",
-            "TERM": "dumb",
+            "TERM": spec.tty.term if spec.tty else "dumb",
         }
         for name, value in spec.env.items():
             if not _ENV_NAME.match(name) or "\0" in value:
@@ -473,6 +505,8 @@ class ProcessExecutor(Executor):
         """Reap the shell, wait for both pipes to drain, then publish the result."""
         returncode = task.proc.wait()
         duration = time.monotonic() - task.started
+        if task.pty is not None and not task.readers[0].wait(DRAIN_S):
+            task.abandon.set()  # a background process kept the terminal: not ours to wait
         for ended in task.readers:
             ended.wait()
         # The OOM killer struck in the session's cgroup while the task ran (it may have

@@ -56,6 +56,7 @@ from worker.executors.docker.wrapper import (
     WRAPPER,
     task_key,
 )
+from worker.terminal import CONTAINER_LOGIN_SHELL, tty_prelude
 
 if TYPE_CHECKING:
     import docker
@@ -276,15 +277,20 @@ class DockerExecutor(Executor):
         import docker.errors
 
         api = self.client.api
-        cmd = ["/bin/sh", "-c", WRAPPER, "xcloud", key, spec.command]
+        command = spec.command or CONTAINER_LOGIN_SHELL  # no command: a tty's login shell
+        if spec.tty:  # the engine sizes the pty only after the start: size it first thing
+            command = tty_prelude(spec.tty) + command
+        cmd = ["/bin/sh", "-c", WRAPPER, "xcloud", key, command]
         env = task_env(spec)
         for attempt in (1, 2):
             cid = sess.container_id
             try:
                 if not cid:
                     raise docker.errors.NotFound("no container")
-                created = api.exec_create(cid, cmd, stdout=True, stderr=True, stdin=spec.stdin,
-                                          user=self.user, workdir=WORK, environment=env)
+                created = api.exec_create(cid, cmd, stdout=True, stderr=True,
+                                          stdin=spec.stdin or spec.tty is not None,
+                                          tty=spec.tty is not None, user=self.user,
+                                          workdir=WORK, environment=env)
                 return cid, str(created["Id"])
             except docker.errors.APIError as err:
                 gone = isinstance(err, docker.errors.NotFound) or err.status_code == 409
@@ -314,7 +320,16 @@ class DockerExecutor(Executor):
             try:
                 # Started here, not in the reader thread: once start() returns the
                 # process exists, so a signal() right after it finds it.
-                if spec.stdin:  # one connection both ways: output in, input out
+                if spec.tty:  # the engine's pty: raw output, no stream multiplexing
+                    conn = self.client.api.exec_start(exec_id, socket=True, tty=True)
+                    task.stdin = SocketInput(conn)
+                    task.stream = attached_output(conn, tty=True)
+                    try:  # for images without stty; the wrapper's stty comes first
+                        self.client.api.exec_resize(exec_id, height=spec.tty.rows,
+                                                    width=spec.tty.cols)
+                    except Exception as err:  # the command runs anyway: not fatal
+                        log.info("task %s: cannot size its terminal: %s", spec.task_id, err)
+                elif spec.stdin:  # one connection both ways: output in, input out
                     conn = self.client.api.exec_start(exec_id, socket=True)
                     task.stdin = SocketInput(conn)
                     task.stream = attached_output(conn)
@@ -361,6 +376,16 @@ class DockerExecutor(Executor):
 
     def task_input(self, handle: TaskHandle) -> TaskInput | None:
         return self._task(handle).stdin
+
+    def resize(self, handle: TaskHandle, rows: int, cols: int) -> None:
+        """The engine sets the exec's pty size (and its foreground group gets SIGWINCH)."""
+        task = self._task(handle)
+        if task.stdin is None or task.done.is_set():
+            raise ExecutorError(f"task {handle.task_id} has no terminal")
+        try:
+            self.client.api.exec_resize(task.exec_id, height=rows, width=cols)
+        except Exception as err:
+            raise ExecutorError(f"cannot resize the terminal: {err}") from err
 
     def wait(self, handle: TaskHandle, timeout: float | None = None) -> ExitResult | None:
         task = self._task(handle)

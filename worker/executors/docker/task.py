@@ -55,7 +55,7 @@ class Task:
 
 def task_env(spec: TaskSpec) -> dict[str, str]:
     """The command's environment: the image's, HOME=/work, the task's, our markers."""
-    env = {"TERM": "dumb"}
+    env = {"TERM": spec.tty.term if spec.tty else "dumb"}
     for name, value in spec.env.items():
         if not _ENV_NAME.match(name) or "\0" in value:
             raise ExecutorError(f"invalid environment variable {name!r}")
@@ -203,10 +203,12 @@ class SocketInput(PolledInput):
         self._sock.shutdown(_socket.SHUT_WR)
 
 
-def attached_output(conn: Any) -> Iterator[tuple[bytes | None, bytes | None]]:
+def attached_output(conn: Any, *, tty: bool = False
+                    ) -> Iterator[tuple[bytes | None, bytes | None]]:
     """(stdout, stderr) pieces of an exec started with ``socket=True``, as the engine
-    multiplexes them (what ``exec_start(stream=True, demux=True)`` yields)."""
+    multiplexes them (what ``exec_start(stream=True, demux=True)`` yields); with a
+    ``tty`` the engine sends the terminal's raw bytes, all of them stdout."""
     from docker.utils.socket import demux_adaptor, frames_iter
 
-    for stream_id, data in frames_iter(conn, False):
-        yield demux_adaptor(stream_id, data)
+    for stream_id, data in frames_iter(conn, tty):
+        yield (data, None) if tty else demux_adaptor(stream_id, data)
