@@ -271,12 +271,14 @@ def submit(grid: Any, specs: list[dict[str, Any]]) -> tuple[list[str], list[str]
     return ids, batches
 
 
-def throughput(grid: Any, events: EventLog, n: int, coord_pid: int, priority: int = 0
-               ) -> dict[str, Any]:
-    """N ``true`` jobs, first submit to last terminal event; coordinator CPU per job."""
+def throughput(grid: Any, events: EventLog, n: int, coord_pid: int, priority: int = 0,
+               extra: dict[str, Any] | None = None, tag: str = "t") -> dict[str, Any]:
+    """N ``true`` jobs (with ``extra`` spec fields), first submit to last terminal event;
+    coordinator CPU per job."""
     coord = psutil.Process(coord_pid)
     cpu0 = sum(coord.cpu_times()[:2])
-    specs = [{"command": "true", "priority": priority, "name": f"t{i}"} for i in range(n)]
+    specs = [{"command": "true", "priority": priority, "name": f"{tag}{i}", **(extra or {})}
+             for i in range(n)]
     started = time.monotonic()
     ids, batches = submit(grid, specs)
     submitted = time.monotonic() - started

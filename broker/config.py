@@ -202,6 +202,10 @@ class JobsConfig:
     prefetch: int = 0  # attempts a full worker may hold waiting for a slot (0 = none)
     steal_after_s: float = 1.0  # such an attempt moves to an idle worker after this
     unmatchable_hold_s: float = 600.0  # queued this long and no known worker fits: held (0: never)
+    # Fair share (docs/jobs.md, "Fair share and locality"): principal -> weight (default 1);
+    # TOML `shares = {alice = 2, bob = 1}` or a [jobs.shares] table; env "alice=2,bob=1".
+    shares: dict[str, float] = field(default_factory=dict)
+    fair_share: bool = True  # false: one queue in priority then submission order, as before
 
 
 @dataclass
@@ -253,6 +257,8 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         hint = args[0]
         origin = typing.get_origin(hint)
     try:
+        if origin is dict:  # {name: number}: a TOML table, or "a=2,b=1" from the environment
+            return _number_table(value, where)
         if origin is list:
             if isinstance(value, str):
                 items = [v.strip() for v in value.split(",") if v.strip()]
@@ -294,6 +300,32 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"bad value for {where}: {value!r} ({err})") from err
     return value
+
+
+def _number_table(value: Any, where: str) -> dict[str, float]:
+    """A table of positive finite numbers by name (``[jobs] shares``)."""
+    if isinstance(value, str):
+        pairs: list[tuple[str, Any]] = []
+        for item in (v.strip() for v in value.split(",")):
+            if item:
+                name, sep, number = item.partition("=")
+                if not sep:
+                    raise ConfigError(f"bad value for {where}: {item!r} is not NAME=NUMBER")
+                pairs.append((name.strip(), number.strip()))
+        value = dict(pairs)
+    if not isinstance(value, dict):
+        raise ConfigError(f"bad value for {where}: {value!r} (expected a table)")
+    table: dict[str, float] = {}
+    for name, number in value.items():
+        try:
+            weight = float(number)
+        except (TypeError, ValueError):
+            weight = math.nan
+        if isinstance(number, bool) or not math.isfinite(weight) or weight <= 0 or not name:
+            raise ConfigError(f"bad value for {where}: {name} = {number!r} "
+                              "(expected a positive number)")
+        table[str(name)] = weight
+    return table
 
 
 def _apply(section_obj: Any, values: dict[str, Any], source: str, section: str,

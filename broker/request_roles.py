@@ -85,6 +85,7 @@ COORDINATOR_INBOX: Mapping[str, RequestRule] = MappingProxyType({
     "jobs.hold": RequestRule(PEOPLE),
     "jobs.release": RequestRule(PEOPLE),
     "jobs.why": RequestRule(PEOPLE),
+    "jobs.summary": RequestRule(PEOPLE),
     "attempt.started": RequestRule(WORKERS, Limit.REPORTS),
     "attempt.report": RequestRule(WORKERS, Limit.REPORTS),
 })

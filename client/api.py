@@ -128,6 +128,7 @@ class WorkerInfo:
     caps: dict[str, Any] = field(default_factory=dict)
     last_metrics: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    trust: dict[str, Any] = field(default_factory=dict)  # show: replica results judged
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> WorkerInfo:

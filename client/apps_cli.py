@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from client.cli_options import identity_options
+
 if TYPE_CHECKING:
     from broker.config import Config
 
@@ -78,10 +80,7 @@ def add_app_parser(sub: Any, common: AddOptions) -> None:
 
 def _identity(p: argparse.ArgumentParser) -> None:
     """--principal/--token, before or after the app command (SUPPRESS keeps the first)."""
-    p.add_argument("--principal", "--id", dest="principal", default=argparse.SUPPRESS,
-                   help="principal id to connect as")
-    p.add_argument("--token", default=argparse.SUPPRESS,
-                   help="the principal's token (prefer XCLOUD_BUS_TOKEN)")
+    identity_options(p)
 
 
 def parse_binaries(values: list[str]) -> dict[str, str]:

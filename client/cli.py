@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_why_parser(sub, _common)
 
+    from client.workflow_cli import add_workflow_parser  # `xcloud workflow` (docs/jobs.md)
+
+    add_workflow_parser(sub, _common)
     return parser
 
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from client.cli_options import identity_options
+
 if TYPE_CHECKING:
     from broker.config import Config
     from client.data import DataRef
@@ -92,10 +94,7 @@ def add_data_parser(sub: Any, common: AddOptions) -> None:
 
 def _identity(p: argparse.ArgumentParser) -> None:
     """--principal/--token, before or after the data command (SUPPRESS keeps the first)."""
-    p.add_argument("--principal", "--id", dest="principal", default=argparse.SUPPRESS,
-                   help="principal id to connect as")
-    p.add_argument("--token", default=argparse.SUPPRESS,
-                   help="the principal's token (prefer XCLOUD_BUS_TOKEN)")
+    identity_options(p)
 
 
 # -- progress ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 from broker.bus import BusError, Lane, RemoteError, RequestTimeout
@@ -69,7 +69,7 @@ class FollowRouter:
 
 
 def follow(store: JobStore, router: FollowRouter, job: str, *, poll_s: float = POLL_S,
-           quiet_s: float = QUIET_S) -> Iterator[Chunk]:
+           quiet_s: float = QUIET_S) -> Generator[Chunk, None, None]:
     """(stream, bytes) of ``job`` as they come, then the stored rest (module docstring)."""
     grid = store.grid
     offsets = dict.fromkeys(STREAMS, 0)

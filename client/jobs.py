@@ -12,8 +12,9 @@
 The executor runs *shell commands* (a string, or an argv list that is quoted for you;
 ``map``'s arguments are appended to it), never Python callables: nothing is pickled or
 shipped. Local input files are uploaded first through ``grid.data`` (each file once per
-session), and a job's inputs can also be data refs or SHA-256 hashes. Futures complete
-from the coordinator's ``job.event`` messages to this session's inbox, with a
+session), and a job's inputs can also be data refs, SHA-256 hashes, or other jobs'
+outputs before they exist (``future.output(name)``: docs/jobs.md, "Futures as inputs").
+Futures complete from the coordinator's ``job.event`` messages to this session's inbox, with a
 ``jobs.list`` poll (every ``POLL_S``) as the fallback for events missed while
 disconnected. Cancelling a future cancels its job.
 """
@@ -26,11 +27,9 @@ import logging
 import os
 import re
 import shlex
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,7 @@ from client.data import DataRef, is_sha256
 from client.errors import ClientError, InvalidRequest
 from client.job_follow import FollowRouter
 from client.job_follow import follow as follow_job
+from client.job_results import JobOutputRef, JobResult
 from client.job_watch import JobWatch, WatchRouter
 from client.reservation import Refused
 from schemas.job_messages import (
@@ -70,7 +70,11 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
+__all__ = ["JobExecutor", "JobFuture", "JobOutputRef", "JobResult", "JobStore"]
+
 InputValue = str | os.PathLike[str] | DataRef
+# an input may also be a job's future output (docs/jobs.md, "Futures as inputs")
+JobInput = InputValue | JobOutputRef | cf.Future[Any]
 
 
 def parse_size(text: str | int) -> int:
@@ -107,95 +111,16 @@ def command_line(command: str | Sequence[Any], args: Sequence[Any] = ()) -> str:
     return line
 
 
-@dataclass(frozen=True)
-class JobResult:
-    """How a job ended: its state, exit facts, and its results as data refs. ``stdout``
-    and ``stderr`` are fetched from the coordinator on first use."""
-
-    job: str
-    state: str
-    exit_code: int | None = None
-    signal: int | None = None
-    stdout_ref: DataRef | None = None
-    stderr_ref: DataRef | None = None
-    outputs: tuple[DataRef, ...] = ()  # each named as the job's output file
-    error: str | None = None
-    grid: Grid | None = field(default=None, repr=False, compare=False)
-    _cache: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def ok(self) -> bool:
-        return self.state == "completed" and self.exit_code == 0
-
-    @property
-    def stdout(self) -> bytes:
-        return self._bytes("stdout", self.stdout_ref)
-
-    @property
-    def stderr(self) -> bytes:
-        return self._bytes("stderr", self.stderr_ref)
-
-    def output(self, name: str) -> bytes:
-        for ref in self.outputs:
-            if ref.name == name:
-                return self._bytes(f"out:{name}", ref)
-        raise KeyError(name)
-
-    def _bytes(self, key: str, ref: DataRef | None) -> bytes:
-        if ref is None:
-            return b""
-        if key not in self._cache:
-            if self.grid is None:
-                raise ClientError("this result is not attached to a grid")
-            with tempfile.TemporaryDirectory(prefix="xcloud-result-") as tmp:
-                path = self.grid.data.get(ref.sha256, Path(tmp) / "blob")
-                self._cache[key] = path.read_bytes()
-        return self._cache[key]
-
-    def save(self, directory: str | os.PathLike[str]) -> list[Path]:
-        """Write stdout, stderr and the outputs (under their names) into ``directory``."""
-        if self.grid is None:
-            raise ClientError("this result is not attached to a grid")
-        root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-        for name, ref in (("stdout", self.stdout_ref), ("stderr", self.stderr_ref)):
-            dest = root / name
-            if ref is None:
-                dest.write_bytes(b"")
-            else:
-                self.grid.data.get(ref.sha256, dest)
-            written.append(dest)
-        for ref in self.outputs:
-            rel = Path(ref.name)
-            if rel.is_absolute() or ".." in rel.parts:
-                continue  # never write outside the directory
-            dest = root / "outputs" / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self.grid.data.get(ref.sha256, dest)
-            written.append(dest)
-        return written
-
-    @classmethod
-    def from_show(cls, reply: JobsShowReply, grid: Grid | None) -> JobResult:
-        job = reply.job
-        results = job.get("results") or {}
-
-        def ref(item: Any, name: str) -> DataRef | None:
-            if not item:
-                return None
-            return DataRef(sha256=str(item["sha256"]), size=int(item["size"]), name=name)
-
-        errors = [a.get("error") for a in reply.attempts if a.get("error")]
-        return cls(job=str(job["id"]), state=str(job["state"]),
-                   exit_code=results.get("exit_code", job.get("exit_code")),
-                   signal=results.get("signal"),
-                   stdout_ref=ref(results.get("stdout"), "stdout"),
-                   stderr_ref=ref(results.get("stderr"), "stderr"),
-                   outputs=tuple(r for r in (ref(o, str(o["name"]))
-                                             for o in results.get("outputs") or []) if r),
-                   error=job.get("hold_reason") or (str(errors[-1]) if errors else None),
-                   grid=grid)
+def _input_item(name: str, value: Any, data: Callable[[InputValue], DataRef]
+                ) -> dict[str, Any]:
+    """One JobSpec input: a future output (``{name, job, output}``) or a data ref."""
+    if isinstance(value, JobFuture):
+        value = value.output("stdout")
+    elif isinstance(value, cf.Future):
+        raise InvalidRequest(f"input {name!r}: only job futures can be inputs")
+    if isinstance(value, JobOutputRef):
+        return {"name": name, "job": value.job, "output": value.output}
+    return {"name": name, "sha256": data(value).sha256}
 
 
 class JobFuture(cf.Future[JobResult]):
@@ -226,6 +151,12 @@ class JobFuture(cf.Future[JobResult]):
             return False
         return super().cancel()
 
+    def output(self, name: str = "stdout") -> JobOutputRef:
+        """This job's output file ``name`` (or ``stdout``/``stderr``) as an input of
+        another job, before this one has run: ``grid.submit(..., inputs={"in.txt":
+        fut.output("out.txt")})``. Passing the future itself means its stdout."""
+        return JobOutputRef(self.job, name)
+
     def __repr__(self) -> str:
         return f"<JobFuture {self.job} {self._state}>"
 
@@ -250,7 +181,7 @@ class JobStore:
     # -- submitting --------------------------------------------------------------------
 
     def spec(self, command: str | Sequence[Any], *, args: Sequence[Any] = (),
-             inputs: Mapping[str, InputValue] | None = None,
+             inputs: Mapping[str, JobInput] | None = None,
              outputs: Sequence[str] = (), env: Mapping[str, str] | None = None,
              stdin: InputValue | None = None, cpus: int | None = None,
              memory: str | int | None = None, disk: str | int | None = None,
@@ -263,25 +194,31 @@ class JobStore:
              gpu_memory: str | int | None = None,
              gpu_name: str | None = None,
              after: Sequence[JobFuture | str] = (),
-             after_policy: str | None = None) -> dict[str, Any]:
+             after_policy: str | None = None, replicas: int | None = None,
+             quorum: int | None = None, max_replica_attempts: int | None = None,
+             adaptive_after: int | None = None) -> dict[str, Any]:
         """A JobSpec document (local input files are uploaded now). ``gpus``: GPUs the
         job needs, each with at least ``gpu_memory`` and a name containing ``gpu_name``
         (docs/gpus.md). ``after``: jobs (futures or ids) that must complete first;
         ``after_policy``: hold (default) or cancel this job if one of them fails
-        (docs/jobs.md, "Dependencies")."""
+        (docs/jobs.md, "Dependencies"). ``inputs`` values: local files, data refs,
+        SHA-256s, or other jobs' outputs (``future.output(name)``, or a future for its
+        stdout), which also make this job wait for those jobs. ``replicas``, ``quorum``,
+        ``max_replica_attempts``, ``adaptive_after``: docs/jobs.md, "Replicas and quorum"."""
         spec: dict[str, Any] = {"command": command_line(command, args)}
-        if after:
-            spec["after"] = list(dict.fromkeys(
-                p.job if isinstance(p, JobFuture) else str(p) for p in after))
+        items = [_input_item(str(n), v, self._data) for n, v in (inputs or {}).items()]
+        parents = [p.job if isinstance(p, JobFuture) else str(p) for p in after]
+        parents += [str(i["job"]) for i in items if "job" in i]
+        if parents:
+            spec["after"] = list(dict.fromkeys(parents))
         if after_policy is not None:
             spec["after_policy"] = after_policy
         if env:
             spec["env"] = {str(k): str(v) for k, v in env.items()}
         if stdin is not None:
             spec["stdin"] = self._data(stdin).sha256
-        if inputs:
-            spec["inputs"] = [{"name": str(n), "sha256": self._data(v).sha256}
-                              for n, v in inputs.items()]
+        if items:
+            spec["inputs"] = items
         if outputs:
             spec["outputs"] = [str(o) for o in outputs]
         resources = {k: v for k, v in (
@@ -301,7 +238,10 @@ class JobStore:
             spec["requirements"] = requirements
         for key, value in (("wall_s", None if wall is None else parse_duration(wall)),
                            ("max_retries", retries), ("max_system_retries", system_retries),
-                           ("priority", priority), ("name", name), ("index", index)):
+                           ("priority", priority), ("name", name), ("index", index),
+                           ("replicas", replicas), ("quorum", quorum),
+                           ("max_replica_attempts", max_replica_attempts),
+                           ("adaptive_after", adaptive_after)):
             if value is not None:
                 spec[key] = value
         if stop_exit_codes:
@@ -518,10 +458,11 @@ class JobStore:
     def release(self, jobs: Sequence[str]) -> dict[str, Any]:
         return self._each(JobsRelease, jobs, "release jobs")
 
-    def follow(self, job: str) -> Iterator[tuple[str, bytes]]:
+    def follow(self, job: str) -> Generator[tuple[str, bytes], None, None]:
         """``job``'s output as (stream, bytes) while it runs (from the worker running it),
         then what is left from its stored results; ends when the job has ended. Stopping
-        the iteration stops only the following (client/job_follow.py)."""
+        the iteration stops only the following (``close()`` tells the worker at once:
+        client/job_follow.py)."""
         with self._lock:
             if self._follows is None:
                 self._follows = FollowRouter(self.grid)

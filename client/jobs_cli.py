@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client.cli_options import identity_options
+
 if TYPE_CHECKING:
     from broker.config import Config
     from client.jobs import JobResult
@@ -32,10 +34,7 @@ def add_jobs_parsers(sub: Any, common: AddOptions) -> None:
     def verb(name: str, help: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
         common(p)
-        p.add_argument("--principal", "--id", dest="principal", default=argparse.SUPPRESS,
-                       help="principal id to connect as")
-        p.add_argument("--token", default=argparse.SUPPRESS,
-                       help="the principal's token (prefer XCLOUD_BUS_TOKEN)")
+        identity_options(p)
         return p
 
     p = verb("submit", "submit batch jobs: xcloud submit [options] -- COMMAND [ARG...]")
@@ -79,6 +78,15 @@ def add_jobs_parsers(sub: Any, common: AddOptions) -> None:
                    help="run only after these jobs completed (repeatable)")
     p.add_argument("--after-policy", choices=["hold", "cancel"],
                    help="if a job in --after fails: hold this one (default) or cancel it")
+    p.add_argument("--replicas", type=int, metavar="N",
+                   help="run N attempts on distinct workers (1-16, default 1)")
+    p.add_argument("--quorum", type=int, metavar="K",
+                   help="complete when K replicas' results agree (1-N, default 1)")
+    p.add_argument("--max-replica-attempts", type=int, metavar="M",
+                   help="attempts a replicated job may spend (default N + 2K, at most 64)")
+    p.add_argument("--adaptive", type=int, metavar="M", dest="adaptive_after",
+                   help="a replicated job may run alone on a worker with M valid results "
+                   "and no invalid one")
     p.add_argument("--wait", action="store_true", help="wait for the jobs to end")
     p.add_argument("--json", action="store_true", help="print the ids as JSON")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
@@ -95,6 +103,9 @@ def add_jobs_parsers(sub: Any, common: AddOptions) -> None:
                    help="print job events live, one line each, until Ctrl-C")
     p.add_argument("--all", action="store_true",
                    help="with --watch, admins: every principal's jobs")
+    p.add_argument("--summary", action="store_true",
+                   help="per principal: jobs by state, busy slots, weight and share "
+                   "(a client sees its own line and the totals)")
     p.set_defaults(func=cmd_jobs)
 
     p = verb("job", "one job: xcloud job show ID")
@@ -200,7 +211,9 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
         "name": args.name, "gpus": args.gpus, "gpu_memory": args.gpu_memory,
         "gpu_name": args.gpu_name,
         "after": [j.strip() for item in args.after for j in item.split(",") if j.strip()],
-        "after_policy": args.after_policy}
+        "after_policy": args.after_policy, "replicas": args.replicas,
+        "quorum": args.quorum, "max_replica_attempts": args.max_replica_attempts,
+        "adaptive_after": args.adaptive_after}
     with Grid.connect(config) as grid:
         base = grid.jobs.spec(command, env=env, **options)  # uploads the inputs once
         specs: list[dict[str, Any]] = []
@@ -254,7 +267,15 @@ def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
     if args.all and not args.watch:
         raise InvalidRequest("--all goes with --watch (to list everyone's jobs, an admin "
                              "runs `xcloud jobs` alone)")
+    if args.summary and (args.watch or args.state or args.batch or args.owner):
+        raise InvalidRequest("--summary goes alone (with --json at most)")
     with Grid.connect(config) as grid:
+        if args.summary:  # client/jobs_summary.py
+            from client.jobs_summary import summary, summary_text
+
+            reply = summary(grid)
+            print(json.dumps(reply, indent=2) if args.json else summary_text(reply))
+            return 0
         if args.watch:
             return _watch(grid, everyone=args.all, as_json=args.json)
         items = grid.jobs.ls(state=args.state, batch=args.batch, owner=args.owner,

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 SUBMIT_USAGE = ("submit [--count N] [--input NAME=PATH|SHA256 ...] [--output GLOB ...] "
                 "[--wall 10m] [--memory 1G] [--cpus N] [--env K=V ...] "
-                "[--after ID[,ID...]] [--after-policy hold|cancel] -- CMD")
+                "[--after ID[,ID...]] [--after-policy hold|cancel] "
+                "[--replicas N --quorum K] -- CMD")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +47,9 @@ def _submit_parser() -> _Parser:
     p.add_argument("--cpus", type=int)
     p.add_argument("--after", action="append", default=[])
     p.add_argument("--after-policy", choices=["hold", "cancel"])
+    p.add_argument("--replicas", type=int)
+    p.add_argument("--quorum", type=int)
+    p.add_argument("--max-replica-attempts", type=int)
     p.add_argument("command", nargs=argparse.REMAINDER)
     return p
 
@@ -75,7 +79,8 @@ def submit(store: JobStore, console: Console, rest: str) -> list[str]:
                       cpus=args.cpus,
                       after=[j.strip() for item in args.after for j in item.split(",")
                              if j.strip()],
-                      after_policy=args.after_policy)
+                      after_policy=args.after_policy, replicas=args.replicas,
+                      quorum=args.quorum, max_replica_attempts=args.max_replica_attempts)
     futures = store.submit_specs([dict(base, index=i) for i in range(args.count)])
     ids = [f.job for f in futures]
     console.print("\n".join(ids) if len(ids) <= 20 else

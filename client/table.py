@@ -83,6 +83,10 @@ def worker_detail(w: WorkerInfo) -> str:
     for key in ("apps", "packages", "data"):
         if shared.get(key):
             lines.append(f"shared {key:<5}{', '.join(shared[key])}")
+    if w.trust:  # replicated jobs' quorums (docs/jobs.md, "Replicas and quorum")
+        lines.append(f"trust       {'trusted' if w.trust.get('trusted') else 'UNTRUSTED'}: "
+                     f"{w.trust.get('valid', 0)} valid, {w.trust.get('invalid', 0)} invalid "
+                     "replica results")
     m = w.last_metrics
     if m:
         lines.append(

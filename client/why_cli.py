@@ -11,6 +11,8 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from client.cli_options import identity_options
+
 if TYPE_CHECKING:
     from broker.config import Config
 
@@ -22,10 +24,7 @@ def add_why_parser(sub: Any, common: AddOptions) -> None:
     help_text = "why a job is not running: its requirements against the workers, its place"
     p: argparse.ArgumentParser = sub.add_parser("why", help=help_text, description=help_text)
     common(p)
-    p.add_argument("--principal", "--id", dest="principal", default=argparse.SUPPRESS,
-                   help="principal id to connect as")
-    p.add_argument("--token", default=argparse.SUPPRESS,
-                   help="the principal's token (prefer XCLOUD_BUS_TOKEN)")
+    identity_options(p)
     p.add_argument("job", help="the job id (j-...)")
     p.add_argument("--json", action="store_true", help="the coordinator's reply as JSON")
     p.set_defaults(func=cmd_why)
@@ -67,4 +66,6 @@ def why_text(reply: dict[str, Any]) -> str:
     if reply.get("ahead") is not None:
         more = "+" if reply.get("ahead_more") else ""
         lines.append(f"queued jobs ahead of it: {reply.get('ahead')}{more}")
+    if reply.get("fairness"):  # fair share (docs/jobs.md, "Fair share and locality")
+        lines.append(f"share: {reply.get('fairness')}")
     return "\n".join(lines)

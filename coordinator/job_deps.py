@@ -9,6 +9,17 @@ a cancellation holds the waiting children (hold code ``dependency``) or, with
 ``after_policy: cancel``, cancels them (and so on down their own children). Parents must
 exist when the child is submitted, so a cycle cannot be built.
 
+Futures as inputs (docs/jobs.md, "Futures as inputs"): an input ``{name, job, output}``
+names an output file of a parent (or its ``stdout``/``stderr``); the parent joins
+``after`` (``link_inputs``, at submit). When the child is about to be assigned
+(``resolve_inputs``, from the scheduler) the item becomes a plain ``{name, sha256}`` read
+from the parent's counted result (``job_result``: the canonical one of a replicated job),
+the spec is rewritten and an ``xc_data_ref`` of kind job keeps the object for the child;
+so the worker, ``worker_may_read`` and the prefetch see only plain inputs. A parent that
+completed without that output holds the child (code ``input``, reason
+``input_missing: ...``). Empty files are not stored (the worker uploads nothing for
+them), so an empty output is a missing one.
+
 These functions run inside the caller's transaction, on ``coordinator.store.jobs``'s
 statements and models.
 """
@@ -17,19 +28,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from coordinator.errors import InvalidArgument, NotFound
-from coordinator.job_state import JobState
-from coordinator.store.job_records import HOLD_REASON_MAX, JobChange
+from coordinator.job_state import JOB_MACHINE, JobState
+from coordinator.store.job_records import HOLD_REASON_MAX, JobChange, JobRecord, ResultRecord
 from coordinator.store.statements import Statements
-from coordinator.store.values import chunks, loads, tuples
+from coordinator.store.values import chunks, dumps, loads, tuples
+
+if TYPE_CHECKING:
+    from coordinator.store import Store
 
 log = logging.getLogger(__name__)
 
 MAX_PARENTS = 64
 POLICIES = ("hold", "cancel")
 HOLD_CODE = "dependency"
+INPUT_HOLD_CODE = "input"  # the inputs are missing (envelope.json#/definitions/hold_code)
+STREAMS = ("stdout", "stderr")  # the outputs an input may name beside the output files
 # The columns ``submit_columns`` may set, as a job without ``after`` has them.
 COLUMN_DEFAULTS: dict[str, Any] = {"waiting": 0, "after": "[]", "hold_code": None,
                                    "hold_reason": None, "hold_detail": None, "ended_at": None}
@@ -41,6 +58,21 @@ def parents_of(spec: dict[str, Any]) -> list[str]:
     if not isinstance(after, list) or len(after) > MAX_PARENTS:
         raise InvalidArgument(f"after lists at most {MAX_PARENTS} job ids")
     return list(dict.fromkeys(str(p) for p in after))
+
+
+def input_refs(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The spec's inputs that are futures (``{name, job, output}``)."""
+    return [i for i in spec.get("inputs") or () if isinstance(i, dict) and "job" in i]
+
+
+def link_inputs(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with the jobs its future inputs name added to ``after`` (a future is a
+    dependency whether or not the client listed it)."""
+    jobs = [str(i["job"]) for i in input_refs(spec)]
+    if not jobs:
+        return spec
+    after = spec.get("after") or []
+    return {**spec, "after": list(dict.fromkeys([*map(str, after), *jobs]))}
 
 
 def policy_of(spec: dict[str, Any]) -> str:
@@ -136,3 +168,70 @@ def settle_children(sql: Statements, models: Any, parent: str, ended: JobState,
         log.info("job %s %s: %d dependent job(s) held or cancelled", parent, ended.value,
                  len(changes))
     return changes
+
+
+def output_ref(result: ResultRecord | None, output: str) -> dict[str, Any] | None:
+    """The data ref (``{sha256, size}``) of a completed job's ``output``: a stream name or
+    an output file's name; None when the job has no such (non-empty) output."""
+    if result is None:
+        return None
+    if output in STREAMS:
+        ref = result.stdout if output == "stdout" else result.stderr
+        return ref if isinstance(ref, dict) and ref.get("sha256") else None
+    for item in result.outputs:
+        if isinstance(item, dict) and item.get("name") == output and item.get("sha256"):
+            return item
+    return None
+
+
+def resolve_inputs(store: Store, job: JobRecord, t: float
+                   ) -> tuple[JobRecord | None, list[JobChange]]:
+    """Turn ``job``'s future inputs into data refs before it is assigned (its parents
+    have completed: ``waiting`` is 0). Returns the job with its rewritten spec, or None
+    (it is no longer queued, or held because a parent lacks the output: that change is
+    returned to announce). Results of completed jobs never change, so they are read
+    before the transaction, through the store's ``job_result``."""
+    refs = input_refs(job.spec)
+    if not refs:
+        return job, []
+    results = {p: store.job_result(p) for p in dict.fromkeys(str(i["job"]) for i in refs)}
+    inputs: list[dict[str, Any]] = []
+    resolved: set[str] = set()
+    missing = ""
+    for item in job.spec.get("inputs") or ():
+        if not (isinstance(item, dict) and "job" in item):
+            inputs.append(item)
+            continue
+        ref = output_ref(results[str(item["job"])], str(item["output"]))
+        if ref is None:
+            missing = (f"input_missing: job {item['job']} completed without output "
+                       f"{item['output']!r} (input {item['name']!r})")
+            break
+        inputs.append({"name": item["name"], "sha256": ref["sha256"]})
+        resolved.add(str(ref["sha256"]))
+    sql, models = store._sql, store.models
+    Obj, Ref = models.DataObject, models.DataRef
+    with store._session(), store.db.atomic():
+        rows = sql.rows("SELECT {state}, {waiting} FROM {job} WHERE {id} = {?}{lock}", job.id)
+        if not rows or rows[0]["state"] != JobState.QUEUED.value or rows[0]["waiting"]:
+            return None, []
+        if missing:
+            JOB_MACHINE.check(job.id, JobState.QUEUED, JobState.HELD)
+            sql.run("UPDATE {job} SET {state} = {?}, {hold_code} = {?}, {hold_reason} = {?}, "
+                    "{hold_detail} = {?}, {updated_at} = {?} WHERE {id} = {?} AND {state} = {?}",
+                    JobState.HELD.value, INPUT_HOLD_CODE, missing[:HOLD_REASON_MAX],
+                    "a future input names an output its job did not produce (empty files "
+                    "are not kept): submit this job again once a job produces it (a "
+                    "workflow rerun does)", t,
+                    job.id, JobState.QUEUED.value)
+            log.info("job %s held: %s", job.id, missing)
+            return None, [JobChange(job.id, job.owner, JobState.HELD, t, reason=missing)]
+        spec = {**job.spec, "inputs": inputs}
+        sql.run("UPDATE {job} SET {spec} = {?}, {updated_at} = {?} WHERE {id} = {?}",
+                dumps(spec), t, job.id)
+        for sha in sorted(resolved):
+            if (Obj.get_or_none(Obj.sha256 == sha) is not None and Ref.get_or_none(
+                    (Ref.sha256 == sha) & (Ref.kind == "job") & (Ref.ref_id == job.id)) is None):
+                Ref.insert(sha256=sha, kind="job", ref_id=job.id, owner=job.owner,
+                           created_at=t).execute()
+    return replace(job, spec=spec), []

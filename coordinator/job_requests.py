@@ -19,8 +19,11 @@ from typing import Any
 
 from broker.acl import Role
 from broker.bus import Bus, Incoming, Lane
+from coordinator import job_deps
 from coordinator.errors import NotFound
+from coordinator.fair_share import RECENT_S, summary_rows
 from coordinator.handling import Refusal, RequestGuard, guarded
+from coordinator.job_replicas import check_spec as replica_problem
 from coordinator.job_state import REPORTABLE, AttemptKind, JobState
 from coordinator.job_unmatchable import submit_warnings
 from coordinator.job_why import explain
@@ -40,6 +43,8 @@ from schemas.job_messages import (
     JobsShowReply,
     JobsSubmit,
     JobsSubmitted,
+    JobsSummary,
+    JobsSummaryReply,
     JobsWhy,
     JobsWhyReply,
 )
@@ -113,6 +118,7 @@ class JobRequests:
             "jobs.hold": self.jobs_hold,
             "jobs.release": self.jobs_release,
             "jobs.why": self.jobs_why,
+            "jobs.summary": self.jobs_summary,
             "attempt.started": self.attempt_started,
             "attempt.report": self.attempt_report,
         }
@@ -128,16 +134,21 @@ class JobRequests:
         req: JobsSubmit = incoming.body
         owner = incoming.sender
         assert owner is not None
+        req = JobsSubmit(jobs=[job_deps.link_inputs(s) for s in req.jobs])  # futures: after
         self._check_data(owner, req.jobs)
         for index, spec in enumerate(req.jobs):
             names = [i["name"] for i in spec.get("inputs") or ()]
             if len(names) != len(set(names)):
                 raise Refusal("invalid", f"job {index}: two inputs have the same name")
+            problem = replica_problem(spec)  # replicas, quorum (coordinator/job_replicas.py)
+            if problem:
+                raise Refusal("invalid", f"job {index}: {problem}")
         try:
             batch, ids = self.store.submit_jobs(owner, req.jobs, admin=self._is_admin(owner))
         except NotFound as e:  # a job in after: missing or someone else's
             raise Refusal("not_found", str(e)) from None
         log.info("batch %s: %s submitted %d job(s)", batch, owner, len(ids))
+        self.scheduler.fair.note([owner])  # it has queued work (fair share's owners)
         self.scheduler.poke()
         warnings = submit_warnings(self.store, ids, req.jobs)
         return JobsSubmitted(batch=batch, ids=ids, warnings=warnings or None)
@@ -148,7 +159,8 @@ class JobRequests:
         for spec in specs:
             if spec.get("stdin"):
                 hashes.add(str(spec["stdin"]))
-            hashes.update(str(i.get("sha256")) for i in spec.get("inputs") or ())
+            hashes.update(str(i.get("sha256")) for i in spec.get("inputs") or ()
+                          if "job" not in i)  # a future's data is checked when it runs
         admin = self._is_admin(owner)
         for sha in sorted(hashes):
             if not valid_sha256(sha):
@@ -228,7 +240,24 @@ class JobRequests:
         req: JobsWhy = incoming.body
         sender = incoming.sender
         assert sender is not None
-        return JobsWhyReply(**explain(self.store, self._own_job(req.job, sender)))
+        job = self._own_job(req.job, sender)
+        reply = explain(self.store, job)
+        if job.state is JobState.QUEUED:  # its share of the slots (coordinator/fair_share.py)
+            reply["fairness"] = self.scheduler.fair.describe(job.owner)[:256]
+        return JobsWhyReply(**reply)
+
+    def jobs_summary(self, incoming: Incoming) -> Body:
+        """Per principal: jobs by state and share of the busy slots (fair_share.py). An
+        admin sees every principal's line; a client its own, and the totals of all."""
+        _req: JobsSummary = incoming.body
+        sender = incoming.sender
+        assert sender is not None
+        rows, totals, more = summary_rows(
+            self.store, self.scheduler.fair,
+            principal=None if self._is_admin(sender) else sender)
+        return JobsSummaryReply(lines=rows, totals=totals, more=more or None,
+                                fair_share=self.scheduler.config.fair_share,
+                                window_s=RECENT_S)
 
     # -- workers ----------------------------------------------------------------------------
 

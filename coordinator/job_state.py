@@ -34,7 +34,10 @@ TERMINAL: frozenset[JobState] = frozenset({JobState.COMPLETED, JobState.FAILED,
                                            JobState.CANCELLED})
 
 JOB_MACHINE: StateMachine[JobState] = StateMachine("job", {
-    JobState.QUEUED: {JobState.RUNNING, JobState.HELD, JobState.CANCELLED},
+    # queued -> completed/failed: a replicated job is queued while it wants more replicas
+    # placed, and its running replicas' reports may decide it then (coordinator/job_replicas.py)
+    JobState.QUEUED: {JobState.RUNNING, JobState.HELD, JobState.CANCELLED,
+                      JobState.COMPLETED, JobState.FAILED},
     # back to queued: a failure with budget left (system or the job's own)
     JobState.RUNNING: {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED,
                        JobState.HELD, JobState.QUEUED},
@@ -59,6 +62,7 @@ class AttemptKind(StrEnum):
     INPUT_FAILED = "input_failed"
     CANCELLED = "cancelled"  # the job was cancelled or held while it ran
     STALE = "stale"  # (results only) a report for an attempt that was no longer current
+    INVALID = "invalid"  # a replica's result that disagreed with its job's quorum
 
     @property
     def live(self) -> bool:
@@ -67,8 +71,10 @@ class AttemptKind(StrEnum):
 
 LIVE_ATTEMPTS: frozenset[AttemptKind] = frozenset({AttemptKind.ASSIGNED,
                                                     AttemptKind.RUNNING})
-ENDINGS: frozenset[AttemptKind] = frozenset(
-    set(AttemptKind) - LIVE_ATTEMPTS - {AttemptKind.STALE})  # stale: results only
+ENDINGS: frozenset[AttemptKind] = frozenset(  # stale: results only; invalid: a verdict
+    set(AttemptKind) - LIVE_ATTEMPTS - {AttemptKind.STALE, AttemptKind.INVALID})
+# A replica's comparable result (exit code and output hashes): the quorum may find it invalid.
+RESULTS: frozenset[AttemptKind] = frozenset({AttemptKind.SUCCESS, AttemptKind.EXIT_NONZERO})
 SYSTEM_FAILURES: frozenset[AttemptKind] = frozenset({
     AttemptKind.WORKER_LOST, AttemptKind.LEASE_EXPIRED, AttemptKind.INPUT_FAILED})
 JOB_FAILURES: frozenset[AttemptKind] = frozenset({
@@ -81,6 +87,8 @@ ATTEMPT_MACHINE: StateMachine[AttemptKind] = StateMachine("attempt", {
     AttemptKind.ASSIGNED: {AttemptKind.RUNNING, *ENDINGS},
     AttemptKind.RUNNING: set(ENDINGS),
     **{kind: set() for kind in ENDINGS},
+    **{kind: {AttemptKind.INVALID} for kind in RESULTS},  # outvoted by the quorum
+    AttemptKind.INVALID: set(),
 })
 
 

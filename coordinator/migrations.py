@@ -494,6 +494,35 @@ def _v7_job_deps(db: Database) -> None:
     db.create_tables([type("V7JobEdge", (Model,), attrs)], safe=True)
 
 
+def _v9_fair_share(db: Database) -> None:
+    """Fair share (docs/jobs.md, "Fair share and locality"): the queue once more, with the
+    owner after what makes a job schedulable, so each owner's queue head is one index
+    range and the owners with queued work are found one index probe each."""
+    from playhouse.migrate import MySQLMigrator, SqliteMigrator
+    from playhouse.migrate import migrate as run_migration
+
+    migrator: Any = (MySQLMigrator(db) if isinstance(db, MySQLDatabase)
+                     else SqliteMigrator(db))
+    if "xc_job_state_waiting_owner_rank_submitted_at_id" not in {
+            i.name for i in db.get_indexes("xc_job")}:
+        run_migration(migrator.add_index(
+            "xc_job", ("state", "waiting", "owner", "rank", "submitted_at", "id"), False))
+
+
+def _v8_worker_trust(db: Database) -> None:
+    """Replicated jobs (docs/jobs.md, "Replicas and quorum"): each worker's replica results
+    found valid and invalid by quorums. The replica columns of ``xc_job`` are version 6's."""
+    attrs: dict[str, Any] = {
+        "worker_id": CharField(128, primary_key=True),
+        "valid": IntegerField(default=0),
+        "invalid": IntegerField(default=0),
+        "updated_at": DoubleField(),
+        "Meta": _meta(db, "xc_worker_trust"),
+        "__module__": __name__,
+    }
+    db.create_tables([type("V8WorkerTrust", (Model,), attrs)], safe=True)
+
+
 Migration = tuple[int, str, Callable[[Database], None]]
 
 MIGRATIONS: list[Migration] = [
@@ -504,6 +533,8 @@ MIGRATIONS: list[Migration] = [
     (5, "applications", _v5_apps),
     (6, "batch jobs, attempts, results", _v6_jobs),
     (7, "job dependencies: waiting parents, job edges", _v7_job_deps),
+    (8, "replicated jobs: worker trust", _v8_worker_trust),
+    (9, "fair share: the queue index by owner", _v9_fair_share),
 ]
 
 LATEST_VERSION: int = MIGRATIONS[-1][0]

@@ -402,7 +402,7 @@ class Job(BaseModel):
     (``state = queued AND waiting = 0 ORDER BY rank, submitted_at, id``) walks one
     ascending index on both backends. ``current_attempt`` is the fencing token: only that
     attempt may report. ``gpus`` and ``after``/``waiting`` (version 7: dependencies) are
-    used; ``replicas``/``quorum`` leave room for issue 11's replication (unused yet)."""
+    used; so are ``replicas``/``quorum`` (coordinator/job_replicas.py)."""
 
     id = CharField(RID_MAX, primary_key=True)
     batch = CharField(RID_MAX, index=True)
@@ -439,6 +439,8 @@ class Job(BaseModel):
         table_name = "xc_job"
         indexes = (
             (("state", "waiting", "rank", "submitted_at", "id"), False),  # the scheduler's queue
+            # each owner's queue (version 9: fair share, coordinator/fair_share.py)
+            (("state", "waiting", "owner", "rank", "submitted_at", "id"), False),
             (("owner", "submitted_at", "id"), False),  # jobs.list
         )
 
@@ -505,6 +507,19 @@ class JobEdge(BaseModel):
         primary_key = CompositeKey("parent", "child")
 
 
+class WorkerTrust(BaseModel):
+    """A worker's replica results judged by quorums (version 8; coordinator/job_replicas.py):
+    ``invalid`` >= 2 makes it untrusted."""
+
+    worker_id = CharField(ID_MAX, primary_key=True)
+    valid = IntegerField(default=0)
+    invalid = IntegerField(default=0)
+    updated_at = DoubleField()
+
+    class Meta:
+        table_name = "xc_worker_trust"
+
+
 MODELS: list[type[BaseModel]] = [
     SchemaVersion,
     Principal,
@@ -525,6 +540,7 @@ MODELS: list[type[BaseModel]] = [
     Attempt,
     JobResult,
     JobEdge,
+    WorkerTrust,
 ]
 
 
@@ -563,6 +579,7 @@ class BoundModels:
     Attempt: type[Attempt]
     JobResult: type[JobResult]
     JobEdge: type[JobEdge]
+    WorkerTrust: type[WorkerTrust]
 
     def __init__(self, db: Database) -> None:
         self.database = db

@@ -78,7 +78,9 @@ class RequestHandlers:
         if record is None:
             raise NotFound(f"no worker with id or name {req.worker!r}")
         events = self.store.worker_events(record.id, SHOW_EVENTS)
-        return WorkersShowReply(worker=wire.worker_detail(record, events))
+        detail = wire.worker_detail(record, events)
+        detail["trust"] = self.store.worker_trust(record.id).as_dict()  # job_replicas.py
+        return WorkersShowReply(worker=detail)
 
     def workers_drain(self, incoming: Incoming) -> Body:
         """Admin: stop giving a worker new work (drain) or resume. A drain survives the

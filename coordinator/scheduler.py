@@ -37,10 +37,13 @@ from typing import Any
 from broker.bus import Bus, BusError, RemoteError, RequestTimeout
 from broker.config import JobsConfig
 from broker.rate_limit import TokenBuckets
-from coordinator import gpu_capacity, job_matching
+from coordinator import gpu_capacity, job_deps, job_matching
 from coordinator.errors import CoordinatorError
+from coordinator.fair_share import FairShare
+from coordinator.job_locality import locality_score
 from coordinator.job_prefetch import prefetch_pass, steal_pass
-from coordinator.job_state import AttemptKind
+from coordinator.job_replicas import place_replica
+from coordinator.job_state import AttemptKind, JobState
 from coordinator.job_unmatchable import UnmatchableCheck
 from coordinator.registry import WorkerRegistry
 from coordinator.store import Store, WorkerRecord
@@ -60,6 +63,8 @@ SENT_MAX = 10_000
 
 class Capacity:
     """What one worker can still take in this pass."""
+
+    scheduler: JobScheduler | None = None  # whose pass (replicated jobs ask its store)
 
     def __init__(self, worker: WorkerRecord, usage: tuple[int, int, int],
                  gpus_held: int = 0) -> None:
@@ -125,6 +130,7 @@ class JobScheduler:
         self.last_pass_s = 0.0
         self._expiry_due = 0.0  # when a pass next looks for unacknowledged assignments
         self._pass_caps: list[Capacity] = []
+        self.fair = FairShare(store, config, clock)  # who gets the next slot
         self.unmatchable = UnmatchableCheck(  # holds jobs no known worker can run
             store, lambda: self.config.unmatchable_hold_s, self.announce)
 
@@ -194,6 +200,8 @@ class JobScheduler:
     def announce(self, changes: Iterable[JobChange]) -> None:
         """Tell each job's owner of its job's state change, and the admins' feed (one
         publish, qos 0: a live view; docs/security.md)."""
+        changes = list(changes)
+        self.fair.note_changes(changes)  # a requeue: its owner has queued work
         for change in changes:
             event = JobEvent(job=change.job, state=change.state.value, at=change.at,
                              attempt=change.attempt, worker=change.worker,
@@ -301,6 +309,8 @@ class JobScheduler:
                      if any(gpu_capacity.caps_gpus(w.caps) for w in workers) else {})
         caps = [Capacity(w, usage.get(w.id, (0, 0, 0)), gpus_held.get(w.id, 0))
                 for w in workers]
+        for cap in caps:
+            cap.scheduler = self
         self._pass_caps = caps  # all of them, full ones too: for prefetch_pass
         return [c for c in caps if c.free > 0]
 
@@ -312,7 +322,11 @@ class JobScheduler:
         assigned = 0
         page = max(1, total * max(1, self.config.candidates_per_slot))
         offset = 0
-        for _ in range(MAX_PAGES):
+        pages = MAX_PAGES
+        if total > 0 and self.fair.applies():  # several owners queued: fair_share.py
+            assigned, total = self.fair.match(self, free, total)
+            pages = 0
+        for _ in range(pages):
             if total <= 0:
                 break
             jobs = self.store.queued_jobs(page, offset)
@@ -353,9 +367,18 @@ class JobScheduler:
         if idle:
             steal_pass(self, idle)
 
+    def pass_caps(self) -> list[Capacity]:
+        """This pass's capacities, full workers too (coordinator/job_replicas.py)."""
+        return self._pass_caps
+
     @staticmethod
-    def _place(job: JobRecord, free: list[Capacity]) -> Capacity | None:
+    def _place(job: JobRecord, free: list[Capacity], *,
+               plain: bool = False) -> Capacity | None:
+        if not plain and (job.replicas > 1 or job.quorum > 1) and free and free[0].scheduler:
+            return place_replica(free[0].scheduler, job, free)  # coordinator/job_replicas.py
         best: Capacity | None = None
+        best_key = (0, 0)
+        score = locality_score(job)  # None for a job without inputs
         for cap in free:
             need = cap.slots_for(job)
             if need > cap.free or need > max(cap.worker.slots, 1):
@@ -364,17 +387,28 @@ class JobScheduler:
                 continue
             if requirement_mismatch(cap.worker, job.spec) is not None:
                 continue
-            if best is None or cap.free > best.free:
-                best = cap
+            # of those that fit: the one caching most of the job's inputs, then the most
+            # free slots (coordinator/job_locality.py)
+            key = (score(cap.worker) if score else 0, cap.free)
+            if best is None or key > best_key:
+                best, best_key = cap, key
         return best
 
     def _assign(self, job: JobRecord, target: Capacity) -> bool:
         wid = target.worker.id
+        if job_deps.input_refs(job.spec):  # futures as inputs: now data refs (job_deps)
+            resolved, held = job_deps.resolve_inputs(self.store, job, self._clock())
+            self.announce(held)
+            if resolved is None:
+                return False
+            job = resolved
         made = self.store.assign_job(job.id, wid, now=self._clock())
         if made is None:
             return False
         attempt, change = made
         self.announce([change])
+        if change.state is JobState.QUEUED:  # a replicated job wants more replicas placed
+            self.poke()
         hashes = [i["sha256"] for i in job.spec.get("inputs") or ()]
         stdin = job.spec.get("stdin")
         sizes = self.store.object_sizes([*hashes, *([stdin] if stdin else [])])

@@ -18,12 +18,13 @@ from schemas.outcome import Outcome
 JOB_STATES = ("queued", "running", "held", "completed", "failed", "cancelled")
 TERMINAL_JOB_STATES = frozenset({"completed", "failed", "cancelled"})
 ATTEMPT_KINDS = ("assigned", "running", "success", "exit_nonzero", "worker_lost",
-                 "lease_expired", "wall_clock", "oom", "input_failed", "cancelled", "stale")
+                 "lease_expired", "wall_clock", "oom", "input_failed", "cancelled", "stale",
+                 "invalid")
 REPORTED_KINDS = frozenset({"success", "exit_nonzero", "wall_clock", "oom", "input_failed",
                             "cancelled"})  # what a worker may say in attempt.report
 SYSTEM_FAILURES = frozenset({"worker_lost", "lease_expired", "input_failed"})
 JOB_FAILURES = frozenset({"exit_nonzero", "wall_clock", "oom"})
-HOLD_CODES = ("user", "unmatchable", "input", "dependency", "admin")
+HOLD_CODES = ("user", "unmatchable", "input", "dependency", "admin", "no_quorum")
 MAX_JOBS_PER_REQUEST = 500
 
 
@@ -128,6 +129,28 @@ class JobsWhyReply(Body):
     matching: dict[str, int] | None = None
     ahead: int | None = None
     ahead_more: bool | None = None
+    fairness: str | None = None  # the owner's slots and weight against the others' (fair share)
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsSummary(Body):
+    """Each principal's jobs and share of the busy slots (coordinator/fair_share.py)."""
+
+    TYPE: ClassVar[str] = "jobs.summary"
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobsSummaryReply(Body):
+    """Per principal (an admin: all; a client: its own) and the totals of all."""
+
+    TYPE: ClassVar[str] = "jobs.summary.reply"
+    lines: list[dict[str, Any]]  # one per principal
+    totals: dict[str, Any]
+    fair_share: bool
+    window_s: float
+    more: bool | None = None
 
 
 # -- coordinator -> owner --------------------------------------------------------------

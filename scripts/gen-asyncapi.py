@@ -31,8 +31,8 @@ DATA_REPLIES = ["data.list.reply","data.show.reply"]
 APP_REQUESTS = ["apps.add","apps.list","apps.show","apps.rm"]
 APP_REPLIES = ["apps.list.reply","apps.show.reply"]
 # Batch jobs (coordinator/job_requests.py, scheduler.py; docs/jobs.md).
-JOB_REQUESTS = ["jobs.submit","jobs.list","jobs.show","jobs.cancel","jobs.hold","jobs.release","jobs.why"]
-JOB_REPLIES = ["jobs.submitted","jobs.list.reply","jobs.show.reply","jobs.why.reply"]
+JOB_REQUESTS = ["jobs.submit","jobs.list","jobs.show","jobs.cancel","jobs.hold","jobs.release","jobs.why","jobs.summary"]
+JOB_REPLIES = ["jobs.submitted","jobs.list.reply","jobs.show.reply","jobs.why.reply","jobs.summary.reply"]
 JOB_WORKER_REQUESTS = ["job.assign","job.kill"]
 ATTEMPT_REPORTS = ["attempt.started","attempt.report"]
 JOB_FOLLOW = ["job.follow"]  # a job's owner follows its running attempt (worker/job_follow.py)

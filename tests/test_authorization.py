@@ -116,6 +116,7 @@ def coordinator_request(mtype: str, role: Role, rid: str) -> Body:
         "jobs.hold": {"jobs": ["j-0000000000000000"]},
         "jobs.release": {"jobs": ["j-0000000000000000"]},
         "jobs.why": {"job": "j-0000000000000000"},
+        "jobs.summary": {},
         "attempt.started": {"attempt": "a-0000000000000000"},
         "attempt.report": {"attempt": "a-0000000000000000", "kind": "success"},
     }

@@ -163,3 +163,49 @@ def test_parents_must_exist_and_be_the_submitters_own(grid: GridHarness) -> None
     # An admin may name anyone's job.
     (admins,) = JobClient(grid, "boss", "admin").submit({"command": "x", "after": [mine]})
     assert job(grid, admins).waiting == 1
+
+
+@BOTH_DBS
+def test_future_inputs_become_the_parents_result_refs(grid: GridHarness) -> None:
+    """An input ``{name, job, output}`` (docs/jobs.md, "Futures as inputs") joins
+    ``after`` and is a plain data ref by the time the worker gets the job; a missing
+    output holds the child (code input); a parent completed already resolves too."""
+    start_jobs_coordinator(grid)
+    alice = JobClient(grid, "alice")
+    w1 = JobWorker(grid, "w1")
+    w1.join(slots=8)
+    (p,) = alice.submit({"command": "p", "outputs": ["*.txt"]})
+    assert assigned_jobs(w1, 1) == [p]
+    (child, missing) = alice.submit(
+        {"command": "c", "inputs": [{"name": "in", "job": p, "output": "o.txt"},
+                                    {"name": "log", "job": p, "output": "stdout"}]},
+        {"command": "m", "inputs": [{"name": "x", "job": p, "output": "nope.txt"}]})
+    assert job(grid, child).spec["after"] == [p]
+    assert job(grid, child).waiting == 1
+    out, log = "a" * 64, "b" * 64
+    reply = w1.report_attempt(attempt_for(w1, p), "success", exit_code=0,
+                              stdout={"sha256": log, "size": 3},
+                              outputs=[{"name": "o.txt", "sha256": out, "size": 5}])
+    assert isinstance(reply, Ok)
+    body = next(a for a in w1.assigned(2) if a.job == child)
+    assert [(i["name"], i["sha256"]) for i in body.inputs] == [("in", out), ("log", log)]
+    assert job(grid, child).spec["inputs"] == [{"name": "in", "sha256": out},
+                                              {"name": "log", "sha256": log}]
+    held = wait_state(grid, missing, JobState.HELD)
+    assert held.hold_code == "input"
+    assert held.hold_reason is not None
+    assert "input_missing" in held.hold_reason
+    assert "nope.txt" in held.hold_reason
+    assert missing not in [a.job for a in w1.assigns]
+    # The parent has completed: a new child resolves at once (a workflow's rescue).
+    (late,) = alice.submit({"command": "l", "inputs": [{"name": "i", "job": p,
+                                                        "output": "o.txt"}]})
+    body = next(a for a in w1.assigned(3) if a.job == late)
+    assert [(i["name"], i["sha256"]) for i in body.inputs] == [("i", out)]
+    # Someone else's job cannot be a future input.
+    grid.add_principals(("bob", "client"))
+    bob = JobClient(grid, "bob")
+    theirs = bob.request(JobsSubmit(jobs=[{"command": "x", "inputs": [
+        {"name": "i", "job": p, "output": "o.txt"}]}]))
+    assert isinstance(theirs, Error)
+    assert theirs.code == "not_found"

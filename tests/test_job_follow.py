@@ -224,9 +224,10 @@ def _follows(tmp_path: Path, phase: str, *, poll_s: float = 0.01,
     return follows, bus, attempt
 
 
-def _ask(follows: JobFollows, sender: str, **offsets: int) -> None:
-    incoming = SimpleNamespace(sender=sender, body=JobFollow(attempt="a-1", follow="f1",
-                                                             **offsets))
+def _ask(follows: JobFollows, sender: str, stdout_offset: int | None = None,
+         stderr_offset: int | None = None) -> None:
+    incoming = SimpleNamespace(sender=sender, body=JobFollow(
+        attempt="a-1", follow="f1", stdout_offset=stdout_offset, stderr_offset=stderr_offset))
     follows.on_follow(incoming)  # type: ignore[arg-type]
 
 
@@ -308,9 +309,9 @@ def test_worker_follow_stops_when_its_own_follower_says_so(tmp_path: Path) -> No
             sender=sender, body=JobFollow(attempt="a-1", follow=follow, stop=True)))
 
     stop("mallory")  # not hers: nothing stops
-    assert bus.replies[-1] == ("error", "not_found")
+    assert bus.replies[-1:] == [("error", "not_found")]
     stop(ALICE, "f2")  # no such follow
-    assert bus.replies[-1] == ("error", "not_found")
+    assert bus.replies[-1:] == [("error", "not_found")]
     assert follows.active() == 1
     sent = len(bus.sent)
     stop(ALICE)

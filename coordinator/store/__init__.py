@@ -48,7 +48,9 @@ from coordinator.store.audit import AuditStore, ExecAuditRecord
 from coordinator.store.data import DataObjectRecord, DataRecord, DataStore
 from coordinator.store.engine import StoreBase
 from coordinator.store.heartbeats import HeartbeatReport, HeartbeatStore
+from coordinator.store.job_queue import JobQueueStore
 from coordinator.store.job_records import AttemptRecord, JobChange, JobRecord
+from coordinator.store.job_replicas import ReplicaStore
 from coordinator.store.jobs import JobStore
 from coordinator.store.metrics import MetricsStore
 from coordinator.store.principals import PrincipalRecord, PrincipalStore
@@ -81,5 +83,6 @@ __all__ = [
 
 
 class Store(PrincipalStore, ReservationStore, WorkerStore, HeartbeatStore, AuditStore,
-            MetricsStore, DataStore, AppStore, JobStore):
+            MetricsStore, DataStore, AppStore, JobStore, JobQueueStore,
+            ReplicaStore):
     """The coordinator's database. Open with ``Store.open(url)``; close when done."""

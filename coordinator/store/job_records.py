@@ -52,6 +52,8 @@ class JobRecord:
     hold_detail: str | None
     gpus: int = 0  # resources.gpus (docs/gpus.md)
     waiting: int = 0  # parents (after) not completed yet: queued but not schedulable
+    replicas: int = 1  # attempts on distinct workers (coordinator/job_replicas.py)
+    quorum: int = 1  # agreeing results that complete it
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +120,8 @@ def _job(row: dict[str, Any]) -> JobRecord:
         exit_code=row["exit_code"], started_at=row["started_at"], ended_at=row["ended_at"],
         hold_reason=row["hold_reason"], hold_code=row["hold_code"],
         hold_detail=row["hold_detail"], gpus=int(row.get("gpus") or 0),
-        waiting=int(row.get("waiting") or 0))
+        waiting=int(row.get("waiting") or 0), replicas=int(row.get("replicas") or 1),
+        quorum=int(row.get("quorum") or 1))
 
 
 def _attempt(row: dict[str, Any]) -> AttemptRecord:
@@ -149,4 +152,6 @@ def spec_columns(spec: dict[str, Any]) -> dict[str, Any]:
         "gpus": int(resources.get("gpus") or 0),
         "max_system_retries": int(spec.get("max_system_retries", DEFAULT_SYSTEM_RETRIES)),
         "max_retries": int(spec.get("max_retries", DEFAULT_RETRIES)),
+        "replicas": int(spec.get("replicas") or 1),
+        "quorum": int(spec.get("quorum") or 1),
     }

@@ -29,6 +29,7 @@ from coordinator.job_state import (
     Verdict,
     verdict,
 )
+from coordinator.store import job_replicas
 from coordinator.store.engine import StoreBase, op
 from coordinator.store.job_records import (
     ERROR_MAX,
@@ -258,6 +259,8 @@ class JobStore(StoreBase):
             if not rows or rows[0]["state"] != queued:
                 return None
             job = _job(rows[0])
+            if job.replicas > 1 or job.quorum > 1:  # coordinator/store/job_replicas.py
+                return job_replicas.assign_replica(self, job, wid, t)
             moved = sql.run(
                 "UPDATE {job} SET {state} = {?}, {current_attempt} = {?}, {worker} = {?}, "
                 "{attempts} = {attempts} + 1, {started_at} = {?}, {updated_at} = {?} "
@@ -389,11 +392,12 @@ class JobStore(StoreBase):
 
     def _end(self, aid: str, kind: AttemptKind, t: float, exit_code: int | None,
              error: str | None, *, spend: bool = True,
-             locked: dict[str, Any] | None = None,
-             started_at: float | None = None) -> list[JobChange]:
+             locked: dict[str, Any] | None = None, started_at: float | None = None,
+             report: dict[str, Any] | None = None) -> list[JobChange]:
         """``locked``: the attempt's row when the caller has already read it for update
         in this transaction (one query fewer on a report). ``started_at``: when the
-        worker says the command started (a short job sends no attempt.started)."""
+        worker says the command started (a short job sends no attempt.started).
+        ``report``: a report's fields, which a replicated job's quorum records itself."""
         sql = self._sql
         rows = [locked] if locked is not None else sql.rows(
             "SELECT * FROM {attempt} WHERE {id} = {?}{lock}", aid)
@@ -410,6 +414,9 @@ class JobStore(StoreBase):
         if not jobs:
             return []
         job = _job(jobs[0])
+        if job.replicas > 1 or job.quorum > 1:  # the quorum decides (job_replicas.py)
+            return job_replicas.end_replica(self, attempt, job, kind, t, exit_code,
+                                            spend=spend, report=report)
         if job.current_attempt != aid or job.state is not JobState.RUNNING:
             return []  # the job moved on (cancelled, held): this attempt decides nothing
         stop = frozenset(int(c) for c in job.spec.get("stop_exit_codes") or ())
@@ -466,9 +473,15 @@ class JobStore(StoreBase):
                 # A duplicate needs no lookup: a recorded report ended its attempt (or
                 # found it ended), so nothing below changes, and the result row's
                 # primary key refuses it (IntegrityError, rolled back, answered below).
+                report = {"outcome": outcome, "stdout": stdout, "stderr": stderr,
+                          "outputs": outputs, "started_at": started_at, "ended_at": ended_at}
                 changes = self._end(aid, kind, t, outcome.get("exit_code"),
                                     outcome.get("error"), locked=rows[0],
-                                    started_at=started_at) if attempt.kind.live else []
+                                    started_at=started_at,
+                                    report=report) if attempt.kind.live else []
+                if report.get("handled"):  # a replica: recorded by its quorum
+                    return ReportOutcome(recorded=True, counted=bool(report.get("counted")),
+                                         changes=tuple(changes))
                 counted = bool(changes)
                 sql.run("INSERT INTO {result} ({attempt_id}, {job_id}, {worker_id}, {kind}, "
                         "{counted}, {outcome}, {stdout}, {stderr}, {outputs}, {started_at}, "
@@ -538,7 +551,11 @@ class JobStore(StoreBase):
                     fields.update(hold_reason=None, hold_code=None, hold_detail=None)
                 if target is JobState.CANCELLED:
                     fields["ended_at"] = t
-                if job.current_attempt and job.state is JobState.RUNNING:
+                if job.replicas > 1 or job.quorum > 1:  # all its live replicas
+                    kills += job_replicas.cancel_replicas(
+                        self, jid, t, f"job {target.value} by {requester}",
+                        give_back=target is JobState.HELD)
+                elif job.current_attempt and job.state is JobState.RUNNING:
                     Attempt.update(kind=AttemptKind.CANCELLED.value, live=False, ended_at=t,
                                    error=f"job {target.value} by {requester}").where(
                         (Attempt.id == job.current_attempt)
