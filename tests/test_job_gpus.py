@@ -239,18 +239,18 @@ for index in range({count}):
 '''
 
 
-def gpu_worker(grid: GridHarness, monkeypatch: pytest.MonkeyPatch, name: str,
-               count: int, slots: int) -> None:
-    """``xcloud worker`` whose PATH finds a fake nvidia-smi with ``count`` GPUs."""
+def gpu_worker(grid: GridHarness, name: str, count: int, slots: int) -> None:
+    """``xcloud worker`` whose PATH finds a fake nvidia-smi with ``count`` GPUs. Only the
+    child's PATH: an in-process agent probing for GPUs meanwhile must not find it (this
+    test's PATH was once patched process-wide, and the plain worker saw two GPUs)."""
     bin_dir = grid.tmp_path / f"bin-{name}"
     bin_dir.mkdir()
     script = bin_dir / "nvidia-smi"
     script.write_text(FAKE_NVIDIA_SMI.format(python=sys.executable, count=count,
                                              capture=str(CAPTURE)))
     script.chmod(0o755)
-    with monkeypatch.context() as patch:
-        patch.setenv("PATH", os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
-        grid.start_worker(name, in_subprocess=True, slots=slots)
+    grid.start_worker(name, in_subprocess=True, slots=slots, env={
+        "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])})
 
 
 def submit_cli(grid: GridHarness, cwd: Path, *args: str, ok: bool = True) -> str:
@@ -287,10 +287,10 @@ def passes_go_by(grid: GridHarness, n: int = 3) -> None:
 @ONE_BROKER
 @ONE_DB
 def test_gpu_jobs_get_distinct_gpus_and_wait_for_a_free_one(
-        grid: GridHarness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        grid: GridHarness, tmp_path: Path) -> None:
     start_jobs_coordinator(grid)
     agent(grid, "plain", slots=4)  # no nvidia-smi on this PATH, no pynvml: no GPUs
-    gpu_worker(grid, monkeypatch, "gpu2", count=2, slots=4)
+    gpu_worker(grid, "gpu2", count=2, slots=4)
     gpu_record, plain_record = grid.worker_record("gpu2"), grid.worker_record("plain")
     assert gpu_record is not None
     assert plain_record is not None
