@@ -245,8 +245,10 @@ class Grid:
                 self._jobs = JobStore(self)
             return self._jobs
 
-    def submit(self, command: str | Sequence[Any], *args: Any, **options: Any) -> JobFuture:
-        """Run a shell command (a string, or an argv list) as a grid job; returns a
+    def submit(self, command: str | Sequence[Any] | None = None, *args: Any,
+               **options: Any) -> JobFuture:
+        """Run a shell command (a string, or an argv list) as a grid job, or a registered
+        application (``app="NAME"``, ``args=[...]``, ``app_version=...``); returns a
         ``concurrent.futures.Future`` of its ``JobResult`` (options: client/jobs.py)."""
         return self.jobs.submit(command, *args, **options)
 

@@ -111,6 +111,23 @@ def command_line(command: str | Sequence[Any], args: Sequence[Any] = ()) -> str:
     return line
 
 
+def app_spec(command: str | Sequence[Any] | None, args: Sequence[Any], app: str | None,
+             version: str | None, owner: str | None) -> dict[str, Any]:
+    """The ``command`` or ``app`` (with ``args``) part of a JobSpec: exactly one of them."""
+    if app is None:
+        if command is None:
+            raise InvalidRequest("give a command or an app")
+        return {"command": command_line(command, args)}
+    if command is not None:
+        raise InvalidRequest("give a command or an app, not both")
+    item: dict[str, Any] = {"name": str(app)}
+    if version is not None:
+        item["version"] = str(version)
+    if owner is not None:
+        item["owner"] = str(owner)
+    return {"app": item, **({"args": [str(a) for a in args]} if args else {})}
+
+
 def _input_item(name: str, value: Any, data: Callable[[InputValue], DataRef]
                 ) -> dict[str, Any]:
     """One JobSpec input: a future output (``{name, job, output}``) or a data ref."""
@@ -180,7 +197,9 @@ class JobStore:
 
     # -- submitting --------------------------------------------------------------------
 
-    def spec(self, command: str | Sequence[Any], *, args: Sequence[Any] = (),
+    def spec(self, command: str | Sequence[Any] | None = None, *, args: Sequence[Any] = (),
+             app: str | None = None, app_version: str | None = None,
+             app_owner: str | None = None,
              inputs: Mapping[str, JobInput] | None = None,
              outputs: Sequence[str] = (), env: Mapping[str, str] | None = None,
              stdin: InputValue | None = None, cpus: int | None = None,
@@ -204,8 +223,11 @@ class JobStore:
         (docs/jobs.md, "Dependencies"). ``inputs`` values: local files, data refs,
         SHA-256s, or other jobs' outputs (``future.output(name)``, or a future for its
         stdout), which also make this job wait for those jobs. ``replicas``, ``quorum``,
-        ``max_replica_attempts``, ``adaptive_after``: docs/jobs.md, "Replicas and quorum"."""
-        spec: dict[str, Any] = {"command": command_line(command, args)}
+        ``max_replica_attempts``, ``adaptive_after``: docs/jobs.md, "Replicas and quorum".
+        ``app`` (instead of ``command``): a registered application, at ``app_version``
+        (default latest) of ``app_owner`` (default you); ``args`` are appended to what it
+        runs (docs/jobs.md, "Applications as jobs")."""
+        spec: dict[str, Any] = app_spec(command, args, app, app_version, app_owner)
         items = [_input_item(str(n), v, self._data) for n, v in (inputs or {}).items()]
         parents = [p.job if isinstance(p, JobFuture) else str(p) for p in after]
         parents += [str(i["job"]) for i in items if "job" in i]
@@ -286,8 +308,12 @@ class JobStore:
             futures.extend(self._track(job) for job in reply.ids)
         return futures
 
-    def submit(self, command: str | Sequence[Any], *args: Any, **options: Any) -> JobFuture:
-        """One job (options as ``spec``); returns its future."""
+    def submit(self, command: str | Sequence[Any] | None = None, *args: Any,
+               **options: Any) -> JobFuture:
+        """One job (options as ``spec``; ``app="NAME"`` and no command runs an app with
+        ``args``); returns its future."""
+        if command is None and "args" in options:
+            args = (*args, *options.pop("args"))
         return self.submit_specs([self.spec(command, args=args, **options)])[0]
 
     def close(self) -> None:

@@ -37,7 +37,11 @@ def add_jobs_parsers(sub: Any, common: AddOptions) -> None:
         identity_options(p)
         return p
 
-    p = verb("submit", "submit batch jobs: xcloud submit [options] -- COMMAND [ARG...]")
+    p = verb("submit", "submit batch jobs: xcloud submit [options] -- COMMAND [ARG...], "
+             "or xcloud submit --app [OWNER/]NAME[@VERSION] [options] [ARG...]")
+    p.add_argument("--app", metavar="[OWNER/]NAME[@VERSION]",
+                   help="run this registered application (`xcloud app list`) with the "
+                   "arguments instead of a command")
     many = p.add_mutually_exclusive_group()
     many.add_argument("--count", type=int, default=1, metavar="N",
                       help="N jobs; each sees its index in XCLOUD_JOB_INDEX")
@@ -89,7 +93,7 @@ def add_jobs_parsers(sub: Any, common: AddOptions) -> None:
                    "and no invalid one")
     p.add_argument("--wait", action="store_true", help="wait for the jobs to end")
     p.add_argument("--json", action="store_true", help="print the ids as JSON")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND | ARG")
     p.set_defaults(func=cmd_submit)
 
     p = verb("jobs", "list your jobs (like condor_q)")
@@ -180,6 +184,18 @@ def _command(words: list[str]) -> str:
     return words[0] if len(words) == 1 else shlex.join(words)
 
 
+def _app(text: str, words: list[str]) -> dict[str, Any]:
+    """``--app [OWNER/]NAME[@VERSION]`` and its arguments: the spec options for an app."""
+    from client.errors import InvalidRequest
+
+    owner, _, rest = text.rpartition("/")
+    name, _, version = rest.partition("@")
+    if not name or (text.endswith("@")):
+        raise InvalidRequest(f"--app is [OWNER/]NAME[@VERSION], not {text!r}")
+    return {"app": name, "app_version": version or None, "app_owner": owner or None,
+            "args": words[1:] if words[:1] == ["--"] else words}
+
+
 def _sweep_lines(path: str) -> list[str]:
     from client.errors import InvalidRequest
 
@@ -197,7 +213,8 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
     from client.api import Grid
     from client.errors import InvalidRequest
 
-    command = _command(list(args.command))
+    app = _app(args.app, list(args.command)) if args.app else None
+    command = None if app else _command(list(args.command))
     if args.count < 1 or args.count > SWEEP_MAX:
         raise InvalidRequest(f"--count is 1 to {SWEEP_MAX}")
     env = _pairs(args.env, "--env")
@@ -215,12 +232,15 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
         "quorum": args.quorum, "max_replica_attempts": args.max_replica_attempts,
         "adaptive_after": args.adaptive_after}
     with Grid.connect(config) as grid:
-        base = grid.jobs.spec(command, env=env, **options)  # uploads the inputs once
+        base = grid.jobs.spec(command, env=env, **options, **(app or {}))  # uploads once
         specs: list[dict[str, Any]] = []
         if args.sweep:
             for index, line in enumerate(_sweep_lines(args.sweep)):
                 spec = dict(base, index=index, env={**env, "XCLOUD_SWEEP": line})
-                spec["command"] = command.replace("{}", shlex.quote(line))
+                if command is not None:
+                    spec["command"] = command.replace("{}", shlex.quote(line))
+                elif base.get("args"):  # an app's arguments: quoted by the coordinator
+                    spec["args"] = [a.replace("{}", line) for a in base["args"]]
                 specs.append(spec)
         else:
             specs = [dict(base, index=i) for i in range(args.count)]

@@ -3,6 +3,7 @@
 ``grid.jobs`` (client/jobs.py), like ``xcloud submit`` and friends.
 
     submit [--count N] [--input NAME=PATH ...] [--output GLOB ...] [--wall 10m] -- CMD
+    submit --app NAME[@VERSION] [OPTIONS] [-- ARG...]
     jobs [STATE] | jobs --watch [--all]
     wait ID... | --all
     results ID [DIR]
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 SUBMIT_USAGE = ("submit [--count N] [--input NAME=PATH|SHA256 ...] [--output GLOB ...] "
                 "[--wall 10m] [--memory 1G] [--cpus N] [--env K=V ...] "
                 "[--after ID[,ID...]] [--after-policy hold|cancel] "
-                "[--replicas N --quorum K] -- CMD")
+                "[--replicas N --quorum K] -- CMD, or submit --app NAME[@VERSION] "
+                "[OPTIONS] [-- ARG...]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +41,7 @@ class _Parser(argparse.ArgumentParser):
 def _submit_parser() -> _Parser:
     p = _Parser(prog="submit", add_help=False)
     p.add_argument("--count", type=int, default=1)
+    p.add_argument("--app")
     p.add_argument("--input", action="append", default=[])
     p.add_argument("--output", action="append", default=[])
     p.add_argument("--env", action="append", default=[])
@@ -59,22 +62,24 @@ def submit(store: JobStore, console: Console, rest: str) -> list[str]:
     command line: ``$VARS`` expand on the worker). Prints and returns the new job ids."""
     import shlex
 
-    from client.jobs_cli import _inputs, _pairs
+    from client.jobs_cli import _app, _inputs, _pairs
 
     options, sep, command = f" {rest}".partition(" -- ")
-    if not sep or not command.strip():
-        raise ShellError(f"usage: {SUBMIT_USAGE}")
     try:
         words = shlex.split(options)
+        args = _submit_parser().parse_args(words)
+        # --app NAME[@VERSION]: what follows -- are its arguments (split like a shell's)
+        app = _app(args.app, shlex.split(command)) if args.app else {}
     except ValueError as err:
         raise ShellError(str(err)) from None
-    args = _submit_parser().parse_args(words)
+    if not app and (not sep or not command.strip()):
+        raise ShellError(f"usage: {SUBMIT_USAGE}")
     if args.command:
         raise ShellError(f"unexpected {args.command[0]!r} before --; usage: {SUBMIT_USAGE}")
     if not 1 <= args.count <= 100_000:
         raise ShellError("--count is 1 to 100000")
-    command = command.strip()
-    base = store.spec(command, inputs=_inputs(args.input), outputs=args.output,
+    base = store.spec(None if app else command.strip(), **app,
+                      inputs=_inputs(args.input), outputs=args.output,
                       env=_pairs(args.env, "--env"), wall=args.wall, memory=args.memory,
                       cpus=args.cpus,
                       after=[j.strip() for item in args.after for j in item.split(",")

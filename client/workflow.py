@@ -171,8 +171,13 @@ def _node(file: Path, name: Any, table: Any, defaults: dict[str, Any],
     if bad:
         raise WorkflowError(f"{where}: unknown key(s) {', '.join(bad)} "
                             f"(known: {', '.join(sorted(keys))})")
-    if not isinstance(options.get("command"), (str, list)) or not options["command"]:
-        raise WorkflowError(f"{where}: needs a command (a string or a list of words)")
+    if "app" in options:  # a registered application (docs/jobs.md, Applications as jobs)
+        if "command" in options or not isinstance(options["app"], str):
+            raise WorkflowError(f"{where}: app is an application's name, and a job has "
+                                "a command or an app, not both")
+    elif not isinstance(options.get("command"), (str, list)) or not options["command"]:
+        raise WorkflowError(f"{where}: needs a command (a string or a list of words) "
+                            "or an app")
     after = options.pop("after", [])
     if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
         raise WorkflowError(f"{where}: after is a list of job names")
@@ -345,7 +350,7 @@ def _specs(grid: Grid, wf: Workflow, node: Node, runs: dict[str, NodeRun]
            ) -> list[dict[str, Any]]:
     """The JobSpecs of one node (``count`` of them), its parents' jobs already known."""
     options = dict(node.options)
-    command = options.pop("command")
+    command = options.pop("command", None)  # None: the node runs an app
     labels = {**(options.pop("labels", None) or {}), "workflow": wf.path.stem}
     if isinstance(options.get("stdin"), str):
         options["stdin"] = wf.local(options["stdin"]) or options["stdin"]

@@ -379,6 +379,13 @@ class DataSource:
             raise TransferRefused("forbidden", f"worker {wid} may fetch only data that "
                                   "the work it serves refers to")
         entries = self.store.data_entries(sha)
-        if not entries:
+        if entries:
+            return entries[0]
+        # Kept by a reference only (an app's binary whose name was removed or reused):
+        # the work refers to the bytes, which is what a worker may fetch.
+        obj = self.store.data_object(sha)
+        if obj is None:
             raise TransferRefused("not_found", f"no data object {sha[:12]}…")
-        return entries[0]
+        return DataRecord(id="", owner="", name=sha, sha256=sha, size=obj.size,
+                          access="private", share=(), created_at=obj.created_at,
+                          last_used_at=obj.last_used_at, expires_at=None)

@@ -6,8 +6,9 @@ these predicates, so what ``why`` reports is exactly what the scheduler decides.
 predicate returns why ``worker`` fails that one requirement, or None; the reasons and
 their order are those of ``coordinator.matching.mismatch`` (reservations), which jobs
 shared before: worker, CPUs and memory minimums, tags, os, arch, executor, image, GPU
-name. Capacity (cpus and memory per slot, GPUs) is a separate group: the scheduler checks
-it per pass against free slots; here only whether the worker could *ever* hold the job.
+name; then the app a job runs (coordinator/job_apps.py). Capacity (cpus and memory per
+slot, GPUs) is a separate group: the scheduler checks it per pass against free slots;
+here only whether the worker could *ever* hold the job.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from functools import partial
 from typing import Any
 
 from coordinator import gpu_capacity
+from coordinator.job_apps import app_of, app_reason
 from coordinator.store import WorkerRecord
 
 Check = Callable[[WorkerRecord], str | None]
@@ -140,7 +142,8 @@ def requirement_mismatch(worker: WorkerRecord, spec: Mapping[str, Any]) -> str |
             or host_reason(worker, "arch", _str(req.get("arch")))
             or executor_reason(worker, _str(req.get("executor")), image)
             or image_reason(worker, image)
-            or gpu_name_reason(worker, req))
+            or gpu_name_reason(worker, req)
+            or app_reason(worker.caps, app_of(spec)))
 
 
 def job_cpus(spec: Mapping[str, Any]) -> int:
@@ -208,6 +211,14 @@ def requirements_of(spec: Mapping[str, Any]) -> list[Requirement]:
         name = _str(req.get("gpu_name")) or ""
         out.append(Requirement("gpu_name", name, lambda w: gpu_name_reason(w, req),
                                f"no worker has a GPU named like {name}"))
+    app = app_of(spec)  # the app's snapshot (coordinator/job_apps.py), read once
+    if app is not None:
+        label = f"{app.name} {app.version}"
+        platforms = ", ".join(b.platform for b in app.binaries)
+        out.append(Requirement("app", label, lambda w: app_reason(w.caps, app),
+                               f"no worker can run app {label}" + (
+                                   f": it has binaries for {platforms} only"
+                                   if platforms else "")))
     cpus, memory = job_cpus(spec), job_memory(spec)
     out.append(Requirement("cpus", str(cpus), lambda w: cpus_reason(w, cpus),
                            f"no worker has {cpus} CPUs"))

@@ -19,7 +19,7 @@ from typing import Any
 
 from broker.acl import Role
 from broker.bus import Bus, Incoming, Lane
-from coordinator import job_deps
+from coordinator import job_apps, job_deps
 from coordinator.errors import NotFound
 from coordinator.fair_share import RECENT_S, summary_rows
 from coordinator.handling import Refusal, RequestGuard, guarded
@@ -135,6 +135,9 @@ class JobRequests:
         owner = incoming.sender
         assert owner is not None
         req = JobsSubmit(jobs=[job_deps.link_inputs(s) for s in req.jobs])  # futures: after
+        admin = self._is_admin(owner)  # apps: pinned and checked (coordinator/job_apps.py)
+        req = JobsSubmit(jobs=[job_apps.pin(self.store, owner, s, admin=admin, index=i)
+                               for i, s in enumerate(req.jobs)])
         self._check_data(owner, req.jobs)
         for index, spec in enumerate(req.jobs):
             names = [i["name"] for i in spec.get("inputs") or ()]

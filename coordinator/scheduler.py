@@ -37,7 +37,7 @@ from typing import Any
 from broker.bus import Bus, BusError, RemoteError, RequestTimeout
 from broker.config import JobsConfig
 from broker.rate_limit import TokenBuckets
-from coordinator import gpu_capacity, job_deps, job_matching
+from coordinator import gpu_capacity, job_apps, job_deps, job_matching
 from coordinator.errors import CoordinatorError
 from coordinator.fair_share import FairShare
 from coordinator.job_locality import locality_score
@@ -47,6 +47,7 @@ from coordinator.job_state import AttemptKind, JobState
 from coordinator.job_unmatchable import UnmatchableCheck
 from coordinator.registry import WorkerRegistry
 from coordinator.store import Store, WorkerRecord
+from coordinator.store.apps import Unresolvable
 from coordinator.store.job_records import AttemptRecord, JobChange, JobRecord
 from coordinator.worker_state import WorkerState
 from schemas.job_messages import JobAssign, JobEvent, JobKill
@@ -402,6 +403,11 @@ class JobScheduler:
             if resolved is None:
                 return False
             job = resolved
+        try:  # a binaries app: this worker's binary, placed executable (job_apps.py)
+            binary = job_apps.app_input(job.spec, target.worker.caps)
+        except Unresolvable as err:
+            log.warning("job %s not assigned to %s: %s", job.id, wid, err)
+            return False
         made = self.store.assign_job(job.id, wid, now=self._clock())
         if made is None:
             return False
@@ -409,13 +415,14 @@ class JobScheduler:
         self.announce([change])
         if change.state is JobState.QUEUED:  # a replicated job wants more replicas placed
             self.poke()
-        hashes = [i["sha256"] for i in job.spec.get("inputs") or ()]
+        files = [*(job.spec.get("inputs") or ()), *([binary] if binary else [])]
+        hashes = [i["sha256"] for i in files]
         stdin = job.spec.get("stdin")
         sizes = self.store.object_sizes([*hashes, *([stdin] if stdin else [])])
         body = JobAssign(
             attempt=attempt.id, job=job.id, owner=job.owner, spec=job.spec,
-            inputs=[{"name": i["name"], "sha256": i["sha256"], "size": sizes.get(i["sha256"], 0)}
-                    for i in job.spec.get("inputs") or ()],
+            inputs=[{"name": i["name"], "sha256": i["sha256"], "size": sizes.get(i["sha256"], 0),
+                     **({"exec": True} if i.get("exec") else {})} for i in files],
             stdin={"sha256": stdin, "size": sizes.get(stdin, 0)} if stdin else None,
             lease_s=self.config.lease_s)
         pool = self._pool

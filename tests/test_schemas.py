@@ -67,6 +67,9 @@ def sample(schema: Any, full: bool = False, top: bool = False) -> Any:
         return schema["const"]
     if "enum" in schema:
         return schema["enum"][0]
+    if "anyOf" in schema and "properties" in schema:  # alternatives of required keys
+        schema = {**{k: v for k, v in schema.items() if k != "anyOf"}, "required": [
+            *schema.get("required", []), *schema["anyOf"][0].get("required", [])]}
     if "anyOf" in schema:
         return sample(schema["anyOf"][0], full)
     t = _type_of(schema)
@@ -616,6 +619,8 @@ def largest(schema: Any, where: str = "") -> Any:
         return schema["const"]
     if "enum" in schema:
         return max(schema["enum"], key=_encoded)
+    if "anyOf" in schema and "properties" in schema:  # alternatives of required keys
+        schema = {k: v for k, v in schema.items() if k != "anyOf"}  # all keys are present
     if "anyOf" in schema:
         return max((largest(s, where) for s in schema["anyOf"]), key=_encoded)
     t = _type_of(schema)

@@ -48,9 +48,10 @@ def safe_relative(name: str) -> PurePosixPath:
     return path
 
 
-def place(source: Path, workdir: Path, name: str) -> Path:
+def place(source: Path, workdir: Path, name: str, *, executable: bool = False) -> Path:
     """Copy ``source`` to ``workdir/name`` (parents created, readable by a container
-    user); refuses a destination that goes through a symlink."""
+    user; ``executable``: an app's binary, flagged ``exec`` by the coordinator, not
+    guessed from its name); refuses a destination that goes through a symlink."""
     rel = safe_relative(name)
     current = workdir
     for part in rel.parts[:-1]:
@@ -66,7 +67,7 @@ def place(source: Path, workdir: Path, name: str) -> Path:
     if dest.is_symlink() or dest.is_dir():
         raise JobFileError(f"input {name!r} collides with an existing entry")
     shutil.copyfile(source, dest)
-    os.chmod(dest, 0o644)
+    os.chmod(dest, 0o755 if executable else 0o644)
     return dest
 
 

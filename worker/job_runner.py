@@ -396,7 +396,8 @@ class JobRunner:
         try:
             for item in record.inputs:
                 with self.cache.use(str(item["sha256"])) as source:
-                    place(source, workdir, str(item["name"]))
+                    place(source, workdir, str(item["name"]),
+                          executable=item.get("exec") is True)
             if record.stdin:
                 with self.cache.use(str(record.stdin["sha256"])) as source:
                     place(source, workdir, STDIN_NAME)

@@ -137,6 +137,10 @@ def _input_hashes(spec: dict[str, Any]) -> set[str]:
               and isinstance(i.get("sha256"), str)}
     if isinstance(spec.get("stdin"), str):
         hashes.add(spec["stdin"])
+    app = spec.get("app")  # an app job's binaries (coordinator/job_apps.py)
+    binaries = app.get("binaries") if isinstance(app, dict) else None
+    if isinstance(binaries, dict):
+        hashes.update(s for s in binaries.values() if isinstance(s, str))
     return hashes
 
 

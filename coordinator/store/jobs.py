@@ -576,18 +576,12 @@ class JobStore(StoreBase):
 
     @op
     def worker_may_read(self, wid: str, sha256: str) -> bool:
-        """Is ``sha256`` the stdin or an input of a job live on worker ``wid``?"""
+        """Is ``sha256`` the stdin, an input or an app binary of a job live on ``wid``?"""
         Job, Attempt = self.models.Job, self.models.Attempt
         query = (Job.select(Job.spec).join(Attempt, on=(Attempt.job_id == Job.id))
                  .where((Attempt.live == True) & (Attempt.worker_id == wid)))  # noqa: E712
-        for (text,) in tuples(query):
-            spec = loads(text, {})
-            if spec.get("stdin") == sha256:
-                return True
-            if any(isinstance(i, dict) and i.get("sha256") == sha256
-                   for i in spec.get("inputs") or ()):
-                return True
-        return False
+        # stdin, inputs and an app job's binaries (job_records._input_hashes)
+        return any(sha256 in _input_hashes(loads(text, {})) for (text,) in tuples(query))
 
     @op
     def attempt_grant(self, aid: str, wid: str) -> tuple[str, str] | None:
