@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from broker.bus import RemoteError
+from client.api import Grid
 from schemas.codec import encode, envelope
 from schemas.job_messages import JobFollow, JobOutput
 from schemas.messages import Ok
@@ -51,6 +52,22 @@ def gated(gate: Path) -> str:
             "seq 1 20000")
 
 
+def gated_job(grid: GridHarness, tmp_path: Path, *others: str
+              ) -> tuple[JobFollows, Grid, Path, str]:
+    """A jobs coordinator, worker w1 in this process, and alice's gated job submitted:
+    (w1's follows, alice's client, the gate, the job id). Principals first (``others``
+    too): adding one later reloads the broker's credentials, which can stall a loaded
+    machine for longer than the tests' heartbeat tolerance."""
+    grid.add_principals((ALICE, "client"), *((o, "client") for o in others))
+    start_jobs_coordinator(grid)
+    worker = agent(grid, "w1")
+    assert worker.agent is not None
+    assert worker.agent.jobs is not None
+    client = alice(grid)
+    gate = tmp_path / "gate"
+    return worker.agent.jobs.follows, client, gate, client.submit(gated(gate), wall=60).job
+
+
 def running_attempt(client: object, job: str) -> tuple[str, str]:
     reply = client.jobs.show(job)  # type: ignore[attr-defined]
     for item in reply.attempts:
@@ -60,17 +77,7 @@ def running_attempt(client: object, job: str) -> tuple[str, str]:
 
 
 def test_follow_is_live_complete_and_owner_only(grid: GridHarness, tmp_path: Path) -> None:
-    # Principals first: adding one later reloads the broker's credentials, which can stall
-    # a loaded machine for longer than the tests' 0.6 s heartbeat tolerance.
-    grid.add_principals((ALICE, "client"), ("bob", "client"))
-    start_jobs_coordinator(grid)
-    worker = agent(grid, "w1")
-    assert worker.agent is not None
-    assert worker.agent.jobs is not None
-    follows = worker.agent.jobs.follows
-    client = alice(grid)
-    gate = tmp_path / "gate"
-    job = client.submit(gated(gate), wall=60).job
+    follows, client, gate, job = gated_job(grid, tmp_path, "bob")
 
     got: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
     stream: Iterator[tuple[str, bytes]] = client.jobs.follow(job)
@@ -122,15 +129,7 @@ def test_a_follower_that_leaves_stops_the_workers_stream(grid: GridHarness,
                                                          tmp_path: Path) -> None:
     """Closing the follow (Ctrl-C in `xcloud logs -f`) tells the worker at once: its
     follow ends while the job still runs, not an hour later."""
-    grid.add_principals((ALICE, "client"))
-    start_jobs_coordinator(grid)
-    worker = agent(grid, "w1")
-    assert worker.agent is not None
-    assert worker.agent.jobs is not None
-    follows = worker.agent.jobs.follows
-    client = alice(grid)
-    gate = tmp_path / "gate"
-    job = client.submit(gated(gate), wall=60).job
+    follows, client, gate, job = gated_job(grid, tmp_path)
     stream = client.jobs.follow(job)
     first = b""
     while b"first\n" not in first:
