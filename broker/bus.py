@@ -515,8 +515,13 @@ class Bus:
     # -- lanes -------------------------------------------------------------------------
 
     def _lane(self, name: Lane) -> _Lane:
+        """The lane ``name``, its thread started on first use. Once the bus is stopping no
+        thread starts: an inbox message still being dispatched when ``stop`` took its list
+        of lanes would otherwise start one that nothing ever ends."""
         with self._lock:
             lane = self._lanes.get(name)
+            if lane is None and self._stopping:
+                return _Lane(name)  # no thread: what is put there is dropped with the bus
             if lane is None:
                 lane = _Lane(name)
                 lane.thread = threading.Thread(

@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -486,3 +487,20 @@ def test_stop_after_a_cancelled_request_and_no_pending_leak(grid: GridHarness) -
         waiting.result(1)
     assert not [t for t in threading.enumerate()
                 if t.name.startswith(f"bus-{alice.client_id}")], "lanes left running"
+
+
+def test_a_message_dispatched_while_the_bus_stops_starts_no_lane_thread() -> None:
+    """An inbox handler's lane starts with its first message. That message may still be
+    on its way (the inbox lane drains its queue) when ``stop`` has taken its list of
+    lanes: a thread started then was never told to end (a leaked ``bus-…-default``)."""
+    bus = Bus(BusConfig(url="mqtt://127.0.0.1:1", principal="p"), inbox="xcloud/client/p/inbox")
+    seen: list[object] = []
+    bus.on_inbox("job.event", seen.append)  # Lane.DEFAULT, not started yet
+    before = {t.ident for t in threading.enumerate()}
+    bus.stop()
+    late = SimpleNamespace(topic="xcloud/client/p/inbox/coordinator",
+                           message=SimpleNamespace(type="job.event", re=None))
+    bus._dispatch_inbox(late)  # type: ignore[arg-type]
+    started = [t.name for t in threading.enumerate() if t.ident not in before]
+    assert started == []
+    assert seen == []
