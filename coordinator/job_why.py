@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from coordinator import gpu_capacity, job_matching
+from coordinator import gpu_capacity, job_matching, job_replicas
 from coordinator.job_state import JobState
 from coordinator.scheduler import Capacity
 from coordinator.store import Store, WorkerRecord
@@ -72,9 +72,13 @@ def explain(store: Store, job: JobRecord) -> dict[str, Any]:
                               f"{requirement.check(rejecting[0])}")[:REASON_MAX]
         rows.append((requirement, row))
     matching = [w for w in online if job_matching.never_fits(w, job.spec) is None]
+    blocked = ""
+    replicas = _replica_wait(store, job, matching)
+    if replicas is not None:  # only workers that may take its next replica count
+        matching, blocked = replicas
     counts = _slot_counts(store, job, matching)
     ahead, more = jobs_ahead(store, job)
-    verdict = _verdict(len(known), online, rows, counts, ahead, more)
+    verdict = blocked or _verdict(len(known), online, rows, counts, ahead, more)
     if job.waiting:  # after: not schedulable before its parents completed
         verdict = f"waiting for {job.waiting} parent job(s) to complete (after)"
     reply.update(
@@ -83,6 +87,25 @@ def explain(store: Store, job: JobRecord) -> dict[str, Any]:
         matching=counts, ahead=ahead, ahead_more=more or None,
         verdict=verdict[:REASON_MAX])
     return reply
+
+
+def _replica_wait(store: Store, job: JobRecord, matching: list[WorkerRecord]
+                  ) -> tuple[list[WorkerRecord], str] | None:
+    """For a replicated job: the matching workers that may take its next replica (never
+    one holding or having run one, nor an untrusted one: coordinator/job_replicas.py)
+    and, when none may, the verdict that says so. None for an unreplicated job."""
+    if not job_replicas.is_replicated(job.replicas, job.quorum):
+        return None
+    view = store.replica_view(job.id)
+    eligible = [w for w in matching if w.id not in view.workers and w.id not in view.untrusted]
+    if eligible or not matching:
+        return eligible, ""
+    ran = sum(1 for w in matching if w.id in view.workers)
+    untrusted = sum(1 for w in matching if w.id in view.untrusted and w.id not in view.workers)
+    return eligible, (f"waiting for another worker: its replicas run on distinct workers, and "
+                      f"of the {len(matching)} matching, {ran} hold or ran one of its replicas"
+                      f"{f' and {untrusted} are untrusted' if untrusted else ''}; it wants "
+                      f"{view.more} more")
 
 
 def _slot_counts(store: Store, job: JobRecord, matching: list[WorkerRecord]

@@ -30,6 +30,8 @@ from schemas.job_messages import (
     JobsShow,
     JobsShowReply,
     JobsSubmit,
+    JobsWhy,
+    JobsWhyReply,
 )
 from schemas.messages import Error, Ok, WorkersShow, WorkersShowReply
 from tests.fixtures.backends import BOTH_DBS
@@ -259,6 +261,21 @@ def test_cancel_kills_every_live_replica(grid: GridHarness) -> None:
     assert late.detail == {"recorded": True, "counted": False}
     assert job(grid, jid).state is JobState.CANCELLED
     assert alice.states_of(jid).count("cancelled") == 1
+
+
+def test_why_says_a_replicated_job_waits_for_a_distinct_worker(grid: GridHarness) -> None:
+    """Three replicas, two workers: the third waits for a worker that ran none, and `why`
+    says so instead of 'waiting for a free slot' (neither busy worker may take it)."""
+    alice, _workers, jid = replicated(grid, 2, {"command": "sleep 60", "replicas": 3,
+                                                "quorum": 2})
+    assert job(grid, jid).state is JobState.QUEUED, "it still wants a third replica"
+    reply = alice.request(JobsWhy(job=jid))
+    assert isinstance(reply, JobsWhyReply), reply
+    assert "distinct workers" in reply.verdict, reply.verdict
+    assert "of the 2 matching, 2 hold or ran one of its replicas" in reply.verdict
+    assert "it wants 1 more" in reply.verdict
+    assert reply.matching is not None
+    assert reply.matching["all"] == 0
 
 
 @BOTH_DBS
