@@ -37,12 +37,9 @@ import signal as _signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, ClassVar
-
-import psutil
 
 from broker.config import WorkerConfig
 from worker.executors import reaper
@@ -63,6 +60,7 @@ from worker.executors.base import (
 )
 from worker.executors.cgroups import CgroupError, SessionCgroup
 from worker.executors.containment import Containment
+from worker.executors.marked import kill_marked
 from worker.sessions import remove_tree, safe_name
 from worker.terminal import DRAIN_S, PtyInput, attach_prelude, login_shell, open_pty, pump_pty
 from worker.thread_reuse import ThreadReuse
@@ -197,7 +195,7 @@ class ProcessExecutor(Executor):
         # cgroup proves nothing is left: the scan of every process's environment (the
         # dearest step of a short job's end) is only for sessions without one.
         if not self.containment.drop(session.session_id):
-            self._kill_marked(lambda env: env.get("XCLOUD_RESERVATION") == session.session_id
+            kill_marked(lambda env: env.get("XCLOUD_RESERVATION") == session.session_id
                               and env.get("XCLOUD_WORKDIR") == session.workdir)
         for task in running:
             if not task.done.wait(self.kill_grace_s):
@@ -243,7 +241,7 @@ class ProcessExecutor(Executor):
             workdir = env.get("XCLOUD_WORKDIR", "")
             return key in recorded or workdir.startswith(root)
 
-        killed += self._kill_marked(orphan)
+        killed += kill_marked(orphan)
         if killed:
             log.warning("killed %d process(es) left over by a previous run", killed)
         return killed
@@ -365,7 +363,7 @@ class ProcessExecutor(Executor):
         self._killpg(task, _signal.SIGKILL)
         if not task.done.is_set():
             reaper.kill_sessions([task.proc.pid])
-        self._kill_marked(lambda env: env.get("XCLOUD_RESERVATION") == handle.session_id
+        kill_marked(lambda env: env.get("XCLOUD_RESERVATION") == handle.session_id
                           and env.get("XCLOUD_EXEC_ID") == handle.task_id
                           and env.get("XCLOUD_WORKDIR") == task.workdir)
         if task.done.wait(grace_s):
@@ -536,63 +534,6 @@ class ProcessExecutor(Executor):
             pass
         except PermissionError as err:
             log.warning("cannot signal process group %d: %s", task.proc.pid, err)
-
-    @staticmethod
-    def _kill_marked(match: Callable[[dict[str, str]], bool]) -> int:
-        """SIGKILL the process groups of every process whose environment ``match``es.
-
-        Whole groups, because a shell may fork between our scan and our kill (the group
-        signal reaches the new child; a per-pid kill would miss it); and again until a
-        scan finds nothing alive. Returns how many processes were found.
-        """
-        own_group = os.getpgrp()
-        found: set[int] = set()
-        others: list[psutil.Process] = []
-        for _ in range(10):
-            victims = [p for p in _marked_processes(match) if _alive(p)]
-            if not victims:
-                break
-            for proc in victims:
-                found.add(proc.pid)
-                with contextlib.suppress(OSError):
-                    pgid = os.getpgid(proc.pid)
-                    if pgid != own_group:
-                        os.killpg(pgid, _signal.SIGKILL)
-                with contextlib.suppress(psutil.Error):
-                    proc.kill()
-                    if proc.ppid() != os.getpid():
-                        others.append(proc)
-            # Never wait() on our own children here: psutil would reap them and steal
-            # their exit status from the Popen that reports it. Poll the others until
-            # they are gone or zombies (their parent reaps them; in a container maybe
-            # nobody does).
-            deadline = time.monotonic() + 2.0
-            while others and time.monotonic() < deadline:
-                others = [p for p in others if _alive(p)]
-                if others:
-                    time.sleep(0.01)
-        return len(found)
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _marked_processes(match: Callable[[dict[str, str]], bool]) -> Iterable[psutil.Process]:
-    me = os.getpid()
-    uid = os.getuid()
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid == me or (uid != 0 and proc.uids().real != uid):
-                continue
-            env = proc.environ()
-        except (psutil.Error, OSError):
-            continue
-        if "XCLOUD_EXEC_ID" in env and match(env):
-            yield proc
 
 
 class PipeInput(PolledInput):
