@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import random
 import ssl
 import threading
@@ -24,13 +23,13 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from broker.bus_lanes import Lanes
 from broker.bus_types import (
     BusError,
     Handler,
@@ -65,14 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class _Lane:
-    name: Lane
-    queue: queue.Queue[tuple[Subscription, Any] | None] = field(
-        default_factory=queue.Queue
-    )
-    thread: threading.Thread | None = None
 
 
 class Bus:
@@ -134,7 +125,8 @@ class Bus:
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._subs = SubscriptionTable()
-        self._lanes: dict[Lane, _Lane] = {}
+        self._lanes = Lanes(self.client_id, run_hooks=self._run_connect_hooks,
+                            deliver=self._deliver)
         self._pending: dict[str, Future[Envelope[Any]]] = {}
         self._inbox_handlers: dict[str, tuple[Handler, Lane]] = {}
         self._lock = threading.RLock()
@@ -202,6 +194,7 @@ class Bus:
         if self._stopping:
             return
         self._stopping = True
+        self._lanes.close()  # a message still being dispatched starts no lane now
         for topic, body, qos, retain in publish or []:
             if self.connected.is_set():
                 try:
@@ -221,18 +214,13 @@ class Bus:
             if network is not None and network is not threading.current_thread():
                 network.join(5)
         with self._lock:
-            lanes = list(self._lanes.values())
             pending = list(self._pending.values())
             self._pending.clear()
         for fut in pending:
             if not fut.done():  # a cancelled one stays cancelled
                 with contextlib.suppress(InvalidStateError):
                     fut.set_exception(BusError("bus stopped"))
-        for lane in lanes:
-            lane.queue.put(None)
-        for lane in lanes:
-            if lane.thread and lane.thread is not threading.current_thread():
-                lane.thread.join(5)
+        self._lanes.stop()
         self.connected.clear()
 
     def __enter__(self) -> Bus:
@@ -244,8 +232,7 @@ class Bus:
 
     def backlog(self, lane: Lane) -> int:
         """Messages received but not yet handled on ``lane`` (0 for an unknown lane)."""
-        found = self._lanes.get(lane)
-        return found.queue.qsize() if found else 0
+        return self._lanes.backlog(lane)
 
     def on_connected(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` (on a lane, not the network thread) after every (re)connect."""
@@ -299,8 +286,7 @@ class Bus:
 
     def _subscribe_internal(self, sub: Subscription) -> None:
         self._subs.add(sub)
-        with self._lock:
-            self._lane(sub.lane)
+        self._lanes.lane(sub.lane)
         if self.connected.is_set():
             self._client.subscribe(sub.topic_filter, sub.qos)
 
@@ -451,8 +437,7 @@ class Bus:
         self._first_connect.set()
         self.connected.set()
         if self._connect_hooks:
-            lane = self._lane(Lane.CONNECT)
-            lane.queue.put((Subscription("", 0, Lane.CONNECT), _HOOK_MARKER))
+            self._lanes.put_hooks()
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any,
                        reason: ReasonCode, _properties: Any) -> None:
@@ -491,7 +476,7 @@ class Bus:
         sub = self._subs.match(msg.topic)
         if sub is None:
             return
-        self._lanes[sub.lane].queue.put((sub, msg))
+        self._lanes.put(sub, msg)
 
     def _complete_reply(self, msg: mqtt.MQTTMessage) -> bool:
         """Resolve a pending request with this message if it is its reply."""
@@ -512,45 +497,11 @@ class Bus:
             fut.set_result(env)
         return True
 
-    # -- lanes -------------------------------------------------------------------------
+    # -- on the lanes (bus_lanes.Lanes runs these, never on the network thread) -------
 
-    def _lane(self, name: Lane) -> _Lane:
-        """The lane ``name``, its thread started on first use. Once the bus is stopping no
-        thread starts: an inbox message still being dispatched when ``stop`` took its list
-        of lanes would otherwise start one that nothing ever ends."""
-        with self._lock:
-            lane = self._lanes.get(name)
-            if lane is None and self._stopping:
-                return _Lane(name)  # no thread: what is put there is dropped with the bus
-            if lane is None:
-                lane = _Lane(name)
-                lane.thread = threading.Thread(
-                    target=self._run_lane, args=(lane,), name=f"bus-{self.client_id}-{name}",
-                    daemon=True,
-                )
-                self._lanes[name] = lane
-                lane.thread.start()
-            return lane
-
-    def _run_lane(self, lane: _Lane) -> None:
-        while True:
-            item = lane.queue.get()
-            if item is None:
-                return
-            sub, msg = item
-            try:
-                if msg is _HOOK_MARKER:
-                    for hook in list(self._connect_hooks):
-                        hook()
-                elif isinstance(msg, _Prevalidated):
-                    assert sub.handler is not None
-                    sub.handler(msg.incoming)
-                elif sub.raw_handler is not None:
-                    sub.raw_handler(msg.topic, msg.payload, bool(msg.retain))
-                else:
-                    self._deliver(sub, msg)
-            except Exception:
-                log.exception("handler for %s failed", getattr(msg, "topic", "?"))
+    def _run_connect_hooks(self) -> None:
+        for hook in list(self._connect_hooks):
+            hook()
 
     def _deliver(self, sub: Subscription, msg: mqtt.MQTTMessage) -> None:
         sender = self.topics.sender_of(msg.topic)
@@ -592,16 +543,5 @@ class Bus:
         if lane is Lane.INBOX:
             handler(incoming)
         else:
-            self._lane(lane).queue.put((Subscription("", 0, lane, handler=handler),
-                                        _Prevalidated(incoming)))
+            self._lanes.put_incoming(lane, handler, incoming)
 
-
-class _Prevalidated:
-    """An inbox message already decoded once, moved to another lane."""
-
-    def __init__(self, incoming: Incoming) -> None:
-        self.incoming = incoming
-        self.topic = incoming.topic
-
-
-_HOOK_MARKER: Any = object()

@@ -20,7 +20,8 @@ command that swaps a directory for a link between the check and the use gets an 
 not another file. Directories travel as an uncompressed tar (``tar: true``): unpacked
 with tarfile's ``data`` filter (no absolute or ``..`` members, no links out, no device
 files) into a private staging directory, then moved into place; packed to a temporary
-file first, by a walk that never follows a link, and streamed from there.
+file first, by a walk that never follows a link, and streamed from there. The path
+rules live in ``workdir_access.py``, the tree walks in ``workdir_trees.py``.
 
 Bookkeeping lives beside the work dir, in ``sessions/<rid>/xfer/`` (records, partial
 files, staging, download snapshots): the container does not see it, and the session's
@@ -42,8 +43,7 @@ import stat
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar, cast
 
@@ -59,9 +59,17 @@ from broker.transfer import (
 from schemas.grants import GrantClaims, GrantError, verify_grant
 from worker.exec_auth import CoordinatorKey
 from worker.exec_sessions import Session
-from worker.executors.docker.container import WORK, parse_user
 from worker.request_guard import WorkerRequestGuard
 from worker.sessions import SessionStore, remove_tree
+from worker.workdir_access import (
+    OPEN_FILE,
+    Handover,
+    open_dirs,
+    refuse,
+    relative_path,
+    resolve_inside,
+)
+from worker.workdir_trees import copy_fd, merge_into, pack_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,60 +79,6 @@ DIRECTORY_REFUSAL = "is a directory"  # a fetch without tar of a directory (the 
 FREE_MARGIN = 64 << 20  # bytes of the work dir's file system an upload leaves free
 SNAPSHOT_TTL_S = 3600.0  # download snapshots older than this go (they are re-made on demand)
 MAX_HASH_CACHE = 256
-
-OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-
-
-@dataclass(frozen=True)
-class Handover:
-    """How files written by the worker become the container user's (docker only)."""
-
-    uid: int | None = None  # chown to this uid:gid
-    gid: int | None = None
-    open: bool = False  # make them writable by everyone (the driver's "open" mode)
-    docker: bool = False
-
-    @classmethod
-    def of(cls, session: Session) -> Handover:
-        handle = session.handle
-        if handle.executor != "docker":
-            return cls()
-        data = handle.driver_state.data
-        access = data.get("workdir_access")
-        params = data.get("params") if isinstance(data.get("params"), dict) else {}
-        ids = parse_user(str((params or {}).get("user") or ""))
-        if access == "chown" and ids is not None:
-            return cls(ids[0], ids[1], docker=True)
-        return cls(open=access == "open", docker=True)
-
-    def apply(self, path: str, *, dir_fd: int | None = None, is_dir: bool = False) -> None:
-        """Hand ``path`` (one we just made) over to the container's user."""
-        if self.open:
-            current = stat.S_IMODE(os.stat(path, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-            os.chmod(path, current | (0o777 if is_dir else 0o666), dir_fd=dir_fd)
-        if self.uid is not None and self.gid is not None:
-            os.chown(path, self.uid, self.gid, dir_fd=dir_fd, follow_symlinks=False)
-
-    def apply_tree(self, root: Path) -> None:
-        """Hand over everything under ``root`` (a staging dir of ours) and ``root``."""
-        if not self.open and self.uid is None:
-            return
-        for top, dirs, files in os.walk(root):
-            for name in dirs:
-                self.apply(os.path.join(top, name), is_dir=True)
-            for name in files:
-                full = os.path.join(top, name)
-                if not os.path.islink(full):
-                    self.apply(full)
-                elif self.uid is not None and self.gid is not None:
-                    os.chown(full, self.uid, self.gid, follow_symlinks=False)
-        self.apply(str(root), is_dir=True)
-
-
-def _refuse(code: str, message: str) -> TransferRefused:
-    return TransferRefused(code, message[:4000])
-
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -139,72 +93,10 @@ def os_errors_refused(method: F) -> F:
             return method(*args, **kwargs)
         except OSError as err:
             log.warning("%s failed: %s", method.__name__, err)
-            raise _refuse("internal", f"the worker's file system said: {err.strerror or err}"
+            raise refuse("internal", f"the worker's file system said: {err.strerror or err}"
                           ) from None
 
     return cast(F, run)
-
-
-def relative_path(path: str, workdir: Path, docker: bool) -> PurePosixPath:
-    """``path`` as given by a client, relative to the work directory; refused when it
-    is absolute outside it or climbs with ``..``."""
-    if "\x00" in path:
-        raise _refuse("invalid", "a path cannot contain NUL characters")
-    p = PurePosixPath(path)
-    if p.is_absolute():
-        bases = [PurePosixPath(WORK)] if docker else []
-        bases.append(PurePosixPath(os.path.realpath(workdir)))
-        bases.append(PurePosixPath(workdir))
-        for base in bases:
-            if p == base or base in p.parents:
-                p = p.relative_to(base)
-                break
-        else:
-            raise _refuse("forbidden", f"{path}: absolute paths outside the work directory "
-                          "are refused; give a path relative to it")
-    if ".." in p.parts:
-        raise _refuse("forbidden", f"{path}: `..` is refused; paths stay inside the work "
-                      "directory")
-    return p
-
-
-def resolve_inside(workdir: Path, rel: PurePosixPath, shown: str) -> list[str]:
-    """The components of ``rel`` once resolved (links followed), which must still lie
-    inside the work directory; [] is the work directory itself."""
-    root = os.path.realpath(workdir)
-    real = os.path.realpath(os.path.join(root, *rel.parts))
-    if real != root and not real.startswith(root + os.sep):
-        raise _refuse("forbidden", f"{shown}: leads outside the work directory (through a "
-                      "symbolic link); refused")
-    if real == root:
-        return []
-    return os.path.relpath(real, root).split(os.sep)
-
-
-def open_dirs(workdir: Path, parts: Iterable[str], *, create: bool, handover: Handover,
-              shown: str) -> int:
-    """An fd of the directory ``parts`` below ``workdir``, opened one component at a
-    time without following links (created when missing, with ``create``)."""
-    fd = os.open(workdir, OPEN_DIR)
-    try:
-        for part in parts:
-            try:
-                nxt = os.open(part, OPEN_DIR, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise _refuse("not_found", f"{shown}: no such directory") from None
-                os.mkdir(part, 0o755, dir_fd=fd)
-                handover.apply(part, dir_fd=fd, is_dir=True)
-                nxt = os.open(part, OPEN_DIR, dir_fd=fd)
-            except (NotADirectoryError, OSError) as err:
-                raise _refuse("forbidden", f"{shown}: {part} is not a directory (or is a "
-                              f"link that changed): {err.strerror}") from None
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 class WorkdirFiles:
@@ -233,30 +125,30 @@ class WorkdirFiles:
     def _claims(self, peer: str, grant: Any, *, check_expiry: bool) -> GrantClaims:
         key = self.key.key
         if key is None:
-            raise _refuse("forbidden", f"worker {self.wid} does not know the coordinator's "
+            raise refuse("forbidden", f"worker {self.wid} does not know the coordinator's "
                           "key yet")
         if not isinstance(grant, str):
-            raise _refuse("forbidden", "a work-directory transfer needs the reservation's "
+            raise refuse("forbidden", "a work-directory transfer needs the reservation's "
                           "grant")
         try:
             return verify_grant(key, grant, client=peer, worker=self.wid,
                                 now=None if check_expiry else 0.0)
         except GrantError as err:
-            raise _refuse("forbidden", f"grant refused: {err}") from None
+            raise refuse("forbidden", f"grant refused: {err}") from None
 
     def authorize(self, peer: str, purpose: dict[str, Any], *,
                   check_expiry: bool = True) -> Session:
         """The open session ``purpose``'s grant gives ``peer``; else TransferRefused."""
         if purpose.get("kind") != KIND:
-            raise _refuse("unsupported", f"worker {self.wid} takes only transfers of kind "
+            raise refuse("unsupported", f"worker {self.wid} takes only transfers of kind "
                           f"{KIND!r} (files of a reservation)")
         claims = self._claims(peer, purpose.get("grant"), check_expiry=check_expiry)
         session = self.find_session(claims.rid)
         if session is None or session.closing:
-            raise _refuse("forbidden", f"reservation {claims.rid} is not open on worker "
+            raise refuse("forbidden", f"reservation {claims.rid} is not open on worker "
                           f"{self.wid}")
         if session.record.client != peer:
-            raise _refuse("forbidden", f"reservation {claims.rid} is not held by {peer}")
+            raise refuse("forbidden", f"reservation {claims.rid} is not held by {peer}")
         return session
 
     def _rate(self, peer: str, what: str) -> None:
@@ -264,7 +156,7 @@ class WorkdirFiles:
             return
         wait = self.guard.buckets.take(peer)
         if wait > 0:
-            raise _refuse("rate_limited", f"{peer} asks too fast: {what} refused, retry in "
+            raise refuse("rate_limited", f"{peer} asks too fast: {what} refused, retry in "
                           f"{wait:.2g}s")
 
     def _rid_of(self, record: TransferRecord) -> str:
@@ -296,7 +188,7 @@ class WorkdirFiles:
         need = offer.size * (2 if offer.purpose.get("tar") else 1) + FREE_MARGIN
         free = shutil.disk_usage(workdir).free
         if need > free:
-            raise _refuse("too_large", f"{offer.size} bytes do not fit on worker {self.wid}: "
+            raise refuse("too_large", f"{offer.size} bytes do not fit on worker {self.wid}: "
                           f"{free} bytes free in the work directory's file system")
         with self._lock:
             self._rids[(offer.peer, offer.tid)] = session.rid
@@ -345,7 +237,7 @@ class WorkdirFiles:
         rid = self._rid_of(record)
         session = self.find_session(rid)
         if session is None or session.closing or session.record.client != record.peer:
-            raise _refuse("not_found", f"reservation {rid} ended before the file was in")
+            raise refuse("not_found", f"reservation {rid} ended before the file was in")
         handover = Handover.of(session)
         workdir = Path(session.handle.workdir)
         shown = str(record.purpose.get("path") or record.name)
@@ -369,10 +261,10 @@ class WorkdirFiles:
         if os.path.isdir(target):
             base = PurePosixPath(name).name
             if not base or base in (".", ".."):
-                raise _refuse("invalid", f"{shown} is a directory; name the file")
+                raise refuse("invalid", f"{shown} is a directory; name the file")
             return [*parts, base]
         if not parts:
-            raise _refuse("invalid", "the work directory itself is not a file name")
+            raise refuse("invalid", "the work directory itself is not a file name")
         return parts
 
     def _complete_file(self, record: TransferRecord, partial: Path, workdir: Path,
@@ -385,7 +277,7 @@ class WorkdirFiles:
             with contextlib.suppress(FileNotFoundError):
                 st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode):
-                    raise _refuse("conflict", f"{shown} is a directory now")
+                    raise refuse("conflict", f"{shown} is a directory now")
             os.replace(partial, parts[-1], dst_dir_fd=fd)
             if self.durable:
                 os.fsync(fd)
@@ -402,7 +294,7 @@ class WorkdirFiles:
                 with tarfile.open(partial, "r:") as tar:
                     tar.extractall(staging, filter="data")
             except (tarfile.TarError, OSError) as err:
-                raise _refuse("invalid", f"{shown}: the directory archive cannot be unpacked "
+                raise refuse("invalid", f"{shown}: the directory archive cannot be unpacked "
                               f"safely: {err}") from None
             handover.apply_tree(staging)
             fd = open_dirs(workdir, parts, create=True, handover=handover, shown=shown)
@@ -435,20 +327,20 @@ class WorkdirFiles:
             try:
                 fd = os.open(name, OPEN_FILE, dir_fd=dfd)
             except FileNotFoundError:
-                raise _refuse("not_found", f"{shown}: no such file in the work directory") \
+                raise refuse("not_found", f"{shown}: no such file in the work directory") \
                     from None
             except OSError as err:
-                raise _refuse("forbidden", f"{shown}: cannot be read ({err.strerror})") \
+                raise refuse("forbidden", f"{shown}: cannot be read ({err.strerror})") \
                     from None
             try:
                 st = os.fstat(fd)
                 if stat.S_ISDIR(st.st_mode):
                     if not source.get("tar"):
-                        raise _refuse("conflict", f"{shown} {DIRECTORY_REFUSAL}; fetch it "
+                        raise refuse("conflict", f"{shown} {DIRECTORY_REFUSAL}; fetch it "
                                       "as a tar")
                     return self._pack(requester, source, fd, out, shown)
                 if not stat.S_ISREG(st.st_mode):
-                    raise _refuse("forbidden", f"{shown} is not a regular file")
+                    raise refuse("forbidden", f"{shown} is not a regular file")
                 return self._snapshot(requester, fd, dfd, name, st, out)
             finally:
                 os.close(fd)
@@ -475,9 +367,9 @@ class WorkdirFiles:
                 held = os.lstat(snap)
                 if not stat.S_ISREG(held.st_mode) or held.st_ino != st.st_ino:
                     snap.unlink(missing_ok=True)
-                    raise _refuse("conflict", f"{name} changed while it was opened")
+                    raise refuse("conflict", f"{name} changed while it was opened")
             except OSError:
-                _copy_fd(fd, snap)
+                copy_fd(fd, snap)
         size = os.stat(snap).st_size
         return SourceFile(snap, size, self._sha256(snap, requester), name)
 
@@ -522,81 +414,3 @@ class WorkdirFiles:
                     if entry.stat(follow_symlinks=False).st_ctime < cutoff:
                         os.unlink(entry.path)
 
-
-def _copy_fd(fd: int, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        offset = 0
-        while True:
-            chunk = os.pread(fd, 1 << 20, offset)
-            if not chunk:
-                break
-            os.write(out, chunk)
-            offset += len(chunk)
-    finally:
-        os.close(out)
-    os.replace(tmp, dest)
-
-
-def _entries(fd: int) -> Iterator[tuple[str, os.stat_result]]:
-    for name in sorted(os.listdir(fd)):
-        with contextlib.suppress(FileNotFoundError):
-            yield name, os.stat(name, dir_fd=fd, follow_symlinks=False)
-
-
-def pack_dir(tar: tarfile.TarFile, fd: int, prefix: str) -> None:
-    """Add the tree below the directory ``fd`` to ``tar`` without following a link:
-    files, directories and symbolic links (as links); nothing else."""
-    for name, st in _entries(fd):
-        arcname = f"{prefix}{name}"
-        info = tarfile.TarInfo(arcname)
-        info.mode = stat.S_IMODE(st.st_mode)
-        info.mtime = int(st.st_mtime)
-        if stat.S_ISDIR(st.st_mode):
-            try:
-                sub = os.open(name, OPEN_DIR, dir_fd=fd)
-            except OSError:
-                continue  # it changed under us
-            try:
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-                pack_dir(tar, sub, f"{arcname}/")
-            finally:
-                os.close(sub)
-        elif stat.S_ISREG(st.st_mode):
-            try:
-                ffd = os.open(name, OPEN_FILE, dir_fd=fd)
-            except OSError:
-                continue
-            with os.fdopen(ffd, "rb") as fh:
-                info.size = os.fstat(ffd).st_size
-                tar.addfile(info, fh)
-        elif stat.S_ISLNK(st.st_mode):
-            with contextlib.suppress(OSError):
-                info.type = tarfile.SYMTYPE
-                info.linkname = os.readlink(name, dir_fd=fd)
-                tar.addfile(info)
-
-
-def merge_into(src: Path, dst_fd: int, shown: str) -> None:
-    """Move the tree ``src`` (our staging directory) into the directory ``dst_fd``:
-    existing files are replaced, existing directories merged, nothing followed."""
-    for entry in sorted(os.scandir(src), key=lambda e: e.name):
-        try:
-            st: os.stat_result | None = os.stat(entry.name, dir_fd=dst_fd,
-                                                follow_symlinks=False)
-        except FileNotFoundError:
-            st = None
-        here_dir = st is not None and stat.S_ISDIR(st.st_mode)
-        if entry.is_dir(follow_symlinks=False) and here_dir:
-            sub = os.open(entry.name, OPEN_DIR, dir_fd=dst_fd)
-            try:
-                merge_into(Path(entry.path), sub, shown)
-            finally:
-                os.close(sub)
-            continue
-        if here_dir:
-            raise _refuse("conflict", f"{shown}: {entry.name} is a directory on the worker "
-                          "and a file in what was sent")
-        os.replace(entry.path, entry.name, dst_dir_fd=dst_fd)

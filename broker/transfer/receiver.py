@@ -6,21 +6,23 @@ Everything here runs on the bus's transfer lane (segments and control messages s
 so they are handled in arrival order), except the acknowledgement timer, a small thread
 that sends the acknowledgement a segment left waiting ``ack_delay_s``. One lock covers
 the receiver's state. Memory per transfer is a file descriptor, a SHA-256 state and at
-most ``max_gaps`` ranges, whatever the file size.
+most ``max_gaps`` ranges, whatever the file size. The file itself (offset writes, hash)
+is ``partial_file.py``; what is remembered of ended transfers is ``finished.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from broker.transfer import partial_file
 from broker.transfer.errors import TransferAborted, TransferError, TransferRefused, wire_code
+from broker.transfer.finished import FinishedTransfers
 from broker.transfer.inbound import (
     DropLog,
     Inbound,
@@ -38,7 +40,7 @@ from broker.transfer.segments import (
     valid_sha256,
 )
 from broker.transfer.settings import TransferSettings
-from broker.transfer.state import TransferPhase, TransferRecord, fsync_dir
+from broker.transfer.state import TransferPhase, TransferRecord
 from broker.transfer.storage import Offer, Sink
 from schemas.messages import Ok
 from schemas.transfer_messages import XferAbort, XferAck, XferFin, XferInit, XferState
@@ -48,8 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 1 << 20  # hash catch-up reads
-CATCH_UP_STEP = 64 << 20  # hashed from disk per segment event at most (the rest at fin)
 SWEEP_S = 30.0  # how often idle transfers and aged-out finished ones are looked for
 
 
@@ -69,8 +69,7 @@ class Receiver:
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._active: dict[Key, Inbound] = {}
-        self._done: OrderedDict[Key, tuple[TransferRecord, Sink, float]] = OrderedDict()
-        self._stats: OrderedDict[Key, ReceiveStats] = OrderedDict()
+        self._finished = FinishedTransfers(settings)
         self._drops = DropLog()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -102,7 +101,7 @@ class Receiver:
             self._stopping = True
             self._wake.notify_all()
             for t in self._active.values():
-                self._close_fd(t)
+                partial_file.close(t)
                 t.error = t.error or TransferAborted("the receiving side stopped")
                 t.finished.set()
             self._active.clear()  # whatever still arrives is dropped as unknown
@@ -114,7 +113,9 @@ class Receiver:
         now = time.time()
         if record.phase is TransferPhase.COMPLETE:
             if record.direction == "upload" and now < record.updated_at + self.settings.keep_done_s:
-                self._remember_done(record, sink, record.updated_at + self.settings.keep_done_s)
+                with self._lock:
+                    self._finished.remember(record, sink,
+                                            record.updated_at + self.settings.keep_done_s)
             else:
                 sink.drop_state(record)
             return
@@ -126,7 +127,7 @@ class Receiver:
         if not path.exists():  # lost with the disk's cache, or cleaned up: start over
             t.have = ByteRanges()
             record.have = []
-            self._create_file(t)
+            partial_file.create(t)
         with self._lock:
             self._active[record.key] = t
         log.info("resumed transfer %s from %s: %d of %d bytes held", record.tid, record.peer,
@@ -169,14 +170,14 @@ class Receiver:
                 self._drops.drop("gaps", topic)
                 return
             try:
-                self._write(t, addr.offset, payload)
+                partial_file.write_at(t, addr.offset, payload)
             except OSError as err:
                 log.error("cannot write transfer %s to %s: %s", record.tid, t.path, err)
                 return
             t.have.add(addr.offset, end)
             t.stats.received += 1
             t.unsynced += 1
-            self._hash(t, addr.offset, payload)
+            partial_file.hash_forward(t, addr.offset, payload)
             if record.direction == "download" and t.have.covers(0, record.size):
                 with contextlib.suppress(TransferError):
                     self._finish(t)
@@ -185,35 +186,6 @@ class Receiver:
                 self._flush_quietly(t)
             else:
                 self._schedule_ack(t)
-
-    def _write(self, t: Inbound, offset: int, data: bytes) -> None:
-        fd = self._fd(t)
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view = view[written:]
-            offset += written
-
-    def _hash(self, t: Inbound, offset: int, data: bytes) -> None:
-        """Extend the whole-file hash over the contiguous prefix: from memory when the
-        segment is next in line, from disk when it filled a gap before later data."""
-        if offset == t.hashed_to:
-            t.hasher.update(data)
-            t.hashed_to += len(data)
-        if t.hashed_to < t.have.prefix_end():
-            self._catch_up(t, CATCH_UP_STEP)
-
-    def _catch_up(self, t: Inbound, limit: int | None) -> None:
-        end = t.have.prefix_end()
-        done = 0
-        fd = self._fd(t)
-        while t.hashed_to < end and (limit is None or done < limit):
-            chunk = os.pread(fd, min(READ_CHUNK, end - t.hashed_to), t.hashed_to)
-            if not chunk:
-                raise OSError(f"{t.path} is shorter than the {end} bytes received")
-            t.hasher.update(chunk)
-            t.hashed_to += len(chunk)
-            done += len(chunk)
 
     # -- acknowledgements ---------------------------------------------------------------
 
@@ -226,8 +198,7 @@ class Receiver:
         """Make what was written durable, persist the ranges, then acknowledge them."""
         t.ack_due = None
         if t.unsynced:
-            if self.settings.fsync and t.fd is not None:
-                os.fdatasync(t.fd)
+            partial_file.sync(t, self.settings.fsync)
             t.record.have = [list(pair) for pair in t.have]
             t.record.updated_at = time.time()
             t.sink.save_progress(t.record)
@@ -272,10 +243,7 @@ class Receiver:
                 log.info("dropping transfer %s from %s: idle for %.0f s", t.record.tid,
                          t.record.peer, now - t.touched)
                 self._fail(t, TransferAborted("the transfer idled out"), TransferPhase.ABORTED)
-        wall = time.time()
-        for key, (record, sink, expires) in list(self._done.items()):
-            if wall >= expires:
-                self._forget_done(key, record, sink)
+        self._finished.expire(time.time())
 
     # -- control messages (transfer lane) -------------------------------------------------
 
@@ -306,12 +274,12 @@ class Receiver:
                                           "another file")
                 self._flush_quietly(t)
                 return self._state(t)
-            done = self._done.get(key)
+            done = self._finished.record(key)
             if done is not None:
-                if not same_file(done[0], body):
+                if not same_file(done, body):
                     raise TransferRefused("conflict", f"transfer {body.tid} is finished and "
                                           "was another file")
-                return complete_state(done[0])
+                return complete_state(done)
             if self.sink is None:
                 raise TransferRefused("unsupported", f"{self.bus.principal or 'this side'} "
                                       "does not accept uploads")
@@ -355,10 +323,10 @@ class Receiver:
     def _open_new(self, record: TransferRecord, sink: Sink) -> Inbound:
         t = Inbound(record, sink, sink.partial_path(record))
         try:
-            self._create_file(t)
+            partial_file.create(t)
             sink.save_state(record)
         except OSError as err:
-            self._close_fd(t)
+            partial_file.close(t)
             with contextlib.suppress(OSError):
                 t.path.unlink()
             sink.drop_state(record)
@@ -367,17 +335,6 @@ class Receiver:
         self._active[record.key] = t
         return t
 
-    def _create_file(self, t: Inbound) -> None:
-        t.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(t.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, t.record.size)  # sparse: written at offsets as segments come
-        except OSError:
-            os.close(fd)
-            raise
-        t.fd = fd
-        fsync_dir(t.path.parent)
-
     def on_status(self, incoming: Incoming) -> None:
         key = (incoming.sender or "", incoming.body.tid)
         with self._lock:
@@ -385,8 +342,8 @@ class Receiver:
             if t is not None:
                 self._flush_quietly(t)
                 state = self._state(t)
-            elif key in self._done:
-                state = complete_state(self._done[key][0])
+            elif (done := self._finished.record(key)) is not None:
+                state = complete_state(done)
             else:
                 self.bus.reply_error(incoming, "not_found",
                                      f"no transfer {incoming.body.tid} from you here")
@@ -405,12 +362,12 @@ class Receiver:
         self.bus.reply(incoming, state)
 
     def _fin(self, key: Key, body: XferFin) -> XferState:
-        done = self._done.get(key)
+        done = self._finished.record(key)
         if done is not None:
-            if (done[0].size, done[0].sha256) != (body.size, body.sha256):
+            if (done.size, done.sha256) != (body.size, body.sha256):
                 raise TransferRefused("conflict", "fin names another file than the "
                                       "finished transfer")
-            return complete_state(done[0])
+            return complete_state(done)
         t = self._active.get(key)
         if t is None:
             raise TransferRefused("not_found", f"no transfer {body.tid} from you here")
@@ -441,26 +398,20 @@ class Receiver:
         failed transfer leaves nothing behind."""
         record = t.record
         try:
-            if self.settings.fsync and t.fd is not None:
-                os.fdatasync(t.fd)
-            self._catch_up(t, None)
-            if os.fstat(self._fd(t)).st_size != record.size:
-                raise TransferRefused("hash_mismatch", f"{record.name}: the partial file "
-                                      "changed size; nothing was kept")
+            digest = partial_file.final_digest(t, self.settings.fsync)
         except OSError as err:
             raise TransferError(f"cannot read the received file back: {err}", "internal") \
                 from err
         except TransferRefused as err:
             self._fail(t, err)
             raise
-        digest = t.hasher.hexdigest() if t.hashed_to == record.size else ""
         if digest != record.sha256:
             mismatch = TransferRefused(
                 "hash_mismatch", f"{record.name}: the bytes received hash to {digest[:12]}…, "
                 f"not the announced {record.sha256[:12]}…; nothing was kept")
             self._fail(t, mismatch)
             raise mismatch
-        self._close_fd(t)
+        partial_file.close(t)
         try:
             ref = t.sink.complete(record, t.path)
         except TransferRefused as err:
@@ -474,7 +425,7 @@ class Receiver:
         record.ref = ref
         record.have = [[0, record.size]] if record.size else []
         self._active.pop(record.key, None)
-        self._keep_stats(t)
+        self._finished.keep_stats(t.key, t.stats)
         if record.direction == "upload":
             try:
                 self._save_done(record, t.sink)
@@ -490,12 +441,12 @@ class Receiver:
     def _fail(self, t: Inbound, err: TransferError,
               phase: TransferPhase = TransferPhase.FAILED) -> None:
         """End ``t`` for good: delete the partial file and the state."""
-        self._close_fd(t)
+        partial_file.close(t)
         with contextlib.suppress(OSError):
             t.path.unlink()
         t.record.move(phase)
         self._active.pop(t.key, None)
-        self._keep_stats(t)
+        self._finished.keep_stats(t.key, t.stats)
         try:
             t.sink.drop_state(t.record)
         except Exception:
@@ -511,26 +462,8 @@ class Receiver:
 
     def _save_done(self, record: TransferRecord, sink: Sink) -> None:
         sink.save_state(record)
-        self._remember_done(record, sink, time.time() + self.settings.keep_done_s)
-
-    def _remember_done(self, record: TransferRecord, sink: Sink, expires: float) -> None:
         with self._lock:
-            self._done[record.key] = (record, sink, expires)
-            while len(self._done) > self.settings.max_done:
-                key, (old, old_sink, _) = next(iter(self._done.items()))
-                self._forget_done(key, old, old_sink)
-
-    def _forget_done(self, key: Key, record: TransferRecord, sink: Sink) -> None:
-        self._done.pop(key, None)
-        try:
-            sink.drop_state(record)
-        except Exception:
-            log.exception("storage could not drop finished transfer %s", record.tid)
-
-    def _keep_stats(self, t: Inbound) -> None:
-        self._stats[t.key] = t.stats
-        while len(self._stats) > self.settings.max_done:
-            self._stats.popitem(last=False)
+            self._finished.remember(record, sink, time.time() + self.settings.keep_done_s)
 
     # -- local downloads --------------------------------------------------------------
 
@@ -576,7 +509,7 @@ class Receiver:
     def stats(self, peer: str, tid: str) -> ReceiveStats | None:
         with self._lock:
             t = self._active.get((peer, tid))
-            return t.stats if t is not None else self._stats.get((peer, tid))
+            return t.stats if t is not None else self._finished.stats((peer, tid))
 
     def holding(self, peer: str, tid: str) -> ByteRanges | None:
         """The durable-or-written ranges of an active transfer (tests, progress)."""
@@ -589,18 +522,6 @@ class Receiver:
             return [t.record for t in self._active.values()]
 
     # -- helpers ------------------------------------------------------------------------
-
-    def _fd(self, t: Inbound) -> int:
-        if t.fd is None:
-            t.fd = os.open(t.path, os.O_RDWR)
-        return t.fd
-
-    @staticmethod
-    def _close_fd(t: Inbound) -> None:
-        fd, t.fd = t.fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
     def _state(self, t: Inbound) -> XferState:
         have, more = t.have.to_wire(self.settings.max_wire_ranges)
