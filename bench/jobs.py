@@ -138,7 +138,9 @@ class SplitGrid2(XcloudGrid):
                  "--state-dir", str(self.dir / wid), "--name", wid, "--executor", "process",
                  "--slots", str(SLOTS)],
                 child_env(XCLOUD_HOME=str(home), XCLOUD_BUS_PRINCIPAL=wid,
-                          XCLOUD_BUS_TOKEN=ids[wid].token), self.logs[-1])
+                          XCLOUD_BUS_TOKEN=ids[wid].token,
+                          XCLOUD_WORKER_JOB_QUEUE=str(max(2, self.prefetch))),
+                self.logs[-1])
         cfg = Config()
         cfg.home = home
         client = ids["bench-client"]
@@ -400,12 +402,13 @@ def scheduler_pass(db_file: Path, root: str, passes: int = 5) -> dict[str, Any]:
             "busy_pass_ms": busy * 1000.0, "idle_pass_ms": latency_ms(idle)["p50"]}
 
 
-def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int) -> dict[str, Any]:
+def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int,
+               prefetch: int = 1) -> dict[str, Any]:
     from client.api import Grid
 
     xgrid: SplitGrid2 | UpGrid2 = (
         SplitGrid2(workdir) if kind == "mosquitto" else
-        SplitGrid2(workdir, prefetch=1) if kind == "prefetch" else
+        SplitGrid2(workdir, prefetch=prefetch) if kind == "prefetch" else
         UpGrid2(workdir, broker_thread=kind == "up-thread"))
     out: dict[str, Any] = {"label": xgrid.label}
     try:
@@ -431,11 +434,12 @@ def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int) -> dict[str,
 # ----------------------------------------------------------------------------- run / report
 
 
-def run(quick: bool = False, only: str | None = None) -> dict[str, Any]:
+def run(quick: bool = False, only: str | None = None, prefetch: int = 1) -> dict[str, Any]:
     sizes = QUICK if quick else FULL
     n = sizes["jobs"]
     names = [v.strip() for v in only.split(",")] if only else list(VARIANTS)
-    result: dict[str, Any] = {"jobs": n, "quick": quick, "variants": {}}
+    result: dict[str, Any] = {"jobs": n, "quick": quick, "prefetch": prefetch,
+                              "variants": {}}
     with scratch_dir("xcloud-bench-jobs-") as tmp:
         for name in names:
             t0 = time.monotonic()
@@ -443,7 +447,7 @@ def run(quick: bool = False, only: str | None = None) -> dict[str, Any]:
             if name == "xcloud-mosquitto":
                 row = run_xcloud("mosquitto", tmp, n, sizes["latency"])
             elif name == "xcloud-prefetch":
-                row = run_xcloud("prefetch", tmp, n, sizes["latency"])
+                row = run_xcloud("prefetch", tmp, n, sizes["latency"], prefetch)
             elif name == "xcloud-up":
                 row = run_xcloud("up", tmp, n, sizes["latency"])
             elif name == "xcloud-up-thread":
@@ -477,7 +481,8 @@ def markdown(result: dict[str, Any]) -> str:
     if "machine" in result:
         lines += [f"Machine: {machine_line(result['machine'])}", ""]
     labels = {"xcloud-mosquitto": "xcloud, Mosquitto (2 workers × 2 slots)",
-              "xcloud-prefetch": "xcloud, Mosquitto, `[jobs] prefetch = 1` (2 × 2)",
+              "xcloud-prefetch": f"xcloud, Mosquitto, `[jobs] prefetch = "
+                                 f"{result.get('prefetch', 1)}` (2 × 2)",
               "xcloud-up": "xcloud, embedded broker (`xcloud up`, 2 × 2)",
               "xcloud-up-thread": "xcloud, `xcloud up`, broker in a thread (2 × 2)",
               "celery-redis": "Celery + Redis (2 procs × concurrency 2)",
@@ -535,6 +540,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--prefetch", type=int, default=1,
+                        help="[jobs] prefetch of the xcloud-prefetch variant (default 1)")
 
 
 def main(argv: list[str] | None = None) -> int:

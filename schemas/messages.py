@@ -132,6 +132,7 @@ class WorkerCaps(Body):
     heartbeat_s: float | None = None
     agent_version: str | None = None
     gpus: list[dict[str, Any]] | None = None  # worker/gpus.py: {index, vendor, name, ...}
+    job_queue: int | None = None  # attempts accepted beyond the slots (prefetch's bound)
 
 
 @message

@@ -76,3 +76,27 @@ def test_without_prefetch_a_worker_gets_no_more_than_its_slots(grid: GridHarness
     third = w1.assigned(3)[2]
     assert len(_live(grid, "w1")) == 2
     assert third.attempt not in (first.attempt, second.attempt)
+
+
+@BOTH_DBS
+def test_prefetch_never_exceeds_the_queue_a_worker_advertises(grid: GridHarness) -> None:
+    """[jobs] prefetch 3 but the worker queues only 1 beyond its slot: it is given 2 jobs,
+    not 4 (the two more would be refused busy, and a busy worker gets nothing until its
+    next heartbeat: bench.jobs with prefetch 4 fell to 2 jobs/s)."""
+    start_jobs_coordinator(grid, prefetch=3)
+    alice = JobClient(grid, "alice")
+    w1 = JobWorker(grid, "w1")
+    w1.join(slots=1, job_queue=1)
+    ids = alice.submit(*({"command": f"echo {i}"} for i in range(5)))
+    first, ahead = w1.assigned(2)
+    # a second worker's slot takes the queue's head in a later pass: by then the pass
+    # that gave w1 its jobs is committed
+    w2 = JobWorker(grid, "w2")
+    w2.join(slots=1, job_queue=0)
+    w2.assigned(1)
+    assert len(_live(grid, "w1")) == 2
+    assert len(_live(grid, "w2")) == 1
+    queued = [j for j in ids if (job := grid.store.get_job(j)) is not None
+              and job.state is JobState.QUEUED]
+    assert len(queued) == 2
+    assert {first.job, ahead.job}.isdisjoint(queued)

@@ -25,6 +25,8 @@ from worker.gpus import detect_gpus
 
 log = logging.getLogger(__name__)
 
+JOB_QUEUE_MAX = 64  # worker.caps job_queue's bound
+
 MAX_NAME = 128
 
 
@@ -149,4 +151,5 @@ def collect_caps(
         heartbeat_s=cfg.heartbeat_s,
         agent_version=agent_version[:64],
         gpus=[gpu.to_wire() for gpu in detect_gpus()] or None,
+        job_queue=min(max(0, int(cfg.job_queue)), JOB_QUEUE_MAX),
     )
