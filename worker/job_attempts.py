@@ -7,9 +7,11 @@ job's work directory), ``stdout``/``stderr`` and ``outputs/`` (collected after t
 The record's ``phase`` says how far the attempt got:
 
 - ``assigned``: accepted, inputs being fetched;
-- ``running``: the command was started;
+- ``running``: the command was started (in memory only: on disk the record still says
+  ``assigned``, which a restart treats the same way; one write fewer per job);
 - ``finished``: the command ended; its result (``result``) is known, the files are being
-  uploaded (resumed after a worker restart);
+  uploaded (resumed after a worker restart; written only when there is something to
+  upload, else the record goes straight to ``reported``);
 - ``reported``: the ``attempt.report`` (``report``) waits for the coordinator's ``ok``.
 
 ``ReportSender`` sends every ``reported`` attempt's report (on the worker's own thread,
@@ -108,9 +110,12 @@ class AttemptStore:
         which a restart treats as unfinished (the coordinator requeues the job).
         """
         directory = self.path(record.attempt)
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = directory / f".{RECORD}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:  # the directory exists from the first save on: no mkdir per phase
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except FileNotFoundError:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(record.to_dict(), fh)
             if durable:

@@ -333,9 +333,24 @@ class JobRunner:
         record.result = result
         record.ended_at = record.ended_at or time.time()
         record.phase = "finished"
-        self._save(record)
+        if self._has_uploads(record):  # else _deliver writes "reported" at once
+            self._save(record)
         self._advertise_cache()
         self._deliver(attempt)
+
+    def _has_uploads(self, record: AttemptRecord) -> bool:
+        """Whether delivering has files to upload (a non-empty stdout or stderr, an
+        output): only then is the ``finished`` phase worth a write of its own."""
+        if (record.result or {}).get("outputs"):
+            return True
+        directory = self.store.path(record.attempt)
+        for stream in ("stdout", "stderr"):
+            try:
+                if (directory / stream).stat().st_size:
+                    return True
+            except OSError:
+                continue
+        return False
 
     def _advertise_cache(self) -> None:
         """Republish the caps when the cache fetched something (at most every CAPS_S)."""
@@ -424,8 +439,7 @@ class JobRunner:
                         "error": f"cannot start the command: {err}"[:ERROR_MAX]}, None
             attempt.task = task
         record.started_at = task.started_at or time.time()
-        record.phase = "running"
-        self._save(record)
+        record.phase = "running"  # in memory only: a restart treats it as assigned
         # attempt.started only for a command still running after a moment: a short job's
         # start comes with its report (started_at), one request and commit fewer per job.
         quick = STARTED_AFTER_S if wall is None else min(wall, STARTED_AFTER_S)
