@@ -652,6 +652,13 @@ def cli(name: str, description: str,
     return 0
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (every core; idle and iowait not
+    counted): its difference over a run, divided by the jobs, is what each job cost."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+
 def background_cpu_pct(interval: float = 1.0) -> float:
     """System-wide CPU use over ``interval`` (all cores = 100) while we are idle."""
     return float(psutil.cpu_percent(interval=interval))

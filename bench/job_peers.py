@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any
 
-from bench.common import die_with_parent, wait_until
+from bench.common import die_with_parent, machine_busy_s, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,13 @@ def run_celery(broker: str, backend: str, n: int) -> dict[str, Any]:
 
         wait_until(ready, 60, 0.5, "Celery workers")
         ResultSet([task.delay(i) for i in range(20)]).get(timeout=60)  # warm-up
-        started = time.monotonic()
+        started, busy = time.monotonic(), machine_busy_s()
         results = ResultSet([task.delay(i) for i in range(n)])
         codes = results.get(timeout=RUN_TIMEOUT_S)  # join_native: one subscription
         elapsed = time.monotonic() - started
         out.update(n=n, seconds=elapsed, jobs_per_s=n / elapsed,
-                   ok=sum(1 for c in codes if c == 0))
+                   ok=sum(1 for c in codes if c == 0),
+                   cpu_ms_per_job={"machine": (machine_busy_s() - busy) * 1000.0 / n})
     except Exception as err:
         out["error"] = f"{type(err).__name__}: {err}"
     finally:
@@ -129,11 +130,12 @@ def run_dask(n: int) -> dict[str, Any]:
                           dashboard_address=":0", silence_logs=logging.WARNING
                           ) as cluster, Client(cluster) as client:
             client.gather(client.map(run_true, range(20), pure=False))  # warm-up
-            started = time.monotonic()
+            started, busy = time.monotonic(), machine_busy_s()
             codes = client.gather(client.map(run_true, range(n), pure=False))
             elapsed = time.monotonic() - started
             out.update(n=n, seconds=elapsed, jobs_per_s=n / elapsed,
-                       ok=sum(1 for c in codes if c == 0))
+                       ok=sum(1 for c in codes if c == 0),
+                       cpu_ms_per_job={"machine": (machine_busy_s() - busy) * 1000.0 / n})
     except Exception as err:
         out["error"] = f"{type(err).__name__}: {err}"
     return out

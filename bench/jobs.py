@@ -61,6 +61,7 @@ from bench.common import (
     fmt,
     free_port,
     latency_ms,
+    machine_busy_s,
     machine_line,
     md_table,
     port_open,
@@ -279,6 +280,7 @@ def throughput(grid: Any, events: EventLog, n: int, coord_pid: int, priority: in
     coordinator CPU per job."""
     coord = psutil.Process(coord_pid)
     cpu0 = sum(coord.cpu_times()[:2])
+    roles = CpuByRole(coord_pid)
     specs = [{"command": "true", "priority": priority, "name": f"{tag}{i}", **(extra or {})}
              for i in range(n)]
     started = time.monotonic()
@@ -309,12 +311,58 @@ def throughput(grid: Any, events: EventLog, n: int, coord_pid: int, priority: in
     last = max(min(seen[j], polled.get(j, math.inf)) for j in wanted)
     elapsed = last - started
     cpu = sum(coord.cpu_times()[:2]) - cpu0
+    by_role = roles.per_job_ms(n)
     completed = sum(1 for j in ids if (j, "completed") in events.seen
                     or states.get(j) == "completed")
     return {"n": n, "seconds": elapsed, "jobs_per_s": n / elapsed, "submit_s": submitted,
             "completed": completed, "events_missing": sum(1 for j in wanted
                                                           if seen[j] == math.inf),
-            "coordinator_cpu_ms_per_job": cpu * 1000.0 / n}
+            "coordinator_cpu_ms_per_job": cpu * 1000.0 / n, "cpu_ms_per_job": by_role}
+
+
+class CpuByRole:
+    """CPU per job of each part of a grid over a run: the coordinator, the broker, the
+    workers with the commands they ran (their reaped children), this client, and the
+    whole machine busy (all of it, others included): is the run CPU-bound?
+
+    The grid's processes are found from the coordinator's parent: the bench spawned them
+    all (split grid) or ``xcloud up`` did (its children)."""
+
+    def __init__(self, coord_pid: int) -> None:
+        self.procs: dict[str, list[psutil.Process]] = {}
+        me = psutil.Process()
+        for proc in me.children(recursive=True):
+            try:
+                argv = proc.cmdline()
+            except psutil.Error:
+                continue
+            command = argv[argv.index("client.cli") + 1] if "client.cli" in argv[:-1] else ""
+            role = ("broker" if argv and os.path.basename(argv[0]).startswith("mosquitto")
+                    else "up" if command == "up" and proc.pid == coord_pid
+                    else {"coordinator": "coordinator", "broker": "broker",
+                          "worker": "workers"}.get(command, ""))
+            if role:
+                self.procs.setdefault(role, []).append(proc)
+        self.procs["client"] = [me]
+        self.before = {role: self._cpu(ps) for role, ps in self.procs.items()}
+        self.machine0 = machine_busy_s()
+
+    @staticmethod
+    def _cpu(procs: list[psutil.Process]) -> float:
+        total = 0.0
+        for proc in procs:
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+        return total
+
+    def per_job_ms(self, n: int) -> dict[str, float]:
+        out = {role: (self._cpu(ps) - self.before[role]) * 1000.0 / n
+               for role, ps in self.procs.items()}
+        out["machine"] = (machine_busy_s() - self.machine0) * 1000.0 / n
+        return out
 
 
 def submit_latency(grid: Any, events: EventLog, runs: int) -> dict[str, Any]:
@@ -499,6 +547,15 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{fmt(row.get('others_pct'))} %"])
     lines += [md_table(["system", "jobs/s", "seconds", "coordinator CPU ms/job",
                         "other load"], rows), ""]
+    roles = ("coordinator", "up", "broker", "workers", "client", "machine")
+    rows = [[labels.get(name, name),
+             *(fmt(cpu.get(role), 2) if role in cpu else "–" for role in roles)]
+            for name, row in v.items()
+            if (cpu := row.get("run", row).get("cpu_ms_per_job"))]
+    if rows:
+        lines += ["CPU ms per job by process (workers: with the commands they ran; "
+                  "machine: all of it busy, others included):", "",
+                  md_table(["system", *roles], rows), ""]
     rows = []
     for name in ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up", "xcloud-up-thread"):
         if name not in v or "error" in v[name]:
