@@ -331,8 +331,9 @@ def cmd_coordinator(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
-    from worker.main import run_worker
+    from worker.main import limit_malloc_arenas, run_worker
 
+    limit_malloc_arenas()  # before the agent's threads: the idle worker's RSS budget
     if not args.verbose and not os.environ.get("XCLOUD_LOG_LEVEL"):
         # The agent's own progress ("worker W online at URL") is what its owner watches for.
         logging.getLogger("worker").setLevel(logging.INFO)

@@ -47,6 +47,28 @@ def _refusal(agent: WorkerAgent) -> str | None:
     return str(value) if value else None
 
 
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas for this process; True when the C library took it.
+
+    glibc gives each thread that allocates an arena of its own (up to 8 per core), and
+    each keeps a few touched megabytes: the worker's dozen threads cost ~5 MB of RSS that
+    way, the margin of its 50 MB idle budget (BENCHMARKS.md §4; 53 -> 48 MB). Its threads
+    mostly wait, so two arenas cost no contention worth measuring. Call it before the
+    threads start (``xcloud worker`` does); elsewhere than glibc it does nothing."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_ARENA_MAX, int(arenas)))
+    except (OSError, AttributeError) as err:
+        log.debug("cannot cap malloc arenas: %s", err)
+        return False
+
+
 def run_worker(
     cfg: Config,
     *,
