@@ -1,9 +1,12 @@
 """Running one remote command: ``exec.start``, then supervising it to its end.
 
-Each command gets an output streamer thread (worker.output) and a supervisor thread
-that waits for it (stopping it at its timeout), sends ``exec.exit`` after the last
-output chunk, and reports it to the coordinator (``exec.report``). The exit facts come
-from the executor's ``ExitResult``; both messages take them from ``Outcome``.
+Each command gets an output streamer thread (worker.output). No thread waits for it:
+the executor calls back when it has ended (``Executor.notify_exit``; the process driver
+from its I/O loop, worker/io_loop.py), and its timeout is a timer on that loop that hands
+the (blocking) stop to a thread. The exit callback hands ``exec.exit`` to the streamer,
+which sends it after the last output chunk; once it has, the streamer thread reports the
+command to the coordinator (``exec.report``). The exit facts come from the executor's
+``ExitResult``; both messages take them from ``Outcome``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from worker.executors.base import (
     TaskSpec,
     TtySize,
 )
+from worker.io_loop import IoLoop, Timer, shared
 from worker.output import OutputStreamer
 from worker.terminal import TTY_LINGER_S
 
@@ -62,6 +66,10 @@ class Command:
     stdin: StdinFeed | None = None  # started with stdin: true (or a tty)
     tty: bool = False  # on a pseudo-terminal (worker/terminal.py)
     done: threading.Event = field(default_factory=threading.Event)
+    timed_out: bool = False
+    timer: Timer | None = None  # its timeout, on the I/O loop
+    ended: bool = False  # the exit was taken (once: the executor's, or a failed stop's)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def state(self) -> str:
@@ -88,7 +96,8 @@ class CommandRunner:
                  executor: Executor, authorizer: ExecAuthorizer, *,
                  stopping: threading.Event, spawn: Spawn, kill_grace_s: float,
                  chunk_bytes: int, linger_s: float,
-                 send_report: Callable[[ExecReport], None] | None) -> None:
+                 send_report: Callable[[ExecReport], None] | None,
+                 loop: IoLoop | None = None) -> None:
         self.bus = bus
         self.topics = topics
         self.wid = wid
@@ -101,6 +110,7 @@ class CommandRunner:
         self.chunk_bytes = chunk_bytes
         self.linger_s = linger_s
         self.send_report = send_report  # None: this worker reports to nobody
+        self.loop = loop or executor.io_loop or shared()  # shared: for timers only
 
     def on_start(self, incoming: Incoming) -> None:
         body: ExecStart = incoming.body
@@ -141,7 +151,7 @@ class CommandRunner:
                                                  started_at=ex.started_at))
         finally:  # the streamer starts after the reply: exec.started precedes any output
             ex.streamer.start()
-            self.spawn(lambda: self.supervise(ex), f"exec-{ex.exec_id}-supervise")
+            self._watch(ex)
 
     def _launch(self, session: Session, body: ExecStart, client: str, env: dict[str, str],
                 timeout: float | None) -> Command | tuple[str, str]:
@@ -172,7 +182,7 @@ class CommandRunner:
                             session=session.handle, env=env, timeout_s=timeout,
                             stdin=bool(body.stdin) or tty is not None, tty=tty)
             try:
-                handle = self.executor.start(spec, streamer.feed)
+                handle = self.executor.start(spec, streamer)
                 sink = self.executor.task_input(handle) if spec.stdin else None
             except ExecutorError as err:
                 return "internal", f"cannot start the command: {err}"
@@ -189,20 +199,44 @@ class CommandRunner:
             _prune(session)
         return ex
 
-    def supervise(self, ex: Command) -> None:
-        """Wait for the command (stopping it at its timeout), send exec.exit, report."""
-        timed_out = False
+    def _watch(self, ex: Command) -> None:
+        """Arm the command's timeout and learn of its end (no thread waits for it)."""
+        if ex.timeout_s is not None:
+            ex.timer = self.loop.call_later(ex.timeout_s, self._timed_out, ex)
         try:
-            result = self.executor.wait(ex.handle, ex.timeout_s)
-            if result is None:
-                timed_out = True
-                log.info("exec %s timed out after %ss; stopping it", ex.exec_id, ex.timeout_s)
-                result = self.executor.stop(ex.handle, self.kill_grace_s)
-            if result is None:
-                result = ExitResult(exit_code=None, error="the command did not stop")
+            self.executor.notify_exit(ex.handle, lambda result: self._exited(ex, result))
         except Exception as err:
-            log.exception("supervising exec %s failed", ex.exec_id)
+            log.exception("watching exec %s failed", ex.exec_id)
+            self._exited(ex, ExitResult(exit_code=None, error=f"internal error: {err}"))
+
+    def _timed_out(self, ex: Command) -> None:
+        """On the loop: stopping blocks (TERM, the grace, KILL), so a thread does it."""
+        with ex.lock:
+            if ex.ended:
+                return
+            ex.timed_out = True
+        log.info("exec %s timed out after %ss; stopping it", ex.exec_id, ex.timeout_s)
+        self.spawn(lambda: self._stop_timed_out(ex), f"exec-{ex.exec_id}-timeout")
+
+    def _stop_timed_out(self, ex: Command) -> None:
+        try:
+            result = self.executor.stop(ex.handle, self.kill_grace_s)
+        except Exception as err:
+            log.exception("stopping exec %s failed", ex.exec_id)
             result = ExitResult(exit_code=None, error=f"internal error: {err}")
+            self._exited(ex, result)
+        if result is None:  # its exit never came: end it here
+            self._exited(ex, ExitResult(exit_code=None, error="the command did not stop"))
+
+    def _exited(self, ex: Command, result: ExitResult) -> None:
+        """The command ended (from the executor's loop, usually): hand exec.exit to the
+        streamer, which sends it after the last output and then calls ``_sent``."""
+        with ex.lock:
+            if ex.ended:
+                return
+            ex.ended = True
+        if ex.timer is not None:
+            ex.timer.cancel()
         if ex.stdin is not None:
             ex.stdin.stop()  # pieces still held are answered "closed"
         streamer = ex.streamer
@@ -212,20 +246,24 @@ class CommandRunner:
             exec_id=ex.exec_id, last_seq=-1,
             duration_s=max(0.0, float(result.duration_s)),
             exit_code=result.exit_code, signal=result.signal,
-            timed_out=timed_out or result.timed_out, truncated=False,
+            timed_out=ex.timed_out or result.timed_out, truncated=False,
             oom_killed=result.oom_killed, error=error[:ERROR_MAX] if error else None,
             output_bytes=0,
         )
         ex.exit = exit_body  # exited, as far as exec.list is concerned
-        streamer.finish(exit_body)
-        streamer.join()  # long only while the broker does not acknowledge our output
-        exit_body = streamer.exit or exit_body
+        streamer.finish(exit_body, lambda: self._sent(ex, exit_body))
+
+    def _sent(self, ex: Command, exit_body: ExecExit) -> None:
+        """On the streamer thread, once exec.exit went out (or the streamer was aborted)."""
+        exit_body = ex.streamer.exit or exit_body
         ex.exit = exit_body
         log.info("exec %s in %s ended: exit %s signal %s%s", ex.exec_id, ex.rid,
-                 exit_body.exit_code, exit_body.signal, " (timed out)" if timed_out else "")
-        if self.send_report is not None:
-            self._report(ex, exit_body, self.send_report)
-        ex.done.set()
+                 exit_body.exit_code, exit_body.signal, " (timed out)" if ex.timed_out else "")
+        try:
+            if self.send_report is not None:
+                self._report(ex, exit_body, self.send_report)
+        finally:
+            ex.done.set()
 
     def _report(self, ex: Command, exit_body: ExecExit,
                 send: Callable[[ExecReport], None]) -> None:

@@ -1,6 +1,7 @@
 """OutputStreamer: turns a command's raw output into sequence-numbered ``exec.output``.
 
-The executor's reader threads call ``feed(stream, data)``. One streamer thread per command
+The executor calls ``offer(stream, data, on_room)`` from its I/O loop (or ``feed`` / the
+streamer itself, a plain ``OutputSink``, from a reader thread). One streamer thread per command
 cuts the bytes into chunks (coalesced up to ``chunk_bytes`` or ``linger_s``, one stream per
 chunk), numbers them from 0 across both streams, keeps the newest ones in a bounded ring
 (for ``exec.logs``) and publishes them to every *target* (the client of an
@@ -12,9 +13,10 @@ Flow control, end to end:
 - publishing waits for the broker's PUBACK once more than ``window`` messages (or
   ``window_bytes``) are in flight, so paho's queue stays bounded and a broker that is
   slower than the command slows the streamer down, never the other way round;
-- while the streamer thread waits, ``feed`` buffers at most ``max_pending`` bytes and
-  then blocks the reader thread, which stops draining the pipe, which blocks the
-  command's writes: backpressure reaches the command, memory stays bounded;
+- while the streamer thread waits, at most ``max_pending`` bytes (plus one read) are
+  buffered: then ``offer`` answers "full" and the executor stops reading that pipe until
+  ``on_room`` is called (``feed`` instead blocks its reader thread), so the command's
+  writes block: backpressure reaches the command, memory stays bounded;
 - bytes beyond ``max_bytes`` are dropped (and counted): ``truncated``.
 
 Everything is sent from the streamer thread, never from a paho callback (waiting for a
@@ -169,6 +171,8 @@ class OutputStreamer:
         self._inflight_bytes = 0
         self._thread: threading.Thread | None = None
         self._cut_done = threading.Event()
+        self._on_room: list[Callable[[], None]] = []  # readers paused until room frees
+        self._on_finished: Callable[[], None] | None = None
         self.finished = threading.Event()
 
     # -- statistics ----------------------------------------------------------------------
@@ -203,25 +207,57 @@ class OutputStreamer:
         if not data:
             return
         with self._cond:
-            if self._aborted or self._eof:
-                return
-            room = self.max_bytes - self._accepted
-            if len(data) > room:
-                self._dropped += len(data) - max(room, 0)
-                data = data[: max(room, 0)]
-                if not data:
-                    return
-            self._accepted += len(data)
-            if self._segments and self._segments[-1][0] == stream:
-                self._segments[-1][1].extend(data)
-            else:
-                self._segments.append((stream, bytearray(data)))
-            if self._pending == 0:
-                self._pending_since = time.monotonic()
-            self._pending += len(data)
-            self._cond.notify_all()
-            while self._pending > self.max_pending and not self._aborted:
+            self._accept_locked(stream, data)
+            while self._pending > self.max_pending and not (self._aborted or self._eof):
                 self._cond.wait(1.0)
+
+    __call__ = feed  # an OutputSink for drivers that read on threads of their own
+
+    def offer(self, stream: str, data: bytes, on_room: Callable[[], None]) -> bool:
+        """Accept output without blocking (``PacedSink``): False when ``max_pending`` bytes
+        now wait; ``on_room()`` is then called once, from another thread, when they no
+        longer do (or the streamer ends)."""
+        with self._cond:
+            if data:
+                self._accept_locked(stream, data)
+            if self._pending <= self.max_pending or self._aborted:
+                return True
+            self._on_room.append(on_room)
+            return False
+
+    def _accept_locked(self, stream: str, data: bytes) -> None:
+        if self._aborted or self._eof:
+            return
+        room = self.max_bytes - self._accepted
+        if len(data) > room:
+            self._dropped += len(data) - max(room, 0)
+            data = data[: max(room, 0)]
+            if not data:
+                return
+        self._accepted += len(data)
+        if self._segments and self._segments[-1][0] == stream:
+            self._segments[-1][1].extend(data)
+        else:
+            self._segments.append((stream, bytearray(data)))
+        if self._pending == 0:
+            self._pending_since = time.monotonic()
+        self._pending += len(data)
+        self._cond.notify_all()
+
+    def _room_locked(self) -> list[Callable[[], None]]:
+        """The paused readers to resume, when there is room (or never will be a bound)."""
+        if not self._on_room or (self._pending > self.max_pending and not self._aborted):
+            return []
+        waiting, self._on_room = self._on_room, []
+        return waiting
+
+    @staticmethod
+    def _call_all(callbacks: list[Callable[[], None]]) -> None:
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("output callback %r failed", callback)
 
     def close_input(self) -> None:
         """No more output will come (the command exited and its pipes drained)."""
@@ -278,15 +314,23 @@ class OutputStreamer:
                                         daemon=True)
         self._thread.start()
 
-    def finish(self, exit_body: ExecExit) -> None:
+    def finish(self, exit_body: ExecExit,
+               on_finished: Callable[[], None] | None = None) -> None:
         """Send ``exit_body`` to every target after their last chunk; the thread then ends.
 
         Its ``last_seq``, ``truncated`` and ``output_bytes`` are filled in by the streamer
         once every accepted byte is numbered (``exit`` then holds the final body).
+        ``on_finished()`` is called on the streamer thread as it ends (at once, here, if
+        it has already ended): after the exit's PUBACKs, so it may send what follows.
         """
         with self._cond:
             self._exit_asked = exit_body
             self._cond.notify_all()
+            if not self.finished.is_set():
+                self._on_finished = on_finished
+                return
+        if on_finished is not None:
+            self._call_all([on_finished])
 
     def join(self, timeout: float | None = None) -> bool:
         return self.finished.wait(timeout)
@@ -298,7 +342,9 @@ class OutputStreamer:
             self._segments.clear()
             self._pending = 0
             self._cond.notify_all()
+            resume = self._room_locked()
         self._cut_done.set()
+        self._call_all(resume)
 
     @property
     def exit(self) -> ExecExit | None:
@@ -324,7 +370,12 @@ class OutputStreamer:
             log.exception("output streamer of %s failed", self.exec_id)
         finally:
             self._cut_done.set()
-            self.finished.set()
+            with self._cond:
+                self._aborted = True  # nothing more is taken: paused readers drain to EOF
+                self.finished.set()
+                then, self._on_finished = self._on_finished, None
+                resume = self._room_locked()
+            self._call_all(resume + ([then] if then is not None else []))
 
     def _next_work_locked(self) -> tuple[list[tuple[str, Chunk | ExecExit]], bool] | None:
         """Block until there is something to publish; None when aborted."""
@@ -338,6 +389,8 @@ class OutputStreamer:
                 if full or ripe:
                     self._cut_locked(force=ripe)
                     self._cond.notify_all()  # producers waiting for room
+                    # (call_soon on the executor's loop: quick, and never waits for us)
+                    self._call_all(self._room_locked())
             if self._eof and not self._pending:
                 self._cut_done.set()
             batch: list[tuple[str, Chunk | ExecExit]] = []

@@ -18,14 +18,12 @@ import fcntl
 import logging
 import os
 import pwd
-import select
 import shlex
 import shutil
 import struct
 import termios
-import threading
 
-from worker.executors.base import ExecutorError, OutputSink, PolledInput, TtySize
+from worker.executors.base import ExecutorError, PolledInput, TtySize
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +96,7 @@ class PtyInput(PolledInput):
 
     def __init__(self, master: int) -> None:
         fd = os.dup(master)
-        os.set_blocking(fd, False)  # shared with the reader's: pump_pty takes EAGAIN
+        os.set_blocking(fd, False)  # shared with the reader's, which is non-blocking too
         super().__init__(fd)
 
     def _send(self, data: bytes | memoryview) -> int:
@@ -117,31 +115,13 @@ class PtyInput(PolledInput):
                 raise ExecutorError(f"cannot resize the terminal: {err}") from err
 
 
-def pump_pty(master: int, sink: OutputSink, abandon: threading.Event, name: str,
-             ended: threading.Event) -> None:
-    """Read the master into ``sink`` ("stdout") until every holder of the slave is gone
-    (Linux answers EIO then) or ``abandon`` is set; closes the master, sets ``ended``."""
-    poller = select.poll()
-    poller.register(master, select.POLLIN | select.POLLHUP | select.POLLERR)
+def read_pty(master: int, size: int = READ_SIZE) -> bytes:
+    """One read of a (non-blocking) master: its output, or b"" once every holder of the
+    slave is gone (Linux answers EIO then). BlockingIOError when nothing waits; another
+    OSError is a failure of its own (the caller ends the reader)."""
     try:
-        while not abandon.is_set():
-            if not poller.poll(500):  # now and then: abandoned?
-                continue
-            try:
-                data = os.read(master, READ_SIZE)
-            except OSError as err:
-                if err.errno in (errno.EINTR, errno.EAGAIN):
-                    continue
-                if err.errno != errno.EIO:
-                    log.warning("reading the terminal of %s failed: %s", name, err)
-                return
-            if not data:
-                return
-            try:
-                sink("stdout", data)
-            except Exception:
-                log.exception("output sink of %s failed; output dropped", name)
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(master)
-        ended.set()
+        return os.read(master, size)
+    except OSError as err:
+        if err.errno == errno.EIO:
+            return b""
+        raise

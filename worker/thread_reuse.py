@@ -2,9 +2,10 @@
 
 ``threading.Thread.start()`` returns only once the new thread has run; on a loaded
 machine that is a scheduler round trip each time (measured: ~1.3 ms per start with one
-busy core beside, three per command for its two pipes and its exit). The process
-executor hands its pipe readers and exit watchers, and the job runner its attempts, to a
-``ThreadReuse`` instead: an idle thread takes the call at once, a new thread is made only
+busy core beside, three per command for its two pipes and its exit). The job runner
+hands its attempts to a ``ThreadReuse`` instead
+(the process executor's pipes and exits are on its I/O loop, worker/io_loop.py, and need
+no thread at all): an idle thread takes the call at once, a new thread is made only
 when none is idle, and a thread idle for ``idle_s`` ends. Calls that block for a task's
 whole life are fine (each holds one thread; there is no cap to deadlock on).
 """

@@ -10,6 +10,7 @@ only run things and report bytes and exits, so every driver has the same small s
     ex.open_session(SessionSpec)            -> SessionHandle
     ex.start(TaskSpec, on_output)           -> TaskHandle   (returns at once)
     ex.wait(handle, timeout)                -> ExitResult | None
+    ex.notify_exit(handle, callback)        (callback(ExitResult) once it is known)
     ex.signal(handle, signum) / ex.stop(handle, grace_s)
     ex.close_session(session)               (stops its tasks, removes its resources)
     ex.recover(handles) / ex.cleanup_orphans(keep)   after a worker restart
@@ -32,15 +33,44 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from broker.config import WorkerConfig
 from schemas.outcome import Outcome
 from worker.errors import WorkerError
+from worker.io_loop import IoLoop
 
 OutputSink = Callable[[str, bytes], None]
-"""Called with ("stdout" | "stderr", data) from the executor's reader threads, in order
-per stream. It must not block for long: the exec layer queues and coalesces."""
+"""Called with ("stdout" | "stderr", data) from the executor's reader threads (the process
+executor: its one I/O loop thread, worker/io_loop.py), in order per stream. It must not
+block for long: the exec layer queues and coalesces. One that may be full implements
+``PacedSink`` instead of blocking."""
+
+ExitCallback = Callable[["ExitResult"], None]
+"""Called with a task's result once it is known (``Executor.notify_exit``)."""
+
+
+@runtime_checkable
+class PacedSink(Protocol):
+    """An ``OutputSink`` that says "full" instead of blocking (worker/output.py).
+
+    ``offer`` always takes ``data``; it returns False when the sink is now over its bound,
+    and then calls ``on_room()`` (from any thread, once) when room frees: the reader stops
+    reading that stream until then, so the command's writes block and memory stays
+    bounded, without a thread blocked per stream.
+    """
+
+    def __call__(self, stream: str, data: bytes) -> None: ...
+
+    def offer(self, stream: str, data: bytes, on_room: Callable[[], None]) -> bool: ...
+
+
+def paced_sink(sink: OutputSink) -> PacedSink | None:
+    """``sink`` as a ``PacedSink`` (also when it is the bound ``feed`` of one), else None."""
+    if isinstance(sink, PacedSink):
+        return sink
+    owner = getattr(sink, "__self__", None)
+    return owner if isinstance(owner, PacedSink) else None
 
 #: The resource limits a driver may enforce (``Limits`` field names).
 LIMIT_NAMES = ("cpus", "memory_bytes", "pids")
@@ -316,6 +346,9 @@ class Executor(abc.ABC):
     STATE_VERSION: ClassVar[int] = 1
     #: The worker configuration the driver runs with.
     config: WorkerConfig
+    #: The event loop the driver does its tasks' I/O on, if it has one (worker/io_loop.py):
+    #: the exec layer puts its timers there too, so one thread serves every command.
+    io_loop: IoLoop | None = None
 
     # -- building -------------------------------------------------------------------
 
@@ -372,6 +405,20 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def signal(self, handle: TaskHandle, signum: int) -> None:
         """Deliver ``signum`` to the task's whole process group."""
+
+    def notify_exit(self, handle: TaskHandle, callback: ExitCallback) -> None:
+        """Call ``callback(result)`` once, when ``wait`` would return the task's result
+        (at once if it already ended); it must not block. This default spends a thread
+        blocked in ``wait`` on it; the process driver calls it from its I/O loop."""
+        def waiter() -> None:
+            try:
+                result = self.wait(handle, None)
+            except Exception as err:
+                result = ExitResult(exit_code=None, error=f"internal error: {err}")
+            callback(result or ExitResult(exit_code=None, error="the task was lost"))
+
+        threading.Thread(target=waiter, daemon=True,
+                         name=f"{self.name}-exit-{handle.task_id}").start()
 
     def stop(self, handle: TaskHandle, grace_s: float = 5.0) -> ExitResult | None:
         """SIGTERM, then SIGKILL after ``grace_s``."""

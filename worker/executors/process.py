@@ -16,6 +16,9 @@ Why the pieces look the way they do:
   unsafe in a threaded process). Closing a session kills its cgroup: nothing a command
   started survives it, ``setsid`` or not (worker/executors/containment.py).
 - A reaper process kills the worker's commands when the worker dies, even by kill -9.
+- A command's pipes (or its pty) and its exit are watched by the worker's one I/O loop
+  (worker/io_loop.py: epoll, ``pidfd_open``): no thread per command. A sink that is
+  full (``PacedSink``) pauses the reading of that stream, which blocks the command.
 - Every task is recorded in ``<state_dir>/process/`` and carries ``XCLOUD_*``
   variables in its environment, so that, where the machine gives no cgroups, a
   restarted worker (and the reaper) can still find what its previous run left behind,
@@ -25,21 +28,19 @@ Why the pieces look the way they do:
 from __future__ import annotations
 
 import contextlib
-import errno
+import functools
 import json
 import logging
 import os
-import re
-import resource
-import select
-import shlex
 import signal as _signal
 import subprocess
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import ClassVar
 
 from broker.config import WorkerConfig
 from worker.executors import reaper
@@ -48,46 +49,69 @@ from worker.executors.base import (
     ExecutorCapabilities,
     ExecutorContext,
     ExecutorError,
+    ExitCallback,
     ExitResult,
     Limits,
     OutputSink,
+    PacedSink,
     PolledInput,
     SessionHandle,
     SessionSpec,
     TaskHandle,
     TaskInput,
     TaskSpec,
+    paced_sink,
 )
 from worker.executors.cgroups import CgroupError, SessionCgroup
 from worker.executors.containment import Containment
 from worker.executors.marked import kill_marked
+from worker.executors.process_shell import (
+    CWD_FILE,
+    PipeInput,
+    apply_limits,
+    shell_prelude,
+    task_env,
+)
+from worker.io_loop import IoLoop, Reader, Timer
 from worker.sessions import remove_tree, safe_name
-from worker.terminal import DRAIN_S, PtyInput, attach_prelude, login_shell, open_pty, pump_pty
-from worker.thread_reuse import ThreadReuse
+from worker.terminal import DRAIN_S, PtyInput, attach_prelude, login_shell, open_pty, read_pty
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024
 KEEP_FINISHED = 256  # finished tasks remembered (for late wait/stop calls)
-CWD_FILE = ".xcloud/cwd"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Variables the driver always sets last (a command's env cannot override them): they
 #: are how close_session / cleanup_orphans recognise a task's processes.
 MARKERS = ("XCLOUD_RESERVATION", "XCLOUD_EXEC_ID", "XCLOUD_WORKDIR")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class _Stream:
+    """One output of a task on the loop: a pipe, or the master of its pty."""
+
+    name: str  # "stdout" | "stderr"
+    fd: int
+    close: Callable[[], None]  # closes fd (the pipe's file object owns a pipe's)
+    tty: bool = False
+    reader: Reader | None = None
 
 
 @dataclass
 class _Task:
+    """A running or finished task. The fields below ``done`` change on the loop only."""
+
     handle: TaskHandle
     proc: subprocess.Popen[bytes]
     workdir: str
     record: Path
     started: float  # monotonic
-    readers: list[threading.Event] = field(default_factory=list)  # set when a pipe ends
-    abandon: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     result: ExitResult | None = None
+    on_exit: list[ExitCallback] = field(default_factory=list)  # under the executor's lock
+    streams: list[_Stream] = field(default_factory=list)  # those not at their end yet
+    returncode: int | None = None  # once the shell was reaped
+    duration: float = 0.0
+    drain: Timer | None = None  # a tty's deadline for its output after the shell's exit
     cgroup: SessionCgroup | None = None
     oom_before: int = 0
     stdin: PolledInput | None = None  # TaskSpec.stdin: the shell's stdin (or its pty)
@@ -108,7 +132,7 @@ class ProcessExecutor(Executor):
     def __init__(self, state_dir: Path | str, *, config: WorkerConfig | None = None,
                  default_limits: Limits | None = None, kill_grace_s: float = 5.0,
                  read_size: int = READ_SIZE, cgroups: str | None = None,
-                 worker_id: str = "") -> None:
+                 worker_id: str = "", loop: IoLoop | None = None) -> None:
         self.config = config or WorkerConfig()
         self.state_dir = Path(state_dir)
         self.records_dir = self.state_dir / "process"
@@ -117,7 +141,12 @@ class ProcessExecutor(Executor):
         self.read_size = read_size
         self._lock = threading.Lock()
         self._tasks: dict[tuple[str, str], _Task] = {}
-        self._threads = ThreadReuse("exec-io")
+        self._finished: deque[tuple[tuple[str, str], _Task]] = deque()
+        # One loop thread serves all of this driver's commands (and the exec layer's
+        # timers); held so consecutive commands reuse it, until close().
+        self.io_loop = self._loop = loop or IoLoop("exec-io")
+        self._loop.hold()
+        self._closed = False
         self.containment = Containment(self.state_dir, self.records_dir,
                                        cgroups or self.config.process_cgroups, worker_id)
 
@@ -199,7 +228,7 @@ class ProcessExecutor(Executor):
                               and env.get("XCLOUD_WORKDIR") == session.workdir)
         for task in running:
             if not task.done.wait(self.kill_grace_s):
-                task.abandon.set()  # a pipe still held open by a process we cannot see
+                self._abandon(task)  # a pipe still held open by a process we cannot see
                 task.done.wait(2.0)
         for task in tasks:
             task.record.unlink(missing_ok=True)
@@ -269,12 +298,12 @@ class ProcessExecutor(Executor):
             pids=None if cgroup and "pids" in cgroup.limited else limits.pids)
         gated = cgroup is not None or rlimits.memory_bytes is not None or (
             rlimits.pids is not None)
-        env = self._env(spec, workdir)
+        env = task_env(spec, workdir)
         (workdir / CWD_FILE).parent.mkdir(mode=0o700, exist_ok=True)
         # With a tty (worker/terminal.py) the shell's first act makes the pty its own.
         master, slave, path = open_pty(spec.tty) if spec.tty else (-1, -1, "")
         piped = spec.stdin and not spec.tty
-        script = (self._prelude(workdir, gated, stdin=piped)
+        script = (shell_prelude(workdir, gated, stdin=piped)
                   + (attach_prelude(path) if spec.tty else "")
                   + (spec.command or login_shell()))
         out: int = slave if spec.tty else subprocess.PIPE
@@ -297,7 +326,7 @@ class ProcessExecutor(Executor):
         oom_before = cgroup.oom_kills() if cgroup is not None else 0
         if gated:
             try:
-                self._apply_limits(proc, rlimits, cgroup, keep_stdin=piped)
+                apply_limits(proc, rlimits, cgroup, keep_stdin=piped)
             except ExecutorError:
                 if spec.tty:
                     os.close(master)
@@ -314,22 +343,18 @@ class ProcessExecutor(Executor):
         if spec.tty:
             task.stdin = task.pty = PtyInput(master)
         self._write_record(task)
-        with self._lock:
-            self._tasks[key] = task
-        # On reused threads: a Thread.start() per pipe and exit cost a scheduler round
-        # trip each on a loaded machine, on the path from a request to the command.
         if spec.tty:
-            task.readers = [threading.Event()]
-            self._threads.run(pump_pty, master, on_output, task.abandon, spec.task_id,
-                              task.readers[0])
+            task.streams = [_Stream("stdout", master, lambda: os.close(master), tty=True)]
         else:
             assert proc.stdout is not None
             assert proc.stderr is not None
-            pipes = (("stdout", proc.stdout), ("stderr", proc.stderr))
-            task.readers = [threading.Event() for _ in pipes]
-            for (stream, pipe), ended in zip(pipes, task.readers):
-                self._threads.run(self._read, task, stream, pipe, on_output, ended)
-        self._threads.run(self._watch, task)
+            task.streams = [_Stream(name, pipe.fileno(), pipe.close)
+                            for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+        for stream in task.streams:
+            os.set_blocking(stream.fd, False)
+        with self._lock:
+            self._tasks[key] = task
+        self._loop.call_soon(self._attach, task, on_output)
         log.debug("started task %s of session %s as pgid %d", spec.task_id,
                   session.session_id, proc.pid)
         return handle
@@ -368,9 +393,19 @@ class ProcessExecutor(Executor):
                           and env.get("XCLOUD_WORKDIR") == task.workdir)
         if task.done.wait(grace_s):
             return task.result
-        task.abandon.set()
+        self._abandon(task)
         task.done.wait(2.0)
         return task.result
+
+    def notify_exit(self, handle: TaskHandle, callback: ExitCallback) -> None:
+        """From the I/O loop when the task ends (at once, here, if it already has)."""
+        task = self._task(handle)
+        with self._lock:
+            if not task.done.is_set():
+                task.on_exit.append(callback)
+                return
+        assert task.result is not None
+        callback(task.result)
 
     def close(self) -> None:
         """Stop what still runs, remove this run's cgroups, let the reaper go."""
@@ -380,7 +415,9 @@ class ProcessExecutor(Executor):
             if not task.done.is_set():
                 self.stop(task.handle, self.kill_grace_s)
         self.containment.close()
-        self._threads.close()
+        if not self._closed:
+            self._closed = True
+            self._loop.release()
 
     # -- internals ---------------------------------------------------------------------
 
@@ -390,66 +427,6 @@ class ProcessExecutor(Executor):
         if task is None:
             raise ExecutorError(f"no task {handle.task_id} in session {handle.session_id}")
         return task
-
-    @staticmethod
-    def _env(spec: TaskSpec, workdir: Path) -> dict[str, str]:
-        env = {
-            "PATH": DEFAULT_PATH,
-            "HOME": str(workdir),
-            "LANG": os.environ.get("LANG") or "C.UTF-8",
-            "TERM": spec.tty.term if spec.tty else "dumb",
-        }
-        for name, value in spec.env.items():
-            if not _ENV_NAME.match(name) or "\0" in value:
-                raise ExecutorError(f"invalid environment variable {name!r}")
-            env[name] = value
-        env.update({"XCLOUD_RESERVATION": spec.session.session_id,
-                    "XCLOUD_EXEC_ID": spec.task_id, "XCLOUD_WORKDIR": str(workdir)})
-        return env
-
-    @staticmethod
-    def _prelude(workdir: Path, gated: bool, *, stdin: bool = False) -> str:
-        """One line, so the user's line numbers in shell error messages stay right. With
-        ``stdin`` the gate line is all the prelude reads of it (``read`` takes one byte at
-        a time from a pipe): what follows is the command's input."""
-        cwd_file = shlex.quote(str(workdir / CWD_FILE))
-        keep = "" if stdin else "exec </dev/null; "
-        gate = f"IFS= read -r __xc || exit 126; {keep}unset __xc; " if gated else ""
-        on_exit = f"__xc=$?; pwd > {cwd_file} 2>/dev/null; exit $__xc"
-        return (
-            f"{gate}"
-            f"__xc=; [ -r {cwd_file} ] && IFS= read -r __xc < {cwd_file}; "
-            '[ -n "$__xc" ] && cd "$__xc" 2>/dev/null; unset __xc; '
-            f"trap {shlex.quote(on_exit)} EXIT; "
-        )
-
-    def _apply_limits(self, proc: subprocess.Popen[bytes], limits: Limits,
-                      cgroup: SessionCgroup | None, *, keep_stdin: bool = False) -> None:
-        """Put the gated shell in its cgroup, prlimit it (the limits no cgroup enforces),
-        then open the gate; on failure it never runs."""
-        assert proc.stdin is not None
-        try:
-            if cgroup is not None:
-                cgroup.attach(proc.pid)
-            if limits.memory_bytes is not None:
-                value = int(limits.memory_bytes)
-                resource.prlimit(proc.pid, resource.RLIMIT_AS, (value, value))
-            if limits.pids is not None:
-                value = int(limits.pids)
-                resource.prlimit(proc.pid, resource.RLIMIT_NPROC, (value, value))
-            # A shell that exited before its gate (a syntax error) ran nothing.
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.write(b"go\n")
-        except (OSError, ValueError, CgroupError) as err:
-            keep_stdin = False
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, _signal.SIGKILL)
-            proc.wait()
-            raise ExecutorError(f"cannot apply resource limits: {err}") from err
-        finally:
-            if not keep_stdin:
-                with contextlib.suppress(OSError):
-                    proc.stdin.close()
 
     def _write_record(self, task: _Task) -> None:
         data = {"session_id": task.handle.session_id, "task_id": task.handle.task_id,
@@ -463,65 +440,98 @@ class ProcessExecutor(Executor):
         except OSError as err:  # the markers in the environment still find it later
             log.warning("cannot record task %s: %s", task.handle.task_id, err)
 
-    def _read(self, task: _Task, stream: str, pipe: IO[bytes], sink: OutputSink,
-              ended: threading.Event) -> None:
-        """Pump one pipe into ``sink`` until EOF (or until the task is abandoned)."""
-        try:
-            self._pump(task, stream, pipe, sink)
-        finally:
-            ended.set()
+    # -- on the I/O loop ---------------------------------------------------------------
 
-    def _pump(self, task: _Task, stream: str, pipe: IO[bytes], sink: OutputSink) -> None:
-        fd = pipe.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    def _attach(self, task: _Task, sink: OutputSink) -> None:
+        """Start reading the task's outputs into ``sink`` and watching its exit."""
+        paced = paced_sink(sink)
+        for stream in task.streams:
+            stream.reader = self._loop.add_reader(
+                stream.fd, functools.partial(self._on_readable, task, stream, sink, paced))
+        self._loop.watch_exit(task.proc, functools.partial(self._on_exit, task))
+
+    def _on_readable(self, task: _Task, stream: _Stream, sink: OutputSink,
+                     paced: PacedSink | None) -> None:
+        reader = stream.reader
+        assert reader is not None
         try:
-            while True:
-                if not poller.poll(500):
-                    if task.abandon.is_set():
-                        return
-                    continue
-                try:
-                    data = os.read(fd, self.read_size)
-                except OSError as err:
-                    if err.errno == errno.EINTR:
-                        continue
-                    log.warning("reading %s of %s failed: %s", stream, task.handle.task_id, err)
-                    return
-                if not data:
-                    return
-                try:
-                    sink(stream, data)
-                except Exception:
-                    log.exception("output sink of %s failed; output dropped",
-                                  task.handle.task_id)
-        finally:
+            data = read_pty(stream.fd, self.read_size) if stream.tty else os.read(
+                stream.fd, self.read_size)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            log.warning("reading %s of %s failed: %s", stream.name, task.handle.task_id, err)
+            data = b""
+        if not data:
+            self._end_stream(task, stream)
+            self._maybe_finish(task)
+            return
+        try:
+            if paced is None:
+                sink(stream.name, data)
+            elif not paced.offer(stream.name, data, reader.resume):
+                reader.pause()  # full: the command's writes block until the sink has room
+        except Exception:
+            log.exception("output sink of %s failed; output dropped", task.handle.task_id)
+
+    @staticmethod
+    def _end_stream(task: _Task, stream: _Stream) -> None:
+        if stream in task.streams:
+            task.streams.remove(stream)
+            if stream.reader is not None:
+                stream.reader.remove()
             with contextlib.suppress(OSError):
-                pipe.close()
+                stream.close()
 
-    def _watch(self, task: _Task) -> None:
-        """Reap the shell, wait for both pipes to drain, then publish the result."""
-        returncode = task.proc.wait()
-        duration = time.monotonic() - task.started
-        if task.pty is not None and not task.readers[0].wait(DRAIN_S):
-            task.abandon.set()  # a background process kept the terminal: not ours to wait
-        for ended in task.readers:
-            ended.wait()
+    def _on_exit(self, task: _Task, returncode: int) -> None:
+        """The shell was reaped: the result follows once its outputs reached their end."""
+        task.returncode = returncode
+        task.duration = time.monotonic() - task.started
+        if any(stream.tty for stream in task.streams):
+            # A background process that kept the terminal is not ours to wait for.
+            task.drain = self._loop.call_later(DRAIN_S, self._abandon_now, task)
+        self._maybe_finish(task)
+
+    def _abandon(self, task: _Task) -> None:
+        """Stop reading the task's outputs (a process we cannot kill holds them open)."""
+        self._loop.call_soon(self._abandon_now, task)
+
+    def _abandon_now(self, task: _Task) -> None:
+        for stream in list(task.streams):
+            self._end_stream(task, stream)
+        self._maybe_finish(task)
+
+    def _maybe_finish(self, task: _Task) -> None:
+        """Publish the result once the shell has exited and its outputs have ended."""
+        if task.returncode is None or task.streams or task.done.is_set():
+            return
+        if task.drain is not None:
+            task.drain.cancel()
+        returncode = task.returncode
         # The OOM killer struck in the session's cgroup while the task ran (it may have
         # taken a child of the shell rather than the shell itself).
         oom = task.cgroup is not None and task.cgroup.oom_kills() > task.oom_before
         if returncode < 0:
-            task.result = ExitResult(exit_code=None, signal=-returncode, duration_s=duration,
-                                     oom_killed=oom)
+            task.result = ExitResult(exit_code=None, signal=-returncode,
+                                     duration_s=task.duration, oom_killed=oom)
         else:
-            task.result = ExitResult(exit_code=returncode, duration_s=duration,
+            task.result = ExitResult(exit_code=returncode, duration_s=task.duration,
                                      oom_killed=oom)
         task.record.unlink(missing_ok=True)
-        task.done.set()
         with self._lock:  # keep the newest finished tasks only: their results were collected
-            finished = [k for k, t in self._tasks.items() if t.done.is_set()]
-            for key in finished[: max(0, len(finished) - KEEP_FINISHED)]:
-                del self._tasks[key]
+            task.done.set()
+            callbacks, task.on_exit = task.on_exit, []
+            # oldest first, without a scan of every task per exit
+            self._finished.append(((task.handle.session_id, task.handle.task_id), task))
+            while len(self._finished) > KEEP_FINISHED:
+                key, old = self._finished.popleft()
+                if self._tasks.get(key) is old:
+                    del self._tasks[key]
+        for callback in callbacks:
+            try:
+                callback(task.result)
+            except Exception:
+                log.exception("exit callback of %s failed", task.handle.task_id)
 
     @staticmethod
     def _killpg(task: _Task, signum: int) -> None:
@@ -534,18 +544,3 @@ class ProcessExecutor(Executor):
             pass
         except PermissionError as err:
             log.warning("cannot signal process group %d: %s", task.proc.pid, err)
-
-
-class PipeInput(PolledInput):
-    """A task's stdin pipe, written without blocking (poll for room, then write)."""
-
-    def __init__(self, pipe: IO[bytes]) -> None:
-        super().__init__(pipe.fileno())
-        self._pipe = pipe
-        os.set_blocking(self._fd, False)
-
-    def _send(self, data: bytes | memoryview) -> int:
-        return os.write(self._fd, data)
-
-    def _end(self) -> None:
-        self._pipe.close()
