@@ -48,6 +48,7 @@ from coordinator.store.audit import AuditStore, ExecAuditRecord
 from coordinator.store.data import DataObjectRecord, DataRecord, DataStore
 from coordinator.store.engine import StoreBase
 from coordinator.store.heartbeats import HeartbeatReport, HeartbeatStore
+from coordinator.store.job_changes import JobChangeStore
 from coordinator.store.job_queue import JobQueueStore
 from coordinator.store.job_records import AttemptRecord, JobChange, JobRecord
 from coordinator.store.job_replicas import ReplicaStore
@@ -83,6 +84,6 @@ __all__ = [
 
 
 class Store(PrincipalStore, ReservationStore, WorkerStore, HeartbeatStore, AuditStore,
-            MetricsStore, DataStore, AppStore, JobStore, JobQueueStore,
+            MetricsStore, DataStore, AppStore, JobStore, JobChangeStore, JobQueueStore,
             ReplicaStore):
     """The coordinator's database. Open with ``Store.open(url)``; close when done."""

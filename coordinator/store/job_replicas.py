@@ -274,9 +274,10 @@ def _judge(store: JobStore, job: JobRecord, facts: _Facts, canonical: Vote, t: f
 
 def _unlocked_live(store: StoreBase, jid: str) -> list[tuple[str, str]]:
     """The job's live attempts, locked for update but for those another transaction
-    holds (MySQL: SKIP LOCKED). Those are a report or an ending on its way, which waits
-    for the job's row that this transaction holds: waiting for them would deadlock, and
-    they end by themselves (they find the job decided or held and count nothing)."""
+    holds (MySQL: SKIP LOCKED). This transaction holds the job's row; those are a report,
+    an ending or a cancel on its way, which lock attempts before the job (the lock order,
+    coordinator/store/jobs.py): waiting for them would deadlock. They find the job
+    decided; a skipped attempt ends with its worker's report, which counts nothing."""
     lock = store._sql.sql("{lock}")
     return [(str(a), str(w)) for a, w in store._sql.tuples(
         "SELECT {id}, {worker_id} FROM {attempt} WHERE {job_id} = {?} AND {live} = {?}"
@@ -297,11 +298,12 @@ def _close_live(store: StoreBase, facts: _Facts, t: float, why: str) -> None:
         _close(store, _unlocked_live(store, facts.job), t, why)
 
 
-def cancel_replicas(store: StoreBase, jid: str, t: float, why: str, *,
-                    give_back: bool) -> list[tuple[str, str]]:
-    """End every live attempt of a replicated job (cancel, hold); the (attempt, worker)
-    pairs to send ``job.kill``. ``give_back`` (a hold): they spend nothing of the bound."""
-    live = _unlocked_live(store, jid)
+def cancel_replicas(store: StoreBase, jid: str, live: list[tuple[str, str]], t: float,
+                    why: str, *, give_back: bool) -> list[tuple[str, str]]:
+    """End every live attempt of a replicated job (cancel, hold): ``live``, the (attempt,
+    worker) pairs the caller locked before the job's row (the lock order, so a replica's
+    report is waited for, not skipped); returned to send ``job.kill``. ``give_back`` (a
+    hold): they spend nothing of the bound."""
     if give_back and live:
         store._sql.run("UPDATE {job} SET {attempts} = {attempts} - {?} WHERE {id} = {?}",
                        len(live), jid)

@@ -8,6 +8,13 @@ once). Every state change is a conditional update on the transition tables of
 worker, a cancel and a completion) cannot both win and every job ends in exactly one
 terminal state. Methods that change jobs return the ``JobChange``s they made, which the
 coordinator turns into ``job.event`` messages for the owners.
+
+Lock order (MySQL/MariaDB; SQLite's writers hold the file): attempt rows, in id order,
+before their job's row. A report or an ending learns its job from the attempt it locked;
+``change_jobs`` (rare; coordinator/store/job_changes.py) reads which attempts to lock
+first, then checks them under the job's lock: the hot path keeps its statements. The reverse order deadlocked (1213) a cancel with
+a report. Under a job's lock, its other attempts are only inserted, read, locked with SKIP
+LOCKED (never waiting) or, ended, updated (``job_replicas``).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from coordinator.store.job_records import (
 from coordinator.store.values import chunks, dicts, dumps, loads, now_or, tuples
 
 log = logging.getLogger(__name__)
+
 
 class JobStore(StoreBase):
     """Jobs, attempts and results (see the module docstring)."""
@@ -513,64 +521,6 @@ class JobStore(StoreBase):
                                & (Ref.ref_id == jid)) is None:
                 Ref.insert(sha256=sha, kind="job", ref_id=jid, owner=owner,
                            created_at=t).execute()
-
-    # -- owners' requests -----------------------------------------------------------------
-
-    @op
-    def change_jobs(self, ids: Sequence[str], target: JobState, *, requester: str,
-                    admin: bool, reason: str = "", now: float | None = None
-                    ) -> tuple[list[JobChange], list[tuple[str, str]], dict[str, int]]:
-        """Cancel, hold or release (``target`` cancelled, held or queued) the jobs the
-        requester may change (its own; any for an admin). Returns the changes, the
-        (attempt, worker) pairs to kill, and counts {changed, unchanged, unknown}.
-        A job of another owner counts as unknown: nothing tells it exists."""
-        t = now_or(now)
-        Job, Attempt = self.models.Job, self.models.Attempt
-        changes: list[JobChange] = []
-        kills: list[tuple[str, str]] = []
-        counts = {"changed": 0, "unchanged": 0, "unknown": 0}
-        sources = JOB_MACHINE.sources_of(target)
-        if target is JobState.QUEUED:
-            sources = frozenset({JobState.HELD})  # release: held jobs only
-        for jid in dict.fromkeys(ids):
-            with self.db.atomic():
-                rows = dicts(self._for_update(Job.select().where(Job.id == jid)))
-                if not rows or (rows[0]["owner"] != requester and not admin):
-                    counts["unknown"] += 1
-                    continue
-                job = _job(rows[0])
-                if job.state not in sources:
-                    counts["unchanged"] += 1
-                    continue
-                fields: dict[str, Any] = {"state": target.value, "updated_at": t}
-                if target is JobState.HELD:
-                    fields.update(hold_reason=(reason or "held by its owner")[:HOLD_REASON_MAX],
-                                  hold_code="admin" if admin and job.owner != requester
-                                  else "user", hold_detail=f"held by {requester}")
-                elif target is JobState.QUEUED:
-                    fields.update(hold_reason=None, hold_code=None, hold_detail=None)
-                if target is JobState.CANCELLED:
-                    fields["ended_at"] = t
-                if job.replicas > 1 or job.quorum > 1:  # all its live replicas
-                    kills += job_replicas.cancel_replicas(
-                        self, jid, t, f"job {target.value} by {requester}",
-                        give_back=target is JobState.HELD)
-                elif job.current_attempt and job.state is JobState.RUNNING:
-                    Attempt.update(kind=AttemptKind.CANCELLED.value, live=False, ended_at=t,
-                                   error=f"job {target.value} by {requester}").where(
-                        (Attempt.id == job.current_attempt)
-                        & (Attempt.live == True)).execute()  # noqa: E712
-                    kills.append((job.current_attempt, job.worker or ""))
-                    if target is not JobState.CANCELLED:
-                        fields.update(current_attempt=None, worker=None)
-                Job.update(**fields).where((Job.id == jid)
-                                           & (Job.state == job.state.value)).execute()
-                counts["changed"] += 1
-                changes.append(JobChange(jid, job.owner, target, t, reason=reason or
-                                         f"{target.value} by {requester}"))
-                if target is JobState.CANCELLED:
-                    changes += job_deps.settle_children(self._sql, self.models, jid, target, t)
-        return changes, kills, counts
 
     # -- data rights ----------------------------------------------------------------------
 
