@@ -5,14 +5,17 @@ At submit (``pin``) the coordinator checks the app exists and the submitter may 
 (the rights of ``apps.show``), and stores in the spec a snapshot of that version: owner,
 version (latest when omitted), kind and what it runs. App versions never change once
 registered, so the snapshot is the app: matching (``app_of``, ``job_matching``) reads no
-database, and removing the app later does not change queued jobs. The spec's binaries are
-data references of the job (``store.job_records._input_hashes``), which keeps them from
-garbage collection while the job exists and lets its worker download them.
+database, and removing the app later does not change queued jobs. The spec's binaries
+and archive are data references of the job (``store.job_records._input_hashes``), which
+keeps them from garbage collection while the job exists and lets its worker download them.
 
 The stored spec gets its ``command`` too: ``binaries`` run ``./.xcloud-app/NAME ARGS``
 (the worker's binary is added as an executable input at assignment, ``app_input``);
 ``command`` apps run their command with the arguments; ``image`` apps run the arguments in
-the image with the docker executor. ``image_archive`` apps cannot run as jobs yet.
+the image with the docker executor; ``image_archive`` apps too, in the image their
+``docker save`` archive holds: the snapshot names the archive (``sha256``, ``size``), and
+the worker fetches it through its input cache and ``docker load``s it once
+(worker/image_archives.py) before opening the attempt's container with that image.
 """
 
 from __future__ import annotations
@@ -36,6 +39,21 @@ def input_name(name: str) -> str:
 def _joined(head: str, args: list[str]) -> str:
     return " ".join([head, *(shlex.quote(a) for a in args)]) if head else " ".join(
         shlex.quote(a) for a in args)
+
+
+def _docker_requirements(spec: Mapping[str, Any], image: str | None, runs: str,
+                         args: list[str]) -> dict[str, Any]:
+    """The requirements of an app that runs in docker (``image``, or None for an archive's
+    image, known only once a worker loads it): the docker executor, no other image."""
+    if not args:
+        raise Refusal("invalid", f"{runs}: give the command to run in it as the arguments")
+    req = dict(spec.get("requirements") or {})
+    if req.get("executor") not in (None, "docker") or req.get("image") not in (None, image):
+        raise Refusal("invalid", f"{runs}: give no other executor or image")
+    req["executor"] = "docker"
+    if image is not None:
+        req["image"] = image
+    return req
 
 
 def pin(store: Any, submitter: str, spec: dict[str, Any], *, admin: bool,
@@ -68,10 +86,6 @@ def pin(store: Any, submitter: str, spec: dict[str, Any], *, admin: bool,
     snapshot: dict[str, Any] = {"name": app.name, "version": app.version,
                                 "owner": app.owner, "kind": app.kind}
     pinned = {**spec, "app": snapshot}
-    if app.kind == "image_archive":
-        raise Refusal("invalid", f"{where}: {app.name} {app.version} is a docker save "
-                      "archive (image_archive), which jobs cannot run yet: register it "
-                      "as --image on workers that hold the image")
     if app.kind == "binaries":
         if any(i.get("name") == input_name(app.name) for i in spec.get("inputs") or ()):
             raise Refusal("invalid", f"{where}: the input name {input_name(app.name)} is "
@@ -81,19 +95,17 @@ def pin(store: Any, submitter: str, spec: dict[str, Any], *, admin: bool,
     elif app.kind == "command":
         snapshot["command"] = app.command
         command = _joined(str(app.command), args)
+    elif app.kind == "image_archive":  # as image, in the image the worker loads
+        assert app.sha256 is not None
+        snapshot.update(sha256=app.sha256, size=int(app.size or 0))
+        pinned["requirements"] = _docker_requirements(
+            spec, None, f"{where}: {app.name} runs in the image of its archive", args)
+        command = _joined("", args)
     else:  # image: the arguments run in the image, with the docker executor
         assert app.image is not None
         snapshot["image"] = app.image
-        if not args:
-            raise Refusal("invalid", f"{where}: {app.name} is the image {app.image}: give "
-                          "the command to run in it as the arguments")
-        req = dict(spec.get("requirements") or {})
-        if req.get("executor") not in (None, "docker") or req.get("image") not in (
-                None, app.image):
-            raise Refusal("invalid", f"{where}: {app.name} runs in docker image "
-                          f"{app.image}: give no other executor or image")
-        req.update(executor="docker", image=app.image)
-        pinned["requirements"] = req
+        pinned["requirements"] = _docker_requirements(
+            spec, app.image, f"{where}: {app.name} runs in docker image {app.image}", args)
         command = _joined("", args)
     if len(command) > COMMAND_MAX:
         raise Refusal("invalid", f"{where}: the command with its arguments is over "

@@ -4,17 +4,24 @@ Real coordinator (jobs scheduler), real in-process workers, the Python client an
 CLI: a binaries app (a shell script as this worker's platform's binary) runs with its
 arguments; an app with no binary for the worker's platform is never assigned and ``why``
 says so; a command app; refusals at submit (unknown, someone else's private app, an image
-archive, command and app together); an image app goes to the docker executor.
+archive without a command, command and app together); an image app goes to the docker
+executor; an image archive app (a ``docker save`` tar) is loaded by the worker once and
+its jobs run in that image, and a corrupt archive ends the attempt input_failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import stat
 import subprocess
 import sys
+import tarfile
+import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +39,7 @@ from client.workflow import WorkflowError, load
 from client.workflow_cli import cmd_workflow_run
 from coordinator.store.apps import normalize_platform
 from tests.fixtures.grid import GridHarness
-from tests.fixtures.services import BUSYBOX_IMAGE
+from tests.fixtures.services import BUSYBOX_IMAGE, wait_for
 from tests.fixtures.transfer import make_file
 from tests.job_actors import start_jobs_coordinator
 from tests.test_jobs_e2e import agent
@@ -175,7 +182,11 @@ def test_refused_at_submit(grid: GridHarness, tmp_path: Path) -> None:
          "job 0: alice has no app secret shared with bob"),
         (alice, {"app": {"name": "secret", "version": "7"}}, "not_found",
          "job 0: you have no app secret version 7"),
-        (alice, {"app": {"name": "tool"}}, "invalid", "jobs cannot run yet"),
+        (alice, {"app": {"name": "tool"}}, "invalid",
+         "job 0: tool runs in the image of its archive: give the command to run in it"),
+        (alice, {"app": {"name": "tool"}, "args": ["true"],
+                 "requirements": {"executor": "process"}}, "invalid",
+         "job 0: tool runs in the image of its archive: give no other executor or image"),
         (alice, {"app": {"name": "secret"}, "command": "true"}, "invalid",
          "job 0: give a command or an app, not both"),
         (alice, {"command": "true", "args": ["x"]}, "invalid", "args go with an app"),
@@ -220,3 +231,158 @@ def test_place_marks_only_flagged_inputs_executable(tmp_path: Path) -> None:
     binary = place(source, work, ".xcloud-app/prog", executable=True)
     assert not os.stat(plain).st_mode & stat.S_IXUSR
     assert os.stat(binary).st_mode & 0o777 == 0o755
+
+
+# -- image_archive apps (worker/image_archives.py) -------------------------------------
+
+
+@pytest.fixture
+def archived_images(docker_engine: Any) -> Iterator[list[str]]:
+    """Image ids a test made or had loaded: removed after the grid (and its containers)
+    is gone (list this fixture before ``grid``)."""
+    made: list[str] = []
+    yield made
+    import docker.errors
+
+    for image_id in made:
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_engine.images.remove(image_id, force=True)
+
+
+def saved_image(engine: Any, path: Path, marker: bytes, made: list[str]) -> str:
+    """A tiny image (busybox plus /marker) saved with ``docker save`` to ``path``, then
+    removed from the engine, so that only loading the archive brings it back; its id."""
+    container = engine.containers.create(BUSYBOX_IMAGE, command=["true"])
+    try:
+        tar = io.BytesIO()
+        with tarfile.open(fileobj=tar, mode="w") as archive:
+            info = tarfile.TarInfo("marker")
+            info.size, info.mode = len(marker), 0o644
+            archive.addfile(info, io.BytesIO(marker))
+        container.put_archive("/", tar.getvalue())
+        image = container.commit(repository="xcloud-test-archive",
+                                 tag=uuid.uuid4().hex[:12])
+    finally:
+        container.remove(force=True)
+    made.append(str(image.id))
+    with path.open("wb") as out:
+        for chunk in image.save(named=True):
+            out.write(chunk)
+    engine.images.remove(image.id, force=True)
+    return str(image.id)
+
+
+@pytest.mark.parametrize("executor_kind", ["docker"], indirect=True)
+@ONE_BROKER
+def test_an_image_archive_app_is_loaded_once_and_runs_in_its_image(
+        archived_images: list[str], grid: GridHarness, executor_kind: str,
+        docker_engine: Any, tmp_path: Path) -> None:
+    import docker.errors
+
+    start_jobs_coordinator(grid)
+    worker = agent(grid, "d1", executor=executor_kind)
+    alice = client_of(grid)
+    marker = f"from the archive {uuid.uuid4().hex}\n".encode()
+    tar = tmp_path / "tool.tar"
+    image_id = saved_image(docker_engine, tar, marker, archived_images)
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_engine.images.get(image_id)  # the worker must load the archive
+    alice.apps.add("tool", image_archive=tar)
+    fut = alice.submit(app="tool", args=["cat", "/marker"], wall=120)
+    result = fut.result(timeout=120)
+    assert result.ok, result.stderr
+    assert result.stdout == marker
+    spec = alice.jobs.show(fut.job).job["spec"]
+    sha = file_sha256(tar)
+    assert (spec["app"]["sha256"], spec["app"]["size"]) == (sha, tar.stat().st_size)
+    assert spec["requirements"] == {"executor": "docker"}
+    assert ("job", fut.job, "alice") in grid.store.data_refs(sha)  # kept while it exists
+    assert worker.agent is not None
+    assert worker.agent.jobs is not None
+    archives = worker.agent.jobs.archives
+    assert archives.loads == 1
+    assert docker_engine.images.get(image_id).id == image_id  # loaded: the same image
+    # A second job of the app runs in the image loaded before: no second load.
+    again = alice.submit(app="tool", args=["sh", "-c", "cat /marker; echo again"], wall=120)
+    second = again.result(timeout=120)
+    assert second.ok, second.stderr
+    assert second.stdout == marker + b"again\n"
+    assert archives.loads == 1
+    # The engine lost the image: the next job loads the archive again.
+    docker_engine.images.remove(image_id, force=True)
+    third = alice.submit(app="tool", args=["cat", "/marker"], wall=120).result(timeout=120)
+    assert third.ok, third.stderr
+    assert third.stdout == marker
+    assert archives.loads == 2
+    # A file that is not a docker save archive: input_failed with the engine's reason.
+    alice.apps.add("broken", image_archive=make_file(tmp_path / "junk.tar", 4000, seed=3))
+    bad = alice.submit(app="broken", args=["true"], system_retries=0, wall=120)
+    assert not bad.result(timeout=120).ok
+    (attempt,) = alice.jobs.show(bad.job).attempts
+    assert attempt["kind"] == "input_failed"
+    assert "is not a docker save archive docker can load" in attempt["error"], attempt
+    assert "invalid tar header" in attempt["error"], attempt
+    assert archives.loads == 2
+
+
+class _Gate:
+    """A stand-in engine whose loads wait for ``go`` (so a second caller arrives while
+    the first load is under way) and whose images can be forgotten."""
+
+    def __init__(self) -> None:
+        self.images = self
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.loaded: list[bytes] = []
+        self.held: set[str] = set()
+
+    def load(self, stream: Any) -> list[Any]:
+        data = stream.read()
+        self.loaded.append(data)
+        self.entered.set()
+        assert self.go.wait(30)
+        image_id = f"sha256:{len(self.loaded):064x}"
+        self.held.add(image_id)
+        return [argparse.Namespace(id=image_id)]
+
+    def get(self, image_id: str) -> Any:
+        import docker.errors
+
+        if image_id not in self.held:
+            raise docker.errors.ImageNotFound(image_id)
+        return argparse.Namespace(id=image_id)
+
+
+def test_image_archives_load_each_archive_once(tmp_path: Path) -> None:
+    from worker.image_archives import ImageArchives
+    from worker.input_cache import InputCache
+
+    source = make_file(tmp_path / "a.tar", 5000, seed=4)
+    sha = file_sha256(source)
+    fetched: list[str] = []
+
+    def fetch(wanted: str, dest: Path) -> None:
+        fetched.append(wanted)
+        dest.write_bytes(source.read_bytes())
+
+    cache = InputCache(tmp_path / "cache", 1 << 20, fetch)
+    engine = _Gate()
+    archives = ImageArchives(tmp_path / "state", cache, client=lambda: engine)
+    got: list[str] = []
+    first = threading.Thread(target=lambda: got.append(archives.image(sha)))
+    first.start()
+    assert engine.entered.wait(30)
+    second = threading.Thread(target=lambda: got.append(archives.image(sha)))
+    second.start()
+    wait_for(lambda: archives.waited, 30, message="the second caller never waited")
+    engine.go.set()
+    first.join(30)
+    second.join(30)
+    assert got == ["sha256:" + f"{1:064x}"] * 2
+    assert (archives.loads, len(engine.loaded), fetched) == (1, 1, [sha])
+    assert engine.loaded[0] == source.read_bytes()
+    # A restarted worker knows the image; once the engine lost it, it loads again.
+    again = ImageArchives(tmp_path / "state", cache, client=lambda: engine)
+    assert (again.image(sha), again.loads) == (got[0], 0)
+    engine.held.clear()
+    assert (again.image(sha), again.loads) == (f"sha256:{2:064x}", 1)

@@ -21,7 +21,9 @@ limits; ``wall_s`` enforced here), stdout and stderr to capped files, ``attempt.
 once it runs; at its end the outputs are collected, stdout/stderr/outputs uploaded as the
 job owner's data objects (purpose ``{kind: data, owner, name: <job>/stdout | <job>/stderr
 | <job>/outputs/<name>, grant: <attempt>}``), retried until the coordinator takes them,
-and the ``attempt.report`` is kept on disk and re-sent until acknowledged. So a job that
+and the ``attempt.report`` is kept on disk and re-sent until acknowledged (both in
+worker/job_delivery.py). An image_archive app's image is loaded from its archive before
+the session opens (worker/image_archives.py). So a job that
 runs while the coordinator or the broker is down finishes, and its result is delivered
 once they are back.
 
@@ -36,7 +38,6 @@ them (worker_lost) and requeues the job.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import re
 import shlex
@@ -48,9 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.bus import Bus, BusError, Incoming, Lane
+from broker.bus import Bus, Incoming, Lane
 from broker.config import WorkerConfig
-from broker.transfer import Peer, TransferEndpoint, TransferError, TransferRefused
+from broker.transfer import Peer, TransferEndpoint
 from schemas.job_messages import AttemptStarted, JobAssign, JobFollow, JobKill
 from schemas.messages import Ok
 from schemas.outcome import ERROR_MAX
@@ -64,10 +65,11 @@ from worker.executors.base import (
     SessionHandle,
     TaskSpec,
 )
+from worker.image_archives import ImageArchiveError, ImageArchives, archive_of
 from worker.input_cache import CacheError, InputCache
 from worker.job_attempts import AttemptRecord, AttemptStore, ReportSender
+from worker.job_delivery import ResultDelivery
 from worker.job_files import (
-    DATA_NAME_MAX,
     STDIN_NAME,
     Captures,
     JobFileError,
@@ -84,10 +86,6 @@ log = logging.getLogger(__name__)
 
 LANE = Lane.JOBS
 MAX_LISTED = 64  # worker.heartbeat.json caps `attempts` at this
-UPLOAD_RETRY_S = 2.0
-UPLOAD_RETRY_MAX_S = 30.0
-REFUSED_FOR_GOOD = frozenset({"forbidden", "invalid", "not_found", "quota_exceeded",
-                              "too_large", "conflict", "hash_mismatch"})
 _ATTEMPT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 KEEP_ENDED = 4096  # ended attempt ids remembered (a late duplicate job.assign is refused)
 STARTED_AFTER_S = 0.25  # attempt.started only for commands that run longer than this
@@ -137,6 +135,7 @@ class JobRunner:
         self.executors = list(executors)
         self.transfers = transfers
         self.cache = cache
+        self.archives = ImageArchives(state_dir, cache)  # image_archive apps' images
         self.guard = guard or WorkerRequestGuard(bus, config)
         self.used_slots = used_slots  # slots other work holds (reservations)
         self.kill_grace_s = kill_grace_s
@@ -154,6 +153,8 @@ class JobRunner:
         self._calls = 0
         self._calls_done = threading.Condition(threading.Lock())
         self._stopping = threading.Event()
+        self.delivery = ResultDelivery(self.store, transfers, self.peer, self.reports,
+                                       self._stopping, self._save)
         # Attempts beyond the slots wait their turn here (worker/job_slots.py).
         self.line = SlotLine(lambda: int(self.config.slots), self.used_slots)
         self._registered = False
@@ -192,6 +193,7 @@ class JobRunner:
         self._threads.close()
         self.follows.close()
         self.reports.close()
+        self.archives.close()
 
     def all(self) -> list[Attempt]:
         with self._lock:
@@ -333,24 +335,10 @@ class JobRunner:
         record.result = result
         record.ended_at = record.ended_at or time.time()
         record.phase = "finished"
-        if self._has_uploads(record):  # else _deliver writes "reported" at once
+        if self.delivery.has_uploads(record):  # else _deliver writes "reported" at once
             self._save(record)
         self._advertise_cache()
         self._deliver(attempt)
-
-    def _has_uploads(self, record: AttemptRecord) -> bool:
-        """Whether delivering has files to upload (a non-empty stdout or stderr, an
-        output): only then is the ``finished`` phase worth a write of its own."""
-        if (record.result or {}).get("outputs"):
-            return True
-        directory = self.store.path(record.attempt)
-        for stream in ("stdout", "stderr"):
-            try:
-                if (directory / stream).stat().st_size:
-                    return True
-            except OSError:
-                continue
-        return False
 
     def _advertise_cache(self) -> None:
         """Republish the caps when the cache fetched something (at most every CAPS_S)."""
@@ -376,9 +364,16 @@ class JobRunner:
         requirements = spec.get("requirements") or {}
         limits = Limits(cpus=float(resources["cpus"]) if resources.get("cpus") else None,
                         memory_bytes=resources.get("memory_bytes"))
+        image = requirements.get("image")
+        archive = archive_of(spec)  # an image_archive app: the image its archive loads as
+        if archive is not None:
+            try:
+                image = self.archives.image(archive)
+            except ImageArchiveError as err:
+                return {"kind": "input_failed", "error": str(err)[:ERROR_MAX]}, None
         handle = executor.open_session(GpuSessionSpec(
             session_id=record.attempt, workdir=workdir, owner=record.owner, limits=limits,
-            image=requirements.get("image"),
+            image=image,
             gpu_devices=tuple(device_ids(self.gpus.held(record.attempt)))))
         attempt.handle = handle
         record.handle = handle.to_dict()
@@ -466,75 +461,7 @@ class JobRunner:
     # -- delivery ----------------------------------------------------------------------
 
     def _deliver(self, attempt: Attempt) -> None:
-        """Upload stdout, stderr and outputs (until the coordinator takes them), then
-        build the report, persist it and hand it to the sender."""
-        record = attempt.record
-        result = dict(record.result or {})
-        directory = self.store.path(record.attempt)
-        delay = UPLOAD_RETRY_S
-        refused: list[str] = []
-        while True:
-            refused.clear()
-            try:
-                refs = {stream: self._upload(record, directory / stream,
-                                             f"{record.job}/{stream}", refused)
-                        for stream in ("stdout", "stderr")}
-                files = []
-                for item in result.get("outputs") or []:
-                    ref = self._upload(record, Path(item["path"]),
-                                       f"{record.job}/outputs/{item['name']}", refused)
-                    if ref is not None:
-                        files.append({"name": item["name"], **ref})
-                break
-            except (TransferError, BusError) as err:  # the coordinator or broker is away
-                if self._stopping.wait(delay):
-                    log.info("attempt %s: uploads resume at the next start", attempt.id)
-                    return
-                log.warning("attempt %s: cannot upload its results yet (%s); retrying",
-                            attempt.id, err)
-                delay = min(UPLOAD_RETRY_MAX_S, delay * 2)
-        if refused:
-            error = "; ".join([*([result["error"]] if result.get("error") else []),
-                               *refused])
-            result["error"] = error[:ERROR_MAX]
-        fields = {k: v for k, v in result.items()
-                  if k not in ("kind", "outputs") and v is not None}
-        record.report = {"attempt": record.attempt, "kind": result["kind"], **fields,
-                         "stdout": refs["stdout"], "stderr": refs["stderr"],
-                         "outputs": files, "started_at": record.started_at,
-                         "ended_at": record.ended_at}
-        record.report = {k: v for k, v in record.report.items()
-                         if v is not None or k in ("stdout", "stderr")}
-        record.phase = "reported"
-        self._save(record, durable=True)
-        self.reports.add(record)
-
-    def _upload(self, record: AttemptRecord, path: Path, name: str,
-                refused: list[str]) -> dict[str, Any] | None:
-        """One file as the owner's data object; None for a missing or empty file, and
-        for one the coordinator refuses for good (the attempt is no longer current, the
-        owner's quota is full, ...: noted in ``refused``). Other TransferErrors (the
-        coordinator or the broker away) propagate: the caller retries."""
-        try:
-            size = path.stat().st_size
-        except OSError:
-            return None
-        if size == 0:
-            return None
-        purpose = {"kind": "data", "owner": record.owner, "name": name[:DATA_NAME_MAX],
-                   "grant": record.attempt}
-        tid = hashlib.sha256(f"{record.attempt}\0{name}".encode()).hexdigest()[:32]
-        try:
-            result = self.transfers.upload(self.peer, path, purpose=purpose,
-                                           name=name[:DATA_NAME_MAX], tid=tid)
-        except TransferRefused as err:
-            if err.code not in REFUSED_FOR_GOOD:
-                raise
-            log.warning("attempt %s: the coordinator refused %s (%s: %s)", record.attempt,
-                        name, err.code, err)
-            refused.append(f"{name.rpartition('/')[2] or name} not kept: {err}")
-            return None
-        return {"sha256": result.sha256, "size": result.size}
+        self.delivery.deliver(attempt.record)
 
     def _notify_started(self, attempt_id: str) -> None:
         """``attempt.started``: best effort (the heartbeat's ``attempts`` says it too)."""

@@ -137,10 +137,12 @@ def _input_hashes(spec: dict[str, Any]) -> set[str]:
               and isinstance(i.get("sha256"), str)}
     if isinstance(spec.get("stdin"), str):
         hashes.add(spec["stdin"])
-    app = spec.get("app")  # an app job's binaries (coordinator/job_apps.py)
+    app = spec.get("app")  # an app job's binaries, archive (coordinator/job_apps.py)
     binaries = app.get("binaries") if isinstance(app, dict) else None
     if isinstance(binaries, dict):
         hashes.update(s for s in binaries.values() if isinstance(s, str))
+    if isinstance(app, dict) and isinstance(app.get("sha256"), str):  # its docker archive
+        hashes.add(app["sha256"])
     return hashes
 
 
