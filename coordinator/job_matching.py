@@ -5,10 +5,11 @@ and the unmatchable check at submit and later (coordinator/job_unmatchable.py) a
 these predicates, so what ``why`` reports is exactly what the scheduler decides. Each
 predicate returns why ``worker`` fails that one requirement, or None; the reasons and
 their order are those of ``coordinator.matching.mismatch`` (reservations), which jobs
-shared before: worker, CPUs and memory minimums, tags, os, arch, executor, image, GPU
-name; then the app a job runs (coordinator/job_apps.py). Capacity (cpus and memory per
-slot, GPUs) is a separate group: the scheduler checks it per pass against free slots;
-here only whether the worker could *ever* hold the job.
+shared before: worker, CPUs and memory minimums, tags, os, arch, executor, image, whether
+the worker's owner lets it run that image, GPU name; then the app a job runs
+(coordinator/job_apps.py). Capacity (cpus and memory per slot, GPUs) is a separate group:
+the scheduler checks it per pass against free slots; here only whether the worker could
+*ever* hold the job.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from coordinator import gpu_capacity
 from coordinator.job_apps import app_of, app_reason
 from coordinator.store import WorkerRecord
+from coordinator.store.apps import image_refusal
 
 Check = Callable[[WorkerRecord], str | None]
 
@@ -101,6 +103,16 @@ def image_reason(worker: WorkerRecord, image: str | None) -> str | None:
     return None
 
 
+def image_policy_reason(worker: WorkerRecord, image: str | None, executor: str | None
+                        ) -> str | None:
+    """A worker whose owner turned image override off runs only its own image: a docker
+    job naming another would fail there (``store.apps.image_refusal``); the process
+    executor ignores the image."""
+    if not image or executor not in (None, "docker"):
+        return None
+    return image_refusal(worker.caps, image)
+
+
 def gpu_name_reason(worker: WorkerRecord, req: Mapping[str, Any]) -> str | None:
     return gpu_capacity.gpu_mismatch(worker.caps, gpu_capacity.requirements_ask(req))
 
@@ -142,6 +154,7 @@ def requirement_mismatch(worker: WorkerRecord, spec: Mapping[str, Any]) -> str |
             or host_reason(worker, "arch", _str(req.get("arch")))
             or executor_reason(worker, _str(req.get("executor")), image)
             or image_reason(worker, image)
+            or image_policy_reason(worker, image, _str(req.get("executor")))
             or gpu_name_reason(worker, req)
             or app_reason(worker.caps, app_of(spec)))
 
@@ -207,6 +220,11 @@ def requirements_of(spec: Mapping[str, Any]) -> list[Requirement]:
     if image:
         out.append(Requirement("image", image, lambda w: image_reason(w, image),
                                f"no worker has image {image}"))
+    if image and executor == "docker":
+        out.append(Requirement("image", f"{image} allowed by the owner",  # its own row
+                               lambda w: image_policy_reason(w, image, executor),
+                               f"no worker may run image {image}: their owners let them "
+                               "run only their own image"))
     if gpu_capacity.requirements_ask(req).filtered:
         name = _str(req.get("gpu_name")) or ""
         out.append(Requirement("gpu_name", name, lambda w: gpu_name_reason(w, req),

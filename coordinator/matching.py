@@ -1,8 +1,9 @@
 """Which worker meets a request's requirements, and which to offer first.
 
 ``reserve`` with ``any`` (cpus, memory, os/arch, tags, executor, image) takes the free
-online workers that match, least loaded per CPU first. Batch scheduling will match jobs'
-requirements with the same rules.
+online workers that match, least loaded per CPU first; a reservation naming an image
+skips the workers whose owner lets them run only their own image (another would fail
+to open there). Batch scheduling will match jobs' requirements with the same rules.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from coordinator import gpu_capacity
 from coordinator.handling import Refusal
 from coordinator.reservation_state import WorkerNotReservable
 from coordinator.store import Store, WorkerRecord
+from coordinator.store.apps import image_refusal
 from coordinator.worker_state import WorkerState
 
 
@@ -81,6 +83,9 @@ def mismatch(worker: WorkerRecord, req: dict[str, Any], image: str | None) -> st
         images = docker.get("images") if isinstance(docker, dict) else None
         if not isinstance(images, list) or wanted_image not in images:
             return f"it does not have image {wanted_image}"
+    refused = image_refusal(worker.caps, image) if image else None  # the session's image
+    if refused:
+        return refused
     return gpu_capacity.gpu_mismatch(worker.caps, gpu_capacity.requirements_ask(req))
 
 

@@ -100,11 +100,13 @@ def test_caps_take_the_engine_from_the_docker_fingerprint(tmp_path: Path) -> Non
                         images=("busybox:latest",))
     docker = docker_capabilities(WorkerConfig(), engine=engine)
     assert docker.available
-    assert docker.engine == engine
+    assert docker.engine is not None
+    assert docker.engine.images == engine.images
     caps = collect_caps("w4", WorkerConfig(), tmp_path, [PROCESS, docker], "0.1.0")
     assert caps.executors == ["process", "docker"]
     assert caps.docker == {"available": True, "version": "24.0.7", "api_version": "1.43",
-                           "images": ["busybox:latest"]}
+                           "images": ["busybox:latest"], "image_override": True,
+                           "default_image": WorkerConfig().docker_image}
     roundtrip(caps)
     absent = docker_capabilities(WorkerConfig(), engine=EngineInfo())
     assert not absent.available

@@ -175,14 +175,31 @@ def _has_image(caps: Mapping[str, Any], image: str) -> bool:
     return any(isinstance(i, str) and i in wanted for i in images)
 
 
+def image_refusal(caps: Mapping[str, Any], image: str | None) -> str | None:
+    """Why a worker with ``caps`` would refuse to run ``image`` (None: an image known
+    only once an archive is loaded), or None. A worker whose docker document says
+    ``image_override`` false runs only its ``default_image``, compared as its executor
+    does (worker/executors/docker/container.py: the exact string); one that does not
+    say runs any."""
+    docker = caps.get("docker")
+    if not isinstance(docker, Mapping) or docker.get("image_override") is not False:
+        return None
+    own = docker.get("default_image")
+    if image is not None and isinstance(own, str) and image == own:
+        return None
+    return (f"it runs only its own image {own}" if isinstance(own, str)
+            else "it runs only its own image") + " (docker_allow_image_override is off)"
+
+
 def resolve(app: AppRecord, caps: Mapping[str, Any]) -> Resolution:
     """What a worker with capability document ``caps`` runs for ``app``.
 
     ``binaries``: the binary of the worker's platform (``host.os``/``host.arch``,
     normalised: x86_64 is amd64, aarch64 arm64), else the one without the variant
     (``linux/arm`` for ``linux/arm/v7``); ``image``: the worker needs the docker
-    executor and the image; ``image_archive``: the docker executor; ``command``: any
-    worker. Pure: no database, no bus. Raises ``Unresolvable`` with the reason.
+    executor and the image; ``image_archive``: the docker executor; both: a worker that
+    may run them (``image_refusal``); ``command``: any worker. Pure: no database, no
+    bus. Raises ``Unresolvable`` with the reason.
     """
     executors = caps.get("executors")
     has_docker = isinstance(executors, list) and "docker" in executors
@@ -206,8 +223,16 @@ def resolve(app: AppRecord, caps: Mapping[str, Any]) -> Resolution:
         assert app.image is not None
         if not _has_image(caps, app.image):
             raise Unresolvable(f"the worker does not hold image {app.image}")
+        refused = image_refusal(caps, app.image)
+        if refused:
+            raise Unresolvable(f"{app.name} {app.version} runs in image {app.image}, and "
+                               f"{refused}")
         return Resolution("image", image=app.image)
     if app.kind == "image_archive":
+        refused = image_refusal(caps, None)
+        if refused:
+            raise Unresolvable(f"{app.name} {app.version} runs in the image of its "
+                               f"archive, and {refused}")
         return Resolution("image_archive", sha256=app.sha256, size=app.size)
     if app.kind == "command":
         return Resolution("command", command=app.command)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -127,11 +128,39 @@ def probe_engine(
                       api_version=result["api_version"], images=tuple(result["images"]))
 
 
+def _wire_image(image: str) -> str | None:
+    """The image as the caps schema bounds it (printable ASCII, MAX_TAG_LEN), else None:
+    the coordinator then lets no named image through to a worker without override."""
+    if image and len(image) <= MAX_TAG_LEN and all(" " <= c <= "~" for c in image):
+        return image
+    return None
+
+
+@dataclass(frozen=True)
+class ConfiguredEngine(EngineInfo):
+    """The engine with the owner's image policy, so worker.caps' ``docker`` object says
+    it: a worker that runs only its own image (``docker_allow_image_override`` false)
+    would fail every job or reservation naming another, and the coordinator's matching
+    (coordinator/job_matching.py, coordinator/matching.py) keeps those away from it."""
+
+    image_override: bool = True
+    default_image: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**super().to_wire(), "image_override": self.image_override,
+                "default_image": self.default_image}
+
+
 def docker_capabilities(config: WorkerConfig, engine: EngineInfo | None = None
                         ) -> ExecutorCapabilities:
     """What the docker driver offers here: containers, its limits, the worker owner's
-    image and network choices, and the engine (``engine`` skips the probe)."""
-    engine = engine if engine is not None else probe_engine()
+    image and network choices, and the engine (``engine`` skips the probe) with the
+    image policy."""
+    probed = engine if engine is not None else probe_engine()
+    engine = ConfiguredEngine(
+        available=probed.available, version=probed.version, api_version=probed.api_version,
+        images=probed.images, image_override=config.docker_allow_image_override,
+        default_image=_wire_image(config.docker_image))
     return ExecutorCapabilities(
         name="docker", isolation="container", security_boundary=True,
         limits=frozenset({"cpus", "memory_bytes", "pids"}), stdin=True, tty=True,
