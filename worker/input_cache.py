@@ -227,3 +227,30 @@ class InputCache:
                      sum(size for _m, _s, size in found))
         self._evict()
 
+
+class FetchNotice:
+    """Calls ``changed()`` when ``cache`` fetched something since the last call, at most
+    every ``every_s`` (the worker republishes its caps, which carry the cache's summary,
+    when a job brought new inputs; not once per job)."""
+
+    def __init__(self, cache: InputCache, changed: Callable[[], None] | None,
+                 every_s: float) -> None:
+        self.cache = cache
+        self.changed = changed
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._fetches = 0
+        self._at = 0.0
+
+    def check(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            due = (self.changed is not None and self.cache.fetches != self._fetches
+                   and now - self._at >= self.every_s)
+            if due:
+                self._fetches, self._at = self.cache.fetches, now
+        if due and self.changed is not None:
+            try:
+                self.changed()
+            except Exception as err:
+                log.debug("cannot republish the caps: %s", err)

@@ -32,9 +32,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.bus import Bus, BusError
 from schemas.codec import Envelope
@@ -43,6 +43,11 @@ from schemas.job_messages import AttemptReport
 from schemas.messages import Error
 from schemas.topics import Topics
 from worker.sessions import remove_tree
+
+if TYPE_CHECKING:
+    from worker.executors.base import Executor, ExitResult, SessionHandle
+    from worker.io_loop import Timer
+    from worker.job_files import Captures
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,9 @@ class AttemptRecord:
     report: dict[str, Any] | None = None  # the attempt.report body, once built
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, shallow: the record is written often (``dataclasses.asdict`` deep
+        copies every spec, input and report first)."""
+        return {name: getattr(self, name) for name in _RECORD_FIELDS}
 
     @classmethod
     def from_dict(cls, data: Any) -> AttemptRecord:
@@ -86,6 +93,37 @@ class AttemptRecord:
         if record.phase not in PHASES or not record.attempt or not record.job:
             raise ValueError(f"attempt record in unknown phase {record.phase!r}")
         return record
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(AttemptRecord))
+
+
+@dataclass
+class Attempt:
+    """One attempt at run time in worker/job_runner.py (its record is on disk)."""
+
+    record: AttemptRecord
+    handle: SessionHandle | None = None
+    task: Any = None  # the executor's TaskHandle while running
+    kill_reason: str | None = None
+    executor: Executor | None = None
+    captures: Captures | None = None
+    workdir: Path | None = None
+    timer: Timer | None = None  # on the executor's I/O loop: attempt.started, wall clock
+    timed_out: bool = False
+    exit: ExitResult | None = None  # the command's result, once known
+    closing: bool = False  # its session is being closed (its dir is removed after)
+    remove_after_close: bool = False  # the report was acknowledged meanwhile
+    done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def id(self) -> str:
+        return self.record.attempt
+
+    @property
+    def holds_slot(self) -> bool:
+        return self.record.phase in ("assigned", "running")
 
 
 class AttemptStore:
@@ -116,11 +154,14 @@ class AttemptStore:
         except FileNotFoundError:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record.to_dict(), fh)
+        try:  # json.dumps: the C encoder (json.dump to a file is pure Python)
+            data = json.dumps(record.to_dict()).encode()
+            while data:
+                data = data[os.write(fd, data):]
             if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, directory / RECORD)
 
     def load_all(self) -> list[AttemptRecord]:
@@ -164,17 +205,22 @@ class ReportSender:
 
     def __init__(self, bus: Bus, topics: Topics, store: AttemptStore, *,
                  on_done: Callable[[str], None] | None = None,
+                 remove: Callable[[str], None] | None = None,
                  resend_s: float = RESEND_S, resend_max_s: float = RESEND_MAX_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.bus = bus
         self.topics = topics
         self.store = store
         self.on_done = on_done
+        self.remove = remove or store.remove  # the attempt's directory, once acknowledged
         self.resend_s = resend_s
         self.resend_max_s = resend_max_s
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        # stepped at the next wake: new reports and answered sends; every entry is looked
+        # at once per TICK_S (resends), not at every wake (a wake per job at full rate)
+        self._ready: list[str] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -200,6 +246,13 @@ class ReportSender:
         """Send ``record.report`` (already persisted) now and until acknowledged."""
         with self._lock:
             self._pending[record.attempt] = _Pending(record)
+            self._ready.append(record.attempt)
+        self._wake.set()
+
+    def _answered(self, attempt: str) -> None:
+        """A send's future settled (any thread): step that entry at the next wake."""
+        with self._lock:
+            self._ready.append(attempt)
         self._wake.set()
 
     def _send_all_now(self) -> None:
@@ -207,18 +260,30 @@ class ReportSender:
             for entry in self._pending.values():
                 entry.next_at = 0.0
                 entry.future = None
+            self._ready.extend(self._pending)
         self._wake.set()
 
     def _run(self) -> None:
+        scan_at = 0.0
         while not self._stop.is_set():
             self._wake.wait(TICK_S)
             self._wake.clear()
             if self._stop.is_set():
                 return
+            now = time.monotonic()
             with self._lock:
-                entries = list(self._pending.values())
+                if now >= scan_at:
+                    scan_at = now + TICK_S
+                    entries = list(self._pending.values())
+                else:
+                    entries = [self._pending[a] for a in dict.fromkeys(self._ready)
+                               if a in self._pending]
+                self._ready.clear()
             for entry in entries:
-                self._step(entry)
+                try:
+                    self._step(entry)
+                except Exception:  # this thread sends every report: it must not end
+                    log.exception("attempt.report %s", entry.record.attempt)
 
     def _step(self, entry: _Pending) -> None:
         future = entry.future
@@ -254,6 +319,8 @@ class ReportSender:
         try:
             report = AttemptReport.from_dict(dict(entry.record.report or {}))
             entry.future = self.bus.request_async(self.topics.coord_inbox, report)
+            attempt = entry.record.attempt
+            entry.future.add_done_callback(lambda _f: self._answered(attempt))
         except (WireError, ValueError, TypeError) as err:
             log.error("attempt %s has an unsendable report (%s); dropped",
                       entry.record.attempt, err)
@@ -266,6 +333,6 @@ class ReportSender:
         with self._lock:
             self._pending.pop(entry.record.attempt, None)
         with contextlib.suppress(OSError):
-            self.store.remove(entry.record.attempt)
+            self.remove(entry.record.attempt)
         if self.on_done is not None:
             self.on_done(entry.record.attempt)

@@ -21,7 +21,7 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from schemas.outcome import ERROR_MAX
 from worker.errors import WorkerError
@@ -72,7 +72,10 @@ def place(source: Path, workdir: Path, name: str, *, executable: bool = False) -
 
 
 class Capture:
-    """One output stream written to a file, up to ``cap`` bytes (the rest is counted)."""
+    """One output stream written to a file, up to ``cap`` bytes (the rest is counted).
+
+    The file is made at the first byte: most short jobs write nothing to one stream or
+    both, and an absent file is an empty stream to every reader (uploads, follows)."""
 
     def __init__(self, path: Path, cap: int) -> None:
         self.path = path
@@ -80,7 +83,8 @@ class Capture:
         self.written = 0
         self.total = 0
         self._lock = threading.Lock()
-        self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._fh: BinaryIO | None = None
+        self._closed = False
 
     @property
     def truncated(self) -> bool:
@@ -90,8 +94,10 @@ class Capture:
         with self._lock:
             self.total += len(data)
             room = self.cap - self.written
-            if room <= 0 or self._fh.closed:
+            if room <= 0 or self._closed or not data:
                 return
+            if self._fh is None:
+                self._fh = open(self.path, "wb")  # noqa: SIM115 - closed in close()
             chunk = data[:room]
             self._fh.write(chunk)
             self.written += len(chunk)
@@ -99,7 +105,8 @@ class Capture:
 
     def close(self) -> None:
         with self._lock:
-            if not self._fh.closed:
+            self._closed = True
+            if self._fh is not None:
                 self._fh.close()
 
 

@@ -43,7 +43,7 @@ from schemas.messages import Ok
 from worker.output import wait_published
 
 if TYPE_CHECKING:
-    from worker.job_runner import Attempt
+    from worker.job_attempts import Attempt
 
 log = logging.getLogger(__name__)
 

@@ -13,19 +13,16 @@ request guard):
 And ``job.follow`` from the job's owner (or the coordinator, for the dashboard): the
 attempt's output, live (worker/job_follow.py).
 
-Each attempt then runs in a thread of its own: inputs (and stdin) from the input cache
-into a fresh work dir, ``sh -c COMMAND`` in an executor session of its own (process or
-docker, the registry's drivers; ``XCLOUD_JOB_ID``, ``XCLOUD_JOB_INDEX``,
-``XCLOUD_ATTEMPT_ID`` in its environment; the spec's cpus and memory as the session's
-limits; ``wall_s`` enforced here), stdout and stderr to capped files, ``attempt.started``
-once it runs; at its end the outputs are collected, stdout/stderr/outputs uploaded as the
-job owner's data objects (purpose ``{kind: data, owner, name: <job>/stdout | <job>/stderr
-| <job>/outputs/<name>, grant: <attempt>}``), retried until the coordinator takes them,
-and the ``attempt.report`` is kept on disk and re-sent until acknowledged (both in
-worker/job_delivery.py). An image_archive app's image is loaded from its archive before
-the session opens (worker/image_archives.py). So a job that
-runs while the coordinator or the broker is down finishes, and its result is delivered
-once they are back.
+Each attempt: inputs (and stdin) from the input cache into a fresh work dir, ``sh -c
+COMMAND`` in an executor session of its own (``XCLOUD_JOB_ID``, ``XCLOUD_JOB_INDEX``,
+``XCLOUD_ATTEMPT_ID`` in its environment; the spec's cpus and memory as its limits; an
+image_archive app's image loaded first, worker/image_archives.py), stdout and stderr to
+capped files. While the command runs the attempt holds no thread: its exit comes from the
+executor's I/O loop (``notify_exit``), ``attempt.started`` and ``wall_s`` are loop timers.
+At its end the outputs are collected, uploaded as the owner's data objects and the
+``attempt.report`` kept on disk and re-sent until acknowledged (worker/job_delivery.py):
+a job that runs while the coordinator or the broker is down finishes, and its result is
+delivered once they are back.
 
 A worker killed mid-job finds its records when it restarts: attempts whose results were
 known (uploading or reporting) carry on; attempts that were assigned or running are
@@ -45,7 +42,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +52,7 @@ from schemas.job_messages import AttemptStarted, JobAssign, JobFollow, JobKill
 from schemas.messages import Ok
 from schemas.outcome import ERROR_MAX
 from schemas.topics import Topics
+from worker import io_loop
 from worker.exec_auth import from_coordinator
 from worker.executors.base import (
     Executor,
@@ -66,7 +63,8 @@ from worker.executors.base import (
     TaskSpec,
 )
 from worker.image_archives import ImageArchiveError, ImageArchives, archive_of
-from worker.input_cache import CacheError, InputCache
+from worker.input_cache import CacheError, FetchNotice, InputCache
+from worker.job_attempts import Attempt as Attempt  # (re-exported: it was defined here)
 from worker.job_attempts import AttemptRecord, AttemptStore, ReportSender
 from worker.job_delivery import ResultDelivery
 from worker.job_files import (
@@ -92,26 +90,7 @@ STARTED_AFTER_S = 0.25  # attempt.started only for commands that run longer than
 CAPS_S = 10.0  # the caps (with the cache's summary) are republished at most this often
 
 ExecutorFor = Callable[[str], Executor]
-
-
-@dataclass
-class Attempt:
-    """One attempt at run time (its record is on disk)."""
-
-    record: AttemptRecord
-    handle: SessionHandle | None = None
-    task: Any = None  # the executor's TaskHandle while running
-    kill_reason: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def id(self) -> str:
-        return self.record.attempt
-
-    @property
-    def holds_slot(self) -> bool:
-        return self.record.phase in ("assigned", "running")
+Outcome = tuple[dict[str, Any], "Captures | None"]  # an attempt's result, its captures
 
 
 class JobRunner:
@@ -139,11 +118,11 @@ class JobRunner:
         self.guard = guard or WorkerRequestGuard(bus, config)
         self.used_slots = used_slots  # slots other work holds (reservations)
         self.kill_grace_s = kill_grace_s
-        self.caps_changed = caps_changed  # republishes the caps (the cache's summary)
-        self._caps_fetches = 0
-        self._caps_at = 0.0
+        # the caps (with the cache's summary) republished when the cache fetched something
+        self.caps_notice = FetchNotice(cache, caps_changed, CAPS_S)
         self.output_cap = int(config.job_output_bytes)
-        self.reports = ReportSender(bus, topics, self.store, on_done=self._forget)
+        self.reports = ReportSender(bus, topics, self.store, on_done=self._forget,
+                                    remove=self._remove_dir)
         self._lock = threading.Lock()
         self._attempts: dict[str, Attempt] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()  # attempts done here lately
@@ -311,54 +290,61 @@ class JobRunner:
     # -- one attempt -------------------------------------------------------------------
 
     def _run(self, attempt: Attempt) -> None:
+        """Up to the command's start on this (reused) thread; its end comes back from the
+        executor's I/O loop (``_watch``), so no thread waits while a command runs."""
         if not self.line.take(attempt.id, lambda: attempt.kill_reason is not None
                               or self._stopping.is_set()):  # killed or stopping meanwhile
-            result: dict[str, Any] = {"kind": "cancelled",
-                                      "error": (attempt.kill_reason or "")[:ERROR_MAX]}
-            captures: Captures | None = None
-        else:
-            try:
-                result, captures = self._execute(attempt)
-            except Exception as err:  # never leave an attempt without an end
-                log.exception("attempt %s failed", attempt.id)
-                result, captures = {"kind": "input_failed",
-                                    "error": f"worker error: {err}"[:ERROR_MAX]}, None
-            finally:
-                self.line.free()
-        record = attempt.record
-        if captures is None and self._stopping.is_set():
-            self._drop(attempt)
+            self._conclude(attempt, {"kind": "cancelled",
+                                     "error": (attempt.kill_reason or "")[:ERROR_MAX]}, None)
             return
-        if attempt.kill_reason is not None and self._stopping.is_set():
-            self._drop(attempt)  # stopped by the worker's own stop: the coordinator requeues
+        try:
+            outcome = self._execute(attempt)
+        except Exception as err:  # never leave an attempt without an end
+            log.exception("attempt %s failed", attempt.id)
+            outcome = {"kind": "input_failed", "error": f"worker error: {err}"[:ERROR_MAX]}, None
+        if outcome is not None:  # it never ran
+            self.line.free()
+            self._conclude(attempt, *outcome)
+
+    def _conclude(self, attempt: Attempt, result: dict[str, Any],
+                  captures: Captures | None) -> None:
+        """The attempt's end is known: persist and deliver it (or drop it when stopping).
+
+        Its session (leftover processes, cgroup, work dir; the outputs are out of it by
+        now) is closed after the report is on its way, off the path from a command's end
+        to its report: on this thread when there is nothing to upload, else beside the
+        uploads. While the worker stops it is closed first, before the attempt is dropped."""
+        record = attempt.record
+        close = self._closer(attempt)
+        if self._stopping.is_set() and (captures is None or attempt.kill_reason is not None):
+            if close is not None:
+                close()
+            self._drop(attempt)  # the worker's own stop: the coordinator requeues it
             return
         record.result = result
         record.ended_at = record.ended_at or time.time()
         record.phase = "finished"
-        if self.delivery.has_uploads(record):  # else _deliver writes "reported" at once
+        uploads = self.delivery.has_uploads(record)
+        if uploads:  # else deliver() writes "reported" at once
             self._save(record)
-        self._advertise_cache()
-        self._deliver(attempt)
+        if close is not None and (uploads or self._stopping.is_set()):
+            if self._stopping.is_set():
+                close()
+            else:
+                self._spawn(close, f"close-{attempt.id}")
+            close = None
+        self.caps_notice.check()
+        self.delivery.deliver(record)
+        if close is not None:
+            close()
 
-    def _advertise_cache(self) -> None:
-        """Republish the caps when the cache fetched something (at most every CAPS_S)."""
-        with self._lock:
-            now = time.monotonic()
-            due = (self.caps_changed is not None and self.cache.fetches != self._caps_fetches
-                   and now - self._caps_at >= CAPS_S)
-            if due:
-                self._caps_fetches, self._caps_at = self.cache.fetches, now
-        if due and self.caps_changed is not None:
-            try:
-                self.caps_changed()
-            except Exception as err:
-                log.debug("cannot republish the caps: %s", err)
-
-    def _execute(self, attempt: Attempt) -> tuple[dict[str, Any], Captures | None]:
-        """Fetch inputs, run, collect outputs; returns (result, captures)."""
+    def _execute(self, attempt: Attempt) -> Outcome | None:
+        """Fetch inputs and start the command: None once it runs (the loop ends it), else
+        the (result, captures) of an attempt that could not run."""
         record = attempt.record
         spec = record.spec
         executor = self.executor_for(record.executor)
+        attempt.executor = executor
         workdir = self.store.workdir(record.attempt)
         resources = spec.get("resources") or {}
         requirements = spec.get("requirements") or {}
@@ -378,28 +364,43 @@ class JobRunner:
         attempt.handle = handle
         record.handle = handle.to_dict()
         self._save(record)
-        try:
-            return self._in_session(attempt, executor, handle, workdir)
-        finally:
-            # The outputs are out of the work dir by now: the session (leftover processes,
-            # cgroup, work dir) is closed beside the delivery, not before it, which takes
-            # the close off the path from a command's end to its report. While the worker
-            # stops it is closed here, before the attempt is dropped.
-            close = functools.partial(self._close_session, executor, handle, attempt.id)
-            if self._stopping.is_set():
-                close()
-            else:
-                self._spawn(close, f"close-{attempt.id}")
+        return self._in_session(attempt, executor, handle, workdir)
 
-    @staticmethod
-    def _close_session(executor: Executor, handle: SessionHandle, attempt_id: str) -> None:
+    def _closer(self, attempt: Attempt) -> Callable[[], None] | None:
+        """What closes the attempt's session, if it opened one (until it has, the
+        attempt's directory, which holds the work dir, stays: ``_remove_dir``)."""
+        handle, executor = attempt.handle, attempt.executor
+        if handle is None or executor is None:
+            return None
+        with self._lock:
+            attempt.closing = True
+        return functools.partial(self._close_session, executor, handle, attempt)
+
+    def _close_session(self, executor: Executor, handle: SessionHandle,
+                       attempt: Attempt) -> None:
         try:
             executor.close_session(handle)
         except Exception:
-            log.exception("closing the session of attempt %s failed", attempt_id)
+            log.exception("closing the session of attempt %s failed", attempt.id)
+        finally:
+            with self._lock:
+                attempt.closing = False
+                remove = attempt.remove_after_close
+            if remove:
+                self.store.remove(attempt.id)
+
+    def _remove_dir(self, attempt_id: str) -> None:
+        """The report was acknowledged: the attempt's directory goes, after its session's
+        close when that is still under way (both remove the work dir)."""
+        with self._lock:
+            attempt = self._attempts.get(attempt_id)
+            if attempt is not None and attempt.closing:
+                attempt.remove_after_close = True
+                return
+        self.store.remove(attempt_id)
 
     def _in_session(self, attempt: Attempt, executor: Executor, handle: SessionHandle,
-                    workdir: Path) -> tuple[dict[str, Any], Captures | None]:
+                    workdir: Path) -> Outcome | None:
         record = attempt.record
         spec = record.spec
         command = str(spec["command"])
@@ -420,7 +421,6 @@ class JobRunner:
         if record.executor == "process":  # docker: the container's device request
             env.update(gpu_env(self.gpus.held(record.attempt)))
         captures = Captures(self.store.path(record.attempt), self.output_cap)
-        wall = float(spec["wall_s"]) if spec.get("wall_s") else None
         with attempt.lock:
             if attempt.kill_reason is not None:
                 captures.close()
@@ -433,35 +433,95 @@ class JobRunner:
                 return {"kind": "input_failed",
                         "error": f"cannot start the command: {err}"[:ERROR_MAX]}, None
             attempt.task = task
+        attempt.captures, attempt.workdir = captures, workdir
         record.started_at = task.started_at or time.time()
         record.phase = "running"  # in memory only: a restart treats it as assigned
-        # attempt.started only for a command still running after a moment: a short job's
-        # start comes with its report (started_at), one request and commit fewer per job.
+        self._watch(attempt, executor, task)
+        return None
+
+    # -- a running command, on the executor's I/O loop ----------------------------------
+
+    def _watch(self, attempt: Attempt, executor: Executor, task: Any) -> None:
+        """Hand the running command to the loop: its exit (``notify_exit``), and one timer
+        at a time, first for ``attempt.started`` (only for a command still running after
+        STARTED_AFTER_S: a short job's start comes with its report, one request and commit
+        fewer per job), then for the wall clock. Counted as a call under way (``close``)."""
+        with self._calls_done:
+            self._calls += 1
+        wall = float(attempt.record.spec["wall_s"]) if attempt.record.spec.get("wall_s") \
+            else None
+        loop = executor.io_loop or io_loop.shared()
         quick = STARTED_AFTER_S if wall is None else min(wall, STARTED_AFTER_S)
-        result = executor.wait(task, quick)
-        if result is None:
-            self._notify_started(record.attempt)
-            if wall is None or wall > quick:
-                result = executor.wait(task, None if wall is None else wall - quick)
-        timed_out = False
-        if result is None:
-            timed_out = True
-            log.info("attempt %s passed its wall clock (%ss); stopping it", attempt.id, wall)
-            result = executor.stop(task, self.kill_grace_s)
-        if result is None:
-            result = ExitResult(exit_code=None, error="the command did not stop")
-        record.ended_at = time.time()
-        captures.close()
+        with attempt.lock:
+            attempt.timer = loop.call_later(quick, self._on_started_timer, attempt, loop, wall,
+                                            quick)
+        try:
+            executor.notify_exit(task, functools.partial(self._exited, attempt))
+        except Exception as err:
+            log.exception("cannot watch the command of attempt %s", attempt.id)
+            self._exited(attempt, ExitResult(exit_code=None, error=f"worker error: {err}"))
+
+    def _on_started_timer(self, attempt: Attempt, loop: io_loop.IoLoop, wall: float | None,
+                          quick: float) -> None:
+        with attempt.lock:
+            if attempt.exit is not None:
+                return
+            if wall is not None and wall > quick:
+                attempt.timer = loop.call_later(wall - quick, self._on_wall, attempt)
+        self._spawn(functools.partial(self._notify_started, attempt.id), "started")
+        if wall is not None and wall <= quick:
+            self._on_wall(attempt)
+
+    def _on_wall(self, attempt: Attempt) -> None:
+        with attempt.lock:
+            if attempt.exit is not None or attempt.timed_out:
+                return
+            attempt.timed_out = True
+        self._spawn(functools.partial(self._stop_overdue, attempt), "wall")
+
+    def _stop_overdue(self, attempt: Attempt) -> None:
+        log.info("attempt %s passed its wall clock (%ss); stopping it", attempt.id,
+                 attempt.record.spec.get("wall_s"))
+        assert attempt.executor is not None
+        result = None
+        try:
+            result = attempt.executor.stop(attempt.task, self.kill_grace_s)
+        except ExecutorError as err:
+            log.warning("cannot stop attempt %s: %s", attempt.id, err)
+        self._exited(attempt, result or ExitResult(exit_code=None,
+                                                   error="the command did not stop"))
+
+    def _exited(self, attempt: Attempt, result: ExitResult) -> None:
+        """The command's result (from the loop: must not block); the rest of the attempt
+        goes on a reused thread. The first call wins."""
+        with attempt.lock:
+            if attempt.exit is not None:
+                return
+            attempt.exit = result
+            timer, attempt.timer = attempt.timer, None
+        if timer is not None:
+            timer.cancel()
+        # (counted as a call by _watch: _tracked ends it)
+        self._threads.run(self._tracked, functools.partial(self._finish, attempt, result))
+
+    def _finish(self, attempt: Attempt, result: ExitResult) -> None:
         record = attempt.record
-        return attempt_outcome(
-            job=record.job, spec=record.spec, result=result, timed_out=timed_out,
-            kill_reason=attempt.kill_reason, captures=captures, workdir=workdir,
-            outputs_dir=self.store.path(record.attempt) / "outputs"), captures
-
-    # -- delivery ----------------------------------------------------------------------
-
-    def _deliver(self, attempt: Attempt) -> None:
-        self.delivery.deliver(attempt.record)
+        try:
+            record.ended_at = time.time()
+            captures = attempt.captures
+            assert captures is not None
+            assert attempt.workdir is not None
+            captures.close()
+            outcome: Outcome = attempt_outcome(
+                job=record.job, spec=record.spec, result=result,
+                timed_out=attempt.timed_out,
+                kill_reason=attempt.kill_reason, captures=captures, workdir=attempt.workdir,
+                outputs_dir=self.store.path(record.attempt) / "outputs"), captures
+        except Exception as err:  # never leave an attempt without an end
+            log.exception("attempt %s failed", attempt.id)
+            outcome = {"kind": "input_failed", "error": f"worker error: {err}"[:ERROR_MAX]}, None
+        self.line.free()
+        self._conclude(attempt, *outcome)
 
     def _notify_started(self, attempt_id: str) -> None:
         """``attempt.started``: best effort (the heartbeat's ``attempts`` says it too)."""
@@ -486,7 +546,8 @@ class JobRunner:
                 self._attempts[attempt.id] = attempt
             if record.phase == "finished":
                 log.info("attempt %s: resuming the upload of its results", attempt.id)
-                self._spawn(functools.partial(self._deliver, attempt), f"deliver-{attempt.id}")
+                self._spawn(functools.partial(self.delivery.deliver, record),
+                            f"deliver-{attempt.id}")
             else:
                 self.reports.add(record)
 
@@ -529,4 +590,5 @@ class JobRunner:
         finally:
             with self._calls_done:
                 self._calls -= 1
-                self._calls_done.notify_all()
+                if not self._calls:  # only close() waits, for none left
+                    self._calls_done.notify_all()
