@@ -41,24 +41,32 @@ def safe_name(value: str) -> str:
     return "h-" + hashlib.sha256(value.encode()).hexdigest()[:32]
 
 
-def remove_tree(path: Path) -> None:
-    """``rm -rf`` that also copes with directories a command made unwritable."""
-
-    def retry(func: Any, target: str, _exc: Any) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(target) or ".", stat.S_IRWXU)
-            if os.path.isdir(target) and not os.path.islink(target):
-                os.chmod(target, stat.S_IRWXU)
+def _retry_removal(func: Any, target: str, _exc: Any) -> None:
+    """rmtree's error hook: make the entry's directory (and it) writable, then remove it
+    again. Only removals are retried: the hook is also called for ``os.open``,
+    ``os.scandir`` or ``os.lstat`` of an entry that went away meanwhile (another thread
+    closing the same session), and ``os.open`` again without its flags is a TypeError."""
+    with contextlib.suppress(OSError):
+        os.chmod(os.path.dirname(target) or ".", stat.S_IRWXU)
+        if os.path.isdir(target) and not os.path.islink(target):
+            os.chmod(target, stat.S_IRWXU)
+    if func in (os.rmdir, os.unlink, os.remove):
         with contextlib.suppress(FileNotFoundError):
             func(target)
+    elif os.path.isdir(target) and not os.path.islink(target):
+        shutil.rmtree(target, ignore_errors=True)  # now readable: once more, quietly
+
+
+def remove_tree(path: Path) -> None:
+    """``rm -rf`` that also copes with directories a command made unwritable."""
 
     if not path.exists() and not path.is_symlink():
         return
     try:
         if sys.version_info >= (3, 12):
-            shutil.rmtree(path, onexc=retry)
+            shutil.rmtree(path, onexc=_retry_removal)
         else:
-            shutil.rmtree(path, onerror=retry)
+            shutil.rmtree(path, onerror=_retry_removal)
     except OSError as err:
         log.error("cannot remove %s: %s", path, err)
 
