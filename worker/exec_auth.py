@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PIN_FILE = "coord_pubkey"
+VERIFIED_MAX = 256  # grants whose signature was checked, remembered per authorizer
+EXPIRY_LEEWAY_S = 2.0  # verify_grant's default
 
 
 def from_coordinator(bus: Bus, coordinator: str, incoming: Incoming) -> bool:
@@ -156,6 +160,36 @@ class ExecAuthorizer:
         self.wid = wid
         self.key = key
         self.find_session = find_session
+        # A grant's signature is checked once (ed25519 costs ~130 us, on every keystroke of
+        # a terminal); expiry is checked at every use. Keyed by grant and sender; emptied
+        # when the coordinator's key changes.
+        self._verified: OrderedDict[tuple[str, str], GrantClaims] = OrderedDict()
+        self._verified_key: Ed25519PublicKey | None = None
+        self._verified_lock = threading.Lock()
+
+    def _claims(self, key: Ed25519PublicKey, grant: str, sender: str) -> GrantClaims:
+        """verify_grant, remembering what verified; GrantError as it raises."""
+        with self._verified_lock:
+            if self._verified_key is not key:
+                self._verified.clear()
+                self._verified_key = key
+            claims = self._verified.get((grant, sender))
+            if claims is not None:
+                self._verified.move_to_end((grant, sender))
+        if claims is None:
+            claims = verify_grant(key, grant, client=sender, worker=self.wid)
+            with self._verified_lock:
+                if self._verified_key is key:
+                    self._verified[(grant, sender)] = claims
+                    while len(self._verified) > VERIFIED_MAX:
+                        self._verified.popitem(last=False)
+            return claims
+        late = time.time() - claims.exp
+        if late > EXPIRY_LEEWAY_S:
+            with self._verified_lock:
+                self._verified.pop((grant, sender), None)
+            raise GrantError("expired", f"grant expired {late:.0f}s ago")
+        return claims
 
     def authorize(self, incoming: Incoming, grant: str) -> tuple[GrantClaims, Session] | None:
         """The grant's claims and open session, or None after replying ``forbidden``."""
@@ -174,7 +208,7 @@ class ExecAuthorizer:
             refuse("no_key", f"worker {self.wid} does not know the coordinator's key yet")
             return None
         try:
-            claims = verify_grant(key, grant, client=sender, worker=self.wid)
+            claims = self._claims(key, grant, sender)
         except GrantError as err:
             refuse(err.code, f"grant refused: {err}")
             return None
