@@ -6,6 +6,7 @@ again without their arguments raised TypeError, which killed the worker's report
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from worker.sessions import _retry_removal, remove_tree
@@ -15,7 +16,20 @@ def test_an_entry_that_vanished_before_rmtree_opened_it_is_no_error(tmp_path: Pa
     gone = tmp_path / "gone"
     err = FileNotFoundError(2, "No such file or directory", str(gone))
     for func in (os.open, os.scandir, os.lstat, os.rmdir, os.unlink):
-        _retry_removal(func, str(gone), err)  # raised TypeError for os.open
+        _retry_removal(func, str(gone), err, str(gone))  # raised TypeError for os.open
+
+
+def test_the_parent_of_the_tree_is_never_chmodded(tmp_path: Path) -> None:
+    """A session dir whose parent is /tmp: an error on the dir itself chmodded /tmp to
+    0700 (every other user, MariaDB's temp tables included, then lost /tmp)."""
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    outer.chmod(0o1777)
+    top = outer / "session"
+    err = FileNotFoundError(2, "No such file or directory", str(top))
+    _retry_removal(os.rmdir, str(top), err, str(top))
+    _retry_removal(os.open, str(top), err, str(top))
+    assert stat.S_IMODE(outer.stat().st_mode) == 0o1777
 
 
 def test_a_tree_with_read_only_directories_is_removed(tmp_path: Path) -> None:

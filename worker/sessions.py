@@ -41,13 +41,17 @@ def safe_name(value: str) -> str:
     return "h-" + hashlib.sha256(value.encode()).hexdigest()[:32]
 
 
-def _retry_removal(func: Any, target: str, _exc: Any) -> None:
+def _retry_removal(func: Any, target: str, _exc: Any, top: str | None = None) -> None:
     """rmtree's error hook: make the entry's directory (and it) writable, then remove it
     again. Only removals are retried: the hook is also called for ``os.open``,
     ``os.scandir`` or ``os.lstat`` of an entry that went away meanwhile (another thread
-    closing the same session), and ``os.open`` again without its flags is a TypeError."""
+    closing the same session), and ``os.open`` again without its flags is a TypeError.
+    Only directories inside ``top`` (the tree being removed) are ever chmodded: the
+    parent of the tree is not ours (a session dir's parent may be /tmp itself)."""
+    parent = os.path.dirname(target) or "."
     with contextlib.suppress(OSError):
-        os.chmod(os.path.dirname(target) or ".", stat.S_IRWXU)
+        if top is not None and _inside(parent, top):
+            os.chmod(parent, stat.S_IRWXU)
         if os.path.isdir(target) and not os.path.islink(target):
             os.chmod(target, stat.S_IRWXU)
     if func in (os.rmdir, os.unlink, os.remove):
@@ -57,16 +61,24 @@ def _retry_removal(func: Any, target: str, _exc: Any) -> None:
         shutil.rmtree(target, ignore_errors=True)  # now readable: once more, quietly
 
 
+def _inside(path: str, top: str) -> bool:
+    path, top = os.path.abspath(path), os.path.abspath(top)
+    return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
+
+
 def remove_tree(path: Path) -> None:
     """``rm -rf`` that also copes with directories a command made unwritable."""
+
+    def retry(func: Any, target: str, exc: Any) -> None:
+        _retry_removal(func, target, exc, str(path))
 
     if not path.exists() and not path.is_symlink():
         return
     try:
         if sys.version_info >= (3, 12):
-            shutil.rmtree(path, onexc=_retry_removal)
+            shutil.rmtree(path, onexc=retry)
         else:
-            shutil.rmtree(path, onerror=_retry_removal)
+            shutil.rmtree(path, onerror=retry)
     except OSError as err:
         log.error("cannot remove %s: %s", path, err)
 
