@@ -185,17 +185,21 @@ class JobRequests:
         owner = req.owner if req.owner is not None else (None if admin else sender)
         limit = req.limit or DEFAULT_LIMIT
         jobs, more = self.store.list_jobs(owner=owner, state=req.state, batch=req.batch,
-                                          after=req.after, limit=limit)
-        items: list[dict[str, Any]] = []
+                                          after=req.after, limit=limit, spec=False)
+        items = [job_summary(job) for job in jobs]
+        # Each item counts its JSON and a separator. One dump of the whole list is that
+        # sum plus one more byte per item (", "): when it fits, every item does.
+        if items and REPLY_OVERHEAD + len(json.dumps(items)) - len(items) <= self.max_payload:
+            return JobsListReply(jobs=items, more=more)
+        kept: list[dict[str, Any]] = []
         size = REPLY_OVERHEAD
-        for job in jobs:
-            item = job_summary(job)
+        for item in items:
             size += len(json.dumps(item)) + 1
             if size > self.max_payload:
                 more = True
                 break
-            items.append(item)
-        return JobsListReply(jobs=items, more=more)
+            kept.append(item)
+        return JobsListReply(jobs=kept, more=more)
 
     def _own_job(self, jid: str, sender: str) -> JobRecord:
         job = self.store.get_job(jid)

@@ -418,7 +418,8 @@ class JobScheduler:
         files = [*(job.spec.get("inputs") or ()), *([binary] if binary else [])]
         hashes = [i["sha256"] for i in files]
         stdin = job.spec.get("stdin")
-        sizes = self.store.object_sizes([*hashes, *([stdin] if stdin else [])])
+        wanted = [*hashes, *([stdin] if stdin else [])]
+        sizes = self.store.object_sizes(wanted) if wanted else {}  # most jobs read none
         body = JobAssign(
             attempt=attempt.id, job=job.id, owner=job.owner, spec=job.spec,
             inputs=[{"name": i["name"], "sha256": i["sha256"], "size": sizes.get(i["sha256"], 0),

@@ -112,7 +112,7 @@ def _job(row: dict[str, Any]) -> JobRecord:
     return JobRecord(
         id=row["id"], batch=row["batch"], owner=row["owner"], name=row["name"] or "",
         state=JobState(row["state"]), priority=-int(row["rank"]),
-        submitted_at=row["submitted_at"], spec=loads(row["spec"], {}), cpus=row["cpus"],
+        submitted_at=row["submitted_at"], spec=loads(row.get("spec"), {}), cpus=row["cpus"],
         memory_bytes=row["memory_bytes"], max_system_retries=row["max_system_retries"],
         max_retries=row["max_retries"], system_failures=row["system_failures"],
         job_failures=row["job_failures"], attempts=row["attempts"],

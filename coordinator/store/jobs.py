@@ -12,9 +12,10 @@ coordinator turns into ``job.event`` messages for the owners.
 Lock order (MySQL/MariaDB; SQLite's writers hold the file): attempt rows, in id order,
 before their job's row. A report or an ending learns its job from the attempt it locked;
 ``change_jobs`` (rare; coordinator/store/job_changes.py) reads which attempts to lock
-first, then checks them under the job's lock: the hot path keeps its statements. The reverse order deadlocked (1213) a cancel with
-a report. Under a job's lock, its other attempts are only inserted, read, locked with SKIP
-LOCKED (never waiting) or, ended, updated (``job_replicas``).
+first, then checks them under the job's lock: the hot path keeps its statements. The
+reverse order deadlocked (1213) a cancel with a report. Under a job's lock, its other
+attempts are only inserted, read, locked with SKIP LOCKED (never waiting) or, ended,
+updated (``job_replicas``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ from coordinator.store.job_records import (
 from coordinator.store.values import chunks, dicts, dumps, loads, now_or, tuples
 
 log = logging.getLogger(__name__)
+
+
+_ALL = "*"
 
 
 class JobStore(StoreBase):
@@ -121,25 +125,36 @@ class JobStore(StoreBase):
     @op
     def list_jobs(self, *, owner: str | None, state: str | None = None,
                   batch: str | None = None, after: str | None = None,
-                  limit: int = 100) -> tuple[list[JobRecord], bool]:
+                  limit: int = 100, spec: bool = True) -> tuple[list[JobRecord], bool]:
         """A page of jobs in submission order after the cursor job ``after``; and whether
-        more follow."""
-        Job = self.models.Job
-        query = Job.select()
-        if owner is not None:
-            query = query.where(Job.owner == owner)
-        if state is not None:
-            query = query.where(Job.state == state)
-        if batch is not None:
-            query = query.where(Job.batch == batch)
+        more follow. ``spec=False`` leaves each record's spec empty, neither read nor
+        decoded: a listing shows none, and decoding it was a third of a page's cost."""
+        # Plain SQL (statements.py): a client waiting on a batch lists it again and
+        # again, and peewee's row building was most of a 500-job page's cost.
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("owner", owner), ("state", state), ("batch", batch)):
+            if value is not None:
+                where.append(f"{{{column}}} = {{?}}")
+                params.append(value)
         if after is not None:
-            cursor = tuples(Job.select(Job.submitted_at).where(Job.id == after))
+            cursor = self._sql.tuples("SELECT {submitted_at} FROM {job} WHERE {id} = {?}",
+                                      after)
             if cursor:
                 at = cursor[0][0]
-                query = query.where((Job.submitted_at > at)
-                                    | ((Job.submitted_at == at) & (Job.id > after)))
-        rows = dicts(query.order_by(Job.submitted_at, Job.id).limit(limit + 1))
+                where.append("({submitted_at} > {?} OR ({submitted_at} = {?} AND {id} > {?}))")
+                params += [at, at, after]
+        rows = self._sql.rows("SELECT " + (_ALL if spec else self._columns_but_spec())
+                              + " FROM {job}" + (" WHERE " + " AND ".join(where) if where else "")
+                              + " ORDER BY {submitted_at}, {id} LIMIT {?}",
+                              *params, int(limit) + 1)
         return [_job(r) for r in rows[:limit]], len(rows) > limit
+
+    def _columns_but_spec(self) -> str:
+        """The job table's columns but ``spec``, as a statement template."""
+        names = [f.column_name for f in self.models.Job._meta.sorted_fields
+                 if f.column_name != "spec"]
+        return ", ".join("{" + name + "}" for name in names)
 
     @op
     def job_attempts(self, jid: str, limit: int = 200) -> tuple[list[AttemptRecord], bool]:
@@ -451,7 +466,10 @@ class JobStore(StoreBase):
                 *params, job.id, JobState.RUNNING.value)
         change = JobChange(job.id, job.owner, v.state, t, aid, attempt.worker_id, exit_code,
                            v.reason or kind.value)
-        if v.state in (JobState.COMPLETED, JobState.FAILED):
+        if v.state in (JobState.COMPLETED, JobState.FAILED) and sql.tuples(
+                "SELECT 1 FROM {edges} WHERE {parent} = {?} LIMIT 1", job.id):
+            # (probed here in plain SQL: most jobs have no children, and settling builds
+            # its queries with peewee, a few hundred µs per ending)
             return [change, *job_deps.settle_children(sql, self.models, job.id, v.state, t)]
         return [change]
 
