@@ -387,7 +387,9 @@ def submit_latency(grid: Any, events: EventLog, runs: int) -> dict[str, Any]:
 
 
 def fill_queue(db_file: Path, count: int) -> float:
-    """``count`` queued low-priority jobs of another owner, written straight into SQLite."""
+    """``count`` queued low-priority jobs of the timing client itself, written straight into
+    SQLite. Its own: with another owner's, fair share gives that owner half the slots, and
+    the run measures fair share rather than the depth of the queue."""
     now = time.time()
     rows = [(f"j-bulk{i:011x}", 10, now + i * 1e-3) for i in range(count)]
     t0 = time.monotonic()
@@ -398,7 +400,7 @@ def fill_queue(db_file: Path, count: int) -> float:
                 "INSERT INTO xc_job (id, batch, owner, name, state, rank, submitted_at, spec, "
                 "updated_at, cpus, memory_bytes, gpus, replicas, quorum, after, "
                 "max_system_retries, max_retries, system_failures, job_failures, attempts) "
-                "VALUES (?, 'b-bulk', 'bench-bulk', '', 'queued', ?, ?, "
+                "VALUES (?, 'b-bulk', 'bench-client', '', 'queued', ?, ?, "
                 f"'{{\"command\":\"true\"}}', {now}, 1, 0, 0, 1, 1, '[]', 3, 0, 0, 0, 0)", rows)
     finally:
         conn.close()
