@@ -87,7 +87,35 @@ def encode(env: Envelope[Any], *, validate: bool = True) -> bytes:
         except fastjsonschema.JsonSchemaException as err:
             raise WireError("invalid", f"outgoing {env.body.TYPE}: {_reason(err)}",
                             message_type=env.body.TYPE, message_id=env.id) from err
-    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+    return _dumps(data)
+
+
+#: A top-level string at least this long is spliced into the JSON rather than dumped
+#: (``_dumps``): base64 data of exec.stdin / exec.output pieces, up to 1.4 MB each.
+SPLICE_MIN = 64 * 1024
+_JSON_SAFE = bytes(c for c in range(0x20, 0x7F) if c not in (0x22, 0x5C))  # no escaping
+
+
+def _dumps(data: dict[str, Any]) -> bytes:
+    """``json.dumps`` of a message, with its long strings that need no escaping spliced in
+    as they are (last, in their order): json.dumps scans every character of a string for
+    escapes, ~4 ms per MiB of base64 here, ten times the check below. Same JSON value."""
+    spliced: list[tuple[str, bytes]] = []
+    for key, value in data.items():
+        if isinstance(value, str) and len(value) >= SPLICE_MIN and value.isascii():
+            raw = value.encode("ascii")
+            if not raw.translate(None, _JSON_SAFE):  # printable, no quote, no backslash
+                spliced.append((key, raw))
+    if not spliced:
+        return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+    rest = {k: v for k, v in data.items() if k not in {key for key, _ in spliced}}
+    head = json.dumps(rest, separators=(",", ":"), allow_nan=False).encode()
+    parts = [head[:-1]]
+    for key, raw in spliced:
+        parts += [b"," if len(parts) > 1 or rest else b"", json.dumps(key).encode(), b':"',
+                  raw, b'"']
+    parts.append(b"}")
+    return b"".join(parts)
 
 
 def decode(payload: bytes, *, topic: str | None = None,
