@@ -40,8 +40,8 @@ One run measures, side by side, on this machine:
    into ``/work``). A local ``cat`` and a local ``true`` give the floor.
 
 Every variant gets warm-up calls first. Nothing is asserted: the targets (p50 ≤ 5 ms on
-the embedded broker and no slower than ssh; ≥ 50 MB/s streamed) are reported as met or
-missed.
+the embedded broker and at most half of ssh's p50, issue 13; ≥ 50 MB/s streamed) are
+reported as met or missed.
 
     python -m bench.exec_rtt [--quick] [--runs N] [--mb M] [--only amqtt,mosquitto,...]
 
@@ -938,8 +938,8 @@ def markdown(result: dict[str, Any]) -> str:
     out += ["", "Targets: "
             f"p50 ≤ 5 ms on the embedded broker: "
             f"{verdict(None if a_p50 is None else a_p50 <= 5.0)}; "
-            f"no slower than ssh: "
-            f"{verdict(None if a_p50 is None or ssh_p50 is None else a_p50 <= ssh_p50)}; "
+            f"≤ 0.5× ssh's p50 (issue 13): "
+            f"{verdict(None if a_p50 is None or ssh_p50 is None else a_p50 <= 0.5 * ssh_p50)}; "
             f"≥ 50 MB/s streamed: {verdict(min(rates) >= 50 if rates else None)}"
             f"{extra}."]
     if result.get("errors"):
