@@ -19,8 +19,8 @@ from schemas.exec_messages import ExecStdin
 
 def test_a_megabyte_of_stdin_round_trips_through_the_codec() -> None:
     raw = os.urandom(1 << 20)
-    body = ExecStdin(grant="claims-claims-claims.signature", exec_id="e-1", seq=7, data=base64.b64encode(raw).decode(),
-                     eof=True)
+    body = ExecStdin(grant="claims-claims-claims.signature", exec_id="e-1", seq=7,
+                     data=base64.b64encode(raw).decode(), eof=True)
     payload = encode(envelope(body, reply_to="xcloud/x/inbox"))
     back = decode(payload).body
     assert back == body
