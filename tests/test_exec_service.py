@@ -958,3 +958,22 @@ def test_streamer_logs_budget_and_follow() -> None:
     streamer.logs(0, 10**6, "follower", views.append)  # after the exit: no following
     assert views[0].following is False
     assert views[0].exit == final
+
+
+def test_commands_start_no_output_thread_of_their_own(grid: Grid,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each command's output streamer runs on a reused thread (Thread.start() costs a
+    scheduler round trip on a loaded machine, on the path of every command)."""
+    rid = grid.open()
+    assert grid.run(rid, "echo warm").data() == b"warm\n"
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def counting_start(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    for number in range(10):
+        assert grid.run(rid, f"echo {number}").data() == f"{number}\n".encode()
+    assert [name for name in started if name.endswith("-out")] == []

@@ -97,7 +97,8 @@ class CommandRunner:
                  stopping: threading.Event, spawn: Spawn, kill_grace_s: float,
                  chunk_bytes: int, linger_s: float,
                  send_report: Callable[[ExecReport], None] | None,
-                 loop: IoLoop | None = None) -> None:
+                 loop: IoLoop | None = None,
+                 run_streamer: Callable[[Callable[[], None]], None] | None = None) -> None:
         self.bus = bus
         self.topics = topics
         self.wid = wid
@@ -111,6 +112,7 @@ class CommandRunner:
         self.linger_s = linger_s
         self.send_report = send_report  # None: this worker reports to nobody
         self.loop = loop or executor.io_loop or shared()  # shared: for timers only
+        self.run_streamer = run_streamer  # reused threads for the output streamers
 
     def on_start(self, incoming: Incoming) -> None:
         body: ExecStart = incoming.body
@@ -150,7 +152,7 @@ class CommandRunner:
             self.bus.reply(incoming, ExecStarted(exec_id=ex.exec_id, pid=ex.handle.pid,
                                                  started_at=ex.started_at))
         finally:  # the streamer starts after the reply: exec.started precedes any output
-            ex.streamer.start()
+            ex.streamer.start(self.run_streamer)
             self._watch(ex)
 
     def _launch(self, session: Session, body: ExecStart, client: str, env: dict[str, str],

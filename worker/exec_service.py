@@ -49,6 +49,7 @@ from worker.executors.base import Executor
 from worker.output import CHUNK_BYTES, LINGER_S
 from worker.request_guard import WorkerRequestGuard
 from worker.sessions import SessionStore
+from worker.thread_reuse import ThreadReuse
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class ExecService:
         self.store = SessionStore(self.state_dir)
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        # Each running command's output streamer (it waits for PUBACKs) on a reused
+        # thread: a Thread.start() per command cost a scheduler round trip under load.
+        self._streamers = ThreadReuse("exec-out")
         self._registered = False
         self._stopping = threading.Event()
         self.key = CoordinatorKey(bus, topics, worker_config, self.state_dir, LANE)
@@ -104,7 +108,8 @@ class ExecService:
             bus, topics, wid, worker_config, executor, self.authorizer,
             stopping=self._stopping, spawn=self._spawn, kill_grace_s=kill_grace_s,
             chunk_bytes=chunk_bytes, linger_s=linger_s,
-            send_report=self.reports.add if self.reports is not None else None)
+            send_report=self.reports.add if self.reports is not None else None,
+            run_streamer=self._streamers.run)
         self.requests = ExecRequests(bus, topics, executor, self.authorizer)
         self.guard = guard or WorkerRequestGuard(bus, worker_config)
 
@@ -172,6 +177,7 @@ class ExecService:
             threads = list(self._threads)
         for thread in threads:
             thread.join(self.kill_grace_s + 5.0)
+        self._streamers.close()  # every command has ended: its streamer has too
         if self.reports is not None:
             self.reports.close()  # unacknowledged reports stay on disk for the next run
 

@@ -309,7 +309,12 @@ class OutputStreamer:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, run: Callable[[Callable[[], None]], None] | None = None) -> None:
+        """Start publishing: on ``run`` (a pool of reused threads, e.g. ``ThreadReuse.run``:
+        no thread started per command), else on a thread of its own."""
+        if run is not None:
+            run(self._run)
+            return
         self._thread = threading.Thread(target=self._run, name=f"exec-{self.exec_id}-out",
                                         daemon=True)
         self._thread.start()
