@@ -327,4 +327,7 @@ def test_retry_budget_exact_when_the_worker_is_killed(grid: GridHarness) -> None
     results = results_by_job(grid)[jid]
     assert sorted((r["kind"], bool(r["counted"])) for r in results) == [
         ("exit_nonzero", True)] * 3, results
+    # the event follows the commit the store already shows: wait for it to arrive
+    wait_for(lambda: any(s in TERMINAL_JOB_STATES for s in alice.states_of(jid)), 10,
+             message="alice told the job ended")
     assert [s for s in alice.states_of(jid) if s in TERMINAL_JOB_STATES] == ["failed"]
