@@ -374,6 +374,7 @@ class EmbeddedBroker:
         except TimeoutError:
             log.warning("the embedded broker did not shut down within %g s; closing anyway",
                         SHUTDOWN_S)
+            self._drop_everyone(broker)
         except Exception:
             log.exception("error while shutting down the embedded broker")
         finally:
@@ -383,6 +384,22 @@ class EmbeddedBroker:
                 self._executor = None
             self._runtime = None
             self._broker_loop = None
+
+    @staticmethod
+    def _drop_everyone(broker: Broker) -> None:
+        """Close the listeners and abort every client's connection at once: after a stuck
+        shutdown the sockets stayed open, so clients saw no disconnect (until keepalive)
+        and a broker "restarted" on the same port was not reconnected to."""
+        for server in list(getattr(broker, "_servers", {}).values()):
+            with contextlib.suppress(Exception):
+                if server.instance is not None:
+                    server.instance.close()
+        for _session, handler in list(getattr(broker, "_sessions", {}).values()):
+            writer = getattr(getattr(handler, "writer", None), "_writer", None)
+            transport = getattr(writer, "transport", None)
+            if transport is not None:
+                with contextlib.suppress(Exception):
+                    transport.abort()
 
     # -- in a thread ---------------------------------------------------------------------
     def start_in_thread(self, timeout: float = 10.0) -> None:

@@ -1077,7 +1077,7 @@ def test_a_hung_amqtt_shutdown_does_not_hold_the_stop(
         make_broker: Callable[..., EmbeddedBroker], monkeypatch: pytest.MonkeyPatch) -> None:
     """amqtt's shutdown sometimes never returns (seen under load in `xcloud up`'s Ctrl-C:
     "embedded broker thread did not stop within 10.0 s", and the grid exited 1): the stop
-    gives it SHUTDOWN_S, then closes anyway."""
+    gives it SHUTDOWN_S, then closes anyway: the listeners and every client connection."""
     import broker.embedded as embedded
 
     monkeypatch.setattr(embedded, "SHUTDOWN_S", 0.5)
@@ -1088,7 +1088,12 @@ def test_a_hung_amqtt_shutdown_does_not_hold_the_stop(
     async def never_returns() -> None:
         await asyncio.Event().wait()
 
+    sock = raw_connect(b.port, "alice-1", "alice", tok("alice"))
     monkeypatch.setattr(amqtt_broker, "shutdown", never_returns)
     started = time.monotonic()
     b.stop_in_thread(timeout=5)
     assert time.monotonic() - started < 4
+    # and the clients are dropped: they see the broker gone at once, not at keepalive
+    # (the clean-clone CI once waited 10 s for a bus to notice a broker killed this way)
+    wait_closed(sock, 5)
+    sock.close()
