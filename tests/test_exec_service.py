@@ -62,6 +62,7 @@ from schemas.messages import (
 )
 from schemas.topics import Topics
 from tests.executors.harness import marked_processes
+from tests.fixtures.leaks import record_thread_starts
 from tests.fixtures.services import BUSYBOX_IMAGE, wait_for
 from worker.exec_service import ExecService
 from worker.executors import Executor, ExecutorContext, make_executor
@@ -966,14 +967,7 @@ def test_commands_start_no_output_thread_of_their_own(grid: Grid,
     scheduler round trip on a loaded machine, on the path of every command)."""
     rid = grid.open()
     assert grid.run(rid, "echo warm").data() == b"warm\n"
-    started: list[str] = []
-    real_start = threading.Thread.start
-
-    def counting_start(thread: threading.Thread) -> None:
-        started.append(thread.name)
-        real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    started = record_thread_starts(monkeypatch)
     for number in range(10):
         assert grid.run(rid, f"echo {number}").data() == f"{number}\n".encode()
     assert [name for name in started if name.endswith("-out")] == []

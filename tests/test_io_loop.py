@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.executors.harness import run, start
+from tests.fixtures.leaks import record_thread_starts
 from tests.fixtures.services import wait_for
 from worker.executors.base import SessionHandle, SessionSpec, TaskSpec
 from worker.executors.process import ProcessExecutor
@@ -169,14 +170,7 @@ def test_fifty_commands_start_no_thread_after_the_first(
     result, out = run(executor, session, "echo 0; echo e >&2")
     assert (result.exit_code, out.text(), out.text("stderr")) == (0, "0\n", "e\n")
     before = set(threading.enumerate())
-    started: list[str] = []
-    real_start = threading.Thread.start
-
-    def counting_start(thread: threading.Thread) -> None:
-        started.append(thread.name)
-        real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    started = record_thread_starts(monkeypatch)
     for number in range(1, 50):
         result, out = run(executor, session, f"echo {number}; echo e >&2")
         assert (result.exit_code, out.text(), out.text("stderr")) == (0, f"{number}\n", "e\n")
