@@ -91,12 +91,12 @@ def fetch_status(browser: Any, path: str) -> int:
 
 
 def visible(browser: Any, css: str) -> bool:
-    from selenium.common.exceptions import NoSuchElementException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
     try:
         return bool(browser.find_element("css selector", css).is_displayed())
-    except NoSuchElementException:
-        return False
+    except (NoSuchElementException, StaleElementReferenceException):
+        return False  # not there yet, or re-rendered between the find and the look
 
 
 def row_state(browser: Any, wid: str) -> str | None:
