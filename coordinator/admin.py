@@ -59,13 +59,17 @@ class AdminHandlers:
 
     def __init__(self, bus: Bus, store: Store, topics: Topics, *, own_principal: str,
                  max_payload: int,
-                 principal_changed: Callable[[str], None] | None = None) -> None:
+                 principal_changed: Callable[[str], None] | None = None,
+                 principal_revoked: Callable[[str], None] | None = None) -> None:
         self.bus = bus
         self.store = store
         self.topics = topics
         self.own_principal = own_principal
         self.max_payload = max_payload
         self.principal_changed = principal_changed
+        # Ends what the revoked principal holds: on Mosquitto its connection stays up until
+        # the next export, and a grant it holds would stay good until its lease ran out.
+        self.principal_revoked = principal_revoked
 
     def register(self) -> None:
         table: dict[str, Callable[[Incoming], Body]] = {
@@ -123,6 +127,8 @@ class AdminHandlers:
         bootstrap.revoke(self.store, req.principal)
         log.info("%s revoked principal %s", incoming.sender, req.principal)
         self._recheck(req.principal)
+        if self.principal_revoked is not None:
+            self.principal_revoked(req.principal)
         return Ok(detail={"principal": req.principal, "revoked": True})
 
     def principals_list(self, incoming: Incoming) -> PrincipalsListReply:

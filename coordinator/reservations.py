@@ -78,6 +78,7 @@ REASON_WORKER_LOST = "worker lost"
 REASON_WORKER_OFFLINE = "worker went offline"
 REASON_CLIENT_GONE = "client disappeared"
 REASON_RESTARTED = "coordinator restarted during open"
+REASON_REVOKED = "the holder's principal was revoked"
 
 def new_reservation_id() -> str:
     return f"r-{uuid.uuid4().hex[:16]}"
@@ -478,6 +479,17 @@ class ReservationService:
             current = self.store.get_reservation(rid)
             if current is not None and current.state == ReservationState.ACTIVE:
                 self._timers.arm_lease(rid, current.expires_at)  # renewed meanwhile
+
+    def end_held_by(self, client: str, reason: str) -> int:
+        """End every live reservation ``client`` holds (its workers drop the grants at
+        once); how many ended."""
+        ended = 0
+        for record in self.store.list_reservations(client_id=client, states=LIVE_STATES):
+            if self._end(record.id, reason) is not None:
+                ended += 1
+        if ended:
+            log.info("ended %d reservation(s) of %s: %s", ended, client, reason)
+        return ended
 
     def _grace_ran_out(self, client: str, session: str) -> None:
         for record in self.store.list_reservations(client_id=client, session=session,

@@ -26,7 +26,7 @@ from coordinator.monitoring.service import MonitoringService
 from coordinator.reconcile import SessionReconciler
 from coordinator.registry import WorkerRegistry
 from coordinator.requests import VERSION, RequestHandlers
-from coordinator.reservations import ReservationService
+from coordinator.reservations import REASON_REVOKED, ReservationService
 from coordinator.scheduler import JobScheduler
 from coordinator.store import Store
 from schemas.codec import envelope
@@ -91,7 +91,8 @@ class Coordinator:
         self.requests = RequestHandlers(self.bus, store, self.registry)
         self.admin = AdminHandlers(self.bus, store, self.topics, own_principal=self.principal,
                                    max_payload=config.bus.max_payload,
-                                   principal_changed=self.guard.forget)
+                                   principal_changed=self.guard.forget,
+                                   principal_revoked=self._end_reservations_of)
         self.grant_key = grant_key or load_or_create_grant_key(config.data_dir)
         self.reservations = ReservationService(self.bus, store, self.registry,
                                                config.coordinator, self.grant_key,
@@ -110,6 +111,9 @@ class Coordinator:
                                 max_payload=config.bus.max_payload)
         self.data.source.worker_may_read = store.worker_may_read
         self.data.sink.attempt_grant = store.attempt_grant
+
+    def _end_reservations_of(self, principal: str) -> None:
+        self.reservations.end_held_by(principal, REASON_REVOKED)
 
     def start(self, wait: bool = True) -> None:
         if self.dashboard is not None:
