@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from client.console import Console
 from client.shell import run_line
 from client.shell_commands import Shell
@@ -32,7 +30,6 @@ def xcloud(grid: GridHarness, principal: str, *args: str, cwd: Path
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-@pytest.mark.parametrize("broker_kind", ["amqtt"], indirect=True)
 def test_xcloud_cp(grid: GridHarness, tmp_path: Path) -> None:
     grid.start_coordinator()
     grid.start_worker(WID)
