@@ -418,8 +418,8 @@ class JobRunner:
         env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
         env.update({"XCLOUD_JOB_ID": record.job, "XCLOUD_ATTEMPT_ID": record.attempt,
                     "XCLOUD_JOB_INDEX": str(int(spec.get("index") or 0))})
-        if record.executor == "process":  # docker: the container's device request
-            env.update(gpu_env(self.gpus.held(record.attempt)))
+        if (held := self.gpus.held(record.attempt)) and executor.capabilities().gpus == "env":
+            env.update(gpu_env(held))  # else the session has them (GpuSessionSpec)
         captures = Captures(self.store.path(record.attempt), self.output_cap)
         with attempt.lock:
             if attempt.kill_reason is not None:

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from broker.transfer import TransferRefused
 from worker.exec_sessions import Session
-from worker.executors.docker.container import WORK, parse_user
+from worker.executors.registry import workdir_access
 
 OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -31,25 +31,24 @@ def refuse(code: str, message: str) -> TransferRefused:
 
 @dataclass(frozen=True)
 class Handover:
-    """How files written by the worker become the container user's (docker only)."""
+    """How files written by the worker become the command's user's, and where commands
+    see the work dir: what the session's driver says (``Executor.workdir_access``)."""
 
     uid: int | None = None  # chown to this uid:gid
     gid: int | None = None
     open: bool = False  # make them writable by everyone (the driver's "open" mode)
-    docker: bool = False
+    mount: str | None = None  # the work dir as commands see it; None: its host path
 
     @classmethod
     def of(cls, session: Session) -> Handover:
-        handle = session.handle
-        if handle.executor != "docker":
-            return cls()
-        data = handle.driver_state.data
-        access = data.get("workdir_access")
-        params = data.get("params") if isinstance(data.get("params"), dict) else {}
-        ids = parse_user(str((params or {}).get("user") or ""))
-        if access == "chown" and ids is not None:
-            return cls(ids[0], ids[1], docker=True)
-        return cls(open=access == "open", docker=True)
+        access = workdir_access(session.handle)
+        return cls(uid=access.uid, gid=access.gid, open=access.open, mount=access.mount)
+
+    @property
+    def docker(self) -> str | None:
+        """``mount`` under its former name (file_transfers.py passes it to
+        ``relative_path``)."""
+        return self.mount
 
     def apply(self, path: str, *, dir_fd: int | None = None, is_dir: bool = False) -> None:
         """Hand ``path`` (one we just made) over to the container's user."""
@@ -75,14 +74,15 @@ class Handover:
         self.apply(str(root), is_dir=True)
 
 
-def relative_path(path: str, workdir: Path, docker: bool) -> PurePosixPath:
-    """``path`` as given by a client, relative to the work directory; refused when it
-    is absolute outside it or climbs with ``..``."""
+def relative_path(path: str, workdir: Path, mount: str | None) -> PurePosixPath:
+    """``path`` as given by a client, relative to the work directory (which commands
+    may also know as ``mount``); refused when it is absolute outside it or climbs with
+    ``..``."""
     if "\x00" in path:
         raise refuse("invalid", "a path cannot contain NUL characters")
     p = PurePosixPath(path)
     if p.is_absolute():
-        bases = [PurePosixPath(WORK)] if docker else []
+        bases = [PurePosixPath(mount)] if mount else []
         bases.append(PurePosixPath(os.path.realpath(workdir)))
         bases.append(PurePosixPath(workdir))
         for base in bases:

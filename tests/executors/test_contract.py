@@ -35,7 +35,17 @@ from worker.executors import (
     fingerprint,
     make_executor,
 )
-from worker.executors.base import HandleError, Limits, SessionHandle, SessionSpec, TaskHandle
+from worker.executors.base import (
+    DriverState,
+    HandleError,
+    Limits,
+    SessionHandle,
+    SessionSpec,
+    TaskHandle,
+    WorkdirAccess,
+)
+from worker.executors.registry import workdir_access
+from worker.workdir_access import Handover
 
 MIB = 1024 * 1024
 
@@ -127,6 +137,7 @@ def test_built_through_the_registry_and_fingerprinted(driver: Driver) -> None:
     assert caps.security_boundary == (caps.isolation == "container")
     assert caps.limits <= {"cpus", "memory_bytes", "pids"}
     assert "memory_bytes" in caps.limits
+    assert caps.gpus in ("env", "devices")
     assert fingerprint(driver.kind, driver.context.config).name == driver.kind
 
 
@@ -139,6 +150,34 @@ def test_open_session_is_idempotent(driver: Driver) -> None:
     assert session.session_id == "r1"
     assert session.driver_state.version == driver.executor.STATE_VERSION
     assert SessionHandle.from_dict(session.to_dict()) == session  # JSON-able, round trips
+
+
+def test_workdir_access_says_how_commands_see_the_work_dir(driver: Driver) -> None:
+    """The driver's ``workdir_access`` (read from its own state, through the registry as
+    file transfers read it) names the path commands see, and handing a file the worker
+    wrote over as it says lets the command's user change it."""
+    ex = driver.executor
+    session = driver.open()
+    access = workdir_access(session)
+    assert isinstance(access, WorkdirAccess)
+    assert access == type(ex).workdir_access(session)
+    result, out = run(ex, session, "pwd; id -u; id -g")
+    assert result.exit_code == 0
+    pwd, uid, gid = out.text().split()
+    assert pwd == (access.mount or session.workdir) == driver.seen(session)
+    if access.uid is not None:
+        assert (int(uid), int(gid)) == (access.uid, access.gid)
+    handed = Path(session.workdir) / "handed"
+    handed.write_text("worker\n")
+    handed.chmod(0o644)
+    Handover(uid=access.uid, gid=access.gid, open=access.open).apply(str(handed))
+    result, _ = run(ex, session, "echo command >> handed")
+    assert result.exit_code == 0
+    assert handed.read_text() == "worker\ncommand\n"
+    # A state this driver cannot read hands nothing over (and never raises).
+    future = SessionHandle(session.session_id, session.executor, session.workdir,
+                           DriverState(99, {"anything": 1}))
+    assert workdir_access(future) == WorkdirAccess(mount=access.mount)
 
 
 # -------------------------------------------------------------------------- commands

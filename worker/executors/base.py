@@ -14,6 +14,7 @@ only run things and report bytes and exits, so every driver has the same small s
     ex.signal(handle, signum) / ex.stop(handle, grace_s)
     ex.close_session(session)               (stops its tasks, removes its resources)
     ex.recover(handles) / ex.cleanup_orphans(keep)   after a worker restart
+    Driver.workdir_access(session)          -> WorkdirAccess (how commands see the work dir)
 
 Handles are plain JSON-able dataclasses so a restarted worker can recover or clean up
 what it left behind. What a driver needs to find its resources again (a container id,
@@ -33,7 +34,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from broker.config import WorkerConfig
 from schemas.outcome import Outcome
@@ -74,6 +75,12 @@ def paced_sink(sink: OutputSink) -> PacedSink | None:
 
 #: The resource limits a driver may enforce (``Limits`` field names).
 LIMIT_NAMES = ("cpus", "memory_bytes", "pids")
+
+GpuDelivery = Literal["env", "devices"]
+"""How a driver gives a job its GPUs (``ExecutorCapabilities.gpus``): ``env``, the command
+sees them named in ``CUDA_VISIBLE_DEVICES``/``NVIDIA_VISIBLE_DEVICES`` (it can reach every
+device of the machine); ``devices``, the session gets only those devices (a container's
+device request, ``GpuSessionSpec.gpu_devices``) and the caller sets no variables."""
 
 
 class ExecutorError(WorkerError):
@@ -125,8 +132,9 @@ class ExecutorCapabilities:
     ``isolation`` is ``none`` (commands share the worker's user and file system) or
     ``container``; ``security_boundary`` says whether a hostile command is contained.
     ``limits`` names the ``Limits`` fields the driver enforces. ``network``: whether a
-    session may be given a network. The image fields and ``engine`` concern container
-    drivers; ``error`` says why a driver cannot run here (its engine does not answer).
+    session may be given a network. ``gpus``: how a job's GPUs reach its command
+    (``GpuDelivery``). The image fields and ``engine`` concern container drivers;
+    ``error`` says why a driver cannot run here (its engine does not answer).
     """
 
     name: str
@@ -136,6 +144,7 @@ class ExecutorCapabilities:
     stdin: bool = False
     tty: bool = False  # runs commands on a pseudo-terminal (TaskSpec.tty)
     network: bool = False
+    gpus: GpuDelivery = "env"
     default_image: str | None = None
     image_override: bool = False
     engine: EngineInfo | None = None
@@ -144,6 +153,23 @@ class ExecutorCapabilities:
     @property
     def available(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True)
+class WorkdirAccess:
+    """How a session's commands see its work dir, and who must own what the worker
+    writes there for them (file transfers, worker/workdir_access.py); the driver says,
+    from its own state, so nobody else reads that state.
+
+    ``mount``: where commands see the work dir (a container path); None when they see it
+    at its host path. ``uid``/``gid``: hand what the worker writes to that user. ``open``:
+    make it writable by everyone instead (the user cannot be given it).
+    """
+
+    mount: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    open: bool = False
 
 
 @dataclass(frozen=True)
@@ -382,6 +408,13 @@ class Executor(abc.ABC):
     def make_state(self, data: dict[str, Any]) -> DriverState:
         """``data`` as this driver's current state layout."""
         return DriverState(self.STATE_VERSION, data)
+
+    @classmethod
+    def workdir_access(cls, session: SessionHandle) -> WorkdirAccess:  # noqa: ARG003
+        """How ``session``'s commands see its work dir (a class method: the file transfer
+        side holds handles, not drivers; ``registry.workdir_access``). This default: at
+        the host path, as the worker's own user, so nothing is handed over."""
+        return WorkdirAccess()
 
     # -- sessions and tasks ---------------------------------------------------------
 

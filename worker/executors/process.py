@@ -167,7 +167,7 @@ class ProcessExecutor(Executor):
     def fingerprint(cls, config: WorkerConfig) -> ExecutorCapabilities:  # noqa: ARG003
         return ExecutorCapabilities(name=cls.name, isolation="none", security_boundary=False,
                                     limits=frozenset({"memory_bytes", "pids"}), stdin=True,
-                                    tty=True)
+                                    tty=True, gpus="env")
 
     # -- sessions ----------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from worker.executors.base import (
     ExecutorCapabilities,
     ExecutorContext,
     ExecutorError,
+    SessionHandle,
+    WorkdirAccess,
 )
 
 #: name -> "module:Class" of the driver.
@@ -52,3 +54,13 @@ def make_executor(name: str, context: ExecutorContext) -> Executor:
 def fingerprint(name: str, config: WorkerConfig) -> ExecutorCapabilities:
     """What driver ``name`` offers on this machine (cheap; for the caps document)."""
     return driver_class(name).fingerprint(config)
+
+
+def workdir_access(session: SessionHandle) -> WorkdirAccess:
+    """How ``session``'s commands see its work dir, as the driver that wrote the handle
+    says (the default ``WorkdirAccess()`` for a driver this worker does not know)."""
+    try:
+        cls = driver_class(session.executor)
+    except ExecutorError:
+        return WorkdirAccess()
+    return cls.workdir_access(session)

@@ -36,6 +36,7 @@ from worker.executors.base import (
     TaskHandle,
     TaskInput,
     TaskSpec,
+    WorkdirAccess,
 )
 from worker.executors.docker import reconcile
 from worker.executors.docker.container import WORK, Containers
@@ -127,6 +128,15 @@ class DockerExecutor(Executor):
     @classmethod
     def fingerprint(cls, config: WorkerConfig) -> ExecutorCapabilities:
         return docker_capabilities(config)
+
+    @classmethod
+    def workdir_access(cls, session: SessionHandle) -> WorkdirAccess:
+        """At ``/work``, handed to the container user as the session's state says; a
+        state this driver cannot read hands nothing over."""
+        try:
+            return SessionState.of(session).access()
+        except ExecutorError:
+            return WorkdirAccess(mount=WORK)
 
     @property
     def client(self) -> docker.DockerClient:

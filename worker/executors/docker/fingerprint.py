@@ -164,7 +164,7 @@ def docker_capabilities(config: WorkerConfig, engine: EngineInfo | None = None
     return ExecutorCapabilities(
         name="docker", isolation="container", security_boundary=True,
         limits=frozenset({"cpus", "memory_bytes", "pids"}), stdin=True, tty=True,
-        network=config.docker_network, default_image=config.docker_image,
+        network=config.docker_network, gpus="devices", default_image=config.docker_image,
         image_override=config.docker_allow_image_override, engine=engine,
         error=None if engine.available else "no docker engine answers",
     )

@@ -16,9 +16,10 @@ from worker.executors.base import (
     ExecutorError,
     SessionHandle,
     TaskHandle,
+    WorkdirAccess,
     read_state,
 )
-from worker.executors.docker.container import ContainerParams
+from worker.executors.docker.container import WORK, ContainerParams, parse_user
 
 DRIVER = "docker"
 STATE_VERSION = 1
@@ -50,6 +51,15 @@ class SessionState:
                        recreated=int(data.get("recreated") or 0))
         except (TypeError, ValueError) as err:
             raise ExecutorError(f"docker session handle is malformed: {err}") from err
+
+    def access(self) -> WorkdirAccess:
+        """The work dir as commands see it (the bind mount) and how what the worker
+        writes there reaches the container user: chowned to a numeric user when the
+        work dir was (``chown``), opened to everyone when it was (``open``)."""
+        ids = parse_user(self.params.user) if self.params is not None else None
+        if self.workdir_access == "chown" and ids is not None:
+            return WorkdirAccess(mount=WORK, uid=ids[0], gid=ids[1])
+        return WorkdirAccess(mount=WORK, open=self.workdir_access == "open")
 
 
 @dataclass(frozen=True)
