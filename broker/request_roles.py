@@ -109,6 +109,9 @@ WORKER_INBOX: Mapping[str, RequestRule] = MappingProxyType({
     # A job's owner follows its running attempt's output (the worker checks the owner);
     # the coordinator too, to relay it to the dashboard (coordinator/http/job_output.py).
     "job.follow": RequestRule(PEOPLE | COORDINATOR),
+    # The holder places a data object of the coordinator's store in its reservation's
+    # work directory (worker/workdir_fetch.py; the grant is checked as put/get's).
+    "workdir.fetch": RequestRule(PEOPLE),
 })
 """Requests into ``{root}/worker/{wid}/inbox/{sender}`` (exec.* also need a valid grant)."""
 

@@ -214,10 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "reservation you hold on that worker (in `xcloud shell` or a program) "
                        "is used and kept; otherwise the worker is reserved for the copy "
                        "alone, as `xcloud run` does. Examples: xcloud cp ./in.dat w1:in.dat; "
-                       "xcloud cp w1:out ./out")
+                       "xcloud cp w1:out ./out. SRC data:REF (a stored data object's name "
+                       "or hash) is placed on the worker, which fetches it from the "
+                       "coordinator: xcloud cp data:input w1:in.dat")
     _common(p)
     _bus_identity(p)
-    p.add_argument("src", metavar="SRC", help="local path, or WORKER:PATH")
+    p.add_argument("src", metavar="SRC", help="local path, WORKER:PATH or data:REF")
     p.add_argument("dst", metavar="DST", help="local path, or WORKER:PATH")
     p.add_argument("--lease", type=float, help="lease of a reservation made for the copy")
     p.add_argument("--wait", type=float, nargs="?", const=math.inf, metavar="SECONDS",

@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from broker.transfer import Peer, TransferError, TransferRefused
 from client.errors import ClientError, Unreachable
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from broker.config import Config
     from broker.transfer import TransferEndpoint
     from client.api import Grid
+    from client.data import DataRef
     from client.reservation import ReservedWorker
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ KIND = "workdir"
 # What the worker says when a fetch without tar names a directory (worker/file_transfers.py
 # DIRECTORY_REFUSAL; the client does not import the worker): fetch it again as a tar.
 DIRECTORY_REFUSAL = "is a directory"
+DATA_PREFIX = "data:"  # `put data:REF`, `xcloud cp data:REF W:PATH`: a stored data object
+# A placement's request timeout: the worker fetches the object first (20 MB/s is slow).
+DATA_BASE_TIMEOUT_S = 10.0
+DATA_RATE_BPS = 20e6
 
 class CopyError(ClientError):
     """A local file problem (missing source, unwritable destination, bad archive)."""
@@ -135,6 +140,50 @@ def put(handle: ReservedWorker, local: str | os.PathLike[str], remote: str | Non
     log.info("put %s to %s:%s (%d bytes)", src, handle.worker, where, result.size)
     return CopyResult(src, where, result.size, result.sha256, directory,
                       time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class DataPlacement:
+    """A data object placed in the work directory: where, how big, and whether the worker
+    held it already (``cached``: nothing was fetched)."""
+
+    sha256: str
+    size: int
+    remote: str
+    cached: bool
+    elapsed_s: float
+
+
+def data_timeout(size: int, floor: float = 0.0) -> float:
+    """Seconds to wait for a placement of ``size`` bytes (at least ``floor``)."""
+    return max(floor, DATA_BASE_TIMEOUT_S + max(0, size) / DATA_RATE_BPS)
+
+
+def put_data(handle: ReservedWorker, ref: DataRef | str, remote: str | None = None, *,
+             owner: str | None = None) -> DataPlacement:
+    """Place the data object ``ref`` (a ``DataRef``, a name, a hash or a unique hash
+    prefix, as ``xcloud data get`` takes) at ``remote`` in the work directory (default:
+    its name there; into an existing directory: under its name). The worker fetches it
+    from the coordinator through its input cache, which jobs share: nothing moves through
+    this machine, and an object the worker holds already is not fetched again."""
+    from client.data import DataRef, DataStore
+    from schemas.transfer_messages import WorkdirFetch
+
+    handle._check()
+    grid = cast("Grid", handle._grid)  # a handle's link is the Grid that reserved it
+    found = ref if isinstance(ref, DataRef) else DataStore(grid).show(ref, owner=owner)
+    name = (PurePosixPath(found.name).name or found.sha256)[:255]
+    target = remote or name
+    started = time.monotonic()
+    limit = data_timeout(found.size, handle._grid.config.bus.request_timeout_s)
+    reply = handle._request(WorkdirFetch(reservation=handle.id, grant=handle.grant,
+                                         sha256=found.sha256, path=target, name=name),
+                            timeout=limit)
+    detail = getattr(reply, "detail", None) or {}
+    where = str(detail.get("path") or target)
+    log.info("placed data %s… at %s:%s", found.sha256[:12], handle.worker, where)
+    return DataPlacement(found.sha256, int(detail.get("size") or found.size), where,
+                         bool(detail.get("cached")), time.monotonic() - started)
 
 
 def _local_target(remote: str, local: str | os.PathLike[str] | None) -> Path:
@@ -295,7 +344,14 @@ def run_cp(config: Config, src: str, dst: str, *, wait: float | None = None,
     from client.api import Grid
 
     err = stderr if stderr is not None else sys.stderr
+    data_ref = src[len(DATA_PREFIX):] if src.startswith(DATA_PREFIX) else None
     remote_src, remote_dst = split_remote(src), split_remote(dst)
+    if data_ref is not None:
+        if not data_ref or remote_dst is None:
+            err.write("xcloud cp: error: data:REF goes to a worker: xcloud cp data:REF "
+                      "WORKER:PATH\n")
+            return 2
+        remote_src = None
     if (remote_src is None) == (remote_dst is None):
         err.write("xcloud cp: error: exactly one of SRC and DST is WORKER:PATH "
                   "(xcloud cp ./in.dat w1:in.dat, xcloud cp w1:out ./out)\n")
@@ -318,6 +374,11 @@ def run_cp(config: Config, src: str, dst: str, *, wait: float | None = None,
 
 def _copy(handle: ReservedWorker, src: str, dst: str, remote_dst: tuple[str, str] | None,
           path: str, err: IO[str]) -> int:
+    if src.startswith(DATA_PREFIX) and remote_dst is not None:
+        placed = put_data(handle, src[len(DATA_PREFIX):], path or None)
+        err.write(f"placed {placed.sha256[:12]}… at {handle.worker_name}:{placed.remote} "
+                  f"({placed.size} bytes{', cached' if placed.cached else ''})\n")
+        return 0
     bar = ProgressBar(Path(src).name if remote_dst else PurePosixPath(path).name or path,
                       err)
     try:

@@ -50,7 +50,8 @@ from schemas.topics import Topics
 if TYPE_CHECKING:
     import os
 
-    from client.file_copy import CopyResult
+    from client.data import DataRef
+    from client.file_copy import CopyResult, DataPlacement
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ log = logging.getLogger(__name__)
 _ACTIONS = {"exec.start": "to run the command", "exec.signal": "to signal the command",
             "exec.list": "to list the commands", "exec.logs": "to send the output",
             "exec.stdin": "to take the command's input",
-            "exec.resize": "to resize the terminal"}
+            "exec.resize": "to resize the terminal",
+            "workdir.fetch": "to place the data object"}
 SIGNALS = ("INT", "TERM", "KILL", "HUP", "QUIT", "USR1", "USR2")
 # After exec.exit, how long to keep asking the worker for missing chunks before giving up.
 GIVE_UP_AFTER_EXIT_S = 5.0
@@ -514,6 +516,13 @@ class ReservedWorker:
         from client.file_copy import get
 
         return get(self, remote, local, progress=progress)
+
+    def put_data(self, ref: DataRef | str, remote: str | None = None) -> DataPlacement:
+        """Place a stored data object (a name, hash or ``DataRef``, as ``grid.data.get``
+        takes) in the work directory; the worker fetches it through its input cache."""
+        from client.file_copy import put_data
+
+        return put_data(self, ref, remote)
 
     # -- stream bookkeeping --------------------------------------------------------------
 

@@ -294,12 +294,19 @@ class Shell:
         self.console.print(f"sent SIG{sig.upper().removeprefix('SIG')} to {exec_id}")
 
     def cmd_put(self, rest: str) -> None:
-        from client.file_copy import ProgressBar, put
+        from client.file_copy import DATA_PREFIX, ProgressBar, put, put_data
 
         words = self._words(rest)
         if not 1 <= len(words) <= 2:
-            raise ShellError("usage: put LOCAL [REMOTE]")
+            raise ShellError("usage: put LOCAL [REMOTE] | put data:REF [REMOTE]")
         handle = self._holding()
+        if words[0].startswith(DATA_PREFIX):  # a stored data object (./data:x is a file)
+            placed = put_data(handle, words[0][len(DATA_PREFIX):],
+                              words[1] if len(words) == 2 else None)
+            how = "held already" if placed.cached else "fetched by the worker"
+            self.console.print(f"placed data {placed.sha256[:12]}… → {handle.worker_name}:"
+                               f"{placed.remote} ({placed.size} bytes, {how})")
+            return
         bar = ProgressBar(os.path.basename(words[0].rstrip("/")) or words[0],
                           self.console.err)
         try:

@@ -52,7 +52,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
                 "output kept for a command, or a batch job's (ID j-...); -f follows it"),
     CommandSpec("kill", (), "kill ID [SIGNAL]", "signal a command (default TERM)"),
     CommandSpec("put", (), "put LOCAL [REMOTE]",
-                "copy a local file or directory into your worker's work directory"),
+                "copy a local file or directory into your worker's work directory; "
+                "put data:REF [REMOTE] places a stored data object (name or hash) there"),
     CommandSpec("get", (), "get REMOTE [LOCAL]",
                 "copy a file or directory of your worker's work directory here"),
     CommandSpec("data", (), "data put|get|ls|show|rm|pin|unpin ...",

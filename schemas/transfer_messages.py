@@ -92,3 +92,19 @@ class XferFetch(Body):
     source: dict[str, Any]
     ranges: list[list[int]] | None = None
     bitmap: str | None = None
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class WorkdirFetch(Body):
+    """A reservation's holder asks its worker to place a data object of the coordinator's
+    store in the work directory (worker/workdir_fetch.py); not an ``xfer.*`` message: the
+    worker fetches the bytes itself, through its input cache."""
+
+    TYPE: ClassVar[str] = "workdir.fetch"
+    reservation: str
+    grant: str
+    sha256: str
+    path: str
+    name: str | None = None
+    mode: int | None = None

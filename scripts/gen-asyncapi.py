@@ -50,7 +50,7 @@ channels = {
   "workerCaps": ("{root}/worker/{wid}/caps", "Worker capability document (retained). QoS 1.", ["worker.caps"], {"wid": "worker id"}),
   "workerHeartbeat": ("{root}/worker/{wid}/heartbeat", "Live metrics every heartbeat interval. QoS 0, not retained.", ["worker.heartbeat"], {"wid": "worker id"}),
   "workerInbox": ("{root}/worker/{wid}/inbox/{sender}", "Messages to a worker: from the coordinator (caps.refresh, reservation.open/close, ping) and from the grant holder (exec.*). QoS 1.",
-      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","exec.stdin","exec.resize",*XFER,*JOB_WORKER_REQUESTS,*JOB_FOLLOW,"ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
+      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","exec.stdin","exec.resize",*XFER,*JOB_WORKER_REQUESTS,*JOB_FOLLOW,"workdir.fetch","ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
   "clientInbox": ("{root}/client/{cid}/inbox/{sender}", "Replies, exec output streams and notifications to a client. QoS 1.",
       ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","exec.stdin.ack","audit.list.reply",*ADMIN_REPLIES,*XFER,*DATA_REPLIES,*APP_REPLIES,*JOB_REPLIES,"job.event","job.output","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
   "brokerRecheck": ("{root}/broker/recheck", "Coordinator/admin -> embedded broker: re-authenticate these principals' live sessions and cut those that no longer pass (after a revoke). Only coordinator and admin principals may publish. QoS 1.", ["broker.recheck"], {}),
@@ -122,6 +122,9 @@ op("offerTransfer", "send", "coordInbox", ["xfer.init","xfer.status","xfer.fin",
 op("requestDownload", "send", "coordInbox", ["xfer.fetch"],
    "A downloader asks a holder (the coordinator, or a reserved worker on its inbox) to describe a file and stream the ranges it lacks.",
    ("clientInbox", ["xfer.init","error"]))
+op("placeData", "send", "workerInbox", ["workdir.fetch"],
+   "A reservation's holder asks its worker to place a data object of the coordinator's store in the work directory (the worker fetches it through its input cache).",
+   ("clientInbox", ["ok","error"]))
 op("acknowledgeSegments", "send", "clientInbox", ["xfer.ack"], "The receiver tells the sender which ranges are durable (every few segments or ~50 ms).")
 op("streamSegmentsToCoordinator", "send", "coordXfer", ["xfer.segment"], "A sender streams segments, a window at a time, to the coordinator.")
 op("streamSegmentsToWorker", "send", "workerXfer", ["xfer.segment"], "The coordinator or a grant holder streams segments to a worker.")

@@ -43,6 +43,7 @@ from worker.job_runner import JobRunner
 from worker.metrics import MetricsSampler
 from worker.request_guard import WorkerRequestGuard
 from worker.settings import effective_settings
+from worker.workdir_fetch import WorkdirDataFetch
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class WorkerAgent:
         # Batch jobs (worker/job_runner.py) and their input cache (worker/input_cache.py).
         self.jobs: JobRunner | None = None
         self.cache: InputCache | None = None
+        # Data objects placed in a reservation's work dir (worker/workdir_fetch.py).
+        self.data_fetch: WorkdirDataFetch | None = None
         self._job_executors: dict[str, Executor] = {}
         self._job_executors_lock = threading.Lock()
         self.heartbeat_s = float(config.worker.heartbeat_s)
@@ -218,6 +221,8 @@ class WorkerAgent:
                 self.jobs.close()
             if self.transfers is not None:
                 self.transfers.close()
+            if self.data_fetch is not None:
+                self.data_fetch.close()
             bus.stop()
             self.stopped.set()
             raise
@@ -237,6 +242,8 @@ class WorkerAgent:
             self.jobs.close()  # running jobs stop; finished ones' reports stay on disk
         if self.transfers is not None:
             self.transfers.close()  # unfinished uploads stay resumable
+        if self.data_fetch is not None:
+            self.data_fetch.close()  # after the transfers: their downloads end at once
         if self.exec_service is not None:
             self.exec_service.close()  # last exits and reports still go out
         bye = WorkerStatus(wid=self.wid, state="offline", clean=True, reason=reason)
@@ -264,6 +271,14 @@ class WorkerAgent:
         if self._running == self._nothing_running:
             self._running = self.exec_service.running
         self._start_jobs(bus, wid)
+        assert self.cache is not None
+        assert self.guard is not None
+        coordinator = Peer.coordinator(self.topics,
+                                       self.config.worker.coordinator_principal
+                                       or "coordinator")
+        self.data_fetch = WorkdirDataFetch(bus, files, self.cache, coordinator,
+                                           caps_changed=self._caps_changed)
+        self.data_fetch.register(self.guard)
 
     def _start_jobs(self, bus: Bus, wid: str) -> None:
         """Batch jobs: the input cache and the job runner (docs/jobs.md)."""

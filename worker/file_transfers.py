@@ -183,7 +183,7 @@ class WorkdirFiles:
         session = self.authorize(offer.peer, offer.purpose)
         workdir = Path(session.handle.workdir)
         shown = str(offer.purpose.get("path") or offer.name)
-        rel = relative_path(shown, workdir, Handover.of(session).docker)
+        rel = relative_path(shown, workdir, Handover.of(session).mount)
         resolve_inside(workdir, rel, shown)
         need = offer.size * (2 if offer.purpose.get("tar") else 1) + FREE_MARGIN
         free = shutil.disk_usage(workdir).free
@@ -241,7 +241,7 @@ class WorkdirFiles:
         handover = Handover.of(session)
         workdir = Path(session.handle.workdir)
         shown = str(record.purpose.get("path") or record.name)
-        parts = resolve_inside(workdir, relative_path(shown, workdir, handover.docker),
+        parts = resolve_inside(workdir, relative_path(shown, workdir, handover.mount),
                                shown)
         if record.purpose.get("tar"):
             self._complete_tree(record, partial, workdir, parts, handover, shown)
@@ -316,7 +316,7 @@ class WorkdirFiles:
         handover = Handover.of(session)
         workdir = Path(session.handle.workdir)
         shown = str(source.get("path") or ".")
-        parts = resolve_inside(workdir, relative_path(shown, workdir, handover.docker),
+        parts = resolve_inside(workdir, relative_path(shown, workdir, handover.mount),
                                shown)
         out = self.xfer_dir(session.rid) / "out"
         out.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -44,12 +44,6 @@ class Handover:
         access = workdir_access(session.handle)
         return cls(uid=access.uid, gid=access.gid, open=access.open, mount=access.mount)
 
-    @property
-    def docker(self) -> str | None:
-        """``mount`` under its former name (file_transfers.py passes it to
-        ``relative_path``)."""
-        return self.mount
-
     def apply(self, path: str, *, dir_fd: int | None = None, is_dir: bool = False) -> None:
         """Hand ``path`` (one we just made) over to the container's user."""
         if self.open:
