@@ -9,15 +9,11 @@ worker principal that publishes caps + status online and answers ``reservation.o
 the test wants (ok, an error, or not at all). The worker agent's own reservation code is
 tested elsewhere; nothing here depends on it.
 
-A broker authorizes by principal and topic, never by message type. So the tests that
-run on both brokers are those that, between them, carry every kind of traffic the broker
-must let through: requests from a client, an admin and a worker; reservation.open and
-close to the worker and its reply; replies and notices to the client; the worker's caps,
-status (also as a crash) and heartbeats; the retained coord.pubkey; the client's last
-will; and the race, once per broker and once per database. The other tests check the
-coordinator's own logic (matching, limits, settings, timers, restart, renew, listing,
-grace) over that same traffic and run on one broker (``@ONE_BROKER``); the store's
-unique index, the transition table and its diagram need no broker at all.
+Every test that needs a broker runs on both (``broker_kind``): a broker authorizes by
+principal and topic, so each exercise of the coordinator's logic is also one of the
+traffic Mosquitto's ACL must let through. The race runs on amqtt with SQLite and on
+Mosquitto with MariaDB. The store's unique index, the transition table and its diagram
+need no broker at all.
 
 Everything waits on observed messages or store state (``wait_for``), never on sleeps.
 """
@@ -86,10 +82,6 @@ COORDINATOR_SETTINGS: dict[str, Any] = {"open_timeout_s": 2.0, "client_grace_s":
 #: The principals most tests use, created at once (one Mosquitto reload, not five).
 CAST = (("w1", "worker"), ("w2", "worker"), ("alice", "client"), ("bob", "client"),
         ("root", "admin"))
-
-ONE_BROKER = pytest.mark.parametrize("broker_kind", ["amqtt"], indirect=True)
-"""A test of the coordinator's own logic: over Mosquitto it would carry no traffic that
-the tests on both brokers do not (see the module docstring)."""
 
 
 # ----------------------------------------------------------------------------- actors
@@ -252,7 +244,6 @@ def test_reserve_by_id_then_by_name(make_grid: GridFactory) -> None:
     assert again.reservation["id"] != res["id"]
 
 
-@ONE_BROKER
 def test_reserve_any_matches_requirements(make_grid: GridFactory) -> None:
     grid = make_grid()
     grid.worker("small", tags=["linux"], cpus=2)
@@ -282,7 +273,6 @@ def test_reserve_any_matches_requirements(make_grid: GridFactory) -> None:
     error_of(dave.reserve("other", image="img"), "conflict", "no docker executor")
 
 
-@ONE_BROKER
 def test_unknown_and_lost_workers_are_refused(make_grid: GridFactory) -> None:
     grid = make_grid()
     w1 = grid.worker("w1")
@@ -299,7 +289,6 @@ def test_unknown_and_lost_workers_are_refused(make_grid: GridFactory) -> None:
     assert not live_reservations(grid)
 
 
-@ONE_BROKER
 def test_already_reserved_and_per_principal_limit(make_grid: GridFactory) -> None:
     grid = make_grid(max_reservations_per_principal=1)
     grid.worker("w1")
@@ -313,7 +302,6 @@ def test_already_reserved_and_per_principal_limit(make_grid: GridFactory) -> Non
     assert len(live_reservations(grid)) == 2
 
 
-@ONE_BROKER
 def test_limit_is_configurable(make_grid: GridFactory) -> None:
     grid = make_grid(max_reservations_per_principal=2)
     for wid in ("w1", "w2", "w3"):
@@ -386,7 +374,6 @@ def test_store_admits_one_holder_under_concurrency(grid_db_url: str) -> None:
                                         lease_s=30, now=5.0).state == ReservationState.OPENING
 
 
-@ONE_BROKER
 def test_reserve_runs_off_the_request_lane(make_grid: GridFactory) -> None:
     """A reserve waiting on a silent worker does not hold up other requests."""
     grid = make_grid(open_timeout_s=3.0)
@@ -405,7 +392,6 @@ def test_reserve_runs_off_the_request_lane(make_grid: GridFactory) -> None:
 # ------------------------------------------------------------------------ open failures
 
 
-@ONE_BROKER
 def test_worker_not_answering_open(make_grid: GridFactory) -> None:
     grid = make_grid(open_timeout_s=1.0)
     w1 = grid.worker("w1")
@@ -425,7 +411,6 @@ def test_worker_not_answering_open(make_grid: GridFactory) -> None:
     assert alice.reserved("w1").reservation["worker"] == "w1"
 
 
-@ONE_BROKER
 def test_worker_lost_while_opening(make_grid: GridFactory) -> None:
     grid = make_grid(open_timeout_s=1.5)
     w1 = grid.worker("w1")
@@ -440,7 +425,6 @@ def test_worker_lost_while_opening(make_grid: GridFactory) -> None:
     assert alice.ended_for(rid) is None
 
 
-@ONE_BROKER
 def test_worker_refusing_open(make_grid: GridFactory) -> None:
     grid = make_grid()
     w1 = grid.worker("w1")
@@ -475,7 +459,6 @@ def test_grant_verifies_with_published_key(make_grid: GridFactory) -> None:
     assert claims.kid == keys[0].kid
 
 
-@ONE_BROKER
 def test_renew_gives_a_fresh_grant_with_a_later_expiry(make_grid: GridFactory) -> None:
     grid = make_grid()
     grid.worker("w1")
@@ -499,7 +482,6 @@ def test_renew_gives_a_fresh_grant_with_a_later_expiry(make_grid: GridFactory) -
     error_of(alice.ask(Renew(reservation=rid)), "conflict", "has ended (released by alice)")
 
 
-@ONE_BROKER
 def test_lease_cut_to_maximum(make_grid: GridFactory) -> None:
     grid = make_grid(max_lease_s=60.0)
     grid.worker("w1")
@@ -534,7 +516,6 @@ def test_release_by_holder_admin_and_stranger(make_grid: GridFactory) -> None:
     error_of(admin.ask(Release(reservation="r-nope")), "not_found")
 
 
-@ONE_BROKER
 def test_lease_expiry_ends_and_notifies(make_grid: GridFactory) -> None:
     grid = make_grid(default_lease_s=1.0)
     w1 = grid.worker("w1")
@@ -567,7 +548,6 @@ def test_worker_lost_ends_reservation_and_holder_moves_on(make_grid: GridFactory
     assert alice.reserved("w2").reservation["worker"] == "w2"
 
 
-@ONE_BROKER
 def test_worker_going_offline_ends_reservation(make_grid: GridFactory) -> None:
     grid = make_grid()
     w1 = grid.worker("w1")
@@ -579,7 +559,6 @@ def test_worker_going_offline_ends_reservation(make_grid: GridFactory) -> None:
     assert w1.wait_closed(rid).reason == REASON_WORKER_OFFLINE
 
 
-@ONE_BROKER
 def test_client_gone_ends_after_grace(make_grid: GridFactory) -> None:
     grid = make_grid()
     w1 = grid.worker("w1")
@@ -598,7 +577,6 @@ def test_client_gone_ends_after_grace(make_grid: GridFactory) -> None:
     assert w1.wait_closed(rid).reason == REASON_CLIENT_GONE
 
 
-@ONE_BROKER
 def test_client_hello_within_grace_keeps_reservation(make_grid: GridFactory) -> None:
     grid = make_grid(client_grace_s=30.0)
     grid.worker("w1")
@@ -644,7 +622,6 @@ def test_client_last_will_ends_reservation(make_grid: GridFactory) -> None:
 # ------------------------------------------------------------------------------ restart
 
 
-@ONE_BROKER
 def test_restart_keeps_active_reservation_and_lease(make_grid: GridFactory) -> None:
     grid = make_grid(default_lease_s=3.0)
     w1 = grid.worker("w1")
@@ -670,7 +647,6 @@ def test_restart_keeps_active_reservation_and_lease(make_grid: GridFactory) -> N
     assert w1.closed(long["id"]) is None
 
 
-@ONE_BROKER
 def test_restart_ends_reservations_left_opening(make_grid: GridFactory) -> None:
     grid = make_grid()
     w1 = grid.worker("w1")
@@ -686,7 +662,6 @@ def test_restart_ends_reservations_left_opening(make_grid: GridFactory) -> None:
     assert grid.client("alice").reserved("w1").reservation["worker"] == "w1"
 
 
-@ONE_BROKER
 def test_restart_rebuilds_client_grace_timer(make_grid: GridFactory) -> None:
     grid = make_grid(client_grace_s=1.0)
     grid.worker("w1")
@@ -702,7 +677,6 @@ def test_restart_rebuilds_client_grace_timer(make_grid: GridFactory) -> None:
 # ---------------------------------------------------------------------- listing, audit
 
 
-@ONE_BROKER
 def test_reservations_list(make_grid: GridFactory) -> None:
     grid = make_grid()
     grid.worker("w1", name="alpha")

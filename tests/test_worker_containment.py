@@ -1,5 +1,5 @@
-"""Nothing outlives its reservation, or its worker (issue 8 item 12), on a real grid with
-`xcloud worker` processes that a test kills with SIGKILL:
+"""Nothing outlives its reservation, or its worker (issue 8 item 12), on a real grid (on
+each broker kind) with `xcloud worker` processes that a test kills with SIGKILL:
 
 - process executor: the worker's background commands, whatever they did to hide (their
   own session, scrubbed markers), die with the worker, before it is even restarted (the
@@ -32,8 +32,7 @@ from worker.executors.docker.container import LABEL_STATE_DIR
 if TYPE_CHECKING:
     import docker
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.parametrize("broker_kind", ["amqtt"], indirect=True)]
+pytestmark = [pytest.mark.integration]
 
 #: The coordinator's default liveness deadline (heartbeat 5 s x factor 2).
 HEARTBEAT_DEADLINE_S = 10.0
