@@ -27,7 +27,7 @@ from bench.common import (
 )
 
 BENCHMARKS = ("broker_rtt", "heartbeat_ingest", "liveness_scale", "worker_idle", "transfer",
-              "jobs", "scheduler_pass", "job_replicas", "terminal_echo")
+              "file_copy", "jobs", "scheduler_pass", "job_replicas", "terminal_echo")
 
 
 def main(argv: list[str] | None = None) -> int:
