@@ -33,21 +33,7 @@ WID = "w1"
 
 
 def start_worker(grid: GridHarness, executor: str, wid: str = WID) -> WorkerHandle:
-    """A worker agent in this process with the given executor."""
-    if executor == "process":
-        return grid.start_worker(wid)
-    from worker.agent import WorkerAgent
-
-    cfg = grid.config_for(wid, "worker")
-    cfg.worker.executor = executor
-    cfg.worker.docker_image = BUSYBOX_IMAGE
-    state_dir = grid.tmp_path / "workers" / wid
-    handle = WorkerHandle(wid, state_dir)
-    handle.agent = WorkerAgent(cfg, state_dir=state_dir)
-    grid.workers.append(handle)
-    handle.agent.start(timeout=5)
-    grid.wait_worker(wid, "online", timeout=15)
-    return handle
+    return grid.start_worker(wid, executor=executor)
 
 
 def client(grid: GridHarness, principal: str) -> Grid:

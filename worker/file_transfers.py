@@ -65,6 +65,7 @@ from worker.workdir_access import (
     OPEN_FILE,
     Handover,
     open_dirs,
+    place_file,
     refuse,
     relative_path,
     resolve_inside,
@@ -270,19 +271,9 @@ class WorkdirFiles:
     def _complete_file(self, record: TransferRecord, partial: Path, workdir: Path,
                        parts: list[str], handover: Handover, shown: str) -> None:
         mode = record.purpose.get("mode")
-        os.chmod(partial, (int(mode) if isinstance(mode, int) else 0o644) & 0o1777)
-        handover.apply(str(partial))
-        fd = open_dirs(workdir, parts[:-1], create=True, handover=handover, shown=shown)
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    raise refuse("conflict", f"{shown} is a directory now")
-            os.replace(partial, parts[-1], dst_dir_fd=fd)
-            if self.durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        place_file(partial, workdir, parts,
+                   mode=(int(mode) if isinstance(mode, int) else 0o644) & 0o1777,
+                   handover=handover, shown=shown, durable=self.durable)
 
     def _complete_tree(self, record: TransferRecord, partial: Path, workdir: Path,
                        parts: list[str], handover: Handover, shown: str) -> None:

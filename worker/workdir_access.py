@@ -130,3 +130,26 @@ def open_dirs(workdir: Path, parts: Iterable[str], *, create: bool, handover: Ha
         raise
     return fd
 
+
+
+def place_file(partial: Path, workdir: Path, parts: list[str], *, mode: int,
+               handover: Handover, shown: str, durable: bool) -> None:
+    """Move ``partial`` (a finished file of ours) to ``parts`` below ``workdir`` with
+    ``mode``, handed over, through directories opened without following links; refused
+    when a directory stands there now. ``durable`` fsyncs the directory after."""
+    os.chmod(partial, mode)
+    handover.apply(str(partial))
+    fd = open_dirs(workdir, parts[:-1], create=True, handover=handover, shown=shown)
+    try:
+        try:
+            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            if stat.S_ISDIR(st.st_mode):
+                raise refuse("conflict", f"{shown} is a directory now")
+        os.replace(partial, parts[-1], dst_dir_fd=fd)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -23,11 +23,8 @@ directories opened without following links (worker/workdir_access.py), as ``put`
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import shutil
-import stat
 import threading
 import uuid
 from collections.abc import Callable
@@ -44,7 +41,7 @@ from worker.exec_sessions import Session
 from worker.file_transfers import FREE_MARGIN, KIND, WorkdirFiles
 from worker.input_cache import CacheError, FetchNotice, InputCache
 from worker.request_guard import WorkerRequestGuard
-from worker.workdir_access import Handover, open_dirs, refuse, relative_path, resolve_inside
+from worker.workdir_access import Handover, place_file, refuse, relative_path, resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -212,20 +209,8 @@ class WorkdirDataFetch:
             try:
                 shutil.copyfile(source, partial)
                 mode = body.mode if body.mode is not None else DEFAULT_MODE
-                os.chmod(partial, mode & 0o777)
-                handover.apply(str(partial))
-                fd = open_dirs(workdir, parts[:-1], create=True, handover=handover,
-                               shown=shown)
-                try:
-                    with contextlib.suppress(FileNotFoundError):
-                        st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
-                        if stat.S_ISDIR(st.st_mode):
-                            raise refuse("conflict", f"{shown} is a directory now")
-                    os.replace(partial, parts[-1], dst_dir_fd=fd)
-                    if self.durable:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
+                place_file(partial, workdir, parts, mode=mode & 0o777, handover=handover,
+                           shown=shown, durable=self.durable)
             finally:
                 partial.unlink(missing_ok=True)
         except OSError as err:
