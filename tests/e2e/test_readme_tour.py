@@ -43,13 +43,19 @@ class Block:
     lines: list[str]
 
 
+def section(title: str) -> list[Block]:
+    """The fenced blocks of the README's ``## title`` section, in order."""
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 5)
+    return [Block(lang, body.splitlines())
+            for lang, body in re.findall(r"```(\w*)\n(.*?)```",
+                                         text[start:end if end > 0 else None], re.S)]
+
+
 def tour() -> list[Block]:
     """The fenced blocks of the README's tour section, in order."""
-    text = README.read_text()
-    start = text.index("## A five-minute tour")
-    end = text.index("\n## ", start + 5)
-    return [Block(lang, body.splitlines())
-            for lang, body in re.findall(r"```(\w*)\n(.*?)```", text[start:end], re.S)]
+    return section("A five-minute tour")
 
 
 def commands(block: Block) -> list[str]:
@@ -78,6 +84,7 @@ class Tourist:
     grid: E2EGrid
     first_worker: str
     token: str = ""
+    cwd: Path = REPO  # where the reader types the commands
     daemons: list[tuple[subprocess.Popen[str], list[str]]] = field(default_factory=list)
 
     def substitute(self, word: str) -> str:
@@ -85,36 +92,38 @@ class Tourist:
         word = word.replace("<TOKEN>", self.token)
         return self.first_worker if word == "vm-w1" else word
 
-    def run(self, line: str) -> None:
+    def run(self, line: str) -> subprocess.CompletedProcess[str] | None:
+        """Run one command line; the result of an ``xcloud`` command that ran to its end."""
         args = [self.substitute(w) for w in shlex.split(line, comments=True)]
         if "|" in args and args[0] != "xcloud":
             self.pipe(line, args)
-            return
+            return None
         assert args[0] in ("xcloud", "bash"), line
         if args[0] == "bash":
             assert args[1] == "scripts/up", line  # the fixture's `xcloud up`
             shown = self.grid.log_text()
             assert "xcloud is up" in shown
             assert f"broker       mqtt://127.0.0.1:{self.grid.port}" in shown
-            return
+            return None
         if args[1] == "worker":  # a daemon: runs until the end of its block
             self.start_worker(args[1:])
-            return
-        result = self.grid.cli(*args[1:], timeout=120)
+            return None
+        result = self.grid.cli(*args[1:], timeout=120, cwd=self.cwd)
         out = result.stdout + result.stderr
         assert result.returncode == 0, f"$ {line}\n{out}"
         assert "Traceback" not in out, f"$ {line}\n{out}"
         assert "error" not in result.stderr.lower(), f"$ {line}\n{out}"
         if args[1:4] == ["admin", "principal", "add"]:
             self.token = result.stdout.strip().splitlines()[-1]
+        return result
 
     def pipe(self, line: str, args: list[str]) -> None:
         """``LOCAL COMMAND | xcloud ...``: the local command's output is xcloud's stdin."""
         bar = args.index("|")
         local, remote = args[:bar], args[bar + 1:]
         assert remote[0] == "xcloud", line
-        fed = subprocess.run(local, cwd=REPO, capture_output=True, check=True, timeout=60)
-        result = subprocess.run([sys.executable, "-m", "client.cli", *remote[1:]], cwd=REPO,
+        fed = subprocess.run(local, cwd=self.cwd, capture_output=True, check=True, timeout=60)
+        result = subprocess.run([sys.executable, "-m", "client.cli", *remote[1:]], cwd=self.cwd,
                                 env=self.grid.env, input=fed.stdout, capture_output=True,
                                 timeout=120)
         out = (result.stdout + result.stderr).decode(errors="replace")
