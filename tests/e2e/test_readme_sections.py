@@ -17,9 +17,7 @@ import json
 import shlex
 import signal
 import subprocess
-import sys
 import tarfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,17 +92,7 @@ class Reader(Tourist):
         return result
 
     def start_watch(self, args: list[str]) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "client.cli", *args], cwd=self.cwd,
-                                env=self.grid.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                text=True, start_new_session=True)
-        seen: list[str] = []
-
-        def read() -> None:
-            assert proc.stdout is not None
-            seen.extend(iter(proc.stdout.readline, ""))
-
-        threading.Thread(target=read, daemon=True).start()
+        proc, seen = self.spawn(args, self.cwd)
         self.watch = (proc, seen)
         wait_for(lambda: any("watching your jobs' events" in s for s in seen)
                  or proc.poll() is not None, 30, message="`xcloud jobs --watch` watching")

@@ -131,8 +131,9 @@ class Tourist:
         assert "Traceback" not in out, f"$ {line}\n{out}"
         assert result.stdout.strip(), f"$ {line}: no output\n{out}"
 
-    def start_worker(self, args: list[str]) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "client.cli", *args], cwd=REPO,
+    def spawn(self, args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], list[str]]:
+        """``xcloud ARGS`` left running, its output lines collected as they come."""
+        proc = subprocess.Popen([sys.executable, "-m", "client.cli", *args], cwd=cwd,
                                 env=self.grid.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 text=True, start_new_session=True)
@@ -143,6 +144,10 @@ class Tourist:
             seen.extend(iter(proc.stdout.readline, ""))
 
         threading.Thread(target=read, daemon=True).start()
+        return proc, seen
+
+    def start_worker(self, args: list[str]) -> None:
+        proc, seen = self.spawn(args, REPO)
         self.daemons.append((proc, seen))
         wid = args[args.index("--id") + 1]
         wait_for(lambda: any(f"worker {wid} online at" in line for line in seen)
