@@ -22,12 +22,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from client.errors import ClientError
+from schemas.errors import XcloudError
 from schemas.exec_messages import STDIN_CHUNK_BYTES, STDIN_WINDOW
 from schemas.outcome import Outcome
 
@@ -543,7 +544,11 @@ def feed_in_background(sender: StdinSender, source: int | IO[bytes], name: str, 
                     break
                 sender.write(data)
             sender.close()
-        except (OSError, ClientError) as err:  # the command's exit tells the user
+        except (OSError, XcloudError, CancelledError) as err:
+            # The command's exit tells the user. XcloudError, not only ClientError: once
+            # the command has ended the caller closes the bus, and the piece still awaiting
+            # its answer then fails with the bus's own error (a traceback on the user's
+            # terminal as the process exits, before this).
             log.info("input of %s stopped: %s", sender.exec_id, err)
         finally:
             if on_end is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import random
 import subprocess
 import sys
@@ -74,6 +75,37 @@ def stdin_of(grid: Grid, rid: str, exec_id: str, client: Client | None = None,
         return reply.body.acked, reply.body.closed
 
     return StdinSender(exec_id, send, read_ack)
+
+
+def test_pump_ends_quietly_when_the_bus_stops_under_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`xcloud run` closes its bus once the command has ended; the end of input still
+    awaiting its answer then fails with the bus's error. The pump must log that, not
+    print a traceback on the user's terminal (a README tour run once showed one)."""
+    from broker.bus_types import BusError
+    from client.exec_stream import feed_in_background
+
+    uncaught: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: uncaught.append(args.exc_value))
+    pending: list[Future[Any]] = []
+
+    def send(_seq: int, _data: bytes, eof: bool) -> Future[Any]:
+        assert eof  # nothing but the end of input
+        fut: Future[Any] = Future()
+        pending.append(fut)
+        return fut
+
+    sender = StdinSender("e1", send, lambda _reply: (0, False))
+    read_end, write_end = os.pipe()
+    os.close(write_end)  # stdin at its end at once, as from /dev/null
+    try:
+        pump = feed_in_background(sender, read_end, "stdin-pump")
+        wait_for(lambda: bool(pending), timeout=5)
+        pending[0].set_exception(BusError("bus stopped"))  # what Bus.stop does to it
+        pump.join(timeout=5)
+    finally:
+        os.close(read_end)
+    assert not pump.is_alive()
+    assert uncaught == []
 
 
 def start_reading(grid: Grid, rid: str, command: str) -> tuple[str, Run]:
