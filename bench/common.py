@@ -1002,3 +1002,19 @@ class LoadMonitor:
         return {"wall_s": wall,
                 "ours_pct": 100.0 * ours / (wall * cores) if wall else 0.0,
                 "others_pct": max(0.0, 100.0 * (busy - ours) / (wall * cores)) if wall else 0.0}
+
+
+class QuietBus:
+    """Stands in for the bus in an offline scheduler pass: events and assignments go
+    nowhere (the pass's decisions are in the store)."""
+
+    principal = "coordinator"
+
+    def send(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def publish(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def publish_bytes(self, *_args: Any, **_kwargs: Any) -> None:  # job events
+        return None

@@ -57,6 +57,7 @@ from bench.common import (
     Identity,
     LoadMonitor,
     MosquittoBroker,
+    QuietBus,
     cli,
     fmt,
     free_port,
@@ -407,14 +408,6 @@ def fill_queue(db_file: Path, count: int) -> float:
     return time.monotonic() - t0
 
 
-class _QuietBus:
-    """Stands in for the bus in an offline pass: events and assignments go nowhere."""
-
-    def send(self, *_args: Any, **_kwargs: Any) -> None:
-        return None
-
-    def publish(self, *_args: Any, **_kwargs: Any) -> None:  # the admins' job events feed
-        return None
 
 
 def scheduler_pass(db_file: Path, root: str, passes: int = 5) -> dict[str, Any]:
@@ -433,7 +426,7 @@ def scheduler_pass(db_file: Path, root: str, passes: int = 5) -> dict[str, Any]:
         for attempt in store.live_attempts():  # free every slot (bulk jobs ran at the end)
             store.end_attempt(attempt.id, AttemptKind.WORKER_LOST, error="bench: freed",
                               now=time.time())
-        sched = JobScheduler(cast(Any, _QuietBus()), store, cast(Any, None), JobsConfig(),
+        sched = JobScheduler(cast(Any, QuietBus()), store, cast(Any, None), JobsConfig(),
                              Topics(root))
         with contextlib.closing(sqlite3.connect(db_file, timeout=60)) as conn:
             queued = conn.execute("SELECT COUNT(*) FROM xc_job WHERE state = 'queued'"

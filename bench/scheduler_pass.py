@@ -22,6 +22,7 @@ import time
 from typing import Any, cast
 
 from bench.common import (
+    QuietBus,
     database,
     fmt,
     latency_ms,
@@ -37,12 +38,6 @@ QUICK = {"jobs": 10_000, "owners": 20, "workers": 100, "slots": 4, "passes": 10,
          "free_per_pass": 8}
 
 
-class _QuietBus:
-    def send(self, *_args: Any, **_kwargs: Any) -> None:
-        return None
-
-    def publish(self, *_args: Any, **_kwargs: Any) -> None:
-        return None
 
 
 def _caps(wid: str, slots: int) -> dict[str, Any]:
@@ -99,7 +94,7 @@ def _scheduler(store: Any, fair: bool) -> Any:
     from coordinator.scheduler import JobScheduler
     from schemas.topics import Topics
 
-    return JobScheduler(cast(Any, _QuietBus()), store, cast(Any, None),
+    return JobScheduler(cast(Any, QuietBus()), store, cast(Any, None),
                         JobsConfig(fair_share=fair), Topics("bench"))
 
 

@@ -50,6 +50,7 @@ from coordinator.store import Store, WorkerRecord
 from coordinator.store.apps import Unresolvable
 from coordinator.store.job_records import AttemptRecord, JobChange, JobRecord
 from coordinator.worker_state import WorkerState
+from schemas.codec import encode, envelope
 from schemas.job_messages import JobAssign, JobEvent, JobKill
 from schemas.messages import Ok
 from schemas.topics import Topics
@@ -200,7 +201,8 @@ class JobScheduler:
 
     def announce(self, changes: Iterable[JobChange]) -> None:
         """Tell each job's owner of its job's state change, and the admins' feed (one
-        publish, qos 0: a live view; docs/security.md)."""
+        publish, qos 0: a live view; docs/security.md). One envelope, encoded once, for
+        both: two to four events per job, each validated and dumped once (not twice)."""
         changes = list(changes)
         self.fair.note_changes(changes)  # a requeue: its owner has queued work
         for change in changes:
@@ -208,8 +210,10 @@ class JobScheduler:
                              attempt=change.attempt, worker=change.worker,
                              exit_code=change.exit_code, reason=change.reason[:1024] or None)
             try:
-                self.bus.send(self.topics.client_inbox(change.owner), event)
-                self.bus.publish(self.topics.admin_job_events, event, qos=0)
+                payload = encode(envelope(event))
+                self.bus.publish_bytes(self.topics.inbox_for(
+                    self.topics.client_inbox(change.owner), self.bus.principal), payload)
+                self.bus.publish_bytes(self.topics.admin_job_events, payload, qos=0)
             except BusError as err:
                 log.warning("job.event for %s not sent: %s", change.job, err)
 

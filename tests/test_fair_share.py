@@ -31,10 +31,15 @@ T0 = 1_700_000_000.0
 class _QuietBus:
     """Events and assignments go nowhere (the pass's decisions are in the store)."""
 
+    principal = "coordinator"
+
     def send(self, *_args: Any, **_kwargs: Any) -> None:
         return None
 
     def publish(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def publish_bytes(self, *_args: Any, **_kwargs: Any) -> None:  # job events
         return None
 
 

@@ -305,7 +305,8 @@ class ReportSender:
                             "(%s: %s); dropped", entry.record.attempt, body.code, body.message)
             else:
                 self.acknowledged += 1
-                log.info("attempt %s reported (%s)", entry.record.attempt,
+                log.info("attempt %s of job %s (owner %s) reported (%s)",
+                         entry.record.attempt, entry.record.job, entry.record.owner,
                          (entry.record.report or {}).get("kind"))
             self._finish(entry)
             return

@@ -256,8 +256,10 @@ class JobRunner:
         with self._lock:
             self._attempts[attempt.id] = attempt
         self.bus.reply(incoming, Ok(detail={"attempt": attempt.id}))
-        log.info("attempt %s of job %s (owner %s) accepted", attempt.id, record.job,
-                 record.owner)
+        # DEBUG: at full rate an INFO line per step was ~5% of the worker's CPU; the
+        # attempt's INFO line is its report's (worker/job_attempts.py), with its job
+        log.debug("attempt %s of job %s (owner %s) accepted", attempt.id, record.job,
+                  record.owner)
         self._spawn(lambda: self._run(attempt), f"attempt-{attempt.id}")
 
     def on_kill(self, incoming: Incoming) -> None:

@@ -141,6 +141,8 @@ class ProcessExecutor(Executor):
         self.read_size = read_size
         self._lock = threading.Lock()
         self._tasks: dict[tuple[str, str], _Task] = {}
+        # the same tasks by session: a short job's session close looks at its own only
+        self._by_session: dict[str, dict[str, _Task]] = {}
         self._finished: deque[tuple[tuple[str, str], _Task]] = deque()
         # One loop thread serves all of this driver's commands (and the exec layer's
         # timers); held so consecutive commands reuse it, until close().
@@ -203,7 +205,7 @@ class ProcessExecutor(Executor):
         their markers), but its work dir is left to the caller: the path is not trusted.
         """
         with self._lock:
-            tasks = [t for (sid, _), t in self._tasks.items() if sid == session.session_id]
+            tasks = list(self._by_session.get(session.session_id, {}).values())
         running = [t for t in tasks if not t.done.is_set()]
         cgroup = self.containment.existing(session.session_id)
         for task in running:
@@ -354,6 +356,7 @@ class ProcessExecutor(Executor):
             os.set_blocking(stream.fd, False)
         with self._lock:
             self._tasks[key] = task
+            self._by_session.setdefault(session.session_id, {})[spec.task_id] = task
         self._loop.call_soon(self._attach, task, on_output)
         log.debug("started task %s of session %s as pgid %d", spec.task_id,
                   session.session_id, proc.pid)
@@ -527,6 +530,10 @@ class ProcessExecutor(Executor):
                 key, old = self._finished.popleft()
                 if self._tasks.get(key) is old:
                     del self._tasks[key]
+                    of_session = self._by_session.get(key[0], {})
+                    of_session.pop(key[1], None)
+                    if not of_session:
+                        self._by_session.pop(key[0], None)
         for callback in callbacks:
             try:
                 callback(task.result)
