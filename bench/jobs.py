@@ -291,15 +291,20 @@ def throughput(grid: Any, events: EventLog, n: int, coord_pid: int, priority: in
     polled: dict[str, float] = {}  # job -> when a listing first showed it ended
     states: dict[str, str] = {}
     deadline = started + RUN_TIMEOUT_S
+    progress = -1
     while True:
         with events.cond:
             events.cond.wait_for(lambda: wanted <= events.ended, 2.0)
             missing = wanted - events.ended - polled.keys()
+            ended = len(events.ended)
         if not missing:
             break
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(missing)} of {n} jobs not ended in {RUN_TIMEOUT_S:g} s")
-        for batch in batches:  # backstop for a missed (or not yet arrived) event
+        if ended != progress:  # events still coming: listing now would only load the grid
+            progress = ended
+            continue
+        for batch in batches:  # backstop for a missed event, once they stopped coming
             listing = grid.jobs.ls(batch=batch)
             now = time.monotonic()
             for job in listing:
