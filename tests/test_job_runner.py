@@ -304,3 +304,21 @@ def test_concurrent_attempts_each_get_their_own_output(
             assert report.kind == "success", (round_, report)
             assert coord.data(report.stdout) == f"out {attempt}\n".encode()
             assert coord.data(report.stderr) == f"err {attempt}\n".encode()
+
+
+def test_collect_outputs_makes_no_directory_when_nothing_matches(tmp_path: Path) -> None:
+    """Most jobs ask for no outputs: their attempt gets no ``outputs`` directory (made and
+    removed for nothing, an inode each on the worker's disk); one that has some gets it."""
+    from worker.job_files import collect_outputs
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "result.txt").write_text("42\n")
+    dest = tmp_path / "outputs"
+    assert collect_outputs(work, [], dest) == ([], [])
+    assert collect_outputs(work, ["nothing*"], dest) == ([], [])
+    assert not dest.exists()
+    collected, problems = collect_outputs(work, ["*.txt"], dest)
+    assert problems == []
+    assert [(c.name, c.path.read_text()) for c in collected] == [("result.txt", "42\n")]
+    assert dest.is_dir()

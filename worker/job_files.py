@@ -167,6 +167,8 @@ def collect_outputs(workdir: Path, patterns: list[str], dest: Path) -> tuple[
                 problems.append(f"more than {MAX_OUTPUTS} outputs; the rest were dropped")
                 break
             found[rel] = match
+    if not found:  # most jobs: no directory made and removed for nothing (an inode each)
+        return [], problems
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     collected: list[Collected] = []
     for index, (rel, src) in enumerate(sorted(found.items())):
