@@ -426,3 +426,24 @@ def test_detection_reads_mountinfo_and_the_own_cgroup(tmp_path: Path) -> None:
                   proc_cgroup="0::/\n").version == 0  # mounted read-only
     with pytest.raises(ExecutorError, match="process_cgroups"):
         detect("v3")
+
+
+def test_a_single_command_session_keeps_no_cwd(made: Callable[..., ProcessExecutor],
+                                               mode: str, tmp_path: Path) -> None:
+    """A batch job's session (``carry_cwd=False``) runs one command: no ``.xcloud/cwd``
+    is written (two inodes per job), and exit statuses, the gate and the limits stay as
+    in a reservation's session."""
+    ex = made(cgroups=mode)
+    session = ex.open_session(SessionSpec(
+        "a-1", tmp_path / "jobs" / "a-1" / "work", "alice",
+        limits=Limits(memory_bytes=512 * 2**20, pids=64), carry_cwd=False))
+    work = Path(session.workdir)
+    result, out = run(ex, session, "mkdir d; cd d; pwd; exit 7")
+    assert (result.exit_code, out.text()) == (7, f"{work}/d\n")
+    assert run(ex, session, "false")[0].exit_code == 1
+    assert run(ex, session, "if then fi")[0].exit_code == 2  # a syntax error
+    _, out = run(ex, session, "pwd")
+    assert out.text() == f"{work}\n"  # nothing carried
+    assert sorted(p.name for p in work.iterdir()) == ["d"]  # no .xcloud
+    ex.close_session(session)
+    assert not work.exists()

@@ -361,7 +361,7 @@ class JobRunner:
                 return {"kind": "input_failed", "error": str(err)[:ERROR_MAX]}, None
         handle = executor.open_session(GpuSessionSpec(
             session_id=record.attempt, workdir=workdir, owner=record.owner, limits=limits,
-            image=image,
+            image=image, carry_cwd=False,  # one command: no `cd` to carry to a next
             gpu_devices=tuple(device_ids(self.gpus.held(record.attempt)))))
         attempt.handle = handle
         record.handle = handle.to_dict()

@@ -243,6 +243,10 @@ class SessionSpec:
     limits: Limits = field(default_factory=Limits)
     image: str | None = None  # container drivers only
     network: bool = False  # container drivers only: allow a network (worker owner's choice)
+    # Carry the working directory from one command to the next (a reservation's shell:
+    # `cd` then `ls`). A batch job's session runs one command and needs none: a driver may
+    # then skip its bookkeeping (the process driver writes no `.xcloud/cwd`).
+    carry_cwd: bool = True
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from broker.config import WorkerConfig
 from worker.executors import reaper
@@ -178,13 +178,15 @@ class ProcessExecutor(Executor):
         try:
             workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
             workdir.chmod(0o700)
-            (workdir / CWD_FILE).parent.mkdir(mode=0o700, exist_ok=True)
+            if spec.carry_cwd:
+                (workdir / CWD_FILE).parent.mkdir(mode=0o700, exist_ok=True)
         except OSError as err:
             raise ExecutorError(f"cannot create work dir {workdir}: {err}") from err
+        state: dict[str, Any] = {"owner": spec.owner, "limits": spec.limits.to_dict()}
+        if not spec.carry_cwd:  # (absent: carried, as in handles written before)
+            state["carry_cwd"] = False
         handle = SessionHandle(session_id=spec.session_id, executor=self.name,
-                               workdir=str(workdir),
-                               driver_state=self.make_state({"owner": spec.owner,
-                                                             "limits": spec.limits.to_dict()}))
+                               workdir=str(workdir), driver_state=self.make_state(state))
         self.containment.session(spec.session_id, self._limits(handle))
         return handle
 
@@ -301,11 +303,13 @@ class ProcessExecutor(Executor):
         gated = cgroup is not None or rlimits.memory_bytes is not None or (
             rlimits.pids is not None)
         env = task_env(spec, workdir)
-        (workdir / CWD_FILE).parent.mkdir(mode=0o700, exist_ok=True)
+        carry_cwd = self.state_of(session).get("carry_cwd") is not False
+        if carry_cwd:
+            (workdir / CWD_FILE).parent.mkdir(mode=0o700, exist_ok=True)
         # With a tty (worker/terminal.py) the shell's first act makes the pty its own.
         master, slave, path = open_pty(spec.tty) if spec.tty else (-1, -1, "")
         piped = spec.stdin and not spec.tty
-        script = (shell_prelude(workdir, gated, stdin=piped)
+        script = (shell_prelude(workdir, gated, stdin=piped, carry_cwd=carry_cwd)
                   + (attach_prelude(path) if spec.tty else "")
                   + (spec.command or login_shell()))
         out: int = slave if spec.tty else subprocess.PIPE

@@ -38,13 +38,17 @@ def task_env(spec: TaskSpec, workdir: Path) -> dict[str, str]:
                 "XCLOUD_EXEC_ID": spec.task_id, "XCLOUD_WORKDIR": str(workdir)})
     return env
 
-def shell_prelude(workdir: Path, gated: bool, *, stdin: bool = False) -> str:
+def shell_prelude(workdir: Path, gated: bool, *, stdin: bool = False,
+                  carry_cwd: bool = True) -> str:
     """One line, so the user's line numbers in shell error messages stay right. With
     ``stdin`` the gate line is all the prelude reads of it (``read`` takes one byte at
-    a time from a pipe): what follows is the command's input."""
+    a time from a pipe): what follows is the command's input. Without ``carry_cwd`` (a
+    batch job's single command) no directory is read from, or left in, ``CWD_FILE``."""
     cwd_file = shlex.quote(str(workdir / CWD_FILE))
     keep = "" if stdin else "exec </dev/null; "
     gate = f"IFS= read -r __xc || exit 126; {keep}unset __xc; " if gated else ""
+    if not carry_cwd:
+        return gate
     on_exit = f"__xc=$?; pwd > {cwd_file} 2>/dev/null; exit $__xc"
     return (
         f"{gate}"
