@@ -235,16 +235,17 @@ def test_close_session_of_an_unreadable_handle_leaves_the_dir(executor: ProcessE
     assert Path(session.workdir).is_dir()
 
 
-def test_cleanup_orphans_of_a_previous_run(tmp_path: Path,
+def test_cleanup_orphans_of_a_previous_run(tmp_path: Path, mode: str,
                                            made: Callable[..., ProcessExecutor]) -> None:
     state = tmp_path / "state"
-    first = made()
+    first = made(cgroups=mode)
     session = open_session(first, tmp_path)
     handle, out = start(first, session, "echo ready; sleep 60")
     wait_for(lambda: out.of("stdout") == b"ready\n", message="command did not start")
-    assert list((state / "process").glob("*.json"))
+    # without cgroups its record finds it; in one, the cgroup tree the state dir names
+    assert bool(list((state / "process").glob("*.json"))) == (mode == "off")
     # A new executor on the same state dir (a restarted worker) finds and kills it.
-    second = made()
+    second = made(cgroups=mode)
     assert second.recover([session]) == [session]
     assert second.cleanup_orphans(keep={"r1"}) >= 1
     result = first.wait(handle, 5)
@@ -447,3 +448,22 @@ def test_a_single_command_session_keeps_no_cwd(made: Callable[..., ProcessExecut
     assert sorted(p.name for p in work.iterdir()) == ["d"]  # no .xcloud
     ex.close_session(session)
     assert not work.exists()
+
+
+def test_a_task_file_only_where_no_cgroup_finds_it(made: Callable[..., ProcessExecutor],
+                                                   mode: str, tmp_path: Path) -> None:
+    """In a cgroup a running task needs no record in ``<state_dir>/process/`` (the cgroup
+    is what the reaper and a restart kill: an inode made and removed per command saved);
+    without cgroups the record is what finds its process group."""
+    ex = made(cgroups=mode)
+    session = open_session(ex, tmp_path)
+    handle, _ = start(ex, session, "while [ ! -e go ]; do sleep 0.01; done")
+    records = sorted(p.name for p in ex.records_dir.glob("*.json")) \
+        if ex.records_dir.is_dir() else []
+    assert len(records) == (1 if mode == "off" else 0), records
+    (Path(session.workdir) / "go").touch()
+    result = ex.wait(handle, timeout=10)
+    assert result is not None
+    assert result.exit_code == 0
+    assert not list(ex.records_dir.glob("*.json"))  # (glob of a missing dir: nothing)
+    ex.close_session(session)

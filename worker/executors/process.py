@@ -19,10 +19,11 @@ Why the pieces look the way they do:
 - A command's pipes (or its pty) and its exit are watched by the worker's one I/O loop
   (worker/io_loop.py: epoll, ``pidfd_open``): no thread per command. A sink that is
   full (``PacedSink``) pauses the reading of that stream, which blocks the command.
-- Every task is recorded in ``<state_dir>/process/`` and carries ``XCLOUD_*``
-  variables in its environment, so that, where the machine gives no cgroups, a
-  restarted worker (and the reaper) can still find what its previous run left behind,
-  including processes that left the process group.
+- Where the machine gives no cgroups, every task is recorded in ``<state_dir>/process/``
+  (in a cgroup, the cgroup is what the reaper and a restart kill: no file per task);
+  every task carries ``XCLOUD_*`` variables in its environment, so that a restarted
+  worker (and the reaper) can still find what its previous run left behind, including
+  processes that left the process group.
 """
 
 from __future__ import annotations
@@ -348,7 +349,8 @@ class ProcessExecutor(Executor):
             task.stdin = PipeInput(proc.stdin)
         if spec.tty:
             task.stdin = task.pty = PtyInput(master)
-        self._write_record(task)
+        if cgroup is None:  # in a cgroup, the cgroup finds it (reaper, restart): no file
+            self._write_record(task)
         if spec.tty:
             task.streams = [_Stream("stdout", master, lambda: os.close(master), tty=True)]
         else:
