@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import pytest
 
+from bench.common import QuietBus  # (the offline pass's stand-in bus, shared)
 from broker.config import JobsConfig
 from coordinator.job_state import AttemptKind, JobState
 from coordinator.scheduler import JobScheduler
@@ -26,21 +27,6 @@ from tests.fixtures.grid import GridHarness
 from tests.job_actors import JobClient, JobWorker, start_jobs_coordinator
 
 T0 = 1_700_000_000.0
-
-
-class _QuietBus:
-    """Events and assignments go nowhere (the pass's decisions are in the store)."""
-
-    principal = "coordinator"
-
-    def send(self, *_args: Any, **_kwargs: Any) -> None:
-        return None
-
-    def publish(self, *_args: Any, **_kwargs: Any) -> None:
-        return None
-
-    def publish_bytes(self, *_args: Any, **_kwargs: Any) -> None:  # job events
-        return None
 
 
 def _caps(wid: str, slots: int, data: list[str] | None = None) -> dict[str, Any]:
@@ -72,7 +58,7 @@ def store(grid_db_url: str) -> Iterator[Store]:
 
 def _scheduler(store: Store, clock: Clock, **jobs: Any) -> JobScheduler:
     config = JobsConfig(**jobs)
-    return JobScheduler(cast(Any, _QuietBus()), store, cast(Any, None), config,
+    return JobScheduler(cast(Any, QuietBus()), store, cast(Any, None), config,
                         Topics("xc-fair"), clock=clock)
 
 
