@@ -1008,8 +1008,6 @@ class QuietBus:
     """Stands in for the bus in an offline scheduler pass: events and assignments go
     nowhere (the pass's decisions are in the store)."""
 
-    principal = "coordinator"
-
     def send(self, *_args: Any, **_kwargs: Any) -> None:
         return None
 

@@ -310,10 +310,14 @@ class Bus:
             raise err
         return self._client.publish(topic, payload, qos=qos, retain=retain)
 
-    def send(self, base_inbox: str, body: Body | Envelope[Any], *, qos: int = 1
+    def send(self, base_inbox: str, body: Body | Envelope[Any] | bytes, *, qos: int = 1
              ) -> mqtt.MQTTMessageInfo:
-        """Publish into someone's inbox under our own sender id."""
-        return self.publish(self.topics.inbox_for(base_inbox, self.principal), body, qos=qos)
+        """Publish into someone's inbox under our own sender id (``bytes``: an envelope
+        encoded once for several topics)."""
+        topic = self.topics.inbox_for(base_inbox, self.principal)
+        if isinstance(body, bytes):
+            return self.publish_bytes(topic, body, qos=qos)
+        return self.publish(topic, body, qos=qos)
 
     # -- request / reply -----------------------------------------------------------
 

@@ -211,8 +211,7 @@ class JobScheduler:
                              exit_code=change.exit_code, reason=change.reason[:1024] or None)
             try:
                 payload = encode(envelope(event))
-                self.bus.publish_bytes(self.topics.inbox_for(
-                    self.topics.client_inbox(change.owner), self.bus.principal), payload)
+                self.bus.send(self.topics.client_inbox(change.owner), payload)
                 self.bus.publish_bytes(self.topics.admin_job_events, payload, qos=0)
             except BusError as err:
                 log.warning("job.event for %s not sent: %s", change.job, err)
