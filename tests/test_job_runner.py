@@ -30,6 +30,7 @@ from schemas.messages import Ok, WorkerHeartbeat
 from tests.fixtures.grid import COORDINATOR, GridHarness, WorkerHandle
 from tests.fixtures.services import wait_for
 from tests.fixtures.transfer import DirSink
+from worker.attempt_journal import AttemptJournal
 from worker.job_attempts import AttemptRecord, AttemptStore
 
 _ids = itertools.count(1)
@@ -183,9 +184,11 @@ def test_job_runs_with_inputs_stdin_outputs_and_env(
     assert agent.cache.fetches == 2
     assert agent.cache.hits == 1
     assert f"sha256:{sha}" in (agent._collect_caps().shared or {}).get("data", [])
-    # acknowledged attempts leave nothing on disk
-    wait_for(lambda: not any((worker.state_dir / "jobs").iterdir()), timeout=10,
+    # acknowledged attempts leave nothing on disk: no directory, no live record
+    jobs = worker.state_dir / "jobs"
+    wait_for(lambda: not any(p.is_dir() for p in jobs.iterdir()), timeout=10,
              message="attempt dirs removed")
+    assert AttemptJournal(jobs / "attempts.journal").replay() == {}
 
 
 def test_missing_input_is_input_failed(standin: tuple[StandIn, WorkerHandle]) -> None:
@@ -248,8 +251,8 @@ def test_restart_resends_reports_and_drops_interrupted_attempts(
     coord, worker = standin
     coord.refuse_reports = 10**6  # the coordinator is "busy": nothing is acknowledged
     attempt = coord.assign("echo kept")
-    record = worker.state_dir / "jobs" / attempt / "attempt.json"
-    wait_for(lambda: record.exists() and '"phase": "reported"' in record.read_text(),
+    journal = AttemptJournal(worker.state_dir / "jobs" / "attempts.journal")
+    wait_for(lambda: journal.replay().get(attempt, {}).get("phase") == "reported",
              timeout=20, message="the report on disk")
     assert worker.agent is not None
     worker.agent.stop()

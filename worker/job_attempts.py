@@ -1,10 +1,12 @@
 """The worker's job attempts on disk, and their reports kept until the coordinator has them.
 
-Every attempt the coordinator assigns here gets a directory ``<state_dir>/jobs/<attempt>/``
-holding ``attempt.json`` (the ``AttemptRecord``, written atomically *before* the worker
-answers ``job.assign`` with ``ok``: the answer is the acknowledgement), ``work/`` (the
-job's work directory), ``stdout``/``stderr`` and ``outputs/`` (collected after the run).
-The record's ``phase`` says how far the attempt got:
+Every attempt the coordinator assigns here has a record (the ``AttemptRecord``) in the
+worker's attempt journal, ``<state_dir>/jobs/attempts.journal`` (worker/attempt_journal.py:
+one line appended per write, not a file per write), and a directory
+``<state_dir>/jobs/<attempt>/`` holding ``work/`` (the job's work directory),
+``stdout``/``stderr`` and ``outputs/`` (collected after the run). The record is written
+and fdatasynced *before* the worker answers ``job.assign`` with ``ok`` (the answer is the
+acknowledgement). The record's ``phase`` says how far the attempt got:
 
 - ``assigned``: accepted, inputs being fetched;
 - ``running``: the command was started (in memory only: on disk the record still says
@@ -18,8 +20,9 @@ The record's ``phase`` says how far the attempt got:
 with ``Bus.request_async``) at once, at every (re)connect, and again after ``RESEND_S``
 (doubling up to ``RESEND_MAX_S``) until the coordinator answers ``ok`` (it does so only
 once the result row is committed, and answers a duplicate ``ok`` too); then the attempt's
-directory goes. A coordinator or broker that is down costs a delay, never a result. A
-report refused for good (``forbidden``, ``invalid``, ``not_found``) is dropped, logged.
+record and directory go. A coordinator or broker that is down costs a delay, never a
+result. A report refused for good (``forbidden``, ``invalid``, ``not_found``) is dropped,
+logged.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +44,7 @@ from schemas.errors import WireError
 from schemas.job_messages import AttemptReport
 from schemas.messages import Error
 from schemas.topics import Topics
+from worker.attempt_journal import COMPACT_BYTES, AttemptJournal
 from worker.sessions import remove_tree
 
 if TYPE_CHECKING:
@@ -52,7 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DIR = "jobs"
-RECORD = "attempt.json"
+JOURNAL = "attempts.journal"
+LEGACY_RECORD = "attempt.json"  # a record per directory, before the journal (read once)
 RESEND_S = 5.0
 RESEND_MAX_S = 60.0
 TICK_S = 0.5
@@ -127,10 +131,12 @@ class Attempt:
 
 
 class AttemptStore:
-    """``<state_dir>/jobs/``: one directory per attempt."""
+    """``<state_dir>/jobs/``: the attempt journal, and one directory per attempt."""
 
-    def __init__(self, state_dir: Path | str) -> None:
+    def __init__(self, state_dir: Path | str, *, compact_bytes: int = COMPACT_BYTES) -> None:
         self.root = Path(state_dir) / DIR
+        self.journal = AttemptJournal(self.root / JOURNAL, compact_bytes=compact_bytes)
+        self._dirs: set[str] = set()  # attempts whose directory exists: no mkdir per save
 
     def path(self, attempt: str) -> Path:
         return self.root / attempt
@@ -139,53 +145,72 @@ class AttemptStore:
         return self.path(attempt) / "work"
 
     def save(self, record: AttemptRecord, *, durable: bool = False) -> None:
-        """Write the record atomically (0600 in a 0700 directory); OSError if not.
+        """Append the record to the journal (its directory, 0700, made first); OSError if
+        not.
 
-        ``durable`` also fsyncs it, for the records whose loss in a power cut would break
-        a promise: the acceptance (its ``ok`` is the acknowledgement) and the report (the
-        outcome). The phases between are only written through: a process crash keeps them
-        (the rename is atomic), and a power cut that loses one leaves an earlier phase,
-        which a restart treats as unfinished (the coordinator requeues the job).
+        ``durable`` also fdatasyncs it, for the records whose loss in a power cut would
+        break a promise: the acceptance (its ``ok`` is the acknowledgement) and the report
+        (the outcome). The phases between are only written through: a process crash keeps
+        them, and a power cut that loses one leaves an earlier phase, which a restart
+        treats as unfinished (the coordinator requeues the job).
         """
-        directory = self.path(record.attempt)
-        tmp = directory / f".{RECORD}.tmp"
-        try:  # the directory exists from the first save on: no mkdir per phase
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        except FileNotFoundError:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:  # json.dumps: the C encoder (json.dump to a file is pure Python)
-            data = json.dumps(record.to_dict()).encode()
-            while data:
-                data = data[os.write(fd, data):]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, directory / RECORD)
+        if record.attempt not in self._dirs:
+            self.path(record.attempt).mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._dirs.add(record.attempt)
+        self.journal.put(record.to_dict(), durable=durable)
 
     def load_all(self) -> list[AttemptRecord]:
-        """Every readable record (unreadable directories are removed, logged)."""
-        records: list[AttemptRecord] = []
+        """Every usable record, by attempt id (once, at start): the journal replayed and
+        compacted; directories without a record and stray files are removed, logged. The
+        records of a worker before the journal (``<attempt>/attempt.json``) are taken
+        over: the journal's win over them, and their files go once it holds them."""
         if not self.root.is_dir():
-            return records
-        for directory in sorted(self.root.iterdir()):
-            if not directory.is_dir() or directory.is_symlink():
-                log.warning("removing a stray entry in %s: %s", self.root, directory.name)
-                with contextlib.suppress(OSError):
-                    directory.unlink()
+            return []
+        entries = self.journal.replay()
+        legacy: list[Path] = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name in (self.journal.path.name, self.journal.tmp.name):
                 continue
+            if not entry.is_dir() or entry.is_symlink():
+                log.warning("removing a stray entry in %s: %s", self.root, entry.name)
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+            elif (entry / LEGACY_RECORD).exists():
+                legacy.append(entry / LEGACY_RECORD)
+                with contextlib.suppress(OSError, ValueError):
+                    entries.setdefault(entry.name, json.loads(legacy[-1].read_text()))
+        records: dict[str, AttemptRecord] = {}
+        for attempt, data in sorted(entries.items()):
             try:
-                records.append(AttemptRecord.from_dict(
-                    json.loads((directory / RECORD).read_text())))
-            except (OSError, ValueError, TypeError) as err:
-                log.warning("removing attempt dir without a usable record %s: %s",
-                            directory.name, err)
-                remove_tree(directory)
-        return records
+                records[attempt] = AttemptRecord.from_dict(data)
+            except (ValueError, TypeError) as err:
+                log.warning("dropping an unusable record of attempt %s: %s", attempt, err)
+        self.journal.rewrite({a: r.to_dict() for a, r in records.items()})
+        for path in legacy:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for entry in self.root.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                if entry.name in records:
+                    self._dirs.add(entry.name)
+                else:
+                    log.warning("removing attempt dir without a record: %s", entry.name)
+                    remove_tree(entry)
+        return list(records.values())
 
     def remove(self, attempt: str) -> None:
+        """Forget the attempt: a ``del`` in the journal (not synced: one lost in a power
+        cut brings back an acknowledged report, which is sent again and answered as a
+        duplicate), then its directory."""
+        self._dirs.discard(attempt)
+        try:
+            self.journal.delete(attempt)
+        except OSError as err:  # (as a lost del; the directory goes all the same)
+            log.error("cannot journal the removal of attempt %s: %s", attempt, err)
         remove_tree(self.path(attempt))
+
+    def close(self) -> None:
+        self.journal.close()
 
 
 @dataclass

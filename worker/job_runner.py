@@ -173,6 +173,7 @@ class JobRunner:
         self.follows.close()
         self.reports.close()
         self.archives.close()
+        self.store.close()  # the journal's file (a late write reopens it)
 
     def all(self) -> list[Attempt]:
         with self._lock:
