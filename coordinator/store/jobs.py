@@ -103,8 +103,8 @@ class JobStore(StoreBase):
                         edges += [{"parent": p, "child": row["id"]} for p in pending]
                 # insert_many wants the same columns in every row
                 rows = [{**job_deps.COLUMN_DEFAULTS, **row} for row in rows]
-            for part in chunks(rows, 100):
-                Job.insert_many(list(part)).execute()
+            for part in chunks(rows, 500):
+                self._sql.insert_rows(Job, list(part))
             for part in chunks(edges, 200):
                 self.models.JobEdge.insert_many(list(part)).execute()
             # Inputs stay alive while their jobs exist (refs of kind job).
