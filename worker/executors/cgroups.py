@@ -218,6 +218,10 @@ class SessionCgroup:
     memory: Path | None = None
     pids: Path | None = None
     limited: set[str] = field(default_factory=set)  # Limits fields enforced here
+    # Made by this run and no process put in it yet: it has had no OOM kill, so
+    # ``oom_kills`` needs no read (a job's session runs one command: one read per job).
+    fresh: bool = False
+    _oom_name: str = field(default="", repr=False)  # the file that has the count here
 
     @property
     def tracker(self) -> Path:
@@ -242,17 +246,21 @@ class SessionCgroup:
 
     def attach(self, pid: int) -> None:
         """Move process ``pid`` (and, on v2, all its threads) into this cgroup."""
+        self.fresh = False
         for directory in self.dirs:
             _set(directory / "cgroup.procs", str(pid))
 
     def oom_kills(self) -> int:
-        """How many processes the OOM killer took in this cgroup so far."""
-        if self.memory is None:
+        """How many processes the OOM killer took in this cgroup so far (v2's
+        ``memory.events`` or v1's ``memory.oom_control``: the one found first is kept)."""
+        if self.memory is None or self.fresh:
             return 0
-        for name in ("memory.events", "memory.oom_control"):
+        for name in (self._oom_name,) if self._oom_name else ("memory.events",
+                                                              "memory.oom_control"):
             for line in reaper._read(str(self.memory / name)).splitlines():
                 key, _, value = line.partition(" ")
                 if key == "oom_kill" and value.strip().isdigit():
+                    self._oom_name = name
                     return int(value)
         return 0
 
@@ -358,16 +366,17 @@ class CgroupTree:
         """The cgroup of session ``session_id`` (made when missing)."""
         name = f"s-{safe_name(session_id)}"
         dirs = [root / name for root in self.roots]
+        fresh = True
         for directory in dirs:
             try:
                 directory.mkdir(mode=0o755)
             except FileExistsError:
-                pass
+                fresh = False  # made before: what ran in it is not known here
             except OSError as err:
                 raise CgroupError(f"cannot make cgroup {directory}: {err.strerror}") from err
         return SessionCgroup(
             dirs, memory=self.memory / name if self.memory else None,
-            pids=self.pids / name if self.pids else None)
+            pids=self.pids / name if self.pids else None, fresh=fresh)
 
     def existing_session(self, session_id: str) -> SessionCgroup | None:
         name = f"s-{safe_name(session_id)}"
