@@ -195,7 +195,7 @@ class JobsConfig:
     lease_s: float = 300.0  # the attempt lease told to the worker in job.assign
     pass_s: float = 1.0  # the scheduler's periodic pass (also runs on every event)
     candidates_per_slot: int = 4  # queued jobs looked at per free slot in one pass
-    assign_threads: int = 16  # job.assign requests waiting on workers at once
+    assign_threads: int = 16  # unused since job.assign waits on no thread (older files set it)
     missed_heartbeats: int = 2  # heartbeats an attempt may be missing from before it is lost
     max_kills: int = 16  # job.kill per worker per kill_resend_s (reconciliation)
     kill_resend_s: float = 10.0  # one job.kill per unknown attempt per this interval

@@ -12,8 +12,8 @@ freed or added work (a submit, a release, an attempt's end, a worker's state cha
    priority then submission order (one index walk; a few pages at most when the head
    matches no free worker), so a pass stays cheap with 100,000 jobs queued;
 5. each job goes to the matching worker with the most free slots: a new attempt (its id
-   is the fencing token) is committed, then ``job.assign`` is sent from a small pool that
-   waits for the worker's ok (its acknowledgement).
+   is the fencing token) is committed, then ``job.assign`` is sent; the worker's ok (its
+   acknowledgement) is handled by coordinator/assign_acks.py, where nothing waits.
 
 Heartbeats are reconciled both ways (``on_attempts``): an acknowledged attempt missing
 from ``jobs.missed_heartbeats`` heartbeats in a row ends ``lease_expired``; an attempt a
@@ -24,20 +24,19 @@ one indexed query of that worker's live attempts, never work in the queue's size
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from broker.bus import Bus, BusError, RemoteError, RequestTimeout
+from broker.bus import Bus, BusError
 from broker.config import JobsConfig
 from broker.rate_limit import TokenBuckets
 from coordinator import gpu_capacity, job_apps, job_deps, job_matching
+from coordinator.assign_acks import AssignAcks
 from coordinator.errors import CoordinatorError
 from coordinator.fair_share import FairShare
 from coordinator.job_locality import locality_score
@@ -52,7 +51,7 @@ from coordinator.store.job_records import AttemptRecord, JobChange, JobRecord
 from coordinator.worker_state import WorkerState
 from schemas.codec import encode, envelope
 from schemas.job_messages import JobAssign, JobEvent, JobKill
-from schemas.messages import Ok
+from schemas.messages import Error
 from schemas.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -122,7 +121,7 @@ class JobScheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._acks: AssignAcks | None = None
         self._gone: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._kills = TokenBuckets(config.max_kills / max(config.kill_resend_s, 1e-3),
                                    config.max_kills, clock=clock)
@@ -144,8 +143,7 @@ class JobScheduler:
         self.registry.state_listeners.append(self.on_worker_state)
         self.registry.attempt_listeners.append(self.on_attempts)
         self.registry.caps_listeners.append(self.on_caps)
-        self._pool = ThreadPoolExecutor(max(1, self.config.assign_threads),
-                                        thread_name_prefix="job-assign")
+        self._acks = AssignAcks(self.bus, self.store, self.topics, self, clock=self._clock)
         self._recover()
         self._thread = threading.Thread(target=self._loop, name="job-scheduler", daemon=True)
         self._thread.start()
@@ -162,13 +160,13 @@ class JobScheduler:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._acks is not None:
+            self._acks.close()
 
     def join(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        if self._acks is not None:
+            self._acks.close()
+            self._acks = None
 
     def poke(self) -> None:
         """Run a pass soon (something may have changed)."""
@@ -429,46 +427,35 @@ class JobScheduler:
                      **({"exec": True} if i.get("exec") else {})} for i in files],
             stdin={"sha256": stdin, "size": sizes.get(stdin, 0)} if stdin else None,
             lease_s=self.config.lease_s)
-        pool = self._pool
-        if pool is None:
-            return True  # stopping: the ack deadline requeues it
-        with contextlib.suppress(RuntimeError):  # shutting down: the deadline requeues it
-            pool.submit(self._send_assign, attempt, body)
+        acks = self._acks
+        if acks is not None:  # (None: stopping; the ack deadline requeues it)
+            acks.send(attempt, body)
         return True
 
-    def _send_assign(self, attempt: AttemptRecord, body: JobAssign) -> None:
+    # -- for coordinator/assign_acks.py ----------------------------------------------------
+
+    def ack_deadline_s(self) -> float:
+        return self.config.assign_ack_s
+
+    def unanswered(self, attempt: AttemptRecord) -> None:
+        """No ok within the deadline: offered elsewhere, and the worker told to stop it."""
         wid = attempt.worker_id
-        try:
-            reply = self.bus.request(self.topics.worker_inbox(wid), body,
-                                     timeout=self.config.assign_ack_s)
-        except RequestTimeout:
-            self.end(attempt, AttemptKind.LEASE_EXPIRED,
-                     f"worker {wid} did not acknowledge it within "
-                     f"{self.config.assign_ack_s:g}s")
-            self.kill(attempt.id, wid, "not acknowledged in time")
+        self.end(attempt, AttemptKind.LEASE_EXPIRED,
+                 f"worker {wid} did not acknowledge it within {self.config.assign_ack_s:g}s")
+        self.kill(attempt.id, wid, "not acknowledged in time")
+
+    def refused(self, attempt: AttemptRecord, error: Error) -> None:
+        wid = attempt.worker_id
+        if error.code == "busy":
+            # Our count of its free slots was wrong (it still runs an attempt we
+            # wrote off, e.g. after a false loss): not the job's failure, nor a
+            # system failure to charge; offer the worker nothing until it heartbeats.
+            self._refused[wid] = self._clock()
+            changes = self.store.end_attempt(
+                attempt.id, AttemptKind.LEASE_EXPIRED, now=self._clock(), spend=False,
+                error=f"worker {wid} had no free slot: {error.message}")
+            self.announce(changes)
+            self.poke()
             return
-        except RemoteError as err:
-            if err.code == "busy":
-                # Our count of its free slots was wrong (it still runs an attempt we
-                # wrote off, e.g. after a false loss): not the job's failure, nor a
-                # system failure to charge; offer the worker nothing until it heartbeats.
-                self._refused[wid] = self._clock()
-                changes = self.store.end_attempt(
-                    attempt.id, AttemptKind.LEASE_EXPIRED, now=self._clock(), spend=False,
-                    error=f"worker {wid} had no free slot: {err}")
-                self.announce(changes)
-                self.poke()
-                return
-            self.end(attempt, AttemptKind.LEASE_EXPIRED, f"worker {wid} refused it: {err}")
-            return
-        except BusError as err:
-            log.warning("job.assign %s to %s not sent: %s", attempt.id, wid, err)
-            return  # the ack deadline requeues it
-        except Exception:
-            log.exception("job.assign %s to %s failed", attempt.id, wid)
-            return
-        if isinstance(reply.body, Ok):
-            try:
-                self.store.acknowledge_attempt(attempt.id, now=self._clock())
-            except CoordinatorError as err:
-                log.error("acknowledgement of %s not recorded: %s", attempt.id, err)
+        self.end(attempt, AttemptKind.LEASE_EXPIRED,
+                 f"worker {wid} refused it: {error.message}")

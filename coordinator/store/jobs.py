@@ -323,6 +323,21 @@ class JobStore(StoreBase):
         return bool(changed)
 
     @op
+    def acknowledge_attempts(self, aids: Sequence[str], *, now: float | None = None
+                             ) -> int:
+        """``acknowledge_attempt`` of several assignments in one transaction (their
+        workers' ``ok`` came together: coordinator/assign_acks.py); how many changed."""
+        t = now_or(now)
+        changed = 0
+        with self.db.atomic():
+            for aid in aids:
+                changed += self._sql.run(
+                    "UPDATE {attempt} SET {acked_at} = {?}, {kind} = {?}, {missing} = 0 "
+                    "WHERE {id} = {?} AND {live} = {?} AND {acked_at} IS NULL",
+                    t, AttemptKind.RUNNING.value, aid, True)
+        return changed
+
+    @op
     def live_attempts(self, wid: str | None = None) -> list[AttemptRecord]:
         Attempt = self.models.Attempt
         query = Attempt.select().where(Attempt.live == True)  # noqa: E712
