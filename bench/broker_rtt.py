@@ -28,27 +28,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.common import (
-    SPAWN,
-    Broker,
-    CpuMeter,
-    Identity,
-    LoadMonitor,
-    die_with_parent,
-    fmt,
-    identities,
-    latency_ms,
-    machine,
-    machine_line,
-    md_table,
-    paho_close,
-    paho_connect,
-    quiet_logging,
-    ratio,
-    scratch_dir,
-    start_broker,
-    unique_root,
-)
+from bench.brokers import Broker, start_broker
+from bench.cpu_load import CpuMeter, LoadMonitor
+from bench.identities import Identity, identities
+from bench.machine import machine, machine_line
+from bench.paho_clients import paho_close, paho_connect
+from bench.percentiles import latency_ms
+from bench.processes import SPAWN, die_with_parent, quiet_logging
+from bench.report import fmt, md_table, ratio
+from bench.scratch import scratch_dir, unique_root
 from broker.bus import Lane
 
 if TYPE_CHECKING:
@@ -433,7 +421,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import cli
+    from bench.report import cli
 
     return cli("broker_rtt", __doc__.splitlines()[0], run, markdown, add_args, argv)
 

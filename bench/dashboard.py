@@ -40,25 +40,14 @@ from typing import Any
 
 import psutil
 
-from bench.common import (
-    SPAWN,
-    Identity,
-    cli,
-    die_with_parent,
-    fmt,
-    heartbeat_payload,
-    identities,
-    machine,
-    machine_line,
-    md_table,
-    paho_close,
-    paho_connect,
-    publish_caps,
-    quiet_logging,
-    scratch_dir,
-    start_broker,
-    unique_root,
-)
+from bench.brokers import start_broker
+from bench.identities import Identity, identities
+from bench.machine import machine, machine_line
+from bench.paho_clients import paho_close, paho_connect
+from bench.processes import SPAWN, die_with_parent, quiet_logging
+from bench.report import cli, fmt, md_table
+from bench.scratch import scratch_dir, unique_root
+from bench.simulated_workers import heartbeat_payload, publish_caps
 
 HEARTBEAT_S = 5.0
 WATCHERS = 5

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.exec_rtt import PY, REPO, child_env
+from bench.processes import PY, REPO, child_env
 
 MB = 1_000_000
 KIB = 1024
@@ -87,7 +87,7 @@ class PeakRss:
 
 
 def role_pids(xgrid: Any) -> dict[str, int]:
-    """The coordinator's and the worker's pids in a ``bench.exec_rtt`` grid (``xcloud
+    """The coordinator's and the worker's pids in a ``bench.xcloud_grids`` grid (``xcloud
     up`` runs the coordinator in its own process; its broker and worker are children)."""
     procs = xgrid.procs
     coord = procs["up"].pid if "up" in procs else procs["coordinator"].pid

@@ -26,7 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import cli, fmt, latency_ms, machine_line, md_table
+from bench.machine import machine_line
+from bench.percentiles import latency_ms
+from bench.report import cli, fmt, md_table
 from broker.config import WorkerConfig
 from worker.executors.base import SessionSpec, TaskSpec
 from worker.executors.docker import DockerExecutor, container_of

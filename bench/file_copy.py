@@ -1,8 +1,8 @@
 """Files through the grid: ``put`` / ``get`` to a reserved worker and ``xcloud data``
 beside the raw paho ceiling, ``scp`` and ``docker cp``, with every side's peak RSS.
 
-The grid runs as separate processes, as ``bench.exec_rtt`` wires it: ``amqtt`` is
-``xcloud up --workers 1`` (embedded broker and coordinator in one process, the worker a
+The grid runs as separate processes, as ``bench.xcloud_grids`` wires it: ``amqtt``
+is ``xcloud up --workers 1`` (embedded broker and coordinator in one process, the worker a
 child; process executor), ``mosquitto`` is Mosquitto, ``xcloud coordinator`` and
 ``xcloud worker``, ``docker`` is ``xcloud up --executor docker`` (busybox image).
 This process is the client: it reserves the worker, then times
@@ -48,18 +48,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    LoadMonitor,
-    cli,
-    fmt,
-    machine_line,
-    md_table,
-    ratio,
-    scratch_dir,
-    wait_for_quiet,
-)
+from bench.cpu_load import LoadMonitor, wait_for_quiet
 from bench.data_store import PeakRss, measure_data, role_pids, warmup_file
-from bench.exec_rtt import LEASE_S, SplitGrid, UpGrid, XcloudGrid, wait_online
+from bench.machine import machine_line
+from bench.report import cli, fmt, md_table, ratio
+from bench.scratch import scratch_dir
+from bench.xcloud_grids import LEASE_S, SplitGrid, UpGrid, XcloudGrid, wait_online
 
 MB = 1_000_000
 MIB = 1 << 20
@@ -227,7 +221,8 @@ def run(quick: bool = False, size_mb: int | None = None, rss_mb: int | None = No
 def measure_paho_ceilings(chosen: list[str], work: Path, size: int) -> dict[str, Any]:
     """The raw paho ceiling (``bench.transfer.measure_paho``: 256 KiB QoS 1 payloads)
     on a fresh broker of each kind the grids use; an error is kept as the row."""
-    from bench.common import identities, unique_root
+    from bench.identities import identities
+    from bench.scratch import unique_root
     from bench.transfer import measure_paho
 
     ids = identities(("hub", "coordinator"), ("alice", "client"))

@@ -44,31 +44,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    SPAWN,
-    CoordinatorProcess,
-    Identity,
-    LoadMonitor,
-    credentials,
-    database,
-    die_with_parent,
-    fmt,
-    heartbeat_payload,
-    identities,
-    machine,
-    machine_line,
-    mariadb_available,
-    md_table,
-    paho_close,
-    paho_connect,
-    publish_caps,
-    quiet_logging,
-    ratio,
-    scratch_dir,
-    start_broker,
-    unique_root,
-    wait_coordinator_ready,
-)
+from bench.brokers import start_broker
+from bench.coordinator_process import CoordinatorProcess, wait_coordinator_ready
+from bench.cpu_load import LoadMonitor
+from bench.databases import database, mariadb_available
+from bench.identities import Identity, credentials, identities
+from bench.machine import machine, machine_line
+from bench.paho_clients import paho_close, paho_connect
+from bench.processes import SPAWN, die_with_parent, quiet_logging
+from bench.report import fmt, md_table, ratio
+from bench.scratch import scratch_dir, unique_root
+from bench.simulated_workers import heartbeat_payload, publish_caps
 
 INTERVAL_S = 300.0
 TARGET = 10_000.0  # heartbeats/s, SQLite via Mosquitto
@@ -180,8 +166,8 @@ def _classify(stack: str) -> str:
         return "paho thread: read/parse MQTT"
     if "heartbeat-monitor" in stack or "liveness.py" in stack:
         return "liveness monitor"
-    if "common.py" in stack:
-        return "bench sampler"
+    if any(f in stack for f in ("coordinator_process.py", "cpu_load.py", "identities.py")):
+        return "bench sampler"  # the bench's code that runs in the coordinator's process
     return "other"
 
 
@@ -368,7 +354,7 @@ def stage_costs(workdir: Path, db_kinds: list[str], n: int = 5000) -> dict[str, 
         with database(kind, workdir) as url:
             store = Store.open(url)
             try:
-                from bench.common import caps_payload
+                from bench.simulated_workers import caps_payload
                 from schemas.codec import decode as dec
 
                 now = time.time()
@@ -557,7 +543,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import cli
+    from bench.report import cli
 
     return cli("heartbeat_ingest", "Coordinator heartbeat ingest rate.", run, markdown,
                add_args, argv)

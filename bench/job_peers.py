@@ -14,7 +14,8 @@ import time
 import uuid
 from typing import Any
 
-from bench.common import die_with_parent, machine_busy_s, wait_until
+from bench.cpu_load import machine_busy_s
+from bench.processes import die_with_parent, wait_until
 
 log = logging.getLogger(__name__)
 

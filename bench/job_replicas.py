@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import cli, fmt, machine_line, md_table, scratch_dir
 from bench.jobs import WORKERS, EventLog, SplitGrid2, throughput, wait_workers
+from bench.machine import machine_line
+from bench.report import cli, fmt, md_table
+from bench.scratch import scratch_dir
 
 FULL = {"jobs": 1000}
 QUICK = {"jobs": 200}

@@ -52,27 +52,27 @@ from typing import Any, cast
 
 import psutil
 
-from bench.common import (
+from bench.brokers import MosquittoBroker
+from bench.cpu_load import LoadMonitor, machine_busy_s
+from bench.identities import Identity
+from bench.job_peers import run_celery, run_dask
+from bench.machine import machine_line
+from bench.percentiles import latency_ms
+from bench.processes import (
     LOCALHOST,
-    Identity,
-    LoadMonitor,
-    MosquittoBroker,
-    QuietBus,
-    cli,
-    fmt,
+    PY,
+    REPO,
+    child_env,
     free_port,
-    latency_ms,
-    machine_busy_s,
-    machine_line,
-    md_table,
     port_open,
-    ratio,
-    scratch_dir,
-    unique_root,
+    spawn,
+    stop_process,
     wait_until,
 )
-from bench.exec_rtt import PY, REPO, XcloudGrid, child_env, spawn, stop_process
-from bench.job_peers import run_celery, run_dask
+from bench.report import cli, fmt, md_table, ratio
+from bench.scheduler_pass import QuietBus
+from bench.scratch import scratch_dir, unique_root
+from bench.xcloud_grids import XcloudGrid
 
 VARIANTS = ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up", "xcloud-up-thread",
             "celery-redis", "celery-rabbitmq", "dask")

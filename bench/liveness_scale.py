@@ -43,28 +43,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    SPAWN,
-    CoordinatorProcess,
-    CpuMeter,
-    Identity,
-    caps_payload,
-    credentials,
-    database,
-    die_with_parent,
-    fmt,
-    heartbeat_payload,
-    identities,
-    machine,
-    machine_line,
-    md_table,
-    paho_close,
-    paho_connect,
-    quiet_logging,
-    scratch_dir,
-    start_broker,
-    unique_root,
-)
+from bench.brokers import start_broker
+from bench.coordinator_process import CoordinatorProcess
+from bench.cpu_load import CpuMeter
+from bench.databases import database
+from bench.identities import Identity, credentials, identities
+from bench.machine import machine, machine_line
+from bench.paho_clients import paho_close, paho_connect
+from bench.processes import SPAWN, die_with_parent, quiet_logging
+from bench.report import fmt, md_table
+from bench.scratch import scratch_dir, unique_root
+from bench.simulated_workers import caps_payload, heartbeat_payload
 
 FACTOR = 2.0
 FULL: dict[str, Any] = {"workers": 5000, "interval": 2.0, "victims": 10, "publishers": 2,
@@ -402,7 +391,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import cli
+    from bench.report import cli
 
     return cli("liveness_scale", "Time to detect a silent worker among many.", run, markdown,
                add_args, argv)

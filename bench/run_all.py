@@ -16,15 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    RESULTS_DIR,
-    LoadMonitor,
-    machine,
-    machine_line,
-    quiet_logging,
-    wait_for_quiet,
-    write_json,
-)
+from bench.cpu_load import LoadMonitor, wait_for_quiet
+from bench.machine import machine, machine_line
+from bench.processes import quiet_logging
+from bench.report import RESULTS_DIR, write_json
 
 BENCHMARKS = ("broker_rtt", "heartbeat_ingest", "liveness_scale", "worker_idle", "transfer",
               "file_copy", "jobs", "scheduler_pass", "job_replicas", "terminal_echo")

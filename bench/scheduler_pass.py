@@ -10,7 +10,8 @@ timed *fill* pass, every slot free: 4,000 placements over 1,000 workers, ~20 s),
 then *steady* passes, each after 40 running attempts ended (as a grid in its stride sees:
 a few slots free, the queue deep), and *idle* passes (no slot free), first with ``[jobs]
 fair_share`` off (one walk of the queue head, as before fair share), then on (per-owner
-heads, coordinator/fair_share.py), on the same database.
+heads, coordinator/fair_share.py), on the same database. ``QuietBus`` is that missing
+bus; bench/jobs.py's pass over a queue and tests/test_fair_share.py use it too.
 """
 
 from __future__ import annotations
@@ -21,16 +22,11 @@ import sys
 import time
 from typing import Any, cast
 
-from bench.common import (
-    QuietBus,
-    database,
-    fmt,
-    latency_ms,
-    machine_line,
-    mariadb_available,
-    md_table,
-    scratch_dir,
-)
+from bench.databases import database, mariadb_available
+from bench.machine import machine_line
+from bench.percentiles import latency_ms
+from bench.report import fmt, md_table
+from bench.scratch import scratch_dir
 
 FULL = {"jobs": 100_000, "owners": 100, "workers": 1000, "slots": 4, "passes": 30,
         "free_per_pass": 40}
@@ -38,6 +34,18 @@ QUICK = {"jobs": 10_000, "owners": 20, "workers": 100, "slots": 4, "passes": 10,
          "free_per_pass": 8}
 
 
+class QuietBus:
+    """Stands in for the bus in an offline scheduler pass: events and assignments go
+    nowhere (the pass's decisions are in the store)."""
+
+    def send(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def publish(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def publish_bytes(self, *_args: Any, **_kwargs: Any) -> None:  # job events
+        return None
 
 
 def _caps(wid: str, slots: int) -> dict[str, Any]:
@@ -239,7 +247,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import cli
+    from bench.report import cli
 
     return cli("scheduler_pass", (__doc__ or "").split("\n\n")[0], run, markdown, add_args,
                argv)

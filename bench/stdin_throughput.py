@@ -6,7 +6,7 @@ acknowledged once written; docs/exec.md "Input"), on a held reservation, process
 executor: through ``xcloud up`` (embedded amqtt in its own process) and through
 Mosquitto (``xcloud coordinator`` and ``xcloud worker`` beside it); beside
 ``ssh host 'wc -c' < big.bin`` over a ControlMaster to a private sshd on 127.0.0.1
-(bench/exec_rtt.py's ``SshServer``). The remote command is ``wc -c``, so every byte is
+(bench/ssh_server.py's ``SshServer``). The remote command is ``wc -c``, so every byte is
 read and the count proves they all arrived. The variants take turns rep by rep
 (interleaved), so drift hits them alike.
 
@@ -24,16 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import cli, fmt, md_table, percentile, scratch_dir
-from bench.exec_rtt import (
-    LEASE_S,
-    MB,
-    SplitGrid,
-    SshServer,
-    UpGrid,
-    make_file,
-    wait_online,
-)
+from bench.percentiles import percentile
+from bench.report import cli, fmt, md_table
+from bench.scratch import MB, make_file, scratch_dir
+from bench.ssh_server import SshServer
+from bench.xcloud_grids import LEASE_S, SplitGrid, UpGrid, wait_online
 
 TARGET_MB_S = 100.0
 

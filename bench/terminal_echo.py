@@ -12,7 +12,7 @@ back. The variants take turns key by key (interleaved), so drift hits them all a
   ``xcloud up --workers 1`` (embedded amqtt in its own process; process executor), and
   against Mosquitto with a separate coordinator and worker (``--only`` picks);
 - ``ssh -tt`` over a ControlMaster to a private sshd on 127.0.0.1
-  (bench/exec_rtt.py's ``SshServer``), the same remote command.
+  (bench/ssh_server.py's ``SshServer``), the same remote command.
 
     python -m bench.terminal_echo [--quick] [--keys N] [--only amqtt,mosquitto,ssh]
 
@@ -32,17 +32,12 @@ import tty
 from pathlib import Path
 from typing import Any
 
-from bench.common import cli, fmt, latency_ms, md_table, scratch_dir
-from bench.exec_rtt import (
-    PY,
-    REPO,
-    SplitGrid,
-    SshServer,
-    UpGrid,
-    XcloudGrid,
-    child_env,
-    wait_online,
-)
+from bench.percentiles import latency_ms
+from bench.processes import PY, REPO, child_env
+from bench.report import cli, fmt, md_table
+from bench.scratch import scratch_dir
+from bench.ssh_server import SshServer
+from bench.xcloud_grids import SplitGrid, UpGrid, XcloudGrid, wait_online
 
 VARIANTS = ("amqtt", "mosquitto", "ssh")
 REMOTE = "stty raw -echo; exec cat"

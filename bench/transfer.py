@@ -16,7 +16,7 @@ For each broker (the embedded amqtt broker in its own process, and Mosquitto):
    same broker and principals, 256 KiB QoS 1 payloads on the same segment topics, at
    most 64 unacknowledged PUBACKs: the bytes the broker and paho move without any of
    the engine's work (no file I/O, no CRC, no hashing, no acknowledgements).
-3. **scp** to and from 127.0.0.1 through a private sshd (``bench.exec_rtt.SshServer``,
+3. **scp** to and from 127.0.0.1 through a private sshd (``bench.ssh_server.SshServer``,
    over its ControlMaster connection; ``scp -O``, the classic protocol, as that sshd
    has no sftp subsystem), when sshd can be started.
 
@@ -41,24 +41,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    LOCALHOST,
-    SPAWN,
-    Identity,
-    cli,
-    die_with_parent,
-    fmt,
-    identities,
-    machine_line,
-    md_table,
-    paho_close,
-    paho_connect,
-    quiet_logging,
-    scratch_dir,
-    start_broker,
-    unique_root,
-    wait_for_quiet,
-)
+from bench.brokers import start_broker
+from bench.cpu_load import wait_for_quiet
+from bench.identities import Identity, identities
+from bench.machine import machine_line
+from bench.paho_clients import paho_close, paho_connect
+from bench.processes import LOCALHOST, SPAWN, die_with_parent, quiet_logging
+from bench.report import cli, fmt, md_table
+from bench.scratch import scratch_dir, unique_root
 
 MB = 1_000_000
 MIB = 1 << 20
@@ -346,7 +336,7 @@ def _paho_pub_main(conn: Any, url: str, ident: Identity, root: str, total: int) 
 
 
 def measure_scp(work: Path, src: Path) -> dict[str, Any]:
-    from bench.exec_rtt import SshServer
+    from bench.ssh_server import SshServer
 
     size = src.stat().st_size
     with SshServer(work) as sshd:

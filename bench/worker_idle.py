@@ -29,19 +29,13 @@ from typing import Any
 
 import psutil
 
-from bench.common import (
-    MosquittoBroker,
-    die_with_parent,
-    fmt,
-    identities,
-    machine,
-    machine_line,
-    md_table,
-    paho_close,
-    paho_connect,
-    scratch_dir,
-    unique_root,
-)
+from bench.brokers import MosquittoBroker
+from bench.identities import identities
+from bench.machine import machine, machine_line
+from bench.paho_clients import paho_close, paho_connect
+from bench.processes import die_with_parent
+from bench.report import fmt, md_table
+from bench.scratch import scratch_dir, unique_root
 
 REPO = Path(__file__).resolve().parent.parent
 HEARTBEAT_S = 5.0
@@ -181,7 +175,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import cli
+    from bench.report import cli
 
     return cli("worker_idle", "Idle worker CPU and memory.", run, markdown, add_args, argv)
 

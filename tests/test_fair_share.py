@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import pytest
 
-from bench.common import QuietBus  # (the offline pass's stand-in bus, shared)
+from bench.scheduler_pass import QuietBus  # (the offline pass's stand-in bus, shared)
 from broker.config import JobsConfig
 from coordinator.job_state import AttemptKind, JobState
 from coordinator.scheduler import JobScheduler
