@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.jobs import WORKERS, EventLog, SplitGrid2, throughput, wait_workers
+from bench.job_grids import WORKERS, EventLog, SplitGrid2, wait_workers
+from bench.jobs import throughput
 from bench.machine import machine_line
 from bench.report import cli, fmt, md_table
 from bench.scratch import scratch_dir
