@@ -14,6 +14,7 @@ from worker.executors.cgroups import SessionCgroup
 def test_a_fresh_cgroup_is_not_read_and_the_count_file_is_kept(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    (tmp_path / "cgroup.procs").write_text("")
     reads: list[str] = []
     real = reaper._read
 
@@ -25,7 +26,7 @@ def test_a_fresh_cgroup_is_not_read_and_the_count_file_is_kept(
     cgroup = SessionCgroup([tmp_path], memory=tmp_path, fresh=True)
     assert cgroup.oom_kills() == 0
     assert reads == []  # made by this run, nothing in it yet: no OOM kill to read
-    cgroup.attach(12345)  # (a plain file here: cgroup.procs)
+    cgroup.attach(12345)  # (a plain file here)
     assert cgroup.oom_kills() == 3
     assert reads == ["memory.events", "memory.oom_control"]  # v2's file first, then v1's
     assert cgroup.oom_kills() == 3

@@ -284,8 +284,14 @@ class SessionCgroup:
 
 
 def _set(path: Path, value: str) -> None:
+    """One ``write`` of ``value`` (plain ``os`` calls: ``Path.write_text`` builds a text
+    wrapper per call, and a job's session writes three ``cgroup.procs`` on v1)."""
     try:
-        path.write_text(value)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
     except OSError as err:
         raise CgroupError(f"cannot write {value!r} to {path}: {err.strerror or err}") from err
 
