@@ -84,6 +84,7 @@ def _coordinator_main(conn: Any, bus_url: str, root: str, ident: Identity, db_ur
     os.environ["XCLOUD_HOME"] = home  # keys and data stay in the scratch directory
     for name in patches:
         PATCHES[name]()
+    from broker.bus_types import Lane
     from broker.config import BusConfig, Config
     from coordinator.service import Coordinator
     from coordinator.store import Store
@@ -111,8 +112,7 @@ def _coordinator_main(conn: Any, bus_url: str, root: str, ident: Identity, db_ur
     sampler: dict[str, Any] = {}
 
     def lane_backlog(name: str) -> int:
-        lane = getattr(coord.bus, "_lanes", {}).get(name)  # diagnostics only
-        return lane.queue.qsize() if lane is not None else 0
+        return coord.bus.backlog(Lane(name))  # 0 for a lane not started
 
     def measure(target: int, stall_s: float, deadline_s: float) -> None:
         base = registry.heartbeats_ingested
@@ -185,7 +185,11 @@ def _coordinator_main(conn: Any, bus_url: str, root: str, ident: Identity, db_ur
 
 
 class CoordinatorProcess:
-    """A coordinator (``coordinator.service.Coordinator``) in its own spawned process."""
+    """A coordinator (``coordinator.service.Coordinator``) in its own spawned process.
+
+    ``ident`` and every principal that talks to it must already be registered in the
+    store at ``db_url`` (``bench.identities.registered``): the coordinator serves
+    requests only to live principals of its store."""
 
     def __init__(self, bus_url: str, root: str, ident: Identity, db_url: str, home: Path,
                  patches: Sequence[str] = (),

@@ -13,7 +13,10 @@ Method (see BENCHMARKS.md for the numbers):
   ``worker.caps`` (QoS 1) so the coordinator knows it. The simulation connects as ONE
   principal, ``sim``, with role *coordinator* (allowed to publish on every worker's
   topics): 5,000 worker principals would mean 5,000 MQTT connections from Python
-  clients. What creating them would cost is measured separately (``stage costs``);
+  clients. What creating them would cost is measured separately (``stage costs``).
+  ``coordinator`` and ``sim`` are registered in the coordinator's database before it
+  starts (as ``xcloud admin principal add --db``): it serves requests (the readiness
+  ``ping``) only to live principals of its store;
 - P publisher processes (3; 2 in --quick) pre-encode 20,000 valid heartbeats (10,000
   in --quick; ~370 B, the fields a real agent sends) round-robin over the N ids, wait at
   a common start, then publish them at QoS 0 as fast as paho allows. Mosquitto runs
@@ -48,7 +51,7 @@ from bench.brokers import start_broker
 from bench.coordinator_process import CoordinatorProcess, wait_coordinator_ready
 from bench.cpu_load import LoadMonitor
 from bench.databases import database, mariadb_available
-from bench.identities import Identity, credentials, identities
+from bench.identities import Identity, credentials, registered
 from bench.machine import machine, machine_line
 from bench.paho_clients import paho_close, paho_connect
 from bench.processes import SPAWN, die_with_parent, quiet_logging
@@ -210,7 +213,6 @@ def run_config(broker_kind: str, db_kind: str, sizes: list[int], count: int, pub
                patches: tuple[str, ...] = (), mosquitto_queue: int | None = 0
                ) -> dict[str, Any]:
     root = unique_root("ingest")
-    ids = identities(("coordinator", "coordinator"), ("sim", "coordinator"))
     out: dict[str, Any] = {"broker": broker_kind, "db": db_kind, "phases": [],
                            "patches": list(patches)}
     options: dict[str, Any] = {}
@@ -219,6 +221,8 @@ def run_config(broker_kind: str, db_kind: str, sizes: list[int], count: int, pub
         out["mosquitto_max_queued_messages"] = mosquitto_queue
     embedded = broker_kind == "amqtt-embedded"
     with database(db_kind, workdir) as db_url:
+        # in the coordinator's database before it starts, as `xcloud admin principal add`
+        ids = registered(db_url, root, ("coordinator", "coordinator"), ("sim", "coordinator"))
         broker = None if embedded else start_broker(broker_kind, ids, root, workdir, **options)
         coord = None
         try:

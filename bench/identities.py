@@ -1,6 +1,11 @@
 """The principals a benchmark connects as (an id, a role and the plain token), and the
 forms brokers check them in: ``{id: (role, $7$ hash)}`` and an ``EmbeddedBroker``
 authenticator over it.
+
+A benchmark that runs a coordinator must also register its principals in the
+coordinator's database (``registered``): the coordinator admits a request only from a
+live principal of its store (``coordinator.handling.RequestGuard``), whatever the broker
+let connect.
 """
 
 from __future__ import annotations
@@ -28,6 +33,21 @@ class Identity:
 def identities(*pairs: tuple[str, str]) -> dict[str, Identity]:
     """``{"alice": Identity("alice", "client", <token>)}`` from ``("alice", "client")``."""
     return {pid: Identity(pid, role) for pid, role in pairs}
+
+
+def registered(db_url: str, root: str, *pairs: tuple[str, str],
+               note: str = "bench") -> dict[str, Identity]:
+    """Register each ``(id, role)`` in the coordinator's database at ``db_url`` (created
+    and migrated if new) as ``xcloud admin principal add ID --role ROLE --db URL`` does
+    (``coordinator.bootstrap.DirectAdmin``), and return them with the tokens issued
+    there. Call it before the coordinator starts, as an operator bootstraps a grid."""
+    from coordinator.bootstrap import DirectAdmin
+
+    out: dict[str, Identity] = {}
+    with DirectAdmin.open(db_url, root) as admin:
+        for pid, role in pairs:
+            out[pid] = Identity(pid, role, admin.add_principal(pid, role, note))
+    return out
 
 
 def credentials(ids: dict[str, Identity]) -> dict[str, tuple[str, str]]:

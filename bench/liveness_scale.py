@@ -10,7 +10,9 @@ Method:
   heartbeats spread evenly over the interval (N / I heartbeats/s in total) by 2
   publisher processes. As in bench.heartbeat_ingest, the simulation is ONE principal
   with role coordinator (``sim``), publishing each worker's ``worker.caps`` (QoS 1)
-  and then its heartbeats (QoS 0, fresh ``seq``/``id``/``ts`` each time);
+  and then its heartbeats (QoS 0, fresh ``seq``/``id``/``ts`` each time). Its
+  principals (``coordinator``, ``sim``, ``watcher``) are registered in the
+  coordinator's database before it starts, as ``xcloud admin principal add --db`` does;
 - all workers announce themselves at once (a join storm, as after a coordinator or
   broker restart); once all are tracked and no worker has been marked lost for two
   intervals (within 60 s, else the run is reported as overloaded, with its false
@@ -47,7 +49,7 @@ from bench.brokers import start_broker
 from bench.coordinator_process import CoordinatorProcess
 from bench.cpu_load import CpuMeter
 from bench.databases import database
-from bench.identities import Identity, credentials, identities
+from bench.identities import Identity, credentials, registered
 from bench.machine import machine, machine_line
 from bench.paho_clients import paho_close, paho_connect
 from bench.processes import SPAWN, die_with_parent, quiet_logging
@@ -165,8 +167,6 @@ def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, vi
                publishers: int, workdir: Path, patches: tuple[str, ...] = ()
                ) -> dict[str, Any]:
     root = unique_root("live")
-    ids = identities(("coordinator", "coordinator"), ("sim", "coordinator"),
-                     ("watcher", "admin"))
     wids = [wid_of(i) for i in range(workers)]
     events: list[tuple[float, str]] = []  # (when, wid) of every "lost" event
     lock = threading.Lock()
@@ -188,6 +188,9 @@ def run_config(broker_kind: str, db_kind: str, workers: int, interval: float, vi
                            "missed": 0, "false_lost_join": 0, "false_lost_steady": 0}
     embedded = broker_kind == "amqtt-embedded"
     with database(db_kind, workdir) as db_url:
+        # in the coordinator's database before it starts, as `xcloud admin principal add`
+        ids = registered(db_url, root, ("coordinator", "coordinator"), ("sim", "coordinator"),
+                         ("watcher", "admin"))
         broker = None if embedded else start_broker(broker_kind, ids, root, workdir)
         coord = watcher = None
         beaters: list[_Heartbeater] = []
