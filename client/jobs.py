@@ -363,8 +363,9 @@ class JobStore:
             watches.on_inbox(incoming)
         if body.state in TERMINAL_JOB_STATES:
             with self._lock:
-                if body.job in self._futures:
-                    self._ended.add(body.job)
+                if body.job not in self._futures:
+                    return  # no future waits on it: no need to wake the completer thread
+                self._ended.add(body.job)
             self._wake.set()
 
     def _run(self) -> None:
