@@ -323,19 +323,14 @@ class JobStore(StoreBase):
         return bool(changed)
 
     @op
-    def acknowledge_attempts(self, aids: Sequence[str], *, now: float | None = None
-                             ) -> int:
-        """``acknowledge_attempt`` of several assignments in one transaction (their
-        workers' ``ok`` came together: coordinator/assign_acks.py); how many changed."""
-        t = now_or(now)
-        changed = 0
+    def acknowledge_attempts(self, aids: Sequence[str], *, now: float | None = None) -> int:
+        """``acknowledge_attempt`` of several in one transaction (coordinator/assign_acks.py)."""
+        t, sql = now_or(now), self._sql
         with self.db.atomic():
-            for aid in aids:
-                changed += self._sql.run(
-                    "UPDATE {attempt} SET {acked_at} = {?}, {kind} = {?}, {missing} = 0 "
-                    "WHERE {id} = {?} AND {live} = {?} AND {acked_at} IS NULL",
-                    t, AttemptKind.RUNNING.value, aid, True)
-        return changed
+            return sum(sql.run("UPDATE {attempt} SET {acked_at} = {?}, {kind} = {?}, "
+                               "{missing} = 0 WHERE {id} = {?} AND {live} = {?} AND "
+                               "{acked_at} IS NULL", t, AttemptKind.RUNNING.value, aid, True)
+                       for aid in aids)
 
     @op
     def live_attempts(self, wid: str | None = None) -> list[AttemptRecord]:
