@@ -177,8 +177,11 @@ class Grid:
         self._transfers = TransferEndpoint(self.bus)
         self._data: DataStore | None = None
         # Batch jobs (client/jobs.py): job.event from the coordinator completes futures.
+        # Handled on the inbox lane itself: it only marks a future and queues to watches
+        # (bounded, never blocks), and a hand-off to another lane per event was most of
+        # its cost (two per job).
         self._jobs: JobStore | None = None
-        self.bus.on_inbox("job.event", self._on_job_event, lane=Lane.JOBS)
+        self.bus.on_inbox("job.event", self._on_job_event, lane=Lane.INBOX)
         self._apps: AppStore | None = None
 
     @classmethod
