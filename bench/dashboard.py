@@ -41,7 +41,7 @@ from typing import Any
 import psutil
 
 from bench.brokers import start_broker
-from bench.identities import Identity, identities
+from bench.identities import Identity, registered
 from bench.machine import machine, machine_line
 from bench.paho_clients import paho_close, paho_connect
 from bench.processes import SPAWN, die_with_parent, quiet_logging
@@ -247,11 +247,13 @@ def live_grid(workers: int, window_s: float, browser: bool) -> dict[str, Any]:
     from coordinator.bootstrap import issue_token
     from coordinator.store import Store
 
-    ids = identities(("coordinator", "coordinator"), ("sim", "coordinator"))
     root = unique_root("dash")
     result: dict[str, Any] = {"workers": workers, "window_s": window_s}
     with scratch_dir() as work:
         db_url = f"sqlite:///{work / 'dashboard.db'}"
+        # in the coordinator's store, as an operator bootstraps a grid (the coordinator
+        # checks every request's sender there)
+        ids = registered(db_url, root, ("coordinator", "coordinator"), ("sim", "coordinator"))
         with Store.open(db_url) as store:
             admin_token = issue_token(store, "admin", "admin", "bench")
         broker = start_broker("mosquitto", ids, root, work)
