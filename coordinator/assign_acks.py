@@ -13,6 +13,7 @@ tasks); the scheduler's pass looks for those too, from the store, after a restar
 
 from __future__ import annotations
 
+import heapq
 import logging
 import queue
 import threading
@@ -66,6 +67,9 @@ class AssignAcks:
         self._answered: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._flight: dict[str, InFlight] = {}  # as many as free slots were filled
+        # (deadline, attempt) of what was sent, earliest first; an answered one stays
+        # until it reaches the top: a wake costs O(log n), not a scan of all in flight
+        self._deadlines: list[tuple[float, str]] = []
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="job-assign-acks",
                                         daemon=True)
@@ -82,9 +86,10 @@ class AssignAcks:
             log.warning("job.assign %s to %s not sent: %s", attempt.id, attempt.worker_id, err)
             future = Future()  # never answered: it expires like a silent worker's
         aid = attempt.id
+        deadline = time.monotonic() + self.owner.ack_deadline_s()
         with self._lock:
-            self._flight[aid] = InFlight(attempt, future,
-                                         time.monotonic() + self.owner.ack_deadline_s())
+            self._flight[aid] = InFlight(attempt, future, deadline)
+            heapq.heappush(self._deadlines, (deadline, aid))
         future.add_done_callback(lambda _f: self._answered.put(aid))
 
     def in_flight(self) -> int:
@@ -100,6 +105,7 @@ class AssignAcks:
             self._thread.join(join_s)
         with self._lock:
             flight, self._flight = list(self._flight.values()), {}
+            self._deadlines = []
         for item in flight:
             item.future.cancel()
 
@@ -127,9 +133,11 @@ class AssignAcks:
 
     def _wait_s(self) -> float:
         with self._lock:
-            head = min((i.deadline for i in self._flight.values()), default=None)
-        if head is None:
-            return IDLE_WAKE_S
+            while self._deadlines and self._deadlines[0][1] not in self._flight:
+                heapq.heappop(self._deadlines)  # answered already
+            if not self._deadlines:
+                return IDLE_WAKE_S
+            head = self._deadlines[0][0]
         return min(IDLE_WAKE_S, max(0.0, head - time.monotonic()) + 0.001)
 
     def _get(self) -> str | None:
@@ -169,8 +177,10 @@ class AssignAcks:
         now = time.monotonic()
         overdue: list[InFlight] = []
         with self._lock:
-            for aid in [a for a, i in self._flight.items() if i.deadline <= now]:
-                overdue.append(self._flight.pop(aid))
+            while self._deadlines and self._deadlines[0][0] <= now:
+                item = self._flight.pop(heapq.heappop(self._deadlines)[1], None)
+                if item is not None:  # (None: answered before its deadline)
+                    overdue.append(item)
         for item in overdue:
             item.future.cancel()  # (the bus forgets it; a late answer finds nothing)
             self.owner.unanswered(item.attempt)

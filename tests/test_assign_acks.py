@@ -137,3 +137,34 @@ def test_an_assignment_without_answer_ends_once_and_a_late_ok_changes_nothing(
     finally:
         acks.close()
     assert owner.silent == [attempt.id]  # once
+
+
+def test_a_shorter_deadline_sent_later_expires_first(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deadlines come from the setting at send time (it may be lowered meanwhile): one
+    with a shorter deadline is not held behind an earlier, longer one."""
+    requests, owner = Requests(), Owner(deadline_s=60.0)
+    recorded = threading.Event()
+    real = store.acknowledge_attempts
+
+    def acknowledge(aids: list[str], **kw: Any) -> int:
+        n = real(aids, **kw)
+        recorded.set()
+        return n
+
+    monkeypatch.setattr(store, "acknowledge_attempts", acknowledge)
+    acks = AssignAcks(cast(Any, requests), store, Topics("xc-acks"), owner)
+    try:
+        slow, quick = _assigned(store, 2)
+        acks.send(slow, _body(slow))
+        owner.deadline_s = 0.2
+        acks.send(quick, _body(quick))
+        assert owner.event.wait(10)
+        assert owner.silent == [quick.id]
+        assert acks.in_flight() == 1  # the slow one still waits for its answer
+        requests.sent[slow.id].set_result(envelope(Ok()))
+        assert recorded.wait(10)
+        assert acks.in_flight() == 0
+        assert _acked(store, [slow, quick]) == [True, False]
+    finally:
+        acks.close()
