@@ -164,7 +164,7 @@ class UpGrid2(XcloudGrid):
 
 
 class EventLog:
-    """``job.event`` arrivals in this client: (job, state) -> monotonic time."""
+    """``job.event`` and ``job.events`` arrivals here: (job, state) -> monotonic time."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
@@ -173,19 +173,19 @@ class EventLog:
 
     def hook(self, grid: Any) -> None:
         store = grid.jobs
-        original = store.on_event
+        original = store.on_events
 
-        def on_event(incoming: Any) -> None:
+        def on_events(events: list[Any]) -> None:
             now = time.monotonic()
-            body = incoming.body
             with self.cond:
-                self.seen.setdefault((body.job, body.state), now)
-                if body.state in TERMINAL:
-                    self.ended.add(body.job)
+                for event in events:
+                    self.seen.setdefault((event.job, event.state), now)
+                    if event.state in TERMINAL:
+                        self.ended.add(event.job)
                 self.cond.notify_all()
-            original(incoming)
+            original(events)
 
-        store.on_event = on_event
+        store.on_events = on_events
 
     def wait(self, key: tuple[str, str], timeout: float) -> float:
         with self.cond:

@@ -58,6 +58,7 @@ COORDINATOR_INBOX: Mapping[str, RequestRule] = MappingProxyType({
     "reservations.list": RequestRule(PEOPLE),
     "client.hello": RequestRule(PEOPLE),
     "client.gone": RequestRule(PEOPLE),
+    "client.accepts": RequestRule(PEOPLE),
     "audit.list": RequestRule(PEOPLE),
     "exec.report": RequestRule(WORKERS, Limit.REPORTS),
     "principals.add": RequestRule(ADMINS),

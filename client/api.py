@@ -7,7 +7,8 @@
             print(w.run("uname -a").text)
 
 One ``Grid`` is one client *session*: its bus client id names the session in
-``client.hello`` (sent on every (re)connect) and in the connection's last will
+``client.hello`` (sent on every (re)connect and whenever a coordinator comes up, followed
+by ``client.accepts``: this session handles ``job.events``) and in the connection's last will
 ``client.gone``, so the coordinator ends the session's reservations when the process
 dies, and not while it merely reconnects.
 
@@ -43,7 +44,9 @@ from client.errors import (
 )
 from client.exec_stream import ExecStream, decode_data
 from client.reservation import Refused, ReservedWorker
+from schemas.job_messages import JobEvent, JobEvents
 from schemas.messages import (
+    ClientAccepts,
     ClientGone,
     ClientHello,
     CoordStatus,
@@ -162,6 +165,7 @@ class Grid:
         self._held: dict[str, ReservedWorker] = {}
         self._streams: dict[str, tuple[ExecStream, ReservedWorker]] = {}
         self._coordinator: CoordinatorState | None = None
+        self._greeted: float | None = None  # started_at of the coordinator last greeted
         self._closed = threading.Event()
         self.bus.on_connected(self._hello)
         # The coordinator's retained status: a request fails at once when it is down.
@@ -181,7 +185,8 @@ class Grid:
         # (bounded, never blocks), and a hand-off to another lane per event was most of
         # its cost (two per job).
         self._jobs: JobStore | None = None
-        self.bus.on_inbox("job.event", self._on_job_event, lane=Lane.INBOX)
+        self.bus.on_inbox(JobEvent.TYPE, self._on_job_event, lane=Lane.INBOX)
+        self.bus.on_inbox(JobEvents.TYPE, self._on_job_event, lane=Lane.INBOX)
         self._apps: AppStore | None = None
 
     @classmethod
@@ -262,11 +267,13 @@ class Grid:
         return JobExecutor(self.jobs, **defaults)
 
     def _on_job_event(self, incoming: Incoming) -> None:
+        """``job.event``, or ``job.events`` (several; this session said it accepts them)."""
         if incoming.sender != self.config.client.coordinator_principal:
             return
         jobs = self._jobs
         if jobs is not None:
-            jobs.on_event(incoming)
+            body = incoming.body
+            jobs.on_events(body.each() if isinstance(body, JobEvents) else [body])
 
     @property
     def connected(self) -> bool:
@@ -487,10 +494,20 @@ class Grid:
         else:  # its last will: composed when it connected; now, unless replayed
             since = None if incoming.retained else time.time()
         self._coordinator = CoordinatorState(up=up, clean=body.clean, since=since)
+        if up and since != self._greeted:
+            # A coordinator we may not have greeted (it came up after our connect's hello,
+            # or restarted and knows nothing of this session): say it again.
+            self._greeted = since
+            self._hello()
 
     def _hello(self) -> None:
+        """``client.hello`` on every (re)connect, then ``client.accepts``: this session
+        takes ``job.events`` (a coordinator that does not know that type refuses it, and
+        sends one ``job.event`` per change, as before)."""
         try:
             self.bus.send(self.topics.coord_inbox, ClientHello(session=self.session))
+            self.bus.send(self.topics.coord_inbox,
+                          ClientAccepts(session=self.session, types=[JobEvents.TYPE]))
         except (BusError, ValueError) as err:
             log.warning("could not send client.hello: %s", err)
 

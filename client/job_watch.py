@@ -1,10 +1,11 @@
 """``grid.jobs.watch()``: a live stream of job state changes (docs/jobs.md, "Watching
 job events").
 
-A client's watch reads the ``job.event`` messages the coordinator sends to its own inbox
-(its own jobs only; the Grid routes them here through ``JobStore.on_event``). An admin's
-``watch(all=True)`` reads the admins' feed instead, ``<root>/events/jobs``
-(``Topics.admin_job_events``): the coordinator publishes every event there once, and the
+A client's watch reads the ``job.event`` and ``job.events`` messages the coordinator
+sends to its own inbox (its own jobs only; the Grid routes them here through
+``JobStore.on_events``). An admin's ``watch(all=True)`` reads the admins' feed instead,
+``<root>/events/jobs`` (``Topics.admin_job_events``): the coordinator publishes every event
+there once (several per ``job.events`` while they come fast), and the
 broker's ACL lets only admins subscribe (docs/security.md). The feed is subscribed while
 at least one such watch is open, so an admin session that stopped watching does not keep
 receiving every job's events.
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 from broker.bus import BusError, Lane
 from client.errors import ClientError
 from client.reservation import Refused
-from schemas.job_messages import JobEvent, JobsList
+from schemas.job_messages import JobEvent, JobEvents, JobsList
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -129,7 +130,7 @@ class WatchRouter:
         if subscribe:
             try:
                 grid.bus.subscribe(grid.topics.admin_job_events, self.on_feed,
-                                   lane=Lane.JOBS, types=(JobEvent.TYPE,))
+                                   lane=Lane.JOBS, types=(JobEvent.TYPE, JobEvents.TYPE))
             except BusError as err:
                 watch.close()
                 raise ClientError(f"cannot watch job events: {err}") from err
@@ -148,19 +149,22 @@ class WatchRouter:
             except (BusError, ValueError, KeyError) as err:  # disconnected: nothing to leave
                 log.debug("leaving the job events feed: %s", err)
 
-    def _deliver(self, event: JobEvent, everyone: bool) -> None:
+    def _deliver(self, events: list[JobEvent], everyone: bool) -> None:
         with self._lock:
             watches = [w for w in self._watches if w.everyone == everyone]
         for watch in watches:
-            watch.put(event)
+            for event in events:
+                watch.put(event)
 
-    def on_inbox(self, incoming: Incoming) -> None:
-        """``job.event`` in our own inbox (the Grid checked it came from the coordinator)."""
-        self._deliver(incoming.body, everyone=False)
+    def on_inbox(self, events: list[JobEvent]) -> None:
+        """Events from our own inbox (the Grid checked they came from the coordinator)."""
+        self._deliver(events, everyone=False)
 
     def on_feed(self, incoming: Incoming) -> None:
-        """``job.event`` on the admins' feed: only the coordinator may publish there (ACL)."""
-        self._deliver(incoming.body, everyone=True)
+        """``job.events`` (or, from an older coordinator, ``job.event``) on the admins'
+        feed: only the coordinator may publish there (ACL)."""
+        body = incoming.body
+        self._deliver(body.each() if isinstance(body, JobEvents) else [body], everyone=True)
 
 
 def event_line(event: JobEvent) -> str:

@@ -58,7 +58,6 @@ from schemas.job_messages import (
 )
 
 if TYPE_CHECKING:
-    from broker.bus import Incoming
     from client.api import Grid
 
 log = logging.getLogger(__name__)
@@ -355,18 +354,21 @@ class JobStore:
                 self._ended.add(job)
         self._wake.set()
 
-    def on_event(self, incoming: Incoming) -> None:
-        """``job.event`` from the coordinator (the Grid routes it here)."""
-        body: JobEvent = incoming.body
+    def on_events(self, events: list[JobEvent]) -> None:
+        """``job.event`` or ``job.events`` from the coordinator (the Grid routes them here,
+        in their order)."""
         watches = self._watches
         if watches is not None:
-            watches.on_inbox(incoming)
-        if body.state in TERMINAL_JOB_STATES:
-            with self._lock:
-                if body.job not in self._futures:
-                    return  # no future waits on it: no need to wake the completer thread
-                self._ended.add(body.job)
-            self._wake.set()
+            watches.on_inbox(events)
+        ended = [e.job for e in events if e.state in TERMINAL_JOB_STATES]
+        if not ended:
+            return
+        with self._lock:
+            waited = [job for job in ended if job in self._futures]
+            if not waited:
+                return  # no future waits on them: no need to wake the completer thread
+            self._ended.update(waited)
+        self._wake.set()
 
     def _run(self) -> None:
         """Complete futures: at once on a terminal event, and by polling every poll_s."""

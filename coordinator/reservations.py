@@ -110,6 +110,10 @@ class ReservationService:
         self._started = False
         self._holders: dict[str, tuple[str, str]] = {}
         self.audit = AuditWriter(store)
+        # (principal, session) of each client.hello and client.gone (the job events
+        # outbox: which sessions of a principal take job.events)
+        self.hello_listeners: list[Callable[[str, str], None]] = []
+        self.gone_listeners: list[Callable[[str, str], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -350,6 +354,8 @@ class ReservationService:
         assert sender is not None
         if not req.session:
             return Ok()  # reservations without a session are not tied to a connection
+        for listener in self.hello_listeners:
+            listener(sender, req.session)
         self._timers.cancel_grace(sender, req.session)
         if self.store.mark_client_gone(sender, req.session, None):
             log.info("client %s session %s is back", sender, req.session)
@@ -366,6 +372,8 @@ class ReservationService:
         assert sender is not None
         if not req.session:
             return Ok()
+        for listener in self.gone_listeners:
+            listener(sender, req.session)
         now = self._clock()
         live = self.store.mark_client_gone(sender, req.session, now)
         if live:

@@ -39,6 +39,7 @@ from coordinator import gpu_capacity, job_apps, job_deps, job_matching
 from coordinator.assign_acks import AssignAcks
 from coordinator.errors import CoordinatorError
 from coordinator.fair_share import FairShare
+from coordinator.job_event_outbox import JobEventOutbox
 from coordinator.job_locality import locality_score
 from coordinator.job_prefetch import prefetch_pass, steal_pass
 from coordinator.job_replicas import place_replica
@@ -49,8 +50,7 @@ from coordinator.store import Store, WorkerRecord
 from coordinator.store.apps import Unresolvable
 from coordinator.store.job_records import AttemptRecord, JobChange, JobRecord
 from coordinator.worker_state import WorkerState
-from schemas.codec import encode, envelope
-from schemas.job_messages import JobAssign, JobEvent, JobKill
+from schemas.job_messages import JobAssign, JobKill
 from schemas.messages import Error
 from schemas.topics import Topics
 
@@ -132,6 +132,7 @@ class JobScheduler:
         self._expiry_due = 0.0  # when a pass next looks for unacknowledged assignments
         self._pass_caps: list[Capacity] = []
         self.fair = FairShare(store, config, clock)  # who gets the next slot
+        self.events = JobEventOutbox(bus, topics, flush_s=config.event_flush_s)
         self.unmatchable = UnmatchableCheck(  # holds jobs no known worker can run
             store, lambda: self.config.unmatchable_hold_s, self.announce)
 
@@ -144,6 +145,7 @@ class JobScheduler:
         self.registry.attempt_listeners.append(self.on_attempts)
         self.registry.caps_listeners.append(self.on_caps)
         self._acks = AssignAcks(self.bus, self.store, self.topics, self, clock=self._clock)
+        self.events.start()
         self._recover()
         self._thread = threading.Thread(target=self._loop, name="job-scheduler", daemon=True)
         self._thread.start()
@@ -162,6 +164,7 @@ class JobScheduler:
             self._thread = None
         if self._acks is not None:
             self._acks.close()
+        self.events.stop()  # what the last pass announced still goes out
 
     def join(self) -> None:
         if self._acks is not None:
@@ -198,21 +201,12 @@ class JobScheduler:
     # -- events ---------------------------------------------------------------------------
 
     def announce(self, changes: Iterable[JobChange]) -> None:
-        """Tell each job's owner of its job's state change, and the admins' feed (one
-        publish, qos 0: a live view; docs/security.md). One envelope, encoded once, for
-        both: two to four events per job, each validated and dumped once (not twice)."""
+        """Tell each job's owner of its job's state change, and the admins' feed (qos 0:
+        a live view; docs/security.md), through the events outbox: several changes per
+        message while they come fast (coordinator/job_event_outbox.py)."""
         changes = list(changes)
         self.fair.note_changes(changes)  # a requeue: its owner has queued work
-        for change in changes:
-            event = JobEvent(job=change.job, state=change.state.value, at=change.at,
-                             attempt=change.attempt, worker=change.worker,
-                             exit_code=change.exit_code, reason=change.reason[:1024] or None)
-            try:
-                payload = encode(envelope(event))
-                self.bus.send(self.topics.client_inbox(change.owner), payload)
-                self.bus.publish_bytes(self.topics.admin_job_events, payload, qos=0)
-            except BusError as err:
-                log.warning("job.event for %s not sent: %s", change.job, err)
+        self.events.put(changes)
 
     def kill(self, aid: str, wid: str, reason: str) -> None:
         if not wid:

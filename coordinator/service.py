@@ -19,7 +19,7 @@ from coordinator.admin import AdminHandlers
 from coordinator.app_requests import AppRequests
 from coordinator.data_service import DataService
 from coordinator.forget import WorkerForgetting
-from coordinator.handling import RequestGuard
+from coordinator.handling import RequestGuard, guarded
 from coordinator.job_requests import JobRequests
 from coordinator.keys import GrantKey, load_or_create_grant_key
 from coordinator.monitoring.service import MonitoringService
@@ -32,6 +32,7 @@ from coordinator.store import Store
 from schemas.codec import envelope
 from schemas.messages import (
     CapsRefresh,
+    ClientAccepts,
     CoordStatus,
     WorkerCaps,
     WorkerEvent,
@@ -132,6 +133,12 @@ class Coordinator:
         self.admin.register()
         WorkerForgetting(self.bus, self.store, self.topics).register()
         self.reservations.register()
+        # client.accepts shares the lane of client.hello and client.gone (their order)
+        self.bus.on_inbox(ClientAccepts.TYPE,
+                          guarded(self.bus, self.scheduler.events.client_accepts),
+                          lane=Lane.RESERVATIONS)
+        self.reservations.hello_listeners.append(self.scheduler.events.client_hello)
+        self.reservations.gone_listeners.append(self.scheduler.events.client_gone)
         self.data.register()
         self.jobs.register()
         self.apps.register()

@@ -168,6 +168,29 @@ class JobEvent(Body):
     exit_code: int | None = None
     reason: str | None = None
 
+    @classmethod
+    def of(cls, item: dict[str, Any]) -> JobEvent:
+        """One event of a ``job.events`` (its schema bounds the same fields)."""
+        return cls(job=item["job"], state=item["state"], at=item["at"],
+                   attempt=item.get("attempt"), worker=item.get("worker"),
+                   exit_code=item.get("exit_code"), reason=item.get("reason"))
+
+
+MAX_EVENTS_PER_MESSAGE = 128  # job.events.json: events maxItems
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class JobEvents(Body):
+    """Several job state changes in one message, for sessions that accept it
+    (``client.accepts``) and the admins' feed: items are ``JobEvent`` fields."""
+
+    TYPE: ClassVar[str] = "job.events"
+    events: list[dict[str, Any]]
+
+    def each(self) -> list[JobEvent]:
+        return [JobEvent.of(item) for item in self.events]
+
 
 # -- coordinator -> worker -------------------------------------------------------------
 

@@ -326,6 +326,16 @@ class ClientHello(Body):
 
 @message
 @dataclass(frozen=True, kw_only=True)
+class ClientAccepts(Body):
+    """The optional message types a client session handles (``job.events``)."""
+
+    TYPE: ClassVar[str] = "client.accepts"
+    session: str
+    types: list[str]
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
 class ClientGone(Body):
     TYPE: ClassVar[str] = "client.gone"
     session: str

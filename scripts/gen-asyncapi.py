@@ -45,17 +45,17 @@ channels = {
   "coordStatus": ("{root}/coord/status", "Coordinator presence (retained; its last will says down). QoS 1.", ["coord.status"], {}),
   "coordPubkey": ("{root}/coord/pubkey", "The coordinator's Ed25519 grant-verification key (retained). QoS 1.", ["coord.pubkey"], {}),
   "coordInbox": ("{root}/coord/inbox/{sender}", "Requests and reports to the coordinator. `sender` is the publisher's principal id, enforced by the broker ACL. QoS 1.",
-      ["ping","workers.list","workers.show","workers.drain","reserve","renew","release","reservations.list","client.hello","client.gone","exec.report","audit.list",*ADMIN_REQUESTS,*XFER,*DATA_REQUESTS,*APP_REQUESTS,*JOB_REQUESTS,*ATTEMPT_REPORTS,"ok","error","exec.started"], {"sender": "principal id of the publisher"}),
+      ["ping","workers.list","workers.show","workers.drain","reserve","renew","release","reservations.list","client.hello","client.accepts","client.gone","exec.report","audit.list",*ADMIN_REQUESTS,*XFER,*DATA_REQUESTS,*APP_REQUESTS,*JOB_REQUESTS,*ATTEMPT_REPORTS,"ok","error","exec.started"], {"sender": "principal id of the publisher"}),
   "workerStatus": ("{root}/worker/{wid}/status", "Worker presence (retained; last will = offline, clean=false). QoS 1.", ["worker.status"], {"wid": "worker id (= its principal id)"}),
   "workerCaps": ("{root}/worker/{wid}/caps", "Worker capability document (retained). QoS 1.", ["worker.caps"], {"wid": "worker id"}),
   "workerHeartbeat": ("{root}/worker/{wid}/heartbeat", "Live metrics every heartbeat interval. QoS 0, not retained.", ["worker.heartbeat"], {"wid": "worker id"}),
   "workerInbox": ("{root}/worker/{wid}/inbox/{sender}", "Messages to a worker: from the coordinator (caps.refresh, reservation.open/close, ping) and from the grant holder (exec.*). QoS 1.",
       ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","exec.stdin","exec.resize",*XFER,*JOB_WORKER_REQUESTS,*JOB_FOLLOW,"workdir.fetch","ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
   "clientInbox": ("{root}/client/{cid}/inbox/{sender}", "Replies, exec output streams and notifications to a client. QoS 1.",
-      ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","exec.stdin.ack","audit.list.reply",*ADMIN_REPLIES,*XFER,*DATA_REPLIES,*APP_REPLIES,*JOB_REPLIES,"job.event","job.output","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
+      ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","exec.stdin.ack","audit.list.reply",*ADMIN_REPLIES,*XFER,*DATA_REPLIES,*APP_REPLIES,*JOB_REPLIES,"job.event","job.events","job.output","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
   "brokerRecheck": ("{root}/broker/recheck", "Coordinator/admin -> embedded broker: re-authenticate these principals' live sessions and cut those that no longer pass (after a revoke). Only coordinator and admin principals may publish. QoS 1.", ["broker.recheck"], {}),
   "workerEvents": ("{root}/event/worker/{wid}", "Worker state changes for watchers. QoS 0.", ["event.worker"], {"wid": "worker id"}),
-  "adminJobEvents": ("{root}/events/jobs", "Every job's state changes, once each (the admins' feed: `xcloud jobs --watch --all`). Only the coordinator publishes, only admins subscribe (broker ACL). QoS 0.", ["job.event"], {}),
+  "adminJobEvents": ("{root}/events/jobs", "Every job's state changes, once each, several per `job.events` (the admins' feed: `xcloud jobs --watch --all`). Only the coordinator publishes, only admins subscribe (broker ACL). QoS 0.", ["job.events"], {}),
   "coordXfer": ("{root}/coord/xfer/{sender}/{tid}/{offset}/{crc32}", "File segments to the coordinator (uploads; docs/transfer.md). Raw bytes. A principal publishes only under its own id; only the coordinator subscribes.", ["xfer.segment"], XFER_PARAMS),
   "workerXfer": ("{root}/worker/{wid}/xfer/{sender}/{tid}/{offset}/{crc32}", "File segments to a worker (its downloads from the coordinator, a client's put). Raw bytes. Only that worker subscribes.", ["xfer.segment"], {"wid": "worker id", **XFER_PARAMS}),
   "clientXfer": ("{root}/client/{cid}/xfer/{sender}/{tid}/{offset}/{crc32}", "File segments to a client (its downloads from the coordinator or a reserved worker). Raw bytes. Only that client subscribes.", ["xfer.segment"], {"cid": "client principal id", **XFER_PARAMS}),
@@ -84,7 +84,7 @@ op("sendAdminRequest", "send", "coordInbox", ADMIN_REQUESTS,
    "An admin manages principals or exports the Mosquitto files; anyone else gets error forbidden. A revoke or rotation is followed by broker.recheck.",
    ("clientInbox", [*ADMIN_REPLIES,"ok","error"]))
 op("askBrokerRecheck", "send", "brokerRecheck", ["broker.recheck"], "After a revoke or rotation the coordinator asks the embedded broker to cut the principal's live sessions.")
-op("announceClient", "send", "coordInbox", ["client.hello","client.gone"], "A client connection says hello on connect; its last will says gone.")
+op("announceClient", "send", "coordInbox", ["client.hello","client.accepts","client.gone"], "A client connection says hello on connect (and when a coordinator comes up), then which optional message types it accepts (`job.events`); its last will says gone.")
 op("reportExec", "send", "coordInbox", ["exec.report"], "A worker reports a finished command for the audit trail.")
 op("publishWorkerPresence", "send", "workerStatus", ["worker.status"], "A worker publishes its presence.")
 op("publishWorkerCaps", "send", "workerCaps", ["worker.caps"], "A worker publishes its capabilities.")
@@ -102,7 +102,7 @@ op("sendDataRequest", "send", "coordInbox", DATA_REQUESTS,
 op("sendJobRequest", "send", "coordInbox", JOB_REQUESTS,
    "A client submits, lists, shows, cancels, holds or releases batch jobs (docs/jobs.md).",
    ("clientInbox", [*JOB_REPLIES,"ok","error"]))
-op("notifyJobEvent", "send", "clientInbox", ["job.event"], "The coordinator tells a job's owner of each state change of its job.")
+op("notifyJobEvent", "send", "clientInbox", ["job.event","job.events"], "The coordinator tells a job's owner of each state change of its job: several per `job.events` when every session of the owner accepts them, else one `job.event` each.")
 op("followJob", "send", "workerInbox", JOB_FOLLOW,
    "A job's owner asks the worker running its attempt for the attempt's output so far and live (only the owner; a few followers per attempt).",
    ("clientInbox", ["ok","error"]))
@@ -130,7 +130,7 @@ op("streamSegmentsToCoordinator", "send", "coordXfer", ["xfer.segment"], "A send
 op("streamSegmentsToWorker", "send", "workerXfer", ["xfer.segment"], "The coordinator or a grant holder streams segments to a worker.")
 op("streamSegmentsToClient", "send", "clientXfer", ["xfer.segment"], "The coordinator or a reserved worker streams segments to a client.")
 op("publishWorkerEvent", "send", "workerEvents", ["event.worker"], "The coordinator announces worker state changes.")
-op("publishAdminJobEvent", "send", "adminJobEvents", ["job.event"], "The coordinator publishes each job state change once on the admins' feed (docs/security.md).")
+op("publishAdminJobEvent", "send", "adminJobEvents", ["job.events"], "The coordinator publishes each job state change once on the admins' feed, several per message (docs/security.md).")
 doc = {
   "asyncapi": "3.0.0",
   "info": {"title": "xcloud wire protocol", "version": "1.0.0",

@@ -91,6 +91,7 @@ def coordinator_request(mtype: str, role: Role, rid: str) -> Body:
         "release": {"reservation": "r-nope"},
         "reservations.list": {},
         "client.hello": {"session": "s-test"},
+        "client.accepts": {"session": "s-test", "types": ["job.events"]},
         "client.gone": {"session": "s-test"},
         "audit.list": {},
         "exec.report": {"reservation": rid, "client": ADMIN, "exec_id": f"e-{role.value}",
