@@ -260,6 +260,8 @@ def test_cancel_kills_every_live_replica(grid: GridHarness) -> None:
     assert isinstance(late, Ok)
     assert late.detail == {"recorded": True, "counted": False}
     assert job(grid, jid).state is JobState.CANCELLED
+    # events go out after the commit (the outbox), not before the cancel's reply
+    wait_for(lambda: "cancelled" in alice.states_of(jid), 10, message="alice told cancelled")
     assert alice.states_of(jid).count("cancelled") == 1
 
 
