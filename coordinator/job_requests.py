@@ -308,9 +308,10 @@ class JobRequests:
             log.warning("worker %s spoke of attempt %s, which is not its own", wid,
                         req.attempt)
             raise Refusal("not_found", f"no attempt {req.attempt} on worker {wid}") from None
-        if result.changes:
-            log.info("attempt %s on %s: %s -> job %s", req.attempt, wid, kind.value,
-                     result.changes[0].state.value)
+        if result.changes:  # (at INFO unless it succeeded: a line per job is most of a log)
+            log.log(logging.DEBUG if kind is AttemptKind.SUCCESS else logging.INFO,
+                    "attempt %s on %s: %s -> job %s", req.attempt, wid, kind.value,
+                    result.changes[0].state.value)
         self.scheduler.announce(result.changes)
         if result.recorded:
             self.scheduler.poke()

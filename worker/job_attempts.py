@@ -330,9 +330,13 @@ class ReportSender:
                             "(%s: %s); dropped", entry.record.attempt, body.code, body.message)
             else:
                 self.acknowledged += 1
-                log.info("attempt %s of job %s (owner %s) reported (%s)",
-                         entry.record.attempt, entry.record.job, entry.record.owner,
-                         (entry.record.report or {}).get("kind"))
+                kind = (entry.record.report or {}).get("kind")
+                # a line per job at INFO only when it did not succeed (at hundreds of jobs
+                # per second the successes would be most of the log; the coordinator's
+                # store keeps every attempt: `xcloud job show`)
+                log.log(logging.DEBUG if kind == "success" else logging.INFO,
+                        "attempt %s of job %s (owner %s) reported (%s)", entry.record.attempt,
+                        entry.record.job, entry.record.owner, kind)
             self._finish(entry)
             return
         if self._clock() < entry.next_at or not self.bus.connected.is_set():
