@@ -268,6 +268,10 @@ class JobScheduler:
 
     def run_pass(self) -> int:
         """One pass (see the module docstring); returns the number of jobs assigned."""
+        with self.store.held():  # one pooled connection for the pass's dozen store calls
+            return self._run_pass()
+
+    def _run_pass(self) -> int:
         now = self._clock()
         gone: set[str] = set()
         while not self._gone.empty():

@@ -340,10 +340,23 @@ class StoreBase:
         self.close()
 
     @contextmanager
+    def held(self) -> Iterator[None]:
+        """One pooled connection for every store call of this thread inside the block (a
+        scheduler pass makes a dozen: one pool checkout, not one each); DB failures map to
+        ``StoreError`` as in any store call. Each call still commits on its own."""
+        with self._session():
+            yield
+
+    @contextmanager
     def _session(self) -> Iterator[None]:
+        """A pooled connection for this thread (none taken when it holds one: ``held``),
+        DB failures mapped to ``StoreError``."""
         if self._closed:
             raise StoreError(f"the store {self.url} is closed")
         try:
+            if not self.db.is_closed():  # inside ``held`` (or an op) on this thread
+                yield
+                return
             with self.db.connection_context():
                 yield
         except CoordinatorError:
