@@ -202,7 +202,7 @@ class JobsConfig:
     prefetch: int = 0  # attempts a full worker may hold waiting for a slot (0 = none)
     steal_after_s: float = 1.0  # such an attempt moves to an idle worker after this
     unmatchable_hold_s: float = 600.0  # queued this long and no known worker fits: held (0: never)
-    # job events while they come fast: sent at most this often, several per message
+    # job events coming faster than one send each: gathered this long, several per message
     event_flush_s: float = 0.02
     # Fair share (docs/jobs.md, "Fair share and locality"): principal -> weight (default 1);
     # TOML `shares = {alice = 2, bob = 1}` or a [jobs.shares] table; env "alice=2,bob=1".

@@ -8,6 +8,7 @@ changes keep coming they go out at most once per ``flush_s``.
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 from typing import Any
@@ -134,11 +135,20 @@ def test_outbox_chunks_halves_and_gathers(grid: GridHarness) -> None:
                               state=JobState.CANCELLED, at=1.0, reason=reason)
                     for i in range(count)]
 
+        def arrived(count: int) -> bool:
+            return len(alice.events()) == count
+
+        # Single changes, each sent before the next comes: at once, whatever flush_s.
+        for n in range(1, 4):
+            outbox.put(changes(1, f"e{n}"))
+            wait_for(functools.partial(arrived, n), timeout=2,  # < flush_s
+                     message="a single change at once")
+        alice.messages.clear()
         outbox.put(changes(300, "a"))  # 300 at once: 128 + 128 + 44
-        wait_for(lambda: len(alice.events()) == 300 and sum(feed) == 300, timeout=20,
+        wait_for(lambda: len(alice.events()) == 300 and sum(feed) == 303, timeout=20,
                  message="300 events to alice and on the feed")
         assert [len(m) for m in alice.messages] == [128, 128, 44]
-        assert feed == [128, 128, 44]
+        assert feed == [1, 1, 1, 128, 128, 44]
         # Within flush_s of that send: the next puts wait, then go out together.
         outbox.put(changes(1, "b"))
         outbox.put(changes(2, "c"))
