@@ -8,7 +8,8 @@ command, on 4 slots in all, and is timed from the first submit to the last resul
   ``broker.mosquitto``) and through the embedded broker (``xcloud up --workers 2`` with
   ``XCLOUD_WORKER_SLOTS=2``: amqtt and the coordinator in one process, the workers its
   children); process executor. The client sends ``jobs.submit`` requests of 500 specs
-  (``command: true``) and the run ends when every job's terminal ``job.event`` came back
+  (``command: true``) and the run ends when every job's terminal event came back (in a
+  ``job.events``: the client accepts several per message)
   (a listing per batch every 2 s backs up any missed event). Coordinator CPU per job is
   that process's CPU time (psutil) over the run divided by N (with ``xcloud up`` it
   includes the embedded broker).
