@@ -285,7 +285,12 @@ def test_an_attempt_never_runs_twice(standin: tuple[StandIn, WorkerHandle]) -> N
     assert isinstance(first.body, Ok)
     assert isinstance(again.body, Ok)
     assert coord.report(body.attempt).kind == "success"
-    wait_for(lambda: not (worker.state_dir / "jobs" / body.attempt).exists(), timeout=10,
+    # done: its directory gone and the runner's record of it too (the directory goes
+    # first, just before: waiting for it alone raced the redelivery below)
+    runner = worker.agent.jobs if worker.agent is not None else None
+    assert runner is not None
+    wait_for(lambda: not (worker.state_dir / "jobs" / body.attempt).exists()
+             and runner._attempt(body.attempt) is None, timeout=10,
              message="the attempt done")
     with pytest.raises(RemoteError) as err:  # a late redelivery
         coord.bus.request(coord.worker_inbox, body, timeout=10)
