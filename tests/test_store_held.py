@@ -14,13 +14,14 @@ import pytest
 
 from coordinator.errors import StoreError
 from coordinator.store import Store
+from tests.fixtures.backends import BOTH_DBS
+
+pytestmark = BOTH_DBS
 
 
-@pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
-def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Store]:
-    url = (f"sqlite:///{tmp_path}/state/xcloud.db" if request.param == "sqlite"
-           else request.getfixturevalue("fresh_mariadb_url"))
-    with Store.open(url) as opened:
+@pytest.fixture
+def store(grid_db_url: str) -> Iterator[Store]:
+    with Store.open(grid_db_url) as opened:
         yield opened
 
 
