@@ -109,13 +109,13 @@ class JobEventOutbox:
         self._clock = clock
         self._lock = threading.Lock()
         self._queue: deque[tuple[str, dict[str, Any]]] = deque()  # (owner, item)
-        self._sending = threading.Lock()  # one sender at a time: the queue's order kept
+        self._sending = threading.Lock()  # one sender at a time (``stop`` after a slow
+        # join): the queue's order kept
         self._last = -1e9  # when the last send was
         self._sent = 0  # how many changes it carried
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.messages = 0  # sent to owners and the feed (for tests and benches)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -189,16 +189,16 @@ class JobEventOutbox:
         """Send everything queued now, in order (the thread's step; ``stop`` runs it once
         more); returns the number of changes sent."""
         with self._sending:
-            return self._flush()
-
-    def _flush(self) -> int:
-        with self._lock:
-            items = list(self._queue)
-            self._queue.clear()
+            with self._lock:
+                items = list(self._queue)
+                self._queue.clear()
+                if items:
+                    self._last, self._sent = self._clock(), len(items)
             if items:
-                self._last, self._sent = self._clock(), len(items)
-        if not items:
-            return 0
+                self._send_all(items)
+            return len(items)
+
+    def _send_all(self, items: list[tuple[str, dict[str, Any]]]) -> None:
         by_owner: dict[str, list[dict[str, Any]]] = {}
         for owner, item in items:
             by_owner.setdefault(owner, []).append(item)
@@ -211,7 +211,6 @@ class JobEventOutbox:
                 self._send(body, inbox=inbox)
         for chunk in _chunks([item for _owner, item in items]):
             self._send(JobEvents(events=chunk))
-        return len(items)
 
     def _send(self, body: Body, *, inbox: str | None = None) -> None:
         """Into an owner's inbox (QoS 1, under our sender id), else on the feed (QoS 0).
@@ -222,7 +221,6 @@ class JobEventOutbox:
                 self.bus.send(inbox, payload)
             else:
                 self.bus.publish_bytes(self.topics.admin_job_events, payload, qos=0)
-            self.messages += 1
         except MessageTooLarge:
             if not isinstance(body, JobEvents) or len(body.events) < 2:
                 log.warning("%s not sent: over bus.max_payload", body.TYPE)
