@@ -9,14 +9,20 @@ changes keep coming they go out at most once per ``flush_s``.
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import uuid
 from typing import Any
 
+import pytest
+
 from broker.bus import Bus, Incoming
+from client.api import Grid
 from coordinator.job_event_outbox import JobEventOutbox
 from coordinator.job_state import JobState
 from coordinator.store.job_records import JobChange
+from schemas.codec import decode
+from schemas.errors import WireError
 from schemas.job_messages import (
     MAX_EVENTS_PER_MESSAGE,
     JobEvent,
@@ -165,3 +171,54 @@ def test_outbox_chunks_halves_and_gathers(grid: GridHarness) -> None:
     finally:
         outbox.stop()
     assert MAX_EVENTS_PER_MESSAGE == 128
+
+
+def _events_payload(events: list[dict[str, Any]], **extra: Any) -> bytes:
+    return json.dumps({"type": "job.events", "v": 1, "id": uuid.uuid4().hex, "ts": 1.0,
+                       "events": events, **extra}).encode()
+
+
+def test_malformed_job_events_are_refused_at_the_edge() -> None:
+    one = {"job": "j-0123456789abcdef", "state": "running", "at": 1.0}
+    body = decode(_events_payload([one])).body
+    assert isinstance(body, JobEvents)
+    assert body.each()[0].job == one["job"]
+    for bad in (_events_payload([one] * (MAX_EVENTS_PER_MESSAGE + 1)),  # too many
+                _events_payload([]),  # none
+                _events_payload([{**one, "extra": "x"}]),  # an open object
+                _events_payload([{**one, "reason": "x" * 1025}]),  # unbounded string
+                _events_payload([{**one, "state": "exploded"}]),
+                _events_payload([one], extra=1)):
+        with pytest.raises(WireError):
+            decode(bad)
+    accepts = {"type": "client.accepts", "v": 1, "id": uuid.uuid4().hex, "ts": 1.0,
+               "session": "s-1"}
+    for types in (["job.events"] * 2, ["anything"], ["job.events"] * 9):
+        with pytest.raises(WireError):
+            decode(json.dumps({**accepts, "types": types}).encode())
+
+
+def test_forged_job_events_from_another_principal_change_nothing(grid: GridHarness) -> None:
+    """Another client's ``job.events`` into alice's inbox never reaches her watch or her
+    futures (the broker's inbox ACL, and behind it the Grid's sender check)."""
+    start_jobs_coordinator(grid)
+    alice: Grid = grid.client("alice", "client")
+    watch = alice.jobs.watch()
+    forged = f"j-{uuid.uuid4().hex[:16]}"
+    mallory = grid.bus("mallory", "client")
+    mallory.send(grid.topics.client_inbox("alice"),
+                 JobEvents(events=[{"job": forged, "state": "completed", "at": 1.0}]))
+    reply = alice.ask(JobsSubmit(jobs=[{"command": "true"}]), what="submit")
+    (job,) = reply.ids
+    alice.ask(JobsCancel(jobs=[job]), what="cancel")
+    seen: list[str] = []
+
+    def real_one_came() -> bool:
+        event = watch.get(timeout=0.2)
+        if event is not None:
+            seen.append(event.job)
+        return job in seen
+
+    wait_for(real_one_came, timeout=20, message="the real cancel event")
+    assert forged not in seen  # (sent before the real one, on the same inbox)
+    watch.close()
