@@ -7,7 +7,8 @@ places its own object (the command in the reservation reads the right bytes, doc
 through the bind mount), a second placement is a hit of the worker's input cache (no
 second fetch), another principal's private object is refused until shared (and nothing
 is placed), requests without a valid grant are refused, path escapes are refused before
-anything is fetched.
+anything is fetched, and with the coordinator down nothing is placed, not even an object
+the worker's cache holds (no rights check, no placement), while the reservation lives on.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from client.shell_commands import Shell
 from schemas.transfer_messages import WorkdirFetch
 from tests.fixtures.grid import GridHarness, WorkerHandle
 from tests.fixtures.transfer import make_file
+from worker import workdir_fetch
 from worker.input_cache import InputCache
 
 pytestmark = [pytest.mark.integration]
@@ -159,6 +161,30 @@ def test_a_path_out_of_the_work_directory_is_refused(
     assert not Path("/etc/xcloud-test").exists()
     assert cache_of(worker).fetches == 0  # refused before anything was fetched
     assert sorted(listing(w)) == ["etc-link", "up"]
+
+
+def test_with_the_coordinator_down_even_a_cached_object_is_not_placed(
+        grid: GridHarness, alice: tuple[Grid, ReservedWorker, WorkerHandle],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    c, w, worker = alice
+    mine = c.data.put(make_file(tmp_path / "mine.bin", 1000, seed=9), name="mine")
+    ref = DataRef(sha256=mine.sha256, size=mine.size, name="mine")
+    assert w.put_data(ref).remote == "mine"  # fetched: the worker's cache holds it now
+    cache = cache_of(worker)
+    assert cache.holds(mine.sha256)
+    assert cache.fetches == 1
+    # (the rights check waits this long for the coordinator's answer)
+    monkeypatch.setattr(workdir_fetch, "CHECK_TIMEOUT_S", 1.0)
+    grid.stop_coordinator()
+    with pytest.raises(Refused) as err:  # by hash, straight to the worker
+        w.put_data(ref, "again")
+    assert err.value.code == "unavailable"
+    assert "did not answer" in str(err.value)
+    assert sorted(listing(w)) == ["mine"]  # the reservation still runs commands
+    grid.start_coordinator()
+    assert w.put_data(ref, "again").remote == "again"  # the same reservation, once back
+    assert w.run("sha256sum again").text.split()[0] == mine.sha256
+    assert cache.fetches == 1
 
 
 def test_the_shell_verb_and_xcloud_cp(grid: GridHarness, tmp_path: Path) -> None:
