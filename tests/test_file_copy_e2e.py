@@ -30,9 +30,16 @@ def xcloud(grid: GridHarness, principal: str, *args: str, cwd: Path
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+#: The worker's heartbeat here: the copies hash and move megabytes in this process (the
+#: worker's too), and on a loaded machine the harness's 0.2 s heartbeats (lost after 0.6 s)
+#: once went missing long enough for w1 to be declared lost mid-copy. Nothing below is
+#: about liveness.
+HEARTBEAT_S = 1.0
+
+
 def test_xcloud_cp(grid: GridHarness, tmp_path: Path) -> None:
     grid.start_coordinator()
-    grid.start_worker(WID)
+    grid.start_worker(WID, heartbeat_s=HEARTBEAT_S)
     src = make_file(tmp_path / "in.dat", 2 * MIB + 5, seed=7)
     (tmp_path / "tree" / "sub").mkdir(parents=True)
     (tmp_path / "tree" / "sub" / "f.txt").write_text("f\n")
@@ -70,7 +77,7 @@ def test_xcloud_cp(grid: GridHarness, tmp_path: Path) -> None:
 
 def test_shell_put_get_survive_errors(grid: GridHarness, tmp_path: Path) -> None:
     grid.start_coordinator()
-    grid.start_worker(WID)
+    grid.start_worker(WID, heartbeat_s=HEARTBEAT_S)
     c = grid.client("alice", "client")
     out, err = io.StringIO(), io.StringIO()
     shell = Shell(c, Console(out, err, False))
