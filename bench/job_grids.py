@@ -44,11 +44,15 @@ class SplitGrid2(XcloudGrid):
 
     label = "xcloud, Mosquitto"
 
-    def __init__(self, workdir: Path, prefetch: int = 0) -> None:
+    def __init__(self, workdir: Path, prefetch: int = 0, instant: bool = False) -> None:
         super().__init__(workdir)
         self.prefetch = prefetch  # [jobs] prefetch of its coordinator (docs/jobs.md)
+        # workers that run nothing (bench/instant_workers.py): the coordinator's ceiling
+        self.instant = instant
         if prefetch:
             self.label = f"xcloud, Mosquitto, prefetch {prefetch}"
+        if instant:
+            self.label = "xcloud, Mosquitto, workers that run nothing"
         self.dir = workdir / f"mosquitto-{uuid.uuid4().hex[:6]}"
         self.db_file = self.dir / "xcloud.db"
         self.broker: MosquittoBroker | None = None
@@ -83,10 +87,14 @@ class SplitGrid2(XcloudGrid):
                       XCLOUD_JOBS_PREFETCH=str(self.prefetch)), self.logs[-1])
         for wid in wids:
             self.logs.append(self.dir / f"{wid}.log")
+            cmd = ([PY, "-m", "bench.instant_workers", "--broker", url, "--root", self.root,
+                    "--name", wid, "--slots", str(SLOTS),
+                    "--job-queue", str(max(2, self.prefetch))] if self.instant else
+                   [PY, "-m", "client.cli", "worker", "--broker", url, "--root", self.root,
+                    "--state-dir", str(self.dir / wid), "--name", wid, "--executor",
+                    "process", "--slots", str(SLOTS)])
             self.procs[wid] = spawn(
-                [PY, "-m", "client.cli", "worker", "--broker", url, "--root", self.root,
-                 "--state-dir", str(self.dir / wid), "--name", wid, "--executor", "process",
-                 "--slots", str(SLOTS)],
+                cmd,
                 child_env(XCLOUD_HOME=str(home), XCLOUD_BUS_PRINCIPAL=wid,
                           XCLOUD_BUS_TOKEN=ids[wid].token,
                           XCLOUD_WORKER_JOB_QUEUE=str(max(2, self.prefetch))),

@@ -13,6 +13,11 @@ command, on 4 slots in all, and is timed from the first submit to the last resul
   (a listing per batch every 2 s backs up any missed event). Coordinator CPU per job is
   that process's CPU time (psutil) over the run divided by N (with ``xcloud up`` it
   includes the embedded broker).
+- **the coordinator's ceiling** (``xcloud-instant``: a measure beside the targets, not
+  one of them): the Mosquitto grid with two ``bench.instant_workers`` in place of the
+  workers; each answers ``job.assign`` ok and reports success at once, running nothing.
+  Its jobs/s is the most this coordinator (and broker and client) can give on the
+  machine however cheap the workers become.
 - **submit → running** on the idle pool: 50 single jobs one after another, from the
   client's call to the ``job.event`` "running" (the attempt is committed and
   ``job.assign`` is on its way), and to the attempt's ``started_at`` (the worker's clock
@@ -60,7 +65,7 @@ from bench.scheduler_pass import QuietBus
 from bench.scratch import scratch_dir
 
 VARIANTS = ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up", "xcloud-up-thread",
-            "celery-redis", "celery-rabbitmq", "dask")
+            "xcloud-instant", "celery-redis", "celery-rabbitmq", "dask")
 FULL = {"jobs": 2000, "latency": 50}
 QUICK = {"jobs": 200, "latency": 50}
 BATCH = 500
@@ -153,7 +158,8 @@ class CpuByRole:
                 argv = proc.cmdline()
             except psutil.Error:
                 continue
-            command = argv[argv.index("client.cli") + 1] if "client.cli" in argv[:-1] else ""
+            command = (argv[argv.index("client.cli") + 1] if "client.cli" in argv[:-1] else
+                       "worker" if "bench.instant_workers" in argv else "")
             role = ("broker" if argv and os.path.basename(argv[0]).startswith("mosquitto")
                     else "up" if command == "up" and proc.pid == coord_pid
                     else {"coordinator": "coordinator", "broker": "broker",
@@ -268,6 +274,7 @@ def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int,
     xgrid: SplitGrid2 | UpGrid2 = (
         SplitGrid2(workdir) if kind == "mosquitto" else
         SplitGrid2(workdir, prefetch=prefetch) if kind == "prefetch" else
+        SplitGrid2(workdir, instant=True) if kind == "instant" else
         UpGrid2(workdir, broker_thread=kind == "up-thread"))
     out: dict[str, Any] = {"label": xgrid.label}
     try:
@@ -278,10 +285,10 @@ def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int,
                 wait_workers(grid, WORKERS)
                 out["latency"] = submit_latency(grid, events, latency_runs)
                 out["run"] = throughput(grid, events, n, xgrid.coordinator_pid())
-                if isinstance(xgrid, SplitGrid2) and not xgrid.prefetch:
+                if isinstance(xgrid, SplitGrid2) and not (xgrid.prefetch or xgrid.instant):
                     out["fill_s"] = fill_queue(xgrid.db_file, QUEUED)
                     out["queued_run"] = throughput(grid, events, n, xgrid.coordinator_pid())
-            if isinstance(xgrid, SplitGrid2) and not xgrid.prefetch:
+            if isinstance(xgrid, SplitGrid2) and not (xgrid.prefetch or xgrid.instant):
                 xgrid.stop_coordinator()
                 out["pass"] = scheduler_pass(xgrid.db_file, xgrid.root)
     except Exception as err:
@@ -311,6 +318,8 @@ def run(quick: bool = False, only: str | None = None, prefetch: int = 1) -> dict
                 row = run_xcloud("up", tmp, n, sizes["latency"])
             elif name == "xcloud-up-thread":
                 row = run_xcloud("up-thread", tmp, n, sizes["latency"])
+            elif name == "xcloud-instant":
+                row = run_xcloud("instant", tmp, n, sizes["latency"])
             elif name == "celery-redis":
                 row = run_celery(REDIS_URL, REDIS_URL, n)
             elif name == "celery-rabbitmq":
@@ -344,6 +353,8 @@ def markdown(result: dict[str, Any]) -> str:
                                  f"{result.get('prefetch', 1)}` (2 × 2)",
               "xcloud-up": "xcloud, embedded broker (`xcloud up`, 2 × 2)",
               "xcloud-up-thread": "xcloud, `xcloud up`, broker in a thread (2 × 2)",
+              "xcloud-instant": "xcloud, Mosquitto, 2 workers that run nothing (the "
+                                "coordinator's ceiling)",
               "celery-redis": "Celery + Redis (2 procs × concurrency 2)",
               "celery-rabbitmq": "Celery + RabbitMQ, rpc:// results (2 × 2)",
               "dask": "Dask LocalCluster (2 workers × 2 threads)"}
@@ -368,7 +379,8 @@ def markdown(result: dict[str, Any]) -> str:
                   "machine: all of it busy, others included):", "",
                   md_table(["system", *roles], rows), ""]
     rows = []
-    for name in ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up", "xcloud-up-thread"):
+    for name in ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up", "xcloud-up-thread",
+                 "xcloud-instant"):
         if name not in v or "error" in v[name]:
             continue
         x = _rate(v[name])
