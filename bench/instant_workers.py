@@ -39,7 +39,6 @@ class InstantWorker:
         self.job_queue = job_queue
         self.topics = Topics(root)
         self.stopped = threading.Event()
-        self.reported = 0
         self.bus = Bus(
             BusConfig(url=url, principal=wid, token=token, root=root),
             client_id=f"worker-{wid}", inbox=self.topics.worker_inbox(wid),
@@ -78,7 +77,6 @@ class InstantWorker:
         self.bus.request_async(self.topics.coord_inbox, AttemptReport(
             attempt=body.attempt, kind="success", exit_code=0, duration_s=0.0,
             stdout=None, stderr=None, outputs=[], started_at=now, ended_at=now))
-        self.reported += 1
 
 
 def main(argv: list[str] | None = None) -> int:
