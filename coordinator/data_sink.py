@@ -235,7 +235,7 @@ class DataSink:
                                   f"{job}/stderr or {job}/outputs/NAME, not {name!r}")
 
     def _holds(self, owner: str, sha256: str) -> bool:
-        return any(e.owner == owner for e in self.store.data_entries(sha256))
+        return self.store.holds_data(owner, sha256)
 
     def _check_quota(self, place: Placement, size: int, tid: str, name: str) -> None:
         limit = self.quota.limit(place.owner_role)
@@ -346,15 +346,14 @@ class DataSource:
             return self._for_worker(requester, source)
         sha = source.get("sha256")
         if sha:
-            entries = self.store.data_entries(str(sha))
-            if not entries:
+            readable = self.store.readable_data_entry(str(sha), requester)
+            if readable is not None:
+                return readable
+            first = self.store.first_data_entry(str(sha))
+            if first is None:
                 raise TransferRefused("not_found", f"no data object {str(sha)[:12]}…")
-            readable = [e for e in entries if e.owner == requester] or [
-                e for e in entries if e.readable_by(requester)]
-            if readable:
-                return readable[0]
             if role is Role.ADMIN:
-                return entries[0]
+                return first
             raise TransferRefused("forbidden", f"data {str(sha)[:12]}… is not shared "
                                   f"with {requester}")
         name = source.get("name")
@@ -378,9 +377,9 @@ class DataSource:
         if not sha or not self.worker_may_read(wid, sha):
             raise TransferRefused("forbidden", f"worker {wid} may fetch only data that "
                                   "the work it serves refers to")
-        entries = self.store.data_entries(sha)
-        if entries:
-            return entries[0]
+        entry = self.store.first_data_entry(sha)
+        if entry is not None:
+            return entry
         # Kept by a reference only (an app's binary whose name was removed or reused):
         # the work refers to the bytes, which is what a worker may fetch.
         obj = self.store.data_object(sha)

@@ -168,11 +168,12 @@ class JobRequests:
         for sha in sorted(hashes):
             if not valid_sha256(sha):
                 raise Refusal("invalid", f"{sha[:16]}… is not a SHA-256 (64 lowercase hex)")
-            entries = self.store.data_entries(sha)
-            if not entries:
+            if not admin and self.store.readable_data_entry(sha, owner) is not None:
+                continue
+            if self.store.first_data_entry(sha) is None:
                 raise Refusal("not_found", f"no data object {sha[:12]}…: upload it first "
                               "(`xcloud data put`)")
-            if not admin and not any(e.readable_by(owner) for e in entries):
+            if not admin:
                 raise Refusal("forbidden", f"data {sha[:12]}… is not shared with {owner}")
 
     def jobs_list(self, incoming: Incoming) -> Body:

@@ -72,6 +72,7 @@ MIGRATIONS: list[Migration] = [
     (7, "job dependencies: waiting parents, job edges", schema_versions.v7_job_deps),
     (8, "replicated jobs: worker trust", schema_versions.v8_worker_trust),
     (9, "fair share: the queue index by owner", schema_versions.v9_fair_share),
+    (10, "data names by content and owner", schema_versions.v10_data_by_owner),
 ]
 
 LATEST_VERSION: int = MIGRATIONS[-1][0]

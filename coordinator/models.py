@@ -331,7 +331,8 @@ class DataEntry(BaseModel):
 
     class Meta:
         table_name = "xc_data_entry"
-        indexes = ((("owner", "name"), True),)
+        # (sha256, owner): "does this owner name it" is one probe (version 10)
+        indexes = ((("owner", "name"), True), (("sha256", "owner"), False))
 
 
 class DataRef(BaseModel):

@@ -488,3 +488,16 @@ def v9_fair_share(db: Database) -> None:
             i.name for i in db.get_indexes("xc_job")}:
         run_migration(migrator.add_index(
             "xc_job", ("state", "waiting", "owner", "rank", "submitted_at", "id"), False))
+
+
+def v10_data_by_owner(db: Database) -> None:
+    """Data names by content and owner: "does this owner name these bytes already" (every
+    upload asks) was a scan of every name of the content, in Python: a sweep whose jobs
+    all wrote the same output made each upload slower than the one before."""
+    from playhouse.migrate import MySQLMigrator, SqliteMigrator
+    from playhouse.migrate import migrate as run_migration
+
+    migrator: Any = (MySQLMigrator(db) if isinstance(db, MySQLDatabase)
+                     else SqliteMigrator(db))
+    if "xc_data_entry_sha256_owner" not in {i.name for i in db.get_indexes("xc_data_entry")}:
+        run_migration(migrator.add_index("xc_data_entry", ("sha256", "owner"), False))

@@ -254,3 +254,40 @@ def test_transfers_draw_from_the_request_bucket(store: Store, files: DataFiles) 
     with pytest.raises(TransferRefused) as info:
         source.open_fetch("alice", {"kind": "data", "sha256": "c" * 64})
     assert info.value.code == "rate_limited"
+
+
+@BOTH_DBS
+def test_a_popular_content_costs_a_probe_not_a_scan(store: Store, files: DataFiles,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep whose jobs all write the same output gives one content hundreds of names:
+    an upload of it (does the owner hold it already?), a fetch by hash, and a worker's
+    fetch read a row or two of them, not all (each upload was slower than the one before:
+    every name was read and built in Python), and still pick the right name."""
+    from coordinator.store import data as data_store
+
+    sink = sink_of(store, files)
+    source = DataSource(store, files, ROLES.get, worker_may_read=lambda _w, _s: True)
+    data = b"ok\n"
+    digest = sha(data)
+    receive(sink, offer("alice", data, "out-0000"), data)
+    for i in range(1, 300):
+        store.put_data("alice", f"out-{i:04d}", digest, len(data))
+    store.put_data("bob", "shared-with-carol", digest, len(data), access="shared",
+                   share=["carol"])
+    built: list[str] = []
+    real = data_store._entry
+
+    def counted(row: object, pinned: bool = False) -> data_store.DataRecord:
+        built.append(str(getattr(row, "name", "")))
+        return real(row, pinned)
+
+    monkeypatch.setattr(data_store, "_entry", counted)
+    assert sink.admit(offer("alice", data, "out-0300", tid="tid00002")).ref is not None
+    assert source.open_fetch("alice", {"kind": "data", "sha256": digest}).name == "out-0000"
+    assert source.open_fetch("carol", {"kind": "data", "sha256": digest}
+                             ).name == "shared-with-carol"
+    assert source.open_fetch("w1", {"kind": "data", "sha256": digest}).sha256 == digest
+    with pytest.raises(TransferRefused) as info:
+        source.open_fetch("dave", {"kind": "data", "sha256": digest})
+    assert info.value.code == "forbidden"
+    assert len(built) <= 8, built  # (it built all 301 names for each of them)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from peewee import JOIN, fn
+from peewee import JOIN
 
 from coordinator.errors import InvalidArgument, NotFound
 from coordinator.models import DATA_NAME_MAX, ID_MAX, RID_MAX, TOPIC_MAX
@@ -121,28 +121,37 @@ class DataStore(StoreBase):
             raise InvalidArgument("sha256 must be 64 lowercase hex digits")
         access, names = _checked_access(access, share)
         t = now_or(now)
-        Obj, Entry = self.models.DataObject, self.models.DataEntry
+        sql = self._sql  # every upload and every kept result comes here: compiled SQL
+        shared = dumps(names)
         with self.db.atomic():
-            if Obj.get_or_none(Obj.sha256 == sha256) is None:
-                Obj.insert(sha256=sha256, size=size, created_at=t, last_used_at=t).execute()
+            if sql.tuples("SELECT 1 FROM {objects} WHERE {sha256} = {?}", sha256):
+                sql.run("UPDATE {objects} SET {last_used_at} = {?} WHERE {sha256} = {?}",
+                        t, sha256)
+            else:  # (an UPDATE's count is no test: MySQL counts changed rows only)
+                sql.run("INSERT INTO {objects} ({sha256}, {size}, {created_at}, "
+                        "{last_used_at}) VALUES ({?}, {?}, {?}, {?})", sha256, size, t, t)
+            rows = sql.tuples("SELECT {id}, {created_at} FROM {entries} WHERE {owner} = {?} "
+                              "AND {name} = {?}{lock}", owner, name)
+            if rows:
+                eid, created = rows[0]
+                sql.run("UPDATE {entries} SET {sha256} = {?}, {size} = {?}, {access} = {?}, "
+                        "{share} = {?}, {last_used_at} = {?}, {expires_at} = {?} "
+                        "WHERE {id} = {?}", sha256, size, access, shared, t, expires_at, eid)
             else:
-                Obj.update(last_used_at=t).where(Obj.sha256 == sha256).execute()
-            row = self._for_update(Entry.select().where(
-                (Entry.owner == owner) & (Entry.name == name))).get_or_none()
-            fields = {"sha256": sha256, "size": size, "access": access,
-                      "share": dumps(names), "last_used_at": t, "expires_at": expires_at}
-            if row is None:
-                Entry.insert(id=uuid.uuid4().hex[:16], owner=owner, name=name,
-                             created_at=t, **fields).execute()
-            else:
-                Entry.update(**fields).where(Entry.id == row.id).execute()
-            saved = Entry.get((Entry.owner == owner) & (Entry.name == name))
-        return _entry(saved, self._pinned(owner, sha256))
+                eid, created = uuid.uuid4().hex[:16], t
+                sql.run("INSERT INTO {entries} ({id}, {owner}, {name}, {sha256}, {size}, "
+                        "{access}, {share}, {created_at}, {last_used_at}, {expires_at}) "
+                        "VALUES ({?}, {?}, {?}, {?}, {?}, {?}, {?}, {?}, {?}, {?})",
+                        eid, owner, name, sha256, size, access, shared, t, t, expires_at)
+            pinned = self._pinned(owner, sha256)
+        return DataRecord(id=str(eid), owner=owner, name=name, sha256=sha256, size=int(size),
+                          access=access, share=tuple(names), created_at=float(created),
+                          last_used_at=t, expires_at=expires_at, pinned=pinned)
 
     def _pinned(self, owner: str, sha256: str) -> bool:
-        Ref = self.models.DataRef
-        return Ref.select().where((Ref.sha256 == sha256) & (Ref.kind == "pin")
-                                  & (Ref.ref_id == owner)).exists()
+        return bool(self._sql.tuples(
+            "SELECT 1 FROM {refs} WHERE {sha256} = {?} AND {kind} = 'pin' AND {ref_id} = {?}",
+            sha256, owner))
 
     @op
     def data_entries(self, sha256: str) -> list[DataRecord]:
@@ -150,6 +159,41 @@ class DataStore(StoreBase):
         Entry = self.models.DataEntry
         return [_entry(row) for row in Entry.select().where(Entry.sha256 == sha256)
                 .order_by(Entry.owner, Entry.name)]
+
+    @op
+    def holds_data(self, owner: str, sha256: str) -> bool:
+        """Does ``owner`` name ``sha256`` already? One probe of the (sha256, owner) index,
+        whatever the number of names the content has (a popular output of a sweep)."""
+        Entry = self.models.DataEntry
+        return Entry.select(Entry.id).where((Entry.sha256 == sha256)
+                                            & (Entry.owner == owner)).exists()
+
+    @op
+    def first_data_entry(self, sha256: str) -> DataRecord | None:
+        """One name of ``sha256`` (the first by owner and name), or None."""
+        Entry = self.models.DataEntry
+        row = (Entry.select().where(Entry.sha256 == sha256)
+               .order_by(Entry.owner, Entry.name).first())
+        return None if row is None else _entry(row)
+
+    @op
+    def readable_data_entry(self, sha256: str, principal: str) -> DataRecord | None:
+        """The entry of ``sha256`` that ``principal`` reads it under: its own first (by
+        name), else the first public or shared-with-it one by owner and name; None when
+        none (``first_data_entry`` tells an absent object from a private one). Reads
+        the reader's own names one index probe; of others', only public and shared ones."""
+        Entry = self.models.DataEntry
+        own = (Entry.select().where((Entry.sha256 == sha256) & (Entry.owner == principal))
+               .order_by(Entry.name).first())
+        if own is not None:
+            return _entry(own)
+        for row in (Entry.select().where((Entry.sha256 == sha256)
+                                         & (Entry.access << ("public", "shared")))
+                    .order_by(Entry.owner, Entry.name)):
+            entry = _entry(row)
+            if entry.readable_by(principal):
+                return entry
+        return None
 
     @op
     def find_data(self, owner: str, key: str) -> list[DataRecord]:
@@ -244,15 +288,15 @@ class DataStore(StoreBase):
     def data_usage(self, owner: str, *, exclude_tid: str | None = None) -> tuple[int, int]:
         """``(stored, reserved)`` bytes of ``owner``: the distinct objects its names hold,
         and its uploads still receiving (but ``exclude_tid``)."""
-        Entry, Xfer = self.models.DataEntry, self.models.TransferRow
-        distinct = (Entry.select(Entry.sha256, Entry.size).where(Entry.owner == owner)
-                    .distinct().alias("mine"))
-        stored = Entry.select(fn.COALESCE(fn.SUM(distinct.c.size), 0)).from_(distinct).scalar()
-        pending = Xfer.select(fn.COALESCE(fn.SUM(Xfer.size), 0)).where(
-            (Xfer.peer == owner) & (Xfer.phase == RECEIVING) & (Xfer.direction == "upload"))
-        if exclude_tid is not None:
-            pending = pending.where(Xfer.tid != exclude_tid)
-        return int(stored or 0), int(pending.scalar() or 0)
+        sql = self._sql  # (each upload asks, twice: compiled SQL)
+        ((stored,),) = sql.tuples(
+            "SELECT COALESCE(SUM({mine}.{size}), 0) FROM (SELECT DISTINCT {sha256}, {size} "
+            "FROM {entries} WHERE {owner} = {?}) {mine}", owner)
+        ((pending,),) = sql.tuples(
+            "SELECT COALESCE(SUM({size}), 0) FROM {xc_transfer} WHERE {peer} = {?} AND "
+            "{phase} = {?} AND {direction} = 'upload' AND {tid} != {?}",
+            owner, RECEIVING, exclude_tid if exclude_tid is not None else "")
+        return int(stored or 0), int(pending or 0)
 
     # -- garbage ------------------------------------------------------------------------------
 

@@ -542,16 +542,16 @@ class JobStore(StoreBase):
                       stderr: dict[str, Any] | None, outputs: list[dict[str, Any]],
                       t: float) -> None:
         """``xc_data_ref`` rows of kind job keep the result objects from collection."""
-        Obj, Ref = self.models.DataObject, self.models.DataRef
+        sql = self._sql
         hashes = {ref["sha256"] for ref in [stdout, stderr, *outputs]
                   if isinstance(ref, dict) and isinstance(ref.get("sha256"), str)}
         for sha in sorted(hashes):
-            if Obj.get_or_none(Obj.sha256 == sha) is None:
+            if not sql.tuples("SELECT 1 FROM {objects} WHERE {sha256} = {?}", sha):
                 continue
-            if Ref.get_or_none((Ref.sha256 == sha) & (Ref.kind == "job")
-                               & (Ref.ref_id == jid)) is None:
-                Ref.insert(sha256=sha, kind="job", ref_id=jid, owner=owner,
-                           created_at=t).execute()
+            if not sql.tuples("SELECT 1 FROM {refs} WHERE {sha256} = {?} AND {kind} = 'job' "
+                              "AND {ref_id} = {?}", sha, jid):
+                sql.run("INSERT INTO {refs} ({sha256}, {kind}, {ref_id}, {owner}, "
+                        "{created_at}) VALUES ({?}, 'job', {?}, {?}, {?})", sha, jid, owner, t)
 
     # -- data rights ----------------------------------------------------------------------
 
