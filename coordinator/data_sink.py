@@ -196,13 +196,14 @@ class DataSink:
         return role
 
     def _placement(self, peer: str, role: Role | None, name: str,
-                   purpose: dict[str, Any]) -> Placement:
+                   purpose: dict[str, Any],
+                   grant: tuple[str, str] | None = None) -> Placement:
         if purpose.get("kind") != "data":
             raise TransferRefused("unsupported", "the coordinator stores data objects only "
                                   f"(purpose kind data, not {purpose.get('kind')!r})")
         owner = str(purpose.get("owner") or peer)
         if role is Role.WORKER:
-            self._worker_grant(peer, owner, purpose)
+            self._worker_grant(peer, owner, purpose, grant)
         elif owner != peer and role is not Role.ADMIN:
             raise TransferRefused("forbidden", f"{peer} may store data under its own name "
                                   f"only, not {owner}'s")
@@ -218,12 +219,14 @@ class DataSink:
         owner_role = role if owner == peer else (self.role_of(owner) or Role.CLIENT)
         return Placement(owner, name, access, share, expires_at, owner_role)
 
-    def _worker_grant(self, wid: str, owner: str, purpose: dict[str, Any]) -> None:
+    def _worker_grant(self, wid: str, owner: str, purpose: dict[str, Any],
+                      known: tuple[str, str] | None = None) -> None:
         """A worker stores a job's results: ``grant`` names an attempt live on it whose
         job's owner is ``owner``, and the name is ``<job id>/stdout``, ``/stderr`` or
         ``/outputs/<name>`` (the owner's quota applies)."""
         aid = purpose.get("grant")
-        grant = self.attempt_grant(str(aid), wid) if isinstance(aid, str) and aid else None
+        grant = known or (self.attempt_grant(str(aid), wid) if isinstance(aid, str) and aid
+                          else None)
         if grant is None or grant[1] != owner:
             raise TransferRefused("forbidden", f"{wid} may store data only for an attempt "
                                   "it runs now, under that job's owner")
@@ -301,6 +304,32 @@ class DataSink:
             entry = self._commit(place, record.sha256, record.size)
         log.info("stored data %s (%s) for %s as %r", record.sha256[:12],
                  human_bytes(record.size), place.owner, place.name)
+        return _ref(entry)
+
+    def put_small(self, peer: str, purpose: dict[str, Any], data: bytes, *,
+                  grant: tuple[str, str] | None = None) -> dict[str, Any]:
+        """Store ``data`` as an upload with ``purpose`` would have (the same checks: the
+        peer's role, a worker's attempt grant and result name, the owner's quota), without
+        a transfer: a small result carried in its attempt's report (docs/jobs.md).
+        ``grant``: the (job, owner) ``attempt_grant`` gave for ``purpose``'s attempt on
+        ``peer`` while handling this report (one lookup for all its results)."""
+        role = self._role(peer)
+        place = self._placement(peer, role, str(purpose.get("name") or ""), purpose, grant)
+        digest = hashlib.sha256(data).hexdigest()
+        with self.lock:
+            if not self._holds(place.owner, digest):
+                self._check_quota(place, len(data), "", place.name)
+            if not self.files.holds(digest, len(data)):
+                dest = self.files.object_path(digest)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                part = self.files.partial / f"small-{os.getpid()}-{threading.get_ident()}.part"
+                with open(part, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(part, dest)
+                fsync_dir(dest.parent)
+            entry = self._commit(place, digest, len(data))
         return _ref(entry)
 
 

@@ -20,9 +20,11 @@ from typing import Any
 from broker.acl import Role
 from broker.bus import Bus, Incoming, Lane
 from coordinator import job_apps, job_deps
+from coordinator.data_sink import DataSink
 from coordinator.errors import NotFound
 from coordinator.fair_share import RECENT_S, summary_rows
 from coordinator.handling import Refusal, RequestGuard, guarded
+from coordinator.inline_results import keep_inline
 from coordinator.job_replicas import check_spec as replica_problem
 from coordinator.job_state import REPORTABLE, AttemptKind, JobState
 from coordinator.job_unmatchable import submit_warnings
@@ -49,7 +51,7 @@ from schemas.job_messages import (
     JobsWhyReply,
 )
 from schemas.messages import Body, Ok
-from schemas.outcome import OUTCOME_FIELDS
+from schemas.outcome import ERROR_MAX, OUTCOME_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +104,13 @@ class JobRequests:
     """The handlers (see the module docstring)."""
 
     def __init__(self, bus: Bus, store: Store, guard: RequestGuard, scheduler: JobScheduler,
-                 *, max_payload: int) -> None:
+                 *, max_payload: int, data_sink: DataSink | None = None) -> None:
         self.bus = bus
         self.store = store
         self.guard = guard
         self.scheduler = scheduler
         self.max_payload = max_payload
+        self.data_sink = data_sink  # stores the small results a report carries
 
     def register(self) -> None:
         table: dict[str, Callable[[Incoming], Body]] = {
@@ -300,10 +303,14 @@ class JobRequests:
             raise Refusal("invalid", "a result's sha256 is not 64 lowercase hex digits")
         outcome = {name: getattr(req, name) for name in OUTCOME_FIELDS
                    if getattr(req, name) is not None}
+        kept = keep_inline(self.data_sink, self.store, wid, req)  # coordinator/inline_results
+        if kept.notes:
+            outcome["error"] = "; ".join([*([outcome["error"]] if outcome.get("error")
+                                            else []), *kept.notes])[:ERROR_MAX]
         try:
             result = self.store.record_report(
-                req.attempt, wid, kind, outcome=outcome, stdout=req.stdout,
-                stderr=req.stderr, outputs=list(req.outputs or ()),
+                req.attempt, wid, kind, outcome=outcome, stdout=kept.stdout,
+                stderr=kept.stderr, outputs=kept.outputs,
                 started_at=req.started_at, ended_at=req.ended_at)
         except NotFound:
             log.warning("worker %s spoke of attempt %s, which is not its own", wid,

@@ -109,7 +109,7 @@ class Coordinator:
         # workers (they read their attempts' inputs and store their results).
         self.scheduler = JobScheduler(self.bus, store, self.registry, config.jobs, self.topics)
         self.jobs = JobRequests(self.bus, store, self.guard, self.scheduler,
-                                max_payload=config.bus.max_payload)
+                                max_payload=config.bus.max_payload, data_sink=self.data.sink)
         self.data.source.worker_may_read = store.worker_may_read
         self.data.sink.attempt_grant = store.attempt_grant
 

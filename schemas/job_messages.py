@@ -26,6 +26,9 @@ SYSTEM_FAILURES = frozenset({"worker_lost", "lease_expired", "input_failed"})
 JOB_FAILURES = frozenset({"exit_nonzero", "wall_clock", "oom"})
 HOLD_CODES = ("user", "unmatchable", "input", "dependency", "admin", "no_quorum")
 MAX_JOBS_PER_REQUEST = 500
+# attempt.report.json#/properties/inline: small results ride in the report, not a transfer
+INLINE_MAX_BYTES = 4096
+INLINE_MAX_FILES = 8
 
 
 # -- client -> coordinator -------------------------------------------------------------
@@ -237,6 +240,7 @@ class AttemptReport(Body, Outcome):
     stdout: dict[str, Any] | None = None  # {sha256, size}
     stderr: dict[str, Any] | None = None
     outputs: list[dict[str, Any]] | None = None  # [{name, sha256, size}]
+    inline: list[dict[str, Any]] | None = None  # [{sha256, data (base64)}]: small results
     started_at: float | None = None
     ended_at: float | None = None
 

@@ -10,6 +10,7 @@ end tests with the real coordinator are in tests/test_jobs_e2e.py.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import os
@@ -25,7 +26,14 @@ import pytest
 
 from broker.bus import Bus, Incoming, Lane, RemoteError
 from broker.transfer import SourceFile, TransferEndpoint, TransferRefused
-from schemas.job_messages import AttemptReport, AttemptStarted, JobAssign, JobKill
+from schemas.job_messages import (
+    INLINE_MAX_BYTES,
+    INLINE_MAX_FILES,
+    AttemptReport,
+    AttemptStarted,
+    JobAssign,
+    JobKill,
+)
 from schemas.messages import Ok, WorkerHeartbeat
 from tests.fixtures.grid import COORDINATOR, GridHarness, WorkerHandle
 from tests.fixtures.services import wait_for
@@ -118,7 +126,13 @@ class StandIn:
         return result
 
     def data(self, ref: dict[str, Any] | None) -> bytes:
+        """A result's bytes: carried in a report (small ones), else uploaded."""
         assert ref is not None
+        with self.lock:
+            for report in self.reports:
+                for item in report.inline or ():
+                    if item["sha256"] == ref["sha256"]:
+                        return base64.b64decode(item["data"])
         held = self.sink.held[ref["sha256"]]
         return Path(held["path"]).read_bytes()
 
@@ -189,6 +203,38 @@ def test_job_runs_with_inputs_stdin_outputs_and_env(
     wait_for(lambda: not any(p.is_dir() for p in jobs.iterdir()), timeout=10,
              message="attempt dirs removed")
     assert AttemptJournal(jobs / "attempts.journal").replay() == {}
+
+
+def test_small_results_ride_in_the_report_and_large_ones_are_uploaded(
+        standin: tuple[StandIn, WorkerHandle]) -> None:
+    """stdout, stderr and outputs of at most INLINE_MAX_BYTES come base64 in the report
+    (at most INLINE_MAX_FILES of them, the rest uploaded); a larger one is uploaded."""
+    coord, _worker = standin
+    big = INLINE_MAX_BYTES + 1
+    attempt = coord.assign(
+        f"head -c {big} /dev/zero | tr '\\0' x > big.txt; echo out; echo err >&2; "
+        "for i in 1 2 3 4 5 6 7 8 9 10; do echo $i > s$i.txt; done",
+        outputs=["big.txt", "s*.txt"])
+    report = coord.report(attempt)
+    assert report.kind == "success"
+    inline = {i["sha256"] for i in report.inline or ()}
+    assert len(inline) == INLINE_MAX_FILES
+    assert report.stdout is not None
+    assert report.stdout["sha256"] in inline
+    assert report.stderr is not None
+    assert report.stderr["sha256"] in inline
+    outputs = {o["name"]: o for o in report.outputs or ()}
+    assert set(outputs) == {"big.txt", *(f"s{i}.txt" for i in range(1, 11))}
+    assert outputs["big.txt"]["sha256"] not in inline  # over the size: uploaded
+    assert outputs["big.txt"]["sha256"] in coord.sink.held
+    uploaded = [n for n, o in outputs.items() if o["sha256"] not in inline]
+    assert len(uploaded) == 1 + 10 - (INLINE_MAX_FILES - 2)  # the rest of the small ones
+    assert all(outputs[n]["sha256"] in coord.sink.held for n in uploaded)
+    assert coord.data(report.stdout) == b"out\n"
+    assert coord.data(report.stderr) == b"err\n"
+    assert coord.data(outputs["big.txt"]) == b"x" * big
+    assert {coord.data(outputs[f"s{i}.txt"]) for i in range(1, 11)} == {
+        f"{i}\n".encode() for i in range(1, 11)}
 
 
 def test_missing_input_is_input_failed(standin: tuple[StandIn, WorkerHandle]) -> None:

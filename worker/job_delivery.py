@@ -11,6 +11,7 @@ acknowledged. Apart from worker/job_runner.py, which runs attempts.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import threading
@@ -20,6 +21,7 @@ from typing import Any
 
 from broker.bus import BusError
 from broker.transfer import Peer, TransferEndpoint, TransferError, TransferRefused
+from schemas.job_messages import INLINE_MAX_BYTES, INLINE_MAX_FILES
 from schemas.outcome import ERROR_MAX
 from worker.job_attempts import AttemptRecord, AttemptStore, ReportSender
 from worker.job_files import DATA_NAME_MAX
@@ -69,14 +71,15 @@ class ResultDelivery:
         refused: list[str] = []
         while True:
             refused.clear()
+            inline: dict[str, str] = {}  # sha256 -> base64: small results ride in the report
             try:
                 refs = {stream: self.upload(record, directory / stream,
-                                             f"{record.job}/{stream}", refused)
+                                             f"{record.job}/{stream}", refused, inline)
                         for stream in ("stdout", "stderr")}
                 files = []
                 for item in result.get("outputs") or []:
                     ref = self.upload(record, Path(item["path"]),
-                                       f"{record.job}/outputs/{item['name']}", refused)
+                                       f"{record.job}/outputs/{item['name']}", refused, inline)
                     if ref is not None:
                         files.append({"name": item["name"], **ref})
                 break
@@ -96,25 +99,38 @@ class ResultDelivery:
         record.report = {"attempt": record.attempt, "kind": result["kind"], **fields,
                          "stdout": refs["stdout"], "stderr": refs["stderr"],
                          "outputs": files, "started_at": record.started_at,
-                         "ended_at": record.ended_at}
+                         "ended_at": record.ended_at,
+                         "inline": [{"sha256": k, "data": v} for k, v in inline.items()]
+                         or None}
         record.report = {k: v for k, v in record.report.items()
                          if v is not None or k in ("stdout", "stderr")}
         record.phase = "reported"
         self.save(record, durable=True)
         self.reports.add(record)
 
-    def upload(self, record: AttemptRecord, path: Path, name: str,
-                refused: list[str]) -> dict[str, Any] | None:
+    def upload(self, record: AttemptRecord, path: Path, name: str, refused: list[str],
+               inline: dict[str, str] | None = None) -> dict[str, Any] | None:
         """One file as the owner's data object; None for a missing or empty file, and
         for one the coordinator refuses for good (the attempt is no longer current, the
         owner's quota is full, ...: noted in ``refused``). Other TransferErrors (the
-        coordinator or the broker away) propagate: the caller retries."""
+        coordinator or the broker away) propagate: the caller retries. A file of at most
+        INLINE_MAX_BYTES goes into ``inline`` (base64 by sha256, at most INLINE_MAX_FILES
+        of them) for the report to carry instead (coordinator/inline_results.py)."""
         try:
             size = path.stat().st_size
         except OSError:
             return None
         if size == 0:
             return None
+        if inline is not None and size <= INLINE_MAX_BYTES and len(inline) < INLINE_MAX_FILES:
+            try:
+                data = path.read_bytes()
+            except OSError:
+                return None
+            if 0 < len(data) <= INLINE_MAX_BYTES:
+                digest = hashlib.sha256(data).hexdigest()
+                inline[digest] = base64.b64encode(data).decode("ascii")
+                return {"sha256": digest, "size": len(data)}
         purpose = {"kind": "data", "owner": record.owner, "name": name[:DATA_NAME_MAX],
                    "grant": record.attempt}
         tid = hashlib.sha256(f"{record.attempt}\0{name}".encode()).hexdigest()[:32]
