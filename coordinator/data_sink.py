@@ -117,6 +117,10 @@ class DataFiles:
             return False
 
 
+USAGE_FRESH_S = 5.0  # an owner's stored bytes are read again after this (quota checks)
+USAGE_OWNERS_MAX = 10_000  # owners whose usage is kept between reads
+
+
 def partial_key(peer: str, tid: str) -> str:
     return hashlib.sha256(f"{peer}\0{tid}".encode()).hexdigest()[:32]
 
@@ -164,6 +168,9 @@ class DataSink:
         self.rate = rate
         # Batch jobs (docs/jobs.md): a worker uploads results for its live attempts.
         self.attempt_grant: AttemptGrant = no_attempt_grant
+        # owner -> (when read, bytes stored): the sum reads every name of the owner, and
+        # every new result of a sweep asks; what is stored meanwhile adds to it
+        self._stored: dict[str, tuple[float, int]] = {}
 
     # -- admission ------------------------------------------------------------------------
 
@@ -178,7 +185,7 @@ class DataSink:
                     offer.sha256, offer.size):
                 if not mine:
                     self._check_quota(place, offer.size, offer.tid, place.name)
-                entry = self._commit(place, offer.sha256, offer.size)
+                entry = self._commit(place, offer.sha256, offer.size, new=not mine)
                 log.info("data %s from %s held already (%s): named %r", offer.sha256[:12],
                          offer.peer, place.owner, place.name)
                 return Admission(ref=_ref(entry))
@@ -244,7 +251,8 @@ class DataSink:
         limit = self.quota.limit(place.owner_role)
         if limit is None:
             return
-        stored, reserved = self.store.data_usage(place.owner, exclude_tid=tid)
+        stored = self._stored_bytes(place.owner)
+        reserved = self.store.data_reserved(place.owner, exclude_tid=tid)
         if stored + reserved + size > limit:
             pending = f" (+ {human_bytes(reserved)} in unfinished uploads)" if reserved else ""
             raise TransferRefused(
@@ -253,13 +261,32 @@ class DataSink:
                 f"{human_bytes(limit)}, and {name} needs {human_bytes(size)} more; remove "
                 "data (`xcloud data rm`) or ask an admin for more room")
 
-    def _commit(self, place: Placement, sha256: str, size: int) -> DataRecord:
+    def _stored_bytes(self, owner: str) -> int:
+        """``owner``'s stored bytes, read again at most every USAGE_FRESH_S (under
+        ``self.lock``): removals free quota that much later, stores count at once."""
+        now = time.monotonic()
+        known = self._stored.get(owner)
+        if known is not None and now - known[0] < USAGE_FRESH_S:
+            return known[1]
+        if len(self._stored) >= USAGE_OWNERS_MAX:
+            self._stored.clear()
+        stored = self.store.data_stored(owner)
+        self._stored[owner] = (now, stored)
+        return stored
+
+    def _commit(self, place: Placement, sha256: str, size: int, *,
+                new: bool = False) -> DataRecord:
+        """Name the content; ``new``: the owner held none of it (its usage grows)."""
         try:
-            return self.store.put_data(place.owner, place.name, sha256, size,
-                                       access=place.access, share=place.share,
-                                       expires_at=place.expires_at)
+            entry = self.store.put_data(place.owner, place.name, sha256, size,
+                                        access=place.access, share=place.share,
+                                        expires_at=place.expires_at)
         except CoordinatorError as err:
             raise TransferRefused(getattr(err, "code", "internal"), str(err)) from err
+        known = self._stored.get(place.owner)
+        if new and known is not None:
+            self._stored[place.owner] = (known[0], known[1] + size)
+        return entry
 
     # -- records ----------------------------------------------------------------------------
 
@@ -292,7 +319,8 @@ class DataSink:
         role = self.role_of(record.peer)
         place = self._placement(record.peer, role, record.name, record.purpose)
         with self.lock:
-            if not self._holds(place.owner, record.sha256):
+            mine = self._holds(place.owner, record.sha256)
+            if not mine:
                 self._check_quota(place, record.size, record.tid, place.name)
             dest = self.files.object_path(record.sha256)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -301,7 +329,7 @@ class DataSink:
             else:
                 os.replace(partial, dest)
                 fsync_dir(dest.parent)
-            entry = self._commit(place, record.sha256, record.size)
+            entry = self._commit(place, record.sha256, record.size, new=not mine)
         log.info("stored data %s (%s) for %s as %r", record.sha256[:12],
                  human_bytes(record.size), place.owner, place.name)
         return _ref(entry)
@@ -317,7 +345,8 @@ class DataSink:
         place = self._placement(peer, role, str(purpose.get("name") or ""), purpose, grant)
         digest = hashlib.sha256(data).hexdigest()
         with self.lock:
-            if not self._holds(place.owner, digest):
+            mine = self._holds(place.owner, digest)
+            if not mine:
                 self._check_quota(place, len(data), "", place.name)
             if not self.files.holds(digest, len(data)):
                 dest = self.files.object_path(digest)
@@ -329,7 +358,7 @@ class DataSink:
                     os.fsync(out.fileno())
                 os.replace(part, dest)
                 fsync_dir(dest.parent)
-            entry = self._commit(place, digest, len(data))
+            entry = self._commit(place, digest, len(data), new=not mine)
         return _ref(entry)
 
 

@@ -291,3 +291,35 @@ def test_a_popular_content_costs_a_probe_not_a_scan(store: Store, files: DataFil
         source.open_fetch("dave", {"kind": "data", "sha256": digest})
     assert info.value.code == "forbidden"
     assert len(built) <= 8, built  # (it built all 301 names for each of them)
+
+
+def test_a_sweeps_results_read_the_owners_usage_once(store: Store, files: DataFiles,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sum of an owner's stored bytes reads every name it has (11 ms with 10,000): it
+    is read once per USAGE_FRESH_S, and what is stored meanwhile adds to it, so the quota
+    still holds; a removal frees room once the sum is read again."""
+    from coordinator import data_sink as sink_module
+
+    sink = sink_of(store, files, quota=100)
+    reads: list[str] = []
+    real = store.data_stored
+
+    def counted(owner: str) -> int:
+        reads.append(owner)
+        return real(owner)
+
+    monkeypatch.setattr(store, "data_stored", counted)
+    for i in range(9):  # 9 x 10 bytes, each a new content: one read of the sum
+        sink.put_small("alice", {"kind": "data", "name": f"r{i}"}, b"%09d\n" % i)
+    assert reads == ["alice"]
+    with pytest.raises(TransferRefused) as info:  # 90 stored + 11 > 100, with no read
+        sink.admit(offer("alice", b"0123456789\n", "r9", tid="tid00009"))
+    assert info.value.code == "quota_exceeded"
+    assert reads == ["alice"]
+    entries, _total = store.list_data("alice")
+    assert store.remove_data([e.id for e in entries if e.name in ("r0", "r1")]) == 2
+    with pytest.raises(TransferRefused):  # the sum is not read again yet
+        sink.admit(offer("alice", b"0123456789\n", "r9", tid="tid00010"))
+    monkeypatch.setattr(sink_module, "USAGE_FRESH_S", 0.0)  # (as USAGE_FRESH_S later)
+    assert sink.admit(offer("alice", b"0123456789\n", "r9", tid="tid00011")).ref is None
+    assert reads == ["alice", "alice"]
