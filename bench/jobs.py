@@ -65,7 +65,10 @@ from bench.scheduler_pass import QuietBus
 from bench.scratch import scratch_dir
 
 VARIANTS = ("xcloud-mosquitto", "xcloud-prefetch", "xcloud-up", "xcloud-up-thread",
-            "xcloud-instant", "celery-redis", "celery-rabbitmq", "dask")
+            "xcloud-instant", "xcloud-results", "celery-redis", "celery-rabbitmq", "dask")
+# xcloud-results: jobs that print a line and write one small file, kept as the owner's data
+# (they ride in the report: docs/jobs.md, "Small results")
+RESULTS_SPEC = {"command": "echo $XCLOUD_JOB_ID > out.txt; echo done", "outputs": ["out.txt"]}
 FULL = {"jobs": 2000, "latency": 50}
 QUICK = {"jobs": 200, "latency": 50}
 BATCH = 500
@@ -272,17 +275,22 @@ def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int,
     from client.api import Grid
 
     xgrid: SplitGrid2 | UpGrid2 = (
-        SplitGrid2(workdir) if kind == "mosquitto" else
+        SplitGrid2(workdir) if kind in ("mosquitto", "results") else
         SplitGrid2(workdir, prefetch=prefetch) if kind == "prefetch" else
         SplitGrid2(workdir, instant=True) if kind == "instant" else
         UpGrid2(workdir, broker_thread=kind == "up-thread"))
     out: dict[str, Any] = {"label": xgrid.label}
+    results = kind == "results"
     try:
         with xgrid:
             with Grid.connect(xgrid.config) as grid:
                 events = EventLog()
                 events.hook(grid)
                 wait_workers(grid, WORKERS)
+                if results:  # (the latency is the Mosquitto row's)
+                    out["run"] = throughput(grid, events, n, xgrid.coordinator_pid(),
+                                            extra=RESULTS_SPEC)
+                    return out
                 out["latency"] = submit_latency(grid, events, latency_runs)
                 out["run"] = throughput(grid, events, n, xgrid.coordinator_pid())
                 if isinstance(xgrid, SplitGrid2) and not (xgrid.prefetch or xgrid.instant):
@@ -320,6 +328,8 @@ def run(quick: bool = False, only: str | None = None, prefetch: int = 1) -> dict
                 row = run_xcloud("up-thread", tmp, n, sizes["latency"])
             elif name == "xcloud-instant":
                 row = run_xcloud("instant", tmp, n, sizes["latency"])
+            elif name == "xcloud-results":
+                row = run_xcloud("results", tmp, n, sizes["latency"])
             elif name == "celery-redis":
                 row = run_celery(REDIS_URL, REDIS_URL, n)
             elif name == "celery-rabbitmq":
@@ -355,6 +365,8 @@ def markdown(result: dict[str, Any]) -> str:
               "xcloud-up-thread": "xcloud, `xcloud up`, broker in a thread (2 × 2)",
               "xcloud-instant": "xcloud, Mosquitto, 2 workers that run nothing (the "
                                 "coordinator's ceiling)",
+              "xcloud-results": "xcloud, Mosquitto, jobs that print a line and write a "
+                                "small file (kept as data)",
               "celery-redis": "Celery + Redis (2 procs × concurrency 2)",
               "celery-rabbitmq": "Celery + RabbitMQ, rpc:// results (2 × 2)",
               "dask": "Dask LocalCluster (2 workers × 2 threads)"}
