@@ -80,6 +80,8 @@ class StandIn:
     started: list[str] = field(default_factory=list)
     reports: list[AttemptReport] = field(default_factory=list)
     refuse_reports: int = 0  # answer the first N reports `unavailable`
+    refuse_inline: bool = False  # answer reports with results inline `invalid` (older)
+    inline_refused: int = 0
     beats: list[WorkerHeartbeat] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -92,6 +94,10 @@ class StandIn:
             if self.refuse_reports > 0:
                 self.refuse_reports -= 1
                 self.bus.reply_error(incoming, "unavailable", "not now")
+                return
+            if self.refuse_inline and incoming.body.inline:
+                self.inline_refused += 1
+                self.bus.reply_error(incoming, "invalid", "unknown field inline")
                 return
             self.reports.append(incoming.body)
         self.bus.reply(incoming, Ok())
@@ -235,6 +241,27 @@ def test_small_results_ride_in_the_report_and_large_ones_are_uploaded(
     assert coord.data(outputs["big.txt"]) == b"x" * big
     assert {coord.data(outputs[f"s{i}.txt"]) for i in range(1, 11)} == {
         f"{i}\n".encode() for i in range(1, 11)}
+
+
+def test_a_coordinator_that_predates_inline_results_gets_them_uploaded(
+        standin: tuple[StandIn, WorkerHandle]) -> None:
+    """A coordinator older than ``inline`` refuses such a report ``invalid``: the worker
+    uploads those results and sends the report again without them (not dropped: a
+    volunteer's worker may be newer than its grid), and uploads from then on."""
+    coord, _worker = standin
+    coord.refuse_inline = True
+    first = coord.assign("echo one; echo 1 > r.txt", outputs=["r.txt"])
+    report = coord.report(first)
+    assert report.kind == "success"
+    assert not report.inline
+    assert report.stdout is not None
+    assert report.stdout["sha256"] in coord.sink.held  # uploaded
+    assert coord.data(report.stdout) == b"one\n"
+    assert coord.data((report.outputs or [])[0]) == b"1\n"
+    second = coord.report(coord.assign("echo two"))
+    assert not second.inline
+    assert coord.data(second.stdout) == b"two\n"
+    assert coord.inline_refused == 1
 
 
 def test_missing_input_is_input_failed(standin: tuple[StandIn, WorkerHandle]) -> None:

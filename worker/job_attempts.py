@@ -231,6 +231,7 @@ class ReportSender:
     def __init__(self, bus: Bus, topics: Topics, store: AttemptStore, *,
                  on_done: Callable[[str], None] | None = None,
                  remove: Callable[[str], None] | None = None,
+                 without_inline: Callable[[AttemptRecord], None] | None = None,
                  resend_s: float = RESEND_S, resend_max_s: float = RESEND_MAX_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.bus = bus
@@ -238,6 +239,9 @@ class ReportSender:
         self.store = store
         self.on_done = on_done
         self.remove = remove or store.remove  # the attempt's directory, once acknowledged
+        # a report with small results inline refused `invalid` (a coordinator older than
+        # `inline`): handed back, to be delivered again with them uploaded (job_delivery)
+        self.without_inline = without_inline
         self.resend_s = resend_s
         self.resend_max_s = resend_max_s
         self._clock = clock
@@ -324,6 +328,15 @@ class ReportSender:
                 retry = (body.detail or {}).get("retry_after_s")
                 if body.code == "rate_limited" and isinstance(retry, (int, float)):
                     entry.next_at = self._clock() + float(retry)
+                return
+            if (isinstance(body, Error) and body.code == "invalid" and self.without_inline
+                    is not None and (entry.record.report or {}).get("inline")):
+                log.warning("the coordinator refused the report of attempt %s with its small "
+                            "results inline (%s); uploading them instead",
+                            entry.record.attempt, body.message)
+                with self._lock:
+                    self._pending.pop(entry.record.attempt, None)
+                self.without_inline(entry.record)
                 return
             if isinstance(body, Error):
                 log.warning("the coordinator refused the report of attempt %s for good "

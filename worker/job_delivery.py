@@ -47,6 +47,20 @@ class ResultDelivery:
         self.reports = reports
         self.stopping = stopping
         self.save = save
+        # False once a coordinator refused a report for its inline results (older than
+        # them): every later attempt uploads its results, until the worker restarts
+        self.inline = True
+        reports.without_inline = self.without_inline
+
+    def without_inline(self, record: AttemptRecord) -> None:
+        """The coordinator refused the report's ``inline`` (``invalid``: it predates them):
+        deliver the attempt again, its small results uploaded, on a thread of its own
+        (uploads wait; this is the report sender's)."""
+        self.inline = False
+        record.report = None
+        record.phase = "finished"
+        threading.Thread(target=self.deliver, args=(record,), daemon=True,
+                         name=f"deliver-{record.attempt}").start()
 
     def has_uploads(self, record: AttemptRecord) -> bool:
         """Whether delivering has files to upload (a non-empty stdout or stderr, an
@@ -71,7 +85,8 @@ class ResultDelivery:
         refused: list[str] = []
         while True:
             refused.clear()
-            inline: dict[str, str] = {}  # sha256 -> base64: small results ride in the report
+            # sha256 -> base64: small results ride in the report (coordinator permitting)
+            inline: dict[str, str] | None = {} if self.inline else None
             try:
                 refs = {stream: self.upload(record, directory / stream,
                                              f"{record.job}/{stream}", refused, inline)
@@ -100,8 +115,8 @@ class ResultDelivery:
                          "stdout": refs["stdout"], "stderr": refs["stderr"],
                          "outputs": files, "started_at": record.started_at,
                          "ended_at": record.ended_at,
-                         "inline": [{"sha256": k, "data": v} for k, v in inline.items()]
-                         or None}
+                         "inline": [{"sha256": k, "data": v}
+                                    for k, v in (inline or {}).items()] or None}
         record.report = {k: v for k, v in record.report.items()
                          if v is not None or k in ("stdout", "stderr")}
         record.phase = "reported"
