@@ -164,9 +164,9 @@ class DataStore(StoreBase):
     def holds_data(self, owner: str, sha256: str) -> bool:
         """Does ``owner`` name ``sha256`` already? One probe of the (sha256, owner) index,
         whatever the number of names the content has (a popular output of a sweep)."""
-        Entry = self.models.DataEntry
-        return Entry.select(Entry.id).where((Entry.sha256 == sha256)
-                                            & (Entry.owner == owner)).exists()
+        return bool(self._sql.tuples(  # (every upload and small result asks: compiled)
+            "SELECT 1 FROM {entries} WHERE {sha256} = {?} AND {owner} = {?} LIMIT 1",
+            sha256, owner))
 
     @op
     def first_data_entry(self, sha256: str) -> DataRecord | None:

@@ -589,8 +589,7 @@ class JobStore(StoreBase):
     def attempt_grant(self, aid: str, wid: str) -> tuple[str, str] | None:
         """(job id, owner) of ``aid`` when it is live on ``wid``, else None: a worker
         may upload results for its current attempts only."""
-        Attempt = self.models.Attempt
-        rows = tuples(Attempt.select(Attempt.job_id, Attempt.owner).where(
-            (Attempt.id == aid) & (Attempt.worker_id == wid)
-            & (Attempt.live == True)))  # noqa: E712
-        return (rows[0][0], rows[0][1]) if rows else None
+        rows = self._sql.tuples(  # (every upload and report with results asks: compiled)
+            "SELECT {job_id}, {owner} FROM {attempt} WHERE {id} = {?} AND {worker_id} = {?} "
+            "AND {live} = {?}", aid, wid, True)
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
