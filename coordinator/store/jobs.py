@@ -121,8 +121,7 @@ class JobStore(StoreBase):
 
     @op
     def get_job(self, jid: str) -> JobRecord | None:
-        Job = self.models.Job
-        rows = dicts(Job.select().where(Job.id == jid))
+        rows = self._sql.rows("SELECT " + _ALL + " FROM {job} WHERE {id} = {?}", jid)
         return _job(rows[0]) if rows else None
 
     @op
@@ -162,22 +161,21 @@ class JobStore(StoreBase):
     @op
     def job_attempts(self, jid: str, limit: int = 200) -> tuple[list[AttemptRecord], bool]:
         """The job's last ``limit`` attempts, oldest first; and whether older ones exist."""
-        Attempt = self.models.Attempt
-        rows = dicts(Attempt.select().where(Attempt.job_id == jid)
-                     .order_by(Attempt.assigned_at.desc(), Attempt.id.desc()).limit(limit + 1))
+        rows = self._sql.rows("SELECT * FROM {attempt} WHERE {job_id} = {?} ORDER BY "
+                              "{assigned_at} DESC, {id} DESC LIMIT {?}", jid, int(limit) + 1)
         return [_attempt(r) for r in reversed(rows[:limit])], len(rows) > limit
 
     @op
     def get_attempt(self, aid: str) -> AttemptRecord | None:
-        Attempt = self.models.Attempt
-        rows = dicts(Attempt.select().where(Attempt.id == aid))
+        rows = self._sql.rows("SELECT * FROM {attempt} WHERE {id} = {?}", aid)
         return _attempt(rows[0]) if rows else None
 
     @op
     def job_result(self, jid: str) -> ResultRecord | None:
         """The counted result of the job, if any."""
-        Result = self.models.JobResult
-        rows = dicts(Result.select().where((Result.job_id == jid) & (Result.counted == True)))  # noqa: E712
+        # (jobs.show: a client's future asks once per job; compiled, as the per-job path)
+        rows = self._sql.rows("SELECT * FROM {result} WHERE {job_id} = {?} AND {counted} = {?}",
+                              jid, True)
         if not rows:
             return None
         r = rows[0]
