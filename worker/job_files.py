@@ -145,6 +145,8 @@ def collect_outputs(workdir: Path, patterns: list[str], dest: Path) -> tuple[
     the problems met (skipped entries), for the report's error."""
     found: dict[str, Path] = {}
     problems: list[str] = []
+    if not patterns:  # most jobs: not even the work dir's realpath (a stat per component)
+        return [], problems
     root = workdir.resolve()
     for pattern in patterns:
         try:
