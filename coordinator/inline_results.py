@@ -2,10 +2,10 @@
 
 A job's stdout, stderr or output of at most ``INLINE_MAX_BYTES`` (at most
 ``INLINE_MAX_FILES`` of them) comes base64 in the report instead of one upload each
-(docs/jobs.md, "Results"). An upload is an ``xfer.init``, a segment, an ``xfer.fin`` and a
-dozen store calls on the coordinator's transfer lane; a sweep whose jobs each print a
-line or write a small file spent several times the job's own cost on them (28 jobs/s
-against 160 for jobs that print nothing, bench/README.md). Here each is checked and stored
+(docs/jobs.md, "Small results"). An upload is an ``xfer.init``, a segment, an ``xfer.fin``
+and a dozen store calls on the coordinator's transfer lane; a sweep whose jobs each print
+a line or write a small file spent several times the job's own cost on them (29 jobs/s
+against 116 inline, BENCHMARKS.md §10). Here each is checked and stored
 as its upload would have been (``DataSink.put_small``: the attempt's grant, the result's
 name, the owner's quota), before the report itself is recorded: a refused one (the quota
 is full) is left out of the report and named in its error, as the worker does for a
@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.transfer import TransferRefused
+from broker.transfer import REFUSED_FOR_GOOD, TransferRefused
 from coordinator.data_sink import DataSink
 from coordinator.handling import Refusal
 from coordinator.store import Store
@@ -30,9 +30,6 @@ from schemas.job_messages import INLINE_MAX_BYTES, AttemptReport
 
 log = logging.getLogger(__name__)
 
-# refusals of a result that end its keeping (as the worker's job_delivery.REFUSED_FOR_GOOD)
-FOR_GOOD = frozenset({"forbidden", "invalid", "not_found", "quota_exceeded", "too_large",
-                      "conflict"})
 
 
 @dataclass
@@ -71,6 +68,11 @@ def keep_inline(sink: DataSink | None, store: Store, wid: str,
     inline = decode_inline(report)
     if not inline:
         return kept
+    for ref in (kept.stdout, kept.stderr, *kept.outputs):  # all checked before any is stored
+        data = inline.get(str(ref.get("sha256"))) if ref is not None else None
+        if data is not None and ref is not None and int(ref.get("size", -1)) != len(data):
+            raise Refusal("invalid", f"a result of size {ref.get('size')} has {len(data)} "
+                          "bytes inline")
     if sink is None:
         raise Refusal("unavailable", "this coordinator keeps no data: upload the results")
     grant = store.attempt_grant(report.attempt, wid)
@@ -82,14 +84,11 @@ def keep_inline(sink: DataSink | None, store: Store, wid: str,
         if ref is None or str(ref.get("sha256")) not in inline:
             return ref  # uploaded (or no such result)
         data = inline[str(ref["sha256"])]
-        if int(ref.get("size", -1)) != len(data):
-            raise Refusal("invalid", f"{name}: size {ref.get('size')} but {len(data)} "
-                          "bytes inline")
         purpose = {"kind": "data", "owner": owner, "name": name, "grant": report.attempt}
         try:
             sink.put_small(wid, purpose, data, grant=grant)
         except TransferRefused as err:
-            if err.code not in FOR_GOOD:
+            if err.code not in REFUSED_FOR_GOOD:
                 raise Refusal(err.code, str(err)) from err
             log.warning("attempt %s: %s not kept (%s: %s)", report.attempt, name, err.code,
                         err)

@@ -35,7 +35,7 @@ def names(grid: GridHarness, owner: str, jid: str) -> dict[str, str]:
     return {e.name: e.sha256 for e in entries if e.name.startswith(f"{jid}/")}
 
 
-def setup(grid: GridHarness, **settings: Any) -> tuple[Any, JobClient, JobWorker, JobWorker]:
+def start_grid(grid: GridHarness, **settings: Any) -> tuple[Any, JobClient, JobWorker, JobWorker]:
     grid.coordinator_settings.update(settings)
     coordinator = start_jobs_coordinator(grid)
     alice = JobClient(grid, "alice")
@@ -48,7 +48,7 @@ def setup(grid: GridHarness, **settings: Any) -> tuple[Any, JobClient, JobWorker
 
 @BOTH_DBS
 def test_small_results_in_the_report_are_the_owners_data_once(grid: GridHarness) -> None:
-    coordinator, alice, w1, _w2 = setup(grid)
+    coordinator, alice, w1, _w2 = start_grid(grid)
     (jid,) = alice.submit({"command": "true", "requirements": {"worker": "w1"}})
     (assign,) = w1.assigned()
     out, out_inline = small(b"hello\n")
@@ -79,7 +79,7 @@ def test_small_results_in_the_report_are_the_owners_data_once(grid: GridHarness)
 
 
 def test_forged_and_mismatched_inline_results_keep_nothing(grid: GridHarness) -> None:
-    _coordinator, alice, w1, w2 = setup(grid)
+    _coordinator, alice, w1, w2 = start_grid(grid)
     (jid,) = alice.submit({"command": "true", "requirements": {"worker": "w1"}})
     (assign,) = w1.assigned()
     out, out_inline = small(b"not yours\n")
@@ -94,8 +94,11 @@ def test_forged_and_mismatched_inline_results_keep_nothing(grid: GridHarness) ->
                             stdout={"sha256": "ee" * 32, "size": out["size"]}, inline=[lying])
     assert isinstance(bad, Error)
     assert bad.code == "invalid"
-    sized = w1.report_attempt(assign.attempt, "success", exit_code=0,
-                              stdout=dict(out, size=out["size"] + 1), inline=[out_inline])
+    # (a good stdout beside an output of another size: neither is kept)
+    other, other_inline = small(b"other\n")
+    sized = w1.report_attempt(assign.attempt, "success", exit_code=0, stdout=other,
+                              outputs=[{"name": "o.txt", **out, "size": out["size"] + 1}],
+                              inline=[other_inline, out_inline])
     assert isinstance(sized, Error)
     assert sized.code == "invalid"
     assert names(grid, "alice", jid) == {}
@@ -117,7 +120,7 @@ def test_forged_and_mismatched_inline_results_keep_nothing(grid: GridHarness) ->
 
 def test_an_inline_result_over_the_owners_quota_is_named_in_the_error(
         grid: GridHarness) -> None:
-    _coordinator, alice, w1, _w2 = setup(grid, data_quota_bytes=16)
+    _coordinator, alice, w1, _w2 = start_grid(grid, data_quota_bytes=16)
     (jid,) = alice.submit({"command": "true", "requirements": {"worker": "w1"}})
     (assign,) = w1.assigned()
     out, out_inline = small(b"fits\n")

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from broker.bus import BusError
-from broker.transfer import Peer, TransferEndpoint, TransferError, TransferRefused
+from broker.transfer import (
+    REFUSED_FOR_GOOD,
+    Peer,
+    TransferEndpoint,
+    TransferError,
+    TransferRefused,
+)
 from schemas.job_messages import INLINE_MAX_BYTES, INLINE_MAX_FILES
 from schemas.outcome import ERROR_MAX
 from worker.job_attempts import AttemptRecord, AttemptStore, ReportSender
@@ -30,8 +36,6 @@ log = logging.getLogger(__name__)
 
 UPLOAD_RETRY_S = 2.0
 UPLOAD_RETRY_MAX_S = 30.0
-REFUSED_FOR_GOOD = frozenset({"forbidden", "invalid", "not_found", "quota_exceeded",
-                              "too_large", "conflict", "hash_mismatch"})
 
 
 class ResultDelivery:

@@ -10,6 +10,7 @@ where bytes go and who may send them (``Sink``) and what a download may read
 
 from broker.transfer.endpoint import TransferEndpoint, TransferResult
 from broker.transfer.errors import (
+    REFUSED_FOR_GOOD,
     TransferAborted,
     TransferError,
     TransferRefused,
@@ -29,6 +30,7 @@ from broker.transfer.storage import (
 )
 
 __all__ = [
+    "REFUSED_FOR_GOOD",
     "Admission",
     "ByteRanges",
     "FileDownloadSink",

@@ -35,6 +35,13 @@ class TransferRefused(TransferError):
         super().__init__(message, code)
 
 
+# Refusals that will not change if the transfer is tried again: the result they concern
+# is given up (and named in the report's error), not retried (worker/job_delivery.py,
+# coordinator/inline_results.py).
+REFUSED_FOR_GOOD = frozenset({"forbidden", "invalid", "not_found", "quota_exceeded",
+                              "too_large", "conflict", "hash_mismatch"})
+
+
 class TransferAborted(TransferError):
     """The peer (or the caller) aborted the transfer."""
 

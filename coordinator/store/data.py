@@ -303,7 +303,7 @@ class DataStore(StoreBase):
     def data_reserved(self, owner: str, *, exclude_tid: str | None = None) -> int:
         """The bytes ``owner``'s uploads still receiving reserve (but ``exclude_tid``)."""
         ((pending,),) = self._sql.tuples(
-            "SELECT COALESCE(SUM({size}), 0) FROM {xc_transfer} WHERE {peer} = {?} AND "
+            "SELECT COALESCE(SUM({size}), 0) FROM {transfers} WHERE {peer} = {?} AND "
             "{phase} = {?} AND {direction} = 'upload' AND {tid} != {?}",
             owner, RECEIVING, exclude_tid if exclude_tid is not None else "")
         return int(pending or 0)

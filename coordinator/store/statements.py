@@ -8,8 +8,8 @@ statements here are plain SQL, the same for SQLite and MySQL/MariaDB (identifier
 the backend's way, its own parameter marker), compiled from a template on first use.
 
 Templates: ``{name}`` is a quoted identifier (``{job}``, ``{attempt}``, ``{result}``,
-``{workers}``, ``{reservations}``, ``{edges}``, ``{objects}``, ``{entries}`` and
-``{refs}`` name the tables; no column may take those names), ``{?}`` a parameter,
+``{workers}``, ``{reservations}``, ``{edges}``, ``{objects}``, ``{entries}``, ``{refs}``
+and ``{transfers}`` name the tables; no column may take those names), ``{?}`` a parameter,
 ``{lock}`` ``FOR UPDATE`` on MySQL (SQLite's writers hold the file: ``IMMEDIATE``
 transactions).
 """
@@ -24,7 +24,8 @@ from peewee import Database, Model
 
 TABLES = {"job": "xc_job", "attempt": "xc_attempt", "result": "xc_job_result",
           "workers": "xc_worker", "reservations": "xc_reservation", "edges": "xc_job_edge",
-          "objects": "xc_data_object", "entries": "xc_data_entry", "refs": "xc_data_ref"}
+          "objects": "xc_data_object", "entries": "xc_data_entry", "refs": "xc_data_ref",
+          "transfers": "xc_transfer"}
 _FIELD = re.compile(r"\{(\w+|\?)\}")
 
 
