@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -223,6 +224,30 @@ def test_the_thread_ends_when_nothing_holds_it_and_the_next_use_restarts_it() ->
     made.call_soon(again.set)
     assert again.wait(10)
     wait_for(lambda: made.thread is None, message="the restarted thread did not end")
+
+
+def test_a_call_made_while_a_new_thread_waits_for_its_first_timer_runs_at_once() -> None:
+    """A loop started by a far timer still wakes for what comes next (the new thread
+    used to count as woken, so a call or an earlier timer waited for the far one)."""
+    made = IoLoop("test-io-first")
+    far = made.call_later(60.0, lambda: None)
+    wait_for(lambda: _waiting(made), message="the loop thread waiting for its timer")
+    ran, soon = threading.Event(), threading.Event()
+    made.call_soon(ran.set)
+    made.call_later(0.01, soon.set)
+    try:
+        assert ran.wait(10)
+        assert soon.wait(10)
+    finally:
+        far.cancel()
+    wait_for(lambda: made.thread is None, message="the loop thread did not end")
+
+
+def _waiting(loop: IoLoop) -> bool:
+    """Is the loop's thread inside its selector's wait?"""
+    thread = loop.thread
+    frame = sys._current_frames().get(thread.ident or 0) if thread is not None else None
+    return frame is not None and frame.f_code.co_name == "select"
 
 
 def _raise() -> None:

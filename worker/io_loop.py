@@ -230,7 +230,10 @@ class IoLoop:
             self._started += 1
             self._thread = threading.Thread(target=self._run, daemon=True,
                                             name=f"{self.name}-{self._started}")
-            self._woken = True  # the new thread looks at the queue first anyway
+            # Not marked woken: the new thread may be about to wait for a timer, and
+            # what is added meanwhile must wake it (it then slept through a call added
+            # during its first wait: until the timer's due time)
+            self._woken = False
             self._thread.start()
             return
         if not self._woken:
