@@ -156,6 +156,9 @@ class WorkerConfig:
     cache_bytes: int = 10 * 1024**3  # the input cache's size cap (LRU eviction beyond)
     job_output_bytes: int = 64 * 1024 * 1024  # stdout, and stderr, kept per attempt
     job_queue: int = 2  # attempts accepted beyond the slots, waiting for one (prefetch)
+    # the ok to job.assign waits this long for the attempt's report to answer it instead
+    # (worker/assign_answers.py; 0 = at once)
+    job_ack_wait_s: float = 0.1
 
 
 @dataclass

@@ -6,7 +6,9 @@ sent it and then waited for that answer: two thread hand-offs and a transaction 
 Now the scheduler's own thread sends the request (``Bus.request_async``: nothing
 waits), the answer's future queues the attempt here, and one thread takes every answer
 queued so far at once: the acknowledgements of all of them in one transaction, each
-refusal as before. The same thread ends the assignments that got no answer within
+refusal as before. An attempt's accepted report answers its assignment as well
+(``reported``: workers hold the ``ok`` back briefly, and a short job never sends it). The
+same thread ends the assignments that got no answer within
 ``jobs.assign_ack_s`` (``lease_expired``, and ``job.kill`` to the worker: no ghost
 tasks); the scheduler's pass looks for those too, from the store, after a restart.
 """
@@ -91,6 +93,15 @@ class AssignAcks:
             self._flight[aid] = InFlight(attempt, future, deadline)
             heapq.heappush(self._deadlines, (deadline, aid))
         future.add_done_callback(lambda _f: self._answered.put(aid))
+
+    def reported(self, aid: str) -> None:
+        """The attempt's report was accepted: it acknowledged the assignment too (a worker
+        holds its ``ok`` back briefly, and a short job's report makes it unneeded:
+        worker/assign_answers.py), so no answer is awaited any more."""
+        with self._lock:
+            item = self._flight.pop(aid, None)
+        if item is not None:
+            item.future.cancel()  # (the bus forgets it; a late ok finds nothing)
 
     def in_flight(self) -> int:
         with self._lock:

@@ -316,6 +316,7 @@ class JobRequests:
             log.warning("worker %s spoke of attempt %s, which is not its own", wid,
                         req.attempt)
             raise Refusal("not_found", f"no attempt {req.attempt} on worker {wid}") from None
+        self.scheduler.reported(req.attempt)  # (it acknowledged the assignment too)
         if result.changes:  # (at INFO unless it succeeded: a line per job is most of a log)
             log.log(logging.DEBUG if kind is AttemptKind.SUCCESS else logging.INFO,
                     "attempt %s on %s: %s -> job %s", req.attempt, wid, kind.value,

@@ -432,6 +432,12 @@ class JobScheduler:
 
     # -- for coordinator/assign_acks.py ----------------------------------------------------
 
+    def reported(self, aid: str) -> None:
+        """The attempt's report was accepted: it acknowledged the assignment as well."""
+        acks = self._acks
+        if acks is not None:  # (None: stopping)
+            acks.reported(aid)
+
     def ack_deadline_s(self) -> float:
         return self.config.assign_ack_s
 

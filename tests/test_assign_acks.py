@@ -15,6 +15,7 @@ from typing import Any, cast
 import pytest
 
 from coordinator.assign_acks import AssignAcks
+from coordinator.job_state import AttemptKind
 from coordinator.store import Store
 from coordinator.store.job_records import AttemptRecord
 from schemas.codec import Envelope, envelope
@@ -166,5 +167,34 @@ def test_a_shorter_deadline_sent_later_expires_first(
         assert recorded.wait(10)
         assert acks.in_flight() == 0
         assert _acked(store, [slow, quick]) == [True, False]
+    finally:
+        acks.close()
+
+
+@BOTH_DBS
+def test_an_accepted_report_answers_its_assignment(store: Store) -> None:
+    """A worker holds its ok back briefly and a short job's report comes instead
+    (worker/assign_answers.py): the report acknowledges the attempt, and its assignment no
+    longer waits for an answer (no lease_expired, no job.kill at the deadline)."""
+    requests, owner = Requests(), Owner(deadline_s=0.2)
+    acks = AssignAcks(cast(Any, requests), store, Topics("xc-acks"), owner)
+    try:
+        reported, silent = _assigned(store, 2)
+        acks.send(reported, _body(reported))
+        outcome = store.record_report(reported.id, "w1", AttemptKind.SUCCESS,
+                                      outcome={"exit_code": 0}, stdout=None, stderr=None,
+                                      outputs=[], started_at=1001.5, ended_at=1001.6,
+                                      now=1002.0)
+        assert outcome.recorded
+        assert outcome.counted
+        acks.reported(reported.id)
+        assert requests.sent[reported.id].cancelled()  # the bus forgets the request
+        acks.send(silent, _body(silent))  # sent after: its deadline comes after the first's
+        assert owner.event.wait(10)
+        assert owner.silent == [silent.id]  # only the one that got neither ok nor report
+        record = store.get_attempt(reported.id)
+        assert record is not None
+        assert record.acked_at == 1002.0  # acknowledged by its report
+        assert record.kind is AttemptKind.SUCCESS
     finally:
         acks.close()

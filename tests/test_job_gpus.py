@@ -359,7 +359,7 @@ def assign_gpu_job(coord: StandIn, command: str, gpus: int) -> tuple[str, Any]:
                      spec={"command": command, "resources": {"gpus": gpus}}, inputs=[],
                      lease_s=30)
     try:
-        return attempt, coord.bus.request(coord.worker_inbox, body, timeout=10).body
+        return attempt, coord.send_assign(body)
     except RemoteError as err:
         return attempt, err
 

@@ -34,7 +34,7 @@ from schemas.job_messages import (
     JobAssign,
     JobKill,
 )
-from schemas.messages import Ok, WorkerHeartbeat
+from schemas.messages import Error, Ok, WorkerHeartbeat
 from tests.fixtures.grid import COORDINATOR, GridHarness, WorkerHandle
 from tests.fixtures.services import wait_for
 from tests.fixtures.transfer import DirSink
@@ -113,21 +113,36 @@ class StandIn:
         body = JobAssign(attempt=attempt, job=new_id("j"), owner="alice",
                          spec={"command": command, **spec}, inputs=inputs, lease_s=30,
                          stdin={"sha256": stdin, "size": 1} if stdin else None)
-        reply = self.bus.request(self.worker_inbox, body, timeout=10)
-        assert isinstance(reply.body, Ok)
+        assert isinstance(self.send_assign(body), Ok | AttemptReport)
         return attempt
+
+    def send_assign(self, body: JobAssign, timeout: float = 10) -> Any:
+        """``job.assign``; the worker's ``Ok`` (RemoteError for a refusal), or, for a job that
+        was reported before its ``ok`` was due, the accepted report (which answers the
+        assignment: the worker then sends no ``ok``, worker/assign_answers.py)."""
+        reply = self.bus.request_async(self.worker_inbox, body)
+        wait_for(lambda: reply.done() or self.reported(body.attempt) is not None,
+                 timeout=timeout, message=f"an answer to job.assign {body.attempt}")
+        if reply.done():
+            answer = reply.result().body
+            if isinstance(answer, Error):
+                raise RemoteError(answer, body.TYPE)
+            return answer
+        reply.cancel()
+        return self.reported(body.attempt)
+
+    def reported(self, attempt: str) -> AttemptReport | None:
+        with self.lock:
+            return next((r for r in self.reports if r.attempt == attempt), None)
 
     @property
     def worker_inbox(self) -> str:
         return self.bus.topics.worker_inbox(self.wid)
 
     def report(self, attempt: str, timeout: float = 20) -> AttemptReport:
-        def found() -> AttemptReport | None:
-            with self.lock:
-                return next((r for r in self.reports if r.attempt == attempt), None)
-
-        wait_for(lambda: found() is not None, timeout=timeout, message=f"report of {attempt}")
-        result = found()
+        wait_for(lambda: self.reported(attempt) is not None, timeout=timeout,
+                 message=f"report of {attempt}")
+        result = self.reported(attempt)
         assert result is not None
         return result
 
@@ -353,10 +368,10 @@ def test_an_attempt_never_runs_twice(standin: tuple[StandIn, WorkerHandle]) -> N
     body = JobAssign(attempt=new_id("a"), job=new_id("j"), owner="alice",
                      spec={"command": "echo ran"}, inputs=[],
                      lease_s=30)
-    first = coord.bus.request(coord.worker_inbox, body, timeout=10)
-    again = coord.bus.request(coord.worker_inbox, body, timeout=10)  # while it runs
-    assert isinstance(first.body, Ok)
-    assert isinstance(again.body, Ok)
+    first = coord.send_assign(body)
+    again = coord.send_assign(body)  # while it runs (or once its report answered it)
+    assert isinstance(first, Ok | AttemptReport)
+    assert isinstance(again, Ok | AttemptReport)
     assert coord.report(body.attempt).kind == "success"
     # done: its directory gone and the runner's record of it too (the directory goes
     # first, just before: waiting for it alone raced the redelivery below)
@@ -403,3 +418,33 @@ def test_collect_outputs_makes_no_directory_when_nothing_matches(tmp_path: Path)
     assert problems == []
     assert [(c.name, c.path.read_text()) for c in collected] == [("result.txt", "42\n")]
     assert dest.is_dir()
+
+
+def test_a_short_jobs_accepted_report_answers_its_assignment(
+        standin: tuple[StandIn, WorkerHandle], tmp_path: Path) -> None:
+    """The ok to job.assign waits ``job_ack_wait_s`` (worker/assign_answers.py): a job
+    reported and answered within it never sends its ok; one still running sends its ok
+    when the wait ends; one whose report the coordinator does not accept sends it too."""
+    coord, worker = standin
+    runner = worker.agent.jobs if worker.agent is not None else None
+    assert runner is not None
+    answers = runner.answers
+    answers.wait_s = 60.0  # longer than any of the quick job's steps, however slow
+    quick = coord.assign("echo quick")
+    assert coord.report(quick).kind == "success"
+    wait_for(lambda: answers.spared == 1, timeout=10, message="its ok spared")
+    assert answers.sent == 0
+    answers.wait_s = 0.05
+    gate = tmp_path / "gate"
+    body = JobAssign(attempt=new_id("a"), job=new_id("j"), owner="alice",
+                     spec={"command": f"while [ ! -e {gate} ]; do sleep 0.05; done"},
+                     inputs=[], lease_s=30)
+    assert isinstance(coord.send_assign(body), Ok)  # while it waits for the gate
+    assert coord.reported(body.attempt) is None
+    gate.touch()
+    assert coord.report(body.attempt).kind == "success"
+    coord.refuse_reports = 10**6  # the coordinator accepts no report: the ok still goes
+    refused = JobAssign(attempt=new_id("a"), job=new_id("j"), owner="alice",
+                        spec={"command": "true"}, inputs=[], lease_s=30)
+    assert isinstance(coord.send_assign(refused), Ok)
+    assert answers.sent == 2

@@ -53,6 +53,7 @@ from schemas.messages import Ok
 from schemas.outcome import ERROR_MAX
 from schemas.topics import Topics
 from worker import io_loop
+from worker.assign_answers import HeldAnswers
 from worker.exec_auth import from_coordinator
 from worker.executors.base import (
     Executor,
@@ -123,6 +124,8 @@ class JobRunner:
         self.output_cap = int(config.job_output_bytes)
         self.reports = ReportSender(bus, topics, self.store, on_done=self._forget,
                                     remove=self._remove_dir)
+        # the ok to job.assign, held until the report answers it or the wait ends
+        self.answers = HeldAnswers(bus, float(config.job_ack_wait_s), io_loop.shared())
         self._lock = threading.Lock()
         self._attempts: dict[str, Attempt] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()  # attempts done here lately
@@ -170,6 +173,7 @@ class JobRunner:
         with self._calls_done:
             self._calls_done.wait_for(lambda: self._calls == 0, self.kill_grace_s + 10.0)
         self._threads.close()
+        self.answers.close()
         self.follows.close()
         self.reports.close()
         self.archives.close()
@@ -256,7 +260,7 @@ class JobRunner:
         attempt = Attempt(record)
         with self._lock:
             self._attempts[attempt.id] = attempt
-        self.bus.reply(incoming, Ok(detail={"attempt": attempt.id}))
+        self.answers.hold(attempt.id, incoming)  # ok, unless its report comes first
         # DEBUG: at full rate an INFO line per step was ~5% of the worker's CPU; the
         # attempt's INFO line is its report's (worker/job_attempts.py), with its job
         log.debug("attempt %s of job %s (owner %s) accepted", attempt.id, record.job,
@@ -568,6 +572,7 @@ class JobRunner:
         self._forget(attempt.id)
 
     def _forget(self, attempt_id: str) -> None:
+        self.answers.spare(attempt_id)  # its report was answered: no ok to send
         with self._lock:
             attempt = self._attempts.pop(attempt_id, None)
             self._ended[attempt_id] = None

@@ -427,10 +427,12 @@ class JobStore(StoreBase):
     def _end(self, aid: str, kind: AttemptKind, t: float, exit_code: int | None,
              error: str | None, *, spend: bool = True,
              locked: dict[str, Any] | None = None, started_at: float | None = None,
+             acked_at: float | None = None,
              report: dict[str, Any] | None = None) -> list[JobChange]:
         """``locked``: the attempt's row when the caller has already read it for update
         in this transaction (one query fewer on a report). ``started_at``: when the
-        worker says the command started (a short job sends no attempt.started).
+        worker says the command started (a short job sends no attempt.started);
+        ``acked_at``: when the worker acknowledged it, if it had not yet (a report).
         ``report``: a report's fields, which a replicated job's quorum records itself."""
         sql = self._sql
         rows = [locked] if locked is not None else sql.rows(
@@ -440,10 +442,10 @@ class JobStore(StoreBase):
         attempt = _attempt(rows[0])
         ATTEMPT_MACHINE.check(aid, attempt.kind, kind)
         sql.run("UPDATE {attempt} SET {kind} = {?}, {live} = {?}, {ended_at} = {?}, "
-                "{exit_code} = {?}, {error} = {?}, {started_at} = COALESCE({started_at}, {?}) "
-                "WHERE {id} = {?} AND {live} = {?}",
+                "{exit_code} = {?}, {error} = {?}, {started_at} = COALESCE({started_at}, {?}), "
+                "{acked_at} = COALESCE({acked_at}, {?}) WHERE {id} = {?} AND {live} = {?}",
                 kind.value, False, t, exit_code, (error or None) and error[:ERROR_MAX],
-                started_at, aid, True)
+                started_at, acked_at, aid, True)
         jobs = sql.rows("SELECT * FROM {job} WHERE {id} = {?}{lock}", attempt.job_id)
         if not jobs:
             return []
@@ -512,9 +514,11 @@ class JobStore(StoreBase):
                 # primary key refuses it (IntegrityError, rolled back, answered below).
                 report = {"outcome": outcome, "stdout": stdout, "stderr": stderr,
                           "outputs": outputs, "started_at": started_at, "ended_at": ended_at}
+                # With no ok first, the report acknowledges the assignment as well (a
+                # worker holds its ok back briefly: worker/assign_answers.py): acked_at.
                 changes = self._end(aid, kind, t, outcome.get("exit_code"),
                                     outcome.get("error"), locked=rows[0],
-                                    started_at=started_at,
+                                    started_at=started_at, acked_at=t,
                                     report=report) if attempt.kind.live else []
                 if report.get("handled"):  # a replica: recorded by its quorum
                     return ReportOutcome(recorded=True, counted=bool(report.get("counted")),

@@ -1,0 +1,92 @@
+"""The worker's ``ok`` to ``job.assign``, held back a moment so that a short job's report
+answers the assignment instead.
+
+That ``ok`` is the acknowledgement the coordinator waits for (docs/jobs.md,
+"Assignment"), and the attempt's ``attempt.report`` acknowledges it as well: the
+coordinator takes the report of an attempt it has no ``ok`` for as both. So the ``ok``
+waits up to ``[worker] job_ack_wait_s`` (0.1 s) after the attempt is persisted: a job that
+ends and is reported within that time never sends it, one message and its broker
+acknowledgement fewer each way per short job; a longer job's ``ok`` goes when the wait
+ends, well within the coordinator's ``assign_ack_s`` (10 s). 0 answers at once.
+
+Nothing is lost by the wait: the attempt is on disk before it starts, and a report that
+the coordinator does not accept at once (``busy``, ``unavailable``, ...) leaves the ``ok``
+to go when its time comes, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from broker.bus import Bus, BusError, Incoming
+from schemas.messages import Ok
+
+if TYPE_CHECKING:
+    from worker.io_loop import IoLoop, Timer
+
+log = logging.getLogger(__name__)
+
+
+class HeldAnswers:
+    """``ok`` answers to ``job.assign`` held on the I/O loop's timers (see the module
+    docstring). Thread-safe."""
+
+    def __init__(self, bus: Bus, wait_s: float, loop: IoLoop) -> None:
+        self.bus = bus
+        self.wait_s = max(0.0, float(wait_s))
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[Incoming, Timer | None]] = {}
+        self.sent = 0  # answers that went (at once or when their wait ended)
+        self.spared = 0  # answers the attempt's accepted report made unneeded
+
+    def hold(self, attempt: str, request: Incoming) -> None:
+        """Answer ``request`` (the attempt's ``job.assign``) ``ok`` after the wait, unless
+        ``spare`` comes first."""
+        if self.wait_s <= 0:
+            self._reply(attempt, request)
+            return
+        with self._lock:  # held before the timer exists: it cannot fire on nothing
+            self._held[attempt] = (request, None)
+        timer = self.loop.call_later(self.wait_s, self.send, attempt)
+        with self._lock:
+            if attempt in self._held:
+                self._held[attempt] = (request, timer)
+                return
+        timer.cancel()  # (spared or sent meanwhile)
+
+    def send(self, attempt: str) -> None:
+        """The wait is over: the ``ok`` goes now (if still held)."""
+        with self._lock:
+            held = self._held.pop(attempt, None)
+        if held is not None:
+            self._reply(attempt, held[0])
+
+    def spare(self, attempt: str) -> None:
+        """The coordinator has the attempt's report (or no longer wants an answer): the
+        ``ok`` is not sent."""
+        with self._lock:
+            held = self._held.pop(attempt, None)
+            if held is not None:
+                self.spared += 1
+        if held is not None and held[1] is not None:
+            held[1].cancel()
+
+    def close(self) -> None:
+        """Stopping: held answers are dropped (the attempts are being forgotten)."""
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        for _request, timer in held:
+            if timer is not None:
+                timer.cancel()
+
+    def _reply(self, attempt: str, request: Incoming) -> None:
+        try:
+            self.bus.reply(request, Ok(detail={"attempt": attempt}))
+        except (BusError, RuntimeError) as err:  # the coordinator's deadline decides then
+            log.warning("cannot acknowledge attempt %s now: %s", attempt, err)
+            return
+        with self._lock:
+            self.sent += 1
