@@ -342,6 +342,17 @@ class Bus:
         return reply
 
     def request_async(self, base_inbox: str, body: Body) -> Future[Envelope[Any]]:
+        env, fut = self.request_carried(body)
+        try:
+            self.send(base_inbox, env)
+        except BaseException:
+            self._forget_pending(env.id)
+            raise
+        return fut
+
+    def request_carried(self, body: Body) -> tuple[Envelope[Any], Future[Envelope[Any]]]:
+        """A request that another message carries (``attempt.recorded`` carries
+        ``job.assign``), and the future its reply settles, as ``request_async``'s."""
         if not self.inbox:
             raise BusError("this bus has no inbox to receive replies")
         env = envelope(body, reply_to=self.inbox)
@@ -351,13 +362,7 @@ class Bus:
         # a caller that cancels (or a reply that settles it) forgets it here
         mid = env.id
         fut.add_done_callback(lambda _f: self._forget_pending(mid))
-        try:
-            self.send(base_inbox, env)
-        except BaseException:
-            with self._lock:
-                self._pending.pop(env.id, None)
-            raise
-        return fut
+        return env, fut
 
     def _forget_pending(self, mid: str) -> None:
         with self._lock:
@@ -533,6 +538,12 @@ class Bus:
         base = self._answer_inbox(publisher, err.reply_to, err.message_type)
         if base is not None:
             self.send(base, envelope(error_for(err), re=err.message_id))
+
+    def deliver_carried(self, incoming: Incoming) -> None:
+        """A message that another carried (``attempt.recorded`` carries ``job.assign``),
+        already validated and its sender the carrier's: handled as if it had come to our
+        inbox alone (its type's inbox handler, on that handler's lane)."""
+        self._dispatch_inbox(incoming)
 
     def _dispatch_inbox(self, incoming: Incoming) -> None:
         entry = self._inbox_handlers.get(incoming.message.type)

@@ -87,6 +87,25 @@ class AssignAcks:
         except BusError as err:
             log.warning("job.assign %s to %s not sent: %s", attempt.id, attempt.worker_id, err)
             future = Future()  # never answered: it expires like a silent worker's
+        self._await(attempt, future)
+
+    def carried(self, attempt: AttemptRecord, body: JobAssign) -> Envelope[Any] | None:
+        """``job.assign`` as a message another carries (the report's answer,
+        ``attempt.recorded``): its answer is awaited as ``send``'s. None: stopping (the
+        deadline check ends the attempt)."""
+        if self._closed:
+            return None
+        try:
+            env, future = self.bus.request_carried(body)
+        except BusError as err:
+            log.warning("job.assign %s to %s not carried: %s", attempt.id, attempt.worker_id,
+                        err)
+            self._await(attempt, Future())  # never answered: it expires
+            return None
+        self._await(attempt, future)
+        return env
+
+    def _await(self, attempt: AttemptRecord, future: Future[Envelope[Any]]) -> None:
         aid = attempt.id
         deadline = time.monotonic() + self.owner.ack_deadline_s()
         with self._lock:

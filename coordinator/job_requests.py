@@ -34,6 +34,7 @@ from coordinator.store import Store
 from coordinator.store.data import valid_sha256
 from coordinator.store.job_records import AttemptRecord, JobRecord, ResultRecord
 from schemas.job_messages import (
+    AttemptRecorded,
     AttemptReport,
     AttemptStarted,
     JobsCancel,
@@ -322,6 +323,15 @@ class JobRequests:
                     "attempt %s on %s: %s -> job %s", req.attempt, wid, kind.value,
                     result.changes[0].state.value)
         self.scheduler.announce(result.changes)
-        if result.recorded:
+        # The slot it freed is filled now and the assignments ride in the answer (a
+        # worker of agent 0.3 or later); a pass still runs when the report changed more
+        # than its own job's end (requeued, children released, a replica wanted).
+        carried = self.scheduler.fill(wid) if result.recorded else None
+        if result.recorded and (carried is None or any(
+                not c.state.terminal or c.job != result.changes[0].job
+                for c in result.changes)):
             self.scheduler.poke()
-        return Ok(detail={"recorded": result.recorded, "counted": result.counted})
+        if carried is None:
+            return Ok(detail={"recorded": result.recorded, "counted": result.counted})
+        return AttemptRecorded(recorded=result.recorded, counted=result.counted,
+                               assign=carried or None)

@@ -24,6 +24,7 @@ one indexed query of that worker's live attempts, never work in the queue's size
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -50,7 +51,14 @@ from coordinator.store import Store, WorkerRecord
 from coordinator.store.apps import Unresolvable
 from coordinator.store.job_records import AttemptRecord, JobChange, JobRecord
 from coordinator.worker_state import WorkerState
-from schemas.job_messages import JobAssign, JobKill
+from schemas.codec import to_wire
+from schemas.job_messages import (
+    ASSIGN_IN_ANSWER_BYTES,
+    ASSIGN_IN_ANSWER_MAX,
+    ASSIGN_IN_ANSWER_SINCE,
+    JobAssign,
+    JobKill,
+)
 from schemas.messages import Error
 from schemas.topics import Topics
 
@@ -106,6 +114,22 @@ def requirement_mismatch(worker: WorkerRecord, spec: dict[str, Any]) -> str | No
     return job_matching.requirement_mismatch(worker, spec)
 
 
+ENVELOPE_BYTES = 200  # a job.assign's envelope fields, on top of its body
+
+
+def dumps(body: dict[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"))
+
+
+def agent_version(caps: dict[str, Any]) -> tuple[int, int]:
+    """(major, minor) of a worker's ``agent_version`` ((0, 0) when unreadable)."""
+    parts = str(caps.get("agent_version") or "").split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        return 0, 0
+
+
 class JobScheduler:
     """See the module docstring. ``start`` after the store is open and before the bus
     connects; ``stop`` before the bus stops, ``join`` after."""
@@ -131,6 +155,14 @@ class JobScheduler:
         self.last_pass_s = 0.0
         self._expiry_due = 0.0  # when a pass next looks for unacknowledged assignments
         self._pass_caps: list[Capacity] = []
+        # fill(): one worker's free slots filled from its report's handler, the
+        # assignments carried in the report's answer (not sent): under the pass lock
+        self._pass_lock = threading.Lock()
+        self._only: str | None = None
+        self._carry: list[dict[str, Any]] | None = None
+        self._carry_bytes = 0
+        self._carries: dict[str, bool] = {}  # wid -> its agent takes carried assignments
+        self.carried = 0  # assignments carried in reports' answers (the rest: job.assign)
         self.fair = FairShare(store, config, clock)  # who gets the next slot
         self.events = JobEventOutbox(bus, topics, flush_s=config.event_flush_s)
         self.unmatchable = UnmatchableCheck(  # holds jobs no known worker can run
@@ -234,8 +266,9 @@ class JobScheduler:
             self._gone.put(wid)
         self.poke()
 
-    def on_caps(self, _wid: str) -> None:
+    def on_caps(self, wid: str) -> None:
         """Registry listener: a worker joined or changed its capabilities (slots)."""
+        self._carries.pop(wid, None)  # (its agent may be another version now)
         self.poke()
 
     def on_attempts(self, wid: str, listed: list[str]) -> None:
@@ -268,8 +301,37 @@ class JobScheduler:
 
     def run_pass(self) -> int:
         """One pass (see the module docstring); returns the number of jobs assigned."""
-        with self.store.held():  # one pooled connection for the pass's dozen store calls
+        # one pooled connection for the pass's dozen store calls
+        with self._pass_lock, self.store.held():
             return self._run_pass()
+
+    def fill(self, wid: str) -> list[dict[str, Any]] | None:
+        """Fill the slots that ``wid``'s accepted report freed, now, on the caller's
+        thread: the ``job.assign`` messages to carry in the report's answer
+        (``attempt.recorded``; at most ``ASSIGN_IN_ANSWER_MAX``, and within
+        ``ASSIGN_IN_ANSWER_BYTES``: the rest is sent as usual). None: that worker's agent
+        takes assignments only as ``job.assign`` (older than 0.3): poke instead.
+
+        BOINC's scheduler RPC in short: a worker's report and its next work in one round
+        trip, with no pass on the scheduler's thread in between (docs/jobs.md)."""
+        if not self._takes_carried(wid):
+            return None
+        carried: list[dict[str, Any]] = []
+        with self._pass_lock, self.store.held():
+            self._only, self._carry, self._carry_bytes = wid, carried, 0
+            try:
+                self._match()
+            finally:
+                self._only, self._carry = None, None
+        return carried
+
+    def _takes_carried(self, wid: str) -> bool:
+        known = self._carries.get(wid)
+        if known is None:
+            worker = self.store.get_worker(wid)
+            known = worker is not None and agent_version(worker.caps) >= ASSIGN_IN_ANSWER_SINCE
+            self._carries[wid] = known
+        return known
 
     def _run_pass(self) -> int:
         now = self._clock()
@@ -303,8 +365,10 @@ class JobScheduler:
         now = self._clock()
         refused = {wid for wid, at in self._refused.items()
                    if now - at < REFUSED_BACKOFF_S}
+        only = self._only  # (fill: that worker alone)
         workers = [w for w in self.store.schedulable_workers()
-                   if w.id not in reserved and w.id not in refused]
+                   if w.id not in reserved and w.id not in refused
+                   and (only is None or w.id == only)]
         gpus_held = (self.store.attempt_gpu_usage()
                      if any(gpu_capacity.caps_gpus(w.caps) for w in workers) else {})
         caps = [Capacity(w, usage.get(w.id, (0, 0, 0)), gpus_held.get(w.id, 0))
@@ -426,8 +490,19 @@ class JobScheduler:
             stdin={"sha256": stdin, "size": sizes.get(stdin, 0)} if stdin else None,
             lease_s=self.config.lease_s)
         acks = self._acks
-        if acks is not None:  # (None: stopping; the ack deadline requeues it)
-            acks.send(attempt, body)
+        if acks is None:  # (stopping; the ack deadline requeues it)
+            return True
+        carry = self._carry
+        if carry is not None and len(carry) < ASSIGN_IN_ANSWER_MAX:
+            size = len(dumps(body.to_dict())) + ENVELOPE_BYTES
+            if self._carry_bytes + size <= ASSIGN_IN_ANSWER_BYTES:
+                env = acks.carried(attempt, body)
+                if env is not None:
+                    carry.append(to_wire(env))
+                    self._carry_bytes += size
+                    self.carried += 1
+                return True
+        acks.send(attempt, body)
         return True
 
     # -- for coordinator/assign_acks.py ----------------------------------------------------

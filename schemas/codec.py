@@ -138,6 +138,12 @@ def decode(payload: bytes, *, topic: str | None = None,
         raise WireError("bad_json", f"not JSON: {err}", topic=topic) from err
     except RecursionError as err:
         raise WireError("bad_json", "JSON nested too deeply", topic=topic) from err
+    return from_wire(data, topic=topic)
+
+
+def from_wire(data: Any, *, topic: str | None = None) -> Envelope[Body]:
+    """Validate one parsed message (a JSON object: ``decode``'s, or one carried inside
+    another, as ``attempt.recorded`` carries ``job.assign``) and build its envelope."""
     if not isinstance(data, dict):
         raise WireError("bad_envelope", "message is not a JSON object", topic=topic)
     mtype, mid = data.get("type"), data.get("id")

@@ -245,6 +245,24 @@ class AttemptReport(Body, Outcome):
     ended_at: float | None = None
 
 
+@message
+@dataclass(frozen=True, kw_only=True)
+class AttemptRecorded(Body):
+    """The answer to an ``attempt.report`` of a worker that takes its next attempts in it
+    (``agent_version`` 0.3 or later): ``assign`` items are whole ``job.assign`` messages
+    (envelope fields included: each is answered like one received alone)."""
+
+    TYPE: ClassVar[str] = "attempt.recorded"
+    recorded: bool
+    counted: bool
+    assign: list[dict[str, Any]] | None = None
+
+
+ASSIGN_IN_ANSWER_MAX = 4  # job.assign messages in one attempt.recorded
+ASSIGN_IN_ANSWER_BYTES = 32 * 1024  # ... and their wire size together
+ASSIGN_IN_ANSWER_SINCE = (0, 3)  # the agent_version from which a worker takes them
+
+
 # -- owner <-> worker: live output of a running attempt (docs/jobs.md, "Following") -------
 
 

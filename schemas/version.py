@@ -2,4 +2,4 @@
 reports it (``pong.version``, ``coord.status.version``, ``worker.caps.agent_version``,
 ``xcloud --version``)."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -50,7 +50,7 @@ channels = {
   "workerCaps": ("{root}/worker/{wid}/caps", "Worker capability document (retained). QoS 1.", ["worker.caps"], {"wid": "worker id"}),
   "workerHeartbeat": ("{root}/worker/{wid}/heartbeat", "Live metrics every heartbeat interval. QoS 0, not retained.", ["worker.heartbeat"], {"wid": "worker id"}),
   "workerInbox": ("{root}/worker/{wid}/inbox/{sender}", "Messages to a worker: from the coordinator (caps.refresh, reservation.open/close, ping) and from the grant holder (exec.*). QoS 1.",
-      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","exec.stdin","exec.resize",*XFER,*JOB_WORKER_REQUESTS,*JOB_FOLLOW,"workdir.fetch","ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
+      ["caps.refresh","ping","reservation.open","reservation.close","exec.start","exec.signal","exec.list","exec.logs","exec.stdin","exec.resize",*XFER,*JOB_WORKER_REQUESTS,*JOB_FOLLOW,"workdir.fetch","attempt.recorded","ok","error"], {"wid": "worker id", "sender": "principal id of the publisher"}),
   "clientInbox": ("{root}/client/{cid}/inbox/{sender}", "Replies, exec output streams and notifications to a client. QoS 1.",
       ["pong","workers.list.reply","workers.show.reply","reserve.reply","reservations.list.reply","reservation.ended","exec.started","exec.output","exec.exit","exec.list.reply","exec.logs.reply","exec.stdin.ack","audit.list.reply",*ADMIN_REPLIES,*XFER,*DATA_REPLIES,*APP_REPLIES,*JOB_REPLIES,"job.event","job.events","job.output","ok","error"], {"cid": "client principal id", "sender": "principal id of the publisher"}),
   "brokerRecheck": ("{root}/broker/recheck", "Coordinator/admin -> embedded broker: re-authenticate these principals' live sessions and cut those that no longer pass (after a revoke). Only coordinator and admin principals may publish. QoS 1.", ["broker.recheck"], {}),
@@ -108,11 +108,11 @@ op("followJob", "send", "workerInbox", JOB_FOLLOW,
    ("clientInbox", ["ok","error"]))
 op("streamJobOutput", "send", "clientInbox", ["job.output"], "A worker streams a followed attempt's stdout and stderr (offsets per stream), then a last message with eof.")
 op("assignJob", "send", "workerInbox", JOB_WORKER_REQUESTS,
-   "The coordinator assigns an attempt to a worker (its ok is the acknowledgement) or kills one.",
+   "The coordinator assigns an attempt to a worker (its ok, or the attempt's accepted report, is the acknowledgement) or kills one; to workers of agent_version 0.3 or later the next assignments also ride in attempt.recorded.",
    ("coordInbox", ["ok","error"]))
 op("reportAttempt", "send", "coordInbox", ATTEMPT_REPORTS,
-   "A worker says an attempt started, and how it ended (re-sent until ok; only the attempt's worker may).",
-   ("workerInbox", ["ok","error"]))
+   "A worker says an attempt started, and how it ended (re-sent until answered; only the attempt's worker may). A report is answered attempt.recorded (workers of agent_version 0.3 or later: with the next job.assign messages for the slots it freed) or ok.",
+   ("workerInbox", ["attempt.recorded","ok","error"]))
 op("sendAppRequest", "send", "coordInbox", APP_REQUESTS,
    "A client registers, lists, shows or removes applications (docs/data.md, Applications); their binaries and image archives are data objects.",
    ("clientInbox", [*APP_REPLIES,"ok","error"]))

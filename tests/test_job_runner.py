@@ -26,9 +26,11 @@ import pytest
 
 from broker.bus import Bus, Incoming, Lane, RemoteError
 from broker.transfer import SourceFile, TransferEndpoint, TransferRefused
+from schemas.codec import to_wire
 from schemas.job_messages import (
     INLINE_MAX_BYTES,
     INLINE_MAX_FILES,
+    AttemptRecorded,
     AttemptReport,
     AttemptStarted,
     JobAssign,
@@ -83,6 +85,7 @@ class StandIn:
     refuse_inline: bool = False  # answer reports with results inline `invalid` (older)
     inline_refused: int = 0
     beats: list[WorkerHeartbeat] = field(default_factory=list)
+    carry: list[JobAssign] = field(default_factory=list)  # in the next report's answer
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_started(self, incoming: Incoming) -> None:
@@ -100,6 +103,12 @@ class StandIn:
                 self.bus.reply_error(incoming, "invalid", "unknown field inline")
                 return
             self.reports.append(incoming.body)
+            carry, self.carry = self.carry, []
+        if carry:  # the next assignments ride in the answer (attempt.recorded)
+            items = [to_wire(self.bus.request_carried(body)[0]) for body in carry]
+            self.bus.reply(incoming, AttemptRecorded(recorded=True, counted=True,
+                                                     assign=items))
+            return
         self.bus.reply(incoming, Ok())
 
     def on_beat(self, incoming: Incoming) -> None:
@@ -448,3 +457,20 @@ def test_a_short_jobs_accepted_report_answers_its_assignment(
                         spec={"command": "true"}, inputs=[], lease_s=30)
     assert isinstance(coord.send_assign(refused), Ok)
     assert answers.sent == 2
+
+
+def test_assignments_carried_in_a_reports_answer_run(
+        standin: tuple[StandIn, WorkerHandle]) -> None:
+    """``attempt.recorded`` may carry the next job.assign messages (worker/assign_answers.py):
+    each runs as if it had come alone, and is reported."""
+    coord, _worker = standin
+    carried = [JobAssign(attempt=new_id("a"), job=new_id("j"), owner="alice",
+                         spec={"command": f"echo carried {i}"}, inputs=[], lease_s=30)
+               for i in range(2)]
+    coord.carry = list(carried)
+    first = coord.assign("echo first")
+    assert coord.report(first).kind == "success"
+    for i, body in enumerate(carried):
+        report = coord.report(body.attempt)
+        assert report.kind == "success"
+        assert coord.data(report.stdout) == f"carried {i}\n".encode()

@@ -63,6 +63,15 @@ def sample(schema: Any, full: bool = False, top: bool = False) -> Any:
     """
     if schema is True or schema == {}:
         return "x"
+    if "allOf" in schema and not top:  # a whole message carried inside another
+        parts = [*schema["allOf"], {k: v for k, v in schema.items() if k != "allOf"}]
+        props: dict[str, Any] = {}
+        for part in parts:  # the envelope's key types, then the message's own keys
+            props.update({k: v for k, v in part.get("properties", {}).items()
+                          if v is not True or k not in props})
+        required = [k for part in parts for k in part.get("required", [])]
+        return sample({**parts[-1], "properties": props,
+                       "required": list(dict.fromkeys(required))}, full)
     if "const" in schema:
         return schema["const"]
     if "enum" in schema:
@@ -89,9 +98,9 @@ def sample(schema: Any, full: bool = False, top: bool = False) -> Any:
         count = max(schema.get("minItems", 0), 1 if full else 0)
         return [sample(schema.get("items", True), full) for _ in range(count)]
     if t == "object" or "properties" in schema:
-        props: dict[str, Any] = schema.get("properties", {})
-        keys = list(props) if full else list(schema.get("required", []))
-        return {k: sample(props.get(k, True), full) for k in keys
+        fields: dict[str, Any] = schema.get("properties", {})
+        keys = list(fields) if full else list(schema.get("required", []))
+        return {k: sample(fields.get(k, True), full) for k in keys
                 if not (top and k in ENVELOPE)}
     return "x"
 

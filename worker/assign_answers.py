@@ -1,5 +1,6 @@
-"""The worker's ``ok`` to ``job.assign``, held back a moment so that a short job's report
-answers the assignment instead.
+"""The worker's side of ``job.assign`` beyond the runner: its ``ok``, held back a moment so
+that a short job's report answers the assignment instead, and the assignments that ride in
+the answer to a report.
 
 That ``ok`` is the acknowledgement the coordinator waits for (docs/jobs.md,
 "Assignment"), and the attempt's ``attempt.report`` acknowledges it as well: the
@@ -12,15 +13,25 @@ ends, well within the coordinator's ``assign_ack_s`` (10 s). 0 answers at once.
 Nothing is lost by the wait: the attempt is on disk before it starts, and a report that
 the coordinator does not accept at once (``busy``, ``unavailable``, ...) leaves the ``ok``
 to go when its time comes, as before.
+
+The coordinator answers the report of a worker of agent 0.3 or later with
+``attempt.recorded``, which may carry the next ``job.assign`` messages for the slots that
+report freed (docs/jobs.md, "Assignment in the report's answer"): ``deliver_carried``
+hands each to the bus as if it had come alone (the runner's ``on_assign`` on its lane,
+behind the request guard; its ``ok`` goes to the coordinator like any answer).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from broker.bus import Bus, BusError, Incoming
+from schemas.codec import from_wire
+from schemas.errors import WireError
+from schemas.job_messages import JobAssign
 from schemas.messages import Ok
 
 if TYPE_CHECKING:
@@ -90,3 +101,22 @@ class HeldAnswers:
             return
         with self._lock:
             self.sent += 1
+
+
+def deliver_carried(bus: Bus, inbox_topic: str, coordinator: str,
+                    items: list[dict[str, Any]]) -> None:
+    """Each ``job.assign`` in ``items`` (from the coordinator's ``attempt.recorded``) to the
+    bus as one received alone on ``inbox_topic``. Called on the network thread: nothing
+    here blocks (the bus queues each on its handler's lane)."""
+    for item in items:
+        try:
+            env = from_wire(item, topic=inbox_topic)
+        except WireError as err:  # (the answer was validated whole: not expected)
+            log.warning("a job.assign carried in a report's answer is invalid: %s", err)
+            continue
+        if not isinstance(env.body, JobAssign):
+            log.warning("a report's answer carried a %s, not a job.assign: dropped",
+                        env.body.TYPE)
+            continue
+        bus.deliver_carried(Incoming(inbox_topic, env, coordinator,
+                                     received_at=time.monotonic()))

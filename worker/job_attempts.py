@@ -41,14 +41,15 @@ from typing import TYPE_CHECKING, Any
 from broker.bus import Bus, BusError
 from schemas.codec import Envelope
 from schemas.errors import WireError
-from schemas.job_messages import AttemptReport
+from schemas.job_messages import AttemptRecorded, AttemptReport
 from schemas.messages import Error
 from schemas.topics import Topics
 from worker.attempt_journal import COMPACT_BYTES, AttemptJournal
+from worker.executors.base import SessionHandle
 from worker.sessions import remove_tree
 
 if TYPE_CHECKING:
-    from worker.executors.base import Executor, ExitResult, SessionHandle
+    from worker.executors.base import Executor, ExitResult
     from worker.io_loop import Timer
     from worker.job_files import Captures
 
@@ -232,6 +233,7 @@ class ReportSender:
                  on_done: Callable[[str], None] | None = None,
                  remove: Callable[[str], None] | None = None,
                  without_inline: Callable[[AttemptRecord], None] | None = None,
+                 carried: Callable[[list[dict[str, Any]]], None] | None = None,
                  resend_s: float = RESEND_S, resend_max_s: float = RESEND_MAX_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.bus = bus
@@ -242,6 +244,8 @@ class ReportSender:
         # a report with small results inline refused `invalid` (a coordinator older than
         # `inline`): handed back, to be delivered again with them uploaded (job_delivery)
         self.without_inline = without_inline
+        # the job.assign messages an answer carries (attempt.recorded): the job runner's
+        self.carried = carried
         self.resend_s = resend_s
         self.resend_max_s = resend_max_s
         self._clock = clock
@@ -278,8 +282,15 @@ class ReportSender:
             self._ready.append(record.attempt)
         self._wake.set()
 
-    def _answered(self, attempt: str) -> None:
-        """A send's future settled (any thread): step that entry at the next wake."""
+    def _answered(self, attempt: str, future: Future[Envelope[Any]]) -> None:
+        """A send's future settled (any thread: the network thread's, for a reply): step
+        that entry at the next wake. The next attempts that ride in the answer
+        (``attempt.recorded``) go to the job runner at once (``carried``: it queues them
+        on its lane, as a ``job.assign`` received alone)."""
+        if self.carried is not None and not future.cancelled() and future.exception() is None:
+            body = future.result().body
+            if isinstance(body, AttemptRecorded) and body.assign:
+                self.carried(body.assign)
         with self._lock:
             self._ready.append(attempt)
         self._wake.set()
@@ -363,7 +374,7 @@ class ReportSender:
             report = AttemptReport.from_dict(dict(entry.record.report or {}))
             entry.future = self.bus.request_async(self.topics.coord_inbox, report)
             attempt = entry.record.attempt
-            entry.future.add_done_callback(lambda _f: self._answered(attempt))
+            entry.future.add_done_callback(lambda f: self._answered(attempt, f))
         except (WireError, ValueError, TypeError) as err:
             log.error("attempt %s has an unsendable report (%s); dropped",
                       entry.record.attempt, err)
@@ -379,3 +390,16 @@ class ReportSender:
             self.remove(entry.record.attempt)
         if self.on_done is not None:
             self.on_done(entry.record.attempt)
+
+
+def close_left_session(record: AttemptRecord,
+                       executor_for: Callable[[str], Executor]) -> None:
+    """The session an attempt interrupted by a stop left (its processes or container),
+    closed after a restart; a failure is logged."""
+    if not record.handle:
+        return
+    try:
+        handle = SessionHandle.from_dict(record.handle)
+        executor_for(record.executor).close_session(handle)
+    except Exception as err:
+        log.warning("cannot clean the session of attempt %s: %s", record.attempt, err)

@@ -3,9 +3,11 @@
 On the worker's inbox, from the coordinator principal only (and behind the worker's
 request guard):
 
-- ``job.assign``: the attempt is persisted (worker/job_attempts.py) and only THEN
-  answered ``ok`` (that answer is the acknowledgement the coordinator waits for); a
-  repeated assign of a known attempt is answered ``ok`` again. Refused when the worker
+- ``job.assign`` (alone, or carried in a report's answer): the attempt is persisted
+  (worker/job_attempts.py) and only THEN answered ``ok`` (the acknowledgement the
+  coordinator waits for), held back ``job_ack_wait_s`` for the attempt's report to
+  answer it instead (worker/assign_answers.py); a repeated assign of a known attempt is
+  answered ``ok`` again. Refused when the worker
   is stopping, has no free slot, or lacks the executor the job asks for.
 - ``job.kill``: the attempt's command is stopped (TERM, KILL after the grace); the
   attempt ends ``cancelled``. An unknown or finished attempt is answered ``ok`` too.
@@ -53,7 +55,7 @@ from schemas.messages import Ok
 from schemas.outcome import ERROR_MAX
 from schemas.topics import Topics
 from worker import io_loop
-from worker.assign_answers import HeldAnswers
+from worker.assign_answers import HeldAnswers, deliver_carried
 from worker.exec_auth import from_coordinator
 from worker.executors.base import (
     Executor,
@@ -66,7 +68,7 @@ from worker.executors.base import (
 from worker.image_archives import ImageArchiveError, ImageArchives, archive_of
 from worker.input_cache import CacheError, FetchNotice, InputCache
 from worker.job_attempts import Attempt as Attempt  # (re-exported: it was defined here)
-from worker.job_attempts import AttemptRecord, AttemptStore, ReportSender
+from worker.job_attempts import AttemptRecord, AttemptStore, ReportSender, close_left_session
 from worker.job_delivery import ResultDelivery
 from worker.job_files import (
     STDIN_NAME,
@@ -122,8 +124,11 @@ class JobRunner:
         # the caps (with the cache's summary) republished when the cache fetched something
         self.caps_notice = FetchNotice(cache, caps_changed, CAPS_S)
         self.output_cap = int(config.job_output_bytes)
+        # job.assign messages carried in a report's answer: as if received alone
+        carried = functools.partial(deliver_carried, bus, topics.inbox_for(
+            topics.worker_inbox(wid), self.coordinator), self.coordinator)
         self.reports = ReportSender(bus, topics, self.store, on_done=self._forget,
-                                    remove=self._remove_dir)
+                                    remove=self._remove_dir, carried=carried)
         # the ok to job.assign, held until the report answers it or the wait ends
         self.answers = HeldAnswers(bus, float(config.job_ack_wait_s), io_loop.shared())
         self._lock = threading.Lock()
@@ -545,7 +550,7 @@ class JobRunner:
                 log.warning("attempt %s of job %s was %s when the worker stopped; the "
                             "coordinator requeues it", record.attempt, record.job,
                             record.phase)
-                self._close_left_session(record)
+                close_left_session(record, self.executor_for)
                 self.store.remove(record.attempt)
                 continue
             attempt = Attempt(record)
@@ -557,15 +562,6 @@ class JobRunner:
                             f"deliver-{attempt.id}")
             else:
                 self.reports.add(record)
-
-    def _close_left_session(self, record: AttemptRecord) -> None:
-        if not record.handle:
-            return
-        try:
-            handle = SessionHandle.from_dict(record.handle)
-            self.executor_for(record.executor).close_session(handle)
-        except Exception as err:
-            log.warning("cannot clean the session of attempt %s: %s", record.attempt, err)
 
     def _drop(self, attempt: Attempt) -> None:
         self.store.remove(attempt.id)

@@ -1,0 +1,107 @@
+"""The next assignments ride in the answer to a report (``attempt.recorded``; docs/jobs.md,
+"Assignment in the report's answer"): the coordinator fills the slot a report freed at once
+and carries the ``job.assign`` messages in its answer, to workers of agent 0.3 or later;
+older agents get ``ok`` and a ``job.assign`` as before. The worker's side (the runner takes
+the carried assignments) is in tests/test_job_runner.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from broker.bus import Incoming
+from coordinator.scheduler import agent_version
+from schemas.codec import from_wire
+from schemas.job_messages import ASSIGN_IN_ANSWER_BYTES, AttemptRecorded, JobAssign
+from schemas.messages import Ok
+from tests.fixtures.grid import COORDINATOR, GridHarness
+from tests.fixtures.services import wait_for
+from tests.job_actors import JobClient, JobWorker, start_jobs_coordinator
+
+pytestmark = [pytest.mark.integration]
+
+
+def carried_assigns(w: JobWorker, reply: Any) -> list[JobAssign]:
+    """Answer ``ok`` to each job.assign that ``reply`` (an attempt.recorded) carries, as the
+    real worker does (worker/assign_answers.py), and return them."""
+    assert isinstance(reply, AttemptRecorded)
+    out: list[JobAssign] = []
+    topic = w.topics.inbox_for(w.topics.worker_inbox(w.wid), COORDINATOR)
+    for item in reply.assign or []:
+        env = from_wire(item, topic=topic)
+        assert isinstance(env.body, JobAssign)
+        w.bus.reply(Incoming(topic, env, COORDINATOR), Ok())
+        out.append(env.body)
+    return out
+
+
+def test_a_report_is_answered_with_the_next_assignment(grid: GridHarness) -> None:
+    coordinator = start_jobs_coordinator(grid)
+    alice = JobClient(grid, "alice")
+    w1 = JobWorker(grid, "w1")
+    w1.join(agent_version="0.3.0")
+    ids = alice.submit({"command": "true"}, {"command": "true"}, {"command": "true"})
+    (first,) = w1.assigned()  # the first, as a job.assign of its own (a pass)
+    reply = w1.report_attempt(first.attempt, "success", exit_code=0)
+    (second,) = carried_assigns(w1, reply)  # the next, in the answer to the report
+    assert reply.recorded
+    assert reply.counted
+    wait_for(lambda: getattr(grid.store.get_attempt(second.attempt), "acked_at", None)
+             is not None, 10, message="the carried assignment's ok recorded as its "
+             "acknowledgement")
+    reply = w1.report_attempt(second.attempt, "success", exit_code=0)
+    (third,) = carried_assigns(w1, reply)
+    assert sorted([first.job, second.job, third.job]) == sorted(ids)
+    # no ok for the third: its report answers the assignment (a short job)
+    reply = w1.report_attempt(third.attempt, "success", exit_code=0)
+    assert carried_assigns(w1, reply) == []  # nothing left to carry: no assign
+    assert len(w1.assigns) == 1  # every other one rode in an answer
+    assert coordinator.scheduler.carried == 2
+    for jid in ids:
+        record = grid.store.get_job(jid)
+        assert record is not None
+        assert record.state.value == "completed"
+    third_attempt = grid.store.get_attempt(third.attempt)
+    assert third_attempt is not None
+    assert third_attempt.acked_at is not None
+    assert coordinator.scheduler._acks is not None
+    assert coordinator.scheduler._acks.in_flight() == 0
+
+
+def test_an_older_agent_gets_ok_and_a_job_assign(grid: GridHarness) -> None:
+    coordinator = start_jobs_coordinator(grid)
+    alice = JobClient(grid, "alice")
+    w1 = JobWorker(grid, "w1")
+    w1.join(agent_version="0.2.0")
+    alice.submit({"command": "true"}, {"command": "true"})
+    (first,) = w1.assigned()
+    reply = w1.report_attempt(first.attempt, "success", exit_code=0)
+    assert isinstance(reply, Ok)
+    assert reply.detail == {"recorded": True, "counted": True}
+    w1.assigned(2)  # the next came by a pass, as its own job.assign
+    assert coordinator.scheduler.carried == 0
+
+
+def test_an_assignment_too_big_to_carry_is_sent_alone(grid: GridHarness) -> None:
+    coordinator = start_jobs_coordinator(grid)
+    alice = JobClient(grid, "alice")
+    w1 = JobWorker(grid, "w1")
+    w1.join(agent_version="0.3.0")
+    big = {f"V{i}": "x" * 4000 for i in range(ASSIGN_IN_ANSWER_BYTES // 4000 + 1)}
+    alice.submit({"command": "true"})
+    (first,) = w1.assigned()  # the slot is taken: the big one waits for its report
+    (second,) = alice.submit({"command": "true", "env": big})
+    reply = w1.report_attempt(first.attempt, "success", exit_code=0)
+    assert carried_assigns(w1, reply) == []
+    assigns = w1.assigned(2)
+    assert assigns[1].job == second
+    assert coordinator.scheduler.carried == 0
+
+
+def test_agent_versions_are_read_leniently() -> None:
+    assert agent_version({"agent_version": "0.3.0"}) == (0, 3)
+    assert agent_version({"agent_version": "1.0"}) == (1, 0)
+    assert agent_version({"agent_version": "2"}) == (2, 0)
+    assert agent_version({"agent_version": "dev"}) == (0, 0)
+    assert agent_version({}) == (0, 0)
