@@ -2,13 +2,16 @@
 
 It speaks the worker's side of the job protocol and nothing else: retained ``worker.caps``
 and ``worker.status`` online, a ``worker.heartbeat`` every second, and to each
-``job.assign`` an ``ok`` (the acknowledgement) followed at once by an ``attempt.report``
-of success with no output. With two of them in place of ``xcloud worker``, a 2,000-job
-run measures what the coordinator, the broker and the client cost per job when the
-workers cost nothing: the most jobs per second this coordinator can give on the machine,
-whatever the workers become (BENCHMARKS.md §10). Run as a process of its own
-(``python -m bench.instant_workers``, principal and token in ``XCLOUD_BUS_*``), as the
-real worker is, so that it shares no GIL with the client or the coordinator.
+``job.assign`` at once an ``attempt.report`` of success with no output, which acknowledges
+the assignment too (as a real worker's short job does: it holds its ``ok`` back,
+worker/assign_answers.py); the assignments carried in a report's answer
+(``attempt.recorded``) are taken as the real worker takes them. With two of them in place
+of ``xcloud worker``, a 2,000-job run measures what the coordinator, the broker and the
+client cost per job when the workers cost nothing: the most jobs per second this
+coordinator can give on the machine, whatever the workers become (BENCHMARKS.md §10).
+Run as a process of its own (``python -m bench.instant_workers``, principal and token in
+``XCLOUD_BUS_*``), as the real worker is, so that it shares no GIL with the client or the
+coordinator.
 """
 
 from __future__ import annotations
@@ -18,15 +21,20 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 from broker.bus import Bus, Incoming, Lane, Will
 from broker.config import BusConfig
-from schemas.job_messages import AttemptReport, JobAssign
-from schemas.messages import Ok, WorkerCaps, WorkerHeartbeat, WorkerStatus
+from schemas.codec import Envelope
+from schemas.job_messages import AttemptRecorded, AttemptReport, JobAssign
+from schemas.messages import WorkerCaps, WorkerHeartbeat, WorkerStatus
 from schemas.topics import Topics
+from schemas.version import __version__
+from worker.assign_answers import deliver_carried
 
 HEARTBEAT_S = 1.0
+COORDINATOR = "coordinator"  # the principal bench/job_grids.py gives the coordinator
 
 
 class InstantWorker:
@@ -57,7 +65,7 @@ class InstantWorker:
             host={"hostname": f"instant-{self.wid}", "os": "Linux", "arch": "x86_64",
                   "python": "3.11"},
             cpu={"count": 2, "physical": 2, "model": "none", "freq_mhz": 0.0},
-            memory_bytes=8 * 2**30, heartbeat_s=HEARTBEAT_S, agent_version="bench-instant")
+            memory_bytes=8 * 2**30, heartbeat_s=HEARTBEAT_S, agent_version=__version__)
         self.bus.publish(self.topics.worker_caps(self.wid), caps, retain=True)
         self.bus.publish(self.topics.worker_status(self.wid),
                          WorkerStatus(wid=self.wid, state="online", clean=True), retain=True)
@@ -72,11 +80,19 @@ class InstantWorker:
 
     def _on_assign(self, incoming: Incoming) -> None:
         body: JobAssign = incoming.body
-        self.bus.reply(incoming, Ok(detail={"attempt": body.attempt}))
         now = time.time()
-        self.bus.request_async(self.topics.coord_inbox, AttemptReport(
+        answer = self.bus.request_async(self.topics.coord_inbox, AttemptReport(
             attempt=body.attempt, kind="success", exit_code=0, duration_s=0.0,
             stdout=None, stderr=None, outputs=[], started_at=now, ended_at=now))
+        answer.add_done_callback(self._answered)
+
+    def _answered(self, answer: Future[Envelope[Any]]) -> None:
+        if answer.cancelled() or answer.exception() is not None:
+            return
+        body = answer.result().body
+        if isinstance(body, AttemptRecorded) and body.assign:
+            deliver_carried(self.bus, self.topics.inbox_for(
+                self.topics.worker_inbox(self.wid), COORDINATOR), COORDINATOR, body.assign)
 
 
 def main(argv: list[str] | None = None) -> int:
