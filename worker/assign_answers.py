@@ -41,15 +41,18 @@ log = logging.getLogger(__name__)
 
 
 class HeldAnswers:
-    """``ok`` answers to ``job.assign`` held on the I/O loop's timers (see the module
-    docstring). Thread-safe."""
+    """``ok`` answers to ``job.assign`` held back (see the module docstring). Thread-safe.
+
+    One I/O loop timer sweeps them all (each hold and spare costs a dict entry, not a
+    timer's wake of the loop: at hundreds of jobs per second that was two wakes a job)."""
 
     def __init__(self, bus: Bus, wait_s: float, loop: IoLoop) -> None:
         self.bus = bus
         self.wait_s = max(0.0, float(wait_s))
         self.loop = loop
         self._lock = threading.Lock()
-        self._held: dict[str, tuple[Incoming, Timer | None]] = {}
+        self._held: dict[str, tuple[Incoming, float]] = {}  # attempt -> (request, due)
+        self._timer: Timer | None = None  # the sweep, while anything is held
         self.sent = 0  # answers that went (at once or when their wait ended)
         self.spared = 0  # answers the attempt's accepted report made unneeded
 
@@ -59,39 +62,44 @@ class HeldAnswers:
         if self.wait_s <= 0:
             self._reply(attempt, request)
             return
-        with self._lock:  # held before the timer exists: it cannot fire on nothing
-            self._held[attempt] = (request, None)
-        timer = self.loop.call_later(self.wait_s, self.send, attempt)
+        due = time.monotonic() + self.wait_s
         with self._lock:
-            if attempt in self._held:
-                self._held[attempt] = (request, timer)
-                return
-        timer.cancel()  # (spared or sent meanwhile)
-
-    def send(self, attempt: str) -> None:
-        """The wait is over: the ``ok`` goes now (if still held)."""
-        with self._lock:
-            held = self._held.pop(attempt, None)
-        if held is not None:
-            self._reply(attempt, held[0])
+            self._held[attempt] = (request, due)
+            timer = self._timer
+            if timer is not None and due < timer.when:  # (a shorter wait set meanwhile)
+                timer.cancel()
+                timer = None
+            if timer is None:
+                self._timer = self.loop.call_later(self.wait_s, self._sweep)
 
     def spare(self, attempt: str) -> None:
         """The coordinator has the attempt's report (or no longer wants an answer): the
         ``ok`` is not sent."""
         with self._lock:
-            held = self._held.pop(attempt, None)
-            if held is not None:
+            if self._held.pop(attempt, None) is not None:
                 self.spared += 1
-        if held is not None and held[1] is not None:
-            held[1].cancel()
 
     def close(self) -> None:
         """Stopping: held answers are dropped (the attempts are being forgotten)."""
         with self._lock:
-            held, self._held = list(self._held.values()), {}
-        for _request, timer in held:
-            if timer is not None:
-                timer.cancel()
+            self._held.clear()
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _sweep(self) -> None:
+        """On the loop: the answers whose wait is over go; the sweep comes again for the
+        next one due."""
+        now = time.monotonic()
+        with self._lock:
+            due = [(a, r) for a, (r, at) in self._held.items() if at <= now]
+            for attempt, _request in due:
+                del self._held[attempt]
+            nxt = min((at for _r, at in self._held.values()), default=None)
+            self._timer = (None if nxt is None else
+                           self.loop.call_later(max(0.0, nxt - now), self._sweep))
+        for attempt, request in due:
+            self._reply(attempt, request)
 
     def _reply(self, attempt: str, request: Incoming) -> None:
         try:
