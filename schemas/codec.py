@@ -141,9 +141,22 @@ def decode(payload: bytes, *, topic: str | None = None,
     return from_wire(data, topic=topic)
 
 
-def from_wire(data: Any, *, topic: str | None = None) -> Envelope[Body]:
+def from_wire(data: Any, *, topic: str | None = None,
+              carried_as: str | None = None) -> Envelope[Body]:
     """Validate one parsed message (a JSON object: ``decode``'s, or one carried inside
-    another, as ``attempt.recorded`` carries ``job.assign``) and build its envelope."""
+    another, as ``attempt.recorded`` carries ``job.assign``) and build its envelope.
+
+    ``carried_as``: the type its carrier's (validated) schema held it to, so it needs no
+    second validation (that was most of a carried ``job.assign``'s cost); another type
+    is refused."""
+    if carried_as is not None and isinstance(data, dict) and data.get("type") == carried_as:
+        kind = REGISTRY[carried_as]
+        body = kind.from_dict({k: v for k, v in data.items() if k not in ENVELOPE_KEYS})
+        return Envelope(body=body, id=data["id"], ts=float(data["ts"]), v=data["v"],
+                        reply_to=data.get("reply_to"), re=data.get("re"))
+    if carried_as is not None:
+        raise WireError("invalid", f"a carried message that is not a {carried_as}",
+                        topic=topic)
     if not isinstance(data, dict):
         raise WireError("bad_envelope", "message is not a JSON object", topic=topic)
     mtype, mid = data.get("type"), data.get("id")

@@ -13,6 +13,7 @@ import pytest
 from broker.bus import Incoming
 from coordinator.scheduler import agent_version
 from schemas.codec import from_wire
+from schemas.errors import WireError
 from schemas.job_messages import ASSIGN_IN_ANSWER_BYTES, AttemptRecorded, JobAssign
 from schemas.messages import Ok
 from tests.fixtures.grid import COORDINATOR, GridHarness
@@ -105,3 +106,19 @@ def test_agent_versions_are_read_leniently() -> None:
     assert agent_version({"agent_version": "2"}) == (2, 0)
     assert agent_version({"agent_version": "dev"}) == (0, 0)
     assert agent_version({}) == (0, 0)
+
+
+def test_a_carried_message_of_another_type_is_refused() -> None:
+    """The worker takes a carried item unvalidated only as the type its carrier's schema
+    held it to (attempt.recorded's items are job.assign): anything else is refused."""
+    body = {"type": "job.kill", "v": 1, "id": "m-1", "ts": 1.0, "attempt": "a-1",
+            "reason": "x"}
+    with pytest.raises(WireError):
+        from_wire(body, carried_as=JobAssign.TYPE)
+    assign = {"type": "job.assign", "v": 1, "id": "m-2", "ts": 1.0, "reply_to": "r/x",
+              "attempt": "a-1", "job": "j-1", "owner": "alice", "spec": {"command": "true"},
+              "inputs": [], "lease_s": 30.0}
+    env = from_wire(assign, carried_as=JobAssign.TYPE)
+    assert isinstance(env.body, JobAssign)
+    assert env.id == "m-2"
+    assert env.reply_to == "r/x"

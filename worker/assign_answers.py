@@ -117,14 +117,10 @@ def deliver_carried(bus: Bus, inbox_topic: str, coordinator: str,
     bus as one received alone on ``inbox_topic``. Called on the network thread: nothing
     here blocks (the bus queues each on its handler's lane)."""
     for item in items:
-        try:
-            env = from_wire(item, topic=inbox_topic)
-        except WireError as err:  # (the answer was validated whole: not expected)
+        try:  # (the answer was validated whole, its items as job.assign)
+            env = from_wire(item, topic=inbox_topic, carried_as=JobAssign.TYPE)
+        except (WireError, KeyError, TypeError, ValueError) as err:
             log.warning("a job.assign carried in a report's answer is invalid: %s", err)
-            continue
-        if not isinstance(env.body, JobAssign):
-            log.warning("a report's answer carried a %s, not a job.assign: dropped",
-                        env.body.TYPE)
             continue
         bus.deliver_carried(Incoming(inbox_topic, env, coordinator,
                                      received_at=time.monotonic()))
