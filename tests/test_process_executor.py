@@ -467,3 +467,28 @@ def test_a_task_file_only_where_no_cgroup_finds_it(made: Callable[..., ProcessEx
     assert result.exit_code == 0
     assert not list(ex.records_dir.glob("*.json"))  # (glob of a missing dir: nothing)
     ex.close_session(session)
+
+
+@pytest.mark.parametrize("wanted", ["v1", "v2"])
+def test_removing_a_cgroup_takes_its_children_too(wanted: str) -> None:
+    """``remove_cgroup`` tries one ``rmdir`` first (a session's emptied cgroup, the usual
+    case) and walks only when that fails: a child cgroup (a job that made one) goes too,
+    and so does a cgroup of the memory hierarchy, which lists many files."""
+    from worker.executors.reaper import remove_cgroup
+
+    layout = detect(_required(wanted))
+    for parent in {p for p in (layout.tracker, layout.memory) if p is not None}:
+        top = parent / f"xcloud-test-{os.getpid()}-{wanted}"
+        (top / "child" / "grandchild").mkdir(parents=True)
+        plain = parent / f"xcloud-test-{os.getpid()}-{wanted}-plain"
+        plain.mkdir()
+        try:
+            assert remove_cgroup(str(top))
+            assert not top.exists()
+            assert remove_cgroup(str(plain))
+            assert not plain.exists()
+            assert remove_cgroup(str(plain))  # gone already: nothing to do
+        finally:
+            for leftover in (top / "child" / "grandchild", top / "child", top, plain):
+                with contextlib.suppress(OSError):
+                    leftover.rmdir()
