@@ -24,7 +24,6 @@ one indexed query of that worker's live attempts, never work in the queue's size
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import queue
@@ -50,6 +49,7 @@ from coordinator.registry import WorkerRegistry
 from coordinator.store import Store, WorkerRecord
 from coordinator.store.apps import Unresolvable
 from coordinator.store.job_records import AttemptRecord, JobChange, JobRecord
+from coordinator.store.values import dumps
 from coordinator.worker_state import WorkerState
 from schemas.codec import to_wire
 from schemas.job_messages import (
@@ -115,10 +115,6 @@ def requirement_mismatch(worker: WorkerRecord, spec: dict[str, Any]) -> str | No
 
 
 ENVELOPE_BYTES = 200  # a job.assign's envelope fields, on top of its body
-
-
-def dumps(body: dict[str, Any]) -> str:
-    return json.dumps(body, separators=(",", ":"))
 
 
 def agent_version(caps: dict[str, Any]) -> tuple[int, int]:
