@@ -290,7 +290,10 @@ class ReportSender:
         if self.carried is not None and not future.cancelled() and future.exception() is None:
             body = future.result().body
             if isinstance(body, AttemptRecorded) and body.assign:
-                self.carried(body.assign)
+                try:
+                    self.carried(body.assign)
+                except Exception:  # (they expire at the coordinator and go elsewhere)
+                    log.exception("the assignments carried in a report's answer")
         with self._lock:
             self._ready.append(attempt)
         self._wake.set()

@@ -7,8 +7,8 @@ request guard):
   (worker/job_attempts.py) and only THEN answered ``ok`` (the acknowledgement the
   coordinator waits for), held back ``job_ack_wait_s`` for the attempt's report to
   answer it instead (worker/assign_answers.py); a repeated assign of a known attempt is
-  answered ``ok`` again. Refused when the worker
-  is stopping, has no free slot, or lacks the executor the job asks for.
+  answered ``ok`` again. Refused when the worker is stopping, has no free slot, or lacks
+  the executor the job asks for.
 - ``job.kill``: the attempt's command is stopped (TERM, KILL after the grace); the
   attempt ends ``cancelled``. An unknown or finished attempt is answered ``ok`` too.
 
