@@ -39,7 +39,11 @@ Nothing is asserted: the targets (jobs/s ≥ 1.0× Celery and Dask in the same r
 brokers, submit → running p50 ≤ 10 ms, no collapse with 100,000 queued) are reported as
 met or missed.
 
-    python -m bench.jobs [--quick] [--only xcloud-mosquitto,xcloud-prefetch,xcloud-up,...]
+``--rounds R`` runs every variant R times, interleaved (every other round in reversed
+order), and adds each ratio per round and its median: the machine's speed drifts, and a
+ratio from one sequential pass carries that drift.
+
+    python -m bench.jobs [--quick] [--rounds R] [--only xcloud-mosquitto,xcloud-up,...]
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import contextlib
 import math
 import os
 import sqlite3
+import statistics
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -271,7 +276,9 @@ def scheduler_pass(db_file: Path, root: str, passes: int = 5) -> dict[str, Any]:
 
 
 def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int,
-               prefetch: int = 1) -> dict[str, Any]:
+               prefetch: int = 1, extras: bool = True) -> dict[str, Any]:
+    """One grid's run; ``extras``: also the latency, and the 100,000-queued run and pass
+    (Mosquitto), which a later round of ``--rounds`` leaves out."""
     from client.api import Grid
 
     xgrid: SplitGrid2 | UpGrid2 = (
@@ -287,9 +294,9 @@ def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int,
                 events = EventLog()
                 events.hook(grid)
                 wait_workers(grid, WORKERS)
-                if results:  # (the latency is the Mosquitto row's)
+                if results or not extras:  # (the latency is the Mosquitto row's)
                     out["run"] = throughput(grid, events, n, xgrid.coordinator_pid(),
-                                            extra=RESULTS_SPEC)
+                                            extra=RESULTS_SPEC if results else None)
                     return out
                 out["latency"] = submit_latency(grid, events, latency_runs)
                 out["run"] = throughput(grid, events, n, xgrid.coordinator_pid())
@@ -308,40 +315,47 @@ def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int,
 # ----------------------------------------------------------------------------- run / report
 
 
-def run(quick: bool = False, only: str | None = None, prefetch: int = 1) -> dict[str, Any]:
+def run(quick: bool = False, only: str | None = None, prefetch: int = 1,
+        rounds: int = 1) -> dict[str, Any]:
+    """Every variant once (the full rows), then ``rounds - 1`` more rounds of their
+    throughput alone, in reversed order every other round: the machine's speed drifts
+    (±25 % here from one second to the next), and a ratio from one sequential run
+    carries that drift; the median of the rounds' ratios less so."""
     sizes = QUICK if quick else FULL
     n = sizes["jobs"]
     names = [v.strip() for v in only.split(",")] if only else list(VARIANTS)
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
     result: dict[str, Any] = {"jobs": n, "quick": quick, "prefetch": prefetch,
-                              "variants": {}}
+                              "variants": {}, "rounds": []}
     with scratch_dir("xcloud-bench-jobs-") as tmp:
-        for name in names:
-            t0 = time.monotonic()
-            load = LoadMonitor().start()
-            if name == "xcloud-mosquitto":
-                row = run_xcloud("mosquitto", tmp, n, sizes["latency"])
-            elif name == "xcloud-prefetch":
-                row = run_xcloud("prefetch", tmp, n, sizes["latency"], prefetch)
-            elif name == "xcloud-up":
-                row = run_xcloud("up", tmp, n, sizes["latency"])
-            elif name == "xcloud-up-thread":
-                row = run_xcloud("up-thread", tmp, n, sizes["latency"])
-            elif name == "xcloud-instant":
-                row = run_xcloud("instant", tmp, n, sizes["latency"])
-            elif name == "xcloud-results":
-                row = run_xcloud("results", tmp, n, sizes["latency"])
-            elif name == "celery-redis":
-                row = run_celery(REDIS_URL, REDIS_URL, n)
-            elif name == "celery-rabbitmq":
-                row = run_celery(AMQP_URL, "rpc://", n)
-            elif name == "dask":
-                row = run_dask(n)
-            else:
-                raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-            row["elapsed_s"] = round(time.monotonic() - t0, 1)
-            row["others_pct"] = round(load.stop()["others_pct"], 1)
-            result["variants"][name] = row
+        for number in range(max(1, rounds)):
+            order = names if number % 2 == 0 else names[::-1]
+            rates: dict[str, float | None] = {}
+            for name in order:
+                t0 = time.monotonic()
+                load = LoadMonitor().start()
+                row = _variant(name, tmp, n, sizes["latency"], prefetch, extras=number == 0)
+                row["elapsed_s"] = round(time.monotonic() - t0, 1)
+                row["others_pct"] = round(load.stop()["others_pct"], 1)
+                if number == 0:
+                    result["variants"][name] = row
+                rates[name] = _rate(row)
+            result["rounds"].append(rates)
     return result
+
+
+def _variant(name: str, tmp: Path, n: int, latency_runs: int, prefetch: int,
+             extras: bool) -> dict[str, Any]:
+    if name.startswith("xcloud-"):
+        return run_xcloud(name.removeprefix("xcloud-"), tmp, n, latency_runs, prefetch,
+                          extras=extras)
+    if name == "celery-redis":
+        return run_celery(REDIS_URL, REDIS_URL, n)
+    if name == "celery-rabbitmq":
+        return run_celery(AMQP_URL, "rpc://", n)
+    return run_dask(n)
 
 
 def _rate(row: dict[str, Any] | None) -> float | None:
@@ -424,13 +438,44 @@ def markdown(result: dict[str, Any]) -> str:
                   f"over {fmt(p.get('queued'))} queued jobs: {fmt(p.get('busy_pass_ms'), 1)} ms "
                   f"assigning {p.get('assigned', '–')} jobs, "
                   f"{fmt(p.get('idle_pass_ms'), 2)} ms with no free slot.", ""]
+    lines += _rounds_table(result, labels)
     for name, row in v.items():
         if "error" in row:
             lines += [f"- {name}: {row['error']}"]
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _rounds_table(result: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """With ``--rounds`` > 1: each xcloud variant's ratio to each peer, per round and
+    the median of the rounds."""
+    rounds: list[dict[str, float | None]] = result.get("rounds") or []
+    if len(rounds) < 2:
+        return []
+    peers = [p for p in ("celery-redis", "celery-rabbitmq", "dask") if p in rounds[0]]
+    rows = []
+    for name in rounds[0]:
+        if not name.startswith("xcloud-"):
+            continue
+        for peer in peers:
+            values = [x / y for r in rounds
+                      if (x := r.get(name)) is not None and (y := r.get(peer))]
+            if values:
+                rows.append([labels.get(name, name), f"÷ {peer}",
+                             " / ".join(f"{x:.2f}×" for x in values),
+                             f"{statistics.median(values):.2f}×"])
+    rates = [[labels.get(name, name),
+              " / ".join(fmt(r.get(name)) for r in rounds),
+              fmt(statistics.median([x for r in rounds if (x := r.get(name))]))]
+             for name in rounds[0] if any(r.get(name) for r in rounds)]
+    return [f"{len(rounds)} rounds, every other one in reversed order (jobs/s; the first "
+            "round is the rows above):", "", md_table(["system", "per round", "median"], rates),
+            "", "Ratios per round and their median (target ≥ 1.0×):", "",
+            md_table(["xcloud", "peer", "per round", "median"], rows), ""]
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every variant this many times, interleaved (default 1)")
     parser.add_argument("--only", help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--prefetch", type=int, default=1,
                         help="[jobs] prefetch of the xcloud-prefetch variant (default 1)")
