@@ -2,8 +2,8 @@
 idle worker if it waits too long.
 
 Without it every slot idles for a round trip after each job: the report travels to the
-coordinator, is committed, a pass runs, ``job.assign`` travels back and is acknowledged
-(docs/jobs.md, "Prefetch": ~15 ms of a ~30 ms cycle for a short job on this machine).
+coordinator, is committed, and the next ``job.assign`` travels back (in the report's
+answer for agents 0.3 and later: docs/jobs.md, "Prefetch").
 Celery (prefetch multiplier) and Dask (tasks queued on workers) do the same; both are
 known for jobs stuck behind a long one while another worker idles, which is what the
 second half answers (Dask's work stealing, in its simplest form):

@@ -13,7 +13,11 @@ freed or added work (a submit, a release, an attempt's end, a worker's state cha
    matches no free worker), so a pass stays cheap with 100,000 jobs queued;
 5. each job goes to the matching worker with the most free slots: a new attempt (its id
    is the fencing token) is committed, then ``job.assign`` is sent; the worker's ok (its
-   acknowledgement) is handled by coordinator/assign_acks.py, where nothing waits.
+   acknowledgement, or the attempt's accepted report) is handled by
+   coordinator/assign_acks.py, where nothing waits.
+
+``fill`` runs steps 3–5 for one worker on the caller's thread, when that worker's report
+freed a slot: the assignments ride in the report's answer (``attempt.recorded``).
 
 Heartbeats are reconciled both ways (``on_attempts``): an acknowledged attempt missing
 from ``jobs.missed_heartbeats`` heartbeats in a row ends ``lease_expired``; an attempt a

@@ -150,10 +150,7 @@ def from_wire(data: Any, *, topic: str | None = None,
     second validation (that was most of a carried ``job.assign``'s cost); another type
     is refused."""
     if carried_as is not None and isinstance(data, dict) and data.get("type") == carried_as:
-        kind = REGISTRY[carried_as]
-        body = kind.from_dict({k: v for k, v in data.items() if k not in ENVELOPE_KEYS})
-        return Envelope(body=body, id=data["id"], ts=float(data["ts"]), v=data["v"],
-                        reply_to=data.get("reply_to"), re=data.get("re"))
+        return _built(REGISTRY[carried_as], data)
     if carried_as is not None:
         raise WireError("invalid", f"a carried message that is not a {carried_as}",
                         topic=topic)
@@ -182,6 +179,11 @@ def from_wire(data: Any, *, topic: str | None = None,
         validator(cls.TYPE)(data)
     except fastjsonschema.JsonSchemaException as err:
         raise WireError("invalid", f"{cls.TYPE}: {_reason(err)}", **ctx) from err
+    return _built(cls, data)
+
+
+def _built(cls: type[Body], data: dict[str, Any]) -> Envelope[Body]:
+    """The envelope of a validated message."""
     body = cls.from_dict({k: v for k, v in data.items() if k not in ENVELOPE_KEYS})
     return Envelope(body=body, id=data["id"], ts=float(data["ts"]), v=data["v"],
                     reply_to=data.get("reply_to"), re=data.get("re"))

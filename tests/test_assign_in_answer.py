@@ -6,11 +6,12 @@ the carried assignments) is in tests/test_job_runner.py."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from broker.bus import Incoming
+from coordinator.job_state import AttemptKind
 from coordinator.scheduler import agent_version
 from schemas.codec import from_wire
 from schemas.errors import WireError
@@ -19,6 +20,7 @@ from schemas.messages import Ok
 from tests.fixtures.grid import COORDINATOR, GridHarness
 from tests.fixtures.services import wait_for
 from tests.job_actors import JobClient, JobWorker, start_jobs_coordinator
+from worker.assign_answers import MAX_WAIT_S, HeldAnswers
 
 pytestmark = [pytest.mark.integration]
 
@@ -122,3 +124,36 @@ def test_a_carried_message_of_another_type_is_refused() -> None:
     assert isinstance(env.body, JobAssign)
     assert env.id == "m-2"
     assert env.reply_to == "r/x"
+
+
+def test_a_carried_assignment_never_answered_expires_and_is_offered_again(
+        grid: GridHarness) -> None:
+    """A worker that got the answer but never acknowledged (or reported) what it carried,
+    as if the answer were lost: nothing is lost, the assignment expires after
+    ``assign_ack_s`` and its job is offered again."""
+    start_jobs_coordinator(grid, assign_ack_s=1.0)
+    alice = JobClient(grid, "alice")
+    w1 = JobWorker(grid, "w1")
+    w1.join(agent_version="0.3.0")
+    alice.submit({"command": "true"})
+    (first,) = w1.assigned()
+    (second,) = alice.submit({"command": "true"})  # waits for the slot
+    reply = w1.report_attempt(first.attempt, "success", exit_code=0)
+    assert isinstance(reply, AttemptRecorded)
+    (item,) = reply.assign or []
+    lost = from_wire(item, carried_as=JobAssign.TYPE).body
+    assert isinstance(lost, JobAssign)
+    assert lost.job == second
+    wait_for(lambda: getattr(grid.store.get_attempt(lost.attempt), "kind", None)
+             is AttemptKind.LEASE_EXPIRED, 10, message="the unanswered assignment expired")
+    again = w1.assigned(2)[-1]  # offered again by a pass, as a job.assign of its own
+    assert again.job == second
+    assert again.attempt != lost.attempt
+
+
+def test_the_held_ok_waits_at_most_a_second() -> None:
+    """``job_ack_wait_s`` beyond 1 s would let the coordinator's ``assign_ack_s`` end
+    attempts that run: it is used as 1 s (and a negative one as 0)."""
+    assert HeldAnswers(cast(Any, None), 60.0, cast(Any, None)).wait_s == MAX_WAIT_S == 1.0
+    assert HeldAnswers(cast(Any, None), -1.0, cast(Any, None)).wait_s == 0.0
+    assert HeldAnswers(cast(Any, None), 0.1, cast(Any, None)).wait_s == 0.1

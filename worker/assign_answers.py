@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_WAIT_S = 1.0  # well inside the coordinator's assign_ack_s (10 s by default)
+
 
 class HeldAnswers:
     """``ok`` answers to ``job.assign`` held back (see the module docstring). Thread-safe.
@@ -48,7 +50,11 @@ class HeldAnswers:
 
     def __init__(self, bus: Bus, wait_s: float, loop: IoLoop) -> None:
         self.bus = bus
-        self.wait_s = max(0.0, float(wait_s))
+        self.wait_s = min(max(0.0, float(wait_s)), MAX_WAIT_S)
+        if self.wait_s != wait_s:
+            log.warning("[worker] job_ack_wait_s = %s is outside 0..%g s: %g s is used (a "
+                        "longer wait would let the coordinator's assign_ack_s end running "
+                        "attempts)", wait_s, MAX_WAIT_S, self.wait_s)
         self.loop = loop
         self._lock = threading.Lock()
         self._held: dict[str, tuple[Incoming, float]] = {}  # attempt -> (request, due)
