@@ -29,14 +29,24 @@ The layout, below the worker's own cgroup in each hierarchy used::
 A tree is recorded in ``<state_dir>/cgroups.json`` when it is made, so a restarted
 worker kills and removes what a previous run left even if its own cgroup changed; the
 reaper (worker/executors/reaper.py) usually did already.
+
+A closed session's cgroup, once proven empty (no process, no child cgroup), is kept for
+the next session instead of removed (``POOL_MAX`` per tree): making and removing three v1
+cgroups (freezer, memory, pids) was a fifth of a short job's cost on the worker, most of
+it kernel work (a memory cgroup's allocation, its offlining after ``rmdir``). The next
+session renames it to its own name (v1; v2 cannot rename a cgroup, so there it keeps the
+name of the session that made it), rewrites only the limits that differ (lifting those
+the previous session had), and reads its OOM count before its first command runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +63,8 @@ STATE_FILE = "cgroups.json"
 V1_TRACKERS = ("freezer", "pids", "memory")
 MOUNTINFO = "/proc/self/mountinfo"
 PROC_CGROUP = "/proc/self/cgroup"
+POOL_MAX = 16  # emptied session cgroups a tree keeps for the next sessions
+NAME_TRIES = 64  # names tried for a new session cgroup when its own is taken
 
 
 class CgroupError(ExecutorError):
@@ -222,27 +234,73 @@ class SessionCgroup:
     # ``oom_kills`` needs no read (a job's session runs one command: one read per job).
     fresh: bool = False
     _oom_name: str = field(default="", repr=False)  # the file that has the count here
+    # The limits written to it (None: none, as in a cgroup just made), so that a pooled
+    # cgroup's next session writes only what differs and lifts what it does not set.
+    _memory_set: int | None = field(default=None, repr=False)
+    _pids_set: int | None = field(default=None, repr=False)
 
     @property
     def tracker(self) -> Path:
         return self.dirs[0]
 
     def set_limits(self, memory_bytes: int | None, pids: int | None) -> None:
-        """Apply the limits this cgroup can enforce (``limited`` says which)."""
-        if memory_bytes is not None and self.memory is not None:
-            value = str(int(memory_bytes))
-            if (self.memory / "memory.max").exists():  # v2
-                _set(self.memory / "memory.max", value)
-                if (self.memory / "memory.swap.max").exists():
-                    _set(self.memory / "memory.swap.max", "0")
-            else:  # v1: memsw may not be below the memory limit, so it goes second
-                _set(self.memory / "memory.limit_in_bytes", value)
-                if (self.memory / "memory.memsw.limit_in_bytes").exists():
-                    _set(self.memory / "memory.memsw.limit_in_bytes", value)
-            self.limited.add("memory_bytes")
-        if pids is not None and self.pids is not None:
-            _set(self.pids / "pids.max", str(max(1, int(pids))))
-            self.limited.add("pids")
+        """Apply the limits this cgroup can enforce (``limited`` says which); None lifts
+        a limit an earlier session of a pooled cgroup set. Only changes are written."""
+        if self.memory is not None:
+            memory = None if memory_bytes is None else int(memory_bytes)
+            if memory != self._memory_set:
+                self._write_memory(memory)
+            self.limited.discard("memory_bytes")
+            if memory is not None:
+                self.limited.add("memory_bytes")
+        if self.pids is not None:
+            count = None if pids is None else max(1, int(pids))
+            if count != self._pids_set:
+                _set(self.pids / "pids.max", "max" if count is None else str(count))
+                self._pids_set = count
+            self.limited.discard("pids")
+            if count is not None:
+                self.limited.add("pids")
+
+    def _write_memory(self, value: int | None) -> None:
+        assert self.memory is not None
+        if (self.memory / "memory.max").exists():  # v2
+            _set(self.memory / "memory.max", "max" if value is None else str(value))
+            if (self.memory / "memory.swap.max").exists():
+                _set(self.memory / "memory.swap.max", "max" if value is None else "0")
+        else:  # v1: memsw may never be below the memory limit, so the order matters
+            text = "-1" if value is None else str(value)
+            names = ["memory.limit_in_bytes"]
+            if (self.memory / "memory.memsw.limit_in_bytes").exists():
+                old = self._memory_set
+                raising = value is None or (old is not None and value > old)
+                names.insert(0 if raising else 1, "memory.memsw.limit_in_bytes")
+            for name in names:
+                _set(self.memory / name, text)
+        self._memory_set = value
+
+    def rename(self, name: str) -> None:
+        """Give it ``name`` in every hierarchy where the kernel allows (v1; not v2)."""
+        for i, directory in enumerate(self.dirs):
+            target = directory.with_name(name)
+            try:
+                directory.rename(target)
+            except OSError:
+                continue
+            self.dirs[i] = target
+            if self.memory == directory:
+                self.memory = target
+            if self.pids == directory:
+                self.pids = target
+
+    def empty(self) -> bool:
+        """No process and no child cgroup in any of its directories (a kernfs
+        directory's link count is 2 plus its subdirectories)."""
+        try:
+            return all(os.stat(d).st_nlink == 2 and not reaper._read(str(d / "cgroup.procs"))
+                       .strip() for d in self.dirs)
+        except OSError:
+            return False
 
     def attach(self, pid: int) -> None:
         """Move process ``pid`` (and, on v2, all its threads) into this cgroup."""
@@ -314,6 +372,8 @@ class CgroupTree:
         self.roots = [parent / self.name for parent in parents]
         self.memory = layout.memory / self.name if layout.memory else None
         self.pids = layout.pids / self.name if layout.pids else None
+        self._pool: list[SessionCgroup] = []  # emptied session cgroups (release)
+        self._pool_lock = threading.Lock()
 
     @property
     def version(self) -> int:
@@ -368,30 +428,70 @@ class CgroupTree:
             log.info("cgroup v2: %s not delegated to %s; those limits are rlimits",
                      ", ".join(c for c in wanted if c not in enabled), root.parent)
 
-    def session(self, session_id: str) -> SessionCgroup:
-        """The cgroup of session ``session_id`` (made when missing)."""
+    def session(self, session_id: str, memory_bytes: int | None = None,
+                pids: int | None = None) -> SessionCgroup:
+        """A cgroup for session ``session_id`` with these limits: a pooled one when the
+        pool has one and it takes them, else one made (CgroupError when it cannot be)."""
         name = f"s-{safe_name(session_id)}"
-        dirs = [root / name for root in self.roots]
-        fresh = True
-        for directory in dirs:
+        while True:
+            with self._pool_lock:
+                pooled = self._pool.pop() if self._pool else None
+            if pooled is None:
+                break
+            pooled.rename(name)
             try:
-                directory.mkdir(mode=0o755)
-            except FileExistsError:
-                fresh = False  # made before: what ran in it is not known here
-            except OSError as err:
-                raise CgroupError(f"cannot make cgroup {directory}: {err.strerror}") from err
-        return SessionCgroup(
-            dirs, memory=self.memory / name if self.memory else None,
-            pids=self.pids / name if self.pids else None, fresh=fresh)
+                pooled.set_limits(memory_bytes, pids)
+                return pooled
+            except CgroupError as err:  # e.g. a lower limit below what tmpfs still holds
+                log.debug("pooled cgroup %s not reused: %s", pooled.tracker, err)
+                pooled.remove()
+        cgroup = self._make(name)
+        try:
+            cgroup.set_limits(memory_bytes, pids)
+        except CgroupError:
+            cgroup.remove()
+            raise
+        return cgroup
 
-    def existing_session(self, session_id: str) -> SessionCgroup | None:
-        name = f"s-{safe_name(session_id)}"
-        if not (self.roots[0] / name).is_dir():
-            return None
-        return SessionCgroup([root / name for root in self.roots])
+    def _make(self, name: str) -> SessionCgroup:
+        """New directories named ``name`` (or ``name.N`` when another cgroup has it: one
+        whose processes outlived its session is never shared)."""
+        for attempt in range(NAME_TRIES):
+            chosen = name if not attempt else f"{name}.{attempt}"
+            dirs: list[Path] = []
+            try:
+                for root in self.roots:
+                    (root / chosen).mkdir(mode=0o755)
+                    dirs.append(root / chosen)
+            except OSError as err:
+                for directory in dirs:
+                    reaper.remove_cgroup(str(directory))
+                if err.errno == errno.EEXIST:
+                    continue
+                raise CgroupError(f"cannot make cgroup {root / chosen}: "
+                                  f"{err.strerror}") from err
+            return SessionCgroup(
+                dirs, memory=self.memory / chosen if self.memory else None,
+                pids=self.pids / chosen if self.pids else None, fresh=True)
+        raise CgroupError(f"cannot make cgroup {self.roots[0] / name}: name taken")
+
+    def release(self, cgroup: SessionCgroup) -> bool:
+        """Kill what is left in a closed session's cgroup; keep it for the next session
+        when it is then empty and the pool has room, else remove it. True when it is
+        empty (kept) or gone: nothing of the session survives."""
+        cgroup.kill()
+        if cgroup.empty():
+            with self._pool_lock:
+                if len(self._pool) < POOL_MAX:
+                    cgroup.fresh = False  # processes ran in it: its OOM count is read
+                    self._pool.append(cgroup)
+                    return True
+        return cgroup.remove()
 
     def remove(self) -> bool:
-        """Kill everything in the tree and remove it."""
+        """Kill everything in the tree and remove it (the pooled cgroups with it)."""
+        with self._pool_lock:
+            self._pool.clear()
         reaper.kill_cgroup(str(self.roots[0]))
         ok = True
         for root in self.roots:

@@ -121,45 +121,40 @@ class Containment:
     # -- sessions --------------------------------------------------------------------
 
     def session(self, session_id: str, limits: Limits) -> SessionCgroup | None:
-        """The cgroup of a session (made, with ``limits``, when missing); None without
-        cgroups. CgroupError when it cannot be made or limited."""
+        """The cgroup of a session (with ``limits``: a pooled one, or one made, when it
+        has none yet); None without cgroups. CgroupError when it cannot be had."""
         self.start()
         with self._lock:
             tree = self._tree
             known = self._sessions.get(session_id)
             if tree is None or known is not None:
                 return known
-            cgroup = tree.session(session_id)
-            try:
-                cgroup.set_limits(limits.memory_bytes, limits.pids)
-            except CgroupError:
-                cgroup.remove()
-                raise
+            cgroup = tree.session(session_id, limits.memory_bytes, limits.pids)
             self._sessions[session_id] = cgroup
             return cgroup
 
     def existing(self, session_id: str) -> SessionCgroup | None:
-        """The session's cgroup if it has one (by id: also for a handle of another
-        layout)."""
+        """The session's cgroup if it has one. Only this run's sessions can: each run
+        makes a tree of its own, and a session's cgroup is in ``_sessions`` from when it
+        is had until ``drop``."""
         with self._lock:
-            known = self._sessions.get(session_id)
-            tree = self._tree
-        if known is not None or tree is None:
-            return known
-        return tree.existing_session(session_id)
+            return self._sessions.get(session_id)
 
     def drop(self, session_id: str) -> bool:
-        """Kill what is left in the session's cgroup and remove it.
+        """Kill what is left in the session's cgroup and give it back to the tree (kept
+        for the next session when empty, else removed).
 
-        True when the session had a cgroup and it is gone: a cgroup that still holds a
-        process cannot be removed, so nothing of the session survives anywhere.
+        True when the session had a cgroup and it is empty or gone: a cgroup that still
+        holds a process can be neither, so nothing of the session survives anywhere.
         """
-        cgroup = self.existing(session_id)
         with self._lock:
-            self._sessions.pop(session_id, None)
+            cgroup = self._sessions.pop(session_id, None)
+            tree = self._tree
         if cgroup is None:
             return False
-        if not cgroup.remove():
-            log.warning("cannot remove cgroup %s", cgroup.tracker)
-            return False
-        return True
+        if tree is not None and tree.release(cgroup):
+            return True
+        if tree is None and cgroup.remove():
+            return True
+        log.warning("cannot empty cgroup %s", cgroup.tracker)
+        return False

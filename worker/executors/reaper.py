@@ -42,20 +42,35 @@ ROUND_WAIT_S = 0.02
 
 
 def _read(path: str) -> str:
+    """A small kernel file's text ("" when it cannot be read). Plain ``os`` calls: a
+    closed session reads a few of these, and ``open`` builds a text wrapper per call."""
     try:
-        with open(path, encoding="ascii", errors="replace") as fh:
-            return fh.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ""
+    chunks: list[bytes] = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("ascii", errors="replace")
 
 
 def _write(path: str, text: str) -> bool:
     try:
-        with open(path, "w", encoding="ascii") as fh:
-            fh.write(text)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        os.write(fd, text.encode("ascii"))
         return True
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def cgroup_dirs(path: str) -> list[str]:

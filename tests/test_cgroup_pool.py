@@ -1,0 +1,125 @@
+"""A closed session's cgroup is kept for the next session (worker/executors/cgroups.py,
+"pooled"): the next one gets it with exactly its own limits (those of the previous
+session lifted, v1's memory and memsw written in an order the kernel accepts), an OOM
+kill of the previous session is not counted as its own, and a cgroup that something
+outlived (a process, a child cgroup) is never shared: it is removed, and a name another
+cgroup still has gives the new one a name of its own. On cgroup v1 and v2 (hybrid: v2
+without the memory and pids controllers) as the machine gives them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.executors.harness import run
+from tests.fixtures.services import require_service
+from worker.executors.base import Limits, SessionHandle, SessionSpec
+from worker.executors.cgroups import SessionCgroup, detect
+from worker.executors.process import ProcessExecutor
+
+MB = 2**20
+V1_UNLIMITED = 9223372036854771712  # memory.limit_in_bytes with no limit (-1 written)
+
+
+@pytest.fixture(params=["v1", "v2"])
+def ex(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProcessExecutor]:
+    wanted = str(request.param)
+    layout = detect(wanted)
+    if layout.version != int(wanted[1]):
+        require_service(f"cgroup {wanted}", layout.note)
+    executor = ProcessExecutor(tmp_path / "state", kill_grace_s=1.0, cgroups=wanted)
+    yield executor
+    executor.close()
+
+
+def session(ex: ProcessExecutor, tmp_path: Path, rid: str,
+            limits: Limits | None = None) -> SessionHandle:
+    return ex.open_session(SessionSpec(rid, tmp_path / "sessions" / rid, "alice",
+                                       limits=limits or Limits(), carry_cwd=False))
+
+
+def cgroup_of(ex: ProcessExecutor, rid: str) -> SessionCgroup:
+    cgroup = ex.containment.existing(rid)
+    assert cgroup is not None
+    return cgroup
+
+
+def memory_files(cgroup: SessionCgroup) -> dict[str, int]:
+    """v1: the memory and memsw limits as the kernel has them."""
+    assert cgroup.memory is not None
+    return {name: int((cgroup.memory / f"memory.{name}limit_in_bytes").read_text())
+            for name in ("", "memsw.")}
+
+
+def test_the_next_session_gets_the_cgroup_with_its_own_limits(
+        ex: ProcessExecutor, tmp_path: Path) -> None:
+    first = session(ex, tmp_path, "r1", Limits(memory_bytes=300 * MB, pids=50))
+    cgroup = cgroup_of(ex, "r1")
+    assert run(ex, first, "true")[0].exit_code == 0
+    ex.close_session(first)
+    # each next session: a limit lifted, raised, lowered (memsw above memory throughout)
+    for rid, limits in (("r2", Limits()), ("r3", Limits(memory_bytes=600 * MB)),
+                        ("r4", Limits(memory_bytes=400 * MB)),
+                        ("r5", Limits(memory_bytes=800 * MB, pids=20)),
+                        ("r6", Limits(memory_bytes=200 * MB))):
+        handle = session(ex, tmp_path, rid, limits)
+        assert cgroup_of(ex, rid) is cgroup  # the same cgroup: none was made
+        if ex.containment.tree is not None and ex.containment.tree.version == 1:
+            assert cgroup.tracker.name == f"s-{rid}"  # renamed (v2 cannot rename)
+        if cgroup.memory is not None:
+            want = limits.memory_bytes or V1_UNLIMITED
+            if (cgroup.memory / "memory.max").exists():
+                assert (cgroup.memory / "memory.max").read_text().strip() == (
+                    str(limits.memory_bytes) if limits.memory_bytes else "max")
+            else:
+                assert memory_files(cgroup) == {"": want, "memsw.": want}
+            assert ("memory_bytes" in cgroup.limited) == bool(limits.memory_bytes)
+        if cgroup.pids is not None:
+            assert (cgroup.pids / "pids.max").read_text().strip() == (
+                str(limits.pids) if limits.pids else "max")
+            assert ("pids" in cgroup.limited) == bool(limits.pids)
+        result, out = run(ex, handle, "echo ran")
+        assert (result.exit_code, out.text()) == (0, "ran\n")
+        ex.close_session(handle)
+
+
+@pytest.mark.parametrize("ex", ["v1"], indirect=True)  # (where the memory limit is)
+def test_an_oom_kill_of_the_previous_session_is_not_the_next_ones(
+        ex: ProcessExecutor, tmp_path: Path) -> None:
+    first = session(ex, tmp_path, "r1", Limits(memory_bytes=300 * MB))
+    assert "memory_bytes" in cgroup_of(ex, "r1").limited
+    result, _ = run(ex, first, "python3 -c 'x = bytearray(600 * 2**20); "
+                               "x[::4096] = b\"1\" * (len(x) // 4096)'")
+    assert result.oom_killed
+    ex.close_session(first)
+    second = session(ex, tmp_path, "r2", Limits(memory_bytes=300 * MB))
+    assert cgroup_of(ex, "r2").tracker.exists()
+    result, _ = run(ex, second, "true")
+    assert result.exit_code == 0
+    assert not result.oom_killed
+
+
+def test_a_cgroup_with_a_child_cgroup_is_removed_not_kept(ex: ProcessExecutor,
+                                                          tmp_path: Path) -> None:
+    first = session(ex, tmp_path, "r1")
+    cgroup = cgroup_of(ex, "r1")
+    (cgroup.tracker / "made-by-the-command").mkdir()  # as a root command can
+    ex.close_session(first)
+    assert not any(d.exists() for d in cgroup.dirs)  # removed, child and all
+    session(ex, tmp_path, "r2")
+    assert cgroup_of(ex, "r2") is not cgroup
+
+
+def test_a_name_still_taken_gives_the_new_cgroup_one_of_its_own(ex: ProcessExecutor,
+                                                               tmp_path: Path) -> None:
+    session(ex, tmp_path, "r0")  # makes the tree
+    tree = ex.containment.tree
+    assert tree is not None
+    left = tree.roots[0] / "s-r1"
+    left.mkdir()  # e.g. a cgroup whose processes outlived its session's close
+    session(ex, tmp_path, "r1")
+    cgroup = cgroup_of(ex, "r1")
+    assert cgroup.tracker.name == "s-r1.1"
+    assert left.is_dir() and cgroup.tracker != left
