@@ -154,6 +154,10 @@ def test_a_carried_assignment_never_answered_expires_and_is_offered_again(
 def test_the_held_ok_waits_at_most_a_second() -> None:
     """``job_ack_wait_s`` beyond 1 s would let the coordinator's ``assign_ack_s`` end
     attempts that run: it is used as 1 s (and a negative one as 0)."""
-    assert HeldAnswers(cast(Any, None), 60.0, cast(Any, None)).wait_s == MAX_WAIT_S == 1.0
-    assert HeldAnswers(cast(Any, None), -1.0, cast(Any, None)).wait_s == 0.0
-    assert HeldAnswers(cast(Any, None), 0.1, cast(Any, None)).wait_s == 0.1
+    def made(wait_s: float) -> HeldAnswers:
+        return HeldAnswers(cast(Any, None), wait_s, cast(Any, None), durable=lambda: None,
+                           offload=lambda call: call())
+
+    assert made(60.0).wait_s == MAX_WAIT_S == 1.0
+    assert made(-1.0).wait_s == 0.0
+    assert made(0.1).wait_s == 0.1

@@ -459,6 +459,49 @@ def test_a_short_jobs_accepted_report_answers_its_assignment(
     assert answers.sent == 2
 
 
+def test_an_ok_goes_only_once_the_acceptance_is_durable_and_a_short_job_syncs_once(
+        standin: tuple[StandIn, WorkerHandle], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The acceptance is written through, not synced: a short job whose report answers
+    its assignment costs one fdatasync (the report's, which covers it); a longer job's
+    held ok, and the ok to a repeated assign, go only after a sync of the journal."""
+    coord, worker = standin
+    runner = worker.agent.jobs if worker.agent is not None else None
+    assert runner is not None
+    journal = runner.store.journal
+    events: list[str] = []
+    real_sync, real_reply = os.fdatasync, runner.bus.reply
+
+    def fdatasync(fd: int) -> None:
+        if fd == journal._fd:
+            events.append("sync")
+        real_sync(fd)
+
+    def reply(request: Incoming, message: Any) -> None:
+        if isinstance(message, Ok) and "attempt" in (message.detail or {}):
+            events.append("ok" if journal._synced >= journal._written else "ok, not durable")
+        real_reply(request, message)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(runner.bus, "reply", reply)
+    runner.answers.wait_s = 60.0
+    assert coord.report(coord.assign("true")).kind == "success"
+    assert events == ["sync"]  # the report's; no ok
+    events.clear()
+    runner.answers.wait_s = 0.05
+    gate = tmp_path / "gate"
+    body = JobAssign(attempt=new_id("a"), job=new_id("j"), owner="alice",
+                     spec={"command": f"while [ ! -e {gate} ]; do sleep 0.05; done"},
+                     inputs=[], lease_s=30)
+    assert isinstance(coord.send_assign(body), Ok)
+    assert events == ["sync", "ok"]
+    events.clear()
+    assert isinstance(coord.send_assign(body), Ok)  # repeated: ok again, durable first
+    assert events in (["ok"], ["sync", "ok"])  # (a sync only if written since)
+    gate.touch()
+    assert coord.report(body.attempt).kind == "success"
+
+
 def test_assignments_carried_in_a_reports_answer_run(
         standin: tuple[StandIn, WorkerHandle]) -> None:
     """``attempt.recorded`` may carry the next job.assign messages (worker/assign_answers.py):

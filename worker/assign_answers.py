@@ -10,9 +10,15 @@ ends and is reported within that time never sends it, one message and its broker
 acknowledgement fewer each way per short job; a longer job's ``ok`` goes when the wait
 ends, well within the coordinator's ``assign_ack_s`` (10 s). 0 answers at once.
 
-Nothing is lost by the wait: the attempt is on disk before it starts, and a report that
+Nothing is lost by the wait: the attempt is written before it starts, and a report that
 the coordinator does not accept at once (``busy``, ``unavailable``, ...) leaves the ``ok``
 to go when its time comes, as before.
+
+Durable before acknowledged: the acceptance is written through when the attempt is
+accepted, not synced; every ``ok`` goes only after the attempt journal is made durable
+(``durable``: one ``fdatasync`` for all the answers due together, off the I/O loop), and
+a report that answers the assignment is durable itself (its fdatasync covers the
+acceptance written before it). A short job pays one ``fdatasync``, not two.
 
 The coordinator answers the report of a worker of agent 0.3 or later with
 ``attempt.recorded``, which may carry the next ``job.assign`` messages for the slots that
@@ -26,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from broker.bus import Bus, BusError, Incoming
@@ -48,8 +55,15 @@ class HeldAnswers:
     One I/O loop timer sweeps them all (each hold and spare costs a dict entry, not a
     timer's wake of the loop: at hundreds of jobs per second that was two wakes a job)."""
 
-    def __init__(self, bus: Bus, wait_s: float, loop: IoLoop) -> None:
+    def __init__(self, bus: Bus, wait_s: float, loop: IoLoop, *,
+                 durable: Callable[[], None],
+                 offload: Callable[[Callable[[], None]], None]) -> None:
+        """``durable`` makes every accepted attempt durable (OSError if not): called
+        before any ``ok``; ``offload`` runs a call off the I/O loop (the sweep's answers,
+        since ``durable`` waits for the disk)."""
         self.bus = bus
+        self.durable = durable
+        self.offload = offload
         self.wait_s = min(max(0.0, float(wait_s)), MAX_WAIT_S)
         if self.wait_s != wait_s:
             log.warning("[worker] job_ack_wait_s = %s is outside 0..%g s: %g s is used (a "
@@ -66,7 +80,7 @@ class HeldAnswers:
         """Answer ``request`` (the attempt's ``job.assign``) ``ok`` after the wait, unless
         ``spare`` comes first."""
         if self.wait_s <= 0:
-            self._reply(attempt, request)
+            self._answer([(attempt, request)])
             return
         due = time.monotonic() + self.wait_s
         with self._lock:
@@ -77,6 +91,11 @@ class HeldAnswers:
                 timer = None
             if timer is None:
                 self._timer = self.loop.call_later(self.wait_s, self._sweep)
+
+    def again(self, attempt: str, request: Incoming) -> None:
+        """A repeated ``job.assign`` of an attempt accepted here: ``ok`` at once (with
+        ``existing``), durable first as every ``ok``."""
+        self._answer([(attempt, request)], existing=True)
 
     def spare(self, attempt: str) -> None:
         """The coordinator has the attempt's report (or no longer wants an answer): the
@@ -104,17 +123,28 @@ class HeldAnswers:
             nxt = min((at for _r, at in self._held.values()), default=None)
             self._timer = (None if nxt is None else
                            self.loop.call_later(max(0.0, nxt - now), self._sweep))
-        for attempt, request in due:
-            self._reply(attempt, request)
+        if due:
+            self.offload(lambda: self._answer(due))
 
-    def _reply(self, attempt: str, request: Incoming) -> None:
+    def _answer(self, due: list[tuple[str, Incoming]], existing: bool = False) -> None:
+        """Make the accepted attempts durable, then answer each ``ok``. Unanswered (a
+        disk that fails the sync, a bus down), the coordinator's ``assign_ack_s`` decides:
+        it offers the job elsewhere and has this attempt killed."""
         try:
-            self.bus.reply(request, Ok(detail={"attempt": attempt}))
-        except (BusError, RuntimeError) as err:  # the coordinator's deadline decides then
-            log.warning("cannot acknowledge attempt %s now: %s", attempt, err)
+            self.durable()
+        except OSError as err:
+            log.error("cannot make accepted attempts durable, not acknowledged: %s", err)
             return
-        with self._lock:
-            self.sent += 1
+        for attempt, request in due:
+            try:
+                self.bus.reply(request, Ok(detail={"attempt": attempt, **(
+                    {"existing": True} if existing else {})}))
+            except (BusError, RuntimeError) as err:
+                log.warning("cannot acknowledge attempt %s now: %s", attempt, err)
+                continue
+            if not existing:
+                with self._lock:
+                    self.sent += 1
 
 
 def deliver_carried(bus: Bus, inbox_topic: str, coordinator: str,

@@ -110,6 +110,13 @@ class AttemptJournal:
             if durable:
                 self._sync(seq)
 
+    def sync(self) -> None:
+        """Make every entry appended so far durable (one ``fdatasync``, shared with the
+        durable puts waiting meanwhile; none when all are durable already)."""
+        with self._cond:
+            if self._fd is not None:
+                self._sync(self._written)
+
     def delete(self, attempt: str) -> None:
         """Append a ``del`` (written through, not synced: see AttemptStore.remove)."""
         with self._cond:

@@ -150,15 +150,22 @@ class AttemptStore:
         not.
 
         ``durable`` also fdatasyncs it, for the records whose loss in a power cut would
-        break a promise: the acceptance (its ``ok`` is the acknowledgement) and the report
-        (the outcome). The phases between are only written through: a process crash keeps
-        them, and a power cut that loses one leaves an earlier phase, which a restart
-        treats as unfinished (the coordinator requeues the job).
+        break a promise: the report (the outcome). The acceptance is made durable by
+        ``sync`` before its ``ok`` goes, or by its report's fdatasync when the report
+        answers the assignment instead (worker/assign_answers.py). The phases between are
+        only written through: a process crash keeps them, and a power cut that loses one
+        leaves an earlier phase, which a restart treats as unfinished (the coordinator
+        requeues the job).
         """
         if record.attempt not in self._dirs:
             self.path(record.attempt).mkdir(mode=0o700, parents=True, exist_ok=True)
             self._dirs.add(record.attempt)
         self.journal.put(record.to_dict(), durable=durable)
+
+    def sync(self) -> None:
+        """Every record saved so far durable (OSError if not): before an ``ok`` to an
+        assignment whose acceptance was saved without (worker/assign_answers.py)."""
+        self.journal.sync()
 
     def load_all(self) -> list[AttemptRecord]:
         """Every usable record, by attempt id (once, at start): the journal replayed and

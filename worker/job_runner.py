@@ -130,7 +130,9 @@ class JobRunner:
         self.reports = ReportSender(bus, topics, self.store, on_done=self._forget,
                                     remove=self._remove_dir, carried=carried)
         # the ok to job.assign, held until the report answers it or the wait ends
-        self.answers = HeldAnswers(bus, float(config.job_ack_wait_s), io_loop.shared())
+        self.answers = HeldAnswers(bus, float(config.job_ack_wait_s), io_loop.shared(),
+                                   durable=self.store.sync,
+                                   offload=lambda call: self._spawn(call, "answers"))
         self._lock = threading.Lock()
         self._attempts: dict[str, Attempt] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()  # attempts done here lately
@@ -222,7 +224,7 @@ class JobRunner:
             known = body.attempt in self._attempts
             ended = body.attempt in self._ended
         if known:
-            self.bus.reply(incoming, Ok(detail={"attempt": body.attempt, "existing": True}))
+            self.answers.again(body.attempt, incoming)
             return
         if ended:  # a late duplicate (a redelivery): an attempt never runs twice
             self.bus.reply_error(incoming, "conflict",
@@ -255,7 +257,7 @@ class JobRunner:
                                spec=spec, inputs=list(body.inputs), stdin=body.stdin,
                                executor=executor, assigned_at=time.time())
         try:
-            self.store.save(record, durable=True)
+            self.store.save(record)  # durable before its ok (assign_answers.py)
         except OSError as err:
             log.error("cannot persist attempt %s: %s", body.attempt, err)
             self.store.remove(body.attempt)
