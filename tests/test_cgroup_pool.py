@@ -122,4 +122,5 @@ def test_a_name_still_taken_gives_the_new_cgroup_one_of_its_own(ex: ProcessExecu
     session(ex, tmp_path, "r1")
     cgroup = cgroup_of(ex, "r1")
     assert cgroup.tracker.name == "s-r1.1"
-    assert left.is_dir() and cgroup.tracker != left
+    assert left.is_dir()
+    assert cgroup.tracker != left
