@@ -43,3 +43,19 @@ def test_a_tree_with_read_only_directories_is_removed(tmp_path: Path) -> None:
     remove_tree(top)
     assert not top.exists()
     assert Path("/etc").is_dir()
+
+
+def test_an_empty_dir_goes_and_a_link_to_one_never_removes_its_target(tmp_path: Path) -> None:
+    """The usual case (a short job's empty work dir) is one rmdir; a symlink in its place
+    is never followed (rmdir(2) does not follow the last component)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    remove_tree(empty)
+    assert not empty.exists()
+    remove_tree(empty)  # gone already: nothing to do
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    remove_tree(link)
+    assert target.is_dir()

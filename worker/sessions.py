@@ -72,8 +72,13 @@ def remove_tree(path: Path) -> None:
     def retry(func: Any, target: str, exc: Any) -> None:
         _retry_removal(func, target, exc, str(path))
 
-    if not path.exists() and not path.is_symlink():
+    try:  # the usual case, a short job's empty work dir: one rmdir, no walk
+        os.rmdir(path)
         return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass  # not empty, not a directory (a symlink), or not writable: the walk below
     try:
         if sys.version_info >= (3, 12):
             shutil.rmtree(path, onexc=retry)
