@@ -111,7 +111,9 @@ class AssignAcks:
         with self._lock:
             self._flight[aid] = InFlight(attempt, future, deadline)
             heapq.heappush(self._deadlines, (deadline, aid))
-        future.add_done_callback(lambda _f: self._answered.put(aid))
+        # (a cancelled one was settled where it was cancelled: a report, an expiry or
+        # close; queueing it would only wake this object's thread for nothing, per job)
+        future.add_done_callback(lambda f: None if f.cancelled() else self._answered.put(aid))
 
     def reported(self, aid: str) -> None:
         """The attempt's report was accepted: it acknowledged the assignment too (a worker

@@ -189,6 +189,7 @@ def test_an_accepted_report_answers_its_assignment(store: Store) -> None:
         assert outcome.counted
         acks.reported(reported.id)
         assert requests.sent[reported.id].cancelled()  # the bus forgets the request
+        assert acks._answered.empty()  # and nothing wakes the acks thread for it
         acks.send(silent, _body(silent))  # sent after: its deadline comes after the first's
         assert owner.event.wait(10)
         assert owner.silent == [silent.id]  # only the one that got neither ok nor report
