@@ -360,15 +360,14 @@ class JobScheduler:
         return assigned
 
     def _capacities(self) -> list[Capacity]:
+        only = self._only  # (fill: that worker alone, its rows alone read)
         reserved = self.store.reserved_worker_ids()
-        usage = self.store.attempt_usage()
+        usage = self.store.attempt_usage(only)
         now = self._clock()
         refused = {wid for wid, at in self._refused.items()
                    if now - at < REFUSED_BACKOFF_S}
-        only = self._only  # (fill: that worker alone)
-        workers = [w for w in self.store.schedulable_workers()
-                   if w.id not in reserved and w.id not in refused
-                   and (only is None or w.id == only)]
+        workers = [w for w in self.store.schedulable_workers(only)
+                   if w.id not in reserved and w.id not in refused]
         gpus_held = (self.store.attempt_gpu_usage()
                      if any(gpu_capacity.caps_gpus(w.caps) for w in workers) else {})
         caps = [Capacity(w, usage.get(w.id, (0, 0, 0)), gpus_held.get(w.id, 0))

@@ -6,6 +6,7 @@ the carried assignments) is in tests/test_job_runner.py."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any, cast
 
 import pytest
@@ -70,6 +71,42 @@ def test_a_report_is_answered_with_the_next_assignment(grid: GridHarness) -> Non
     assert third_attempt.acked_at is not None
     assert coordinator.scheduler._acks is not None
     assert coordinator.scheduler._acks.in_flight() == 0
+
+
+def test_a_fill_reads_the_reporting_workers_rows_alone(
+        grid: GridHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The assignment carried in a report's answer is matched against that worker alone:
+    its row and its live attempts are read, not every online worker's (capabilities of
+    up to 640 kB each) and every live attempt, on each report."""
+    coordinator = start_jobs_coordinator(grid)
+    alice = JobClient(grid, "alice")
+    w1, w2 = JobWorker(grid, "w1"), JobWorker(grid, "w2")
+    w1.join(agent_version="0.3.0", slots=1)
+    w2.join(agent_version="0.3.0", slots=1)
+    alice.submit(*[{"command": "true"}] * 4)
+    (first,) = w1.assigned()
+    w2.assigned()
+    store = coordinator.scheduler.store
+    asked: list[tuple[str, str]] = []  # (what, whose) asked on a thread but the passes'
+
+    def spied(name: str) -> Any:
+        real = getattr(store, name)
+
+        def call(only: str | None = None) -> Any:
+            if threading.current_thread().name != "job-scheduler":
+                asked.append((name, str(only)))
+            return real(only)
+        return call
+
+    for name in ("schedulable_workers", "attempt_usage"):
+        monkeypatch.setattr(store, name, spied(name))
+    (carried,) = carried_assigns(w1, w1.report_attempt(first.attempt, "success",
+                                                       exit_code=0))
+    assert sorted(asked) == [("attempt_usage", "w1"), ("schedulable_workers", "w1")]
+    assert [w.id for w in store.schedulable_workers("w2")] == ["w2"]
+    assert set(store.attempt_usage("w1")) == {"w1"}
+    assert set(store.attempt_usage()) == {"w1", "w2"}
+    assert carried.attempt != first.attempt
 
 
 def test_an_older_agent_gets_ok_and_a_job_assign(grid: GridHarness) -> None:

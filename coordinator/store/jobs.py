@@ -209,11 +209,14 @@ class JobStore(StoreBase):
         return [_job(r) for r in rows]
 
     @op
-    def attempt_usage(self) -> dict[str, tuple[int, int, int]]:
-        """Per worker: (live attempts, their cpus, their memory bytes)."""
+    def attempt_usage(self, only: str | None = None) -> dict[str, tuple[int, int, int]]:
+        """Per worker (``only`` that one: a fill reads one index range, not all live
+        attempts): (live attempts, their cpus, their memory bytes)."""
+        where, args = ("{live} = {?} AND {worker_id} = {?}", (True, only)) if only else (
+            "{live} = {?}", (True,))
         rows = self._sql.tuples(
             "SELECT {worker_id}, COUNT({id}), SUM({cpus}), SUM({memory_bytes}) "
-            "FROM {attempt} WHERE {live} = {?} GROUP BY {worker_id}", True)
+            "FROM {attempt} WHERE " + where + " GROUP BY {worker_id}", *args)
         return {w: (int(n), int(c or 0), int(m or 0)) for w, n, c, m in rows}
 
     @op

@@ -244,17 +244,20 @@ class WorkerStore(StoreBase):
     # ---- queries
 
     @op
-    def schedulable_workers(self) -> list[WorkerRecord]:
-        """Online workers, as the job scheduler reads them in every pass: without their
-        last metrics, and with each capability document decoded once per change (one
-        may be 640 kB of JSON; a pass over 1,000 workers would otherwise decode them
-        all every time)."""
+    def schedulable_workers(self, only: str | None = None) -> list[WorkerRecord]:
+        """Online workers (``only`` that one, if online: a fill after one worker's report
+        reads its row, not every worker's capabilities), as the job scheduler reads them
+        in every pass: without their last metrics, and with each capability document
+        decoded once per change (one may be 640 kB of JSON; a pass over 1,000 workers
+        would otherwise decode them all every time)."""
+        where, args = ("{state} = {?} AND {id} = {?}", (WorkerState.ONLINE.value, only)
+                       ) if only else ("{state} = {?}", (WorkerState.ONLINE.value,))
         rows = self._sql.rows(
             "SELECT {id}, {name}, {state}, {state_reason}, {state_changed_at}, "
             "{description}, {tags}, {caps}, {cpus}, {memory_bytes}, {os}, {arch}, "
             "{executors}, {slots}, {free_slots}, {heartbeat_interval}, {first_seen}, "
             "{last_seen}, {last_heartbeat_at}, {heartbeat_seq} FROM {workers} "
-            "WHERE {state} = {?} ORDER BY {first_seen}, {id}", WorkerState.ONLINE.value)
+            "WHERE " + where + " ORDER BY {first_seen}, {id}", *args)
         cache = self._caps_cache
         records = []
         for row in rows:
@@ -266,7 +269,7 @@ class WorkerStore(StoreBase):
             row["caps"] = known[1]
             row["last_metrics"] = "{}"
             records.append(_worker_record(row, caps_decoded=True))
-        if len(cache) > 2 * len(rows) + 64:  # forget workers gone offline long ago
+        if only is None and len(cache) > 2 * len(rows) + 64:  # offline long ago: forget
             seen = {row["id"] for row in rows}
             for wid in [w for w in cache if w not in seen]:
                 del cache[wid]
