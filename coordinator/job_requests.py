@@ -289,6 +289,12 @@ class JobRequests:
         return Ok(detail={"current": current or attempt.kind.live})
 
     def attempt_report(self, incoming: Incoming) -> Body:
+        # one pooled connection for the report's store calls (record, announce, fill):
+        # a checkout each was a tenth of this, the hottest handler's, time
+        with self.store.held():
+            return self._attempt_report(incoming)
+
+    def _attempt_report(self, incoming: Incoming) -> Body:
         req: AttemptReport = incoming.body
         wid = incoming.sender
         assert wid is not None

@@ -109,6 +109,34 @@ def test_a_fill_reads_the_reporting_workers_rows_alone(
     assert carried.attempt != first.attempt
 
 
+def test_a_report_takes_one_pooled_connection(
+        grid: GridHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report's store calls (record it, announce, fill the slot) share one pool
+    checkout: the hottest handler took one per call."""
+    coordinator = start_jobs_coordinator(grid)
+    alice = JobClient(grid, "alice")
+    w1 = JobWorker(grid, "w1")
+    w1.join(agent_version="0.3.0", slots=1)
+    alice.submit(*[{"command": "true"}] * 3)
+    (first,) = w1.assigned()
+    # (the first report also looks the worker's role up: cached from then on)
+    (second,) = carried_assigns(w1, w1.report_attempt(first.attempt, "success",
+                                                      exit_code=0))
+    db = coordinator.scheduler.store.db
+    checkouts: list[str] = []
+    real = db.connection_context
+
+    def counted() -> Any:
+        if threading.current_thread().name != "job-scheduler":  # (not a pass's)
+            checkouts.append(threading.current_thread().name)
+        return real()
+
+    monkeypatch.setattr(db, "connection_context", counted)
+    assert len(carried_assigns(w1, w1.report_attempt(second.attempt, "success",
+                                                     exit_code=0))) == 1
+    assert len([t for t in checkouts if t.endswith("-jobs")]) == 1  # (not acks' own)
+
+
 def test_an_older_agent_gets_ok_and_a_job_assign(grid: GridHarness) -> None:
     coordinator = start_jobs_coordinator(grid)
     alice = JobClient(grid, "alice")
