@@ -124,3 +124,43 @@ def test_a_name_still_taken_gives_the_new_cgroup_one_of_its_own(ex: ProcessExecu
     assert cgroup.tracker.name == "s-r1.1"
     assert left.is_dir()
     assert cgroup.tracker != left
+
+
+@pytest.mark.parametrize("ex", ["v1"], indirect=True)  # (where the memory limit is)
+def test_a_limit_a_command_changed_is_written_again(ex: ProcessExecutor,
+                                                    tmp_path: Path) -> None:
+    """A command running as root may write its own cgroup's files: the next session of
+    the pooled cgroup gets its limits written, not assumed."""
+    first = session(ex, tmp_path, "r1", Limits(memory_bytes=300 * MB, pids=50))
+    cgroup = cgroup_of(ex, "r1")
+    assert cgroup.memory is not None
+    assert cgroup.pids is not None
+    for name in ("memory.memsw.limit_in_bytes", "memory.limit_in_bytes"):  # (raised)
+        (cgroup.memory / name).write_text(str(900 * MB))
+    (cgroup.pids / "pids.max").write_text("max")
+    ex.close_session(first)
+    session(ex, tmp_path, "r2", Limits(memory_bytes=300 * MB, pids=50))
+    assert cgroup_of(ex, "r2") is cgroup
+    assert memory_files(cgroup) == {"": 300 * MB, "memsw.": 300 * MB}
+    assert (cgroup.pids / "pids.max").read_text().strip() == "50"
+
+
+@pytest.mark.parametrize("ex", ["v1"], indirect=True)
+def test_a_cgroup_still_charged_with_a_tmpfs_file_is_not_kept(ex: ProcessExecutor,
+                                                              tmp_path: Path) -> None:
+    """A file left in /dev/shm stays charged to the cgroup that wrote it: kept, it would
+    count against the next session's limit. Removed, its charge goes to the parent."""
+    shm = Path("/dev/shm") / f"xcloud-test-{tmp_path.name}"
+    try:
+        first = session(ex, tmp_path, "r1", Limits(memory_bytes=300 * MB))
+        cgroup = cgroup_of(ex, "r1")
+        result, _ = run(ex, first, f"head -c {32 * MB} /dev/zero > {shm}")
+        assert result.exit_code == 0
+        ex.close_session(first)
+        assert not cgroup.tracker.exists()  # removed
+        session(ex, tmp_path, "r2", Limits(memory_bytes=300 * MB))
+        fresh = cgroup_of(ex, "r2")
+        assert fresh is not cgroup
+        assert fresh.charged() < 8 * MB
+    finally:
+        shm.unlink(missing_ok=True)

@@ -35,8 +35,10 @@ the next session instead of removed (``POOL_MAX`` per tree): making and removing
 cgroups (freezer, memory, pids) was a fifth of a short job's cost on the worker, most of
 it kernel work (a memory cgroup's allocation, its offlining after ``rmdir``). The next
 session renames it to its own name (v1; v2 cannot rename a cgroup, so there it keeps the
-name of the session that made it), rewrites only the limits that differ (lifting those
-the previous session had), and reads its OOM count before its first command runs.
+name of the session that made it), writes its limits (lifting those the previous session
+had, whatever a command did to the files), and reads its OOM count before its first
+command runs. One that still holds memory (a file left in a tmpfs stays charged to it)
+is removed instead: the next session's limit would count it.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ V1_TRACKERS = ("freezer", "pids", "memory")
 MOUNTINFO = "/proc/self/mountinfo"
 PROC_CGROUP = "/proc/self/cgroup"
 POOL_MAX = 16  # emptied session cgroups a tree keeps for the next sessions
+# Memory still charged to an emptied cgroup above which it is removed, not kept: a file a
+# command left in a tmpfs (/dev/shm) stays charged to it, and would count against the next
+# session's limit (removed, the kernel moves the charge to the parent).
+POOL_CHARGE_MAX = 8 << 20
 NAME_TRIES = 64  # names tried for a new session cgroup when its own is taken
 
 
@@ -238,6 +244,9 @@ class SessionCgroup:
     # cgroup's next session writes only what differs and lifts what it does not set.
     _memory_set: int | None = field(default=None, repr=False)
     _pids_set: int | None = field(default=None, repr=False)
+    # False once commands ran in it: one as root may have changed a limit file, so a
+    # pooled cgroup's next session writes every limit (its last values order v1's pair)
+    _limits_known: bool = field(default=True, repr=False)
 
     @property
     def tracker(self) -> Path:
@@ -245,22 +254,24 @@ class SessionCgroup:
 
     def set_limits(self, memory_bytes: int | None, pids: int | None) -> None:
         """Apply the limits this cgroup can enforce (``limited`` says which); None lifts
-        a limit an earlier session of a pooled cgroup set. Only changes are written."""
+        a limit an earlier session of a pooled cgroup set. Where its files are known to
+        hold them already (a cgroup just made), nothing is written."""
         if self.memory is not None:
             memory = None if memory_bytes is None else int(memory_bytes)
-            if memory != self._memory_set:
+            if memory != self._memory_set or not self._limits_known:
                 self._write_memory(memory)
             self.limited.discard("memory_bytes")
             if memory is not None:
                 self.limited.add("memory_bytes")
         if self.pids is not None:
             count = None if pids is None else max(1, int(pids))
-            if count != self._pids_set:
+            if count != self._pids_set or not self._limits_known:
                 _set(self.pids / "pids.max", "max" if count is None else str(count))
                 self._pids_set = count
             self.limited.discard("pids")
             if count is not None:
                 self.limited.add("pids")
+        self._limits_known = True
 
     def _write_memory(self, value: int | None) -> None:
         assert self.memory is not None
@@ -292,6 +303,16 @@ class SessionCgroup:
                 self.memory = target
             if self.pids == directory:
                 self.pids = target
+
+    def charged(self) -> int:
+        """Bytes charged to its memory cgroup (0 without one)."""
+        if self.memory is None:
+            return 0
+        for name in ("memory.current", "memory.usage_in_bytes"):
+            text = reaper._read(str(self.memory / name)).strip()
+            if text.isdigit():
+                return int(text)
+        return 0
 
     def empty(self) -> bool:
         """No process and no child cgroup in any of its directories (a kernfs
@@ -477,13 +498,15 @@ class CgroupTree:
 
     def release(self, cgroup: SessionCgroup) -> bool:
         """Kill what is left in a closed session's cgroup; keep it for the next session
-        when it is then empty and the pool has room, else remove it. True when it is
-        empty (kept) or gone: nothing of the session survives."""
+        when it is then empty, holds little memory (``POOL_CHARGE_MAX``) and the pool has
+        room, else remove it. True when it is empty (kept) or gone: nothing of the
+        session survives."""
         cgroup.kill()
-        if cgroup.empty():
+        if cgroup.empty() and cgroup.charged() <= POOL_CHARGE_MAX:
             with self._pool_lock:
                 if len(self._pool) < POOL_MAX:
                     cgroup.fresh = False  # processes ran in it: its OOM count is read
+                    cgroup._limits_known = False  # and its limits written again
                     self._pool.append(cgroup)
                     return True
         return cgroup.remove()
