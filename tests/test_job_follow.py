@@ -69,11 +69,14 @@ def gated_job(grid: GridHarness, tmp_path: Path, *others: str
 
 
 def running_attempt(client: object, job: str) -> tuple[str, str]:
-    reply = client.jobs.show(job)  # type: ignore[attr-defined]
-    for item in reply.attempts:
-        if item["kind"] == "running":
-            return str(item["id"]), str(item["worker"])
-    raise AssertionError(f"job {job} has no running attempt: {reply.attempts}")
+    """The job's running attempt (id, worker). Its output may come before it counts as
+    running: the worker holds its ``ok`` (which makes the attempt running) up to
+    ``job_ack_wait_s`` and sends it once the attempt is durable, so this waits for it."""
+    def found() -> tuple[str, str] | None:
+        reply = client.jobs.show(job)  # type: ignore[attr-defined]
+        return next(((str(a["id"]), str(a["worker"])) for a in reply.attempts
+                     if a["kind"] == "running"), None)
+    return wait_for(found, timeout=10, message=f"job {job} has no running attempt")
 
 
 def test_follow_is_live_complete_and_owner_only(grid: GridHarness, tmp_path: Path) -> None:
