@@ -289,8 +289,8 @@ class JobRequests:
         return Ok(detail={"current": current or attempt.kind.live})
 
     def attempt_report(self, incoming: Incoming) -> Body:
-        # one pooled connection for the report's store calls (record, announce, fill):
-        # a checkout each was a tenth of this, the hottest handler's, time
+        # one pooled connection for the report's store calls (record, announce, fill),
+        # not a pool checkout each: this is the coordinator's hottest handler
         with self.store.held():
             return self._attempt_report(incoming)
 
