@@ -41,7 +41,9 @@ met or missed.
 
 ``--rounds R`` runs every variant R times, interleaved (every other round in reversed
 order), and adds each ratio per round and its median: the machine's speed drifts, and a
-ratio from one sequential pass carries that drift.
+ratio from one sequential pass carries that drift. Every run is warmed up first: Celery
+and Dask with 20 tasks, an xcloud grid with its latency jobs or (a later round's fresh
+grid) 20 jobs.
 
     python -m bench.jobs [--quick] [--rounds R] [--only xcloud-mosquitto,xcloud-up,...]
 """
@@ -77,6 +79,7 @@ RESULTS_SPEC = {"command": "echo $XCLOUD_JOB_ID > out.txt; echo done", "outputs"
 FULL = {"jobs": 2000, "latency": 50}
 QUICK = {"jobs": 200, "latency": 50}
 BATCH = 500
+WARMUP = 20  # jobs each system runs before it is timed (job_peers.py: the same)
 QUEUED = 100_000
 REDIS_URL = os.environ.get("XCLOUD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("XCLOUD_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
@@ -295,6 +298,10 @@ def run_xcloud(kind: str, workdir: Path, n: int, latency_runs: int,
                 events.hook(grid)
                 wait_workers(grid, WORKERS)
                 if results or not extras:  # (the latency is the Mosquitto row's)
+                    # warm-up, as Celery and Dask get (a grid with extras has run the
+                    # latency jobs first): a later round's fresh grid otherwise timed its
+                    # first jobs' one-time costs (cgroup tree, threads, caches)
+                    throughput(grid, events, WARMUP, xgrid.coordinator_pid(), tag="warm")
                     out["run"] = throughput(grid, events, n, xgrid.coordinator_pid(),
                                             extra=RESULTS_SPEC if results else None)
                     return out
