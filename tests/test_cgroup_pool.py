@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.executors.harness import run
-from tests.fixtures.services import require_service
+from tests.test_process_executor import _required
 from worker.executors.base import Limits, SessionHandle, SessionSpec
-from worker.executors.cgroups import SessionCgroup, detect
+from worker.executors.cgroups import SessionCgroup
 from worker.executors.process import ProcessExecutor
 
 MB = 2**20
@@ -25,11 +25,8 @@ V1_UNLIMITED = 9223372036854771712  # memory.limit_in_bytes with no limit (-1 wr
 
 @pytest.fixture(params=["v1", "v2"])
 def ex(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProcessExecutor]:
-    wanted = str(request.param)
-    layout = detect(wanted)
-    if layout.version != int(wanted[1]):
-        require_service(f"cgroup {wanted}", layout.note)
-    executor = ProcessExecutor(tmp_path / "state", kill_grace_s=1.0, cgroups=wanted)
+    executor = ProcessExecutor(tmp_path / "state", kill_grace_s=1.0,
+                               cgroups=_required(str(request.param)))
     yield executor
     executor.close()
 

@@ -291,7 +291,7 @@ class SessionCgroup:
         self._memory_set = value
 
     def rename(self, name: str) -> None:
-        """Give it ``name`` in every hierarchy where the kernel allows (v1; not v2)."""
+        """Give it ``name`` in every hierarchy that lets it (v1 only: v2 has no rename)."""
         for i, directory in enumerate(self.dirs):
             target = directory.with_name(name)
             try:
@@ -459,7 +459,8 @@ class CgroupTree:
                 pooled = self._pool.pop() if self._pool else None
             if pooled is None:
                 break
-            pooled.rename(name)
+            if self.version == 1:  # (v2 has no rename: no syscall made to fail per job)
+                pooled.rename(name)
             try:
                 pooled.set_limits(memory_bytes, pids)
                 return pooled

@@ -152,9 +152,7 @@ class Containment:
             tree = self._tree
         if cgroup is None:
             return False
-        if tree is not None and tree.release(cgroup):
-            return True
-        if tree is None and cgroup.remove():
+        if tree.release(cgroup) if tree is not None else cgroup.remove():
             return True
         log.warning("cannot empty cgroup %s", cgroup.tracker)
         return False
