@@ -15,16 +15,17 @@ request guard):
 And ``job.follow`` from the job's owner (or the coordinator, for the dashboard): the
 attempt's output, live (worker/job_follow.py).
 
-Each attempt: inputs (and stdin) from the input cache into a fresh work dir, ``sh -c
-COMMAND`` in an executor session of its own (``XCLOUD_JOB_ID``, ``XCLOUD_JOB_INDEX``,
-``XCLOUD_ATTEMPT_ID`` in its environment; the spec's cpus and memory as its limits; an
-image_archive app's image loaded first, worker/image_archives.py), stdout and stderr to
-capped files. While the command runs the attempt holds no thread: its exit comes from the
-executor's I/O loop (``notify_exit``), ``attempt.started`` and ``wall_s`` are loop timers.
-At its end the outputs are collected, uploaded as the owner's data objects and the
-``attempt.report`` kept on disk and re-sent until acknowledged (worker/job_delivery.py):
-a job that runs while the coordinator or the broker is down finishes, and its result is
-delivered once they are back.
+Each attempt (started by worker/job_launch.py): inputs (and stdin) from the input cache
+into a fresh work dir, ``sh -c COMMAND`` in an executor session of its own
+(``XCLOUD_JOB_ID``, ``XCLOUD_JOB_INDEX``, ``XCLOUD_ATTEMPT_ID`` in its environment;
+the spec's cpus and memory as its limits; an image_archive app's image loaded first,
+worker/image_archives.py), stdout and stderr to capped files. While the command runs the
+attempt holds no thread: its exit comes from the executor's I/O loop (``notify_exit``),
+``attempt.started`` and ``wall_s`` are loop timers. At its end the outputs are
+collected, uploaded as the owner's data objects and the ``attempt.report`` kept on disk
+and re-sent until acknowledged (worker/job_delivery.py): a job that runs while the
+coordinator or the broker is down finishes, and its result is delivered once they are
+back.
 
 A worker killed mid-job finds its records when it restarts: attempts whose results were
 known (uploading or reporting) carry on; attempts that were assigned or running are
@@ -39,7 +40,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import shlex
 import threading
 import time
 from collections import OrderedDict
@@ -57,28 +57,16 @@ from schemas.topics import Topics
 from worker import io_loop
 from worker.assign_answers import HeldAnswers, deliver_carried
 from worker.exec_auth import from_coordinator
-from worker.executors.base import (
-    Executor,
-    ExecutorError,
-    ExitResult,
-    Limits,
-    SessionHandle,
-    TaskSpec,
-)
-from worker.image_archives import ImageArchiveError, ImageArchives, archive_of
-from worker.input_cache import CacheError, FetchNotice, InputCache
+from worker.executors.base import Executor, ExecutorError, ExitResult, SessionHandle
+from worker.image_archives import ImageArchives
+from worker.input_cache import FetchNotice, InputCache
 from worker.job_attempts import Attempt as Attempt  # (re-exported: it was defined here)
 from worker.job_attempts import AttemptRecord, AttemptStore, ReportSender, close_left_session
 from worker.job_delivery import ResultDelivery
-from worker.job_files import (
-    STDIN_NAME,
-    Captures,
-    JobFileError,
-    attempt_outcome,
-    place,
-)
+from worker.job_files import Captures, attempt_outcome
 from worker.job_follow import JobFollows
-from worker.job_gpus import GpuAllocator, GpuAsk, GpuSessionSpec, device_ids, gpu_env
+from worker.job_gpus import GpuAllocator, GpuAsk
+from worker.job_launch import AttemptLaunch, Outcome
 from worker.job_slots import SlotLine
 from worker.request_guard import WorkerRequestGuard
 from worker.thread_reuse import ThreadReuse
@@ -93,7 +81,6 @@ STARTED_AFTER_S = 0.25  # attempt.started only for commands that run longer than
 CAPS_S = 10.0  # the caps (with the cache's summary) are republished at most this often
 
 ExecutorFor = Callable[[str], Executor]
-Outcome = tuple[dict[str, Any], "Captures | None"]  # an attempt's result, its captures
 
 
 class JobRunner:
@@ -153,6 +140,9 @@ class JobRunner:
         # GPUs: which devices each attempt holds (worker/job_gpus.py, docs/gpus.md)
         self.gpus = gpus or GpuAllocator()
         self.gpus.holder_live = self._holds_gpus
+        # from an accepted attempt to its running command (worker/job_launch.py)
+        self.launch = AttemptLaunch(self.store, cache, self.archives, self.gpus,
+                                    self.output_cap, self._save)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -312,13 +302,16 @@ class JobRunner:
                                      "error": (attempt.kill_reason or "")[:ERROR_MAX]}, None)
             return
         try:
-            outcome = self._execute(attempt)
+            outcome = self.launch.launch(attempt, self.executor_for(attempt.record.executor))
         except Exception as err:  # never leave an attempt without an end
             log.exception("attempt %s failed", attempt.id)
             outcome = {"kind": "input_failed", "error": f"worker error: {err}"[:ERROR_MAX]}, None
         if outcome is not None:  # it never ran
             self.line.free()
             self._conclude(attempt, *outcome)
+            return
+        assert attempt.executor is not None
+        self._watch(attempt, attempt.executor, attempt.task)
 
     def _conclude(self, attempt: Attempt, result: dict[str, Any],
                   captures: Captures | None) -> None:
@@ -352,34 +345,6 @@ class JobRunner:
         if close is not None:
             close()
 
-    def _execute(self, attempt: Attempt) -> Outcome | None:
-        """Fetch inputs and start the command: None once it runs (the loop ends it), else
-        the (result, captures) of an attempt that could not run."""
-        record = attempt.record
-        spec = record.spec
-        executor = self.executor_for(record.executor)
-        attempt.executor = executor
-        workdir = self.store.workdir(record.attempt)
-        resources = spec.get("resources") or {}
-        requirements = spec.get("requirements") or {}
-        limits = Limits(cpus=float(resources["cpus"]) if resources.get("cpus") else None,
-                        memory_bytes=resources.get("memory_bytes"))
-        image = requirements.get("image")
-        archive = archive_of(spec)  # an image_archive app: the image its archive loads as
-        if archive is not None:
-            try:
-                image = self.archives.image(archive)
-            except ImageArchiveError as err:
-                return {"kind": "input_failed", "error": str(err)[:ERROR_MAX]}, None
-        handle = executor.open_session(GpuSessionSpec(
-            session_id=record.attempt, workdir=workdir, owner=record.owner, limits=limits,
-            image=image, carry_cwd=False,  # one command: no `cd` to carry to a next
-            gpu_devices=tuple(device_ids(self.gpus.held(record.attempt)))))
-        attempt.handle = handle
-        record.handle = handle.to_dict()
-        self._save(record)
-        return self._in_session(attempt, executor, handle, workdir)
-
     def _closer(self, attempt: Attempt) -> Callable[[], None] | None:
         """What closes the attempt's session, if it opened one (until it has, the
         attempt's directory, which holds the work dir, stays: ``_remove_dir``)."""
@@ -412,46 +377,6 @@ class JobRunner:
                 attempt.remove_after_close = True
                 return
         self.store.remove(attempt_id)
-
-    def _in_session(self, attempt: Attempt, executor: Executor, handle: SessionHandle,
-                    workdir: Path) -> Outcome | None:
-        record = attempt.record
-        spec = record.spec
-        command = str(spec["command"])
-        try:
-            for item in record.inputs:
-                with self.cache.use(str(item["sha256"])) as source:
-                    place(source, workdir, str(item["name"]),
-                          executable=item.get("exec") is True)
-            if record.stdin:
-                with self.cache.use(str(record.stdin["sha256"])) as source:
-                    place(source, workdir, STDIN_NAME)
-                command = f"exec <{shlex.quote(STDIN_NAME)}\n{command}"
-        except (CacheError, JobFileError, OSError) as err:
-            return {"kind": "input_failed", "error": str(err)[:ERROR_MAX]}, None
-        env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
-        env.update({"XCLOUD_JOB_ID": record.job, "XCLOUD_ATTEMPT_ID": record.attempt,
-                    "XCLOUD_JOB_INDEX": str(int(spec.get("index") or 0))})
-        if (held := self.gpus.held(record.attempt)) and executor.capabilities().gpus == "env":
-            env.update(gpu_env(held))  # else the session has them (GpuSessionSpec)
-        captures = Captures(self.store.path(record.attempt), self.output_cap)
-        with attempt.lock:
-            if attempt.kill_reason is not None:
-                captures.close()
-                return {"kind": "cancelled", "error": attempt.kill_reason[:ERROR_MAX]}, captures
-            try:
-                task = executor.start(TaskSpec(task_id=record.attempt, command=command,
-                                               session=handle, env=env), captures.feed)
-            except ExecutorError as err:
-                captures.close()
-                return {"kind": "input_failed",
-                        "error": f"cannot start the command: {err}"[:ERROR_MAX]}, None
-            attempt.task = task
-        attempt.captures, attempt.workdir = captures, workdir
-        record.started_at = task.started_at or time.time()
-        record.phase = "running"  # in memory only: a restart treats it as assigned
-        self._watch(attempt, executor, task)
-        return None
 
     # -- a running command, on the executor's I/O loop ----------------------------------
 
