@@ -52,6 +52,7 @@ from coordinator.store.job_changes import JobChangeStore
 from coordinator.store.job_queue import JobQueueStore
 from coordinator.store.job_records import AttemptRecord, JobChange, JobRecord
 from coordinator.store.job_replicas import ReplicaStore
+from coordinator.store.job_rights import JobRightStore
 from coordinator.store.jobs import JobStore
 from coordinator.store.metrics import MetricsStore
 from coordinator.store.principals import PrincipalRecord, PrincipalStore
@@ -85,5 +86,5 @@ __all__ = [
 
 class Store(PrincipalStore, ReservationStore, WorkerStore, HeartbeatStore, AuditStore,
             MetricsStore, DataStore, AppStore, JobStore, JobChangeStore, JobQueueStore,
-            ReplicaStore):
+            ReplicaStore, JobRightStore):
     """The coordinator's database. Open with ``Store.open(url)``; close when done."""
