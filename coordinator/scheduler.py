@@ -17,7 +17,9 @@ freed or added work (a submit, a release, an attempt's end, a worker's state cha
    coordinator/assign_acks.py, where nothing waits.
 
 ``fill`` runs steps 3–5 for one worker on the caller's thread, when that worker's report
-freed a slot: the assignments ride in the report's answer (``attempt.recorded``).
+freed a slot: the assignments ride in the report's answer (``attempt.recorded``). Its
+first page is as many jobs as that worker has free slots (the full pages follow when
+those do not match it).
 
 Heartbeats are reconciled both ways (``on_attempts``): an acknowledged attempt missing
 from ``jobs.missed_heartbeats`` heartbeats in a row ends ``lease_expired``; an attempt a
@@ -384,6 +386,10 @@ class JobScheduler:
         total = sum(c.free for c in free)
         assigned = 0
         page = max(1, total * max(1, self.config.candidates_per_slot))
+        # A fill (one worker's freed slots) reads first only as many jobs as it has
+        # slots: the head of the queue mostly matches, and each row read is decoded
+        # (spec and all); the full pages follow when it does not.
+        size = total if self._only is not None else page
         offset = 0
         pages = MAX_PAGES
         if total > 0 and self.fair.applies():  # several owners queued: fair_share.py
@@ -392,7 +398,7 @@ class JobScheduler:
         for _ in range(pages):
             if total <= 0:
                 break
-            jobs = self.store.queued_jobs(page, offset)
+            jobs = self.store.queued_jobs(size, offset)
             skipped = 0
             for job in jobs:
                 if total <= 0:
@@ -406,9 +412,10 @@ class JobScheduler:
                     total -= need
                     assigned += 1
                     free = [c for c in free if c.free > 0]
-            if len(jobs) < page or total <= 0:
+            if len(jobs) < size or total <= 0:
                 break
             offset += skipped  # assigned jobs left the queue; skip the unplaceable ones
+            size = page
         if total <= 0 and self.config.prefetch > 0:  # every slot taken: jobs still wait
             assigned += prefetch_pass(self, self._pass_caps)
         return assigned

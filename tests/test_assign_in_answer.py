@@ -109,6 +109,46 @@ def test_a_fill_reads_the_reporting_workers_rows_alone(
     assert carried.attempt != first.attempt
 
 
+def test_a_fill_reads_first_only_as_many_jobs_as_the_freed_slots(
+        grid: GridHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report that frees one slot reads one queued job (every row read is decoded, its
+    spec and all), not ``candidates_per_slot`` of them; when that one does not match the
+    worker, the full pages follow and a later job is carried."""
+    coordinator = start_jobs_coordinator(grid)
+    alice = JobClient(grid, "alice")
+    w1 = JobWorker(grid, "w1")
+    w1.join(agent_version="0.3.0", slots=1)
+    alice.submit({"command": "true"})
+    (first,) = w1.assigned()
+    store = coordinator.scheduler.store
+    pages: list[tuple[int, int]] = []  # (limit, offset) read on a thread but the passes'
+    real = store.queued_jobs
+
+    def spied(limit: int, offset: int = 0) -> Any:
+        if threading.current_thread().name != "job-scheduler":
+            pages.append((limit, offset))
+        return real(limit, offset)
+
+    monkeypatch.setattr(store, "queued_jobs", spied)
+    queued = set(alice.submit({"command": "true"}, {"command": "true"}))
+    (second,) = carried_assigns(w1, w1.report_attempt(first.attempt, "success",
+                                                      exit_code=0))
+    assert second.job in queued
+    assert pages == [(1, 0)]
+    pages.clear()
+    # the head (a higher priority) asks for a tag w1 lacks: its one row, then a full
+    # page after it, where the next job is
+    elsewhere = alice.submit({"command": "true", "priority": 5,
+                              "requirements": {"tags": ["gpu"]}})[0]
+    (third,) = carried_assigns(w1, w1.report_attempt(second.attempt, "success",
+                                                     exit_code=0))
+    assert {second.job, third.job} == queued
+    assert pages == [(1, 0), (4, 1)]
+    job = grid.store.get_job(elsewhere)
+    assert job is not None
+    assert job.state.value == "queued"
+
+
 def test_a_report_takes_one_pooled_connection(
         grid: GridHarness, monkeypatch: pytest.MonkeyPatch) -> None:
     """The report's store calls (record it, announce, fill the slot) share one pool
