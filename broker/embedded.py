@@ -425,6 +425,7 @@ class EmbeddedBroker:
                 failure.append(err)
             finally:
                 try:
+                    _end_leftover_tasks(loop)
                     loop.run_until_complete(loop.shutdown_asyncgens())
                     loop.run_until_complete(loop.shutdown_default_executor())
                 finally:
@@ -472,3 +473,15 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_in_thread()
+
+
+def _end_leftover_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what amqtt left running at its stop (a client handler's waits on its
+    queues, its broadcast loop) and let it end, bounded, before the loop closes, as
+    ``asyncio.run`` does: a task still pending on a closed loop, collected later, reports
+    "Event loop is closed" into whatever code the collection happens to interrupt."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.wait(tasks, timeout=SHUTDOWN_S))

@@ -1097,3 +1097,27 @@ def test_a_hung_amqtt_shutdown_does_not_hold_the_stop(
     # (the clean-clone CI once waited 10 s for a bus to notice a broker killed this way)
     wait_closed(sock, 5)
     sock.close()
+
+
+def test_a_stop_ends_what_the_broker_left_running(
+        make_broker: Callable[..., EmbeddedBroker]) -> None:
+    """A task still pending on the broker's loop when it stops (amqtt left client
+    handlers' waits on their queues and its broadcast loop behind: collected later, each
+    reported "Event loop is closed" into another test) is cancelled and ended before the
+    loop closes."""
+    b = make_broker()
+    loop = b._loop
+    assert loop is not None
+    left: list[asyncio.Task[bool]] = []
+    created = threading.Event()
+
+    def leave_a_task() -> None:
+        left.append(loop.create_task(asyncio.Event().wait()))
+        created.set()
+
+    loop.call_soon_threadsafe(leave_a_task)
+    assert created.wait(T)
+    b.stop_in_thread()
+    assert loop.is_closed()
+    assert left[0].cancelled()
+    assert [t for t in asyncio.all_tasks(loop) if not t.done()] == []
