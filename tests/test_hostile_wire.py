@@ -37,7 +37,7 @@ from schemas.messages import MosquittoExportReply, Ping, Pong, WorkerCaps, Worke
 from tests.fixtures.actors import minimal_caps, minimal_heartbeat
 from tests.fixtures.grid import GridHarness
 from tests.fixtures.services import MosquittoProcess, wait_for
-from tests.test_schemas import largest, resolved_definition
+from tests.test_schema_shapes import largest, resolved_definition
 
 pytestmark = [pytest.mark.integration]
 
