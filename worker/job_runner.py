@@ -303,15 +303,15 @@ class JobRunner:
             return
         try:
             outcome = self.launch.launch(attempt, self.executor_for(attempt.record.executor))
+            if outcome is None:  # it runs: the loop ends it
+                assert attempt.executor is not None
+                self._watch(attempt, attempt.executor, attempt.task)
         except Exception as err:  # never leave an attempt without an end
             log.exception("attempt %s failed", attempt.id)
             outcome = {"kind": "input_failed", "error": f"worker error: {err}"[:ERROR_MAX]}, None
         if outcome is not None:  # it never ran
             self.line.free()
             self._conclude(attempt, *outcome)
-            return
-        assert attempt.executor is not None
-        self._watch(attempt, attempt.executor, attempt.task)
 
     def _conclude(self, attempt: Attempt, result: dict[str, Any],
                   captures: Captures | None) -> None:
