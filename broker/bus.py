@@ -189,6 +189,12 @@ class Bus:
                     "(is `xcloud up` or the broker running? check --broker)"
                 )
 
+    @property
+    def stopping(self) -> bool:
+        """Whether ``stop()`` has begun: a request under way fails ("bus stopped") and a
+        new one is never answered."""
+        return self._stopping
+
     def stop(self, *, publish: list[tuple[str, Body, int, bool]] | None = None) -> None:
         """Publish any last messages, disconnect cleanly and stop the lanes."""
         if self._stopping:

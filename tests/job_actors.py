@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from broker.bus import Incoming, RequestTimeout
+from broker.bus import BusError, Incoming, RequestTimeout
 from schemas.job_messages import (
     AttemptReport,
     AttemptStarted,
@@ -75,7 +75,18 @@ class JobWorker(FakeWorker):
         elif self.assign_mode == "error":
             self.bus.reply_error(incoming, "unavailable", "no room")
         if self.auto and self.assign_mode == "ok":
-            threading.Thread(target=self._finish, args=(body.attempt,), daemon=True).start()
+            threading.Thread(target=self._auto_finish, args=(body.attempt,),
+                             daemon=True).start()
+
+    def _auto_finish(self, aid: str) -> None:
+        """``auto``'s thread: the test may end, and its harness stop this bus, before the
+        report is answered; the thread then ends quietly (it raised "bus stopped" into
+        whichever test ran next, or re-sent on a stopped bus for ever)."""
+        try:
+            self._finish(aid)
+        except (BusError, RequestTimeout):
+            if not self.bus.stopping:
+                raise
 
     def _finish(self, aid: str) -> None:
         self.request(AttemptStarted(attempt=aid), retry=True)
@@ -106,7 +117,7 @@ class JobWorker(FakeWorker):
                 return self.bus.request(self.topics.coord_inbox, body, raise_errors=False,
                                         timeout=5.0).body
             except RequestTimeout:
-                if not retry:
+                if not retry or self.bus.stopping:
                     raise
 
     def started(self, aid: str) -> Any:

@@ -489,3 +489,28 @@ def test_a_report_gives_a_short_attempt_its_start(grid: GridHarness) -> None:
     assert isinstance(w1.report_attempt(assign.attempt, "success", exit_code=0,
                                         started_at=1.5, ended_at=2.0), Ok)
     assert attempt_of(grid, assign.attempt).started_at == 1.5
+
+
+def test_an_auto_workers_report_thread_ends_quietly_when_its_bus_stops(
+        grid: GridHarness) -> None:
+    """(tests/job_actors.py) An ``auto`` fake worker's report thread that outlives its
+    test, its bus stopped by the harness while the report waits for an answer, ends
+    without an error: it raised "bus stopped" into whichever test ran next
+    (PytestUnhandledThreadExceptionWarning in CI)."""
+    w = JobWorker(grid, "w1")  # no coordinator: the request waits for an answer
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            w._auto_finish("a-0123456789abcdef")
+        except BaseException as err:
+            failures.append(err)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    wait_for(lambda: bool(w.bus._pending), 10, message="the attempt.started under way")
+    w.bus.stop()
+    assert done.wait(10), "the thread still runs"
+    assert failures == []
