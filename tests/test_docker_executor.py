@@ -52,7 +52,9 @@ def containers(engine: docker.DockerClient, session_id: str | None = None) -> li
     labels = [f"{LABEL_WORKER}={WORKER_ID}"]
     if session_id:
         labels.append(f"{LABEL_SESSION}={session_id}")
-    listed = engine.containers.list(all=True, filters={"label": labels})
+    # ignore_removed: a container removed between the SDK's listing and its inspect of
+    # each raises NotFound otherwise (callers poll while sessions close)
+    listed = engine.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
     return [c.id for c in listed if c.id is not None]  # the stubs allow an id-less model
 
 
