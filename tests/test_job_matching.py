@@ -1,4 +1,4 @@
-"""The batch scheduler's matching at the coordinator (docs/jobs.md, "The scheduler"):
+"""The batch scheduler's matching at the coordinator (docs/jobs.md, "Scheduling (coordinator)"):
 requirements (os, arch, tags, executor, image), slots and priority, a worker's busy
 refusal that fails no job, and a pass that stays cheap with 100,000 jobs queued. Workers
 are hand-driven (tests/job_actors.py) on both brokers, as in tests/test_jobs_coordinator.py,

@@ -1,7 +1,7 @@
 """The wire contract's shapes: one definition per identifier shape, shared by every
 schema, and every field an untrusted sender fills bounded, so that the largest documents
-(caps, heartbeats) still fit the replies that carry them (docs/protocol.md, "Every
-message is bounded"). The schema files, the codec and the AsyncAPI file are
+(caps, heartbeats) still fit the replies that carry them (docs/protocol.md, "Bounds").
+The schema files, the codec and the AsyncAPI file are
 tests/test_schemas.py's.
 """
 
