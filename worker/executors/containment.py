@@ -21,16 +21,8 @@ import threading
 from pathlib import Path
 
 from worker.executors.base import Limits
-from worker.executors.cgroups import (
-    CgroupError,
-    CgroupTree,
-    Layout,
-    SessionCgroup,
-    detect,
-    forget_tree,
-    record_tree,
-    remove_left_trees,
-)
+from worker.executors.cgroup_records import forget_tree, record_tree, remove_left_trees
+from worker.executors.cgroups import CgroupError, CgroupTree, Layout, SessionCgroup, detect
 from worker.executors.reaper import Reaper
 
 log = logging.getLogger(__name__)
