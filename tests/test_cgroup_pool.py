@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.executors.harness import run
+from tests.fixtures.services import wait_for
 from tests.test_process_executor import _required
 from worker.executors.base import Limits, SessionHandle, SessionSpec
 from worker.executors.cgroups import SessionCgroup
@@ -107,6 +109,31 @@ def test_a_cgroup_with_a_child_cgroup_is_removed_not_kept(ex: ProcessExecutor,
     assert not any(d.exists() for d in cgroup.dirs)  # removed, child and all
     session(ex, tmp_path, "r2")
     assert cgroup_of(ex, "r2") is not cgroup
+
+
+def test_a_process_in_a_child_cgroup_is_killed_at_the_close(ex: ProcessExecutor,
+                                                              tmp_path: Path) -> None:
+    """A session's sweep reads only its own cgroup when it has no child (a kernfs
+    directory's link count says so: reaper.cgroup_dirs); one with a child cgroup is
+    walked, and what hides there dies with the session."""
+    first = session(ex, tmp_path, "r1")
+    child = cgroup_of(ex, "r1").tracker / "made-by-the-command"
+    result, out = run(ex, first, f"mkdir {child} && sh -c 'echo $$ > {child}/cgroup.procs; "
+                                 f"exec sleep 60' </dev/null >/dev/null 2>&1 & echo $!")
+    assert result.exit_code == 0, out.text()
+    pid = int(out.text().split()[-1])
+    wait_for(lambda: str(pid) in (child / "cgroup.procs").read_text().split(), timeout=10,
+             message="the sleep in the child cgroup")
+    ex.close_session(first)
+    wait_for(lambda: not _alive(pid), timeout=10, message=f"process {pid} still alive")
+    assert not child.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_name_still_taken_gives_the_new_cgroup_one_of_its_own(ex: ProcessExecutor,

@@ -80,17 +80,21 @@ class ResultDelivery:
                 continue
         return False
 
-    def deliver(self, record: AttemptRecord) -> None:
+    def deliver(self, record: AttemptRecord, *, uploads: bool = True) -> None:
         """Upload stdout, stderr and outputs (until the coordinator takes them), then
-        build the report, persist it and hand it to the sender."""
+        build the report, persist it and hand it to the sender. ``uploads`` False: the
+        caller's ``has_uploads`` found nothing to upload (no file is looked at again)."""
         result = dict(record.result or {})
         directory = self.store.path(record.attempt)
         delay = UPLOAD_RETRY_S
         refused: list[str] = []
-        while True:
+        refs: dict[str, dict[str, Any] | None] = {"stdout": None, "stderr": None}
+        files: list[dict[str, Any]] = []
+        inline: dict[str, str] | None = None
+        while uploads:
             refused.clear()
             # sha256 -> base64: small results ride in the report (coordinator permitting)
-            inline: dict[str, str] | None = {} if self.inline else None
+            inline = {} if self.inline else None
             try:
                 refs = {stream: self.upload(record, directory / stream,
                                              f"{record.job}/{stream}", refused, inline)

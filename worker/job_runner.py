@@ -341,7 +341,7 @@ class JobRunner:
                 self._spawn(close, f"close-{attempt.id}")
             close = None
         self.caps_notice.check()
-        self.delivery.deliver(record)
+        self.delivery.deliver(record, uploads=uploads)
         if close is not None:
             close()
 

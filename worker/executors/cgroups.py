@@ -239,6 +239,7 @@ class SessionCgroup:
     # ``oom_kills`` needs no read (a job's session runs one command: one read per job).
     fresh: bool = False
     _oom_name: str = field(default="", repr=False)  # the file that has the count here
+    _charge_name: str = field(default="", repr=False)  # the file with the bytes charged
     # The limits written to it (None: none, as in a cgroup just made), so that a pooled
     # cgroup's next session writes only what differs and lifts what it does not set.
     _memory_set: int | None = field(default=None, repr=False)
@@ -307,9 +308,11 @@ class SessionCgroup:
         """Bytes charged to its memory cgroup (0 without one)."""
         if self.memory is None:
             return 0
-        for name in ("memory.current", "memory.usage_in_bytes"):
+        for name in (self._charge_name,) if self._charge_name else (
+                "memory.current", "memory.usage_in_bytes"):
             text = reaper._read(str(self.memory / name)).strip()
             if text.isdigit():
+                self._charge_name = name
                 return int(text)
         return 0
 
@@ -501,8 +504,11 @@ class CgroupTree:
         when it is then empty, holds little memory (``POOL_CHARGE_MAX``) and the pool has
         room, else remove it. True when it is empty (kept) or gone: nothing of the
         session survives."""
-        cgroup.kill()
-        if cgroup.empty() and cgroup.charged() <= POOL_CHARGE_MAX:
+        clean = cgroup.empty()  # (the usual closed session's: nothing to kill)
+        if not clean:
+            cgroup.kill()
+            clean = cgroup.empty()
+        if clean and cgroup.charged() <= POOL_CHARGE_MAX:
             with self._pool_lock:
                 if len(self._pool) < POOL_MAX:
                     cgroup.fresh = False  # processes ran in it: its OOM count is read

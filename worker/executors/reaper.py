@@ -75,6 +75,11 @@ def _write(path: str, text: str) -> bool:
 
 def cgroup_dirs(path: str) -> list[str]:
     """``path`` and every cgroup below it, deepest first (the order ``rmdir`` needs)."""
+    try:  # a cgroup (kernfs) directory's link count is 2 plus its subdirectories: a
+        if os.stat(path).st_nlink == 2:  # session's has none, and listing its control
+            return [path]  # files (~6 to ~40) was most of a closed session's sweep
+    except OSError:
+        return []
     found: list[str] = []
     for top, dirs, _files in os.walk(path, topdown=False):
         found.extend(os.path.join(top, d) for d in dirs)
