@@ -247,6 +247,21 @@ class SessionCgroup:
     # False once commands ran in it: one as root may have changed a limit file, so a
     # pooled cgroup's next session writes every limit (its last values order v1's pair)
     _limits_known: bool = field(default=True, repr=False)
+    # The directories as strings, joined by hand on the per-job path (pathlib's joins and
+    # str() were a sixth of a short session's Python time); v2's memory files or v1's.
+    _dirs_s: list[str] = field(default_factory=list, init=False, repr=False)
+    _memory_s: str = field(default="", init=False, repr=False)
+    _pids_s: str = field(default="", init=False, repr=False)
+    _memory_v2: bool | None = field(default=None, init=False, repr=False)
+    _memsw: bool | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._strings()
+
+    def _strings(self) -> None:
+        self._dirs_s = [os.fspath(d) for d in self.dirs]
+        self._memory_s = os.fspath(self.memory) if self.memory is not None else ""
+        self._pids_s = os.fspath(self.pids) if self.pids is not None else ""
 
     @property
     def tracker(self) -> Path:
@@ -266,7 +281,7 @@ class SessionCgroup:
         if self.pids is not None:
             count = None if pids is None else max(1, int(pids))
             if count != self._pids_set or not self._limits_known:
-                _set(self.pids / "pids.max", "max" if count is None else str(count))
+                _set(f"{self._pids_s}/pids.max", "max" if count is None else str(count))
                 self._pids_set = count
             self.limited.discard("pids")
             if count is not None:
@@ -274,20 +289,24 @@ class SessionCgroup:
         self._limits_known = True
 
     def _write_memory(self, value: int | None) -> None:
-        assert self.memory is not None
-        if (self.memory / "memory.max").exists():  # v2
-            _set(self.memory / "memory.max", "max" if value is None else str(value))
-            if (self.memory / "memory.swap.max").exists():
-                _set(self.memory / "memory.swap.max", "max" if value is None else "0")
+        memory = self._memory_s
+        if self._memory_v2 is None:  # (which files it has: looked up once)
+            self._memory_v2 = os.path.exists(f"{memory}/memory.max")
+            self._memsw = os.path.exists(f"{memory}/memory.swap.max" if self._memory_v2
+                                         else f"{memory}/memory.memsw.limit_in_bytes")
+        if self._memory_v2:
+            _set(f"{memory}/memory.max", "max" if value is None else str(value))
+            if self._memsw:
+                _set(f"{memory}/memory.swap.max", "max" if value is None else "0")
         else:  # v1: memsw may never be below the memory limit, so the order matters
             text = "-1" if value is None else str(value)
             names = ["memory.limit_in_bytes"]
-            if (self.memory / "memory.memsw.limit_in_bytes").exists():
+            if self._memsw:
                 old = self._memory_set
                 raising = value is None or (old is not None and value > old)
                 names.insert(0 if raising else 1, "memory.memsw.limit_in_bytes")
             for name in names:
-                _set(self.memory / name, text)
+                _set(f"{memory}/{name}", text)
         self._memory_set = value
 
     def rename(self, name: str) -> None:
@@ -303,6 +322,7 @@ class SessionCgroup:
                 self.memory = target
             if self.pids == directory:
                 self.pids = target
+        self._strings()
 
     def charged(self) -> int:
         """Bytes charged to its memory cgroup (0 without one)."""
@@ -310,7 +330,7 @@ class SessionCgroup:
             return 0
         for name in (self._charge_name,) if self._charge_name else (
                 "memory.current", "memory.usage_in_bytes"):
-            text = reaper._read(str(self.memory / name)).strip()
+            text = reaper._read(f"{self._memory_s}/{name}").strip()
             if text.isdigit():
                 self._charge_name = name
                 return int(text)
@@ -320,16 +340,16 @@ class SessionCgroup:
         """No process and no child cgroup in any of its directories (a kernfs
         directory's link count is 2 plus its subdirectories)."""
         try:
-            return all(os.stat(d).st_nlink == 2 and not reaper._read(str(d / "cgroup.procs"))
-                       .strip() for d in self.dirs)
+            return all(os.stat(d).st_nlink == 2 and not reaper._read(f"{d}/cgroup.procs")
+                       .strip() for d in self._dirs_s)
         except OSError:
             return False
 
     def attach(self, pid: int) -> None:
         """Move process ``pid`` (and, on v2, all its threads) into this cgroup."""
         self.fresh = False
-        for directory in self.dirs:
-            _set(directory / "cgroup.procs", str(pid))
+        for directory in self._dirs_s:
+            _set(f"{directory}/cgroup.procs", str(pid))
 
     def oom_kills(self) -> int:
         """How many processes the OOM killer took in this cgroup so far (v2's
@@ -338,7 +358,7 @@ class SessionCgroup:
             return 0
         for name in (self._oom_name,) if self._oom_name else ("memory.events",
                                                               "memory.oom_control"):
-            for line in reaper._read(str(self.memory / name)).splitlines():
+            for line in reaper._read(f"{self._memory_s}/{name}").splitlines():
                 key, _, value = line.partition(" ")
                 if key == "oom_kill" and value.strip().isdigit():
                     self._oom_name = name
@@ -346,14 +366,14 @@ class SessionCgroup:
         return 0
 
     def pids_inside(self) -> list[int]:
-        return reaper.cgroup_pids(str(self.tracker))
+        return reaper.cgroup_pids(self._dirs_s[0])
 
     def signal(self, signum: int) -> int:
-        return reaper.signal_cgroup(str(self.tracker), signum)
+        return reaper.signal_cgroup(self._dirs_s[0], signum)
 
     def kill(self) -> int:
         """SIGKILL everything in it until it is empty; how many were found."""
-        return reaper.kill_cgroup(str(self.tracker))
+        return reaper.kill_cgroup(self._dirs_s[0])
 
     def remove(self) -> bool:
         """Kill what is left and remove its directories."""
@@ -364,7 +384,7 @@ class SessionCgroup:
         return ok
 
 
-def _set(path: Path, value: str) -> None:
+def _set(path: str | Path, value: str) -> None:
     """One ``write`` of ``value`` (plain ``os`` calls: ``Path.write_text`` builds a text
     wrapper per call, and a job's session writes three ``cgroup.procs`` on v1)."""
     try:
